@@ -1,0 +1,36 @@
+GO ?= go
+BIN := bin
+export PATH := /usr/sbin:/usr/local/bin:$(PATH)
+
+.PHONY: all build test lint check deps run bench clean fuzz
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/imagestore-agent ./cmd/imagestore-agent
+	$(GO) build -o $(BIN)/imagestore ./cmd/imagestore
+
+# deps installs, idempotently, the Debian packages the tests talk to.
+deps:
+	./.ci/deps
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	staticcheck ./...
+
+test:
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+# check is the one command that runs the whole suite on a fresh machine.
+check: deps lint test
+
+run: build
+	mkdir -p data
+	./$(BIN)/imagestore-agent -root ./data
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+clean:
+	rm -rf $(BIN)
