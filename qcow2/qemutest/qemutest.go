@@ -126,17 +126,19 @@ type Extent struct {
 }
 
 type mapEntry struct {
-	Start  int64  `json:"start"`
-	Length int64  `json:"length"`
-	Depth  int    `json:"depth"`
-	Zero   bool   `json:"zero"`
-	Data   bool   `json:"data"`
-	Offset *int64 `json:"offset"`
+	Start   int64  `json:"start"`
+	Length  int64  `json:"length"`
+	Depth   int    `json:"depth"`
+	Present *bool  `json:"present"`
+	Zero    bool   `json:"zero"`
+	Data    bool   `json:"data"`
+	Offset  *int64 `json:"offset"`
 }
 
-// Map returns qemu-img's view of this layer alone: entries at depth 0 with
-// data → "data", zero without data → "zero"; anything deeper (or neither)
-// → "unallocated". Adjacent entries of the same kind are merged.
+// Map returns qemu-img's view of this layer alone: entries at depth 0 that are
+// present with data → "data", present without data → "zero"; anything deeper
+// or not present → "unallocated" (qemu reports unallocated ranges of an image
+// without backing as depth 0, zero, not present). Adjacent entries of the same kind are merged.
 func Map(t testing.TB, path string) []Extent {
 	t.Helper()
 	out := Run(t, "qemu-img", "map", "-f", "qcow2", "--output=json", path)
@@ -147,7 +149,8 @@ func Map(t testing.TB, path string) []Extent {
 	var res []Extent
 	for _, e := range entries {
 		kind := "unallocated"
-		if e.Depth == 0 {
+		present := e.Present == nil || *e.Present // older qemu lacks "present"
+		if e.Depth == 0 && present {
 			switch {
 			case e.Data:
 				kind = "data"
