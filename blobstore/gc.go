@@ -1,0 +1,164 @@
+package blobstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// GCResult reports what a GC freed.
+type GCResult struct {
+	BlobsFreed     int
+	BytesFreed     int64
+	IngestsRemoved int
+	ImagesRemoved  int
+}
+
+// GC is a mark-and-sweep collection.
+//
+// keep nil keeps every recorded image. Otherwise keep lists the live images
+// (imagesToKeep); records neither listed, nor an ancestor of a listed image,
+// nor written less than CommitGrace ago (with their ancestors) are deleted.
+// Then every blob not referenced by a kept record is freed, except blobs
+// that are held (Hold) or were committed less than CommitGrace ago, which
+// covers ingests and commits in flight. Expired ingests are removed too.
+func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
+	var res GCResult
+	for _, r := range keep {
+		if err := r.Validate(); err != nil {
+			return res, fmt.Errorf("blobstore: gc keep: %w", err)
+		}
+	}
+	// Holding imgMu for mark and sweep means no record can start pointing
+	// at a blob between the mark and its unlink.
+	s.imgMu.Lock()
+	defer s.imgMu.Unlock()
+
+	n, freed, err := s.cleanIngests(ctx)
+	res.IngestsRemoved = n
+	s.release(freed)
+	if err != nil {
+		return res, err
+	}
+
+	all, err := s.listImages(ctx, "")
+	if err != nil {
+		return res, err
+	}
+	now := time.Now()
+	live := map[digest.Digest]bool{}
+	if keep == nil {
+		for _, img := range all {
+			live[img.Blob] = true
+		}
+	} else {
+		kept := map[Ref]bool{}
+		roots := append([]Ref(nil), keep...)
+		for _, img := range all {
+			if fi, err := os.Stat(s.imagePath(img.Ref)); err == nil && now.Sub(fi.ModTime()) < s.opts.CommitGrace {
+				roots = append(roots, img.Ref)
+			}
+		}
+		for _, r := range roots {
+			chain, err := s.chain(ctx, r)
+			if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrParentNotFound) {
+				return res, fmt.Errorf("blobstore: gc: chain of %s: %w", r, err)
+			}
+			if errors.Is(err, ErrNotFound) && len(chain) == 0 {
+				s.log.Warn("gc: image to keep is not recorded", "image", r.String())
+			}
+			for _, img := range chain {
+				kept[img.Ref] = true
+			}
+		}
+		for _, img := range all {
+			if kept[img.Ref] {
+				live[img.Blob] = true
+				continue
+			}
+			if err := s.removeRecord(img.Ref); err != nil {
+				return res, err
+			}
+			res.ImagesRemoved++
+		}
+	}
+
+	var candidates []BlobInfo
+	if err := s.WalkBlobs(ctx, func(bi BlobInfo) error {
+		if !live[bi.Digest] {
+			candidates = append(candidates, bi)
+		}
+		return nil
+	}); err != nil {
+		return res, err
+	}
+	dirs := map[string]bool{}
+	for _, bi := range candidates {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		ok, err := s.sweep(bi.Digest, now)
+		if err != nil {
+			return res, err
+		}
+		if ok {
+			res.BlobsFreed++
+			res.BytesFreed += bi.Size
+			dirs[filepath.Dir(s.blobPath(bi.Digest))] = true
+		}
+	}
+	for d := range dirs {
+		if err := syncDir(d); err != nil {
+			return res, fmt.Errorf("blobstore: gc: %w", err)
+		}
+	}
+	s.mu.Lock()
+	for d, t := range s.commits {
+		if now.Sub(t) >= s.opts.CommitGrace {
+			delete(s.commits, d)
+		}
+	}
+	s.mu.Unlock()
+	if res.BlobsFreed > 0 || res.IngestsRemoved > 0 || res.ImagesRemoved > 0 {
+		s.log.Info("gc done", "blobs_freed", res.BlobsFreed, "bytes_freed", res.BytesFreed,
+			"ingests_removed", res.IngestsRemoved, "images_removed", res.ImagesRemoved)
+	}
+	return res, nil
+}
+
+// sweep unlinks one unmarked blob unless it is held or recently committed.
+// It runs under s.mu, the same lock commitBlob renames under.
+func (s *Store) sweep(d digest.Digest, now time.Time) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holds[d] > 0 {
+		return false, nil
+	}
+	if t, ok := s.commits[d]; ok && now.Sub(t) < s.opts.CommitGrace {
+		return false, nil
+	}
+	p := s.blobPath(d)
+	fi, err := os.Lstat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("blobstore: gc: %w", err)
+	}
+	if now.Sub(fi.ModTime()) < s.opts.CommitGrace {
+		return false, nil
+	}
+	if err := os.Remove(p); err != nil {
+		return false, fmt.Errorf("blobstore: gc: %w", err)
+	}
+	s.used -= fi.Size()
+	s.blobs--
+	delete(s.commits, d)
+	return true, nil
+}

@@ -1,0 +1,544 @@
+package blobstore
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+)
+
+// checkpointEvery is how many bytes a Writer writes between durable
+// checkpoints. A variable so the crash test can make checkpoints frequent.
+var checkpointEvery int64 = 32 << 20
+
+const (
+	ingestData      = "data"
+	ingestStateFile = "state"
+	// copyBufSize is the one fixed buffer Put streams through.
+	copyBufSize = 1 << 20
+)
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// ingestState is the durable checkpoint of an ingest: the data file is
+// valid up to Offset and SHA256 is the marshalled hash of exactly those bytes.
+type ingestState struct {
+	Version int    `json:"version"`
+	Offset  int64  `json:"offset"`
+	SHA256  []byte `json:"sha256"` // crypto/sha256 MarshalBinary, base64 in JSON
+}
+
+// sha256 MarshalBinary layout (stable since Go 1.11): "sha\x03", 8 state
+// words, one 64-byte block, then the message length as a big-endian uint64.
+const (
+	sha256MarshalLen = 4 + 8*4 + 64 + 8
+	sha256Magic      = "sha\x03"
+)
+
+// parseIngestState decodes and validates a state file. The bytes come from
+// disk and may be torn or tampered with, so every field is checked,
+// including that the hash state has consumed exactly Offset bytes.
+func parseIngestState(b []byte) (ingestState, hash.Hash, error) {
+	var st ingestState
+	if err := json.Unmarshal(b, &st); err != nil {
+		return st, nil, fmt.Errorf("ingest state: %w", err)
+	}
+	if st.Version != 1 {
+		return st, nil, fmt.Errorf("ingest state: unknown version %d", st.Version)
+	}
+	if st.Offset < 0 {
+		return st, nil, fmt.Errorf("ingest state: negative offset %d", st.Offset)
+	}
+	if len(st.SHA256) != sha256MarshalLen || string(st.SHA256[:4]) != sha256Magic {
+		return st, nil, fmt.Errorf("ingest state: malformed sha256 state (%d bytes)", len(st.SHA256))
+	}
+	if n := binary.BigEndian.Uint64(st.SHA256[sha256MarshalLen-8:]); n != uint64(st.Offset) {
+		return st, nil, fmt.Errorf("ingest state: hash covers %d bytes, offset says %d", n, st.Offset)
+	}
+	h := sha256.New()
+	if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(st.SHA256); err != nil {
+		return st, nil, fmt.Errorf("ingest state: sha256: %w", err)
+	}
+	return st, h, nil
+}
+
+func marshalIngestState(off int64, h hash.Hash) ([]byte, error) {
+	hb, err := h.(encoding.BinaryMarshaler).MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(ingestState{Version: 1, Offset: off, SHA256: hb})
+}
+
+// Writer streams one ingest. It is not safe for concurrent use; one Writer
+// per ref exists at a time (flock on the data file, across processes too).
+type Writer struct {
+	s        *Store
+	ctx      context.Context
+	ref      string
+	dir      string
+	f        *os.File
+	h        hash.Hash
+	off      int64 // bytes written and hashed
+	durable  int64 // offset of the last checkpoint
+	done     bool
+	hashDone chan struct{}
+}
+
+func (s *Store) ingestDir(ref string) string { return filepath.Join(s.root, dirIngest, ref) }
+
+// Writer opens the ingest ref, resuming from its last durable checkpoint if
+// an earlier Writer left one. A ref held by another Writer gives ErrLocked.
+func (s *Store) Writer(ctx context.Context, ref string) (*Writer, error) {
+	if err := ValidateName(ref); err != nil {
+		return nil, fmt.Errorf("blobstore: ingest ref: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	dir := s.ingestDir(ref)
+	var f *os.File
+	// Retry while a concurrent cleanup removes the directory under us.
+	for attempt := 0; ; attempt++ {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, mapSpace(err, "blobstore: create ingest")
+		}
+		var err error
+		f, err = os.OpenFile(filepath.Join(dir, ingestData), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) && attempt < 5 {
+				continue
+			}
+			return nil, mapSpace(err, "blobstore: open ingest")
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, fmt.Errorf("%w: %s", ErrLocked, ref)
+			}
+			return nil, fmt.Errorf("blobstore: lock ingest %s: %w", ref, err)
+		}
+		if sameFile(f, filepath.Join(dir, ingestData)) {
+			break
+		}
+		f.Close() // removed between open and lock; start over
+		if attempt >= 5 {
+			return nil, fmt.Errorf("blobstore: ingest %s keeps disappearing", ref)
+		}
+	}
+	w := &Writer{s: s, ctx: ctx, ref: ref, dir: dir, f: f, h: sha256.New()}
+	if err := w.restore(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+func sameFile(f *os.File, path string) bool {
+	a, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	b, err := os.Stat(path)
+	return err == nil && os.SameFile(a, b)
+}
+
+// restore truncates the data file to the checkpoint and restores the hash,
+// or starts from zero if there is no usable checkpoint.
+func (w *Writer) restore() error {
+	fi, err := w.f.Stat()
+	if err != nil {
+		return fmt.Errorf("blobstore: stat ingest: %w", err)
+	}
+	size := fi.Size()
+	off := int64(0)
+	b, err := os.ReadFile(filepath.Join(w.dir, ingestStateFile))
+	switch {
+	case err == nil:
+		st, h, perr := parseIngestState(b)
+		if perr == nil && st.Offset <= size {
+			off, w.h = st.Offset, h
+		} else {
+			w.s.log.Warn("ingest checkpoint unusable, restarting from zero", "ref", w.ref, "err", perr, "data_size", size)
+		}
+	case errors.Is(err, fs.ErrNotExist):
+	default:
+		return fmt.Errorf("blobstore: read ingest state: %w", err)
+	}
+	if size != off {
+		if err := w.f.Truncate(off); err != nil {
+			return fmt.Errorf("blobstore: truncate ingest: %w", err)
+		}
+		w.s.release(size - off)
+	}
+	if _, err := w.f.Seek(off, io.SeekStart); err != nil {
+		return fmt.Errorf("blobstore: seek ingest: %w", err)
+	}
+	w.off, w.durable = off, off
+	return nil
+}
+
+// Write appends p, hashing it as it goes. It fails with ErrQuotaExceeded
+// before writing anything if p does not fit the quota, and with ErrNoSpace
+// if the filesystem fills; after either the Writer stays consistent (Offset
+// counts exactly the bytes on disk and in the hash).
+func (w *Writer) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("blobstore: write to finished ingest %s", w.ref)
+	}
+	if err := w.ctx.Err(); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if err := w.s.reserve(int64(len(p))); err != nil {
+		return 0, fmt.Errorf("blobstore: ingest %s: %w", w.ref, err)
+	}
+	n, err := w.writeHash(p)
+	w.off += int64(n)
+	if n < len(p) {
+		w.s.release(int64(len(p) - n))
+	}
+	if err != nil {
+		return n, mapSpace(err, "blobstore: ingest "+w.ref)
+	}
+	if w.off-w.durable >= w.s.checkpointEvery {
+		if err := w.checkpoint(); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// writeHash writes p and hashes what was written. Large writes hash in
+// parallel with the write syscall; on a short write the hash is rewound.
+func (w *Writer) writeHash(p []byte) (int, error) {
+	if len(p) < 256<<10 {
+		n, err := w.f.Write(p)
+		w.h.Write(p[:n])
+		return n, err
+	}
+	snap, err := w.h.(encoding.BinaryMarshaler).MarshalBinary()
+	if err != nil {
+		return 0, err
+	}
+	if w.hashDone == nil {
+		w.hashDone = make(chan struct{}, 1)
+	}
+	go func() {
+		w.h.Write(p)
+		w.hashDone <- struct{}{}
+	}()
+	n, werr := w.f.Write(p)
+	<-w.hashDone
+	if n < len(p) {
+		if err := w.h.(encoding.BinaryUnmarshaler).UnmarshalBinary(snap); err != nil {
+			return 0, err
+		}
+		w.h.Write(p[:n])
+	}
+	if werr == nil && n > 0 {
+		// Start writeback now so the checkpoint's fsync has little left to
+		// wait for and the disk works while we hash the next buffer.
+		_ = unix.SyncFileRange(int(w.f.Fd()), w.off, int64(n), unix.SYNC_FILE_RANGE_WRITE)
+	}
+	return n, werr
+}
+
+// checkpoint makes the data durable up to w.off and records that offset
+// with the hash state: fsync data first, then replace the state atomically,
+// so the state never claims bytes that are not on disk.
+func (w *Writer) checkpoint() error {
+	if err := w.f.Sync(); err != nil {
+		return mapSpace(err, "blobstore: sync ingest "+w.ref)
+	}
+	b, err := marshalIngestState(w.off, w.h)
+	if err != nil {
+		return fmt.Errorf("blobstore: marshal hash state: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(w.dir, ingestStateFile), b); err != nil {
+		return mapSpace(err, "blobstore: checkpoint ingest "+w.ref)
+	}
+	w.durable = w.off
+	return nil
+}
+
+// Offset returns the bytes written so far (durable or not).
+func (w *Writer) Offset() int64 { return w.off }
+
+// Close checkpoints and releases the ingest; a later Writer with the same
+// ref resumes from here.
+func (w *Writer) Close() error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	err := w.checkpoint()
+	if cerr := w.f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("blobstore: close ingest: %w", cerr)
+	}
+	return err
+}
+
+// Cancel removes the ingest and everything it wrote.
+func (w *Writer) Cancel() error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	err := os.RemoveAll(w.dir)
+	w.f.Close()
+	w.s.release(w.off)
+	if err != nil {
+		return fmt.Errorf("blobstore: cancel ingest %s: %w", w.ref, err)
+	}
+	return nil
+}
+
+// Commit verifies the ingest against size (-1 = any) and expected ("" =
+// accept the computed digest) and moves it into place as a blob. A size or
+// digest mismatch removes the ingest. Committing content that is already
+// stored succeeds and keeps one copy. Other failures leave the ingest
+// resumable.
+func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest) (digest.Digest, error) {
+	if w.done {
+		return "", fmt.Errorf("blobstore: commit of finished ingest %s", w.ref)
+	}
+	if expected != "" {
+		if err := validateDigest(expected); err != nil {
+			return "", err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	if size >= 0 && size != w.off {
+		w.Cancel()
+		return "", fmt.Errorf("%w: ingest %s has %d bytes, expected %d", ErrSizeMismatch, w.ref, w.off, size)
+	}
+	d := digest.NewDigest(digest.SHA256, w.h)
+	if expected != "" && d != expected {
+		w.Cancel()
+		return "", fmt.Errorf("%w: ingest %s is %s, expected %s", ErrDigestMismatch, w.ref, d, expected)
+	}
+	if err := w.f.Sync(); err != nil {
+		err = mapSpace(err, "blobstore: sync ingest "+w.ref)
+		w.Close()
+		return "", err
+	}
+	if err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off); err != nil {
+		w.Close()
+		return "", err
+	}
+	w.done = true
+	// The blob is durable; the ingest directory is garbage from here on,
+	// and Open/GC would clean it after a crash.
+	os.RemoveAll(w.dir)
+	w.f.Close()
+	_ = syncDir(filepath.Join(w.s.root, dirIngest))
+	return d, nil
+}
+
+// commitBlob renames the fsynced data file into place (or drops it if the
+// blob already exists) under s.mu, so GC's sweep cannot interleave.
+func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size int64) error {
+	path := s.blobPath(d)
+	dir := filepath.Dir(path)
+	now := time.Now()
+	s.mu.Lock()
+	if _, err := os.Lstat(path); err == nil {
+		// Already stored: refresh its time so CommitGrace protects it from
+		// a GC that has not yet seen the image about to reference it.
+		_ = os.Chtimes(path, now, now)
+		s.commits[d] = now
+		s.used -= size
+		s.mu.Unlock()
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		s.mu.Unlock()
+		return mapSpace(err, "blobstore: create blob dir")
+	}
+	_ = f.Chmod(0o444) // blobs are immutable
+	if err := os.Rename(dataPath, path); err != nil {
+		s.mu.Unlock()
+		return mapSpace(err, "blobstore: commit blob")
+	}
+	// The mtime is the commit time CommitGrace counts from after a restart.
+	_ = os.Chtimes(path, now, now)
+	s.commits[d] = now
+	s.blobs++
+	s.mu.Unlock()
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("blobstore: sync blob dir: %w", err)
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return fmt.Errorf("blobstore: sync blob dir: %w", err)
+	}
+	return nil
+}
+
+// IngestOffset returns the durable offset a new Writer for ref would resume
+// from, or ErrNotFound if there is no such ingest.
+func (s *Store) IngestOffset(ref string) (int64, error) {
+	if err := ValidateName(ref); err != nil {
+		return 0, fmt.Errorf("blobstore: ingest ref: %w", err)
+	}
+	dir := s.ingestDir(ref)
+	fi, err := os.Stat(filepath.Join(dir, ingestData))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("%w: ingest %s", ErrNotFound, ref)
+		}
+		return 0, fmt.Errorf("blobstore: %w", err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ingestStateFile))
+	if err != nil {
+		return 0, nil
+	}
+	st, _, err := parseIngestState(b)
+	if err != nil || st.Offset > fi.Size() {
+		return 0, nil
+	}
+	return st.Offset, nil
+}
+
+// Put ingests r in one go under a private ref and commits it. size -1
+// means unknown; with a known size the quota is checked before reading.
+func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected digest.Digest) (digest.Digest, int64, error) {
+	if expected != "" {
+		if err := validateDigest(expected); err != nil {
+			return "", 0, err
+		}
+	}
+	if size >= 0 {
+		s.mu.Lock()
+		over := s.quota > 0 && s.used+size > s.quota
+		used, quota := s.used, s.quota
+		s.mu.Unlock()
+		if over {
+			return "", 0, fmt.Errorf("blobstore: put: %w: %d bytes in use + %d > quota %d", ErrQuotaExceeded, used, size, quota)
+		}
+		r = io.LimitReader(r, size+1) // one more, to see a too-long stream
+	}
+	var rnd [12]byte
+	_, _ = rand.Read(rnd[:])
+	w, err := s.Writer(ctx, "put-"+hex.EncodeToString(rnd[:]))
+	if err != nil {
+		return "", 0, err
+	}
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
+	for {
+		if err := ctx.Err(); err != nil {
+			w.Cancel()
+			return "", w.off, err
+		}
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if _, err := w.Write(buf[:n]); err != nil {
+				w.Cancel()
+				return "", w.off, err
+			}
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			w.Cancel()
+			return "", w.off, fmt.Errorf("blobstore: put: read: %w", rerr)
+		}
+	}
+	n := w.off
+	d, err := w.Commit(ctx, size, expected)
+	if err != nil {
+		return "", n, err
+	}
+	return d, n, nil
+}
+
+// cleanIngests removes ingests idle for longer than IngestExpiry that no
+// Writer holds. It returns how many it removed and their bytes.
+func (s *Store) cleanIngests(ctx context.Context) (int, int64, error) {
+	base := filepath.Join(s.root, dirIngest)
+	ents, err := os.ReadDir(base)
+	if err != nil {
+		return 0, 0, fmt.Errorf("blobstore: list ingests: %w", err)
+	}
+	removed, freed := 0, int64(0)
+	now := time.Now()
+	for _, e := range ents {
+		if err := ctx.Err(); err != nil {
+			return removed, freed, err
+		}
+		dir := filepath.Join(base, e.Name())
+		if now.Sub(lastActivity(dir)) < s.opts.IngestExpiry {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(dir, ingestData), os.O_RDWR, 0)
+		var size int64
+		if err == nil {
+			if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
+				f.Close() // a Writer has it: not abandoned
+				continue
+			}
+			if fi, err := f.Stat(); err == nil {
+				size = fi.Size()
+			}
+		}
+		// Remove while holding the lock, so a Writer opening now either
+		// sees the directory gone or notices its file was unlinked.
+		rerr := os.RemoveAll(dir)
+		if f != nil {
+			f.Close()
+		}
+		if rerr != nil {
+			return removed, freed, fmt.Errorf("blobstore: remove expired ingest: %w", rerr)
+		}
+		s.log.Info("removed abandoned ingest", "ref", e.Name(), "bytes", size)
+		removed++
+		freed += size
+	}
+	if removed > 0 {
+		_ = syncDir(base)
+	}
+	return removed, freed, nil
+}
+
+func lastActivity(dir string) time.Time {
+	var t time.Time
+	for _, p := range []string{dir, filepath.Join(dir, ingestData), filepath.Join(dir, ingestStateFile)} {
+		if fi, err := os.Stat(p); err == nil && fi.ModTime().After(t) {
+			t = fi.ModTime()
+		}
+	}
+	return t
+}
+
+func (s *Store) ingestBytes() int64 {
+	var n int64
+	ents, _ := os.ReadDir(filepath.Join(s.root, dirIngest))
+	for _, e := range ents {
+		if fi, err := os.Stat(filepath.Join(s.root, dirIngest, e.Name(), ingestData)); err == nil {
+			n += fi.Size()
+		}
+	}
+	return n
+}

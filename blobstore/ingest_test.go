@@ -1,0 +1,389 @@
+package blobstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func TestCommit(t *testing.T) {
+	data := content(1, 100_000)
+	good := digestOf(data)
+	cases := []struct {
+		name     string
+		size     int64
+		expected digest.Digest
+		wantErr  error
+		removed  bool // ingest gone after the failure
+	}{
+		{"exact", int64(len(data)), good, nil, true},
+		{"unknown size", -1, good, nil, true},
+		{"no expected digest", int64(len(data)), "", nil, true},
+		{"digest mismatch", int64(len(data)), digestOf([]byte("other")), ErrDigestMismatch, true},
+		{"size too small", int64(len(data)) - 1, good, ErrSizeMismatch, true},
+		{"size too large", int64(len(data)) + 1, good, ErrSizeMismatch, true},
+		{"malformed digest", int64(len(data)), "sha256:../../etc/passwd", ErrInvalidName, false},
+		{"unsupported algorithm", int64(len(data)), digest.Digest("sha512:" + strings.Repeat("a", 128)), ErrInvalidName, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStore(t)
+			ctx := context.Background()
+			w, err := s.Writer(ctx, "ref1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := w.Write(data); err != nil {
+				t.Fatal(err)
+			}
+			d, err := w.Commit(ctx, tc.size, tc.expected)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("Commit err = %v, want %v", err, tc.wantErr)
+			}
+			_, offErr := s.IngestOffset("ref1")
+			if gone := errors.Is(offErr, ErrNotFound); gone != tc.removed {
+				t.Fatalf("ingest removed = %v, want %v (%v)", gone, tc.removed, offErr)
+			}
+			if tc.wantErr != nil {
+				if n := countBlobs(t, s); n != 0 {
+					t.Fatalf("%d blobs after failed commit", n)
+				}
+				if !tc.removed {
+					w.Cancel()
+				}
+				if c, _ := s.Capacity(); c.Used != 0 {
+					t.Fatalf("Used = %d after failed commit, want 0", c.Used)
+				}
+				return
+			}
+			if d != good {
+				t.Fatalf("digest %s, want %s", d, good)
+			}
+			p, err := s.BlobPath(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _ := os.ReadFile(p)
+			if string(got) != string(data) {
+				t.Fatal("blob content differs")
+			}
+			if c, _ := s.Capacity(); c.Used != int64(len(data)) || c.Blobs != 1 {
+				t.Fatalf("capacity %+v", c)
+			}
+		})
+	}
+}
+
+func TestDuplicateConcurrentIngest(t *testing.T) {
+	s := newStore(t)
+	data := content(2, 3<<20)
+	want := digestOf(data)
+	const n = 8
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	ds := make([]digest.Digest, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ds[i], _, errs[i] = s.Put(context.Background(), bytesReader(data), int64(len(data)), want)
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil || ds[i] != want {
+			t.Fatalf("put %d: %s, %v", i, ds[i], errs[i])
+		}
+	}
+	if c := countBlobs(t, s); c != 1 {
+		t.Fatalf("%d blobs, want 1", c)
+	}
+	c, _ := s.Capacity()
+	if c.Used != int64(len(data)) || c.Blobs != 1 {
+		t.Fatalf("capacity %+v, want used %d", c, len(data))
+	}
+	ents, _ := os.ReadDir(filepath.Join(s.Root(), dirIngest))
+	if len(ents) != 0 {
+		t.Fatalf("%d ingests left", len(ents))
+	}
+}
+
+func TestLocked(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	w, err := s.Writer(ctx, "r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Writer(ctx, "r"); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second writer: %v, want ErrLocked", err)
+	}
+	w.Close()
+	w2, err := s.Writer(ctx, "r")
+	if err != nil {
+		t.Fatalf("after close: %v", err)
+	}
+	w2.Cancel()
+}
+
+// TestResume cuts an ingest at many offsets, cleanly (Close) or not (the
+// descriptor just goes away, like a killed process), optionally reopens
+// the store, and checks the next Writer resumes at the durable offset and
+// the committed digest is right.
+func TestResume(t *testing.T) {
+	const ckpt = 4096
+	data := content(3, 10*ckpt+123)
+	want := digestOf(data)
+	type cut struct {
+		at      int
+		clean   bool
+		reopen  bool
+		garbage bool // bytes past the checkpoint that must be discarded
+	}
+	var cases []cut
+	for _, at := range []int{0, 1, ckpt - 1, ckpt, ckpt + 1, 3*ckpt + 17, 7 * ckpt, len(data) - 1, len(data)} {
+		for _, clean := range []bool{true, false} {
+			for _, reopen := range []bool{false, true} {
+				cases = append(cases, cut{at, clean, reopen, !clean && reopen}) // garbage only from a dead process
+			}
+		}
+	}
+	for _, tc := range cases {
+		t.Run(fmt.Sprintf("at=%d/clean=%v/reopen=%v", tc.at, tc.clean, tc.reopen), func(t *testing.T) {
+			root := t.TempDir()
+			s := openStore(t, root)
+			s.checkpointEvery = ckpt
+			ctx := context.Background()
+			w, err := s.Writer(ctx, "vol-1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Odd-sized writes so checkpoints fall mid-write.
+			for off := 0; off < tc.at; {
+				n := min(1000, tc.at-off)
+				if _, err := w.Write(data[off : off+n]); err != nil {
+					t.Fatal(err)
+				}
+				off += n
+			}
+			wantOff := int64(tc.at)
+			if tc.clean {
+				if err := w.Close(); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				w.f.Close() // killed: no final checkpoint
+				wantOff = w.durable
+				if tc.garbage {
+					f, _ := os.OpenFile(filepath.Join(root, dirIngest, "vol-1", ingestData), os.O_WRONLY|os.O_APPEND, 0)
+					f.Write([]byte("garbage that was never checkpointed"))
+					f.Close()
+				}
+			}
+			if tc.reopen {
+				s = openStore(t, root)
+				s.checkpointEvery = ckpt
+			}
+			off, err := s.IngestOffset("vol-1")
+			if err != nil || off != wantOff {
+				t.Fatalf("IngestOffset = %d, %v; want %d", off, err, wantOff)
+			}
+			w, err = s.Writer(ctx, "vol-1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if w.Offset() != wantOff {
+				t.Fatalf("resumed at %d, want %d", w.Offset(), wantOff)
+			}
+			if _, err := w.Write(data[w.Offset():]); err != nil {
+				t.Fatal(err)
+			}
+			d, err := w.Commit(ctx, int64(len(data)), want)
+			if err != nil {
+				t.Fatalf("Commit after resume: %v", err)
+			}
+			if d != want {
+				t.Fatalf("digest %s", d)
+			}
+			if c, _ := s.Capacity(); c.Used != int64(len(data)) {
+				t.Fatalf("Used = %d, want %d", c.Used, len(data))
+			}
+		})
+	}
+}
+
+// TestResumeBadState: an unusable checkpoint restarts the ingest from zero
+// rather than trusting it.
+func TestResumeBadState(t *testing.T) {
+	cases := map[string]func(dir string){
+		"torn state":           func(dir string) { os.WriteFile(filepath.Join(dir, ingestStateFile), []byte(`{"version":1,"off`), 0o644) },
+		"state beyond data":    func(dir string) { os.Truncate(filepath.Join(dir, ingestData), 10) },
+		"state without data":   func(dir string) { os.Remove(filepath.Join(dir, ingestData)) },
+		"offset/hash disagree": func(dir string) { rewriteState(dir, func(st *ingestState) { st.Offset -= 64 }) },
+	}
+	for name, damage := range cases {
+		t.Run(name, func(t *testing.T) {
+			root := t.TempDir()
+			s := openStore(t, root)
+			s.checkpointEvery = 1024
+			ctx := context.Background()
+			data := content(4, 5000)
+			w, _ := s.Writer(ctx, "x")
+			w.Write(data)
+			w.Close()
+			damage(filepath.Join(root, dirIngest, "x"))
+			s = openStore(t, root)
+			w, err := s.Writer(ctx, "x")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if w.Offset() != 0 {
+				t.Fatalf("resumed at %d from a damaged checkpoint", w.Offset())
+			}
+			w.Write(data)
+			if _, err := w.Commit(ctx, int64(len(data)), digestOf(data)); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func rewriteState(dir string, f func(*ingestState)) {
+	b, _ := os.ReadFile(filepath.Join(dir, ingestStateFile))
+	st, _, err := parseIngestState(b)
+	if err != nil {
+		panic(err)
+	}
+	f(&st)
+	b, _ = marshalJSON(st)
+	os.WriteFile(filepath.Join(dir, ingestStateFile), b, 0o644)
+}
+
+func TestCancel(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	w, _ := s.Writer(ctx, "c")
+	w.Write(content(5, 1000))
+	if err := w.Cancel(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.IngestOffset("c"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("IngestOffset after cancel: %v", err)
+	}
+	if _, err := w.Write([]byte("x")); err == nil {
+		t.Fatal("write after cancel succeeded")
+	}
+	if c, _ := s.Capacity(); c.Used != 0 {
+		t.Fatalf("Used = %d", c.Used)
+	}
+}
+
+func TestQuota(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	s := openStore(t, root, func(o *Options) { o.Quota = 1 << 30 })
+	if err := s.SetQuota(10_000); err != nil {
+		t.Fatal(err)
+	}
+	mustPut(t, s, content(6, 6000))
+	cases := []struct {
+		name string
+		run  func() error
+	}{
+		{"write past quota", func() error {
+			w, _ := s.Writer(ctx, "q")
+			defer w.Cancel()
+			if _, err := w.Write(content(7, 3000)); err != nil {
+				return fmt.Errorf("first write should fit: %w", err)
+			}
+			n, err := w.Write(content(8, 2000))
+			if n != 0 || w.Offset() != 3000 {
+				return fmt.Errorf("wrote %d (offset %d) despite quota", n, w.Offset())
+			}
+			return err
+		}},
+		{"put of known size fails before reading", func() error {
+			_, _, err := s.Put(ctx, failingReader{}, 5000, "")
+			return err
+		}},
+		{"put of unknown size", func() error {
+			_, _, err := s.Put(ctx, bytesReader(content(9, 5000)), -1, "")
+			return err
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.run(); !errors.Is(err, ErrQuotaExceeded) {
+				t.Fatalf("err = %v, want ErrQuotaExceeded", err)
+			}
+			if c, _ := s.Capacity(); c.Used != 6000 {
+				t.Fatalf("Used = %d, want 6000", c.Used)
+			}
+		})
+	}
+	// Persisted, and overrides Options.Quota.
+	s2 := openStore(t, root, func(o *Options) { o.Quota = 1 << 30 })
+	if c, _ := s2.Capacity(); c.Quota != 10_000 || c.Used != 6000 {
+		t.Fatalf("after reopen: %+v", c)
+	}
+	if err := s2.SetQuota(-1); err == nil {
+		t.Fatal("negative quota accepted")
+	}
+}
+
+type failingReader struct{}
+
+func (failingReader) Read([]byte) (int, error) { return 0, errors.New("must not be read") }
+
+func TestExpiredIngests(t *testing.T) {
+	root := t.TempDir()
+	s := openStore(t, root)
+	ctx := context.Background()
+	for _, ref := range []string{"old", "fresh", "busy"} {
+		w, _ := s.Writer(ctx, ref)
+		w.Write(content(10, 100))
+		w.Close()
+	}
+	busy, _ := s.Writer(ctx, "busy")
+	defer busy.Cancel()
+	past := time.Now().Add(-48 * time.Hour)
+	for _, ref := range []string{"old", "busy"} {
+		dir := filepath.Join(root, dirIngest, ref)
+		for _, p := range []string{dir, filepath.Join(dir, ingestData), filepath.Join(dir, ingestStateFile)} {
+			os.Chtimes(p, past, past)
+		}
+	}
+	res, err := s.GC(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.IngestsRemoved != 1 {
+		t.Fatalf("removed %d ingests, want 1", res.IngestsRemoved)
+	}
+	for ref, want := range map[string]bool{"old": false, "fresh": true, "busy": true} {
+		_, err := s.IngestOffset(ref)
+		if (err == nil) != want {
+			t.Errorf("%s present = %v, want %v", ref, err == nil, want)
+		}
+	}
+	if c, _ := s.Capacity(); c.Used != 200 {
+		t.Fatalf("Used = %d, want 200", c.Used)
+	}
+	// Open cleans too.
+	dir := filepath.Join(root, dirIngest, "fresh")
+	for _, p := range []string{dir, filepath.Join(dir, ingestData), filepath.Join(dir, ingestStateFile)} {
+		os.Chtimes(p, past, past)
+	}
+	s2 := openStore(t, root)
+	if _, err := s2.IngestOffset("fresh"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired ingest survived Open: %v", err)
+	}
+}
