@@ -1,0 +1,466 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+)
+
+// Image is an opened qcow2 layer. All metadata is read and validated by Open;
+// afterwards ReadAt only reads data clusters, so it is safe for concurrent use.
+type Image struct {
+	r    io.ReaderAt
+	size int64 // file size
+	h    *header
+
+	cb       uint32 // cluster bits
+	cs       int64  // cluster size
+	l2Bits   uint32 // log2(entries per L2 table)
+	l1       []uint64
+	l2Index  []uint32 // per L1 entry: 0 = no table, else 1 + index into l2 tables
+	l2Tables []uint64 // loaded L2 tables, concatenated
+
+	extents   []Extent
+	allocated int64
+
+	cacheMu  sync.Mutex
+	cacheIdx int64 // guest cluster held in cache, -1 if none
+	cache    []byte
+}
+
+// L1/L2 entry bits.
+const (
+	entryCopied     = 1 << 63
+	entryCompressed = 1 << 62
+	entryZero       = 1 << 0
+	offsetMask      = 0x00fffffffffffe00 // bits 9..55
+	l1Reserved      = 0x7f000000000001ff
+	l2Reserved      = 0x3f000000000001fe // standard clusters
+)
+
+// Open validates an untrusted qcow2 image of size bytes read through r and
+// loads its allocation tables. It never opens other files: the backing file
+// name is only reported. Errors match ErrNotQcow2, ErrUnsupported or ErrFormat.
+func Open(r io.ReaderAt, size int64) (*Image, error) {
+	if size < 0 {
+		return nil, fmt.Errorf("qcow2: negative image size %d", size)
+	}
+	first := make([]byte, min(size, v3HeaderLen+8))
+	if err := readFull(r, first, 0); err != nil {
+		return nil, err
+	}
+	cs, err := peekHeader(first)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, min(size, cs))
+	if err := readFull(r, buf, 0); err != nil {
+		return nil, err
+	}
+	h, err := parseHeader(buf, size)
+	if err != nil {
+		return nil, err
+	}
+	im := &Image{r: r, size: size, h: h, cb: h.clusterBits, cs: cs, l2Bits: h.clusterBits - 3, cacheIdx: -1}
+	if err := im.loadTables(); err != nil {
+		return nil, err
+	}
+	return im, nil
+}
+
+func readFull(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("qcow2: reading %d bytes at %d: %w", len(p), off, err)
+}
+
+func readTable(r io.ReaderAt, off int64, n uint64) ([]uint64, error) {
+	buf := make([]byte, n*8)
+	if err := readFull(r, buf, off); err != nil {
+		return nil, err
+	}
+	t := make([]uint64, n)
+	for i := range t {
+		b := buf[i*8 : i*8+8]
+		t[i] = uint64(b[0])<<56 | uint64(b[1])<<48 | uint64(b[2])<<40 | uint64(b[3])<<32 |
+			uint64(b[4])<<24 | uint64(b[5])<<16 | uint64(b[6])<<8 | uint64(b[7])
+	}
+	return t, nil
+}
+
+// owners records every host cluster that must have exactly one owner
+// (header, tables, standard data clusters) and the clusters compressed data
+// touches (which may share among themselves, never with the former). Both
+// are flat slices sized by the tables, so the check is bounded by them.
+type owners struct {
+	excl []uint64
+	comp [][2]uint64 // inclusive host cluster ranges of compressed clusters
+}
+
+func (o *owners) check() error {
+	sort.Slice(o.excl, func(i, j int) bool { return o.excl[i] < o.excl[j] })
+	for i := 1; i < len(o.excl); i++ {
+		if o.excl[i] == o.excl[i-1] {
+			return formatErr("cluster allocation", "host cluster %d is referenced twice", o.excl[i])
+		}
+	}
+	for _, c := range o.comp {
+		i := sort.Search(len(o.excl), func(i int) bool { return o.excl[i] >= c[0] })
+		if i < len(o.excl) && o.excl[i] <= c[1] {
+			return formatErr("compressed cluster", "host cluster %d holds compressed data and is also used as metadata or data", o.excl[i])
+		}
+	}
+	return nil
+}
+
+// hostCluster validates a table entry's cluster offset: aligned, below 2^56
+// and (when whole) inside the file.
+func (im *Image) hostCluster(field string, off uint64, whole bool) error {
+	if off&uint64(im.cs-1) != 0 {
+		return formatErr(field, "offset %#x is not aligned to the cluster size %d", off, im.cs)
+	}
+	if off >= maxHostOffset {
+		return formatErr(field, "offset %#x is beyond 2^56", off)
+	}
+	end := off + 1
+	if whole {
+		end = off + uint64(im.cs)
+	}
+	if end > uint64(im.size) {
+		return formatErr(field, "cluster at %#x runs past the end of the file (%d bytes)", off, im.size)
+	}
+	return nil
+}
+
+func (im *Image) loadTables() error {
+	h := im.h
+	var own owners
+	own.excl = append(own.excl, 0) // the header cluster
+	// L1 entries beyond the virtual size are ignored, as QEMU ignores them.
+	perL1 := int64(1) << (im.l2Bits + im.cb)
+	nL1 := uint64((int64(h.size) + perL1 - 1) / perL1)
+	if h.l1Size > 0 {
+		for c := h.l1Offset; c < h.l1Offset+uint64(h.l1Size)*8; c += uint64(im.cs) {
+			own.excl = append(own.excl, c>>im.cb)
+		}
+	}
+	if nL1 > 0 {
+		l1, err := readTable(im.r, int64(h.l1Offset), nL1)
+		if err != nil {
+			return err
+		}
+		im.l1 = l1
+	}
+	// The refcount table is validated (it owns clusters) but never trusted:
+	// reads follow L1/L2 alone.
+	rtBytes := uint64(h.refTableClusters) << im.cb
+	for c := h.refTableOffset; c < h.refTableOffset+rtBytes; c += uint64(im.cs) {
+		own.excl = append(own.excl, c>>im.cb)
+	}
+	rt, err := readTable(im.r, int64(h.refTableOffset), rtBytes/8)
+	if err != nil {
+		return err
+	}
+	for i, e := range rt {
+		if e == 0 {
+			continue
+		}
+		if e&0x1ff != 0 {
+			return formatErr("refcount table", "entry %d (%#x) has reserved bits set", i, e)
+		}
+		if err := im.hostCluster(fmt.Sprintf("refcount table entry %d", i), e, true); err != nil {
+			return err
+		}
+		own.excl = append(own.excl, e>>im.cb)
+	}
+	rt = nil
+
+	im.l2Index = make([]uint32, len(im.l1))
+	entries := uint64(1) << im.l2Bits
+	for i, e := range im.l1 {
+		if e&l1Reserved != 0 {
+			return formatErr("L1 table", "entry %d (%#x) has reserved bits set", i, e)
+		}
+		off := e & offsetMask
+		if off == 0 {
+			continue
+		}
+		if err := im.hostCluster(fmt.Sprintf("L1 entry %d", i), off, true); err != nil {
+			return err
+		}
+		own.excl = append(own.excl, off>>im.cb)
+		t, err := readTable(im.r, int64(off), entries)
+		if err != nil {
+			return err
+		}
+		for j, e2 := range t {
+			if err := im.checkL2(&own, uint64(i)<<im.l2Bits+uint64(j), e2); err != nil {
+				return err
+			}
+		}
+		im.l2Tables = append(im.l2Tables, t...)
+		im.l2Index[i] = uint32(len(im.l2Tables) >> im.l2Bits)
+	}
+	if err := own.check(); err != nil {
+		return err
+	}
+	im.buildExtents()
+	return nil
+}
+
+// checkL2 validates one L2 entry of guest cluster gc and records its owner.
+func (im *Image) checkL2(own *owners, gc uint64, e uint64) error {
+	field := func() string { return fmt.Sprintf("L2 entry for guest cluster %d", gc) }
+	if e&entryCompressed != 0 {
+		off, n := im.compressedRange(e)
+		if off == 0 || off >= maxHostOffset {
+			return formatErr(field(), "compressed data offset %#x is invalid", off)
+		}
+		if off >= uint64(im.size) {
+			return formatErr(field(), "compressed data at %#x starts past the end of the file (%d bytes)", off, im.size)
+		}
+		// QEMU rounds the run up to whole 512-byte sectors, so the last
+		// compressed cluster may claim up to 511 bytes past EOF; no more.
+		if off+n > uint64(im.size)+511 {
+			return formatErr(field(), "compressed run %#x+%d runs past the end of the file (%d bytes)", off, n, im.size)
+		}
+		end := min(off+n, uint64(im.size))
+		own.comp = append(own.comp, [2]uint64{off >> im.cb, (end - 1) >> im.cb})
+		return nil
+	}
+	if e&l2Reserved != 0 {
+		return formatErr(field(), "entry %#x has reserved bits set", e)
+	}
+	off := e & offsetMask
+	if off == 0 {
+		return nil
+	}
+	// A data cluster's tail may lie past EOF (QEMU reads it as zeros); its
+	// start may not.
+	if err := im.hostCluster(field(), off, false); err != nil {
+		return err
+	}
+	own.excl = append(own.excl, off>>im.cb)
+	return nil
+}
+
+// compressedRange decodes a compressed L2 entry: host offset and the length
+// of the sector-rounded run holding the compressed stream.
+func (im *Image) compressedRange(e uint64) (off, n uint64) {
+	x := 62 - (im.cb - 8)
+	off = e & (1<<x - 1)
+	sectors := (e >> x) & (1<<(im.cb-8) - 1)
+	end := off&^511 + (sectors+1)*512
+	return off, end - off
+}
+
+// entry returns the L2 entry for guest cluster gc (0 if unallocated).
+func (im *Image) entry(gc int64) uint64 {
+	i := gc >> im.l2Bits
+	if i >= int64(len(im.l2Index)) || im.l2Index[i] == 0 {
+		return 0
+	}
+	base := int64(im.l2Index[i]-1) << im.l2Bits
+	return im.l2Tables[base+gc&(1<<im.l2Bits-1)]
+}
+
+func (im *Image) kindOf(e uint64) Kind {
+	switch {
+	case e&entryCompressed != 0:
+		return Data
+	case e&entryZero != 0:
+		return Zero
+	case e&offsetMask != 0:
+		return Data
+	}
+	return Unallocated
+}
+
+func (im *Image) buildExtents() {
+	vs := int64(im.h.size)
+	var ext []Extent
+	add := func(off, n int64, k Kind) {
+		if n <= 0 {
+			return
+		}
+		if k == Data {
+			im.allocated += n
+		}
+		if l := len(ext); l > 0 && ext[l-1].Kind == k && ext[l-1].End() == off {
+			ext[l-1].Length += n
+			return
+		}
+		ext = append(ext, Extent{Offset: off, Length: n, Kind: k})
+	}
+	perL1 := int64(1) << (im.l2Bits + im.cb)
+	for i := range im.l1 {
+		start := int64(i) * perL1
+		if im.l2Index[i] == 0 {
+			add(start, min(perL1, vs-start), Unallocated)
+			continue
+		}
+		for j := int64(0); j < 1<<im.l2Bits; j++ {
+			off := start + j<<im.cb
+			if off >= vs {
+				break
+			}
+			add(off, min(im.cs, vs-off), im.kindOf(im.entry(off>>im.cb)))
+		}
+	}
+	im.extents = ext
+}
+
+// VirtualSize is the guest disk size in bytes.
+func (im *Image) VirtualSize() int64 { return int64(im.h.size) }
+
+// ClusterSize is the cluster size in bytes.
+func (im *Image) ClusterSize() int64 { return im.cs }
+
+// Version is the qcow2 version, 2 or 3.
+func (im *Image) Version() int { return im.h.version }
+
+// BackingFile is the backing file name stored in the header. It is reported
+// for the caller to resolve (or refuse); this package never opens it.
+func (im *Image) BackingFile() string { return im.h.backingFile }
+
+// BackingFormat is the backing format header extension ("" if absent).
+func (im *Image) BackingFormat() string { return im.h.backingFormat }
+
+// Extents lists this layer's guest ranges (like qemu-img map at depth 0):
+// sorted, covering the virtual size, adjacent equal kinds merged.
+// The returned slice is a copy.
+func (im *Image) Extents() ([]Extent, error) {
+	return append([]Extent(nil), im.extents...), nil
+}
+
+// AllocatedBytes is the number of guest bytes in Data extents.
+func (im *Image) AllocatedBytes() int64 { return im.allocated }
+
+// HostRange is a byte range of the image file.
+type HostRange struct {
+	Offset int64
+	Length int64
+}
+
+// DataRanges lists the host byte ranges holding this layer's data clusters
+// (compressed runs included, clamped to the file), sorted by host offset and
+// merged where contiguous, so a remote reader can prefetch exactly them.
+func (im *Image) DataRanges() []HostRange {
+	var rs []HostRange
+	for i := range im.l1 {
+		if im.l2Index[i] == 0 {
+			continue
+		}
+		base := int64(im.l2Index[i]-1) << im.l2Bits
+		for _, e := range im.l2Tables[base : base+1<<im.l2Bits] {
+			var off, n uint64
+			switch {
+			case e&entryCompressed != 0:
+				off, n = im.compressedRange(e)
+			case e&entryZero != 0 || e&offsetMask == 0:
+				continue
+			default:
+				off, n = e&offsetMask, uint64(im.cs)
+			}
+			end := min(off+n, uint64(im.size))
+			rs = append(rs, HostRange{Offset: int64(off), Length: int64(end - off)})
+		}
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Offset < rs[j].Offset })
+	out := rs[:0]
+	for _, r := range rs {
+		if l := len(out); l > 0 && out[l-1].Offset+out[l-1].Length >= r.Offset {
+			// Compressed runs may share a sector; merge overlaps too.
+			if e := r.Offset + r.Length; e > out[l-1].Offset+out[l-1].Length {
+				out[l-1].Length = e - out[l-1].Offset
+			}
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// extentAt returns the extent containing guest offset off (off < VirtualSize).
+func extentAt(ext []Extent, off int64) Extent {
+	i := sort.Search(len(ext), func(i int) bool { return ext[i].End() > off })
+	return ext[i]
+}
+
+// ReadAt reads the guest view of this layer alone: Unallocated and Zero
+// ranges read as zeros. Reads past the virtual size return io.EOF.
+func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("qcow2: negative offset %d", off)
+	}
+	vs := im.VirtualSize()
+	if off >= vs {
+		return 0, io.EOF
+	}
+	var eof error
+	if int64(len(p)) > vs-off {
+		p = p[:vs-off]
+		eof = io.EOF
+	}
+	n := 0
+	for n < len(p) {
+		pos := off + int64(n)
+		ex := extentAt(im.extents, pos)
+		span := min(int64(len(p)-n), ex.End()-pos)
+		if ex.Kind != Data {
+			clear(p[n : n+int(span)])
+			n += int(span)
+			continue
+		}
+		// Data: one cluster at a time.
+		within := pos & (im.cs - 1)
+		span = min(span, im.cs-within)
+		if err := im.readCluster(p[n:n+int(span)], pos>>im.cb, within); err != nil {
+			return n, err
+		}
+		n += int(span)
+	}
+	return n, eof
+}
+
+// readCluster fills p from guest cluster gc starting at byte within.
+func (im *Image) readCluster(p []byte, gc, within int64) error {
+	e := im.entry(gc)
+	if e&entryCompressed != 0 {
+		im.cacheMu.Lock()
+		defer im.cacheMu.Unlock()
+		if im.cacheIdx != gc {
+			if im.cache == nil {
+				im.cache = make([]byte, im.cs)
+			}
+			im.cacheIdx = -1
+			off, n := im.compressedRange(e)
+			n = min(n, uint64(im.size)-off)
+			src := make([]byte, n)
+			if err := readFull(im.r, src, int64(off)); err != nil {
+				return err
+			}
+			if err := decompressCluster(im.cache, src, im.h.compressionType); err != nil {
+				return formatErr(fmt.Sprintf("compressed cluster for guest cluster %d", gc), "%v", err)
+			}
+			im.cacheIdx = gc
+		}
+		copy(p, im.cache[within:])
+		return nil
+	}
+	host := int64(e&offsetMask) + within
+	// Bytes of the cluster past EOF read as zeros, as in QEMU.
+	avail := max(0, min(int64(len(p)), im.size-host))
+	if err := readFull(im.r, p[:avail], host); err != nil {
+		return err
+	}
+	clear(p[avail:])
+	return nil
+}
