@@ -1,0 +1,423 @@
+// Package nbd runs and tracks qemu-nbd servers for the agent: writable qcow2
+// targets a KVM host's QEMU backup job writes into (exportnbdimage), and
+// read-only exports of a stored chain served in place (export/remotetarget,
+// instant restore).
+//
+// We own every qemu-nbd process (no --fork): the listening socket is bound
+// by us and handed over with systemd socket activation, so a port is either
+// ours or skipped, with no window in which another process can take it.
+// Each server has a record file in Options.Dir so that a restarted agent
+// can find and stop servers a crashed predecessor left running.
+package nbd
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Errors callers branch on; each is wrapped with the detail.
+var (
+	ErrNotFound = errors.New("nbd: not found")
+	ErrNoPort   = errors.New("nbd: no free port in range")
+	ErrInvalid  = errors.New("nbd: invalid argument")
+	ErrClosed   = errors.New("nbd: manager closed")
+)
+
+// Options configure a Manager.
+type Options struct {
+	Dir              string // working dir for server records and pid files, e.g. <root>/nbd
+	PortMin, PortMax int    // configured port range, inclusive
+	Bind             string // address qemu-nbd listens on; default "0.0.0.0"
+	QemuNBD          string // default "qemu-nbd" from PATH
+	QemuImg          string // default "qemu-img" from PATH (creates targets)
+	Shared           int    // clients per server (qemu-nbd --shared); default 0 = unlimited
+	Logger           *slog.Logger
+}
+
+// Server describes one running (or just stopped) qemu-nbd server.
+type Server struct {
+	ID          string
+	Port        int
+	Path        string // the served file
+	ExportName  string // "" for writable targets (the NBD default export)
+	ReadOnly    bool
+	Started     time.Time
+	Expires     time.Time // zero = never
+	Description string    // the group token (nbdDescription) of a writable target; "" for read-only
+}
+
+// stopTimeout bounds how long a stop waits for qemu-nbd to flush and exit
+// after SIGTERM before it is killed.
+const stopTimeout = 30 * time.Second
+
+// Manager runs qemu-nbd servers. All methods are safe for concurrent use.
+type Manager struct {
+	opts    Options
+	log     *slog.Logger
+	qemuNBD string
+	qemuImg string
+
+	mu      sync.Mutex
+	closed  bool
+	ports   map[int]bool      // reserved by us (starting or running)
+	servers map[string]*proc  // by server id
+	groups  map[string]*group // by description token
+}
+
+type group struct {
+	desc    string
+	expires time.Time
+	procs   []*proc
+}
+
+// NewManager prepares Dir, resolves the qemu binaries and stops servers and
+// removes targets that a previous run left behind.
+func NewManager(opts Options) (*Manager, error) {
+	if opts.Dir == "" {
+		return nil, fmt.Errorf("%w: empty Dir", ErrInvalid)
+	}
+	if opts.PortMin <= 0 || opts.PortMax > 65535 || opts.PortMax < opts.PortMin {
+		return nil, fmt.Errorf("%w: port range %d-%d", ErrInvalid, opts.PortMin, opts.PortMax)
+	}
+	if opts.Shared < 0 {
+		return nil, fmt.Errorf("%w: Shared %d", ErrInvalid, opts.Shared)
+	}
+	if opts.Bind == "" {
+		opts.Bind = "0.0.0.0"
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("nbd: dir: %w", err)
+	}
+	opts.Dir = filepath.Clean(dir)
+	m := &Manager{
+		opts:    opts,
+		log:     opts.Logger.With("component", "nbd"),
+		ports:   map[int]bool{},
+		servers: map[string]*proc{},
+		groups:  map[string]*group{},
+	}
+	if m.qemuNBD, err = lookTool(opts.QemuNBD, "qemu-nbd"); err != nil {
+		return nil, err
+	}
+	if m.qemuImg, err = lookTool(opts.QemuImg, "qemu-img"); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("nbd: %w", err)
+	}
+	m.cleanStale()
+	return m, nil
+}
+
+func lookTool(configured, def string) (string, error) {
+	if configured == "" {
+		configured = def
+	}
+	p, err := exec.LookPath(configured)
+	if err != nil {
+		return "", fmt.Errorf("nbd: %s: %w", configured, err)
+	}
+	return p, nil
+}
+
+func newID() string {
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// CreateTargets creates one empty qcow2 per size in workspace (which the
+// caller has validated) and serves each writable on its own port. desc is
+// the token naming the group for Release and Cancel. expiry <= 0 means the
+// group never expires.
+func (m *Manager) CreateTargets(ctx context.Context, workspace string, sizes []int64, expiry time.Duration) (desc string, servers []Server, err error) {
+	if len(sizes) == 0 {
+		return "", nil, fmt.Errorf("%w: no sizes", ErrInvalid)
+	}
+	for _, s := range sizes {
+		if s <= 0 {
+			return "", nil, fmt.Errorf("%w: size %d", ErrInvalid, s)
+		}
+	}
+	ws, err := filepath.Abs(workspace)
+	if err != nil {
+		return "", nil, fmt.Errorf("nbd: workspace: %w", err)
+	}
+	if fi, err := os.Stat(ws); err != nil {
+		return "", nil, fmt.Errorf("nbd: workspace: %w", err)
+	} else if !fi.IsDir() {
+		return "", nil, fmt.Errorf("%w: workspace %s is not a directory", ErrInvalid, ws)
+	}
+	if err := m.checkOpen(); err != nil {
+		return "", nil, err
+	}
+
+	desc = "nbd-" + newID()
+	g := &group{desc: desc}
+	if expiry > 0 {
+		g.expires = time.Now().Add(expiry)
+	}
+	var created []string
+	fail := func(err error) (string, []Server, error) {
+		for _, p := range g.procs {
+			m.stopProc(context.Background(), p)
+		}
+		for _, f := range created {
+			if rerr := os.Remove(f); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				m.log.Warn("removing target after failed create", "path", f, "err", rerr)
+			}
+		}
+		return "", nil, err
+	}
+	for i, size := range sizes {
+		path := filepath.Join(ws, fmt.Sprintf("%s-%d.qcow2", desc, i))
+		if err := m.createQcow2(ctx, path, size); err != nil {
+			return fail(err)
+		}
+		created = append(created, path)
+		p, err := m.start(ctx, startSpec{path: path, desc: desc, expires: g.expires, target: true})
+		if err != nil {
+			return fail(err)
+		}
+		g.procs = append(g.procs, p)
+	}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return fail(ErrClosed)
+	}
+	m.groups[desc] = g
+	m.mu.Unlock()
+	for _, p := range g.procs {
+		servers = append(servers, p.srv)
+	}
+	m.log.Info("nbd targets serving", "desc", desc, "count", len(servers))
+	return desc, servers, nil
+}
+
+func (m *Manager) createQcow2(ctx context.Context, path string, size int64) error {
+	// qemu-img create truncates an existing file; the random group token
+	// makes a clash impossible, but refuse rather than clobber.
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("nbd: target %s already exists", path)
+	}
+	cmd := exec.CommandContext(ctx, m.qemuImg, "create", "-q", "-f", "qcow2", path, fmt.Sprint(size))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		_ = os.Remove(path)
+		return fmt.Errorf("nbd: qemu-img create %s: %w: %s", path, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Release stops a group's servers and keeps the target files, which the
+// caller then imports. The group is forgotten.
+func (m *Manager) Release(ctx context.Context, desc string) ([]Server, error) {
+	g, err := m.takeGroup(desc)
+	if err != nil {
+		return nil, err
+	}
+	var servers []Server
+	var errs []error
+	for _, p := range g.procs {
+		if err := m.stopProc(ctx, p); err != nil {
+			errs = append(errs, err)
+		}
+		servers = append(servers, p.srv)
+	}
+	m.log.Info("nbd targets released", "desc", desc)
+	return servers, errors.Join(errs...)
+}
+
+// Cancel stops a group's servers and removes its target files.
+func (m *Manager) Cancel(ctx context.Context, desc string) error {
+	g, err := m.takeGroup(desc)
+	if err != nil {
+		return err
+	}
+	err = m.cancelGroup(ctx, g)
+	m.log.Info("nbd targets cancelled", "desc", desc)
+	return err
+}
+
+func (m *Manager) takeGroup(desc string) (*group, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	g, ok := m.groups[desc]
+	if !ok {
+		return nil, fmt.Errorf("%w: nbd description %q", ErrNotFound, desc)
+	}
+	delete(m.groups, desc)
+	return g, nil
+}
+
+func (m *Manager) cancelGroup(ctx context.Context, g *group) error {
+	var errs []error
+	for _, p := range g.procs {
+		if err := m.stopProc(ctx, p); err != nil {
+			errs = append(errs, err)
+		}
+		if err := os.Remove(p.srv.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("nbd: remove target: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ServeReadOnly serves an existing qcow2 file (a chain top whose backing
+// files resolve in place) read-only under exportName. The file is neither
+// copied nor modified.
+func (m *Manager) ServeReadOnly(ctx context.Context, path string, exportName string) (Server, error) {
+	if err := validExportName(exportName); err != nil {
+		return Server{}, err
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return Server{}, fmt.Errorf("nbd: path: %w", err)
+	}
+	if fi, err := os.Stat(abs); err != nil {
+		return Server{}, fmt.Errorf("nbd: %w", err)
+	} else if !fi.Mode().IsRegular() {
+		return Server{}, fmt.Errorf("%w: %s is not a regular file", ErrInvalid, abs)
+	}
+	if err := m.checkOpen(); err != nil {
+		return Server{}, err
+	}
+	p, err := m.start(ctx, startSpec{path: abs, exportName: exportName, readOnly: true})
+	if err != nil {
+		return Server{}, err
+	}
+	m.log.Info("nbd read-only export serving", "id", p.srv.ID, "port", p.srv.Port, "export", exportName)
+	return p.srv, nil
+}
+
+// validExportName keeps names safe to put in an nbd:// URI path.
+func validExportName(name string) error {
+	if name == "" || len(name) > 255 {
+		return fmt.Errorf("%w: export name length %d", ErrInvalid, len(name))
+	}
+	for _, c := range name {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.', c == ':':
+		default:
+			return fmt.Errorf("%w: export name %q: character %q", ErrInvalid, name, c)
+		}
+	}
+	return nil
+}
+
+// Stop stops one server by id. Stopping a target's server leaves its group
+// (and file) in place for Release or Cancel.
+func (m *Manager) Stop(ctx context.Context, id string) error {
+	m.mu.Lock()
+	p, ok := m.servers[id]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: nbd server %q", ErrNotFound, id)
+	}
+	return m.stopProc(ctx, p)
+}
+
+// List returns the running servers, sorted by port.
+func (m *Manager) List() []Server {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Server, 0, len(m.servers))
+	for _, p := range m.servers {
+		out = append(out, p.srv)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Port < out[j].Port })
+	return out
+}
+
+// Count reports running servers for metrics.
+func (m *Manager) Count() (writable, readonly int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, p := range m.servers {
+		if p.srv.ReadOnly {
+			readonly++
+		} else {
+			writable++
+		}
+	}
+	return writable, readonly
+}
+
+// Expire stops and removes the target groups whose expiry is before now
+// and returns how many groups it removed.
+func (m *Manager) Expire(ctx context.Context, now time.Time) int {
+	m.mu.Lock()
+	var expired []*group
+	for d, g := range m.groups {
+		if !g.expires.IsZero() && g.expires.Before(now) {
+			expired = append(expired, g)
+			delete(m.groups, d)
+		}
+	}
+	m.mu.Unlock()
+	for _, g := range expired {
+		if err := m.cancelGroup(ctx, g); err != nil {
+			m.log.Warn("expiring nbd targets", "desc", g.desc, "err", err)
+		} else {
+			m.log.Info("nbd targets expired", "desc", g.desc)
+		}
+	}
+	return len(expired)
+}
+
+// Close stops every server. Unreleased targets are removed: the backup job
+// that was writing them cannot complete without their server.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	groups := make([]*group, 0, len(m.groups))
+	for _, g := range m.groups {
+		groups = append(groups, g)
+	}
+	m.groups = map[string]*group{}
+	procs := make([]*proc, 0, len(m.servers))
+	for _, p := range m.servers {
+		procs = append(procs, p)
+	}
+	m.mu.Unlock()
+
+	ctx := context.Background()
+	var errs []error
+	for _, g := range groups {
+		errs = append(errs, m.cancelGroup(ctx, g))
+	}
+	for _, p := range procs {
+		errs = append(errs, m.stopProc(ctx, p))
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) checkOpen() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	return nil
+}

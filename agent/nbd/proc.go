@@ -1,0 +1,380 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// readyTimeout bounds how long a new qemu-nbd may take to answer the NBD
+// handshake; opening a long chain on a loaded host can take a while.
+const readyTimeout = 30 * time.Second
+
+// proc is one qemu-nbd process we started.
+type proc struct {
+	srv     Server
+	cmd     *exec.Cmd
+	target  bool // a file we created; removed on cancel and stale cleanup
+	pidFile string
+	recFile string
+	stderr  *tailLog
+	done    chan struct{} // closed once cmd.Wait returned
+
+	// Guarded by Manager.mu.
+	stopping   bool
+	unexpected bool // exited before anyone asked it to
+
+	waitErr error // written before done is closed
+
+}
+
+type startSpec struct {
+	path       string
+	exportName string
+	readOnly   bool
+	target     bool
+	desc       string
+	expires    time.Time
+}
+
+// start binds a port from the range, runs qemu-nbd on it via socket
+// activation and waits until it answers the NBD handshake.
+func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
+	ln, port, err := m.reservePort(ctx)
+	if err != nil {
+		return nil, err
+	}
+	id := newID()
+	p := &proc{
+		srv: Server{
+			ID: id, Port: port, Path: spec.path, ExportName: spec.exportName,
+			ReadOnly: spec.readOnly, Started: time.Now(), Expires: spec.expires,
+			Description: spec.desc,
+		},
+		target:  spec.target,
+		pidFile: filepath.Join(m.opts.Dir, id+".pid"),
+		recFile: filepath.Join(m.opts.Dir, id+".json"),
+		done:    make(chan struct{}),
+	}
+	p.stderr = &tailLog{m: m, id: id}
+
+	lf, err := ln.File()
+	ln.Close() // lf is a dup; qemu-nbd gets it, we keep nothing open
+	if err != nil {
+		m.releasePort(port)
+		return nil, fmt.Errorf("nbd: listener fd: %w", err)
+	}
+	args := []string{"-f", "qcow2", "--persistent",
+		fmt.Sprintf("--shared=%d", m.opts.Shared), "--pid-file=" + p.pidFile}
+	if spec.readOnly {
+		args = append(args, "--read-only", "--export-name="+spec.exportName)
+	} else {
+		// writeback: qemu-nbd flushes on a clean (SIGTERM) exit and on
+		// the client's NBD_CMD_FLUSH, which QEMU's backup job sends.
+		args = append(args, "--cache=writeback")
+	}
+	args = append(args, spec.path)
+	// systemd socket activation needs LISTEN_PID = the server's own pid,
+	// which only exists after fork; sh sets it and execs qemu-nbd in place.
+	shArgs := append([]string{"-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, m.qemuNBD}, args...)
+	cmd := exec.Command("/bin/sh", shArgs...)
+	cmd.Env = append(envWithoutListen(), "LISTEN_FDS=1")
+	cmd.ExtraFiles = []*os.File{lf} // fd 3
+	cmd.Stderr = p.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // a terminal's ^C is not for it
+	p.cmd = cmd
+	err = cmd.Start()
+	lf.Close()
+	if err != nil {
+		m.releasePort(port)
+		return nil, fmt.Errorf("nbd: start qemu-nbd: %w", err)
+	}
+	m.mu.Lock()
+	m.servers[id] = p
+	m.mu.Unlock()
+	go m.reap(p)
+
+	if err := writeRecord(p.recFile, recordOf(p)); err != nil {
+		_ = m.stopProc(context.Background(), p)
+		return nil, err
+	}
+	if err := m.waitReady(ctx, p); err != nil {
+		_ = m.stopProc(context.Background(), p)
+		return nil, err
+	}
+	return p, nil
+}
+
+func envWithoutListen() []string {
+	var env []string
+	for _, e := range os.Environ() {
+		if !strings.HasPrefix(e, "LISTEN_") {
+			env = append(env, e)
+		}
+	}
+	return env
+}
+
+// reservePort binds the first port of the range that is neither ours nor
+// taken by anyone else. Binding it ourselves is the in-use check and leaves
+// no window for another process to grab it before qemu-nbd serves it.
+func (m *Manager) reservePort(ctx context.Context) (*net.TCPListener, int, error) {
+	network := "tcp"
+	if ip := net.ParseIP(m.opts.Bind); ip != nil {
+		network = "tcp6"
+		if ip.To4() != nil {
+			network = "tcp4"
+		}
+	}
+	var lc net.ListenConfig
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, 0, ErrClosed
+	}
+	var lastErr error
+	for port := m.opts.PortMin; port <= m.opts.PortMax; port++ {
+		if m.ports[port] {
+			continue
+		}
+		ln, err := lc.Listen(ctx, network, net.JoinHostPort(m.opts.Bind, fmt.Sprint(port)))
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		m.ports[port] = true
+		return ln.(*net.TCPListener), port, nil
+	}
+	if lastErr != nil {
+		return nil, 0, fmt.Errorf("%w %d-%d on %s (last: %v)", ErrNoPort, m.opts.PortMin, m.opts.PortMax, m.opts.Bind, lastErr)
+	}
+	return nil, 0, fmt.Errorf("%w %d-%d on %s: all in use by our servers", ErrNoPort, m.opts.PortMin, m.opts.PortMax, m.opts.Bind)
+}
+
+func (m *Manager) releasePort(port int) {
+	m.mu.Lock()
+	delete(m.ports, port)
+	m.mu.Unlock()
+}
+
+// reap waits for the process and forgets it; an exit nobody asked for is
+// logged loudly, since a host's backup job or a booting VM just lost its disk.
+func (m *Manager) reap(p *proc) {
+	p.waitErr = p.cmd.Wait()
+	// done is closed last, so whoever waits on it (Close) knows this
+	// goroutine has finished logging and touching files.
+	defer close(p.done)
+	m.mu.Lock()
+	if m.servers[p.srv.ID] == p {
+		delete(m.servers, p.srv.ID)
+	}
+	delete(m.ports, p.srv.Port)
+	unexpected := !p.stopping
+	p.unexpected = unexpected
+	m.mu.Unlock()
+	if unexpected {
+		m.log.Error("qemu-nbd exited unexpectedly", "id", p.srv.ID, "port", p.srv.Port,
+			"path", p.srv.Path, "err", p.waitErr, "stderr", p.stderr.tail())
+		if !p.target {
+			// Nothing else will ever stop a read-only server's record.
+			removeQuiet(p.recFile)
+			removeQuiet(p.pidFile)
+		}
+	}
+}
+
+// stopProc sends SIGTERM so qemu-nbd flushes and closes the image, and
+// waits; after stopTimeout or ctx it kills. Safe to call more than once.
+func (m *Manager) stopProc(ctx context.Context, p *proc) error {
+	m.mu.Lock()
+	p.stopping = true
+	m.mu.Unlock()
+	var killed bool
+	select {
+	case <-p.done:
+	default:
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		t := time.NewTimer(stopTimeout)
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+			killed = true
+		case <-t.C:
+			killed = true
+		}
+		t.Stop()
+		if killed {
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+	}
+	removeQuiet(p.recFile)
+	removeQuiet(p.pidFile)
+	m.mu.Lock()
+	unexpected := p.unexpected
+	m.mu.Unlock()
+	switch {
+	case killed:
+		return fmt.Errorf("nbd: qemu-nbd on port %d killed before it finished flushing %s", p.srv.Port, p.srv.Path)
+	case unexpected:
+		return fmt.Errorf("nbd: qemu-nbd on port %d had exited unexpectedly (%v): %s", p.srv.Port, p.waitErr, p.stderr.tail())
+	case p.waitErr != nil:
+		return fmt.Errorf("nbd: qemu-nbd on port %d: %w: %s", p.srv.Port, p.waitErr, p.stderr.tail())
+	}
+	return nil
+}
+
+func removeQuiet(path string) {
+	_ = os.Remove(path)
+}
+
+// waitReady polls until qemu-nbd answers the NBD handshake.
+func (m *Manager) waitReady(ctx context.Context, p *proc) error {
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	addr := net.JoinHostPort(dialHost(m.opts.Bind), fmt.Sprint(p.srv.Port))
+	delay := 10 * time.Millisecond
+	for {
+		err := probe(ctx, addr)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-p.done:
+			return fmt.Errorf("nbd: qemu-nbd for %s exited at start (%v): %s", p.srv.Path, p.waitErr, p.stderr.tail())
+		case <-ctx.Done():
+			return fmt.Errorf("nbd: qemu-nbd for %s not ready on %s: %w (last probe: %v)", p.srv.Path, addr, ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		if delay < 200*time.Millisecond {
+			delay *= 2
+		}
+	}
+}
+
+// dialHost turns a wildcard bind address into a loopback one we can dial.
+func dialHost(bind string) string {
+	ip := net.ParseIP(bind)
+	switch {
+	case ip == nil:
+		return bind
+	case ip.IsUnspecified() && ip.To4() != nil:
+		return "127.0.0.1"
+	case ip.IsUnspecified():
+		return "::1"
+	}
+	return bind
+}
+
+// NBD fixed-newstyle handshake constants (NBD protocol, "Newstyle negotiation").
+const (
+	nbdMagic      = "NBDMAGIC"
+	nbdOptMagic   = "IHAVEOPT"
+	nbdOptAbort   = 2
+	nbdFlagFixed  = 1 // NBD_FLAG_FIXED_NEWSTYLE / NBD_FLAG_C_FIXED_NEWSTYLE
+	nbdFlagNoZero = 2 // NBD_FLAG_NO_ZEROES / NBD_FLAG_C_NO_ZEROES
+)
+
+// probe reads the server greeting and then ends the negotiation politely
+// with NBD_OPT_ABORT, so qemu-nbd does not log a failed client.
+func probe(ctx context.Context, addr string) error {
+	d := net.Dialer{Timeout: 2 * time.Second}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	var greet [18]byte
+	if _, err := io.ReadFull(c, greet[:]); err != nil {
+		return fmt.Errorf("reading NBD greeting: %w", err)
+	}
+	if err := checkGreeting(greet[:]); err != nil {
+		return err
+	}
+	serverFlags := binary.BigEndian.Uint16(greet[16:])
+	var msg [20]byte
+	binary.BigEndian.PutUint32(msg[0:], uint32(serverFlags&(nbdFlagFixed|nbdFlagNoZero)))
+	copy(msg[4:], nbdOptMagic)
+	binary.BigEndian.PutUint32(msg[12:], nbdOptAbort)
+	binary.BigEndian.PutUint32(msg[16:], 0)
+	if _, err := c.Write(msg[:]); err != nil {
+		return fmt.Errorf("sending NBD_OPT_ABORT: %w", err)
+	}
+	// The reply (an ACK) is optional for the server; wait briefly for it
+	// or the close so qemu-nbd sees an orderly end.
+	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.Copy(io.Discard, io.LimitReader(c, 64))
+	return nil
+}
+
+// checkGreeting validates the 18-byte fixed-newstyle server greeting.
+func checkGreeting(b []byte) error {
+	if len(b) < 18 {
+		return fmt.Errorf("short NBD greeting (%d bytes)", len(b))
+	}
+	if string(b[:8]) != nbdMagic {
+		return fmt.Errorf("not an NBD server: greeting %q", b[:8])
+	}
+	if string(b[8:16]) != nbdOptMagic {
+		return fmt.Errorf("NBD server is not newstyle: %q", b[8:16])
+	}
+	if binary.BigEndian.Uint16(b[16:18])&nbdFlagFixed == 0 {
+		return errors.New("NBD server is not fixed-newstyle")
+	}
+	return nil
+}
+
+// tailLog logs qemu-nbd's stderr line by line and keeps the last few KiB
+// for error messages.
+type tailLog struct {
+	m    *Manager
+	id   string
+	mu   sync.Mutex
+	buf  []byte // incomplete line
+	last []byte
+}
+
+const tailMax = 4096
+
+func (t *tailLog) Write(b []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, b...)
+	for {
+		i := bytes.IndexByte(t.buf, '\n')
+		if i < 0 {
+			break
+		}
+		line := string(t.buf[:i])
+		t.buf = t.buf[i+1:]
+		t.m.log.Info("qemu-nbd", "id", t.id, "stderr", line)
+		t.last = append(t.last, line...)
+		t.last = append(t.last, '\n')
+	}
+	if len(t.buf) > tailMax { // a line without end; keep memory bounded
+		t.last = append(t.last, t.buf...)
+		t.buf = t.buf[:0]
+	}
+	if len(t.last) > tailMax {
+		t.last = append([]byte(nil), t.last[len(t.last)-tailMax:]...)
+	}
+	return len(b), nil
+}
+
+func (t *tailLog) tail() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.TrimSpace(string(t.last) + string(t.buf))
+}
