@@ -91,3 +91,5 @@ func (r *bytesR) Read(p []byte) (int, error) {
 func bytesReader(b []byte) io.Reader { return &bytesR{b: b} }
 
 func marshalJSON(v any) ([]byte, error) { return json.Marshal(v) }
+
+func digestFromString(s string) digest.Digest { return digest.Digest(s) }

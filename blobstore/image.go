@@ -118,7 +118,8 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 	if err := validateImage(img); err != nil {
 		return fmt.Errorf("blobstore: put image: %w", err)
 	}
-	if img.Created.IsZero() {
+	createdGiven := !img.Created.IsZero()
+	if !createdGiven {
 		img.Created = time.Now().UTC()
 	}
 	s.imgMu.Lock()
@@ -153,16 +154,18 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 			return fmt.Errorf("blobstore: put image %s: %w: would be %d deep, at most %d", img.Ref, ErrChainTooDeep, len(chain)+1, MaxChainDepth)
 		}
 	}
-	b, err := json.MarshalIndent(img, "", "  ")
-	if err != nil {
-		return fmt.Errorf("blobstore: put image: %w", err)
-	}
 	if old, err := s.readImage(img.Ref); err == nil {
-		ob, _ := json.MarshalIndent(old, "", "  ")
-		if string(ob) == string(b) {
+		if !createdGiven {
+			img.Created = old.Created
+		}
+		if imagesEqual(old, img) {
 			return nil
 		}
 		return fmt.Errorf("blobstore: put image: %w: %s with different content", ErrExists, img.Ref)
+	}
+	b, err := json.MarshalIndent(img, "", "  ")
+	if err != nil {
+		return fmt.Errorf("blobstore: put image: %w", err)
 	}
 	dir := filepath.Dir(s.imagePath(img.Ref))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -175,6 +178,12 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 		return mapSpace(err, "blobstore: put image "+img.Ref.String())
 	}
 	return nil
+}
+
+func imagesEqual(a, b Image) bool {
+	ac, bc := a.Created, b.Created
+	a.Created, b.Created = time.Time{}, time.Time{}
+	return a == b && ac.Equal(bc)
 }
 
 // GetImage returns one record.

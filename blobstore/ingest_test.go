@@ -224,7 +224,9 @@ func TestResume(t *testing.T) {
 // rather than trusting it.
 func TestResumeBadState(t *testing.T) {
 	cases := map[string]func(dir string){
-		"torn state":           func(dir string) { os.WriteFile(filepath.Join(dir, ingestStateFile), []byte(`{"version":1,"off`), 0o644) },
+		"torn state": func(dir string) {
+			os.WriteFile(filepath.Join(dir, ingestStateFile), []byte(`{"version":1,"off`), 0o644)
+		},
 		"state beyond data":    func(dir string) { os.Truncate(filepath.Join(dir, ingestData), 10) },
 		"state without data":   func(dir string) { os.Remove(filepath.Join(dir, ingestData)) },
 		"offset/hash disagree": func(dir string) { rewriteState(dir, func(st *ingestState) { st.Offset -= 64 }) },
