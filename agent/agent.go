@@ -1,0 +1,200 @@
+// Package agent serves the management-node protocol on :8001 (the
+// /imagestore/* paths of docs/agent-protocol.md): sync and async commands,
+// job bookkeeping with callbacks, auth, export downloads and metrics.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"imagestore/blobstore"
+)
+
+// Agent is the management-protocol server of one store.
+type Agent struct {
+	cfg    Config
+	store  *blobstore.Store
+	log    *slog.Logger
+	reg    *prometheus.Registry
+	m      *metrics
+	jobs   *jobManager
+	routes map[string]*boundRoute
+
+	root       string // absolute store root
+	uploadRoot string // <root>/uploads
+	exportRoot string // <root>/exports
+
+	stateMu sync.Mutex
+	state   agentState
+
+	exportMu sync.Mutex // serialises export creation and deletion
+}
+
+// agentState is persisted in <root>/agent.json.
+type agentState struct {
+	UUID        string    `json:"uuid"` // set by connect
+	ConnectedAt time.Time `json:"connectedAt,omitzero"`
+}
+
+// New builds an agent over an open store. It loads persisted jobs, failing
+// those a previous run left unfinished.
+func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	root := store.Root()
+	a := &Agent{
+		cfg: cfg, store: store, log: logger, reg: prometheus.NewRegistry(),
+		root:       root,
+		uploadRoot: filepath.Join(root, "uploads"),
+		exportRoot: filepath.Join(root, "exports"),
+	}
+	for _, d := range []string{a.uploadRoot, a.exportRoot} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	a.m = newMetrics(a.reg, a.storeStats)
+	routes, err := buildRoutes()
+	if err != nil {
+		return nil, err
+	}
+	a.routes = routes
+	if b, err := os.ReadFile(filepath.Join(root, "agent.json")); err == nil {
+		if err := json.Unmarshal(b, &a.state); err != nil {
+			return nil, fmt.Errorf("agent state %s: %w", filepath.Join(root, "agent.json"), err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	jm, err := newJobManager(filepath.Join(root, "jobs"), cfg, logger, a.m)
+	if err != nil {
+		return nil, fmt.Errorf("jobs: %w", err)
+	}
+	a.jobs = jm
+	jm.resumeCallbacks()
+	return a, nil
+}
+
+// Registry is the Prometheus registry /metrics serves; other servers of
+// the daemon (the :8000 registry) register their collectors on it.
+func (a *Agent) Registry() *prometheus.Registry { return a.reg }
+
+// Config returns the configuration the agent runs with.
+func (a *Agent) Config() Config { return a.cfg }
+
+func (a *Agent) storeStats() (storeStats, bool) {
+	c, err := a.store.Capacity()
+	if err != nil {
+		return storeStats{}, false
+	}
+	return storeStats{Total: c.Total, Used: c.Used, Free: c.Free, Quota: c.Quota, Blobs: c.Blobs, Images: c.Images}, true
+}
+
+// capacity reports totalSize/freeSize. With a quota, the store's space is
+// the quota: free is what the quota still allows (bounded by the disk).
+func (a *Agent) capacity() Capacity {
+	c, err := a.store.Capacity()
+	if err != nil {
+		a.log.Warn("store capacity", "err", err)
+		return Capacity{}
+	}
+	if c.Quota > 0 {
+		free := max(c.Quota-c.Used, 0)
+		return Capacity{TotalSize: c.Quota, FreeSize: min(free, c.Free)}
+	}
+	return Capacity{TotalSize: c.Total, FreeSize: c.Free}
+}
+
+func (a *Agent) saveState() error {
+	a.stateMu.Lock()
+	defer a.stateMu.Unlock()
+	b, err := json.Marshal(a.state)
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(a.root, "agent.json"), b)
+}
+
+// Run runs the background loops (upload-dir expiry, job pruning, periodic
+// verification) until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	var verify <-chan time.Time
+	if a.cfg.VerifyInterval > 0 {
+		vt := time.NewTicker(a.cfg.VerifyInterval)
+		defer vt.Stop()
+		verify = vt.C
+	}
+	a.housekeeping()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			a.housekeeping()
+		case <-verify:
+			a.verify(ctx)
+		}
+	}
+}
+
+func (a *Agent) housekeeping() {
+	if n, err := a.cleanUploadDirs(time.Now()); err != nil {
+		a.log.Warn("upload dir cleanup", "err", err)
+	} else if n > 0 {
+		a.log.Info("removed expired upload dirs", "count", n)
+	}
+	if n := a.jobs.prune(time.Now().Add(-a.cfg.JobRetention)); n > 0 {
+		a.log.Info("pruned finished jobs", "count", n)
+	}
+}
+
+func (a *Agent) verify(ctx context.Context) {
+	sample := a.cfg.VerifySample
+	if sample >= 1 {
+		sample = 0
+	}
+	rep, err := a.store.Verify(ctx, sample)
+	a.m.verifyRuns.Inc()
+	if err != nil {
+		a.log.Error("periodic verify", "err", err)
+	}
+	a.m.verifyFailures.Add(float64(len(rep.Corrupt)))
+	for _, c := range rep.Corrupt {
+		a.log.Error("corrupt blob quarantined", "digest", c.Digest, "quarantine", c.QuarantinePath, "images", fmt.Sprint(c.Images), "err", c.Err)
+	}
+	a.log.Info("periodic verify done", "checked", rep.Checked, "bytes", rep.Bytes, "corrupt", len(rep.Corrupt))
+}
+
+// Shutdown stops the jobs: running and waiting ones are marked failed with
+// ReasonInterrupted (persisted) and their callbacks left for the next start.
+func (a *Agent) Shutdown(ctx context.Context) error { return a.jobs.shutdown(ctx) }
+
+// Close releases the agent (after Shutdown); the store is the caller's.
+func (a *Agent) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
+	defer cancel()
+	return a.jobs.shutdown(ctx)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,324 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the daemon configuration. Precedence: defaults, then the YAML
+// file, then IMAGESTORE_* environment variables, then command-line flags
+// (applied by the binary). Every key is documented in docs/agent-protocol.md
+// and systemd/imagestore-agent.yaml.
+type Config struct {
+	Root           string `yaml:"root"`
+	Listen         string `yaml:"listen"`
+	RegistryListen string `yaml:"registryListen"`
+	TLS            TLS    `yaml:"tls"`
+	// Token is the bearer token every endpoint but /health requires; empty = no auth.
+	Token     Secret `yaml:"token"`
+	TokenFile string `yaml:"tokenFile"`
+	// Quota caps the store's used bytes; 0 = none. setquota overrides it (persisted).
+	Quota             ByteSize      `yaml:"quota"`
+	ParallelismDegree int           `yaml:"parallelismDegree"`
+	UploadDirExpiry   time.Duration `yaml:"uploadDirExpiry"`
+	LogLevel          string        `yaml:"logLevel"`
+	LogFormat         string        `yaml:"logFormat"`
+	JobRetention      time.Duration `yaml:"jobRetention"`
+	CallbackRetries   int           `yaml:"callbackRetries"`
+	CallbackMaxDelay  time.Duration `yaml:"callbackMaxDelay"`
+	// CallbackTimeout bounds one callback POST.
+	CallbackTimeout time.Duration `yaml:"callbackTimeout"`
+	VerifyInterval  time.Duration `yaml:"verifyInterval"`
+	// VerifySample is the fraction of blobs each periodic scrub reads (0 or 1 = all).
+	VerifySample float64       `yaml:"verifySample"`
+	GCGrace      time.Duration `yaml:"gcGrace"`
+	// AllowedImportRoots lists directories besides <root>/uploads that
+	// import-backup may read file:// URLs from.
+	AllowedImportRoots []string    `yaml:"allowedImportRoots"`
+	KnownHostsFile     string      `yaml:"knownHostsFile"`
+	NBD                NBD         `yaml:"nbd"`
+	Replication        Replication `yaml:"replication"`
+	// MaxBodyBytes limits a request body.
+	MaxBodyBytes int64 `yaml:"maxBodyBytes"`
+	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests.
+	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+	// ExportURLBase, when set, is the scheme://host:port used in export URLs
+	// (default: derived from the request's Host header).
+	ExportURLBase string `yaml:"exportURLBase"`
+}
+
+// TLS enables HTTPS on the management port when both files are set.
+type TLS struct {
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+}
+
+// NBD configures NBD targets (a later feature).
+type NBD struct {
+	PortRange string `yaml:"portRange"`
+	Bind      string `yaml:"bind"`
+}
+
+// Replication configures the :8000 push/pull engine.
+type Replication struct {
+	MaxTasks              int      `yaml:"maxTasks"`
+	Parallelism           int      `yaml:"parallelism"`
+	NetworkReadBandwidth  ByteSize `yaml:"networkReadBandwidth"`
+	NetworkWriteBandwidth ByteSize `yaml:"networkWriteBandwidth"`
+	Retries               int      `yaml:"retries"`
+}
+
+// Secret is a string that never prints.
+type Secret string
+
+// String redacts the value.
+func (s Secret) String() string {
+	if s == "" {
+		return ""
+	}
+	return "<redacted>"
+}
+
+// GoString redacts the value for %#v.
+func (s Secret) GoString() string { return s.String() }
+
+// MarshalYAML redacts the value, so a dumped config never holds it.
+func (s Secret) MarshalYAML() (any, error) { return s.String(), nil }
+
+// MarshalJSON redacts the value.
+func (s Secret) MarshalJSON() ([]byte, error) { return []byte(strconv.Quote(s.String())), nil }
+
+// ByteSize is a byte count accepting suffixes: 10GiB, 512MB, 1048576.
+type ByteSize int64
+
+// UnmarshalYAML accepts an integer or a string with a unit.
+func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseByteSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	*b = v
+	return nil
+}
+
+// ParseByteSize parses "1048576", "10GiB", "1.5 GB", "512k".
+func ParseByteSize(s string) (ByteSize, error) {
+	t := strings.TrimSpace(s)
+	if t == "" {
+		return 0, nil
+	}
+	i := len(t)
+	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') && t[i-1] != '.' {
+		i--
+	}
+	num, unit := strings.TrimSpace(t[:i]), strings.ToLower(strings.TrimSpace(t[i:]))
+	mult := map[string]float64{
+		"": 1, "b": 1,
+		"k": 1 << 10, "kb": 1e3, "kib": 1 << 10,
+		"m": 1 << 20, "mb": 1e6, "mib": 1 << 20,
+		"g": 1 << 30, "gb": 1e9, "gib": 1 << 30,
+		"t": 1 << 40, "tb": 1e12, "tib": 1 << 40,
+	}[unit]
+	if mult == 0 {
+		return 0, fmt.Errorf("byte size %q: unknown unit %q", s, unit)
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("byte size %q: not a non-negative number", s)
+	}
+	v := f * mult
+	if v > 1<<62 {
+		return 0, fmt.Errorf("byte size %q: too large", s)
+	}
+	return ByteSize(v), nil
+}
+
+// DefaultConfig returns the configuration used when nothing is set.
+func DefaultConfig() Config {
+	return Config{
+		Root:              "./data",
+		Listen:            ":8001",
+		RegistryListen:    ":8000",
+		ParallelismDegree: 10,
+		UploadDirExpiry:   24 * time.Hour,
+		LogLevel:          "info",
+		LogFormat:         "text",
+		JobRetention:      24 * time.Hour,
+		CallbackRetries:   6,
+		CallbackMaxDelay:  30 * time.Second,
+		CallbackTimeout:   30 * time.Second,
+		VerifyInterval:    24 * time.Hour,
+		VerifySample:      1,
+		GCGrace:           10 * time.Minute,
+		NBD:               NBD{PortRange: "10800-10899", Bind: "0.0.0.0"},
+		Replication:       Replication{MaxTasks: 4, Parallelism: 4, Retries: 1},
+		MaxBodyBytes:      1 << 20,
+		ShutdownTimeout:   30 * time.Second,
+	}
+}
+
+// LoadConfig reads path (if non-empty) over the defaults, then applies the
+// environment. Unknown keys in the file are errors, so typos do not pass silently.
+func LoadConfig(path string) (Config, error) {
+	cfg := DefaultConfig()
+	if path != "" {
+		f, err := os.Open(path)
+		if err != nil {
+			return cfg, fmt.Errorf("config: %w", err)
+		}
+		defer f.Close()
+		dec := yaml.NewDecoder(f)
+		dec.KnownFields(true)
+		// io.EOF: an empty file is a valid config.
+		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+			return cfg, fmt.Errorf("config %s: %w", path, err)
+		}
+	}
+	if err := cfg.ApplyEnv(os.LookupEnv); err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+// envVars maps IMAGESTORE_* variables to setters.
+func (c *Config) envVars() map[string]func(string) error {
+	str := func(p *string) func(string) error { return func(v string) error { *p = v; return nil } }
+	dur := func(p *time.Duration) func(string) error {
+		return func(v string) error {
+			d, err := time.ParseDuration(v)
+			*p = d
+			return err
+		}
+	}
+	num := func(p *int) func(string) error {
+		return func(v string) error {
+			n, err := strconv.Atoi(v)
+			*p = n
+			return err
+		}
+	}
+	size := func(p *ByteSize) func(string) error {
+		return func(v string) error {
+			n, err := ParseByteSize(v)
+			*p = n
+			return err
+		}
+	}
+	return map[string]func(string) error{
+		"IMAGESTORE_ROOT":                  str(&c.Root),
+		"IMAGESTORE_LISTEN":                str(&c.Listen),
+		"IMAGESTORE_REGISTRY_LISTEN":       str(&c.RegistryListen),
+		"IMAGESTORE_TLS_CERT":              str(&c.TLS.Cert),
+		"IMAGESTORE_TLS_KEY":               str(&c.TLS.Key),
+		"IMAGESTORE_TOKEN":                 func(v string) error { c.Token = Secret(v); return nil },
+		"IMAGESTORE_TOKEN_FILE":            str(&c.TokenFile),
+		"IMAGESTORE_QUOTA":                 size(&c.Quota),
+		"IMAGESTORE_PARALLELISM_DEGREE":    num(&c.ParallelismDegree),
+		"IMAGESTORE_UPLOAD_DIR_EXPIRY":     dur(&c.UploadDirExpiry),
+		"IMAGESTORE_LOG_LEVEL":             str(&c.LogLevel),
+		"IMAGESTORE_LOG_FORMAT":            str(&c.LogFormat),
+		"IMAGESTORE_JOB_RETENTION":         dur(&c.JobRetention),
+		"IMAGESTORE_CALLBACK_RETRIES":      num(&c.CallbackRetries),
+		"IMAGESTORE_CALLBACK_MAX_DELAY":    dur(&c.CallbackMaxDelay),
+		"IMAGESTORE_VERIFY_INTERVAL":       dur(&c.VerifyInterval),
+		"IMAGESTORE_GC_GRACE":              dur(&c.GCGrace),
+		"IMAGESTORE_KNOWN_HOSTS_FILE":      str(&c.KnownHostsFile),
+		"IMAGESTORE_NBD_PORT_RANGE":        str(&c.NBD.PortRange),
+		"IMAGESTORE_NBD_BIND":              str(&c.NBD.Bind),
+		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
+		"IMAGESTORE_EXPORT_URL_BASE":       str(&c.ExportURLBase),
+		"IMAGESTORE_ALLOWED_IMPORT_ROOTS": func(v string) error {
+			c.AllowedImportRoots = filepath.SplitList(v)
+			return nil
+		},
+	}
+}
+
+// ApplyEnv overrides fields from IMAGESTORE_* variables found by lookup.
+func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
+	for name, set := range c.envVars() {
+		if v, ok := lookup(name); ok {
+			if err := set(v); err != nil {
+				return fmt.Errorf("environment %s: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// EnvNames lists the environment variables ApplyEnv reads.
+func (c *Config) EnvNames() []string {
+	var out []string
+	for k := range c.envVars() {
+		out = append(out, k)
+	}
+	return out
+}
+
+// ResolveToken reads TokenFile into Token when Token is empty.
+func (c *Config) ResolveToken() error {
+	if c.Token != "" || c.TokenFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(c.TokenFile)
+	if err != nil {
+		return fmt.Errorf("token file: %w", err)
+	}
+	c.Token = Secret(strings.TrimSpace(string(b)))
+	if c.Token == "" {
+		return fmt.Errorf("token file %s is empty", c.TokenFile)
+	}
+	return nil
+}
+
+// Validate checks values that would otherwise fail late.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Root == "" {
+		errs = append(errs, errors.New("root: empty"))
+	}
+	if c.ParallelismDegree < 1 {
+		errs = append(errs, fmt.Errorf("parallelismDegree: %d, must be at least 1", c.ParallelismDegree))
+	}
+	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
+		errs = append(errs, errors.New("tls: cert and key must be set together"))
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("logFormat: %q, want text or json", c.LogFormat))
+	}
+	if _, err := ParseLogLevel(c.LogLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if c.CallbackRetries < 0 {
+		errs = append(errs, fmt.Errorf("callbackRetries: %d is negative", c.CallbackRetries))
+	}
+	if c.MaxBodyBytes <= 0 {
+		errs = append(errs, fmt.Errorf("maxBodyBytes: %d, must be positive", c.MaxBodyBytes))
+	}
+	if c.UploadDirExpiry <= 0 {
+		errs = append(errs, fmt.Errorf("uploadDirExpiry: %v, must be positive", c.UploadDirExpiry))
+	}
+	if c.VerifySample < 0 || c.VerifySample > 1 {
+		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))
+	}
+	return errors.Join(errs...)
+}
+
+// String renders the configuration as YAML with secrets redacted.
+func (c Config) String() string {
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		return fmt.Sprintf("config: %v", err)
+	}
+	return string(b)
+}

@@ -1,0 +1,367 @@
+package agent
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Mode says how a route answers.
+type Mode int
+
+const (
+	// Sync routes answer inline.
+	Sync Mode = iota
+	// Async routes need the taskuuid header, answer at once and POST the
+	// result to callbackurl. Each also gets a "-sync" twin answering inline.
+	Async
+)
+
+// HandlerFunc serves one protocol path.
+type HandlerFunc func(a *Agent, w http.ResponseWriter, r *http.Request)
+
+// Route is one /imagestore/* path. Feature files (routes_*.go) register
+// theirs from init with addRoutes.
+type Route struct {
+	Path    string // e.g. "/imagestore/import-backup/"; the trailing slash is optional on requests
+	Mode    Mode
+	Handler HandlerFunc
+	// Placeholder marks a path owned by a later feature: a real route for the
+	// same path replaces it without editing the placeholder's file.
+	Placeholder bool
+	// Methods allowed; default POST (and PUT, which some clients use).
+	Methods []string
+}
+
+var (
+	routesMu    sync.Mutex
+	routeTable  []Route
+	syncSuffix  = "-sync"
+	ctxSyncMode = ctxKey("sync")
+	ctxRoute    = ctxKey("route")
+)
+
+type ctxKey string
+
+// addRoutes registers routes; call it from a feature file's init.
+func addRoutes(rs ...Route) {
+	routesMu.Lock()
+	defer routesMu.Unlock()
+	routeTable = append(routeTable, rs...)
+}
+
+// routeKey normalises a path for lookup: no trailing slash.
+func routeKey(p string) string { return strings.TrimRight(p, "/") }
+
+// syncVariant maps "/imagestore/import-backup/" to "/imagestore/import-backup-sync".
+func syncVariant(p string) string { return routeKey(p) + syncSuffix }
+
+type boundRoute struct {
+	Route
+	pattern string // label for metrics
+	sync    bool   // the -sync twin of an async route
+}
+
+func buildRoutes() (map[string]*boundRoute, error) {
+	routesMu.Lock()
+	defer routesMu.Unlock()
+	out := map[string]*boundRoute{}
+	add := func(key string, br *boundRoute) error {
+		if old, ok := out[key]; ok {
+			switch {
+			case old.Placeholder && !br.Placeholder:
+			case br.Placeholder && !old.Placeholder:
+				return nil
+			default:
+				return fmt.Errorf("route %s registered twice", key)
+			}
+		}
+		out[key] = br
+		return nil
+	}
+	for _, r := range routeTable {
+		if err := add(routeKey(r.Path), &boundRoute{Route: r, pattern: r.Path}); err != nil {
+			return nil, err
+		}
+		if r.Mode == Async {
+			if err := add(syncVariant(r.Path), &boundRoute{Route: r, pattern: syncVariant(r.Path) + "/", sync: true}); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return out, nil
+}
+
+// Capacity is embedded by replies that report the store's capacity.
+type Capacity struct {
+	TotalSize int64 `json:"totalSize"`
+	FreeSize  int64 `json:"freeSize"`
+}
+
+// replyBody merges success/error into v's JSON object.
+func replyBody(v any, err error) []byte {
+	fields := map[string]json.RawMessage{}
+	if v != nil {
+		b, merr := json.Marshal(v)
+		if merr == nil {
+			merr = json.Unmarshal(b, &fields)
+		}
+		if merr != nil && err == nil {
+			err = fmt.Errorf("encoding reply: %w", merr)
+		}
+	}
+	fields["success"] = json.RawMessage(strconv.FormatBool(err == nil))
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	e, _ := json.Marshal(msg)
+	fields["error"] = e
+	b, _ := json.Marshal(fields)
+	return b
+}
+
+// reply writes v (a struct or nil) with success:true.
+func reply(w http.ResponseWriter, v any) { writeJSON(w, http.StatusOK, replyBody(v, nil)) }
+
+// replyErr writes {success:false,error} with status.
+func replyErr(w http.ResponseWriter, status int, err error) {
+	writeJSON(w, status, replyBody(nil, err))
+}
+
+func writeJSON(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n'))
+}
+
+// validator is implemented by request types with required fields.
+type validator interface{ validate() error }
+
+// ErrTooLarge is returned when a request body exceeds maxBodyBytes.
+var ErrTooLarge = errors.New("request body too large")
+
+// decode reads the JSON body into v (an empty body is {}) and validates it.
+func decode(r *http.Request, v any) error {
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return fmt.Errorf("%w: more than %d bytes", ErrTooLarge, mbe.Limit)
+		}
+		return fmt.Errorf("reading request body: %w", err)
+	}
+	if len(strings.TrimSpace(string(b))) > 0 {
+		if err := json.Unmarshal(b, v); err != nil {
+			return fmt.Errorf("bad JSON in request body: %w", err)
+		}
+	}
+	if vv, ok := v.(validator); ok {
+		return vv.validate()
+	}
+	return nil
+}
+
+// missing builds the error for an absent required field.
+func missing(field string) error { return fmt.Errorf("missing field %s", field) }
+
+// JobFunc is the body of an async request; its result is merged with
+// success/error and sent to the callback.
+type JobFunc func(ctx context.Context, job *Job) (any, error)
+
+// JobSpec describes an async request.
+type JobSpec struct {
+	Kind string
+	// Backup jobs share the parallelismDegree slots and queue FIFO beyond them.
+	Backup bool
+	// Err, when set, fails the request at once (e.g. bad JSON): inline and
+	// through the callback, so the management node is never left waiting.
+	Err error
+}
+
+// async runs fn as a job: for an async route it answers 200 at once and
+// POSTs the result to callbackurl; for a -sync route it answers inline.
+func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn JobFunc) {
+	syncMode, _ := r.Context().Value(ctxSyncMode).(bool)
+	id := r.Header.Get("taskuuid")
+	cb := r.Header.Get("callbackurl")
+	if id == "" {
+		if !syncMode {
+			replyErr(w, http.StatusBadRequest, errors.New("missing header taskuuid (required by async commands)"))
+			return
+		}
+		id = "sync-" + randomHex(16)
+	}
+	if syncMode {
+		cb = ""
+	}
+	if cb != "" {
+		if u, err := url.Parse(cb); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			replyErr(w, http.StatusBadRequest, fmt.Errorf("header callbackurl %q is not an http(s) URL", cb))
+			return
+		}
+	}
+	if spec.Err != nil {
+		spec.Backup = false
+		err := spec.Err
+		fn = func(context.Context, *Job) (any, error) { return nil, err }
+	}
+	run := func(ctx context.Context, job *Job) ([]byte, error) {
+		v, err := fn(ctx, job)
+		if err != nil {
+			return nil, err
+		}
+		return replyBody(v, nil), nil
+	}
+	job, started, err := a.jobs.submit(id, spec.Kind, spec.Backup, cb, run)
+	if err != nil {
+		replyErr(w, http.StatusServiceUnavailable, err)
+		return
+	}
+	if !started {
+		a.log.Info("duplicate taskuuid, not starting a second job", "task", id, "kind", spec.Kind)
+	}
+	if syncMode {
+		select {
+		case <-job.Done():
+		case <-r.Context().Done():
+			_, _ = a.jobs.cancelJob(id)
+			<-job.Done()
+		}
+		writeJSON(w, http.StatusOK, job.Info().Result)
+		return
+	}
+	if spec.Err != nil {
+		replyDecodeErr(w, spec.Err)
+		return
+	}
+	reply(w, nil)
+}
+
+// statusRecorder captures the status code for metrics.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+	n    int64
+}
+
+func (s *statusRecorder) WriteHeader(c int) {
+	if s.code == 0 {
+		s.code = c
+	}
+	s.ResponseWriter.WriteHeader(c)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.code == 0 {
+		s.code = http.StatusOK
+	}
+	n, err := s.ResponseWriter.Write(b)
+	s.n += int64(n)
+	return n, err
+}
+
+// Handler returns the management-port handler: /imagestore/*, /exports/,
+// /health and /metrics.
+func (a *Agent) Handler() http.Handler { return http.HandlerFunc(a.serveHTTP) }
+
+func (a *Agent) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	rec := &statusRecorder{ResponseWriter: w}
+	pattern := a.dispatch(rec, r)
+	code := rec.code
+	if code == 0 {
+		code = http.StatusOK
+	}
+	a.m.httpRequests.WithLabelValues(pattern, strconv.Itoa(code)).Inc()
+	a.m.httpDuration.WithLabelValues(pattern).Observe(time.Since(start).Seconds())
+}
+
+// dispatch serves r and returns the route pattern for metrics (a bounded set).
+func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
+	if r.URL.Path == "/health" {
+		a.health(w, r)
+		return "/health"
+	}
+	if !a.authorized(r) {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="imagestore"`)
+		replyErr(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token (send Authorization: Bearer <token>)"))
+		return "unauthorized"
+	}
+	switch {
+	case r.URL.Path == "/metrics":
+		promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}).ServeHTTP(w, r)
+		return "/metrics"
+	case strings.HasPrefix(r.URL.Path, exportURLPrefix):
+		a.serveExport(w, r)
+		return exportURLPrefix + "{token}/{file}"
+	}
+	br, ok := a.routes[routeKey(r.URL.Path)]
+	if !ok {
+		replyErr(w, http.StatusNotFound, fmt.Errorf("unknown path %s", r.URL.Path))
+		return "unmatched"
+	}
+	methods := br.Methods
+	if len(methods) == 0 {
+		methods = []string{http.MethodPost, http.MethodPut}
+	}
+	allowed := false
+	for _, m := range methods {
+		allowed = allowed || r.Method == m
+	}
+	if !allowed {
+		w.Header().Set("Allow", strings.Join(methods, ", "))
+		replyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s (use %s)", r.Method, br.pattern, strings.Join(methods, " or ")))
+		return br.pattern
+	}
+	if r.ContentLength > a.cfg.MaxBodyBytes {
+		replyErr(w, http.StatusRequestEntityTooLarge, fmt.Errorf("%w: %d bytes, at most %d allowed", ErrTooLarge, r.ContentLength, a.cfg.MaxBodyBytes))
+		return br.pattern
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxBodyBytes)
+	ctx := context.WithValue(r.Context(), ctxSyncMode, br.sync)
+	ctx = context.WithValue(ctx, ctxRoute, br.pattern)
+	br.Handler(a, w, r.WithContext(ctx))
+	return br.pattern
+}
+
+// replyDecodeErr answers a decode failure of a sync route.
+func replyDecodeErr(w http.ResponseWriter, err error) {
+	if errors.Is(err, ErrTooLarge) {
+		replyErr(w, http.StatusRequestEntityTooLarge, err)
+		return
+	}
+	replyErr(w, http.StatusOK, err)
+}
+
+func (a *Agent) authorized(r *http.Request) bool {
+	if a.cfg.Token == "" {
+		return true
+	}
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), []byte(a.cfg.Token)) == 1
+}
+
+func (a *Agent) health(w http.ResponseWriter, _ *http.Request) {
+	if _, err := a.store.Capacity(); err != nil {
+		replyErr(w, http.StatusServiceUnavailable, fmt.Errorf("store: %w", err))
+		return
+	}
+	reply(w, struct {
+		Status string `json:"status"`
+	}{"ok"})
+}

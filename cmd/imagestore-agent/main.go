@@ -1,0 +1,231 @@
+// Command imagestore-agent is the backup-storage daemon: the management
+// protocol on :8001 (package agent) and the registry on :8000.
+//
+// Configuration: defaults, then -config FILE (YAML), then IMAGESTORE_*
+// environment variables, then flags. See docs/agent-protocol.md.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"imagestore/agent"
+	"imagestore/blobstore"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+// options are flags that override the configuration when given.
+type options struct {
+	configPath  string
+	printConfig bool
+}
+
+func parseFlags(args []string, stderr io.Writer) (agent.Config, options, error) {
+	fs := flag.NewFlagSet("imagestore-agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o options
+	fs.StringVar(&o.configPath, "config", "", "YAML configuration file")
+	fs.BoolVar(&o.printConfig, "print-config", false, "print the effective configuration (secrets redacted) and exit")
+	root := fs.String("root", "", "store root directory (default ./data)")
+	listen := fs.String("listen", "", "management protocol address (default :8001)")
+	regListen := fs.String("registry-listen", "", "registry address (default :8000)")
+	token := fs.String("token", "", "bearer token required on every endpoint but /health (prefer -token-file)")
+	tokenFile := fs.String("token-file", "", "file holding the bearer token")
+	tlsCert := fs.String("tls-cert", "", "TLS certificate (PEM); enables HTTPS with -tls-key")
+	tlsKey := fs.String("tls-key", "", "TLS private key (PEM)")
+	quota := fs.String("quota", "", "store quota, e.g. 500GiB (0 = none)")
+	par := fs.Int("parallelism", 0, "parallelismDegree: backup jobs running at once (default 10)")
+	logLevel := fs.String("log-level", "", "debug, info, warn or error")
+	logFormat := fs.String("log-format", "", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return agent.Config{}, o, err
+	}
+	if fs.NArg() > 0 {
+		return agent.Config{}, o, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg, err := agent.LoadConfig(o.configPath)
+	if err != nil {
+		return cfg, o, err
+	}
+	var ferr error
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "root":
+			cfg.Root = *root
+		case "listen":
+			cfg.Listen = *listen
+		case "registry-listen":
+			cfg.RegistryListen = *regListen
+		case "token":
+			cfg.Token = agent.Secret(*token)
+		case "token-file":
+			cfg.TokenFile = *tokenFile
+		case "tls-cert":
+			cfg.TLS.Cert = *tlsCert
+		case "tls-key":
+			cfg.TLS.Key = *tlsKey
+		case "quota":
+			q, err := agent.ParseByteSize(*quota)
+			if err != nil {
+				ferr = errors.Join(ferr, fmt.Errorf("-quota: %w", err))
+			}
+			cfg.Quota = q
+		case "parallelism":
+			cfg.ParallelismDegree = *par
+		case "log-level":
+			cfg.LogLevel = *logLevel
+		case "log-format":
+			cfg.LogFormat = *logFormat
+		}
+	})
+	if ferr != nil {
+		return cfg, o, ferr
+	}
+	if err := cfg.ResolveToken(); err != nil {
+		return cfg, o, err
+	}
+	return cfg, o, cfg.Validate()
+}
+
+func run(args []string, stderr io.Writer) int {
+	cfg, o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "imagestore-agent:", err)
+		return 2
+	}
+	if o.printConfig {
+		fmt.Fprint(os.Stdout, cfg.String())
+		return 0
+	}
+	logger, err := agent.NewLogger(stderr, cfg)
+	if err != nil {
+		fmt.Fprintln(stderr, "imagestore-agent:", err)
+		return 2
+	}
+	if err := serve(cfg, logger); err != nil {
+		logger.Error("exiting", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func serve(cfg agent.Config, logger *slog.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	logger.Info("starting", "root", cfg.Root, "listen", cfg.Listen, "registryListen", cfg.RegistryListen,
+		"auth", cfg.Token != "", "tls", cfg.TLS.Cert != "", "parallelismDegree", cfg.ParallelismDegree)
+	if err := os.MkdirAll(cfg.Root, 0o750); err != nil {
+		return err
+	}
+	store, err := blobstore.Open(ctx, blobstore.Options{
+		Root: cfg.Root, Quota: int64(cfg.Quota), CommitGrace: cfg.GCGrace, Logger: logger,
+	})
+	if err != nil {
+		return fmt.Errorf("opening store: %w", err)
+	}
+	defer store.Close()
+
+	a, err := agent.New(cfg, store, logger)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           a.Handler(),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	if cfg.TLS.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("tls: %w", err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		ln = tls.NewListener(ln, srv.TLSConfig)
+	}
+	regShutdown, err := startRegistry(ctx, cfg, store, a.Registry(), logger)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("registry: %w", err)
+	}
+
+	bg, cancelBg := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); _ = a.Run(bg) }()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	logger.Info("listening", "addr", ln.Addr().String())
+	if err := sdNotify("READY=1"); err != nil {
+		logger.Warn("systemd notify", "err", err)
+	}
+	if every := watchdogInterval(); every > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			watchdog(bg, every, func() bool { _, err := store.Capacity(); return err == nil })
+		}()
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		logger.Info("shutting down")
+	case runErr = <-serveErr:
+	}
+	_ = sdNotify("STOPPING=1")
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	// Jobs are stopped alongside the HTTP server, so a -sync request
+	// waiting on a long job gets its (failed) answer instead of holding up
+	// the shutdown; short requests simply finish.
+	var swg sync.WaitGroup
+	swg.Add(2)
+	go func() {
+		defer swg.Done()
+		if err := srv.Shutdown(sctx); err != nil {
+			logger.Warn("http shutdown", "err", err)
+		}
+	}()
+	go func() {
+		defer swg.Done()
+		if err := a.Shutdown(sctx); err != nil {
+			logger.Warn("job shutdown", "err", err)
+		}
+	}()
+	swg.Wait()
+	if err := regShutdown(sctx); err != nil {
+		logger.Warn("registry shutdown", "err", err)
+	}
+	cancelBg()
+	wg.Wait()
+	logger.Info("stopped")
+	if runErr != nil && !errors.Is(runErr, http.ErrServerClosed) {
+		return runErr
+	}
+	return nil
+}
