@@ -101,9 +101,14 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 		return nil, fmt.Errorf("nbd: start qemu-nbd: %w", err)
 	}
 	m.mu.Lock()
+	closed := m.closed
 	m.servers[id] = p
 	m.mu.Unlock()
 	go m.reap(p)
+	if closed { // Close ran while we started and did not see p
+		_ = m.stopProc(context.Background(), p)
+		return nil, ErrClosed
+	}
 
 	if err := writeRecord(p.recFile, recordOf(p)); err != nil {
 		_ = m.stopProc(context.Background(), p)
