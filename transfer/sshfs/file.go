@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path"
 	"sync"
@@ -172,16 +171,21 @@ func (f *remoteFile) reopen(gen int) error {
 	return nil
 }
 
-// connLost tells a dropped connection from an ordinary SFTP error.
+// connLost tells a transport failure from an SFTP status the server sent
+// (no such file, permission denied, ...): any error that is not a server
+// status means the connection is unusable, whatever shape the network error
+// took (EOF, EPIPE, ECONNRESET, closed).
 func connLost(err error, c *conn) bool {
 	select {
 	case <-c.dead:
 		return true
 	default:
 	}
-	return errors.Is(err, sftp.ErrSSHFxConnectionLost) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed)
+	if errors.Is(err, sftp.ErrSSHFxConnectionLost) {
+		return true
+	}
+	var se *sftp.StatusError
+	return !errors.As(err, &se)
 }
 
 func (f *remoteFile) Close() error {
