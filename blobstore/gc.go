@@ -40,7 +40,7 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 	s.imgMu.Lock()
 	defer s.imgMu.Unlock()
 
-	n, freed, err := s.cleanIngests(ctx)
+	n, freed, err := s.cleanIngests(ctx, false)
 	res.IngestsRemoved = n
 	s.release(freed)
 	if err != nil {

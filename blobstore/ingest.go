@@ -475,8 +475,11 @@ func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected diges
 }
 
 // cleanIngests removes ingests idle for longer than IngestExpiry that no
-// Writer holds. It returns how many it removed and their bytes.
-func (s *Store) cleanIngests(ctx context.Context) (int, int64, error) {
+// Writer holds. At Open (no Writer of ours can exist yet) it also removes
+// directories without a data file: leftovers of a commit or of a Writer
+// killed before it created its file. It returns how many it removed and
+// their bytes.
+func (s *Store) cleanIngests(ctx context.Context, atOpen bool) (int, int64, error) {
 	base := filepath.Join(s.root, dirIngest)
 	ents, err := os.ReadDir(base)
 	if err != nil {
@@ -489,7 +492,9 @@ func (s *Store) cleanIngests(ctx context.Context) (int, int64, error) {
 			return removed, freed, err
 		}
 		dir := filepath.Join(base, e.Name())
-		if now.Sub(lastActivity(dir)) < s.opts.IngestExpiry {
+		_, serr := os.Lstat(filepath.Join(dir, ingestData))
+		orphan := atOpen && errors.Is(serr, fs.ErrNotExist)
+		if !orphan && now.Sub(lastActivity(dir)) < s.opts.IngestExpiry {
 			continue
 		}
 		f, err := os.OpenFile(filepath.Join(dir, ingestData), os.O_RDWR, 0)

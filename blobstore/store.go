@@ -120,7 +120,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("blobstore: %w", err)
 	}
-	if _, _, err := s.cleanIngests(ctx); err != nil {
+	if _, _, err := s.cleanIngests(ctx, true); err != nil {
 		return nil, err
 	}
 	s.cleanImageTemps()
