@@ -2,9 +2,11 @@ package qcow2
 
 import (
 	"bytes"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 func addCorpusSeeds(f *testing.F) {
@@ -123,4 +125,44 @@ func FuzzReadAt(f *testing.F) {
 			t.Fatalf("chain ReadAt(%d, %d) differs", off, n)
 		}
 	})
+}
+
+// TestMutatedCorpus is a short deterministic fuzz run inside the normal
+// suite: random byte flips of corpus images must never panic, and each
+// Open+read must stay cheap.
+func TestMutatedCorpus(t *testing.T) {
+	files, err := filepath.Glob("testdata/corpus/*.qcow2")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no corpus: %v", err)
+	}
+	var seeds [][]byte
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > 0 {
+			seeds = append(seeds, b)
+		}
+	}
+	rng := rand.New(rand.NewSource(42))
+	iters := 3000
+	if testing.Short() {
+		iters = 300
+	}
+	for i := 0; i < iters; i++ {
+		b := bytes.Clone(seeds[rng.Intn(len(seeds))])
+		for k := rng.Intn(4) + 1; k > 0; k-- {
+			b[rng.Intn(len(b))] = byte(rng.Intn(256))
+		}
+		start := time.Now()
+		im, err := readAll(b)
+		// Generous: the machine may be loaded; a hang would be far longer.
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("iteration %d took %v", i, d)
+		}
+		if err == nil && im == nil {
+			t.Fatal("nil image without error")
+		}
+	}
 }

@@ -74,35 +74,37 @@ type MapEntry struct {
 }
 
 // Map lists this layer like `qemu-img map --output=json` on an image without
-// backing file: entries are merged when kind matches and host offsets
-// continue contiguously.
+// backing file: entries are merged when their flags match and host offsets
+// continue contiguously. Zero clusters with preallocated host space carry
+// their offset, as in qemu.
 func (im *Image) Map() []MapEntry {
 	var out []MapEntry
-	vs := im.VirtualSize()
+	push := func(me MapEntry) {
+		if l := len(out); l > 0 {
+			p := &out[l-1]
+			if p.Present == me.Present && p.Zero == me.Zero && p.Data == me.Data &&
+				p.Start+p.Length == me.Start && (p.Offset == nil) == (me.Offset == nil) &&
+				(p.Offset == nil || *p.Offset+p.Length == *me.Offset) {
+				p.Length += me.Length
+				return
+			}
+		}
+		out = append(out, me)
+	}
 	for _, ex := range im.extents {
-		if ex.Kind != Data {
-			out = append(out, MapEntry{Start: ex.Offset, Length: ex.Length, Present: ex.Kind == Zero, Zero: true})
+		if ex.Kind == Unallocated {
+			push(MapEntry{Start: ex.Offset, Length: ex.Length, Zero: true})
 			continue
 		}
 		for pos := ex.Offset; pos < ex.End(); {
-			gc := pos >> im.cb
-			n := min(im.cs-pos&(im.cs-1), ex.End()-pos, vs-pos)
-			e := im.entry(gc)
-			me := MapEntry{Start: pos, Length: n, Present: true, Data: true}
-			if e&entryCompressed == 0 {
+			n := min(im.cs-pos&(im.cs-1), ex.End()-pos)
+			e := im.entry(pos >> im.cb)
+			me := MapEntry{Start: pos, Length: n, Present: true, Data: ex.Kind == Data, Zero: ex.Kind == Zero}
+			if e&entryCompressed == 0 && e&offsetMask != 0 {
 				h := int64(e&offsetMask) + pos&(im.cs-1)
 				me.Offset = &h
 			}
-			if l := len(out); l > 0 {
-				p := &out[l-1]
-				if p.Data && p.Start+p.Length == pos && (p.Offset == nil) == (me.Offset == nil) &&
-					(p.Offset == nil || *p.Offset+p.Length == *me.Offset) {
-					p.Length += n
-					pos += n
-					continue
-				}
-			}
-			out = append(out, me)
+			push(me)
 			pos += n
 		}
 	}

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -77,6 +78,8 @@ func TestInteropMatrix(t *testing.T) {
 		opts    string
 		cmds    []string
 		convert []string // if set: build from a raw source with these convert flags
+		after   [][]string // qemu-img invocations after the writes, then cmds2 via qemu-io
+		cmds2   []string
 	}{
 		{name: "v2-64k", opts: "compat=0.10", cmds: append(patterns[:4:4], "discard 1m 64k")},
 		{name: "v2-zero-write", opts: "compat=0.10", cmds: append(patterns[:4:4], "write -z 0 64k")},
@@ -90,6 +93,8 @@ func TestInteropMatrix(t *testing.T) {
 		{name: "zstd-4k", convert: []string{"-c", "-o", "compression_type=zstd,cluster_size=4096"}},
 		{name: "zlib-v2-512", convert: []string{"-c", "-o", "compat=0.10,cluster_size=512"}},
 		{name: "empty", opts: ""},
+		{name: "snapshot", opts: "", cmds: patterns, after: [][]string{{"snapshot", "-c", "s1"}}, cmds2: []string{"write -P 0x99 0 8k", "discard 1m 64k"}},
+		{name: "bitmap", opts: "", cmds: patterns, after: [][]string{{"bitmap", "--add"}}, cmds2: []string{"write -P 0x98 64k 8k"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -104,6 +109,16 @@ func TestInteropMatrix(t *testing.T) {
 				qemutest.Create(t, p, size, tc.opts)
 				if len(tc.cmds) > 0 {
 					qemutest.IO(t, p, tc.cmds...)
+				}
+				for _, a := range tc.after {
+					args := append(append([]string{}, a...), p)
+					if a[0] == "bitmap" {
+						args = append(args, "b0")
+					}
+					qemutest.Run(t, "qemu-img", args...)
+				}
+				if len(tc.cmds2) > 0 {
+					qemutest.IO(t, p, tc.cmds2...)
 				}
 			}
 			im := openFile(t, p)
@@ -127,6 +142,9 @@ func TestInteropMatrix(t *testing.T) {
 				t.Fatalf("info %+v, qemu %v", got, fs)
 			}
 			checkDataRanges(t, im)
+			if tc.convert == nil {
+				assertSameQemuMap(t, im, p)
+			}
 		})
 	}
 }
@@ -318,5 +336,19 @@ func TestHugeSparse(t *testing.T) {
 	// Past the end.
 	if n, err := im.ReadAt(make([]byte, 10), size-4); n != 4 || err == nil {
 		t.Fatalf("tail read n=%d err=%v", n, err)
+	}
+}
+
+// assertSameQemuMap compares Map() with qemu-img map's JSON, host offsets included.
+func assertSameQemuMap(t *testing.T, im *Image, path string) {
+	t.Helper()
+	var want []MapEntry
+	if err := jsonUnmarshal(qemutest.Run(t, "qemu-img", "map", "-f", "qcow2", "--output=json", path), &want); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := json.Marshal(im.Map())
+	w, _ := json.Marshal(want)
+	if !bytes.Equal(got, w) {
+		t.Fatalf("Map differs from qemu-img map:\n got %s\nwant %s", got, w)
 	}
 }
