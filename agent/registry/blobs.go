@@ -1,0 +1,374 @@
+package registry
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
+)
+
+func sortStrings(s []string) { sort.Strings(s) }
+
+type countingReader struct {
+	r io.ReadSeeker
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }
+
+func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		methodNotAllowed(w, "GET, HEAD")
+		return
+	}
+	d, err := digest.Parse(ref)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+		return
+	}
+	w.Header().Set(oci.HeaderContentDigest, d.String())
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("ETag", `"`+d.String()+`"`)
+	b, err := s.st.OpenBlob(r.Context(), d)
+	if err != nil {
+		if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
+			http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(cfg))
+			return
+		}
+		storeError(w, err, oci.CodeBlobUnknown)
+		return
+	}
+	defer b.Close()
+	size := b.Size()
+	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && size > 0 && acceptsZstd(r.Header.Get("Accept-Encoding")) &&
+		oci.Compressible(io.NewSectionReader(b, 0, size)) {
+		w.Header().Set("Content-Encoding", "zstd")
+		w.Header().Set("Vary", "Accept-Encoding")
+		zw, err := zstd.NewWriter(w, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(1<<20))
+		if err != nil {
+			storeError(w, err, oci.CodeBlobUnknown)
+			return
+		}
+		n, err := io.CopyBuffer(zw, io.NewSectionReader(b, 0, size), make([]byte, 1<<20))
+		if err == nil {
+			err = zw.Close()
+		} else {
+			zw.Close()
+		}
+		s.m.SentBytes.Add(float64(n))
+		if err != nil {
+			s.log.Debug("blob download cut", "blob", d, "sent", n, "err", err)
+		}
+		return
+	}
+	cr := &countingReader{r: io.NewSectionReader(b, 0, size)}
+	http.ServeContent(w, r, "", time.Time{}, cr)
+	s.m.SentBytes.Add(float64(cr.n))
+}
+
+func acceptsZstd(h string) bool {
+	for _, p := range strings.Split(h, ",") {
+		p, q, _ := strings.Cut(p, ";")
+		if strings.EqualFold(strings.TrimSpace(p), "zstd") && strings.TrimSpace(q) != "q=0" {
+			return true
+		}
+	}
+	return false
+}
+
+func ingestRef(id string) string { return "upload-" + id }
+
+func validSessionID(id string) bool {
+	if len(id) != 32 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Server) uploadHeaders(w http.ResponseWriter, name, id string, off int64) {
+	w.Header().Set("Location", "/v2/"+name+"/blobs/uploads/"+id)
+	w.Header().Set(oci.HeaderUploadUUID, id)
+	if off > 0 {
+		w.Header().Set("Range", fmt.Sprintf("0-%d", off-1))
+	} // an empty upload has no Range: the spec's "0-0" would claim one byte
+}
+
+func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request, name, id string) {
+	if id == "" {
+		if r.Method != http.MethodPost {
+			methodNotAllowed(w, "POST")
+			return
+		}
+		s.startUpload(w, r, name)
+		return
+	}
+	if !validSessionID(id) {
+		writeError(w, http.StatusNotFound, oci.CodeBlobUploadUnknown, "unknown upload", id)
+		return
+	}
+	ref := ingestRef(id)
+	off, err := s.st.IngestOffset(ref)
+	if err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	switch r.Method {
+	case http.MethodGet:
+		s.uploadHeaders(w, name, id, off)
+		w.WriteHeader(http.StatusNoContent)
+	case http.MethodPatch:
+		s.patchUpload(w, r, name, id)
+	case http.MethodPut:
+		s.finishUpload(w, r, name, id)
+	case http.MethodDelete:
+		wr, err := s.st.Writer(r.Context(), ref)
+		if err != nil {
+			storeError(w, err, oci.CodeBlobUploadUnknown)
+			return
+		}
+		if err := wr.Cancel(); err != nil {
+			storeError(w, err, oci.CodeBlobUploadUnknown)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	default:
+		methodNotAllowed(w, "GET, PATCH, PUT, DELETE")
+	}
+}
+
+func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string) {
+	q := r.URL.Query()
+	if m := q.Get("mount"); m != "" {
+		// Blobs are global in the store: a mount succeeds iff we hold it.
+		if d, err := digest.Parse(m); err == nil && s.st.Exists(d) {
+			w.Header().Set("Location", "/v2/"+name+"/blobs/"+d.String())
+			w.Header().Set(oci.HeaderContentDigest, d.String())
+			w.WriteHeader(http.StatusCreated)
+			return
+		}
+	}
+	if ds := q.Get("digest"); ds != "" {
+		d, err := digest.Parse(ds)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+			return
+		}
+		body, err := s.requestBody(r, r.ContentLength)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+			return
+		}
+		size := r.ContentLength
+		if r.Header.Get("Content-Encoding") != "" {
+			size = -1
+		}
+		got, n, err := s.st.Put(r.Context(), body, size, d)
+		body.Close()
+		s.m.ReceivedBytes.Add(float64(n))
+		if err != nil {
+			storeError(w, err, oci.CodeBlobUploadUnknown)
+			return
+		}
+		w.Header().Set("Location", "/v2/"+name+"/blobs/"+got.String())
+		w.Header().Set(oci.HeaderContentDigest, got.String())
+		w.WriteHeader(http.StatusCreated)
+		return
+	}
+	id := newSessionID()
+	wr, err := s.st.Writer(r.Context(), ingestRef(id))
+	if err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	if err := wr.Close(); err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	s.uploadHeaders(w, name, id, 0)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// requestBody decodes Content-Encoding (identity or zstd). limit >= 0
+// bounds the decoded bytes, so a zstd bomb cannot write more than the
+// client declared.
+func (s *Server) requestBody(r *http.Request, limit int64) (io.ReadCloser, error) {
+	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	case "", "identity":
+		if limit >= 0 {
+			return io.NopCloser(io.LimitReader(r.Body, limit)), nil
+		}
+		return r.Body, nil
+	case "zstd":
+		if limit < 0 {
+			return nil, errors.New("a zstd-encoded body needs a Content-Range or Content-Length bounding its decoded size")
+		}
+		zr, err := zstdDecoder(r.Body)
+		if err != nil {
+			return nil, err
+		}
+		return &boundedBody{zr: zr, r: io.LimitReader(zr, limit+1), left: limit}, nil
+	default:
+		return nil, fmt.Errorf("unsupported Content-Encoding %q", enc)
+	}
+}
+
+type boundedBody struct {
+	zr   *zstd.Decoder
+	r    io.Reader
+	left int64
+}
+
+func (b *boundedBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	if b.left < 0 {
+		return n + int(b.left), fmt.Errorf("%w: decoded body exceeds its declared size", oci.ErrTooLarge)
+	}
+	return n, err
+}
+
+func (b *boundedBody) Close() error { b.zr.Close(); return nil }
+
+// parseContentRange reads "start-end" (inclusive), optionally "bytes " prefixed.
+func parseContentRange(h string) (start, end int64, ok bool) {
+	h = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(h), "bytes"))
+	h, _, _ = strings.Cut(h, "/")
+	a, b, found := strings.Cut(strings.TrimSpace(h), "-")
+	if !found {
+		return 0, 0, false
+	}
+	s, err1 := strconv.ParseInt(a, 10, 64)
+	e, err2 := strconv.ParseInt(b, 10, 64)
+	if err1 != nil || err2 != nil || s < 0 || e < s-1 {
+		return 0, 0, false
+	}
+	return s, e, true
+}
+
+func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id string) {
+	wr, err := s.st.Writer(r.Context(), ingestRef(id))
+	if err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	defer wr.Close()
+	limit := int64(-1)
+	if cr := r.Header.Get("Content-Range"); cr != "" {
+		start, end, ok := parseContentRange(cr)
+		if !ok {
+			writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, "bad Content-Range", cr)
+			return
+		}
+		if start != wr.Offset() {
+			s.uploadHeaders(w, name, id, wr.Offset())
+			writeError(w, http.StatusRequestedRangeNotSatisfiable, oci.CodeRangeInvalid,
+				fmt.Sprintf("upload is at offset %d, chunk starts at %d", wr.Offset(), start), nil)
+			return
+		}
+		limit = end - start + 1
+	} else if r.Header.Get("Content-Encoding") == "" && r.ContentLength >= 0 {
+		limit = r.ContentLength
+	}
+	body, err := s.requestBody(r, limit)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+		return
+	}
+	defer body.Close()
+	before := wr.Offset()
+	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
+	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
+	if err != nil {
+		// What arrived stays in the ingest; Close checkpoints it so the
+		// client resumes from the durable offset (GET on the upload).
+		if errors.Is(err, oci.ErrTooLarge) {
+			wr.Cancel()
+			writeError(w, http.StatusBadRequest, oci.CodeSizeInvalid, err.Error(), nil)
+			return
+		}
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	off := wr.Offset()
+	if err := wr.Close(); err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	s.uploadHeaders(w, name, id, off)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id string) {
+	d, err := digest.Parse(r.URL.Query().Get("digest"))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, "PUT needs ?digest=: "+err.Error(), nil)
+		return
+	}
+	wr, err := s.st.Writer(r.Context(), ingestRef(id))
+	if err != nil {
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	limit := int64(-1)
+	if cr := r.Header.Get("Content-Range"); cr != "" {
+		start, end, ok := parseContentRange(cr)
+		if !ok || start != wr.Offset() {
+			wr.Close()
+			writeError(w, http.StatusRequestedRangeNotSatisfiable, oci.CodeRangeInvalid, "chunk does not start at the upload offset", cr)
+			return
+		}
+		limit = end - start + 1
+	} else if r.ContentLength >= 0 && r.Header.Get("Content-Encoding") == "" {
+		limit = r.ContentLength
+	}
+	body, err := s.requestBody(r, limit)
+	if err != nil {
+		wr.Close()
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+		return
+	}
+	before := wr.Offset()
+	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
+	body.Close()
+	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
+	if err != nil {
+		wr.Close()
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	// Commit verifies the digest; on a mismatch the ingest is removed, so
+	// nothing of it is stored and the client must upload again.
+	got, err := wr.Commit(r.Context(), -1, d)
+	if err != nil {
+		wr.Close()
+		storeError(w, err, oci.CodeBlobUploadUnknown)
+		return
+	}
+	w.Header().Set("Location", "/v2/"+name+"/blobs/"+got.String())
+	w.Header().Set(oci.HeaderContentDigest, got.String())
+	w.Header().Set("Content-Length", "0")
+	w.WriteHeader(http.StatusCreated)
+}

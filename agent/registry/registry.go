@@ -1,0 +1,258 @@
+// Package registry serves the store on the registry port (8000): the OCI
+// distribution API under /v2 (blobs, resumable uploads, manifests, tags)
+// and the replication API under /v1 (push, pull, tasks). See
+// docs/replication.md.
+package registry
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
+	"imagestore/transfer/replicate"
+)
+
+// Options configure a Server.
+type Options struct {
+	Store *blobstore.Store
+	// Engine serves /v1/push, /v1/pull and /v1/tasks; nil = /v1 answers 404.
+	Engine *replicate.Engine
+	// Token, when set, is required on every request: "Authorization:
+	// Bearer <token>" or Basic auth with any user and the token as password.
+	Token   string
+	Metrics *replicate.Metrics
+	Logger  *slog.Logger
+	// MaxBodyBytes bounds a /v1 request body (default 1 MiB).
+	MaxBodyBytes int64
+}
+
+// Server is the :8000 handler.
+type Server struct {
+	o   Options
+	st  *blobstore.Store
+	log *slog.Logger
+	m   *replicate.Metrics
+
+	mu      sync.Mutex
+	configs map[digest.Digest][]byte // rendered config blobs, served as blobs
+}
+
+// New builds a Server.
+func New(o Options) (*Server, error) {
+	if o.Store == nil {
+		return nil, errors.New("registry: Store is required")
+	}
+	if o.Metrics == nil {
+		o.Metrics = replicate.NewMetrics(nil)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.MaxBodyBytes <= 0 {
+		o.MaxBodyBytes = 1 << 20
+	}
+	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}}, nil
+}
+
+// maxConfigs bounds the in-memory cache of rendered config blobs.
+const maxConfigs = 4096
+
+func (s *Server) rememberConfig(d digest.Digest, b []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.configs[d]; ok {
+		return
+	}
+	if len(s.configs) >= maxConfigs {
+		for k := range s.configs { // drop an arbitrary entry; a miss only costs a re-render
+			delete(s.configs, k)
+			break
+		}
+	}
+	s.configs[d] = b
+}
+
+func (s *Server) config(d digest.Digest) ([]byte, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.configs[d]
+	return b, ok
+}
+
+// Handler returns the HTTP handler for the registry port.
+func (s *Server) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.authorized(r) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="imagestore"`)
+			writeError(w, http.StatusUnauthorized, oci.CodeUnauthorized, "authentication required", nil)
+			return
+		}
+		switch {
+		case r.URL.Path == "/v2" || r.URL.Path == "/v2/":
+			w.Header().Set(oci.HeaderAPIVersion, "registry/2.0")
+			w.Header().Set(oci.HeaderEncodings, "zstd")
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, "{}")
+		case strings.HasPrefix(r.URL.Path, "/v2/"):
+			s.serveV2(w, r)
+		case strings.HasPrefix(r.URL.Path, "/v1/"):
+			s.serveV1(w, r)
+		default:
+			writeError(w, http.StatusNotFound, oci.CodeUnsupported, "no such endpoint", r.URL.Path)
+		}
+	})
+}
+
+func (s *Server) authorized(r *http.Request) bool {
+	if s.o.Token == "" {
+		return true
+	}
+	h := r.Header.Get("Authorization")
+	var got string
+	if t, ok := strings.CutPrefix(h, "Bearer "); ok {
+		got = strings.TrimSpace(t)
+	} else if _, pw, ok := r.BasicAuth(); ok {
+		got = pw
+	} else {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(s.o.Token)) == 1
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string, detail any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(oci.ErrorBody{Errors: []oci.ErrorInfo{{Code: code, Message: msg, Detail: detail}}})
+}
+
+// storeError maps a store error to an OCI error reply.
+func storeError(w http.ResponseWriter, err error, notFoundCode string) {
+	switch {
+	case errors.Is(err, blobstore.ErrNotFound):
+		writeError(w, http.StatusNotFound, notFoundCode, err.Error(), nil)
+	case errors.Is(err, blobstore.ErrDigestMismatch):
+		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+	case errors.Is(err, blobstore.ErrSizeMismatch):
+		writeError(w, http.StatusBadRequest, oci.CodeSizeInvalid, err.Error(), nil)
+	case errors.Is(err, blobstore.ErrQuotaExceeded), errors.Is(err, blobstore.ErrNoSpace):
+		writeError(w, http.StatusInsufficientStorage, oci.CodeQuotaExceeded, err.Error(), nil)
+	case errors.Is(err, blobstore.ErrInvalidName):
+		writeError(w, http.StatusBadRequest, oci.CodeNameInvalid, err.Error(), nil)
+	case errors.Is(err, blobstore.ErrLocked):
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, oci.CodeBlobUploadInvalid, err.Error(), nil)
+	case errors.Is(err, replicate.ErrConflict):
+		writeError(w, http.StatusConflict, oci.CodeManifestInvalid, err.Error(), nil)
+	case errors.Is(err, replicate.ErrIncomplete):
+		writeError(w, http.StatusBadRequest, oci.CodeManifestBlobUnknown, err.Error(), nil)
+	case errors.Is(err, oci.ErrManifestInvalid), errors.Is(err, blobstore.ErrParentNotFound), errors.Is(err, blobstore.ErrLoop), errors.Is(err, blobstore.ErrChainTooDeep):
+		writeError(w, http.StatusBadRequest, oci.CodeManifestInvalid, err.Error(), nil)
+	case errors.Is(err, context.Canceled):
+		writeError(w, 499, oci.CodeUnsupported, "request cancelled", nil)
+	default:
+		writeError(w, http.StatusInternalServerError, oci.CodeUnsupported, err.Error(), nil)
+	}
+}
+
+// serveV2 routes /v2/<name>/{blobs,manifests,tags}/… Names are one path
+// component (blobstore.ValidateName), so the split is unambiguous.
+func (s *Server) serveV2(w http.ResponseWriter, r *http.Request) {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v2/"), "/")
+	if len(parts) < 3 {
+		writeError(w, http.StatusNotFound, oci.CodeNameInvalid, "unknown path", r.URL.Path)
+		return
+	}
+	name := parts[0]
+	if err := blobstore.ValidateName(name); err != nil {
+		writeError(w, http.StatusNotFound, oci.CodeNameInvalid, err.Error(), nil)
+		return
+	}
+	switch {
+	case parts[1] == "blobs" && parts[2] == "uploads" && len(parts) <= 4:
+		id := ""
+		if len(parts) == 4 {
+			id = parts[3]
+		}
+		s.serveUpload(w, r, name, id)
+	case parts[1] == "blobs" && len(parts) == 3:
+		s.serveBlob(w, r, name, parts[2])
+	case parts[1] == "manifests" && len(parts) == 3:
+		s.serveManifest(w, r, name, parts[2])
+	case parts[1] == "tags" && parts[2] == "list" && len(parts) == 3:
+		s.serveTags(w, r, name)
+	default:
+		writeError(w, http.StatusNotFound, oci.CodeUnsupported, "unknown path", r.URL.Path)
+	}
+}
+
+func methodNotAllowed(w http.ResponseWriter, allow string) {
+	w.Header().Set("Allow", allow)
+	writeError(w, http.StatusMethodNotAllowed, oci.CodeUnsupported, "method not allowed", nil)
+}
+
+func (s *Server) serveTags(w http.ResponseWriter, r *http.Request, name string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		methodNotAllowed(w, "GET, HEAD")
+		return
+	}
+	imgs, err := s.st.ListImages(r.Context(), name)
+	if err != nil {
+		storeError(w, err, oci.CodeNameUnknown)
+		return
+	}
+	tags := make([]string, 0, len(imgs))
+	for _, img := range imgs {
+		tags = append(tags, img.ID)
+	}
+	if len(tags) == 0 {
+		writeError(w, http.StatusNotFound, oci.CodeNameUnknown, "repository has no images", name)
+		return
+	}
+	// Pagination per the spec: lexical order, ?n= and ?last=.
+	sortStrings(tags)
+	q := r.URL.Query()
+	if last := q.Get("last"); last != "" {
+		i := 0
+		for i < len(tags) && tags[i] <= last {
+			i++
+		}
+		tags = tags[i:]
+	}
+	if n, err := strconv.Atoi(q.Get("n")); err == nil && n >= 0 && n < len(tags) {
+		tags = tags[:n]
+		if n > 0 {
+			w.Header().Set("Link", fmt.Sprintf(`</v2/%s/tags/list?n=%d&last=%s>; rel="next"`, name, n, tags[n-1]))
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}{name, tags})
+}
+
+func newSessionID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// zstdDecoder bounds a zstd request body: memory by the window, output by limit.
+func zstdDecoder(r io.Reader) (*zstd.Decoder, error) {
+	return zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(256<<20), zstd.WithDecoderMaxWindow(64<<20))
+}

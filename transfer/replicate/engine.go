@@ -1,0 +1,645 @@
+// Package replicate copies image chains between stores over the OCI
+// distribution API (transfer/oci): check first, send only missing blobs,
+// verify every digest, record the chain parents first and the image last.
+// Tasks are persisted so GET /v1/tasks/<id> survives a restart.
+// See docs/replication.md.
+package replicate
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
+	"imagestore/transfer/ratelimit"
+)
+
+// Options configure an Engine.
+type Options struct {
+	Store *blobstore.Store
+	// Dir holds the task records (<root>/registry/tasks).
+	Dir string
+	// MaxTasks bounds tasks running at once; more wait (default 4).
+	MaxTasks int
+	// Parallelism is the number of blob streams per task (default 4).
+	Parallelism int
+	// ReadBandwidth (pull) and WriteBandwidth (push) are the store-wide
+	// default budgets in bytes/s of one task (0 = unlimited).
+	ReadBandwidth, WriteBandwidth int64
+	// Retries is how often a failed task attempt is retried (default 1).
+	Retries int
+	// RetryDelay is the pause before a retry (default 2s).
+	RetryDelay time.Duration
+	// Retention: finished tasks are forgotten after this (default 24h).
+	Retention time.Duration
+	// NoCompress disables zstd on the wire.
+	NoCompress bool
+	Metrics    *Metrics
+	Logger     *slog.Logger
+}
+
+// Request is the body of /v1/push and /v1/pull.
+type Request struct {
+	Name  string `json:"name"`
+	ID    string `json:"id"`
+	Addr  string `json:"addr"`
+	CA    string `json:"ca,omitempty"`
+	Token string `json:"token,omitempty"`
+	// Optional per-task budgets (bytes/s); 0 = the store default.
+	NetworkReadBandwidth  int64 `json:"networkReadBandwidth,omitempty"`
+	NetworkWriteBandwidth int64 `json:"networkWriteBandwidth,omitempty"`
+}
+
+// Sentinels callers branch on.
+var (
+	ErrBadRequest = errors.New("bad replication request")
+	// ErrSourceCorrupt: a local blob failed verification; it was quarantined and not sent.
+	ErrSourceCorrupt = errors.New("source blob is corrupt")
+	ErrClosed        = errors.New("replication engine closed")
+)
+
+// Engine runs push and pull tasks.
+type Engine struct {
+	o   Options
+	st  *blobstore.Store
+	log *slog.Logger
+	m   *Metrics
+	sem chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	tasks map[string]*taskState
+}
+
+type taskState struct {
+	mu   sync.Mutex
+	t    Task
+	done chan struct{}
+	// progress counters, folded into t on read
+	bytesDone atomic.Int64
+}
+
+// New opens the engine; tasks a previous process left waiting or running
+// are marked failed with the reason (their credentials were never stored).
+func New(o Options) (*Engine, error) {
+	if o.Store == nil || o.Dir == "" {
+		return nil, errors.New("replicate: Store and Dir are required")
+	}
+	if o.MaxTasks <= 0 {
+		o.MaxTasks = 4
+	}
+	if o.Parallelism <= 0 {
+		o.Parallelism = 4
+	}
+	if o.Retries < 0 {
+		o.Retries = 0
+	}
+	if o.RetryDelay <= 0 {
+		o.RetryDelay = 2 * time.Second
+	}
+	if o.Retention <= 0 {
+		o.Retention = 24 * time.Hour
+	}
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics(nil)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("replicate: %w", err)
+	}
+	e := &Engine{o: o, st: o.Store, log: o.Logger, m: o.Metrics, sem: make(chan struct{}, o.MaxTasks), tasks: map[string]*taskState{}}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	old, err := loadTasks(o.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("replicate: load tasks: %w", err)
+	}
+	now := time.Now()
+	for _, t := range old {
+		if !t.finished() {
+			t.Status = StatusFailed
+			t.Error = fmt.Sprintf("interrupted: the agent stopped while the task was %s; retry the %s", t.Status, t.Kind)
+			t.LastOpTime = now
+			if err := saveTask(o.Dir, t); err != nil {
+				return nil, err
+			}
+			e.log.Warn("replication task interrupted by restart", "task", t.ID, "kind", t.Kind, "image", t.Name+":"+t.ImageID)
+		}
+		ts := &taskState{t: t, done: make(chan struct{})}
+		ts.bytesDone.Store(t.BytesDone)
+		close(ts.done)
+		e.tasks[t.ID] = ts
+	}
+	e.prune(now)
+	return e, nil
+}
+
+// Close cancels running tasks (they end failed, "agent stopping") and waits.
+func (e *Engine) Close() error {
+	e.cancel()
+	e.wg.Wait()
+	return nil
+}
+
+func (e *Engine) prune(now time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, ts := range e.tasks {
+		ts.mu.Lock()
+		old := ts.t.finished() && now.Sub(ts.t.LastOpTime) > e.o.Retention
+		ts.mu.Unlock()
+		if old {
+			delete(e.tasks, id)
+			os.Remove(taskPath(e.o.Dir, id))
+		}
+	}
+}
+
+// Task returns a snapshot of task id.
+func (e *Engine) Task(id string) (Task, error) {
+	e.mu.Lock()
+	ts := e.tasks[id]
+	e.mu.Unlock()
+	if ts == nil {
+		return Task{}, fmt.Errorf("%w: %s", ErrTaskNotFound, id)
+	}
+	return ts.snapshot(), nil
+}
+
+func (ts *taskState) snapshot() Task {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	t := ts.t
+	t.BytesDone = max(0, ts.bytesDone.Load())
+	return t
+}
+
+// Wait blocks until task id finishes or ctx ends.
+func (e *Engine) Wait(ctx context.Context, id string) (Task, error) {
+	e.mu.Lock()
+	ts := e.tasks[id]
+	e.mu.Unlock()
+	if ts == nil {
+		return Task{}, fmt.Errorf("%w: %s", ErrTaskNotFound, id)
+	}
+	select {
+	case <-ts.done:
+		return ts.snapshot(), nil
+	case <-ctx.Done():
+		return ts.snapshot(), ctx.Err()
+	}
+}
+
+func (req *Request) validate() (blobstore.Ref, error) {
+	r := blobstore.Ref{Name: req.Name, ID: req.ID}
+	if err := r.Validate(); err != nil {
+		return r, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	if req.Addr == "" {
+		return r, fmt.Errorf("%w: addr is empty", ErrBadRequest)
+	}
+	if req.NetworkReadBandwidth < 0 || req.NetworkWriteBandwidth < 0 {
+		return r, fmt.Errorf("%w: negative bandwidth", ErrBadRequest)
+	}
+	return r, nil
+}
+
+func (e *Engine) client(req Request) (*oci.Client, error) {
+	c, err := oci.New(oci.Options{Addr: req.Addr, CA: []byte(req.CA), Token: req.Token, Compress: !e.o.NoCompress})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	return c, nil
+}
+
+// Push starts copying req.Name:req.ID and its ancestors to the peer. It
+// returns Existed when the peer already holds the same complete chain.
+func (e *Engine) Push(ctx context.Context, req Request) (string, error) {
+	ref, err := req.validate()
+	if err != nil {
+		return "", err
+	}
+	c, err := e.client(req)
+	if err != nil {
+		return "", err
+	}
+	r, err := Render(ctx, e.st, ref, true)
+	if err != nil {
+		return "", err
+	}
+	if d, err := c.HeadManifest(ctx, ref.Name, ref.ID); err == nil && d.Digest == r.Digest {
+		e.m.Tasks.WithLabelValues("push", "existed").Inc()
+		e.m.BlobsSkipped.Add(float64(len(r.Layers)))
+		return Existed, nil
+	} else if err != nil && errors.Is(err, oci.ErrUnauthorized) {
+		return "", fmt.Errorf("peer %s: %w", req.Addr, err)
+	}
+	bw := req.NetworkWriteBandwidth
+	if bw == 0 {
+		bw = e.o.WriteBandwidth
+	}
+	return e.start("push", req, func(ctx context.Context, ts *taskState) error {
+		return e.pushOnce(ctx, ts, c, ref, ratelimit.New(bw))
+	})
+}
+
+// Pull starts copying req.Name:req.ID and its ancestors from the peer
+// here; it repairs blobs quarantined locally. Existed when nothing is missing.
+func (e *Engine) Pull(ctx context.Context, req Request) (string, error) {
+	ref, err := req.validate()
+	if err != nil {
+		return "", err
+	}
+	c, err := e.client(req)
+	if err != nil {
+		return "", err
+	}
+	d, err := c.HeadManifest(ctx, ref.Name, ref.ID)
+	if err != nil {
+		return "", fmt.Errorf("peer %s: manifest %s: %w", req.Addr, ref, err)
+	}
+	if r, err := Render(ctx, e.st, ref, true); err == nil && r.Digest == d.Digest {
+		e.m.Tasks.WithLabelValues("pull", "existed").Inc()
+		e.m.BlobsSkipped.Add(float64(len(r.Layers)))
+		return Existed, nil
+	}
+	bw := req.NetworkReadBandwidth
+	if bw == 0 {
+		bw = e.o.ReadBandwidth
+	}
+	return e.start("pull", req, func(ctx context.Context, ts *taskState) error {
+		return e.pullOnce(ctx, ts, c, ref, ratelimit.New(bw))
+	})
+}
+
+func newID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (e *Engine) start(kind string, req Request, run func(context.Context, *taskState) error) (string, error) {
+	if e.ctx.Err() != nil {
+		return "", ErrClosed
+	}
+	now := time.Now()
+	e.prune(now)
+	ts := &taskState{done: make(chan struct{}), t: Task{
+		ID: newID(), Kind: kind, Name: req.Name, ImageID: req.ID, Addr: req.Addr,
+		Status: StatusWaiting, Created: now, LastOpTime: now,
+	}}
+	if err := saveTask(e.o.Dir, ts.t); err != nil {
+		return "", err
+	}
+	e.mu.Lock()
+	e.tasks[ts.t.ID] = ts
+	e.mu.Unlock()
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		defer close(ts.done)
+		e.run(kind, ts, run)
+	}()
+	return ts.t.ID, nil
+}
+
+func (e *Engine) setStatus(ts *taskState, st Status, errMsg string) {
+	ts.mu.Lock()
+	ts.t.Status = st
+	ts.t.Error = errMsg
+	ts.t.LastOpTime = time.Now()
+	ts.t.BytesDone = max(0, ts.bytesDone.Load())
+	t := ts.t
+	ts.mu.Unlock()
+	if err := saveTask(e.o.Dir, t); err != nil {
+		e.log.Error("replication task not persisted", "task", t.ID, "err", err)
+	}
+}
+
+func (e *Engine) run(kind string, ts *taskState, run func(context.Context, *taskState) error) {
+	ctx := e.ctx
+	select {
+	case e.sem <- struct{}{}:
+	case <-ctx.Done():
+		e.setStatus(ts, StatusFailed, "interrupted: agent stopping")
+		e.m.Tasks.WithLabelValues(kind, "failed").Inc()
+		return
+	}
+	defer func() { <-e.sem }()
+	e.m.TasksRunning.Inc()
+	defer e.m.TasksRunning.Dec()
+	e.setStatus(ts, StatusRunning, "")
+	t := ts.snapshot()
+	log := e.log.With("task", t.ID, "kind", kind, "image", t.Name+":"+t.ImageID, "peer", t.Addr)
+	log.Info("replication task started")
+	var err error
+	for attempt := 0; ; attempt++ {
+		err = run(ctx, ts)
+		if err == nil || !retryable(err) || attempt >= e.o.Retries || ctx.Err() != nil {
+			break
+		}
+		log.Warn("replication attempt failed; retrying", "attempt", attempt+1, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(e.o.RetryDelay):
+		}
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("interrupted: agent stopping: %w", err)
+		}
+		log.Error("replication task failed", "err", err)
+		e.setStatus(ts, StatusFailed, err.Error())
+		e.m.Tasks.WithLabelValues(kind, "failed").Inc()
+		return
+	}
+	log.Info("replication task succeeded", "bytes", ts.bytesDone.Load())
+	e.setStatus(ts, StatusSuccess, "")
+	e.m.Tasks.WithLabelValues(kind, "success").Inc()
+}
+
+// retryable: failures a later attempt may get past (network, peer restart).
+func retryable(err error) bool {
+	for _, s := range []error{ErrSourceCorrupt, ErrConflict, ErrBadRequest, oci.ErrQuota, oci.ErrUnauthorized,
+		oci.ErrManifestInvalid, oci.ErrDigestInvalid, blobstore.ErrQuotaExceeded, blobstore.ErrNoSpace,
+		blobstore.ErrDigestMismatch, blobstore.ErrCorrupt, ErrIncomplete, oci.ErrTooLarge} {
+		if errors.Is(err, s) {
+			return false
+		}
+	}
+	return true
+}
+
+func (ts *taskState) plan(total int64, blobs, skipped int) {
+	ts.mu.Lock()
+	ts.t.BytesTotal = total
+	ts.t.BlobsTotal = blobs
+	ts.t.Skipped = skipped
+	ts.t.LastOpTime = time.Now()
+	ts.mu.Unlock()
+	ts.bytesDone.Store(0)
+}
+
+func (ts *taskState) blobDone() {
+	ts.mu.Lock()
+	ts.t.BlobsDone++
+	ts.t.LastOpTime = time.Now()
+	ts.mu.Unlock()
+}
+
+func (ts *taskState) progress(n int64) {
+	ts.bytesDone.Add(n)
+	if n > 0 {
+		ts.mu.Lock()
+		ts.t.LastOpTime = time.Now()
+		ts.mu.Unlock()
+	}
+}
+
+func (e *Engine) pushOnce(ctx context.Context, ts *taskState, c *oci.Client, ref blobstore.Ref, lim *ratelimit.Limiter) error {
+	r, err := Render(ctx, e.st, ref, true)
+	if err != nil {
+		return err
+	}
+	digests := make([]digest.Digest, 0, len(r.Layers))
+	for _, l := range r.Layers {
+		digests = append(digests, l.Digest)
+	}
+	release := e.st.Hold(digests...)
+	defer release()
+
+	// Check first: which layers does the peer lack?
+	missing := make([]bool, len(r.Layers))
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(e.o.Parallelism * 2)
+	for i, l := range r.Layers {
+		g.Go(func() error {
+			size, err := c.StatBlob(gctx, ref.Name, l.Digest)
+			switch {
+			case err == nil && size == l.Size:
+			case err == nil || errors.Is(err, oci.ErrNotFound):
+				missing[i] = true
+			default:
+				return fmt.Errorf("peer: stat blob %s: %w", l.Digest, err)
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	var total int64
+	var todo []oci.Descriptor
+	for i, l := range r.Layers {
+		if missing[i] {
+			todo = append(todo, l)
+			total += l.Size
+		}
+	}
+	skipped := len(r.Layers) - len(todo)
+	e.m.BlobsSkipped.Add(float64(skipped))
+	ts.plan(total, len(todo), skipped)
+
+	g, gctx = errgroup.WithContext(ctx)
+	g.SetLimit(e.o.Parallelism)
+	for _, l := range todo {
+		g.Go(func() error { return e.sendBlob(gctx, ts, c, ref.Name, l, lim) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	if _, err := c.StatBlob(ctx, ref.Name, r.ConfigD); err != nil {
+		if err := c.PutBlob(ctx, ref.Name, r.ConfigD, r.Config); err != nil {
+			return fmt.Errorf("peer: config blob: %w", err)
+		}
+	}
+	if _, err := c.PutManifest(ctx, ref.Name, ref.ID, oci.MediaTypeManifest, r.Manifest); err != nil {
+		return fmt.Errorf("peer: manifest %s: %w", ref, err)
+	}
+	return nil
+}
+
+func (e *Engine) sendBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) error {
+	for attempt := 0; ; attempt++ {
+		b, err := e.st.OpenBlob(ctx, l.Digest)
+		if err != nil {
+			return fmt.Errorf("%w: blob %s: %w", ErrIncomplete, l.Digest, err)
+		}
+		var sent int64
+		err = c.PushBlob(ctx, name, l.Digest, l.Size, ratelimit.ReaderAt(ctx, b, lim), oci.PushOptions{Progress: func(n int64) {
+			sent += n
+			ts.progress(n)
+		}})
+		b.Close()
+		switch {
+		case err == nil:
+			e.m.SentBytes.Add(float64(l.Size))
+			e.m.BlobsSent.Inc()
+			ts.blobDone()
+			return nil
+		case errors.Is(err, oci.ErrSourceDigest):
+			ts.progress(-sent)
+			verr := e.st.VerifyBlob(context.WithoutCancel(ctx), l.Digest)
+			return fmt.Errorf("%w: blob %s not sent: %w (verify: %v)", ErrSourceCorrupt, l.Digest, err, verr)
+		case errors.Is(err, oci.ErrDigestInvalid) && attempt == 0:
+			// The peer received bytes that do not hash right: send once more.
+			ts.progress(-sent)
+			e.log.Warn("peer refused blob digest; re-sending once", "blob", l.Digest)
+			continue
+		case errors.Is(err, oci.ErrDigestInvalid):
+			return fmt.Errorf("blob %s refused twice by the peer: %w", l.Digest, err)
+		default:
+			ts.progress(-sent)
+			return fmt.Errorf("send blob %s: %w", l.Digest, err)
+		}
+	}
+}
+
+func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref blobstore.Ref, lim *ratelimit.Limiter) error {
+	mb, _, err := c.GetManifest(ctx, ref.Name, ref.ID)
+	if err != nil {
+		return fmt.Errorf("peer: manifest %s: %w", ref, err)
+	}
+	m, err := oci.ParseManifest(mb)
+	if err != nil {
+		return fmt.Errorf("peer: manifest %s: %w", ref, err)
+	}
+	cb, err := c.FetchSmallBlob(ctx, ref.Name, m.Config.Digest, oci.MaxManifestSize)
+	if err != nil {
+		return fmt.Errorf("peer: config of %s: %w", ref, err)
+	}
+	cfg, err := ParseConfig(cb)
+	if err != nil {
+		return err
+	}
+	if _, err := Validate(m, cfg, ref.Name, ref.ID); err != nil {
+		return err
+	}
+	var todo []oci.Descriptor
+	var total int64
+	for _, l := range m.Layers {
+		if !e.st.Exists(l.Digest) {
+			todo = append(todo, l)
+			total += l.Size
+		}
+	}
+	skipped := len(m.Layers) - len(todo)
+	e.m.BlobsSkipped.Add(float64(skipped))
+	ts.plan(total, len(todo), skipped)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(e.o.Parallelism)
+	for _, l := range todo {
+		g.Go(func() error { return e.fetchBlob(gctx, ts, c, ref.Name, l, lim) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	digests := make([]digest.Digest, len(m.Layers))
+	for i, l := range m.Layers {
+		digests[i] = l.Digest
+	}
+	release := e.st.Hold(digests...)
+	defer release()
+	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
+	return err
+}
+
+// fetchBlob downloads one blob into a resumable ingest named after its
+// digest (a retry, even after a restart, continues where it stopped) and
+// commits it against the digest; a mismatch is fetched once more.
+func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) error {
+	ingest := "pull-" + l.Digest.Encoded()
+	for attempt := 0; ; attempt++ {
+		w, err := e.st.Writer(ctx, ingest)
+		if err != nil {
+			return fmt.Errorf("blob %s: %w", l.Digest, err)
+		}
+		start := w.Offset()
+		ts.progress(start)
+		err = e.download(ctx, ts, c, name, l, w, lim)
+		if err != nil {
+			w.Close()
+			ts.progress(-w.Offset())
+			return fmt.Errorf("fetch blob %s: %w", l.Digest, err)
+		}
+		e.m.ReceivedBytes.Add(float64(w.Offset() - start))
+		_, err = w.Commit(ctx, l.Size, l.Digest)
+		switch {
+		case err == nil:
+			e.m.BlobsSent.Inc()
+			ts.blobDone()
+			return nil
+		case (errors.Is(err, blobstore.ErrDigestMismatch) || errors.Is(err, blobstore.ErrSizeMismatch)) && attempt == 0:
+			ts.progress(-l.Size)
+			e.log.Warn("blob from peer failed verification; fetching once more", "blob", l.Digest, "err", err)
+			continue
+		default:
+			return fmt.Errorf("blob %s: %w", l.Digest, err)
+		}
+	}
+}
+
+func (e *Engine) download(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, w *blobstore.Writer, lim *ratelimit.Limiter) error {
+	const resumes = 6
+	buf := make([]byte, 1<<20)
+	for attempt := 0; ; attempt++ {
+		off := w.Offset()
+		if off >= l.Size {
+			return nil
+		}
+		rc, err := c.GetBlob(ctx, name, l.Digest, off, l.Size)
+		if err == nil {
+			_, err = io.CopyBuffer(w, &progressReader{r: ratelimit.Reader(ctx, rc, lim), fn: ts.progress}, buf)
+			rc.Close()
+			if err == nil && w.Offset() < l.Size {
+				err = io.ErrUnexpectedEOF
+			}
+			if err == nil {
+				return nil
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var oe *oci.Error
+		if errors.As(err, &oe) && !oe.Temporary() || !retryable(err) || attempt >= resumes {
+			return err
+		}
+		t := time.NewTimer(time.Duration(100<<min(attempt+1, 5)) * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+type progressReader struct {
+	r  io.Reader
+	fn func(int64)
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	if n > 0 {
+		p.fn(int64(n))
+	}
+	return n, err
+}

@@ -1,0 +1,197 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
+)
+
+// ConfigVersion tags the config blob layout.
+const ConfigVersion = 1
+
+// Config is the config blob of an image's manifest: the records of the
+// chain, base first, so a receiver can recreate them parents first.
+type Config struct {
+	Imagestore int               `json:"imagestore"`
+	Chain      []blobstore.Image `json:"chain"`
+}
+
+// Sentinels.
+var (
+	// ErrIncomplete: a local chain misses a blob (quarantined or lost).
+	ErrIncomplete = errors.New("image chain incomplete")
+	// ErrConflict: the receiver holds a record of the same name:id with other content.
+	ErrConflict = errors.New("image record conflict")
+)
+
+// Rendered is an image's manifest and config blob.
+type Rendered struct {
+	Ref      blobstore.Ref
+	Manifest []byte
+	Digest   digest.Digest // of Manifest
+	Config   []byte
+	ConfigD  digest.Digest
+	Layers   []oci.Descriptor // base first
+	Chain    []blobstore.Image
+}
+
+// Render builds the manifest of ref from its records. It is deterministic:
+// the same records give the same bytes, so the digest is stable across
+// stores. checkBlobs makes a chain with a missing blob fail ErrIncomplete.
+func Render(ctx context.Context, st *blobstore.Store, ref blobstore.Ref, checkBlobs bool) (*Rendered, error) {
+	chain, err := st.Chain(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	base := make([]blobstore.Image, len(chain))
+	for i, img := range chain {
+		base[len(chain)-1-i] = img
+		if checkBlobs && !st.Exists(img.Blob) {
+			return nil, fmt.Errorf("%w: %s: blob %s of %s is missing", ErrIncomplete, ref, img.Blob, img.Ref)
+		}
+	}
+	return renderChain(ref, base)
+}
+
+func layerMediaType(img blobstore.Image) string {
+	if img.Format == "qcow2" {
+		return oci.MediaTypeQcow2Layer
+	}
+	return oci.MediaTypeBlobLayer
+}
+
+func renderChain(ref blobstore.Ref, base []blobstore.Image) (*Rendered, error) {
+	cfg, err := json.Marshal(Config{Imagestore: ConfigVersion, Chain: base})
+	if err != nil {
+		return nil, err
+	}
+	r := &Rendered{Ref: ref, Config: cfg, ConfigD: digest.FromBytes(cfg), Chain: base}
+	m := oci.Manifest{
+		SchemaVersion: 2,
+		MediaType:     oci.MediaTypeManifest,
+		Config:        oci.Descriptor{MediaType: oci.MediaTypeConfig, Digest: r.ConfigD, Size: int64(len(cfg))},
+	}
+	for _, img := range base {
+		m.Layers = append(m.Layers, oci.Descriptor{MediaType: layerMediaType(img), Digest: img.Blob, Size: img.Size})
+	}
+	r.Layers = m.Layers
+	if r.Manifest, err = json.Marshal(m); err != nil {
+		return nil, err
+	}
+	r.Digest = digest.FromBytes(r.Manifest)
+	return r, nil
+}
+
+// ParseConfig decodes untrusted config bytes.
+func ParseConfig(b []byte) (Config, error) {
+	if len(b) > oci.MaxManifestSize {
+		return Config{}, fmt.Errorf("%w: config of %d bytes", oci.ErrManifestInvalid, len(b))
+	}
+	var c Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&c); err != nil {
+		return Config{}, fmt.Errorf("%w: config: %v", oci.ErrManifestInvalid, err)
+	}
+	if c.Imagestore != ConfigVersion {
+		return Config{}, fmt.Errorf("%w: not an imagestore config (version %d)", oci.ErrManifestInvalid, c.Imagestore)
+	}
+	if len(c.Chain) == 0 || len(c.Chain) > blobstore.MaxChainDepth {
+		return Config{}, fmt.Errorf("%w: chain of %d records", oci.ErrManifestInvalid, len(c.Chain))
+	}
+	return c, nil
+}
+
+// Validate checks that a manifest and its config describe one complete
+// chain ending at name:tag (tag "" = any), consistently.
+func Validate(m oci.Manifest, c Config, name, tag string) (blobstore.Ref, error) {
+	if len(m.Layers) != len(c.Chain) {
+		return blobstore.Ref{}, fmt.Errorf("%w: %d layers but %d records", oci.ErrManifestInvalid, len(m.Layers), len(c.Chain))
+	}
+	for i, img := range c.Chain {
+		if err := img.Ref.Validate(); err != nil {
+			return blobstore.Ref{}, fmt.Errorf("%w: record %d: %v", oci.ErrManifestInvalid, i, err)
+		}
+		l := m.Layers[i]
+		if img.Blob != l.Digest || img.Size != l.Size {
+			return blobstore.Ref{}, fmt.Errorf("%w: record %s names blob %s (%d bytes), layer %d is %s (%d bytes)",
+				oci.ErrManifestInvalid, img.Ref, img.Blob, img.Size, i, l.Digest, l.Size)
+		}
+		want := ""
+		if i > 0 {
+			want = c.Chain[i-1].Ref.String()
+		}
+		if img.Parent != want {
+			return blobstore.Ref{}, fmt.Errorf("%w: record %s has parent %q, chain says %q", oci.ErrManifestInvalid, img.Ref, img.Parent, want)
+		}
+	}
+	top := c.Chain[len(c.Chain)-1].Ref
+	if top.Name != name || (tag != "" && top.ID != tag) {
+		return blobstore.Ref{}, fmt.Errorf("%w: manifest describes %s, pushed as %s:%s", oci.ErrManifestInvalid, top, name, tag)
+	}
+	return top, nil
+}
+
+// ReadSmallBlob reads a local blob of at most max bytes.
+func ReadSmallBlob(ctx context.Context, st *blobstore.Store, d digest.Digest, max int64) ([]byte, error) {
+	b, err := st.OpenBlob(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	defer b.Close()
+	if b.Size() > max {
+		return nil, fmt.Errorf("%w: blob %s of %d bytes", oci.ErrManifestInvalid, d, b.Size())
+	}
+	buf := make([]byte, b.Size())
+	if _, err := b.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	if digest.FromBytes(buf) != d {
+		return nil, fmt.Errorf("%w: blob %s", blobstore.ErrCorrupt, d)
+	}
+	return buf, nil
+}
+
+// Apply records the chain a manifest describes: every layer blob must be
+// present with its size, then missing records are created parents first,
+// the top one last, so the store never shows an image whose chain is
+// incomplete. Existing records must match (ErrConflict otherwise).
+func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, name, tag string) (blobstore.Ref, error) {
+	top, err := Validate(m, c, name, tag)
+	if err != nil {
+		return top, err
+	}
+	for _, l := range m.Layers {
+		info, err := st.Stat(ctx, l.Digest)
+		if err != nil {
+			return top, fmt.Errorf("%w: layer %s: %w", ErrIncomplete, l.Digest, err)
+		}
+		if info.Size != l.Size {
+			return top, fmt.Errorf("%w: layer %s is %d bytes here, manifest says %d", oci.ErrManifestInvalid, l.Digest, info.Size, l.Size)
+		}
+	}
+	for _, img := range c.Chain {
+		have, err := st.GetImage(ctx, img.Ref)
+		if err == nil {
+			if have.Blob != img.Blob || have.Parent != img.Parent {
+				return top, fmt.Errorf("%w: %s exists with blob %s parent %q, incoming has blob %s parent %q",
+					ErrConflict, img.Ref, have.Blob, have.Parent, img.Blob, img.Parent)
+			}
+			continue
+		}
+		if !errors.Is(err, blobstore.ErrNotFound) {
+			return top, err
+		}
+		if err := st.PutImage(ctx, img); err != nil && !errors.Is(err, blobstore.ErrExists) {
+			return top, fmt.Errorf("record %s: %w", img.Ref, err)
+		}
+	}
+	return top, nil
+}

@@ -1,0 +1,114 @@
+package replicate
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Status of a task, as GET /v1/tasks/<id> reports it.
+type Status string
+
+// Task states.
+const (
+	StatusWaiting Status = "waiting"
+	StatusRunning Status = "running"
+	StatusSuccess Status = "success"
+	StatusFailed  Status = "failed"
+)
+
+// Existed is what Push and Pull return instead of a task id when the
+// receiving side already holds the whole chain.
+const Existed = "existed"
+
+// ErrTaskNotFound: no task with that id (never existed, or pruned).
+var ErrTaskNotFound = errors.New("task not found")
+
+// Task is the persisted state of one push or pull. Tokens and CAs are
+// never persisted: a task interrupted by a restart fails with a reason.
+type Task struct {
+	ID         string    `json:"id"`
+	Kind       string    `json:"kind"` // push | pull
+	Name       string    `json:"name"`
+	ImageID    string    `json:"imageId"`
+	Addr       string    `json:"addr"`
+	Status     Status    `json:"status"`
+	Created    time.Time `json:"created"`
+	LastOpTime time.Time `json:"lastOpTime"`
+	BytesDone  int64     `json:"bytesDone"`
+	BytesTotal int64     `json:"bytesTotal"`
+	BlobsTotal int       `json:"blobsTotal"`
+	BlobsDone  int       `json:"blobsDone"`
+	Skipped    int       `json:"blobsSkipped"`
+	Error      string    `json:"error,omitempty"`
+}
+
+func (t Task) finished() bool { return t.Status == StatusSuccess || t.Status == StatusFailed }
+
+func taskPath(dir, id string) string { return filepath.Join(dir, id+".json") }
+
+// saveTask writes the record atomically and durably: temp, fsync, rename, fsync dir.
+func saveTask(dir string, t Task) error {
+	b, err := json.MarshalIndent(t, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(dir, ".task-*")
+	if err != nil {
+		return err
+	}
+	_, werr := tmp.Write(b)
+	if werr == nil {
+		werr = tmp.Sync()
+	}
+	if cerr := tmp.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr == nil {
+		werr = os.Rename(tmp.Name(), taskPath(dir, t.ID))
+	}
+	if werr != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("replicate: save task %s: %w", t.ID, werr)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// loadTasks reads every record; unreadable ones are skipped and removed.
+func loadTasks(dir string) ([]Task, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []Task
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasPrefix(n, ".task-") {
+			os.Remove(filepath.Join(dir, n))
+			continue
+		}
+		if !strings.HasSuffix(n, ".json") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			continue
+		}
+		var t Task
+		if json.Unmarshal(b, &t) != nil || t.ID+".json" != n {
+			os.Remove(filepath.Join(dir, n))
+			continue
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
