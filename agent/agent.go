@@ -39,6 +39,8 @@ type Agent struct {
 	state   agentState
 
 	exportMu sync.Mutex // serialises export creation and deletion
+
+	nbd *nbdState // NBD targets and remote targets (routes_nbd.go)
 }
 
 // agentState is persisted in <root>/agent.json.
@@ -74,6 +76,7 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 		return nil, err
 	}
 	a.routes = routes
+	a.nbd = newNBDState(a)
 	if b, err := os.ReadFile(filepath.Join(root, "agent.json")); err == nil {
 		if err := json.Unmarshal(b, &a.state); err != nil {
 			return nil, fmt.Errorf("agent state %s: %w", filepath.Join(root, "agent.json"), err)
@@ -155,6 +158,7 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) housekeeping() {
+	a.nbd.expire(context.Background(), time.Now())
 	if n, err := a.cleanUploadDirs(time.Now()); err != nil {
 		a.log.Warn("upload dir cleanup", "err", err)
 	} else if n > 0 {
@@ -190,7 +194,9 @@ func (a *Agent) Shutdown(ctx context.Context) error { return a.jobs.shutdown(ctx
 func (a *Agent) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
-	return a.jobs.shutdown(ctx)
+	err := a.jobs.shutdown(ctx)
+	a.nbd.close()
+	return err
 }
 
 func randomHex(n int) string {
