@@ -77,7 +77,7 @@ func TestInteropMatrix(t *testing.T) {
 		name    string
 		opts    string
 		cmds    []string
-		convert []string // if set: build from a raw source with these convert flags
+		convert []string   // if set: build from a raw source with these convert flags
 		after   [][]string // qemu-img invocations after the writes, then cmds2 via qemu-io
 		cmds2   []string
 	}{
