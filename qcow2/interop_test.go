@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -212,6 +213,11 @@ func TestOverlayAndChain(t *testing.T) {
 	}
 	ext, _ := tim.Extents()
 	assertSameMap(t, ext, qemutest.Map(t, top))
+	qi, info := qemutest.Info(t, top), tim.Info()
+	if qi["backing-filename"] != info.BackingFilename || qi["backing-filename-format"] != info.BackingFilenameFormat ||
+		qi["virtual-size"] != float64(info.VirtualSize) {
+		t.Fatalf("info %+v, qemu %v", info, qi)
+	}
 	c, err := NewChain(tim, bim)
 	if err != nil {
 		t.Fatal(err)
@@ -293,8 +299,8 @@ func TestChainSizeMismatch(t *testing.T) {
 	a, b := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
 	qemutest.Create(t, a, 1<<20, "")
 	qemutest.Create(t, b, 2<<20, "")
-	if _, err := NewChain(openFile(t, a), openFile(t, b)); err == nil {
-		t.Fatal("chain of mismatched sizes accepted")
+	if _, err := NewChain(openFile(t, a), openFile(t, b)); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("chain of mismatched sizes: %v", err)
 	}
 	if _, err := NewChain(); err == nil {
 		t.Fatal("empty chain accepted")
