@@ -98,6 +98,12 @@ type Writer struct {
 	durable  int64 // offset of the last checkpoint
 	done     bool
 	hashDone chan struct{}
+
+	// An asynchronous checkpoint in flight (nil if none) and the offset
+	// it makes durable. Writes continue meanwhile: the fsync starts after
+	// every byte up to pendOff was written, so it covers them.
+	pending chan error
+	pendOff int64
 }
 
 func (s *Store) ingestDir(ref string) string { return filepath.Join(s.root, dirIngest, ref) }
@@ -218,12 +224,48 @@ func (w *Writer) Write(p []byte) (int, error) {
 	if err != nil {
 		return n, mapSpace(err, "blobstore: ingest "+w.ref)
 	}
-	if w.off-w.durable >= w.s.checkpointEvery {
-		if err := w.checkpoint(); err != nil {
+	if w.off-max(w.durable, w.pendOff) >= w.s.checkpointEvery {
+		if err := w.startCheckpoint(); err != nil {
 			return n, err
 		}
 	}
 	return n, nil
+}
+
+// startCheckpoint checkpoints the current offset in the background, after
+// waiting for the previous background checkpoint.
+func (w *Writer) startCheckpoint() error {
+	if err := w.waitCheckpoint(); err != nil {
+		return err
+	}
+	b, err := marshalIngestState(w.off, w.h)
+	if err != nil {
+		return fmt.Errorf("blobstore: marshal hash state: %w", err)
+	}
+	ch := make(chan error, 1)
+	f, statePath, ref := w.f, filepath.Join(w.dir, ingestStateFile), w.ref
+	go func() {
+		if err := f.Sync(); err != nil {
+			ch <- mapSpace(err, "blobstore: sync ingest "+ref)
+			return
+		}
+		ch <- mapSpace(writeFileAtomic(statePath, b), "blobstore: checkpoint ingest "+ref)
+	}()
+	w.pending, w.pendOff = ch, w.off
+	return nil
+}
+
+// waitCheckpoint waits for the background checkpoint, if any.
+func (w *Writer) waitCheckpoint() error {
+	if w.pending == nil {
+		return nil
+	}
+	err := <-w.pending
+	w.pending = nil
+	if err == nil {
+		w.durable = w.pendOff
+	}
+	return err
 }
 
 // writeHash writes p and hashes what was written. Large writes hash in
@@ -265,6 +307,9 @@ func (w *Writer) writeHash(p []byte) (int, error) {
 // with the hash state: fsync data first, then replace the state atomically,
 // so the state never claims bytes that are not on disk.
 func (w *Writer) checkpoint() error {
+	if err := w.waitCheckpoint(); err != nil {
+		return err
+	}
 	if err := w.f.Sync(); err != nil {
 		return mapSpace(err, "blobstore: sync ingest "+w.ref)
 	}
@@ -302,6 +347,7 @@ func (w *Writer) Cancel() error {
 		return nil
 	}
 	w.done = true
+	_ = w.waitCheckpoint() // its file is about to go anyway
 	err := os.RemoveAll(w.dir)
 	w.f.Close()
 	w.s.release(w.off)
@@ -328,6 +374,9 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
+	// A failed background checkpoint does not matter here: Commit fsyncs
+	// the data itself and the state file is discarded.
+	_ = w.waitCheckpoint()
 	if size >= 0 && size != w.off {
 		w.Cancel()
 		return "", fmt.Errorf("%w: ingest %s has %d bytes, expected %d", ErrSizeMismatch, w.ref, w.off, size)

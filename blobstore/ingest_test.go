@@ -180,6 +180,7 @@ func TestResume(t *testing.T) {
 					t.Fatal(err)
 				}
 			} else {
+				w.waitCheckpoint()
 				w.f.Close() // killed: no final checkpoint
 				wantOff = w.durable
 				if tc.garbage {
