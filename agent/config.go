@@ -53,6 +53,8 @@ type Config struct {
 	// ExportURLBase, when set, is the scheme://host:port used in export URLs
 	// (default: derived from the request's Host header).
 	ExportURLBase string `yaml:"exportURLBase"`
+	// Debug enables diagnostic commands (/imagestore/debug/*).
+	Debug bool `yaml:"debug"`
 }
 
 // TLS enables HTTPS on the management port when both files are set.

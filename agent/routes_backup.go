@@ -220,27 +220,44 @@ func (a *Agent) confineImportPath(imgurl string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", fmt.Errorf("imgurl %q: not an absolute path", imgurl)
 	}
+	// Check the lexical path first (so ../ tricks are named as such), then
+	// the path with symlinks resolved (so a link cannot lead outside).
+	if a.confinedRoot(filepath.Clean(p), false) == "" {
+		return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, a.uploadRoot)
+	}
 	real, err := filepath.EvalSymlinks(filepath.Clean(p))
 	if err != nil {
 		return "", fmt.Errorf("imgurl %q: %w", imgurl, err)
 	}
-	for _, root := range a.importRoots() {
-		rr, err := filepath.EvalSymlinks(root)
+	if a.confinedRoot(real, true) != "" {
+		fi, err := os.Stat(real)
 		if err != nil {
-			continue
+			return "", fmt.Errorf("imgurl %q: %w", imgurl, err)
 		}
-		if rel, err := filepath.Rel(rr, real); err == nil && rel != "." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) && rel != ".." {
-			fi, err := os.Stat(real)
-			if err != nil {
-				return "", fmt.Errorf("imgurl %q: %w", imgurl, err)
-			}
-			if !fi.Mode().IsRegular() {
-				return "", fmt.Errorf("imgurl %q: not a regular file", imgurl)
-			}
-			return real, nil
+		if !fi.Mode().IsRegular() {
+			return "", fmt.Errorf("imgurl %q: not a regular file", imgurl)
 		}
+		return real, nil
 	}
 	return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, a.uploadRoot)
+}
+
+// confinedRoot returns the import root p lies strictly inside, or "".
+func (a *Agent) confinedRoot(p string, resolve bool) string {
+	for _, root := range a.importRoots() {
+		rr := filepath.Clean(root)
+		if resolve {
+			var err error
+			if rr, err = filepath.EvalSymlinks(root); err != nil {
+				continue
+			}
+		}
+		rel, err := filepath.Rel(rr, p)
+		if err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+			return root
+		}
+	}
+	return ""
 }
 
 var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}

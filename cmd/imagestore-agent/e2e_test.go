@@ -1,0 +1,366 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var agentBin string
+
+// TestMain builds the real daemon once; e2e tests run it as a subprocess.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "imagestore-agent-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	agentBin = filepath.Join(dir, "imagestore-agent")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	out, err := exec.Command(gobin, "build", "-o", agentBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building daemon: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const waitLong = 60 * time.Second
+
+type daemon struct {
+	t     *testing.T
+	cmd   *exec.Cmd
+	url   string
+	root  string
+	token string
+	done  chan struct{}
+
+	mu   sync.Mutex
+	logs bytes.Buffer
+}
+
+type daemonOpts struct {
+	token       string
+	parallelism int
+	extra       string // more YAML
+	root        string // reuse a store (restart tests)
+	env         []string
+}
+
+func startDaemon(t *testing.T, o daemonOpts) *daemon {
+	t.Helper()
+	dir := t.TempDir()
+	if o.root == "" {
+		o.root = filepath.Join(dir, "store")
+	}
+	if o.parallelism == 0 {
+		o.parallelism = 4
+	}
+	cfg := fmt.Sprintf(`root: %s
+listen: 127.0.0.1:0
+registryListen: 127.0.0.1:0
+logFormat: json
+logLevel: debug
+parallelismDegree: %d
+callbackRetries: 2
+callbackMaxDelay: 100ms
+callbackTimeout: 5s
+gcGrace: 1ms
+verifyInterval: 0s
+shutdownTimeout: 20s
+debug: true
+token: %q
+%s`, o.root, o.parallelism, o.token, o.extra)
+	cfgPath := filepath.Join(dir, "agent.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{t: t, root: o.root, token: o.token, done: make(chan struct{})}
+	d.cmd = exec.Command(agentBin, "-config", cfgPath)
+	d.cmd.Env = append(os.Environ(), o.env...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	addr := make(chan string, 1)
+	go func() {
+		defer close(d.done)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			line := sc.Bytes()
+			d.mu.Lock()
+			d.logs.Write(line)
+			d.logs.WriteByte('\n')
+			d.mu.Unlock()
+			var rec struct{ Msg, Addr string }
+			if json.Unmarshal(line, &rec) == nil && rec.Msg == "listening" {
+				addr <- rec.Addr
+			}
+		}
+		_ = d.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		_ = d.cmd.Process.Kill()
+		<-d.done
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.log())
+		}
+	})
+	select {
+	case a := <-addr:
+		d.url = "http://" + a
+	case <-d.done:
+		t.Fatalf("daemon exited before listening:\n%s", d.log())
+	case <-time.After(waitLong):
+		t.Fatalf("daemon did not start:\n%s", d.log())
+	}
+	return d
+}
+
+func (d *daemon) log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.logs.String()
+}
+
+// stop sends sig and waits for exit, returning the exit code.
+func (d *daemon) stop(sig syscall.Signal) int {
+	d.t.Helper()
+	_ = d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(waitLong):
+		d.t.Fatal("daemon did not exit")
+	}
+	return d.cmd.ProcessState.ExitCode()
+}
+
+// mgmt plays the management node: it receives callbacks.
+type mgmt struct {
+	srv  *httptest.Server
+	mu   sync.Mutex
+	got  map[string][]byte
+	hits map[string]int
+	seq  int
+}
+
+func newMgmt(t *testing.T) *mgmt {
+	m := &mgmt{got: map[string][]byte{}, hits: map[string]int{}}
+	m.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		id := r.Header.Get("taskuuid")
+		m.mu.Lock()
+		m.got[id] = b
+		m.hits[id]++
+		m.mu.Unlock()
+	}))
+	t.Cleanup(m.srv.Close)
+	return m
+}
+
+func (m *mgmt) newID() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.seq++
+	return fmt.Sprintf("task-%d-%d", time.Now().UnixNano(), m.seq)
+}
+
+func (m *mgmt) wait(t *testing.T, id string) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(waitLong)
+	for time.Now().Before(deadline) {
+		m.mu.Lock()
+		b, ok := m.got[id]
+		m.mu.Unlock()
+		if ok {
+			var v map[string]any
+			if err := json.Unmarshal(b, &v); err != nil {
+				t.Fatalf("callback %s: %v: %s", id, err, b)
+			}
+			return v
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("no callback for %s", id)
+	return nil
+}
+
+type resp struct {
+	code int
+	body map[string]any
+	raw  []byte
+}
+
+func (d *daemon) post(t *testing.T, path string, body any, hdr map[string]string) resp {
+	t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		rd = strings.NewReader(b)
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		j, _ := json.Marshal(b)
+		rd = bytes.NewReader(j)
+	}
+	req, _ := http.NewRequest(http.MethodPost, d.url+path, rd)
+	req.Header.Set("Content-Type", "application/json")
+	if d.token != "" {
+		req.Header.Set("Authorization", "Bearer "+d.token)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	r := resp{code: res.StatusCode, raw: raw}
+	_ = json.Unmarshal(raw, &r.body)
+	return r
+}
+
+// sync calls a sync path and requires success.
+func (d *daemon) sync(t *testing.T, path string, body any) map[string]any {
+	t.Helper()
+	r := d.post(t, path, body, nil)
+	if r.code != 200 || r.body["success"] != true || r.body["error"] != "" {
+		t.Fatalf("%s: %d %s", path, r.code, r.raw)
+	}
+	return r.body
+}
+
+// async calls an async path as the management node does and returns the callback body.
+func (d *daemon) async(t *testing.T, m *mgmt, path string, body any) map[string]any {
+	t.Helper()
+	id := m.newID()
+	r := d.post(t, path, body, map[string]string{"taskuuid": id, "callbackurl": m.srv.URL + "/callback"})
+	if r.code != 200 || r.body["success"] != true || r.body["error"] != "" {
+		t.Fatalf("%s: immediate answer %d %s", path, r.code, r.raw)
+	}
+	return m.wait(t, id)
+}
+
+func mustSucceed(t *testing.T, what string, v map[string]any) {
+	t.Helper()
+	if v["success"] != true || v["error"] != "" {
+		t.Fatalf("%s failed: %v", what, v)
+	}
+}
+
+func num(v any) int64 {
+	f, _ := v.(float64)
+	return int64(f)
+}
+
+func runTool(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+// writeRaw fills a file with n bytes of a pattern derived from seed.
+func writeRaw(t *testing.T, path string, n int, seed byte) {
+	t.Helper()
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i*7) ^ seed
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func copyInto(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func freePortClosed(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestE2EAuth(t *testing.T) {
+	d := startDaemon(t, daemonOpts{token: "s3cret-token-value"})
+	for _, tc := range []struct {
+		name, auth string
+		want       int
+	}{
+		{"none", "", 401},
+		{"wrong", "Bearer nope", 401},
+		{"wrong scheme", "Basic s3cret-token-value", 401},
+		{"prefix of token", "Bearer s3cret", 401},
+		{"right", "Bearer s3cret-token-value", 200},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, p := range []string{"/imagestore/echo/", "/metrics", "/exports/00000000000000000000000000000000/x"} {
+				req, _ := http.NewRequest(http.MethodGet, d.url+p, nil)
+				if tc.auth != "" {
+					req.Header.Set("Authorization", tc.auth)
+				}
+				res, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				res.Body.Close()
+				want := tc.want
+				if want == 200 && strings.HasPrefix(p, "/exports/") {
+					want = 404
+				}
+				if res.StatusCode != want {
+					t.Errorf("%s: got %d want %d", p, res.StatusCode, want)
+				}
+			}
+		})
+	}
+	res, err := http.Get(d.url + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("/health without token: %d", res.StatusCode)
+	}
+	if strings.Contains(d.log(), "s3cret") {
+		t.Fatal("token appears in the log")
+	}
+}
