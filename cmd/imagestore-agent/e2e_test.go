@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/md5"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -363,4 +365,143 @@ func TestE2EAuth(t *testing.T) {
 	if strings.Contains(d.log(), "s3cret") {
 		t.Fatal("token appears in the log")
 	}
+}
+
+func TestE2EBackupFlow(t *testing.T) {
+	d := startDaemon(t, daemonOpts{})
+	m := newMgmt(t)
+	work := t.TempDir()
+
+	c := d.sync(t, "/imagestore/connect/", map[string]any{"uuid": "bs-uuid-1"})
+	if num(c["totalSize"]) <= 0 || num(c["freeSize"]) <= 0 {
+		t.Fatalf("connect capacity: %v", c)
+	}
+	p := d.async(t, m, "/imagestore/ping/", map[string]any{"uuid": "bs-uuid-1"})
+	mustSucceed(t, "ping", p)
+	if p["uuid"] != "bs-uuid-1" {
+		t.Fatalf("ping uuid %v", p["uuid"])
+	}
+	up := d.sync(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 2})["uploadDir"].(string)
+
+	// base volume and a delta on top of it, made by qemu.
+	base := filepath.Join(work, "base.qcow2")
+	delta := filepath.Join(work, "delta.qcow2")
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+	runTool(t, "qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 4M 512k", base)
+	runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", delta)
+	runTool(t, "qemu-io", "-c", "write -P 0x33 512k 1M", "-c", "write -z 4M 64k", delta)
+
+	copyInto(t, base, filepath.Join(up, "base.qcow2"))
+	ip := d.sync(t, "/imagestore/installpath/allocate", map[string]any{"parent": ""})["installPath"].(string)
+	bres := d.async(t, m, "/imagestore/import-backup/", map[string]any{"imgurl": "file://" + filepath.Join(up, "base.qcow2"), "name": "vol1", "installPath": ip})
+	mustSucceed(t, "import base", bres)
+	baseIP := bres["installPath"].(string)
+	if baseIP != ip {
+		t.Fatalf("base install path %s, allocated %s", baseIP, ip)
+	}
+
+	copyInto(t, delta, filepath.Join(up, "delta.qcow2"))
+	ip2 := d.sync(t, "/imagestore/installpath/allocate", map[string]any{"parent": baseIP})["installPath"].(string)
+	if !strings.HasPrefix(ip2, strings.TrimSuffix(baseIP, bres["id"].(string))) {
+		t.Fatalf("child install path %s not under parent's name %s", ip2, baseIP)
+	}
+	res := d.async(t, m, "/imagestore/import-backup/", map[string]any{"imgurl": filepath.Join(up, "delta.qcow2"), "name": "ignored", "parent": baseIP, "installPath": ip2, "desc": "delta"})
+	mustSucceed(t, "import delta", res)
+	for _, k := range []string{"name", "id", "size", "virtualsize", "totalSize", "freeSize"} {
+		if _, ok := res[k]; !ok {
+			t.Fatalf("import reply lacks %s: %v", k, res)
+		}
+	}
+	if num(res["virtualsize"]) != 8<<20 || num(res["size"]) <= 0 {
+		t.Fatalf("import reply sizes: %v", res)
+	}
+
+	chain := d.async(t, m, "/imagestore/imgchain/", map[string]any{"installPath": ip2})
+	mustSucceed(t, "imgchain", chain)
+	ch := chain["chain"].([]any)
+	if len(ch) != 2 || ch[0].(map[string]any)["installPath"] != ip2 || ch[1].(map[string]any)["installPath"] != baseIP {
+		t.Fatalf("chain: %v", ch)
+	}
+	info := d.async(t, m, "/imagestore/imginfo/", map[string]any{"installPath": ip2})
+	mustSucceed(t, "imginfo", info)
+	if info["blobsum"] != ch[0].(map[string]any)["blobsum"] || info["parent"] == "" {
+		t.Fatalf("imginfo %v", info)
+	}
+	h := d.async(t, m, "/imagestore/getimagehash/", map[string]any{"installPath": ip2, "alogrithm": "sha256"})
+	mustSucceed(t, "hash", h)
+	if "sha256:"+h["hash"].(string) != info["blobsum"] {
+		t.Fatalf("hash %v vs blobsum %v", h["hash"], info["blobsum"])
+	}
+
+	exp := d.async(t, m, "/imagestore/export/", map[string]any{"installPath": ip2, "extFmt": "qcow2"})
+	mustSucceed(t, "export", exp)
+	url := exp["imgUrl"].(string)
+	got := download(t, url, "")
+	sum := md5.Sum(got)
+	if hex.EncodeToString(sum[:]) != exp["md5Sum"] {
+		t.Fatalf("md5 of download %x, reply %v", sum, exp["md5Sum"])
+	}
+	part := download(t, url, "bytes=100-1123")
+	if !bytes.Equal(part, got[100:1124]) {
+		t.Fatal("range request returned wrong bytes")
+	}
+	out := filepath.Join(work, "exported.qcow2")
+	if err := os.WriteFile(out, got, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	runTool(t, "qemu-img", "check", out)
+	runTool(t, "qemu-img", "compare", "-q", delta, out)
+	mustSucceed(t, "delexp", d.async(t, m, "/imagestore/delexp/", map[string]any{"installPath": ip2}))
+	if r := downloadStatus(t, url); r != 404 {
+		t.Fatalf("export still served after delexp: %d", r)
+	}
+
+	// Refuse deleting the base while the delta exists, then delete both and gc.
+	if r := d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}); r["success"] != false {
+		t.Fatalf("deleting a parent with children: %v", r)
+	}
+	mustSucceed(t, "delete delta", d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": ip2}))
+	mustSucceed(t, "delete base", d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}))
+	gc := d.async(t, m, "/imagestore/gc/", map[string]any{"imagesToKeep": []string{}})
+	mustSucceed(t, "gc", gc)
+	if num(gc["freed"]) < num(res["size"]) {
+		t.Fatalf("gc freed %v bytes, the delta alone was %v", gc["freed"], res["size"])
+	}
+	if v := scrapeValue(t, d, "imagestore_store_blobs"); v != 0 {
+		t.Fatalf("%v blobs left after gc", v)
+	}
+}
+
+func download(t *testing.T, url, rng string) []byte {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	want := 200
+	if rng != "" {
+		want = 206
+	}
+	if res.StatusCode != want {
+		t.Fatalf("GET %s (%s): %s", url, rng, res.Status)
+	}
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func downloadStatus(t *testing.T, url string) int {
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	return res.StatusCode
 }
