@@ -249,8 +249,11 @@ func TestRedialAfterKilledConnection(t *testing.T) {
 	s.KillConnections(t)
 	// The open file reconnects and keeps reading.
 	checkRanges(t, f, data, 4, 5)
-	if d := dials.Load(); d != 2 {
-		t.Fatalf("dials = %d, want 2", d)
+	// At least one redial; a loaded machine may need a second one when the
+	// kill lands while the first redial is still being set up.
+	d1 := dials.Load()
+	if d1 < 2 {
+		t.Fatalf("dials = %d, want at least 2", d1)
 	}
 	// New calls use the redialled connection.
 	if _, err := p.Stat(ctx, hostOf(s), name); err != nil {
@@ -261,8 +264,8 @@ func TestRedialAfterKilledConnection(t *testing.T) {
 	if _, err := p.Stat(ctx, hostOf(s), name); err != nil {
 		t.Fatal(err)
 	}
-	if d := dials.Load(); d != 3 {
-		t.Fatalf("dials = %d, want 3", d)
+	if d := dials.Load(); d <= d1 {
+		t.Fatalf("dials = %d, want more than %d after the second kill", d, d1)
 	}
 }
 
