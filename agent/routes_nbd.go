@@ -2,17 +2,517 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"imagestore/agent/nbd"
+	"imagestore/blobstore"
 )
 
-// nbdState holds the agent's NBD servers (routes_nbd.go). Its methods are
-// nil-safe so an agent built without it keeps working.
-type nbdState struct{}
+func init() {
+	addRoutes(
+		Route{Path: "/imagestore/exportnbdimage/", Mode: Async, Handler: (*Agent).exportNBDImage},
+		Route{Path: "/imagestore/exportnbdimage/cancel/", Mode: Async, Handler: (*Agent).cancelNBDImage},
+		Route{Path: "/imagestore/export/remotetarget/", Mode: Async, Handler: (*Agent).exportRemoteTarget},
+		Route{Path: "/imagestore/remotetarget/delete/", Mode: Async, Handler: (*Agent).deleteRemoteTarget},
+	)
+	// import-backup's processToRelease names a target group: stop its
+	// servers (qemu-nbd flushes on SIGTERM) so the file is complete and
+	// nobody writes it while we read.
+	releaseProcessHook = func(a *Agent, desc string) error {
+		m, err := a.nbd.manager()
+		if err != nil {
+			return err
+		}
+		// Not the request's context: a cancelled request must not leave a
+		// half-stopped server behind.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := m.Release(ctx, desc); err != nil {
+			if errors.Is(err, nbd.ErrNotFound) {
+				// Already released (a retried import) or expired (then the
+				// import fails on the missing file, with a clear error).
+				a.log.Warn("processToRelease: no such NBD target group", "desc", desc)
+				return nil
+			}
+			return fmt.Errorf("processToRelease %s: %w", desc, err)
+		}
+		a.log.Info("nbd targets released for import", "desc", desc)
+		return nil
+	}
+}
 
-func newNBDState(a *Agent) *nbdState { return &nbdState{} }
+// nbdStopTimeout bounds stopping servers at shutdown and on delete.
+const nbdStopTimeout = time.Minute
+
+// nbdState holds the agent's NBD servers: writable backup targets
+// (exportnbdimage) and read-only exports of stored chains (remotetarget).
+// Its methods are nil-safe so an agent built without it keeps working.
+type nbdState struct {
+	mgr *nbd.Manager
+	err error // why mgr is nil (e.g. qemu-nbd missing)
+	log interface {
+		Warn(string, ...any)
+	}
+
+	mu      sync.Mutex
+	remotes map[string]*remoteTarget // by server id
+}
+
+// remoteTarget is a read-only export of a stored chain; release lets GC
+// free the chain's blobs again.
+type remoteTarget struct {
+	installPath string
+	uri         string
+	release     func()
+}
+
+// newNBDState starts the NBD manager, which stops servers and removes
+// targets a previous run left behind. Without qemu-nbd the agent still
+// runs; NBD commands then fail with the reason.
+func newNBDState(a *Agent) *nbdState {
+	s := &nbdState{log: a.log, remotes: map[string]*remoteTarget{}}
+	lo, hi, err := parsePortRange(a.cfg.NBD.PortRange)
+	if err == nil {
+		s.mgr, err = nbd.NewManager(nbd.Options{
+			Dir: filepath.Join(a.root, "nbd"), PortMin: lo, PortMax: hi,
+			Bind: a.cfg.NBD.Bind, Logger: a.log,
+		})
+	}
+	if err != nil {
+		s.err = fmt.Errorf("NBD unavailable on this agent: %w", err)
+		a.log.Warn("nbd disabled", "err", err)
+	}
+	a.reg.MustRegister(&nbdCollector{s: s})
+	return s
+}
+
+// parsePortRange parses "10800-10899" (or a single port).
+func parsePortRange(s string) (int, int, error) {
+	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
+	if !ok {
+		b = a
+	}
+	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
+	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if err1 != nil || err2 != nil || lo <= 0 || hi > 65535 || hi < lo {
+		return 0, 0, fmt.Errorf("nbd.portRange %q: want MIN-MAX within 1-65535", s)
+	}
+	return lo, hi, nil
+}
+
+func (s *nbdState) manager() (*nbd.Manager, error) {
+	if s == nil {
+		return nil, errors.New("NBD unavailable on this agent")
+	}
+	if s.mgr == nil {
+		return nil, s.err
+	}
+	return s.mgr, nil
+}
 
 // expire stops target groups past their expiry.
-func (s *nbdState) expire(ctx context.Context, now time.Time) {}
+func (s *nbdState) expire(ctx context.Context, now time.Time) {
+	if m, err := s.manager(); err == nil {
+		m.Expire(ctx, now)
+	}
+}
 
-// close stops every server the agent runs.
-func (s *nbdState) close() {}
+// close stops every server the agent runs and releases the chains held.
+func (s *nbdState) close() {
+	m, err := s.manager()
+	if err != nil {
+		return
+	}
+	if err := m.Close(); err != nil {
+		s.log.Warn("closing nbd servers", "err", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, rt := range s.remotes {
+		rt.release()
+		delete(s.remotes, id)
+	}
+}
+
+// nbdCollector reports running servers by kind at scrape time.
+type nbdCollector struct{ s *nbdState }
+
+var descNBDServers = prometheus.NewDesc("imagestore_agent_nbd_servers",
+	"Running qemu-nbd servers by kind: target (writable backup targets) or remote (read-only chain exports).", []string{"kind"}, nil)
+
+func (c *nbdCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descNBDServers }
+
+func (c *nbdCollector) Collect(ch chan<- prometheus.Metric) {
+	m, err := c.s.manager()
+	if err != nil {
+		return
+	}
+	w, r := m.Count()
+	ch <- prometheus.MustNewConstMetric(descNBDServers, prometheus.GaugeValue, float64(w), "target")
+	ch <- prometheus.MustNewConstMetric(descNBDServers, prometheus.GaugeValue, float64(r), "remote")
+}
+
+type exportNBDReq struct {
+	Workspace  string    `json:"workspace"`
+	Sizes      []flexInt `json:"sizes"`
+	ExpireHour flexInt   `json:"expireHour"`
+}
+
+func (q *exportNBDReq) validate() error {
+	if q.Workspace == "" {
+		return missing("workspace")
+	}
+	if len(q.Sizes) == 0 {
+		return missing("sizes")
+	}
+	for i, s := range q.Sizes {
+		if s <= 0 {
+			return fmt.Errorf("sizes[%d] = %d: must be positive", i, s)
+		}
+	}
+	if q.ExpireHour < 0 {
+		return fmt.Errorf("expireHour %d is negative", q.ExpireHour)
+	}
+	return nil
+}
+
+type exportNBDReply struct {
+	ImagePaths     []string `json:"imagePaths"`
+	Ports          []int    `json:"ports"`
+	NBDDescription string   `json:"nbdDescription"`
+}
+
+// exportNBDImage creates empty qcow2 targets in an upload dir and serves
+// each writable over NBD for a KVM host's backup job. The targets expire
+// with their upload dir (or after expireHour).
+func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
+	var req exportNBDReq
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "exportnbdimage", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		m, err := a.nbd.manager()
+		if err != nil {
+			return nil, err
+		}
+		ws, updir, err := a.confineWorkspace(req.Workspace)
+		if err != nil {
+			return nil, err
+		}
+		ttl := a.cfg.UploadDirExpiry
+		if exp, err := readExpiry(updir + ".expires"); err == nil {
+			ttl = time.Until(exp)
+		}
+		if req.ExpireHour > 0 {
+			ttl = time.Duration(req.ExpireHour) * time.Hour
+		}
+		if ttl <= 0 {
+			return nil, fmt.Errorf("workspace %s: its upload dir has expired", req.Workspace)
+		}
+		sizes := make([]int64, len(req.Sizes))
+		for i, s := range req.Sizes {
+			sizes[i] = int64(s)
+		}
+		desc, servers, err := m.CreateTargets(ctx, ws, sizes, ttl)
+		if err != nil {
+			return nil, err
+		}
+		rep := exportNBDReply{NBDDescription: desc}
+		for _, s := range servers {
+			rep.ImagePaths = append(rep.ImagePaths, s.Path)
+			rep.Ports = append(rep.Ports, s.Port)
+		}
+		return rep, nil
+	})
+}
+
+// confineWorkspace resolves ws (after symlinks) and checks it is a
+// directory inside an upload dir; it returns it and that upload dir.
+func (a *Agent) confineWorkspace(ws string) (string, string, error) {
+	if !filepath.IsAbs(ws) {
+		return "", "", fmt.Errorf("workspace %q: not an absolute path", ws)
+	}
+	real, err := filepath.EvalSymlinks(filepath.Clean(ws))
+	if err != nil {
+		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
+	}
+	root, err := filepath.EvalSymlinks(a.uploadRoot)
+	if err != nil {
+		return "", "", err
+	}
+	rel, err := filepath.Rel(root, real)
+	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*; allocate one with allocuploaddir)", ws, a.uploadRoot, uploadDirPrefix)
+	}
+	first, _, _ := strings.Cut(rel, string(filepath.Separator))
+	if !strings.HasPrefix(first, uploadDirPrefix) {
+		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*)", ws, a.uploadRoot, uploadDirPrefix)
+	}
+	if fi, err := os.Stat(real); err != nil {
+		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
+	} else if !fi.IsDir() {
+		return "", "", fmt.Errorf("workspace %q is not a directory", ws)
+	}
+	return real, filepath.Join(root, first), nil
+}
+
+type cancelNBDReq struct {
+	NBDDescription string `json:"nbdDescription"`
+}
+
+func (q *cancelNBDReq) validate() error {
+	if q.NBDDescription == "" {
+		return missing("nbdDescription")
+	}
+	return nil
+}
+
+type cancelNBDReply struct {
+	Cancelled bool `json:"cancelled"` // false when the targets were already gone
+}
+
+// cancelNBDImage stops a target group's servers and removes the targets.
+// Cancelling an unknown (expired, released) group succeeds with
+// cancelled:false, so retries are harmless.
+func (a *Agent) cancelNBDImage(w http.ResponseWriter, r *http.Request) {
+	var req cancelNBDReq
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "exportnbdimage-cancel", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		m, err := a.nbd.manager()
+		if err != nil {
+			return nil, err
+		}
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nbdStopTimeout)
+		defer cancel()
+		switch err := m.Cancel(sctx, req.NBDDescription); {
+		case errors.Is(err, nbd.ErrNotFound):
+			return cancelNBDReply{}, nil
+		case err != nil:
+			return nil, err
+		}
+		return cancelNBDReply{Cancelled: true}, nil
+	})
+}
+
+type remoteTargetReq struct {
+	InstallPath      string `json:"installPath"`
+	RemoteTargetType string `json:"remoteTargetType"`
+	Hostname         string `json:"hostname"`
+}
+
+func (q *remoteTargetReq) validate() error {
+	if q.InstallPath == "" {
+		return missing("installPath")
+	}
+	if q.RemoteTargetType != "" && !strings.EqualFold(q.RemoteTargetType, "NBD") {
+		return fmt.Errorf("remoteTargetType %q not supported (NBD)", q.RemoteTargetType)
+	}
+	if strings.ContainsAny(q.Hostname, "/@?# ") {
+		return fmt.Errorf("hostname %q is not a host name", q.Hostname)
+	}
+	return nil
+}
+
+type remoteTargetReply struct {
+	TargetURI   string `json:"targetUri"`
+	Port        int    `json:"port"`
+	ExportName  string `json:"exportName"`
+	InstallPath string `json:"installPath"`
+}
+
+// exportRemoteTarget serves a stored chain read-only over NBD, in place:
+// qemu-nbd opens the top layer's blob and follows the canonical relative
+// backing names through the blob directory. The chain's blobs are held
+// so GC cannot free them while served. Exporting an already served image
+// returns the running server.
+func (a *Agent) exportRemoteTarget(w http.ResponseWriter, r *http.Request) {
+	var req remoteTargetReq
+	err := decode(r, &req)
+	host := req.Hostname
+	if host == "" {
+		host = hostOnly(r.Host)
+	}
+	a.async(w, r, JobSpec{Kind: "remotetarget", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		m, err := a.nbd.manager()
+		if err != nil {
+			return nil, err
+		}
+		img, err := a.lookupImage(ctx, "installPath", req.InstallPath)
+		if err != nil {
+			return nil, err
+		}
+		if img.Format != "qcow2" {
+			return nil, fmt.Errorf("image %s has format %s; only qcow2 images can be served over NBD", img.Ref, img.Format)
+		}
+		job.SetImage("", img.InstallPath(), img.Format)
+		chain, err := a.store.Chain(ctx, img.Ref)
+		if err != nil {
+			return nil, err
+		}
+		blobs := make([]digest.Digest, len(chain))
+		for i, c := range chain {
+			blobs[i] = c.Blob
+		}
+		return a.nbd.serveChain(ctx, m, a.store, img, blobs, host)
+	})
+}
+
+// serveChain starts (or finds) the read-only server of img.
+func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobstore.Store, img blobstore.Image, blobs []digest.Digest, host string) (remoteTargetReply, error) {
+	name := nbdExportName(img)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	running := map[string]nbd.Server{}
+	for _, srv := range m.List() {
+		running[srv.ID] = srv
+	}
+	for id, rt := range s.remotes {
+		srv, ok := running[id]
+		if !ok { // the server died: forget it and serve anew
+			rt.release()
+			delete(s.remotes, id)
+			continue
+		}
+		if rt.installPath == img.InstallPath() {
+			return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName, InstallPath: rt.installPath}, nil
+		}
+	}
+	release := store.Hold(blobs...)
+	path, err := store.BlobPath(img.Blob)
+	if err != nil {
+		release()
+		return remoteTargetReply{}, err
+	}
+	srv, err := m.ServeReadOnly(ctx, path, name)
+	if err != nil {
+		release()
+		return remoteTargetReply{}, err
+	}
+	uri := nbdURI(host, srv.Port, srv.ExportName)
+	s.remotes[srv.ID] = &remoteTarget{installPath: img.InstallPath(), uri: uri, release: release}
+	return remoteTargetReply{TargetURI: uri, Port: srv.Port, ExportName: srv.ExportName, InstallPath: img.InstallPath()}, nil
+}
+
+// nbdExportName names an image's export: its name and id when those are
+// safe in an NBD URI, else its id.
+func nbdExportName(img blobstore.Image) string {
+	ok := func(s string) bool {
+		for _, c := range s {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+				return false
+			}
+		}
+		return s != ""
+	}
+	if ok(img.Name) && ok(img.ID) && len(img.Name)+len(img.ID) < 250 {
+		return img.Name + ":" + img.ID
+	}
+	return "image-" + strings.Map(func(c rune) rune {
+		if c >= 'a' && c <= 'z' || c >= '0' && c <= '9' {
+			return c
+		}
+		return '-'
+	}, strings.ToLower(img.ID))
+}
+
+func nbdURI(host string, port int, export string) string {
+	return "nbd://" + net.JoinHostPort(host, strconv.Itoa(port)) + "/" + export
+}
+
+// hostOnly strips the port from a Host header.
+func hostOnly(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return strings.Trim(hostport, "[]")
+}
+
+type deleteRemoteReq struct {
+	TargetURI   string `json:"targetUri"`
+	InstallPath string `json:"installPath"`
+}
+
+func (q *deleteRemoteReq) validate() error {
+	if q.TargetURI == "" && q.InstallPath == "" {
+		return missing("targetUri")
+	}
+	if q.TargetURI != "" {
+		u, err := url.Parse(q.TargetURI)
+		if err != nil || u.Scheme != "nbd" || u.Port() == "" {
+			return fmt.Errorf("targetUri %q is not an nbd://host:port/export URI", q.TargetURI)
+		}
+	}
+	return nil
+}
+
+type deleteRemoteReply struct {
+	Deleted int `json:"deleted"`
+}
+
+// deleteRemoteTarget stops the read-only servers matching targetUri (by
+// port and export name; the host may be spelled differently) or
+// installPath, and releases their chains. No match succeeds with deleted:0.
+func (a *Agent) deleteRemoteTarget(w http.ResponseWriter, r *http.Request) {
+	var req deleteRemoteReq
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "remotetarget-delete", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		m, err := a.nbd.manager()
+		if err != nil {
+			return nil, err
+		}
+		port, export := 0, ""
+		if req.TargetURI != "" {
+			u, _ := url.Parse(req.TargetURI)
+			port, _ = strconv.Atoi(u.Port())
+			export = strings.TrimPrefix(u.Path, "/")
+		}
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nbdStopTimeout)
+		defer cancel()
+		n, err := a.nbd.stopRemotes(sctx, m, func(srv nbd.Server, rt *remoteTarget) bool {
+			return (req.TargetURI == "" || (srv.Port == port && srv.ExportName == export)) &&
+				(req.InstallPath == "" || rt.installPath == req.InstallPath)
+		})
+		if err != nil {
+			return nil, err
+		}
+		return deleteRemoteReply{Deleted: n}, nil
+	})
+}
+
+func (s *nbdState) stopRemotes(ctx context.Context, m *nbd.Manager, match func(nbd.Server, *remoteTarget) bool) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	running := map[string]nbd.Server{}
+	for _, srv := range m.List() {
+		running[srv.ID] = srv
+	}
+	n := 0
+	var errs []error
+	for id, rt := range s.remotes {
+		srv, ok := running[id]
+		if ok && !match(srv, rt) {
+			continue
+		}
+		if ok {
+			if err := m.Stop(ctx, id); err != nil && !errors.Is(err, nbd.ErrNotFound) {
+				errs = append(errs, err)
+				continue
+			}
+			n++
+		}
+		rt.release()
+		delete(s.remotes, id)
+	}
+	return n, errors.Join(errs...)
+}

@@ -1,0 +1,204 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/blobstore"
+)
+
+// restoreEnv is an agent over a fresh store, served by httptest.
+type restoreEnv struct {
+	a     *Agent
+	store *blobstore.Store
+	srv   *httptest.Server
+	dir   string // scratch dir for test files
+}
+
+func r7requireTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s not installed: %v", tool, err)
+		}
+	}
+}
+
+func newRestoreEnv(t *testing.T, mod func(*Config)) *restoreEnv {
+	t.Helper()
+	root := t.TempDir()
+	store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.Root = root
+	// A random slice of high ports; the NBD manager skips busy ones.
+	base := 20000 + rand.IntN(40000)
+	cfg.NBD.PortRange = r7itoa(base) + "-" + r7itoa(base+200)
+	cfg.NBD.Bind = "127.0.0.1"
+	cfg.MaxBodyBytes = 1 << 30
+	if mod != nil {
+		mod(&cfg)
+	}
+	a, err := New(cfg, store, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(func() {
+		srv.Close()
+		_ = a.Close()
+		_ = store.Close()
+	})
+	return &restoreEnv{a: a, store: store, srv: srv, dir: t.TempDir()}
+}
+
+func r7itoa(n int) string { return fmt.Sprint(n) }
+
+func r7jsonString(v any) string { b, _ := json.Marshal(v); return string(b) }
+
+// call POSTs body to path (use the -sync twin of async routes) and returns
+// the decoded reply.
+func (e *restoreEnv) call(t *testing.T, path string, body any) map[string]any {
+	t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		j, _ := json.Marshal(b)
+		rd = bytes.NewReader(j)
+	}
+	res, err := http.Post(e.srv.URL+path, "application/json", rd)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	var v map[string]any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		t.Fatalf("POST %s: %d %s", path, res.StatusCode, raw)
+	}
+	return v
+}
+
+// ok calls path and requires success.
+func (e *restoreEnv) ok(t *testing.T, path string, body any) map[string]any {
+	t.Helper()
+	v := e.call(t, path, body)
+	if v["success"] != true {
+		t.Fatalf("%s %s: %v", path, r7jsonString(body), v)
+	}
+	return v
+}
+
+// fails calls path and requires an error containing want.
+func (e *restoreEnv) fails(t *testing.T, path string, body any, want string) map[string]any {
+	t.Helper()
+	v := e.call(t, path, body)
+	msg, _ := v["error"].(string)
+	if v["success"] != false || !strings.Contains(msg, want) {
+		t.Fatalf("%s %s: want error containing %q, got %v", path, r7jsonString(body), want, v)
+	}
+	return v
+}
+
+func (e *restoreEnv) uploadDir(t *testing.T) string {
+	t.Helper()
+	return e.ok(t, "/imagestore/allocuploaddir/", map[string]any{})["uploadDir"].(string)
+}
+
+func r7run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// qemuWrite writes pattern p at off (len bytes) into a qcow2 with qemu-io.
+func r7qemuWrite(t *testing.T, path string, p byte, off, n int64) {
+	t.Helper()
+	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -P "+r7itoa(int(p))+" "+r7itoa(int(off))+" "+r7itoa(int(n)), path)
+}
+
+// storeChain stores base and its deltas (qemu-img made qcow2 files with
+// any backing names) in the store as canonical layers, rebasing each delta
+// onto its parent's BackingName as normalized layers are, and records
+// images. It returns the images top last.
+func (e *restoreEnv) storeChain(t *testing.T, name string, files ...string) []blobstore.Image {
+	t.Helper()
+	ctx := context.Background()
+	var out []blobstore.Image
+	for i, f := range files {
+		cp := filepath.Join(e.dir, "layer-"+r7randHex()+".qcow2")
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(cp, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var parent *blobstore.Image
+		if i > 0 {
+			parent = &out[i-1]
+			r7run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", blobstore.BackingName(parent.Blob), cp)
+		}
+		fh, err := os.Open(cp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := fh.Stat()
+		d, n, err := e.store.Put(ctx, fh, fi.Size(), "")
+		fh.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		vs := strings.TrimSpace(r7run(t, "sh", "-c", "qemu-img info --output=json "+cp+" | sed -n 's/.*\"virtual-size\": \\([0-9]*\\).*/\\1/p'"))
+		img, err := e.a.recordImage(ctx, NewImage{Ref: blobstore.Ref{Name: name, ID: r7randHex()}, Blob: d, Parent: parent, Size: n, Format: "qcow2", VirtualSize: r7atoi(t, vs)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, img)
+	}
+	return out
+}
+
+func r7atoi(t *testing.T, s string) int64 {
+	t.Helper()
+	var n int64
+	if err := json.Unmarshal([]byte(s), &n); err != nil {
+		t.Fatalf("number %q: %v", s, err)
+	}
+	return n
+}
+
+func r7randHex() string { return randomHex(8) }
+
+// waitFor polls cond until it holds or a generous deadline passes.
+func r7waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

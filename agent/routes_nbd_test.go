@@ -1,0 +1,275 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/blobstore"
+)
+
+// makeChain builds base <- d1 <- d2 qcow2 files with qemu-img/qemu-io and
+// returns their paths (d2's chain is the source volume).
+func r7makeChain(t *testing.T, dir string, size int64) []string {
+	t.Helper()
+	base := filepath.Join(dir, "base.qcow2")
+	d1 := filepath.Join(dir, "d1.qcow2")
+	d2 := filepath.Join(dir, "d2.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, r7itoa(int(size)))
+	r7qemuWrite(t, base, 0x11, 0, 1<<20)
+	r7qemuWrite(t, base, 0x22, 3<<20, 512<<10)
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, d1)
+	r7qemuWrite(t, d1, 0x33, 512<<10, 1<<20)
+	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -z 3145728 65536", d1)
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", d1, d2)
+	r7qemuWrite(t, d2, 0x44, size-(128<<10), 64<<10)
+	return []string{base, d1, d2}
+}
+
+func r7portClosed(port string) bool {
+	c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, time.Second)
+	if err != nil {
+		return true
+	}
+	c.Close()
+	return false
+}
+
+func r7metricsText(t *testing.T, e *restoreEnv) string {
+	t.Helper()
+	res, err := http.Get(e.srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return string(b)
+}
+
+func TestRemoteTargetInstantRestore(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
+	e := newRestoreEnv(t, nil)
+	files := r7makeChain(t, e.dir, 8<<20)
+	imgs := e.storeChain(t, "vol", files...)
+	top := imgs[2]
+
+	rep := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "remoteTargetType": "NBD", "hostname": "127.0.0.1"})
+	uri, _ := rep["targetUri"].(string)
+	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") {
+		t.Fatalf("targetUri %q", uri)
+	}
+	// Served in place: qemu-nbd follows the canonical ../hh/hex names.
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, files[2])
+	if again := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"}); again["targetUri"] != uri {
+		t.Fatalf("second export: %v, want the running %s", again["targetUri"], uri)
+	}
+	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="remote"} 1`) {
+		t.Fatalf("metrics lack the remote server:\n%s", r7grepLines(m, "nbd"))
+	}
+	// While served, GC cannot free the chain even once its records go.
+	ctx := context.Background()
+	if err := e.store.DeleteImage(ctx, top.Ref); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.GC(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !e.store.Exists(top.Blob) {
+		t.Fatal("GC freed a served blob")
+	}
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, files[2])
+
+	pu, err := url.Parse(uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := pu.Port()
+	del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri})
+	if r7num(del["deleted"]) != 1 {
+		t.Fatalf("delete: %v", del)
+	}
+	r7waitFor(t, "server to stop", func() bool { return r7portClosed(port) })
+	if del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri}); r7num(del["deleted"]) != 0 {
+		t.Fatalf("second delete: %v", del)
+	}
+	if _, err := e.store.GC(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.store.Exists(top.Blob) {
+		t.Fatal("blob still held after the target was deleted")
+	}
+}
+
+func r7num(v any) int64 {
+	f, _ := v.(float64)
+	return int64(f)
+}
+
+func r7grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+func TestRemoteTargetErrors(t *testing.T) {
+	r7requireTools(t, "qemu-nbd")
+	e := newRestoreEnv(t, nil)
+	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque"), 6, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := e.a.recordImage(context.Background(), NewImage{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Blob: d, Size: n, Format: "gzip"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		body map[string]any
+		want string
+	}{
+		{"no installPath", map[string]any{"hostname": "h"}, "missing field installPath"},
+		{"unknown image", map[string]any{"installPath": "zstore://vol/nope"}, "no such image"},
+		{"bad type", map[string]any{"installPath": "zstore://vol/x", "remoteTargetType": "iSCSI"}, "not supported"},
+		{"opaque blob", map[string]any{"installPath": raw.InstallPath()}, "only qcow2"},
+		{"bad hostname", map[string]any{"installPath": raw.InstallPath(), "hostname": "a/b"}, "not a host name"},
+	} {
+		t.Run(c.name, func(t *testing.T) { e.fails(t, "/imagestore/export/remotetarget-sync", c.body, c.want) })
+	}
+	e.fails(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": "http://x/y"}, "not an nbd://")
+	e.fails(t, "/imagestore/remotetarget/delete-sync", map[string]any{}, "missing field targetUri")
+}
+
+func TestNBDTargetBackupThenImport(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-nbd")
+	e := newRestoreEnv(t, nil)
+	up := e.uploadDir(t)
+	src := filepath.Join(e.dir, "src.raw")
+	r7writePattern(t, src, 6<<20, 3)
+
+	rep := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{6 << 20, 1 << 20}})
+	desc, _ := rep["nbdDescription"].(string)
+	paths, _ := rep["imagePaths"].([]any)
+	ports, _ := rep["ports"].([]any)
+	if desc == "" || len(paths) != 2 || len(ports) != 2 {
+		t.Fatalf("exportnbdimage reply %v", rep)
+	}
+	target := paths[0].(string)
+	port := r7itoa(int(r7num(ports[0])))
+	if !strings.HasPrefix(target, up+"/") {
+		t.Fatalf("target %s not in upload dir %s", target, up)
+	}
+	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="target"} 2`) {
+		t.Fatalf("metrics lack the targets:\n%s", r7grepLines(m, "nbd"))
+	}
+	// A QEMU-style writer fills the target over NBD.
+	r7run(t, "qemu-img", "convert", "-n", "-O", "raw", src, "nbd://127.0.0.1:"+port)
+
+	res := e.call(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": target, "name": "vol", "processToRelease": desc})
+	if !r7portClosed(port) {
+		t.Fatal("import-backup did not stop the target's server")
+	}
+	// The released target holds exactly what was written.
+	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, src)
+	if res["success"] == true {
+		flat := filepath.Join(e.dir, "flat.raw")
+		r7flattenTo(t, e, res["installPath"].(string), flat)
+		r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", flat, src)
+	} else if msg, _ := res["error"].(string); !strings.Contains(msg, "qcow2 normalization is not available") {
+		t.Fatalf("import-backup: %v", res)
+	}
+	// The second target of the group was released too and stays on disk.
+	if _, err := os.Stat(paths[1].(string)); err != nil {
+		t.Fatalf("released target removed: %v", err)
+	}
+	// Retrying the release (a retried import) is harmless.
+	if err := e.a.releaseProcess(desc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// flattenTo writes the stored chain of installPath as a raw file.
+func r7flattenTo(t *testing.T, e *restoreEnv, installPath, dst string) {
+	t.Helper()
+	img, err := e.a.lookupImage(context.Background(), "installPath", installPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.store.BlobPath(img.Blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r7run(t, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", p, dst)
+}
+
+// writePattern writes n bytes: data with zero runs, derived from seed.
+func r7writePattern(t *testing.T, path string, n int, seed byte) {
+	t.Helper()
+	b := make([]byte, n)
+	for i := range b {
+		if (i>>16)%3 == 1 {
+			continue // 64 KiB zero runs
+		}
+		b[i] = byte(i*31>>3) ^ seed
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNBDTargetsCancelExpireConfine(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-nbd")
+	e := newRestoreEnv(t, nil)
+	up := e.uploadDir(t)
+	outside := t.TempDir()
+	for _, c := range []struct{ name, ws, want string }{
+		{"outside", outside, "not inside an upload dir"},
+		{"escape", up + "/../..", "not inside an upload dir"},
+		{"uploads root", e.a.uploadRoot, "not inside an upload dir"},
+		{"relative", "u-x", "not an absolute path"},
+		{"missing", up + "/nope", "no such file"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e.fails(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": c.ws, "sizes": []any{1 << 20}}, c.want)
+		})
+	}
+	e.fails(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up}, "missing field sizes")
+	e.fails(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{0}}, "must be positive")
+
+	rep := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{1 << 20}})
+	target := rep["imagePaths"].([]any)[0].(string)
+	port := r7itoa(int(r7num(rep["ports"].([]any)[0])))
+	c := e.ok(t, "/imagestore/exportnbdimage/cancel-sync", map[string]any{"nbdDescription": rep["nbdDescription"]})
+	if c["cancelled"] != true {
+		t.Fatalf("cancel: %v", c)
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("cancelled target still there: %v", err)
+	}
+	r7waitFor(t, "cancelled server to stop", func() bool { return r7portClosed(port) })
+	if c := e.ok(t, "/imagestore/exportnbdimage/cancel-sync", map[string]any{"nbdDescription": rep["nbdDescription"]}); c["cancelled"] != false {
+		t.Fatalf("second cancel: %v", c)
+	}
+
+	// Expiry: the group lives as long as its upload dir.
+	rep = e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{1 << 20}})
+	target = rep["imagePaths"].([]any)[0].(string)
+	e.a.nbd.expire(context.Background(), time.Now())
+	if _, err := os.Stat(target); err != nil {
+		t.Fatalf("target expired early: %v", err)
+	}
+	e.a.nbd.expire(context.Background(), time.Now().Add(e.a.cfg.UploadDirExpiry+time.Hour))
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("expired target still there: %v", err)
+	}
+}
