@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -32,7 +31,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	agentBin = filepath.Join(dir, "imagestore-agent")
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	// go test puts GOROOT/bin first on PATH, so this is the toolchain running the test.
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "go not on PATH:", err)
+		os.Exit(1)
+	}
 	out, err := exec.Command(gobin, "build", "-o", agentBin, ".").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building daemon: %v\n%s", err, out)
