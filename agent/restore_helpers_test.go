@@ -138,40 +138,28 @@ func r7qemuWrite(t *testing.T, path string, p byte, off, n int64) {
 	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -P "+r7itoa(int(p))+" "+r7itoa(int(off))+" "+r7itoa(int(n)), path)
 }
 
-// storeChain stores base and its deltas (qemu-img made qcow2 files with
-// any backing names) in the store as canonical layers, rebasing each delta
-// onto its parent's BackingName as normalized layers are, and records
-// images. It returns the images top last.
-func (e *restoreEnv) storeChain(t *testing.T, name string, files ...string) []blobstore.Image {
+// importChain stores base and its deltas (qemu-img made qcow2 files)
+// through import-backup, each delta on top of the previous image, and
+// returns the images, top last.
+func (e *restoreEnv) importChain(t *testing.T, name string, files ...string) []blobstore.Image {
 	t.Helper()
-	ctx := context.Background()
+	up := e.uploadDir(t)
 	var out []blobstore.Image
 	for i, f := range files {
-		cp := filepath.Join(e.dir, "layer-"+r7randHex()+".qcow2")
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(cp, b, 0o644); err != nil {
+		dst := filepath.Join(up, filepath.Base(f))
+		if err := os.WriteFile(dst, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		var parent *blobstore.Image
+		req := map[string]any{"imgurl": dst, "name": name}
 		if i > 0 {
-			parent = &out[i-1]
-			r7run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", blobstore.BackingName(parent.Blob), cp)
+			req["parent"] = out[i-1].InstallPath()
 		}
-		fh, err := os.Open(cp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fi, _ := fh.Stat()
-		d, n, err := e.store.Put(ctx, fh, fi.Size(), "")
-		fh.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		vs := strings.TrimSpace(r7run(t, "sh", "-c", "qemu-img info --output=json "+cp+" | sed -n 's/.*\"virtual-size\": \\([0-9]*\\).*/\\1/p'"))
-		img, err := e.a.recordImage(ctx, NewImage{Ref: blobstore.Ref{Name: name, ID: r7randHex()}, Blob: d, Parent: parent, Size: n, Format: "qcow2", VirtualSize: r7atoi(t, vs)})
+		rep := e.ok(t, "/imagestore/import-backup-sync", req)
+		img, err := e.a.lookupImage(context.Background(), "installPath", rep["installPath"].(string))
 		if err != nil {
 			t.Fatal(err)
 		}
