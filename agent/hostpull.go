@@ -1,0 +1,420 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/pkg/sftp"
+
+	"imagestore/blobstore"
+	"imagestore/qcow2"
+	"imagestore/transfer/parallel"
+	"imagestore/transfer/ratelimit"
+	"imagestore/transfer/sshfs"
+)
+
+type pullFromHostReq struct {
+	hostFields
+	Path                 string   `json:"path"`
+	Parent               string   `json:"parent"`
+	Name                 string   `json:"name"`
+	ID                   string   `json:"id"`
+	InstallPath          string   `json:"installPath"`
+	Desc                 string   `json:"desc"`
+	VolumeReadBandwidth  ByteSize `json:"volumeReadBandwidth"`
+	NetworkReadBandwidth ByteSize `json:"networkReadBandwidth"`
+	Parallelism          int      `json:"parallelism"`
+}
+
+func (q *pullFromHostReq) validate() error {
+	if err := q.hostFields.validate(); err != nil {
+		return err
+	}
+	switch {
+	case q.Path == "":
+		return missing("path")
+	case q.Name == "" && q.Parent == "" && q.InstallPath == "":
+		return missing("name")
+	case q.VolumeReadBandwidth < 0 || q.NetworkReadBandwidth < 0:
+		return errors.New("bandwidth fields must not be negative")
+	case q.Parallelism < 0:
+		return fmt.Errorf("parallelism %d is negative", q.Parallelism)
+	}
+	return nil
+}
+
+type pullReply struct {
+	importReply
+	HostBytesRead  int64 `json:"hostBytesRead"`
+	AllocatedBytes int64 `json:"allocatedBytes"` // guest bytes of the pulled layer's data clusters
+}
+
+// maxPullParallelism bounds the streams (and so memory: one chunk each).
+const maxPullParallelism = 64
+
+// pullFromHost reads one qcow2 layer (only its own allocated clusters) from
+// a KVM host over SFTP, normalises it into a canonical layer on top of
+// parent, commits it and records the image.
+func (a *Agent) pullFromHost(w http.ResponseWriter, r *http.Request) {
+	var req pullFromHostReq
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "pullfromhost", Backup: true, Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		h, err := a.sshHost(req.hostFields)
+		if err != nil {
+			return nil, err
+		}
+		var parent *blobstore.Image
+		if req.Parent != "" {
+			p, err := a.lookupImage(ctx, "parent", req.Parent)
+			if err != nil {
+				return nil, err
+			}
+			parent = &p
+		}
+		ref, err := a.newImageRef(req.InstallPath, req.Name, parent)
+		if err != nil {
+			return nil, err
+		}
+		if req.ID != "" && req.InstallPath == "" {
+			ref.ID = req.ID
+			if err := ref.Validate(); err != nil {
+				return nil, fmt.Errorf("id: %w", err)
+			}
+		}
+		job.SetImage(ref.Name, ref.InstallPath(), "qcow2")
+		par := req.Parallelism
+		if par == 0 {
+			par = a.cfg.ParallelismDegree
+		}
+		st := a.hosts()
+		res, err := pullLayer(ctx, pullSpec{
+			Pool: st.pool, Host: h, Path: req.Path, Store: a.store, Parent: parent,
+			Limiters:    []*ratelimit.Limiter{limiterFor(int64(req.VolumeReadBandwidth)), limiterFor(int64(req.NetworkReadBandwidth))},
+			Parallelism: min(max(par, 1), maxPullParallelism),
+			Job:         job, Counter: st.readBytes.Add,
+		})
+		if err != nil {
+			return nil, err
+		}
+		release := a.store.Hold(res.Blob)
+		defer release()
+		img, err := a.recordImage(ctx, NewImage{
+			Ref: ref, Blob: res.Blob, Parent: parent, Size: res.Size,
+			VirtualSize: res.VirtualSize, Format: "qcow2", Desc: req.Desc,
+		})
+		if err != nil {
+			return nil, err
+		}
+		a.m.bytesIngested.Add(float64(res.HostBytesRead))
+		return pullReply{importReply: importReplyFor(img, a.capacity()), HostBytesRead: res.HostBytesRead, AllocatedBytes: res.Allocated}, nil
+	})
+}
+
+func limiterFor(bps int64) *ratelimit.Limiter {
+	if bps <= 0 {
+		return nil
+	}
+	return ratelimit.New(bps)
+}
+
+// pullSpec is one layer pull.
+type pullSpec struct {
+	Pool        *sshfs.Pool
+	Host        sshfs.Host
+	Path        string
+	Store       *blobstore.Store
+	Parent      *blobstore.Image // nil: the layer must have no backing file
+	Limiters    []*ratelimit.Limiter
+	Parallelism int
+	Chunk       int64         // bytes per ranged read; default pullChunk
+	Job         *Job          // progress; may be nil
+	Counter     func(float64) // host bytes read, for the metric; may be nil
+}
+
+type pullResult struct {
+	Blob          digest.Digest
+	Size          int64
+	VirtualSize   int64
+	Allocated     int64
+	HostBytesRead int64
+}
+
+// pullChunk is the size of one ranged read: large enough that the SFTP
+// client keeps many requests in flight per stream.
+const pullChunk = 8 << 20
+
+// pullLayer reads the header and tables over SFTP (small reads), then the
+// layer's data clusters — DataRanges, in host order, with Parallelism
+// streams sharing one rate budget — into a local unlinked staging file, and
+// re-encodes the layer from there into a blobstore ingest.
+//
+// Why stage: the canonical writer puts metadata first and so reads the data
+// twice (a layout pass, then a write pass); staging keeps the host read to
+// one pass. The staging file is sparse (only allocated clusters are
+// written), lives on the store's filesystem and is unlinked at once, so a
+// crash leaves nothing behind.
+func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
+	var res pullResult
+	src := &hostReader{pool: s.Pool, host: s.Host, path: s.Path, job: s.Job, counter: s.Counter}
+	if err := src.open(ctx); err != nil {
+		return res, err
+	}
+	defer src.Close()
+	limited := ratelimit.ReaderAt(ctx, src, s.Limiters...)
+	staged := &stagedReaderAt{remote: limited}
+	im, err := qcow2.Open(staged, src.size)
+	if err != nil {
+		if errors.Is(err, qcow2.ErrNotQcow2) {
+			return res, fmt.Errorf("%s:%s is not a qcow2 image: %w", s.Host.Addr, s.Path, err)
+		}
+		return res, fmt.Errorf("%s:%s: %w", s.Host.Addr, s.Path, err)
+	}
+	res.VirtualSize = im.VirtualSize()
+	res.Allocated = im.AllocatedBytes()
+	var opts qcow2.WriteOptions
+	switch {
+	case s.Parent != nil && s.Parent.VirtualSize != im.VirtualSize():
+		return res, fmt.Errorf("%s:%s: virtual size %d differs from parent %s's %d; a delta must have its parent's size",
+			s.Host.Addr, s.Path, im.VirtualSize(), s.Parent.Ref, s.Parent.VirtualSize)
+	case s.Parent != nil:
+		opts.BackingFile = blobstore.BackingName(s.Parent.Blob)
+	case im.BackingFile() != "":
+		return res, fmt.Errorf("%s:%s has backing file %q but no parent was given; pull the chain base first and name it as parent",
+			s.Host.Addr, s.Path, im.BackingFile())
+	}
+	extents, err := im.Extents()
+	if err != nil {
+		return res, err
+	}
+	ranges := im.DataRanges()
+	var total int64
+	for _, r := range ranges {
+		total += r.Length
+	}
+	if s.Job != nil {
+		s.Job.SetTotal(total)
+	}
+
+	stage, err := os.CreateTemp(s.Store.Root(), ".hostpull-*")
+	if err != nil {
+		return res, fmt.Errorf("staging file: %w", err)
+	}
+	_ = os.Remove(stage.Name())
+	defer stage.Close()
+	if err := fetchRanges(ctx, stage, limited, ranges, s.Parallelism, cmp(s.Chunk, pullChunk)); err != nil {
+		return res, err
+	}
+	staged.set(stage, ranges)
+
+	ing, err := s.Store.Writer(ctx, "hostpull-"+randomHex(12))
+	if err != nil {
+		return res, err
+	}
+	n, err := qcow2.Write(ctx, ing, im.VirtualSize(), extents, im, opts)
+	if err != nil {
+		_ = ing.Cancel()
+		return res, fmt.Errorf("normalizing %s:%s: %w", s.Host.Addr, s.Path, err)
+	}
+	d, err := ing.Commit(ctx, n, "")
+	if err != nil {
+		_ = ing.Cancel()
+		return res, fmt.Errorf("committing layer: %w", err)
+	}
+	_ = ing.Close()
+	res.Blob, res.Size, res.HostBytesRead = d, n, src.read.Load()
+	return res, nil
+}
+
+func cmp(v, def int64) int64 {
+	if v > 0 {
+		return v
+	}
+	return def
+}
+
+// fetchRanges copies ranges of src to the same offsets of dst, in pieces of
+// at most chunk bytes, with workers streams. Memory: workers × chunk.
+func fetchRanges(ctx context.Context, dst io.WriterAt, src io.ReaderAt, ranges []qcow2.HostRange, workers int, chunk int64) error {
+	var pieces []parallel.Range
+	for _, r := range ranges {
+		for off := r.Offset; off < r.Offset+r.Length; off += chunk {
+			pieces = append(pieces, parallel.Range{Offset: off, Length: min(chunk, r.Offset+r.Length-off)})
+		}
+	}
+	bufs := sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+	return parallel.Do(ctx, len(pieces), workers, func(ctx context.Context, i int) error {
+		p := pieces[i]
+		bp := bufs.Get().(*[]byte)
+		defer bufs.Put(bp)
+		b := (*bp)[:p.Length]
+		if _, err := io.ReadFull(io.NewSectionReader(src, p.Offset, p.Length), b); err != nil {
+			return fmt.Errorf("reading host bytes [%d, +%d): %w", p.Offset, p.Length, err)
+		}
+		if _, err := dst.WriteAt(b, p.Offset); err != nil {
+			return fmt.Errorf("staging: %w", err)
+		}
+		return ctx.Err()
+	})
+}
+
+// stagedReaderAt serves reads inside the staged ranges from the local file
+// and everything else (header and tables during Open) from the host.
+type stagedReaderAt struct {
+	remote io.ReaderAt
+	mu     sync.RWMutex
+	local  io.ReaderAt
+	ranges []qcow2.HostRange
+}
+
+func (s *stagedReaderAt) set(local io.ReaderAt, ranges []qcow2.HostRange) {
+	s.mu.Lock()
+	s.local, s.ranges = local, ranges
+	s.mu.Unlock()
+}
+
+func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	s.mu.RLock()
+	local, ranges := s.local, s.ranges
+	s.mu.RUnlock()
+	if local != nil {
+		i := sort.Search(len(ranges), func(i int) bool { return ranges[i].Offset+ranges[i].Length > off })
+		if i < len(ranges) && ranges[i].Offset <= off && off+int64(len(p)) <= ranges[i].Offset+ranges[i].Length {
+			return local.ReadAt(p, off)
+		}
+	}
+	return s.remote.ReadAt(p, off)
+}
+
+// hostReader is the remote file as an io.ReaderAt that counts the bytes it
+// receives and survives lost connections: sshfs already reconnects a few
+// times inside one ReadAt; when that gives up, hostReader reopens the file
+// (refusing if its size or mtime changed) and retries, up to hostRetries.
+type hostReader struct {
+	pool    *sshfs.Pool
+	host    sshfs.Host
+	path    string
+	job     *Job
+	counter func(float64)
+
+	read  atomic.Int64
+	size  int64
+	mtime time.Time
+
+	mu      sync.Mutex
+	f       sshfs.File
+	gen     int
+	retries int
+}
+
+const hostRetries = 8
+
+func (h *hostReader) open(ctx context.Context) error {
+	f, err := h.pool.Open(ctx, h.host, h.path)
+	if err != nil {
+		return hostErr(h.host, h.path, err)
+	}
+	fi, err := h.pool.Stat(ctx, h.host, h.path)
+	if err != nil {
+		_ = f.Close()
+		return hostErr(h.host, h.path, err)
+	}
+	h.f, h.size, h.mtime = f, f.Size(), fi.ModTime()
+	return nil
+}
+
+func (h *hostReader) Close() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.f == nil {
+		return nil
+	}
+	err := h.f.Close()
+	h.f = nil
+	return err
+}
+
+func (h *hostReader) ReadAt(p []byte, off int64) (int, error) {
+	for {
+		h.mu.Lock()
+		f, gen := h.f, h.gen
+		h.mu.Unlock()
+		if f == nil {
+			return 0, os.ErrClosed
+		}
+		n, err := f.ReadAt(p, off)
+		if n > 0 {
+			h.read.Add(int64(n))
+			if h.job != nil {
+				h.job.Add(int64(n))
+			}
+			if h.counter != nil {
+				h.counter(float64(n))
+			}
+		}
+		if err == nil || n == len(p) || errors.Is(err, io.EOF) || !retryable(err) {
+			if err != nil && !errors.Is(err, io.EOF) {
+				err = hostErr(h.host, h.path, err)
+			}
+			return n, err
+		}
+		if rerr := h.reopen(gen, err); rerr != nil {
+			return n, rerr
+		}
+		// Retry the whole read: the bytes read so far are read again (and counted again).
+	}
+}
+
+// retryable tells a lost connection from a definite answer.
+func retryable(err error) bool {
+	var se *sftp.StatusError
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded),
+		errors.Is(err, sshfs.ErrHostKey), errors.Is(err, sshfs.ErrAuth), errors.As(err, &se):
+		return false
+	}
+	return true
+}
+
+func (h *hostReader) reopen(gen int, cause error) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.f == nil {
+		return os.ErrClosed
+	}
+	if h.gen != gen {
+		return nil // another reader already reopened
+	}
+	if h.retries >= hostRetries {
+		return fmt.Errorf("%s:%s: giving up after %d reconnects: %w", h.host.Addr, h.path, h.retries, cause)
+	}
+	h.retries++
+	time.Sleep(time.Duration(h.retries) * 100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f, err := h.pool.Open(ctx, h.host, h.path)
+	if err != nil {
+		return hostErr(h.host, h.path, fmt.Errorf("reconnect after %w: %w", cause, err))
+	}
+	fi, err := h.pool.Stat(ctx, h.host, h.path)
+	if err != nil {
+		_ = f.Close()
+		return hostErr(h.host, h.path, err)
+	}
+	if f.Size() != h.size || !fi.ModTime().Equal(h.mtime) {
+		_ = f.Close()
+		return fmt.Errorf("%s:%s changed while being pulled (size %d→%d); not storing a mixed layer", h.host.Addr, h.path, h.size, f.Size())
+	}
+	_ = h.f.Close()
+	h.f = f
+	h.gen++
+	return nil
+}
