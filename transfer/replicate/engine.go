@@ -133,8 +133,8 @@ func New(o Options) (*Engine, error) {
 	now := time.Now()
 	for _, t := range old {
 		if !t.finished() {
-			t.Status = StatusFailed
 			t.Error = fmt.Sprintf("interrupted: the agent stopped while the task was %s; retry the %s", t.Status, t.Kind)
+			t.Status = StatusFailed
 			t.LastOpTime = now
 			if err := saveTask(o.Dir, t); err != nil {
 				return nil, err
