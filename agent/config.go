@@ -42,10 +42,14 @@ type Config struct {
 	GCGrace      time.Duration `yaml:"gcGrace"`
 	// AllowedImportRoots lists directories besides <root>/uploads that
 	// import-backup may read file:// URLs from.
-	AllowedImportRoots []string    `yaml:"allowedImportRoots"`
-	KnownHostsFile     string      `yaml:"knownHostsFile"`
-	NBD                NBD         `yaml:"nbd"`
-	Replication        Replication `yaml:"replication"`
+	AllowedImportRoots []string `yaml:"allowedImportRoots"`
+	KnownHostsFile     string   `yaml:"knownHostsFile"`
+	// SSHKeyFile is the private key (PEM) sftp:// imports log in with.
+	SSHKeyFile string `yaml:"sshKeyFile"`
+	// MaxImportSize caps one URL import's download; 0 = no cap (the quota applies).
+	MaxImportSize ByteSize    `yaml:"maxImportSize"`
+	NBD           NBD         `yaml:"nbd"`
+	Replication   Replication `yaml:"replication"`
 	// MaxBodyBytes limits a request body.
 	MaxBodyBytes int64 `yaml:"maxBodyBytes"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests.
