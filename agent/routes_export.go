@@ -59,6 +59,9 @@ type exportReply struct {
 	MD5Sum string `json:"md5Sum"`
 	Size   int64  `json:"size"`
 	Format string `json:"format"`
+	// DatabaseBackupURL repeats imgUrl for database backups (image name
+	// zsbak), the field ExportDatabaseBackupFromBackupStorage returns.
+	DatabaseBackupURL string `json:"databaseBackupUrl,omitempty"`
 }
 
 // exportBase is the scheme://host the export URLs use.
@@ -93,7 +96,11 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		return exportReply{ImgURL: base + exportURLPrefix + token + "/" + meta.File, MD5Sum: meta.MD5Sum, Size: meta.Size, Format: meta.ExtFmt}, nil
+		rep := exportReply{ImgURL: base + exportURLPrefix + token + "/" + meta.File, MD5Sum: meta.MD5Sum, Size: meta.Size, Format: meta.ExtFmt}
+		if img.Name == databaseBackupName {
+			rep.DatabaseBackupURL = rep.ImgURL
+		}
+		return rep, nil
 	})
 }
 
