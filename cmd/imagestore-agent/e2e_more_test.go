@@ -49,10 +49,7 @@ func TestE2EErrors(t *testing.T) {
 		{"url scheme", "/imagestore/import-backup/", map[string]any{"imgurl": "http://example.com/x", "name": "x"}, "scheme http is not supported"},
 		{"parent not found", "/imagestore/import-backup/", map[string]any{"imgurl": file, "name": "x", "parent": "zstore://x/missing"}, "parent zstore://x/missing not found"},
 		{"alloc parent not found", "/imagestore/installpath/allocate", map[string]any{"parent": "zstore://x/missing"}, "parent zstore://x/missing not found"},
-		{"processToRelease", "/imagestore/import-backup/", map[string]any{"imgurl": file, "name": "x", "processToRelease": "nbd:1"}, "NBD not implemented"},
 		{"bad algorithm", "/imagestore/getimagehash/", map[string]any{"installPath": "zstore://a/b", "alogrithm": "crc"}, "not supported"},
-		{"nbd", "/imagestore/exportnbdimage/", map[string]any{}, "does not support NBD"},
-		{"remote target", "/imagestore/export/remotetarget/", map[string]any{}, "does not support NBD remote targets"},
 		{"import url", "/imagestore/import/", map[string]any{}, "does not support import from URLs"},
 		{"negative quota", "/imagestore/setquota/", map[string]any{"maxCapacity": -1}, "negative"},
 	} {
