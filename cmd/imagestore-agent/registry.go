@@ -2,17 +2,90 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"imagestore/agent"
+	"imagestore/agent/registry"
 	"imagestore/blobstore"
+	"imagestore/transfer/replicate"
 )
 
-// startRegistry starts the :8000 registry server (agent/registry). This is
-// the seam the registry feature replaces; until then it serves nothing.
+// startRegistry serves the registry port (agent/registry): the OCI
+// distribution API under /v2 and replication under /v1, with the same TLS
+// certificate and token as the management port.
 func startRegistry(ctx context.Context, cfg agent.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {
-	logger.Info("registry port not served yet (agent/registry not built in)", "registryListen", cfg.RegistryListen)
-	return func(context.Context) error { return nil }, nil
+	log := logger.With("component", "registry")
+	m := replicate.NewMetrics(reg)
+	rc := cfg.Replication
+	eng, err := replicate.New(replicate.Options{
+		Store:          store,
+		Dir:            filepath.Join(cfg.Root, "registry", "tasks"),
+		MaxTasks:       rc.MaxTasks,
+		Parallelism:    rc.Parallelism,
+		ReadBandwidth:  int64(rc.NetworkReadBandwidth),
+		WriteBandwidth: int64(rc.NetworkWriteBandwidth),
+		Retries:        rc.Retries,
+		Retention:      cfg.JobRetention,
+		Metrics:        m,
+		Logger:         log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	srv, err := registry.New(registry.Options{Store: store, Engine: eng, Token: string(cfg.Token), Metrics: m, Logger: log, MaxBodyBytes: cfg.MaxBodyBytes})
+	if err != nil {
+		eng.Close()
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.RegistryListen)
+	if err != nil {
+		eng.Close()
+		return nil, err
+	}
+	hs := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	scheme := "http"
+	if cfg.TLS.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			ln.Close()
+			eng.Close()
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		ln = tls.NewListener(ln, hs.TLSConfig)
+		scheme = "https"
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("registry server stopped", "err", err)
+		}
+	}()
+	log.Info("registry listening", "addr", ln.Addr().String(), "scheme", scheme)
+	return func(sctx context.Context) error {
+		// Stop tasks first so their outgoing transfers end, then the server;
+		// a long incoming upload is cut at the deadline and stays resumable.
+		eng.Close()
+		err := hs.Shutdown(sctx)
+		if err != nil {
+			hs.Close()
+		}
+		<-done
+		return err
+	}, nil
 }

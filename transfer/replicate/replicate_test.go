@@ -30,7 +30,6 @@ type node struct {
 	eng  *replicate.Engine
 	m    *replicate.Metrics
 	hs   *httptest.Server
-	wrap func(http.Handler) http.Handler
 }
 
 func newNode(t *testing.T, wrap func(http.Handler) http.Handler) *node {
