@@ -1,0 +1,214 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
+	"imagestore/transfer/replicate"
+)
+
+// remoteImage is an image as the store's registry describes it: its
+// manifest and the records of its chain (base first).
+type remoteImage struct {
+	Ref      blobstore.Ref
+	Manifest oci.Manifest
+	Chain    []blobstore.Image
+}
+
+func (r *remoteImage) Top() blobstore.Image { return r.Chain[len(r.Chain)-1] }
+
+// fetchImage reads name:id's manifest and config and checks that they
+// describe one consistent chain ending at ref.
+func fetchImage(ctx context.Context, c *oci.Client, ref blobstore.Ref) (*remoteImage, error) {
+	mb, _, err := c.GetManifest(ctx, ref.Name, ref.ID)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	m, err := oci.ParseManifest(mb)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	cb, err := c.FetchSmallBlob(ctx, ref.Name, m.Config.Digest, oci.MaxManifestSize)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: config: %w", ref, err)
+	}
+	cfg, err := replicate.ParseConfig(cb)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	if _, err := replicate.Validate(m, cfg, ref.Name, ref.ID); err != nil {
+		return nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	return &remoteImage{Ref: ref, Manifest: m, Chain: cfg.Chain}, nil
+}
+
+func layerMediaType(img blobstore.Image) string {
+	if img.Format == "qcow2" {
+		return oci.MediaTypeQcow2Layer
+	}
+	return oci.MediaTypeBlobLayer
+}
+
+// putImage records chain (base first; every blob already on the store) by
+// uploading its config blob and its manifest under the top's name:id.
+func putImage(ctx context.Context, c *oci.Client, chain []blobstore.Image) error {
+	top := chain[len(chain)-1]
+	cfg, err := json.Marshal(replicate.Config{Imagestore: replicate.ConfigVersion, Chain: chain})
+	if err != nil {
+		return err
+	}
+	cd := digest.FromBytes(cfg)
+	m := oci.Manifest{
+		SchemaVersion: 2,
+		MediaType:     oci.MediaTypeManifest,
+		Config:        oci.Descriptor{MediaType: oci.MediaTypeConfig, Digest: cd, Size: int64(len(cfg))},
+	}
+	for _, img := range chain {
+		m.Layers = append(m.Layers, oci.Descriptor{MediaType: layerMediaType(img), Digest: img.Blob, Size: img.Size})
+	}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if _, err := c.StatBlob(ctx, top.Name, cd); err != nil {
+		if !errors.Is(err, oci.ErrNotFound) {
+			return fmt.Errorf("config blob: %w", err)
+		}
+		if err := c.PutBlob(ctx, top.Name, cd, cfg); err != nil {
+			return fmt.Errorf("config blob: %w", err)
+		}
+	}
+	if _, err := c.PutManifest(ctx, top.Name, top.ID, oci.MediaTypeManifest, mb); err != nil {
+		return fmt.Errorf("manifest %s: %w", top.Ref, err)
+	}
+	return nil
+}
+
+// imageInfo is the protocol's image info (seed 002's infos entries, the
+// agent's ImageInfo) plus format and installPath.
+type imageInfo struct {
+	ID          string    `json:"id"`
+	Name        string    `json:"name"`
+	Parent      string    `json:"parent"`
+	Blobsum     string    `json:"blobsum"`
+	Created     time.Time `json:"created"`
+	Author      string    `json:"author"`
+	Arch        string    `json:"arch"`
+	Desc        string    `json:"desc"`
+	Size        int64     `json:"size"`
+	VirtualSize int64     `json:"virtualsize"`
+	Format      string    `json:"format"`
+	InstallPath string    `json:"installPath"`
+}
+
+func infoOf(img blobstore.Image) imageInfo {
+	return imageInfo{
+		ID: img.ID, Name: img.Name, Parent: img.Parent, Blobsum: img.Blob.String(),
+		Created: img.Created, Author: img.Author, Arch: img.Arch, Desc: img.Desc,
+		Size: img.Size, VirtualSize: img.VirtualSize, Format: img.Format,
+		InstallPath: img.InstallPath(),
+	}
+}
+
+func printInfo(w io.Writer, in imageInfo) {
+	fmt.Fprintf(w, "%s:%s\n", in.Name, in.ID)
+	fmt.Fprintf(w, "  parent:      %s\n", in.Parent)
+	fmt.Fprintf(w, "  blobsum:     %s\n", in.Blobsum)
+	fmt.Fprintf(w, "  created:     %s\n", in.Created.Format(time.RFC3339))
+	fmt.Fprintf(w, "  format:      %s\n", in.Format)
+	fmt.Fprintf(w, "  size:        %d (%s)\n", in.Size, human(in.Size))
+	fmt.Fprintf(w, "  virtualsize: %d (%s)\n", in.VirtualSize, human(in.VirtualSize))
+	if in.Desc != "" {
+		fmt.Fprintf(w, "  desc:        %s\n", in.Desc)
+	}
+}
+
+func cmdInfo(ctx context.Context, g *globals, args []string) error {
+	fs := g.subFlags("info")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usageErr("info name:id")
+	}
+	ref, err := blobstore.ParseRef(pos[0])
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	defer c.CloseIdleConnections()
+	ri, err := fetchImage(ctx, c, ref)
+	if err != nil {
+		return err
+	}
+	in := infoOf(ri.Top())
+	return g.printResult(in, func(w io.Writer) { printInfo(w, in) })
+}
+
+// imagesReply is seed 002's GetDatabaseBackupFromImageStore shape.
+type imagesReply struct {
+	Infos []imageInfo `json:"infos"`
+}
+
+func cmdImages(ctx context.Context, g *globals, args []string) error {
+	fs := g.subFlags("images")
+	name := fs.String("name", "", "repository name (an image or volume uuid, or zsbak)")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) == 1 && *name == "" {
+		*name = pos[0]
+	} else if len(pos) != 0 {
+		return usageErr("images -name NAME")
+	}
+	if err := blobstore.ValidateName(*name); err != nil {
+		return usageErr("-name: %v", err)
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	defer c.CloseIdleConnections()
+	tags, err := c.Tags(ctx, *name)
+	if err != nil && !errors.Is(err, oci.ErrNotFound) {
+		return err
+	}
+	reply := imagesReply{Infos: []imageInfo{}}
+	for _, id := range tags {
+		ri, err := fetchImage(ctx, c, blobstore.Ref{Name: *name, ID: id})
+		if errors.Is(err, oci.ErrNotFound) {
+			continue // deleted while listing
+		}
+		if err != nil {
+			return err
+		}
+		reply.Infos = append(reply.Infos, infoOf(ri.Top()))
+	}
+	return g.printResult(reply, func(w io.Writer) {
+		for _, in := range reply.Infos {
+			fmt.Fprintf(w, "%s:%s\t%s\t%d\t%d\t%s\n", in.Name, in.ID, in.Created.Format(time.RFC3339), in.Size, in.VirtualSize, in.Parent)
+		}
+	})
+}
+
+// newID returns n random bytes as hex.
+func newID(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,271 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"imagestore/qcow2/qemutest"
+	"imagestore/transfer/faultproxy"
+)
+
+const vsize = 64 << 20
+
+// chainFixture builds base.qcow2 and three deltas with qemu-img/qemu-io
+// (data, zeroes and discards), each delta backed by the previous file.
+func chainFixture(t *testing.T) []string {
+	t.Helper()
+	dir := t.TempDir()
+	files := []string{filepath.Join(dir, "base.qcow2")}
+	qemutest.Create(t, files[0], vsize, "")
+	qemutest.IO(t, files[0], "write -P 0x11 0 4M", "write -P 0x22 10M 3M", "write -P 0x33 40M 64k", "write -z 50M 1M")
+	cmds := [][]string{
+		{"write -P 0x44 1M 1M", "write -z 10M 1M", "write -P 0x55 63M 512k"},
+		{"discard 0 512k", "write -P 0x66 20M 2M", "write -P 0x77 4092k 8k"},
+		{"write -z 0 8M", "write -P 0x88 30M 4k", "write -P 0x99 60M 3M"},
+	}
+	for i, c := range cmds {
+		f := filepath.Join(dir, "d"+string(rune('1'+i))+".qcow2")
+		qemutest.Create(t, f, vsize, "", "-b", filepath.Base(files[len(files)-1]), "-F", "qcow2")
+		qemutest.IO(t, f, c...)
+		files = append(files, f)
+	}
+	return files
+}
+
+func TestPushPullChain(t *testing.T) {
+	s := startStore(t, "s3cret")
+	files := chainFixture(t)
+	g := []string{"-url", s.url, "-token", s.token, "-quiet"}
+	name := "vol-1"
+	parent := ""
+	var refs []string
+	for i, f := range files {
+		args := append(append([]string{}, g...), "push", "-json", "-name", name)
+		if parent != "" {
+			args = append(args, "-parent", parent)
+		}
+		var res pushResult
+		cliJSON(t, &res, append(args, f)...)
+		if res.Name != name || res.ID == "" || res.VirtualSize != vsize || res.Size <= 0 || res.Sent != res.Size {
+			t.Fatalf("push %d: %+v", i, res)
+		}
+		parent = res.Name + ":" + res.ID
+		refs = append(refs, parent)
+	}
+	// Each top pulled standalone equals the source chain at that point.
+	out := t.TempDir()
+	for i, ref := range refs {
+		dst := filepath.Join(out, "pulled.qcow2") // overwritten each round: the rename replaces it
+		var res pullResult
+		cliJSON(t, &res, append(append([]string{}, g...), "pull", "-json", "-installpath", dst, ref)...)
+		if res.Layers != i+1 || res.Format != "qcow2" {
+			t.Fatalf("pull %s: %+v", ref, res)
+		}
+		qemutest.Check(t, dst)
+		qemutest.Compare(t, dst, files[i])
+		if info := qemutest.Info(t, dst); info["backing-filename"] != nil {
+			t.Fatalf("pulled image has a backing file: %v", info["backing-filename"])
+		}
+	}
+	raw := filepath.Join(out, "pulled.raw")
+	cliOK(t, append(append([]string{}, g...), "pull", "-format", "raw", "-installpath", raw, refs[3])...)
+	qemutest.Compare(t, raw, files[3])
+	if left, _ := filepath.Glob(filepath.Join(out, ".*")); len(left) != 0 {
+		t.Fatalf("pull left temp files: %v", left)
+	}
+
+	// Pushing the same delta again sends no layer bytes.
+	before := s.received()
+	var again pushResult
+	cliJSON(t, &again, append(append([]string{}, g...), "push", "-json", "-name", name, "-id", "again", "-parent", refs[2], files[3])...)
+	// (Only the new record's small config blob arrives.)
+	if again.Sent != 0 || s.received()-before > 8<<10 {
+		t.Fatalf("re-push sent %d bytes (store received %d)", again.Sent, s.received()-before)
+	}
+
+	// info and images shapes.
+	var info map[string]any
+	cliJSON(t, &info, append(append([]string{}, g...), "info", "-json", refs[1])...)
+	for _, k := range []string{"id", "name", "parent", "blobsum", "created", "author", "arch", "desc", "size", "virtualsize", "format", "installPath"} {
+		if _, ok := info[k]; !ok {
+			t.Errorf("info lacks %q: %v", k, info)
+		}
+	}
+	if info["parent"] != refs[0] || info["virtualsize"] != float64(vsize) || !strings.HasPrefix(info["blobsum"].(string), "sha256:") {
+		t.Fatalf("info: %v", info)
+	}
+	var imgs imagesReply
+	cliJSON(t, &imgs, append(append([]string{}, g...), "images", "-json", "-name", name)...)
+	if len(imgs.Infos) != 5 {
+		t.Fatalf("images: %d infos, want 5: %+v", len(imgs.Infos), imgs)
+	}
+	var empty map[string]json.RawMessage
+	cliJSON(t, &empty, append(append([]string{}, g...), "images", "-json", "-name", "nothing-here")...)
+	if string(empty["infos"]) != "[]" {
+		t.Fatalf("images of an empty repository: %s", empty["infos"])
+	}
+	// Text output names the image.
+	if out := cliOK(t, append(append([]string{}, g...), "info", refs[3])...); !strings.Contains(out, refs[3]) {
+		t.Fatalf("info text: %s", out)
+	}
+}
+
+func TestPushRaw(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "disk.raw")
+	b := make([]byte, 8<<20)
+	for i := 2 << 20; i < 3<<20; i++ {
+		b[i] = byte(i)
+	}
+	if err := os.WriteFile(raw, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var res pushResult
+	cliJSON(t, &res, "-url", s.url, "-quiet", "push", "-json", raw)
+	if res.VirtualSize != 8<<20 || res.Size >= 8<<20 {
+		t.Fatalf("push raw: %+v (zero clusters should not be stored)", res)
+	}
+	dst := filepath.Join(dir, "out.qcow2")
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-installpath", dst, res.Name+":"+res.ID)
+	qemutest.Check(t, dst)
+	qemutest.Compare(t, dst, raw)
+}
+
+func TestErrors(t *testing.T) {
+	s := startStore(t, "right")
+	files := chainFixture(t)
+	dir := t.TempDir()
+	notImg := filepath.Join(dir, "bad.qcow2")
+	// A qcow2 magic with a garbage header is refused (not taken as raw).
+	if err := os.WriteFile(notImg, append([]byte("QFI\xfb\x00\x00\x00\x09"), make([]byte, 4096)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var base pushResult
+	cliJSON(t, &base, "-url", s.url, "-token", "right", "-quiet", "push", "-json", "-name", "v", files[0])
+	other := filepath.Join(dir, "other.qcow2")
+	qemutest.Create(t, other, vsize*2, "")
+	cases := []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"wrong token push", []string{"-token", "wrong", "push", files[0]}, 1, "authentication failed"},
+		{"wrong token pull", []string{"-token", "wrong", "pull", "-installpath", filepath.Join(dir, "x"), "v:" + base.ID}, 1, "authentication failed"},
+		{"no token info", []string{"-token", "", "info", "v:" + base.ID}, 1, "authentication failed"},
+		{"missing image", []string{"-token", "right", "info", "v:nope"}, 1, "no such image"},
+		{"bad ref", []string{"-token", "right", "info", "v/../x"}, 2, "not of the form"},
+		{"bad qcow2", []string{"-token", "right", "push", notImg}, 1, "qcow2"},
+		{"size differs from parent", []string{"-token", "right", "push", "-parent", "v:" + base.ID, other}, 1, "virtual size"},
+		{"missing parent", []string{"-token", "right", "push", "-parent", "v:nope", files[1]}, 1, "parent"},
+		{"pull without installpath", []string{"pull", "v:" + base.ID}, 2, "installpath"},
+		{"unknown command", []string{"frobnicate"}, 2, "unknown command"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out, errs, code := cli(t, append([]string{"-url", s.url, "-quiet"}, tc.args...)...)
+			if code != tc.code || !strings.Contains(errs, tc.want) {
+				t.Fatalf("exit %d (want %d), stderr %q (want %q), stdout %q", code, tc.code, errs, tc.want, out)
+			}
+			if strings.Contains(errs, "right") {
+				t.Fatalf("token printed: %s", errs)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x")); !os.IsNotExist(err) {
+		t.Fatalf("failed pull created its destination: %v", err)
+	}
+}
+
+// TestPushResume cuts the upload connection several times: the push
+// resumes from the store's durable offset and the stored blob verifies.
+func TestPushResume(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "noise.raw")
+	// Incompressible data, so the upload is long enough to be cut.
+	b := make([]byte, 12<<20)
+	x := uint64(0x9e3779b97f4a7c15)
+	for i := range b {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		b[i] = byte(x)
+	}
+	if err := os.WriteFile(raw, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := faultproxy.New(t, s.addr)
+	p.CutAfter(3 << 20)
+	p.CutNext(3)
+	var res pushResult
+	cliJSON(t, &res, "-url", "http://"+p.Addr(), "-quiet", "push", "-json", raw)
+	if p.Cuts() < 3 {
+		t.Fatalf("proxy cut %d times, want 3", p.Cuts())
+	}
+	// The store got the layer once plus at most the bytes in flight at each cut.
+	if got := s.received(); got < res.Size || got > res.Size+3*(3<<20) {
+		t.Fatalf("store received %d bytes for a %d-byte layer", got, res.Size)
+	}
+	rep, err := s.st.Verify(t.Context(), 0)
+	if err != nil || len(rep.Corrupt) != 0 {
+		t.Fatalf("verify: %+v %v", rep, err)
+	}
+	dst := filepath.Join(dir, "out.qcow2")
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-installpath", dst, res.Name+":"+res.ID)
+	qemutest.Compare(t, dst, raw)
+}
+
+// TestPullCut: a pull through a cutting proxy resumes (Range) and writes
+// a verified file; with every connection cut it fails and leaves neither
+// a destination nor temp files.
+func TestPullCut(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "noise.raw")
+	b := make([]byte, 8<<20)
+	x := uint64(12345)
+	for i := range b {
+		x = x*6364136223846793005 + 1442695040888963407
+		b[i] = byte(x >> 56)
+	}
+	if err := os.WriteFile(raw, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var res pushResult
+	cliJSON(t, &res, "-url", s.url, "-quiet", "push", "-json", raw)
+	ref := res.Name + ":" + res.ID
+
+	p := faultproxy.New(t, s.addr)
+	p.CutAfter(2 << 20)
+	p.CutNext(2)
+	out := t.TempDir()
+	dst := filepath.Join(out, "ok.qcow2")
+	cliOK(t, "-url", "http://"+p.Addr(), "-quiet", "pull", "-installpath", dst, ref)
+	if p.Cuts() < 1 {
+		t.Fatal("proxy never cut the download")
+	}
+	qemutest.Compare(t, dst, raw)
+
+	p.CutAfter(1 << 20)
+	p.CutNext(-1)
+	bad := filepath.Join(out, "bad.qcow2")
+	if err := os.WriteFile(bad, []byte("old content"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, errs, code := cli(t, "-url", "http://"+p.Addr(), "-quiet", "pull", "-installpath", bad, ref)
+	if code == 0 {
+		t.Fatal("pull through an always-cutting proxy succeeded")
+	}
+	if got, err := os.ReadFile(bad); err != nil || string(got) != "old content" {
+		t.Fatalf("failed pull touched %s: %q %v (%s)", bad, got, err, errs)
+	}
+	left, _ := filepath.Glob(filepath.Join(out, ".*"))
+	if len(left) != 0 {
+		t.Fatalf("failed pull left temp files: %v", left)
+	}
+}
