@@ -214,11 +214,12 @@ func hpNum(v any) int64 {
 // (data, zero and discard writes), each on top of the previous pull, and
 // after each flattens the stored chain back to the host and compares.
 func TestPullFromHostChain(t *testing.T) {
+	t.Parallel()
 	e := hpNewEnv(t)
-	const size = 64 << 20
+	const size = 16 << 20
 	base := filepath.Join(e.dir, "base.qcow2")
 	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, strconv.Itoa(size))
-	hpQemuIO(t, base, "write -P 0x11 0 4M", "write -P 0x22 20M 3M", "write -P 0x33 63M 1M", "write -z 40M 1M")
+	hpQemuIO(t, base, "write -P 0x11 0 1M", "write -P 0x22 5M 768k", "write -P 0x33 15M 1M", "write -z 10M 256k")
 
 	out := e.ok(t, "/imagestore/pullfromhost/", hpMerge(e.host(), map[string]any{
 		"path": base, "name": "vol", "parallelism": 3,
@@ -233,11 +234,11 @@ func TestPullFromHostChain(t *testing.T) {
 	e.writeBack(t, parent, base, "qcow2")
 
 	steps := [][]string{
-		{"write -P 0x44 1M 2M", "write -P 0x45 33M 64k"},
-		{"write -z 0 1M", "write -P 0x46 50M 5M"},
-		{"discard 20M 2M", "write -P 0x47 62M 2M"},
-		{"write -z 2M 8M", "discard 50M 1M", "write -P 0x48 10M 128k"},
-		{"write -P 0x49 0 64M", "write -z 30M 4M", "discard 60M 4M"},
+		{"write -P 0x44 256k 512k", "write -P 0x45 8M 64k"},
+		{"write -z 0 256k", "write -P 0x46 12M 1M"},
+		{"discard 5M 512k", "write -P 0x47 14M 2M"},
+		{"write -z 512k 2M", "discard 12M 256k", "write -P 0x48 3M 128k"},
+		{"write -P 0x49 0 16M", "write -z 7M 1M", "discard 15M 1M"},
 	}
 	prev := base
 	for i, cmds := range steps {
@@ -297,6 +298,7 @@ func metricValue(t *testing.T, a *Agent, name string) float64 {
 
 // TestPullFromHostErrors: each failure is a clear error and nothing is committed.
 func TestPullFromHostErrors(t *testing.T) {
+	t.Parallel()
 	e := hpNewEnv(t)
 	base := filepath.Join(e.dir, "base.qcow2")
 	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "16M")
@@ -355,13 +357,14 @@ func TestPullFromHostErrors(t *testing.T) {
 // TestPullFromHostFaults cuts the SSH connection mid-transfer several times:
 // the pull either resumes and stores exactly the source, or fails cleanly.
 func TestPullFromHostFaults(t *testing.T) {
+	t.Parallel()
 	e := hpNewEnv(t)
 	src := filepath.Join(e.dir, "vol.qcow2")
-	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "48M")
-	hpQemuIO(t, src, "write -P 0x61 0 12M", "write -P 0x62 20M 12M", "write -P 0x63 40M 8M")
+	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "24M")
+	hpQemuIO(t, src, "write -P 0x61 0 6M", "write -P 0x62 10M 6M", "write -P 0x63 20M 4M")
 	p := faultproxy.New(t, e.srv.Addr)
 	t.Cleanup(func() { _ = p.Close() })
-	p.CutAfter(5 << 20)
+	p.CutAfter(3 << 20)
 	p.CutNext(3)
 	_, port, _ := net.SplitHostPort(p.Addr())
 	pn, _ := strconv.Atoi(port)
@@ -389,10 +392,11 @@ func TestPullFromHostFaults(t *testing.T) {
 
 // TestPullFromHostRateLimit: the shared budget holds across streams.
 func TestPullFromHostRateLimit(t *testing.T) {
+	t.Parallel()
 	e := hpNewEnv(t)
 	src := filepath.Join(e.dir, "vol.qcow2")
 	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "32M")
-	hpQemuIO(t, src, "write -P 0x71 0 6M")
+	hpQemuIO(t, src, "write -P 0x71 0 3M")
 	const limit = 4 << 20
 	start := time.Now()
 	out := e.ok(t, "/imagestore/pullfromhost/", hpMerge(e.host(), map[string]any{
@@ -420,6 +424,7 @@ func TestPullFromHostRateLimit(t *testing.T) {
 
 // TestWriteToHostErrors: bad requests fail clearly and leave nothing on the host.
 func TestWriteToHostErrors(t *testing.T) {
+	t.Parallel()
 	e := hpNewEnv(t)
 	src := filepath.Join(e.dir, "vol.qcow2")
 	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "8M")
