@@ -86,8 +86,9 @@ type wrPlan struct {
 	runs     []wrRun
 	// sizes holds, per data-class cluster in guest order: 0 = all zeros
 	// (left out), cs = stored plain, otherwise the zstd frame length.
-	sizes []uint32
-	nData int64
+	sizes  []uint32
+	nData  int64
+	nPlain int64 // data clusters stored plain (size == cs)
 
 	l1Size                 int64
 	l1Clusters, rtClusters int64
@@ -97,39 +98,40 @@ type wrPlan struct {
 	hostClusters           int64
 }
 
-// wrAllocator places stored clusters in guest order: plain clusters on a
-// cluster boundary, compressed ones packed byte by byte right after the
-// previous one (crossing host cluster boundaries like QEMU's allocator does).
-// Every pass replays it from a fresh value, so all passes agree on offsets.
+// wrAllocator places stored clusters, replaying the same decisions in every
+// pass so all passes agree on offsets. The data area holds the plain
+// clusters first, in guest order, then the compressed clusters packed byte
+// by byte in guest order (crossing host cluster boundaries as QEMU's own
+// allocator does). Keeping the two apart means an isolated compressible
+// cluster between plain ones still saves its space.
 type wrAllocator struct {
 	cs        int64
-	cur       int64 // next free byte, relative to the data area
+	plainCur  int64 // next plain cluster, relative to the data area
+	cur       int64 // next compressed byte; starts after the last plain cluster
 	lastClus  int64 // host cluster (relative) touched last by a compressed cluster
 	lastCount int64 // how many compressed clusters touch lastClus
 }
 
-func (a *wrAllocator) alignUp() {
-	a.cur = (a.cur + a.cs - 1) / a.cs * a.cs
+func (p *wrPlan) newAllocator() *wrAllocator {
+	return &wrAllocator{cs: p.cs, cur: p.nPlain * p.cs, lastClus: -1}
 }
 
 // place returns the relative offset for a stored cluster of n bytes.
 func (a *wrAllocator) place(n uint32) int64 {
 	if int64(n) == a.cs {
-		a.alignUp()
-		off := a.cur
-		a.cur += a.cs
+		off := a.plainCur
+		a.plainCur += a.cs
 		return off
 	}
 	if a.cur%a.cs != 0 && a.lastClus == a.cur/a.cs && a.lastCount >= wrMaxRefcount {
-		a.alignUp() // a 16-bit refcount would overflow
+		a.cur = (a.cur + a.cs - 1) / a.cs * a.cs // a 16-bit refcount would overflow
 	}
 	off := a.cur
 	first := off / a.cs
 	last := (wrSectorEnd(off, n) - 1) / a.cs
-	switch {
-	case first == a.lastClus && last == first && a.cur%a.cs != 0:
+	if first == a.lastClus && last == first {
 		a.lastCount++
-	default:
+	} else {
 		a.lastClus, a.lastCount = last, 1
 	}
 	a.cur += int64(n)
@@ -309,7 +311,7 @@ func (p *wrPlan) extBytes() int64 {
 // visit calls fn for every non-empty L2 entry in guest order, replaying the
 // allocator; rel is the stored cluster's offset relative to the data area.
 func (p *wrPlan) visit(fn func(gc int64, kind uint8, rel int64, n uint32) error) error {
-	a := wrAllocator{cs: p.cs, lastClus: -1}
+	a := p.newAllocator()
 	for _, r := range p.runs {
 		if r.class == wrClassZero {
 			if !p.delta {
@@ -355,7 +357,7 @@ func (p *wrPlan) layout() error {
 			lastL1 = li
 		}
 		if kind != wrEntryZero {
-			dataEnd = rel + int64(n)
+			dataEnd = max(dataEnd, rel+int64(n))
 		}
 		return nil
 	})
@@ -479,17 +481,19 @@ func (p *wrPlan) writeRefcounts(ctx context.Context, w *bufio.Writer) error {
 	for hc := int64(0); hc < metaClusters; hc++ {
 		inc(hc)
 	}
-	_ = p.visit(func(_ int64, kind uint8, rel int64, n uint32) error {
-		switch kind {
-		case wrEntryPlain:
-			inc(metaClusters + rel/p.cs)
-		case wrEntryCompressed:
+	// Host offsets rise within each region, and blocks are written in
+	// order, so count the plain region, then the compressed one.
+	for _, region := range []uint8{wrEntryPlain, wrEntryCompressed} {
+		_ = p.visit(func(_ int64, kind uint8, rel int64, n uint32) error {
+			if kind != region {
+				return werr
+			}
 			for hc := rel / p.cs; hc <= (wrSectorEnd(rel, n)-1)/p.cs; hc++ {
 				inc(metaClusters + hc)
 			}
-		}
-		return werr
-	})
+			return werr
+		})
+	}
 	advance(p.rbClusters)
 	return werr
 }
@@ -560,17 +564,27 @@ func (p *wrPlan) chunkClusters() int64 {
 	return max(1, wrChunkBytes/p.cs)
 }
 
-// eachChunk lists the chunks of all data runs in guest order.
-func (p *wrPlan) eachChunk(fn func(first, n, dataIdx int64) bool) {
+// eachChunk lists, in guest order, chunks of consecutive data clusters
+// whose size (in p.sizes) passes keep; nil keeps all.
+func (p *wrPlan) eachChunk(keep func(size uint32) bool, fn func(first, n, dataIdx int64) bool) {
 	k := p.chunkClusters()
 	for _, r := range p.runs {
 		if r.class != wrClassData {
 			continue
 		}
-		for c := r.start; c < r.end; c += k {
-			if !fn(c, min(k, r.end-c), r.dataIdx+c-r.start) {
+		for c := r.start; c < r.end; {
+			if keep != nil && !keep(p.sizes[r.dataIdx+c-r.start]) {
+				c++
+				continue
+			}
+			n := int64(1)
+			for c+n < r.end && n < k && (keep == nil || keep(p.sizes[r.dataIdx+c+n-r.start])) {
+				n++
+			}
+			if !fn(c, n, r.dataIdx+c-r.start) {
 				return
 			}
+			c += n
 		}
 	}
 }
@@ -678,7 +692,7 @@ func (p *wrPlan) scan(ctx context.Context, data io.ReaderAt) error {
 	g.Go(func() error {
 		defer close(jobs)
 		var err error
-		p.eachChunk(func(first, n, idx int64) bool {
+		p.eachChunk(nil, func(first, n, idx int64) bool {
 			select {
 			case jobs <- wrChunk{first: first, n: n, dataIdx: idx}:
 				return true
@@ -717,114 +731,128 @@ func (p *wrPlan) scan(ctx context.Context, data io.ReaderAt) error {
 			return nil
 		})
 	}
-	return g.Wait()
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, n := range p.sizes {
+		if int64(n) == p.cs {
+			p.nPlain++
+		}
+	}
+	return nil
 }
 
-// writeData is the second pass: chunks are read and compressed by workers
-// and written strictly in guest order by this goroutine.
+// writeData is the second pass, in host order: the plain clusters, then
+// the compressed ones (each read once more), then padding to a whole cluster.
 func (p *wrPlan) writeData(ctx context.Context, w *bufio.Writer, data io.ReaderAt) error {
 	pos := p.dataOff
+	plain := func(n uint32) bool { return int64(n) == p.cs }
+	compressed := func(n uint32) bool { return n != 0 && int64(n) < p.cs }
+	for _, keep := range []func(uint32) bool{plain, compressed} {
+		if err := p.writePhase(ctx, w, data, keep, &pos); err != nil {
+			return err
+		}
+	}
 	end := p.hostClusters * p.cs
-	pad := func(to int64) error {
-		z := wrZeroBuf()
-		for pos < to {
-			n, err := w.Write(z[:min(int64(len(z)), to-pos)])
-			pos += int64(n)
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	if p.nData > 0 {
-		workers := wrWorkers()
-		free := make(chan *wrChunk, workers+2)
-		for range cap(free) {
-			c := &wrChunk{in: make([]byte, p.chunkClusters()*p.cs)}
-			if p.compress {
-				c.out = make([]byte, 0, p.outCap())
-			}
-			free <- c
-		}
-		jobs := make(chan *wrChunk)
-		order := make(chan *wrChunk, cap(free))
-		g, gctx := errgroup.WithContext(ctx)
-		g.Go(func() error {
-			defer close(order)
-			defer close(jobs)
-			var err error
-			p.eachChunk(func(first, n, idx int64) bool {
-				var c *wrChunk
-				select {
-				case c = <-free:
-				case <-gctx.Done():
-					err = gctx.Err()
-					return false
-				}
-				c.first, c.n, c.dataIdx, c.err = first, n, idx, nil
-				c.done = make(chan struct{})
-				order <- c // never blocks: capacity equals the number of chunks
-				select {
-				case jobs <- c:
-					return true
-				case <-gctx.Done():
-					err = gctx.Err()
-					return false
-				}
-			})
-			return err
-		})
-		for range workers {
-			g.Go(func() error {
-				var enc *zstd.Encoder
-				if p.compress {
-					var err error
-					if enc, err = wrNewEncoder(); err != nil {
-						return err
-					}
-					defer enc.Close()
-				}
-				for c := range jobs {
-					c.err = p.process(c, data, enc, true)
-					close(c.done)
-				}
-				return nil
-			})
-		}
-		g.Go(func() error {
-			a := wrAllocator{cs: p.cs, lastClus: -1}
-			for c := range order {
-				select {
-				case <-c.done:
-				case <-gctx.Done():
-					return gctx.Err()
-				}
-				if c.err != nil {
-					return c.err
-				}
-				for _, span := range c.spans {
-					if span == nil {
-						continue
-					}
-					if err := pad(p.dataOff + a.place(uint32(len(span)))); err != nil {
-						return err
-					}
-					n, err := w.Write(span)
-					pos += int64(n)
-					if err != nil {
-						return err
-					}
-				}
-				free <- c
-			}
-			return nil
-		})
-		if err := g.Wait(); err != nil {
-			return err
-		}
-	}
 	if pos > end {
 		return fmt.Errorf("qcow2: write: internal error: data ran to %d past the planned end %d", pos, end)
 	}
-	return pad(end)
+	return wrPad(w, &pos, end)
+}
+
+func wrPad(w io.Writer, pos *int64, to int64) error {
+	z := wrZeroBuf()
+	for *pos < to {
+		n, err := w.Write(z[:min(int64(len(z)), to-*pos)])
+		*pos += int64(n)
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writePhase reads and compresses the chunks keep selects with parallel
+// workers, and writes them strictly in guest order from one goroutine.
+func (p *wrPlan) writePhase(ctx context.Context, w *bufio.Writer, data io.ReaderAt, keep func(uint32) bool, pos *int64) error {
+	workers := wrWorkers()
+	free := make(chan *wrChunk, workers+2)
+	for range cap(free) {
+		c := &wrChunk{in: make([]byte, p.chunkClusters()*p.cs)}
+		if p.compress {
+			c.out = make([]byte, 0, p.outCap())
+		}
+		free <- c
+	}
+	jobs := make(chan *wrChunk)
+	order := make(chan *wrChunk, cap(free))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(order)
+		defer close(jobs)
+		var err error
+		p.eachChunk(keep, func(first, n, idx int64) bool {
+			var c *wrChunk
+			select {
+			case c = <-free:
+			case <-gctx.Done():
+				err = gctx.Err()
+				return false
+			}
+			c.first, c.n, c.dataIdx, c.err = first, n, idx, nil
+			c.done = make(chan struct{})
+			order <- c // never blocks: at most cap(free) chunks exist
+			select {
+			case jobs <- c:
+				return true
+			case <-gctx.Done():
+				err = gctx.Err()
+				return false
+			}
+		})
+		return err
+	})
+	for range workers {
+		g.Go(func() error {
+			var enc *zstd.Encoder
+			if p.compress {
+				var err error
+				if enc, err = wrNewEncoder(); err != nil {
+					return err
+				}
+				defer enc.Close()
+			}
+			for c := range jobs {
+				c.err = p.process(c, data, enc, true)
+				close(c.done)
+			}
+			return nil
+		})
+	}
+	g.Go(func() error {
+		a := p.newAllocator()
+		for c := range order {
+			select {
+			case <-c.done:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+			if c.err != nil {
+				return c.err
+			}
+			for _, span := range c.spans {
+				if err := wrPad(w, pos, p.dataOff+a.place(uint32(len(span)))); err != nil {
+					return err
+				}
+				n, err := w.Write(span)
+				*pos += int64(n)
+				if err != nil {
+					return err
+				}
+			}
+			free <- c
+		}
+		return nil
+	})
+	return g.Wait()
 }

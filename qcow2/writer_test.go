@@ -249,6 +249,21 @@ func TestWriteCompareRaw(t *testing.T) {
 	if got, want := qemutest.ConvertRaw(t, path), wtDigest(src); got != want {
 		t.Errorf("dense guest view %s, want %s", got, want)
 	}
+
+	// Alternating incompressible and compressible clusters: every other
+	// cluster must still save its space (no alignment padding between).
+	alt := wtLayer{vsize: 4 << 20, extents: []Extent{{0, 4 << 20, Data}}, src: make([]byte, 4<<20)}
+	if _, err := (wbSource{}).ReadAt(alt.src, 0); err != nil {
+		t.Fatal(err)
+	}
+	path, out = wtWrite(t, dir, "alt.qcow2", alt, WriteOptions{Compress: true})
+	if len(out) > 3<<20 {
+		t.Errorf("alternating image is %d bytes; compressible clusters saved nothing", len(out))
+	}
+	qemutest.Check(t, path)
+	if got, want := qemutest.ConvertRaw(t, path), wtDigest(alt.src); got != want {
+		t.Errorf("alternating guest view %s, want %s", got, want)
+	}
 }
 
 func TestWriteEmptyAndSparse(t *testing.T) {
