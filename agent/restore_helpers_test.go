@@ -168,15 +168,6 @@ func (e *restoreEnv) importChain(t *testing.T, name string, files ...string) []b
 	return out
 }
 
-func r7atoi(t *testing.T, s string) int64 {
-	t.Helper()
-	var n int64
-	if err := json.Unmarshal([]byte(s), &n); err != nil {
-		t.Fatalf("number %q: %v", s, err)
-	}
-	return n
-}
-
 func r7randHex() string { return randomHex(8) }
 
 // waitFor polls cond until it holds or a generous deadline passes.
