@@ -489,7 +489,8 @@ func (c *Client) patch(ctx context.Context, loc string, src io.ReaderAt, offset,
 	if offset >= size {
 		return nil
 	}
-	body := io.TeeReader(&countingReader{r: io.NewSectionReader(src, offset, size-offset), fn: progress}, h.h)
+	// Tee into h itself (not h.h) so h knows how far it hashed for the next rewind.
+	body := io.TeeReader(&countingReader{r: io.NewSectionReader(src, offset, size-offset), fn: progress}, h)
 	hdr := http.Header{
 		"Content-Type":  {"application/octet-stream"},
 		"Content-Range": {fmt.Sprintf("%d-%d", offset, size-1)},

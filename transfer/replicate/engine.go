@@ -495,8 +495,12 @@ func (e *Engine) sendBlob(ctx context.Context, ts *taskState, c *oci.Client, nam
 			return nil
 		case errors.Is(err, oci.ErrSourceDigest):
 			ts.progress(-sent)
+			// Confirm with a full read: VerifyBlob quarantines a corrupt blob.
 			verr := e.st.VerifyBlob(context.WithoutCancel(ctx), l.Digest)
-			return fmt.Errorf("%w: blob %s not sent: %w (verify: %v)", ErrSourceCorrupt, l.Digest, err, verr)
+			if verr == nil {
+				return fmt.Errorf("blob %s: hash while sending did not match but the blob verifies; will retry: %w", l.Digest, err)
+			}
+			return fmt.Errorf("%w: blob %s not sent: %w", ErrSourceCorrupt, l.Digest, verr)
 		case errors.Is(err, oci.ErrDigestInvalid) && attempt == 0:
 			// The peer received bytes that do not hash right: send once more.
 			ts.progress(-sent)
