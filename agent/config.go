@@ -314,6 +314,13 @@ func (c *Config) Validate() error {
 	if c.UploadDirExpiry <= 0 {
 		errs = append(errs, fmt.Errorf("uploadDirExpiry: %v, must be positive", c.UploadDirExpiry))
 	}
+	// An empty range disables NBD; a malformed one would otherwise only
+	// show up as a warning and NBD commands failing much later.
+	if c.NBD.PortRange != "" {
+		if _, _, err := parsePortRange(c.NBD.PortRange); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if c.VerifySample < 0 || c.VerifySample > 1 {
 		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))
 	}

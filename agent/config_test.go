@@ -1,0 +1,385 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultConfigIsValid(t *testing.T) {
+	cfg := DefaultConfig()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("defaults do not validate: %v", err)
+	}
+	for _, tc := range []struct {
+		name      string
+		got, want any
+	}{
+		{"listen", cfg.Listen, ":8001"},
+		{"registryListen", cfg.RegistryListen, ":8000"},
+		{"parallelismDegree", cfg.ParallelismDegree, 10},
+		{"logLevel", cfg.LogLevel, "info"},
+		{"logFormat", cfg.LogFormat, "text"},
+		{"token", cfg.Token, Secret("")},
+		{"quota", cfg.Quota, ByteSize(0)},
+		{"uploadDirExpiry", cfg.UploadDirExpiry, 24 * time.Hour},
+		{"jobRetention", cfg.JobRetention, 24 * time.Hour},
+		{"maxBodyBytes", cfg.MaxBodyBytes, int64(1 << 20)},
+		{"nbd.portRange", cfg.NBD.PortRange, "10800-10899"},
+	} {
+		if !reflect.DeepEqual(tc.got, tc.want) {
+			t.Errorf("default %s = %v, want %v", tc.name, tc.got, tc.want)
+		}
+	}
+}
+
+// clearEnv unsets every variable LoadConfig reads, so the test machine's
+// environment cannot leak in.
+func clearEnv(t *testing.T) {
+	t.Helper()
+	c := DefaultConfig()
+	for _, n := range c.EnvNames() {
+		if _, ok := os.LookupEnv(n); ok {
+			t.Setenv(n, "")
+			os.Unsetenv(n)
+		}
+	}
+}
+
+func writeConfigFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadConfigPrecedence(t *testing.T) {
+	clearEnv(t)
+	path := writeConfigFile(t, `
+root: /from/file
+listen: 127.0.0.1:9001
+parallelismDegree: 3
+quota: 10GiB
+logLevel: warn
+uploadDirExpiry: 2h
+token: file-token
+nbd:
+  portRange: "20000-20010"
+`)
+	// File only: file values over defaults, defaults elsewhere.
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Root != "/from/file" || cfg.Listen != "127.0.0.1:9001" || cfg.ParallelismDegree != 3 ||
+		cfg.Quota != 10<<30 || cfg.LogLevel != "warn" || cfg.UploadDirExpiry != 2*time.Hour ||
+		cfg.Token != "file-token" || cfg.NBD.PortRange != "20000-20010" {
+		t.Fatalf("file values not applied: %+v", cfg)
+	}
+	if cfg.RegistryListen != ":8000" || cfg.JobRetention != 24*time.Hour || cfg.NBD.Bind != "0.0.0.0" {
+		t.Fatalf("defaults lost for keys the file does not set: %+v", cfg)
+	}
+
+	// The environment overrides the file.
+	t.Setenv("IMAGESTORE_ROOT", "/from/env")
+	t.Setenv("IMAGESTORE_PARALLELISM_DEGREE", "7")
+	t.Setenv("IMAGESTORE_QUOTA", "512MB")
+	t.Setenv("IMAGESTORE_TOKEN", "env-token")
+	t.Setenv("IMAGESTORE_UPLOAD_DIR_EXPIRY", "90m")
+	t.Setenv("IMAGESTORE_ALLOWED_IMPORT_ROOTS", "/a"+string(os.PathListSeparator)+"/b")
+	cfg, err = LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Root != "/from/env" || cfg.ParallelismDegree != 7 || cfg.Quota != 512e6 ||
+		cfg.Token != "env-token" || cfg.UploadDirExpiry != 90*time.Minute ||
+		!reflect.DeepEqual(cfg.AllowedImportRoots, []string{"/a", "/b"}) {
+		t.Fatalf("environment not applied over the file: %+v", cfg)
+	}
+	if cfg.Listen != "127.0.0.1:9001" || cfg.LogLevel != "warn" {
+		t.Fatalf("file values the environment does not set were lost: %+v", cfg)
+	}
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	clearEnv(t)
+	for _, tc := range []struct {
+		name, file string
+		env        map[string]string
+		want       string
+	}{
+		{"unknown key", "root: /x\nparalellismDegree: 3\n", nil, "paralellismDegree"},
+		{"bad byte size", "quota: 10 furlongs\n", nil, `unknown unit "furlongs"`},
+		{"bad duration", "uploadDirExpiry: soon\n", nil, "line 1: cannot unmarshal !!str `soon` into time.Duration"},
+		{"env bad int", "", map[string]string{"IMAGESTORE_PARALLELISM_DEGREE": "many"}, "IMAGESTORE_PARALLELISM_DEGREE"},
+		{"env bad duration", "", map[string]string{"IMAGESTORE_JOB_RETENTION": "1 day"}, "IMAGESTORE_JOB_RETENTION"},
+		{"env bad size", "", map[string]string{"IMAGESTORE_QUOTA": "-1G"}, "IMAGESTORE_QUOTA"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := LoadConfig(writeConfigFile(t, tc.file))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.yaml")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("missing file: err = %v, want ErrNotExist", err)
+	}
+	cfg, err := LoadConfig(writeConfigFile(t, ""))
+	if err != nil || !reflect.DeepEqual(cfg, DefaultConfig()) {
+		t.Fatalf("empty file: %v, %+v", err, cfg)
+	}
+}
+
+func TestApplyEnvLookup(t *testing.T) {
+	env := map[string]string{
+		"IMAGESTORE_LISTEN":           "127.0.0.1:1",
+		"IMAGESTORE_LOG_FORMAT":       "json",
+		"IMAGESTORE_NBD_PORT_RANGE":   "1-2",
+		"IMAGESTORE_CALLBACK_RETRIES": "0",
+		"UNRELATED":                   "x",
+	}
+	cfg := DefaultConfig()
+	if err := cfg.ApplyEnv(func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Listen != "127.0.0.1:1" || cfg.LogFormat != "json" || cfg.NBD.PortRange != "1-2" || cfg.CallbackRetries != 0 {
+		t.Fatalf("env not applied: %+v", cfg)
+	}
+	for _, n := range cfg.EnvNames() {
+		if !strings.HasPrefix(n, "IMAGESTORE_") {
+			t.Errorf("env name %s lacks the IMAGESTORE_ prefix", n)
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mod  func(*Config)
+		want string // "" = valid
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"json logs", func(c *Config) { c.LogFormat = "json"; c.LogLevel = "DEBUG" }, ""},
+		{"tls pair", func(c *Config) { c.TLS = TLS{Cert: "c.pem", Key: "k.pem"} }, ""},
+		{"single nbd port", func(c *Config) { c.NBD.PortRange = "10809" }, ""},
+		{"nbd disabled", func(c *Config) { c.NBD.PortRange = "" }, ""},
+		{"empty root", func(c *Config) { c.Root = "" }, "root: empty"},
+		{"zero parallelism", func(c *Config) { c.ParallelismDegree = 0 }, "parallelismDegree: 0, must be at least 1"},
+		{"negative parallelism", func(c *Config) { c.ParallelismDegree = -2 }, "parallelismDegree: -2, must be at least 1"},
+		{"tls cert without key", func(c *Config) { c.TLS.Cert = "c.pem" }, "tls: cert and key must be set together"},
+		{"tls key without cert", func(c *Config) { c.TLS.Key = "k.pem" }, "tls: cert and key must be set together"},
+		{"unknown log level", func(c *Config) { c.LogLevel = "verbose" }, `logLevel: "verbose", want debug, info, warn or error`},
+		{"unknown log format", func(c *Config) { c.LogFormat = "xml" }, `logFormat: "xml", want text or json`},
+		{"negative callback retries", func(c *Config) { c.CallbackRetries = -1 }, "callbackRetries: -1 is negative"},
+		{"zero body limit", func(c *Config) { c.MaxBodyBytes = 0 }, "maxBodyBytes: 0, must be positive"},
+		{"zero upload expiry", func(c *Config) { c.UploadDirExpiry = 0 }, "uploadDirExpiry: 0s, must be positive"},
+		{"verify sample above 1", func(c *Config) { c.VerifySample = 1.5 }, "verifySample: 1.5, want 0..1"},
+		{"port range reversed", func(c *Config) { c.NBD.PortRange = "10900-10800" }, `nbd.portRange "10900-10800"`},
+		{"port range too high", func(c *Config) { c.NBD.PortRange = "65000-70000" }, `nbd.portRange "65000-70000"`},
+		{"port range garbage", func(c *Config) { c.NBD.PortRange = "lots" }, `nbd.portRange "lots"`},
+		{"port zero", func(c *Config) { c.NBD.PortRange = "0-10" }, `nbd.portRange "0-10"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			tc.mod(&cfg)
+			err := cfg.Validate()
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+	// Every problem is reported at once, not just the first.
+	cfg := DefaultConfig()
+	cfg.ParallelismDegree = -1
+	cfg.LogLevel = "loud"
+	cfg.TLS.Key = "k.pem"
+	err := cfg.Validate()
+	for _, w := range []string{"parallelismDegree", "logLevel", "tls"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("combined error %v lacks %s", err, w)
+		}
+	}
+}
+
+func TestConfigStringRedactsSecrets(t *testing.T) {
+	const tok = "very-secret-token-1234"
+	cfg := DefaultConfig()
+	cfg.Token = tok
+	cfg.Quota = 5 << 30
+	for _, tc := range []struct {
+		name string
+		out  string
+	}{
+		{"String", cfg.String()},
+		{"%v", fmt.Sprintf("%v", cfg)},
+		{"%+v", fmt.Sprintf("%+v", cfg)},
+		{"%s token", fmt.Sprintf("%s", cfg.Token)},
+		{"%v token", fmt.Sprintf("%v", cfg.Token)},
+		{"%#v token", fmt.Sprintf("%#v", cfg.Token)},
+	} {
+		if strings.Contains(tc.out, tok) {
+			t.Errorf("%s leaks the token: %s", tc.name, tc.out)
+		}
+	}
+	s := cfg.String()
+	if !strings.Contains(s, "token: <redacted>") {
+		t.Errorf("String() does not show the token as redacted:\n%s", s)
+	}
+	if !strings.Contains(s, "parallelismDegree: 10") || !strings.Contains(s, "listen: :8001") {
+		t.Errorf("String() lacks ordinary settings:\n%s", s)
+	}
+	b, err := Secret(tok).MarshalJSON()
+	if err != nil || strings.Contains(string(b), tok) {
+		t.Errorf("MarshalJSON leaks: %s %v", b, err)
+	}
+	// No token: nothing claims one is set.
+	if strings.Contains(DefaultConfig().String(), "redacted") {
+		t.Errorf("empty token rendered as redacted")
+	}
+}
+
+func TestResolveToken(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "tok")
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(good, []byte("  file-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name         string
+		token, file  string
+		want, errSub string
+	}{
+		{"from file, trimmed", "", good, "file-secret", ""},
+		{"explicit token wins", "direct", good, "direct", ""},
+		{"neither", "", "", "", ""},
+		{"empty file", "", empty, "", "is empty"},
+		{"missing file", "", filepath.Join(dir, "nope"), "", "token file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			cfg.Token, cfg.TokenFile = Secret(tc.token), tc.file
+			err := cfg.ResolveToken()
+			if tc.errSub != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errSub) {
+					t.Fatalf("err = %v, want %q", err, tc.errSub)
+				}
+				return
+			}
+			if err != nil || string(cfg.Token) != tc.want {
+				t.Fatalf("token %q err %v, want %q", string(cfg.Token), err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseByteSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want ByteSize
+		err  string
+	}{
+		{"", 0, ""},
+		{"0", 0, ""},
+		{"1048576", 1 << 20, ""},
+		{"  42  ", 42, ""},
+		{"10B", 10, ""},
+		{"512k", 512 << 10, ""},
+		{"512K", 512 << 10, ""},
+		{"2KB", 2000, ""},
+		{"2KiB", 2048, ""},
+		{"3M", 3 << 20, ""},
+		{"3MB", 3e6, ""},
+		{"3MiB", 3 << 20, ""},
+		{"10GiB", 10 << 30, ""},
+		{"10gib", 10 << 30, ""},
+		{"1.5 GB", 1.5e9, ""},
+		{"1.5GiB", 3 << 29, ""},
+		{"2T", 2 << 40, ""},
+		{"2TB", 2e12, ""},
+		{"1TiB", 1 << 40, ""},
+		{".5k", 512, ""},
+		{"10 furlongs", 0, `unknown unit "furlongs"`},
+		{"10PB", 0, `unknown unit "pb"`},
+		{"GiB", 0, "not a non-negative number"},
+		{"-1", 0, "not a non-negative number"},
+		{"-1GiB", 0, "not a non-negative number"},
+		{"1.2.3M", 0, "not a non-negative number"},
+		{"1k2", 0, "not a non-negative number"},
+		{"99999999TiB", 0, "too large"},
+		{"1e30", 0, "too large"},
+	} {
+		t.Run(tc.in, func(t *testing.T) {
+			got, err := ParseByteSize(tc.in)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("ParseByteSize(%q) = %d, %v; want error %q", tc.in, got, err, tc.err)
+				}
+				if !strings.Contains(err.Error(), fmt.Sprintf("%q", tc.in)) {
+					t.Fatalf("error %v does not quote the input", err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("ParseByteSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestByteSizeYAMLLine(t *testing.T) {
+	clearEnv(t)
+	_, err := LoadConfig(writeConfigFile(t, "root: /x\n\nquota: lots\n"))
+	if err == nil || !strings.Contains(err.Error(), "line 3") {
+		t.Fatalf("err = %v, want it to name line 3", err)
+	}
+}
+
+func TestParseLogLevelAndNewLogger(t *testing.T) {
+	for _, tc := range []struct {
+		level, format string
+		ok            bool
+	}{
+		{"debug", "text", true},
+		{"INFO", "json", true},
+		{"warning", "", true},
+		{"error", "json", true},
+		{"trace", "text", false},
+		{"info", "logfmt", false},
+	} {
+		cfg := DefaultConfig()
+		cfg.LogLevel, cfg.LogFormat = tc.level, tc.format
+		var sb strings.Builder
+		l, err := NewLogger(&sb, cfg)
+		if (err == nil) != tc.ok {
+			t.Errorf("NewLogger(%s,%s) err = %v, want ok=%v", tc.level, tc.format, err, tc.ok)
+			continue
+		}
+		if tc.ok {
+			l.Error("hello", "k", "v")
+			if !strings.Contains(sb.String(), "hello") {
+				t.Errorf("logger %s/%s wrote %q", tc.level, tc.format, sb.String())
+			}
+		}
+	}
+}
