@@ -98,7 +98,7 @@ CREATE TABLE shop.orders (id INT AUTO_INCREMENT PRIMARY KEY, item INT, qty INT, 
 INSERT INTO shop.items VALUES (1,'apple',1.25,x'00ff10'),(2,'pear',2.50,NULL),(3,'plum ''quoted''',0.99,x'deadbeef');
 INSERT INTO shop.orders (item,qty,note) VALUES (1,3,'first'),(2,1,'ünïcode'),(3,7,REPEAT('x',5000));
 CREATE PROCEDURE shop.total() SELECT SUM(qty) FROM shop.orders;
-CREATE USER 'bk'@'localhost' IDENTIFIED BY '` + strings.ReplaceAll(strings.ReplaceAll(pw, `\`, `\\`), `'`, `\'`) + `';
+CREATE USER 'bk'@'localhost' IDENTIFIED BY '`+strings.ReplaceAll(strings.ReplaceAll(pw, `\`, `\\`), `'`, `\'`)+`';
 GRANT ALL ON *.* TO 'bk'@'localhost';`)
 	checksum := func() string {
 		return m.mustQuery(t, "CHECKSUM TABLE shop.items, shop.orders EXTENDED")

@@ -1,54 +1,189 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"net/http/httptest"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
-	"imagestore/agent/registry"
-	"imagestore/blobstore"
-	"imagestore/transfer/replicate"
 )
 
-// store is a registry port serving a temp store.
-type store struct {
-	url   string
-	addr  string
-	token string
-	st    *blobstore.Store
-	m     *replicate.Metrics
+var agentBin string
+
+// TestMain builds the real daemon once; tests run it as a subprocess.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "imagestore-cli-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	agentBin = filepath.Join(dir, "imagestore-agent")
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		gobin = "/usr/local/go/bin/go"
+	}
+	out, err := exec.Command(gobin, "build", "-o", agentBin, "imagestore/cmd/imagestore-agent").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building daemon: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }
 
-// startStore serves a fresh store's registry on 127.0.0.1:0.
+// store is a real imagestore-agent on a temp store: url is its registry
+// port, agentURL its management port.
+type store struct {
+	url      string
+	addr     string
+	agentURL string
+	token    string
+
+	mu   sync.Mutex
+	logs bytes.Buffer
+}
+
+// startStore runs the daemon on 127.0.0.1:0 ports with a fresh store.
 func startStore(t *testing.T, token string) *store {
 	t.Helper()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
+	dir := t.TempDir()
+	cfg := fmt.Sprintf(`root: %s
+listen: 127.0.0.1:0
+registryListen: 127.0.0.1:0
+logFormat: json
+logLevel: debug
+callbackRetries: 2
+callbackMaxDelay: 100ms
+verifyInterval: 0s
+shutdownTimeout: 5s
+token: %q
+`, filepath.Join(dir, "store"), token)
+	cfgPath := filepath.Join(dir, "agent.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := &store{token: token}
+	cmd := exec.Command(agentBin, "-config", cfgPath)
+	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := replicate.NewMetrics(nil)
-	srv, err := registry.New(registry.Options{Store: st, Token: token, Metrics: m})
-	if err != nil {
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv.Handler())
+	agentAddr, regAddr := make(chan string, 1), make(chan string, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			line := sc.Bytes()
+			s.mu.Lock()
+			s.logs.Write(line)
+			s.logs.WriteByte('\n')
+			s.mu.Unlock()
+			var rec struct{ Msg, Addr string }
+			if json.Unmarshal(line, &rec) == nil {
+				switch rec.Msg {
+				case "listening":
+					agentAddr <- rec.Addr
+				case "registry listening":
+					regAddr <- rec.Addr
+				}
+			}
+		}
+		_ = cmd.Wait()
+	}()
 	t.Cleanup(func() {
-		hs.CloseClientConnections()
-		hs.Close()
-		st.Close()
+		_ = cmd.Process.Kill()
+		<-done
+		if t.Failed() {
+			s.mu.Lock()
+			t.Logf("daemon log:\n%s", s.logs.String())
+			s.mu.Unlock()
+		}
 	})
-	return &store{url: hs.URL, addr: strings.TrimPrefix(hs.URL, "http://"), token: token, st: st, m: m}
+	for s.url == "" || s.agentURL == "" {
+		select {
+		case a := <-agentAddr:
+			s.agentURL = "http://" + a
+		case a := <-regAddr:
+			s.addr = a
+			s.url = "http://" + a
+		case <-done:
+			t.Fatal("daemon exited before listening")
+		case <-time.After(60 * time.Second):
+			t.Fatal("daemon did not start")
+		}
+	}
+	return s
 }
 
-// received is the blob bytes the store took in through uploads.
-func (s *store) received() int64 { return int64(testutil.ToFloat64(s.m.ReceivedBytes)) }
+// received is the blob bytes the store took in through uploads
+// (imagestore_replication_received_bytes_total on /metrics).
+func (s *store) received(t *testing.T) int64 {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, s.agentURL+"/metrics", nil)
+	if s.token != "" {
+		req.Header.Set("Authorization", "Bearer "+s.token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "imagestore_replication_received_bytes_total "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return int64(f)
+		}
+	}
+	t.Fatalf("metrics (HTTP %d) lack imagestore_replication_received_bytes_total", resp.StatusCode)
+	return 0
+}
+
+// post calls the agent protocol.
+func (s *store) post(t *testing.T, path string, body any, hdr map[string]string) map[string]any {
+	t.Helper()
+	j, _ := json.Marshal(body)
+	req, _ := http.NewRequest(http.MethodPost, s.agentURL+path, bytes.NewReader(j))
+	req.Header.Set("Content-Type", "application/json")
+	if s.token != "" {
+		req.Header.Set("Authorization", "Bearer "+s.token)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var v map[string]any
+	if resp.StatusCode != http.StatusOK || json.Unmarshal(raw, &v) != nil || v["success"] != true {
+		t.Fatalf("POST %s: HTTP %d: %s", path, resp.StatusCode, raw)
+	}
+	return v
+}
 
 // syncBuffer is a bytes.Buffer safe for the progress goroutine.
 type syncBuffer struct {
