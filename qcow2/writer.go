@@ -840,13 +840,33 @@ func (p *wrPlan) writePhase(ctx context.Context, w *bufio.Writer, data io.Reader
 			if c.err != nil {
 				return c.err
 			}
-			for _, span := range c.spans {
-				if err := wrPad(w, pos, p.dataOff+a.place(uint32(len(span)))); err != nil {
+			// Spans adjacent both in memory and on the host go out as one
+			// write, which bufio passes straight through when it is large.
+			var run []byte
+			var runOff int64
+			flush := func() error {
+				if err := wrPad(w, pos, runOff); err != nil {
 					return err
 				}
-				n, err := w.Write(span)
+				n, err := w.Write(run)
 				*pos += int64(n)
-				if err != nil {
+				return err
+			}
+			for _, span := range c.spans {
+				off := p.dataOff + a.place(uint32(len(span)))
+				if len(run) > 0 && off == runOff+int64(len(run)) && cap(run) > len(run) && &run[:len(run)+1][len(run)] == &span[0] {
+					run = run[:len(run)+len(span)]
+					continue
+				}
+				if len(run) > 0 {
+					if err := flush(); err != nil {
+						return err
+					}
+				}
+				run, runOff = span, off
+			}
+			if len(run) > 0 {
+				if err := flush(); err != nil {
 					return err
 				}
 			}

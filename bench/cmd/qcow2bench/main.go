@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,7 @@ func run(args []string) error {
 	format := fs.String("format", "qcow2", "flatten output format")
 	backing := fs.String("backing", "", "backing file name for normalize")
 	zstd := fs.Bool("zstd", false, "zstd-compressed clusters")
+	cpuprofile := fs.String("cpuprofile", "", "write a CPU profile here")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
@@ -63,6 +65,17 @@ func run(args []string) error {
 		return err
 	}
 	defer w.Close()
+	if *cpuprofile != "" {
+		pf, err := os.Create(*cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ctx := context.Background()
 	opts := qcow2.WriteOptions{Compress: *zstd, BackingFile: *backing}
 	start := time.Now()
