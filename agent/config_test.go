@@ -230,7 +230,7 @@ func TestConfigStringRedactsSecrets(t *testing.T) {
 		{"String", cfg.String()},
 		{"%v", fmt.Sprintf("%v", cfg)},
 		{"%+v", fmt.Sprintf("%+v", cfg)},
-		{"%s token", fmt.Sprintf("%s", cfg.Token)},
+		{"String token", cfg.Token.String()},
 		{"%v token", fmt.Sprintf("%v", cfg.Token)},
 		{"%#v token", fmt.Sprintf("%#v", cfg.Token)},
 	} {

@@ -278,18 +278,25 @@ func (jm *jobManager) submit(id, kind string, backup bool, callbackURL string, f
 	}
 	jm.jobs[id] = j
 	jm.m.jobsActive.WithLabelValues(kind, string(JobWaiting)).Inc()
+	// The place in line is taken here, not in the goroutine, so backup
+	// jobs start in submission order however the goroutines are scheduled.
+	var slot chan struct{}
+	if backup {
+		slot = jm.sem.enqueue()
+	}
 	jm.wg.Add(1)
-	go jm.run(ctx, j, fn)
+	go jm.run(ctx, j, fn, slot)
 	return j, true, nil
 }
 
-func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc) {
+// run runs a job; slot is its place in the backup queue (nil for others).
+func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc, slot chan struct{}) {
 	defer jm.wg.Done()
 	kind := j.info.Kind
 	var body []byte
 	err := func() error {
 		if j.info.Backup {
-			if err := jm.sem.Acquire(ctx); err != nil {
+			if err := jm.sem.wait(ctx, slot); err != nil {
 				return err
 			}
 			defer jm.sem.Release()
@@ -589,16 +596,26 @@ type fifoSem struct {
 
 func newFIFOSem(n int) *fifoSem { return &fifoSem{free: n} }
 
-func (s *fifoSem) Acquire(ctx context.Context) error {
+// Acquire waits for a slot.
+func (s *fifoSem) Acquire(ctx context.Context) error { return s.wait(ctx, s.enqueue()) }
+
+// enqueue takes a place in line; the channel is closed once the slot is granted.
+func (s *fifoSem) enqueue() chan struct{} {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	ch := make(chan struct{})
 	if s.free > 0 && len(s.waiters) == 0 {
 		s.free--
-		s.mu.Unlock()
-		return nil
+		close(ch)
+		return ch
 	}
-	ch := make(chan struct{})
 	s.waiters = append(s.waiters, ch)
-	s.mu.Unlock()
+	return ch
+}
+
+// wait waits until ch (from enqueue) is granted or ctx ends; on ctx's end
+// the place is given up, or the slot passed on if granted meanwhile.
+func (s *fifoSem) wait(ctx context.Context, ch chan struct{}) error {
 	select {
 	case <-ch:
 		return nil
