@@ -71,7 +71,7 @@ func wtOpenChain(t testing.TB, paths []string) *Chain {
 
 func TestFlatten30Layers(t *testing.T) {
 	dir := t.TempDir()
-	const size = 8<<20 + 512
+	const size = 4<<20 + 512
 	paths := wtMakeChain(t, dir, 30, size, 7)
 	top := paths[len(paths)-1]
 	c := wtOpenChain(t, paths)

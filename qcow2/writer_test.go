@@ -154,15 +154,15 @@ func TestWriteAgainstQemu(t *testing.T) {
 		aligned  bool
 	}{
 		{"base-64k", 16, 4<<20 + 512*3, false, false, false},
-		{"base-64k-zstd", 16, 4 << 20, false, true, false},
+		{"base-64k-zstd", 16, 2 << 20, false, true, false},
 		{"delta-64k", 16, 4<<20 + 4096, true, false, true},
-		{"delta-64k-zstd", 16, 4 << 20, true, true, true},
+		{"delta-64k-zstd", 16, 2 << 20, true, true, true},
 		{"base-512", 9, 1 << 20, false, false, true},
-		{"delta-512-zstd", 9, 1<<20 + 1536, true, true, true},
-		{"base-4k-zstd", 12, 2 << 20, false, true, false},
+		{"delta-512-zstd", 9, 512<<10 + 1536, true, true, true},
+		{"base-4k-zstd", 12, 1 << 20, false, true, false},
 		{"delta-4k", 12, 2 << 20, true, false, true},
-		{"base-2m-zstd", 21, 6 << 20, false, true, false},
-		{"delta-2m", 21, 6<<20 + 512, true, false, true},
+		{"base-2m-zstd", 21, 4 << 20, false, true, false},
+		{"delta-2m", 21, 4<<20 + 512, true, false, true},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
