@@ -199,7 +199,7 @@ func parseBytes(s string) (int64, error) {
 		}
 	}
 	f, err := strconv.ParseFloat(low, 64)
-	if err != nil || f < 0 {
+	if err != nil || !(f >= 0) { // also refuses NaN
 		return 0, fmt.Errorf("bad byte size %q", s)
 	}
 	v := f * float64(mult)
