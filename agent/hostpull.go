@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"sort"
@@ -100,7 +101,7 @@ func (a *Agent) pullFromHost(w http.ResponseWriter, r *http.Request) {
 			Pool: st.pool, Host: h, Path: req.Path, Store: a.store, Parent: parent,
 			Limiters:    []*ratelimit.Limiter{limiterFor(int64(req.VolumeReadBandwidth)), limiterFor(int64(req.NetworkReadBandwidth))},
 			Parallelism: min(max(par, 1), maxPullParallelism),
-			Job:         job, Counter: st.readBytes.Add,
+			Job:         job, Counter: st.readBytes.Add, Log: a.log,
 		})
 		if err != nil {
 			return nil, err
@@ -138,6 +139,7 @@ type pullSpec struct {
 	Chunk       int64         // bytes per ranged read; default pullChunk
 	Job         *Job          // progress; may be nil
 	Counter     func(float64) // host bytes read, for the metric; may be nil
+	Log         *slog.Logger
 }
 
 type pullResult struct {
@@ -210,10 +212,12 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	}
 	_ = os.Remove(stage.Name())
 	defer stage.Close()
+	t0 := time.Now()
 	if err := fetchRanges(ctx, stage, limited, ranges, s.Parallelism, cmp(s.Chunk, pullChunk)); err != nil {
 		return res, err
 	}
 	staged.set(stage, ranges)
+	t1 := time.Now()
 
 	ing, err := s.Store.Writer(ctx, "hostpull-"+randomHex(12))
 	if err != nil {
@@ -231,6 +235,8 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	}
 	_ = ing.Close()
 	res.Blob, res.Size, res.HostBytesRead = d, n, src.read.Load()
+	s.Log.Info("layer pulled from host", "host", s.Host.Addr, "path", s.Path, "hostBytes", res.HostBytesRead,
+		"fetch", time.Since(t0)-time.Since(t1), "normalize", time.Since(t1), "blob", d, "size", n)
 	return res, nil
 }
 

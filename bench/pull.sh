@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Full and incremental pulls of a qcow2 volume over loopback SFTP by the
+# agent (pullfromhost, in-process via bench/cmd/pullbench), next to scp of
+# the same file and rsync of the changed file, as MB/s, bytes moved and CPU
+# seconds (client + sshd session).
+# Usage: bench/pull.sh   (4 GiB)   SIZE_MB=1024 bench/pull.sh   PAR=4 (streams)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MB=${SIZE_MB:-4096}
+PAR=${PAR:-4}
+DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pull-bench.XXXXXX")}
+SSHD_PID=
+cleanup() { [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null; rm -rf "$DIR"; }
+trap cleanup EXIT
+HZ=$(getconf CLK_TCK)
+USER=${USER:-$(id -un)}
+
+go build -o "$DIR/pullbench" ./bench/cmd/pullbench
+
+# --- sshd on a free loopback port, own host key, our client key authorised.
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_ed25519"
+ssh-keygen -q -t ed25519 -N '' -f "$DIR/client_ed25519"
+cp "$DIR/client_ed25519.pub" "$DIR/authorized_keys"
+echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$DIR/host_ed25519.pub")" > "$DIR/known_hosts"
+cat > "$DIR/sshd_config" <<CFG
+Port $PORT
+ListenAddress 127.0.0.1
+HostKey $DIR/host_ed25519
+PidFile $DIR/sshd.pid
+AuthorizedKeysFile $DIR/authorized_keys
+PermitRootLogin yes
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+Subsystem sftp internal-sftp
+UseDNS no
+CFG
+/usr/sbin/sshd -D -e -f "$DIR/sshd_config" 2>"$DIR/sshd.log" &
+SSHD_PID=$!
+SSH_OPTS=(-p "$PORT" -i "$DIR/client_ed25519" -o UserKnownHostsFile="$DIR/known_hosts" -o StrictHostKeyChecking=yes -o BatchMode=yes)
+for _ in $(seq 100); do ssh "${SSH_OPTS[@]}" "$USER@127.0.0.1" true 2>/dev/null && break; sleep 0.1; done
+
+# CPU seconds of reaped sshd sessions (the listener's cutime + cstime).
+sshd_cpu() { awk -v hz="$HZ" '{ print ($16 + $17) / hz }' "/proc/$SSHD_PID/stat"; }
+now() { date +%s.%N; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
+# timed CMD...: sets T (seconds) and C (client CPU seconds).
+timed() {
+  local out; out=$( { TIMEFORMAT='%R %U %S'; time "$@" >/dev/null; } 2>&1 | tail -1)
+  T=$(awk '{ print $1 }' <<<"$out"); C=$(awk '{ print $2 + $3 }' <<<"$out")
+}
+
+# --- the volume: SIZE_MB of incompressible data, fully allocated qcow2.
+echo "creating a $SIZE_MB MiB qcow2 volume in $DIR"
+{ openssl enc -aes-128-ctr -pass pass:imagestore -nosalt -pbkdf2 </dev/zero 2>/dev/null || true; } | head -c $((SIZE_MB << 20)) > "$DIR/vol.raw"
+qemu-img convert -f raw -O qcow2 "$DIR/vol.raw" "$DIR/vol.qcow2"
+rm -f "$DIR/vol.raw"
+VOL=$DIR/vol.qcow2
+VOL_BYTES=$(stat -c %s "$VOL")
+mkdir -p "$DIR/dest"
+sync; cat "$VOL" >/dev/null   # host side reads come from the page cache for every tool
+
+row() { printf '%-34s %10s %14s %9s %8s\n' "$@"; }
+row "transfer" "MB/s" "bytes moved" "seconds" "CPU-s"
+
+# scp of the whole file (+ sync: the store's commit is durable too).
+s0=$(sshd_cpu); t0=$(now)
+timed scp -q -o Ciphers=aes128-gcm@openssh.com -P "$PORT" -i "$DIR/client_ed25519" -o UserKnownHostsFile="$DIR/known_hosts" -o BatchMode=yes "$USER@127.0.0.1:$VOL" "$DIR/dest/vol.qcow2"
+sync; t1=$(now); sleep 0.2; s1=$(sshd_cpu)
+SCP_T=$(sub "$t0" "$t1"); SCP_CPU=$(awk -v a="$C" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
+row "scp full (+sync)" "$(mbps "$VOL_BYTES" "$SCP_T")" "$VOL_BYTES" "$SCP_T" "$SCP_CPU"
+
+# agent full pull.
+s0=$(sshd_cpu)
+read -r BASE_IP PULL_BYTES PULL_T PULL_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$VOL" -parallelism "$PAR")
+sleep 0.2; s1=$(sshd_cpu)
+PULL_CPU=$(awk -v a="$PULL_CPU" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
+row "agent pullfromhost full (p=$PAR)" "$(mbps "$VOL_BYTES" "$PULL_T")" "$PULL_BYTES" "$PULL_T" "$PULL_CPU"
+
+# --- 1% change: the same random 1 MiB writes into a delta (for the agent)
+# and into a copy of the volume (for rsync against the scp'd copy).
+NCHG=$(( SIZE_MB / 100 > 0 ? SIZE_MB / 100 : 1 ))
+qemu-img create -q -f qcow2 -b "$VOL" -F qcow2 "$DIR/delta.qcow2"
+cp --reflink=auto "$VOL" "$DIR/vol2.qcow2"
+CMDS=()
+for i in $(seq "$NCHG"); do
+  off=$(( (RANDOM * 32768 + RANDOM) % SIZE_MB ))
+  CMDS+=(-c "write -P $(( i % 250 + 1 )) ${off}M 1M")
+done
+qemu-io -f qcow2 "${CMDS[@]}" "$DIR/delta.qcow2" >/dev/null
+qemu-io -f qcow2 "${CMDS[@]}" "$DIR/vol2.qcow2" >/dev/null
+CHANGED=$(qemu-img map --output=json "$DIR/delta.qcow2" | python3 -c '
+import json, sys
+print(sum(e["length"] for e in json.load(sys.stdin) if e["depth"] == 0 and e["data"]))')
+sync; cat "$DIR/delta.qcow2" "$DIR/vol2.qcow2" >/dev/null
+
+s0=$(sshd_cpu)
+read -r _ INC_BYTES INC_T INC_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$DIR/delta.qcow2" -parent "$BASE_IP" -parallelism "$PAR")
+sleep 0.2; s1=$(sshd_cpu)
+INC_CPU=$(awk -v a="$INC_CPU" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
+row "agent pullfromhost 1% delta" "$(mbps "$CHANGED" "$INC_T")" "$INC_BYTES" "$INC_T" "$INC_CPU"
+
+s0=$(sshd_cpu); t0=$(now)
+RS=$( { TIMEFORMAT='%R %U %S'; time rsync --inplace --no-whole-file --stats -e "ssh ${SSH_OPTS[*]} -o Ciphers=aes128-gcm@openssh.com" "$USER@127.0.0.1:$DIR/vol2.qcow2" "$DIR/dest/vol.qcow2"; } 2>&1)
+sync; t1=$(now); sleep 0.2; s1=$(sshd_cpu)
+RS_BYTES=$(awk -F': ' '/Total bytes received/ { gsub(/,/, "", $2); print $2 + 0 }' <<<"$RS")
+RS_T=$(sub "$t0" "$t1")
+RS_CPU=$(awk -v a="$(tail -1 <<<"$RS" | awk '{ print $2 + $3 }')" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
+row "rsync of the changed file" "$(mbps "$CHANGED" "$RS_T")" "$RS_BYTES" "$RS_T" "$RS_CPU"
+
+echo "volume $VOL_BYTES bytes; changed (delta data) $CHANGED bytes"
+awk -v p="$PULL_T" -v s="$SCP_T" -v ib="$INC_BYTES" -v c="$CHANGED" 'BEGIN {
+  printf "full pull throughput / scp: %.2f (target >= 0.9): %s\n", s / p, (s / p >= 0.9) ? "OK" : "MISSED"
+  printf "incremental bytes moved / changed: %.3f (target <= 1.05): %s\n", ib / c, (ib / c <= 1.05) ? "OK" : "MISSED"
+}'
