@@ -212,6 +212,11 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 			return
 		}
 	}
+	if syncMode && errors.Is(spec.Err, ErrTooLarge) {
+		// Answered like a sync route (413), not as a failed job with status 200.
+		replyDecodeErr(w, spec.Err)
+		return
+	}
 	if spec.Err != nil {
 		spec.Backup = false
 		err := spec.Err
