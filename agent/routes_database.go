@@ -20,7 +20,8 @@ const databaseBackupName = "zsbak"
 
 // Database backups (the zsbak flows): import-backup with name zsbak and a
 // desc JSON {name, description, version, type, createdTime, md5} stores
-// the dump as an opaque blob only when its bytes match desc.md5.
+// the dump as an opaque blob only when its bytes match desc.md5 (a zsbak
+// import whose desc has no md5 is a plain, unverified import).
 // /imagestore/images/ lists images by name; export of a zsbak image adds
 // databaseBackupUrl (routes_export.go).
 func init() {
@@ -56,7 +57,8 @@ func wrapDatabaseImport(next HandlerFunc) HandlerFunc {
 			return
 		}
 		var req importBackupReq
-		if json.Unmarshal(body, &req) != nil || req.Name != databaseBackupName {
+		if json.Unmarshal(body, &req) != nil || req.Name != databaseBackupName || !hasMD5(req.Desc) {
+			// Not a database backup with a checksum: the plain import.
 			r.Body = io.NopCloser(bytes.NewReader(body))
 			next(a, w, r)
 			return
@@ -87,6 +89,16 @@ func wrapDatabaseImport(next HandlerFunc) HandlerFunc {
 			return importReplyFor(img, a.capacity()), nil
 		})
 	}
+}
+
+// hasMD5 reports whether desc is a JSON object with an md5 field.
+func hasMD5(desc string) bool {
+	var m map[string]json.RawMessage
+	if json.Unmarshal([]byte(desc), &m) != nil {
+		return false
+	}
+	_, ok := m["md5"]
+	return ok
 }
 
 func parseDatabaseDesc(s string, d *databaseBackupDesc) error {

