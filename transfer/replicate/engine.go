@@ -8,6 +8,7 @@ package replicate
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -82,8 +83,9 @@ type Engine struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu    sync.Mutex
-	tasks map[string]*taskState
+	mu      sync.Mutex
+	tasks   map[string]*taskState
+	clients map[[32]byte]*oci.Client
 }
 
 type taskState struct {
@@ -124,7 +126,7 @@ func New(o Options) (*Engine, error) {
 	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
-	e := &Engine{o: o, st: o.Store, log: o.Logger, m: o.Metrics, sem: make(chan struct{}, o.MaxTasks), tasks: map[string]*taskState{}}
+	e := &Engine{o: o, st: o.Store, log: o.Logger, m: o.Metrics, sem: make(chan struct{}, o.MaxTasks), tasks: map[string]*taskState{}, clients: map[[32]byte]*oci.Client{}}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	old, err := loadTasks(o.Dir)
 	if err != nil {
@@ -154,6 +156,11 @@ func New(o Options) (*Engine, error) {
 func (e *Engine) Close() error {
 	e.cancel()
 	e.wg.Wait()
+	e.mu.Lock()
+	for _, c := range e.clients {
+		c.CloseIdleConnections()
+	}
+	e.mu.Unlock()
 	return nil
 }
 
@@ -220,13 +227,32 @@ func (req *Request) validate() (blobstore.Ref, error) {
 	return r, nil
 }
 
+// client returns a pooled client for the peer, so repeated requests (a
+// resync of many images) reuse kept-alive connections. The key is a hash;
+// the token itself lives only inside the client.
 func (e *Engine) client(req Request) (*oci.Client, error) {
+	key := sha256.Sum256([]byte(req.Addr + "\x00" + req.CA + "\x00" + req.Token))
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if c := e.clients[key]; c != nil {
+		return c, nil
+	}
 	c, err := oci.New(oci.Options{Addr: req.Addr, CA: []byte(req.CA), Token: req.Token, Compress: !e.o.NoCompress})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
+	if len(e.clients) >= maxClients {
+		for k, old := range e.clients {
+			old.CloseIdleConnections()
+			delete(e.clients, k)
+		}
+	}
+	e.clients[key] = c
 	return c, nil
 }
+
+// maxClients bounds the pool of peer clients.
+const maxClients = 64
 
 // Push starts copying req.Name:req.ID and its ancestors to the peer. It
 // returns Existed when the peer already holds the same complete chain.
