@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/faultproxy"
@@ -263,5 +264,30 @@ func TestPullCut(t *testing.T) {
 	left, _ := filepath.Glob(filepath.Join(out, ".*"))
 	if len(left) != 0 {
 		t.Fatalf("failed pull left temp files: %v", left)
+	}
+}
+
+// TestBandwidthLimit: -bwlimit holds a push of incompressible data to the
+// limit (only a lower bound on the time is asserted: a loaded machine can
+// only make it slower).
+func TestBandwidthLimit(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "noise.raw")
+	b := make([]byte, 6<<20)
+	x := uint64(99)
+	for i := range b {
+		x = x*6364136223846793005 + 1442695040888963407
+		b[i] = byte(x >> 56)
+	}
+	if err := os.WriteFile(raw, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	var res pushResult
+	cliJSON(t, &res, "-url", s.url, "-quiet", "push", "-json", "-bwlimit", "3M", raw)
+	// 6 MiB at 3 MiB/s: 2 s, less the limiter's small burst.
+	if el := time.Since(start); el < 1700*time.Millisecond {
+		t.Fatalf("push of %d bytes at 3 MiB/s took %v", res.Size, el)
 	}
 }
