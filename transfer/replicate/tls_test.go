@@ -1,0 +1,106 @@
+package replicate_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"encoding/pem"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/agent/registry"
+	"imagestore/blobstore"
+	"imagestore/transfer/replicate"
+)
+
+// TestPushOverTLSWithToken pushes to a peer serving HTTPS with a token,
+// trusting only the CA given in the request; a wrong CA or token fails.
+func TestPushOverTLSWithToken(t *testing.T) {
+	a := newNode(t, nil)
+	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	srv, err := registry.New(registry.Options{Store: st, Token: "peer-token"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewTLSServer(srv.Handler())
+	defer hs.Close()
+	ca := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: hs.Certificate().Raw}))
+	addr := strings.TrimPrefix(hs.URL, "https://")
+	img := addImage(t, a.st, blobstore.Ref{Name: "v", ID: "tls"}, "", 128<<10)
+
+	otherCA := selfSignedPEM(t)
+	ctx := context.Background()
+	for _, c := range []struct {
+		name, ca, token string
+		ok              bool
+	}{
+		{"untrusted CA", otherCA, "peer-token", false},
+		{"wrong token", ca, "nope", false},
+		{"right CA and token", ca, "peer-token", true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			id, err := a.eng.Push(ctx, replicate.Request{Name: "v", ID: "tls", Addr: addr, CA: c.ca, Token: c.token})
+			if err == nil && id != replicate.Existed {
+				task, werr := a.eng.Wait(ctx, id)
+				if werr != nil {
+					t.Fatal(werr)
+				}
+				if task.Status != replicate.StatusSuccess {
+					err = errString(task.Error)
+				}
+			}
+			if (err == nil) != c.ok {
+				t.Fatalf("push: %v, want ok=%v", err, c.ok)
+			}
+		})
+	}
+	if !st.Exists(img.Blob) {
+		t.Fatal("blob not on the TLS peer")
+	}
+}
+
+// selfSignedPEM makes an unrelated CA certificate (httptest's servers all
+// share one built-in certificate, so another httptest server would not do).
+func selfSignedPEM(t *testing.T) string {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "other CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
+
+// TestBandwidthLimit: a task's budget holds for the whole push (lower bound only).
+func TestBandwidthLimit(t *testing.T) {
+	a, b := newNode(t, nil), newNode(t, nil)
+	chain := makeChain(t, a.st, "v", 2, 2<<20) // 4 MiB in two parallel streams
+	start := time.Now()
+	_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: "v", ID: chain[1].ID, Addr: b.addr(), NetworkWriteBandwidth: 4 << 20})
+	if task.Status != replicate.StatusSuccess {
+		t.Fatalf("%+v", task)
+	}
+	if el := time.Since(start); el < 800*time.Millisecond {
+		t.Fatalf("4 MiB at 4 MiB/s took %v", el)
+	}
+}
