@@ -1,0 +1,127 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+func FuzzParseByteSize(f *testing.F) {
+	for _, s := range []string{"", "0", "1048576", "10GiB", "1.5 GB", "512k", ".5k", "-1", "1e30",
+		"99999999TiB", "GiB", "1k2", "1.2.3M", " 7 mb ", "NaN", "Inf", "0x10", "1_000"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := ParseByteSize(s)
+		if err != nil {
+			if v != 0 {
+				t.Fatalf("%q: error %v with value %d", s, err, v)
+			}
+			if !strings.Contains(err.Error(), "byte size") {
+				t.Fatalf("%q: unclear error %v", s, err)
+			}
+			return
+		}
+		if v < 0 || v > 1<<62 {
+			t.Fatalf("%q: out of range %d", s, v)
+		}
+		// Plain decimal integers parse exactly (up to float precision).
+		if n, perr := strconv.ParseInt(strings.TrimSpace(s), 10, 64); perr == nil && n >= 0 && n < 1<<53 && int64(v) != n {
+			t.Fatalf("%q = %d, want %d", s, v, n)
+		}
+	})
+}
+
+func FuzzFlexInt(f *testing.F) {
+	for _, s := range []string{`0`, `42`, `-7`, `"123"`, `1.0E10`, `"1.5e3"`, `null`, `""`, `"`, `true`,
+		`{}`, `[]`, `1e400`, `-1e400`, `"NaN"`, `"Infinity"`, `9223372036854775807`, `4611686018427387905.0`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var v flexInt
+		err := v.UnmarshalJSON(b)
+		if err != nil {
+			if !strings.Contains(err.Error(), "is not a number") {
+				t.Fatalf("%q: unclear error %v", b, err)
+			}
+			return
+		}
+		// A JSON integer in range comes back unchanged.
+		if n, perr := strconv.ParseInt(string(b), 10, 64); perr == nil && flexInt(n) != v {
+			t.Fatalf("%q = %d", b, v)
+		}
+		if f, perr := strconv.ParseFloat(strings.Trim(string(b), `"`), 64); perr == nil && !math.IsNaN(f) {
+			if math.Abs(float64(v)-f) > 1 && math.Abs(float64(v)-f) > math.Abs(f)*1e-9 {
+				t.Fatalf("%q = %d, far from %v", b, v, f)
+			}
+		}
+		// Through encoding/json as a request field too.
+		var req setQuotaReq
+		if json.Valid(b) {
+			_ = json.Unmarshal(append(append([]byte(`{"maxCapacity":`), b...), '}'), &req)
+		}
+	})
+}
+
+// fuzzPaths are sync routes (and -sync twins) whose request decoding the
+// fuzzer drives; the first body byte picks one.
+var fuzzPaths = []string{
+	"/imagestore/connect/",
+	"/imagestore/allocuploaddir/",
+	"/imagestore/progress/",
+	"/imagestore/job/get/",
+	"/imagestore/job/list/",
+	"/imagestore/job/cancel/",
+	"/imagestore/setquota-sync/",
+	"/imagestore/imginfo-sync/",
+	"/imagestore/installpath/allocate",
+}
+
+// FuzzDecodeRequest posts arbitrary bodies: the agent never panics and
+// always answers a JSON object with success and a clear error on failure.
+func FuzzDecodeRequest(f *testing.F) {
+	for _, s := range []string{"", "{}", "null", "[]", `{"uuid":"x"}`, `{"uuid":`, `{"expireHour":"5"}`,
+		`{"expireHour":-1}`, `{"expireHour":1e300}`, `{"maxCapacity":"1GiB"}`, `{"maxCapacity":null}`,
+		`{"taskuuid":"\u0000"}`, `{"installPath":"zstore://../x"}`, `{"parent":"zstore://a/b"}`,
+		`{"name":"../../etc"}`, "\xff\xfe", `{"uuid":"a"}{"uuid":"b"}`, strings.Repeat("[", 10000)} {
+		for i := range fuzzPaths {
+			f.Add(uint8(i), []byte(s))
+		}
+	}
+	a, _ := newHTAgent(f, func(c *Config) { c.MaxBodyBytes = 1 << 16 })
+	h := a.Handler()
+	f.Fuzz(func(t *testing.T, pick uint8, body []byte) {
+		path := fuzzPaths[int(pick)%len(fuzzPaths)]
+		req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != http.StatusOK && rec.Code != http.StatusRequestEntityTooLarge {
+			t.Fatalf("%s %q: status %d", path, body, rec.Code)
+		}
+		var res map[string]any
+		if err := json.Unmarshal(rec.Body.Bytes(), &res); err != nil {
+			t.Fatalf("%s %q: reply is not JSON: %v: %q", path, body, err, rec.Body.Bytes())
+		}
+		ok, isBool := res["success"].(bool)
+		msg, isStr := res["error"].(string)
+		if !isBool || !isStr {
+			t.Fatalf("%s %q: reply lacks success/error: %s", path, body, rec.Body.Bytes())
+		}
+		if ok != (msg == "") {
+			t.Fatalf("%s %q: success=%v with error %q", path, body, ok, msg)
+		}
+		if !ok && (len(msg) < 5 || !utf8.ValidString(msg)) {
+			t.Fatalf("%s %q: unclear error %q", path, body, msg)
+		}
+		// Malformed JSON is always named as such.
+		if !json.Valid(body) && len(bytes.TrimSpace(body)) > 0 && (ok || !strings.Contains(msg, "bad JSON in request body")) {
+			t.Fatalf("%s %q: invalid JSON answered %s", path, body, rec.Body.Bytes())
+		}
+	})
+}
