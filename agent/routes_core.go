@@ -147,9 +147,15 @@ type allocUploadDirReq struct {
 	ExpireHour flexInt `json:"expireHour"`
 }
 
+// maxExpireHour bounds expireHour (ten years) so the expiry cannot overflow.
+const maxExpireHour = 10 * 366 * 24
+
 func (q *allocUploadDirReq) validate() error {
 	if q.ExpireHour < 0 {
 		return fmt.Errorf("expireHour %d is negative", q.ExpireHour)
+	}
+	if q.ExpireHour > maxExpireHour {
+		return fmt.Errorf("expireHour %d is too large (at most %d)", q.ExpireHour, maxExpireHour)
 	}
 	return nil
 }
