@@ -50,7 +50,8 @@ func TestE2EErrors(t *testing.T) {
 		{"parent not found", "/imagestore/import-backup/", map[string]any{"imgurl": file, "name": "x", "parent": "zstore://x/missing"}, "parent zstore://x/missing not found"},
 		{"alloc parent not found", "/imagestore/installpath/allocate", map[string]any{"parent": "zstore://x/missing"}, "parent zstore://x/missing not found"},
 		{"bad algorithm", "/imagestore/getimagehash/", map[string]any{"installPath": "zstore://a/b", "alogrithm": "crc"}, "not supported"},
-		{"import url", "/imagestore/import/", map[string]any{}, "does not support import from URLs"},
+		{"import without url", "/imagestore/import/", map[string]any{}, "missing field imgurl"},
+		{"import ftp", "/imagestore/import/", map[string]any{"imgurl": "ftp://example.com/x.qcow2", "name": "x"}, "ftp"},
 		{"negative quota", "/imagestore/setquota/", map[string]any{"maxCapacity": -1}, "negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
