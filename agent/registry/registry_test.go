@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/registry"
 	"imagestore/transfer/faultproxy"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/replicate"
@@ -376,5 +379,45 @@ func TestManifestsAndTags(t *testing.T) {
 	got, err := n2.st.Chain(ctx, chain[2].Ref)
 	if err != nil || len(got) != 3 {
 		t.Fatalf("receiver chain: %v %v", got, err)
+	}
+}
+
+// TestUploadResumesFromZeroAfterServerLoss: the first PATCH dies after the
+// server read part of it but before anything became durable (as with a
+// kill -9), so the upload resumes from offset 0; the source hash must be
+// recomputed, not carried over from the lost attempt.
+func TestUploadResumesFromZeroAfterServerLoss(t *testing.T) {
+	root := t.TempDir()
+	st := openStore(t, root)
+	srv, err := registry.New(registry.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var patches atomic.Int32
+	h := srv.Handler()
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPatch && patches.Add(1) == 1 {
+			_, _ = io.CopyN(io.Discard, r.Body, 1<<20) // read, never store
+			conn, _, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				conn.Close()
+			}
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	defer hs.Close()
+	c, err := oci.New(oci.Options{Addr: hs.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseIdleConnections()
+	data := randBytes(t, 4<<20)
+	d := digest.FromBytes(data)
+	if err := c.PushBlob(context.Background(), "v", d, int64(len(data)), bytes.NewReader(data), oci.PushOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if patches.Load() < 2 || !st.Exists(d) {
+		t.Fatalf("%d PATCHes, blob stored: %v", patches.Load(), st.Exists(d))
 	}
 }
