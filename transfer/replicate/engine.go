@@ -126,6 +126,8 @@ func New(o Options) (*Engine, error) {
 	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
+	o.Metrics.Bandwidth.WithLabelValues("write").Set(float64(o.WriteBandwidth))
+	o.Metrics.Bandwidth.WithLabelValues("read").Set(float64(o.ReadBandwidth))
 	e := &Engine{o: o, st: o.Store, log: o.Logger, m: o.Metrics, sem: make(chan struct{}, o.MaxTasks), tasks: map[string]*taskState{}, clients: map[[32]byte]*oci.Client{}}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	old, err := loadTasks(o.Dir)

@@ -13,6 +13,9 @@ type Metrics struct {
 	BlobsSkipped  prometheus.Counter
 	BlobsSent     prometheus.Counter
 	TasksRunning  prometheus.Gauge
+	// Bandwidth is the store-wide default budget of one task, by direction
+	// (write = push, read = pull); 0 = unlimited.
+	Bandwidth *prometheus.GaugeVec
 }
 
 // NewMetrics registers the collectors on reg (nil = unregistered).
@@ -42,6 +45,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "imagestore_replication_tasks_running",
 			Help: "Replication tasks currently running.",
 		}),
+		Bandwidth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "imagestore_replication_bandwidth_limit_bytes_per_second",
+			Help: "Default per-task replication bandwidth budget by direction (write: push, read: pull); 0 means unlimited.",
+		}, []string{"direction"}),
 	}
 	for _, k := range []string{"push", "pull"} {
 		for _, o := range []string{"success", "failed", "existed"} {
@@ -49,7 +56,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}
 	}
 	if reg != nil {
-		reg.MustRegister(m.SentBytes, m.ReceivedBytes, m.Tasks, m.BlobsSkipped, m.BlobsSent, m.TasksRunning)
+		reg.MustRegister(m.SentBytes, m.ReceivedBytes, m.Tasks, m.BlobsSkipped, m.BlobsSent, m.TasksRunning, m.Bandwidth)
 	}
 	return m
 }
