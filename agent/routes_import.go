@@ -207,7 +207,7 @@ func (a *Agent) canonicalize(ctx context.Context, d digest.Digest, size int64, i
 		return layer{}, "", err
 	}
 	bw := bufio.NewWriterSize(w, 1<<20)
-	out, err := qcow2.Write(ctx, bw, size, []qcow2.Extent{{Offset: 0, Length: size, Kind: qcow2.Data}}, b, qcow2.WriteOptions{})
+	out, err := qcow2.NormalizeRaw(ctx, bw, b, size, qcow2.WriteOptions{})
 	if err == nil {
 		err = bw.Flush()
 	}

@@ -184,11 +184,7 @@ func normalizeFile(ctx context.Context, g *globals, path, backing string, parent
 	opts := qcow2.WriteOptions{BackingFile: backing}
 	var n int64
 	if raw {
-		if backing == "" {
-			opts.ClusterBits = 16
-		}
-		ext := []qcow2.Extent{{Offset: 0, Length: vsize, Kind: qcow2.Data}}
-		n, err = qcow2.Write(ctx, bw, vsize, ext, src, opts)
+		n, err = qcow2.NormalizeRaw(ctx, bw, src, vsize, opts)
 	} else {
 		n, err = qcow2.Normalize(ctx, bw, im, opts)
 	}
