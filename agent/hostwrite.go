@@ -226,65 +226,63 @@ func (w *hostWriter) account(n int, sent bool) {
 }
 
 func writeQcow2(ctx context.Context, af sshfs.AtomicFile, sum hash.Hash, c *qcow2.Chain, s writeSpec) (int64, error) {
-	ext, err := c.Extents()
-	if err != nil {
-		return 0, err
-	}
 	hw := &hostWriter{ctx: ctx, w: af, h: sum, s: s}
 	// Large writes let the SFTP client keep many write requests in flight.
 	bw := bufio.NewWriterSize(hw, 4<<20)
-	if _, err := qcow2.Write(ctx, bw, c.VirtualSize(), ext, c, qcow2.WriteOptions{}); err != nil {
+	if _, err := qcow2.Flatten(ctx, bw, c, "qcow2", qcow2.WriteOptions{}); err != nil {
 		return hw.n, err
 	}
-	err = bw.Flush()
+	err := bw.Flush()
 	return hw.n, err
 }
 
-// writeRaw writes the guest view: data extents are sent, zero extents are
-// skipped (the host file stays sparse) but hashed, and the last sector is
-// always written so the file has the full size.
-func writeRaw(ctx context.Context, af sshfs.AtomicFile, sum hash.Hash, c *qcow2.Chain, s writeSpec) (int64, error) {
-	ext, err := c.Extents()
-	if err != nil {
+// sparseHostWriter is the raw target: qcow2.FlattenRawSparse writes only
+// data, in ascending order, so the skipped ranges are hashed (and counted
+// as progress, not as network bytes) as zeros here, keeping the hash that
+// of the whole file.
+type sparseHostWriter struct {
+	hw  *hostWriter
+	af  sshfs.AtomicFile
+	pos int64 // end of the last write
+}
+
+func (w *sparseHostWriter) WriteAt(p []byte, off int64) (int, error) {
+	if off < w.pos {
+		return 0, fmt.Errorf("internal error: raw write at %d after %d", off, w.pos)
+	}
+	w.skip(off)
+	if err := w.hw.s.Limiter.WaitN(w.hw.ctx, len(p)); err != nil {
 		return 0, err
 	}
+	n, err := w.af.WriteAt(p, off)
+	w.hw.h.Write(p[:n])
+	w.hw.account(n, true)
+	w.pos = off + int64(n)
+	return n, err
+}
+
+// skip hashes zeros from pos up to off.
+func (w *sparseHostWriter) skip(off int64) {
+	var zeros [64 << 10]byte
+	for w.pos < off {
+		k := min(int64(len(zeros)), off-w.pos)
+		w.hw.h.Write(zeros[:k])
+		w.hw.account(int(k), false)
+		w.pos += k
+	}
+}
+
+// writeRaw writes the guest view, leaving zero ranges as holes on the host.
+func writeRaw(ctx context.Context, af sshfs.AtomicFile, sum hash.Hash, c *qcow2.Chain, s writeSpec) (int64, error) {
 	if s.Job != nil {
 		s.Job.SetTotal(c.VirtualSize())
 	}
-	hw := &hostWriter{ctx: ctx, w: io.Discard, h: sum, s: s}
-	const piece = 4 << 20
-	buf := make([]byte, piece)
-	zeros := make([]byte, piece)
-	vsize := c.VirtualSize()
-	for _, e := range ext {
-		for off := e.Offset; off < e.End(); {
-			if err := ctx.Err(); err != nil {
-				return hw.n, err
-			}
-			k := min(int64(piece), e.End()-off)
-			b := buf[:k]
-			send := e.Kind == qcow2.Data || off+k == vsize
-			if e.Kind == qcow2.Data {
-				if _, err := c.ReadAt(b, off); err != nil && !errors.Is(err, io.EOF) {
-					return hw.n, err
-				}
-			} else {
-				b = zeros[:k]
-			}
-			if send {
-				if err := s.Limiter.WaitN(ctx, len(b)); err != nil {
-					return hw.n, err
-				}
-				if _, err := af.WriteAt(b, off); err != nil {
-					return hw.n, err
-				}
-			}
-			sum.Write(b)
-			hw.account(len(b), send)
-			off += k
-		}
+	w := &sparseHostWriter{hw: &hostWriter{ctx: ctx, h: sum, s: s}, af: af}
+	if _, err := qcow2.FlattenRawSparse(ctx, w, c); err != nil {
+		return w.hw.n, err
 	}
-	return hw.n, nil
+	w.skip(c.VirtualSize()) // nothing unless the size came from a truncate
+	return w.hw.n, nil
 }
 
 // hashRemote reads the written file back over SFTP and hashes it.
