@@ -196,6 +196,7 @@ func (a *Agent) Close() error {
 	defer cancel()
 	err := a.jobs.shutdown(ctx)
 	a.nbd.close()
+	a.closeHosts() // after the jobs: a running host transfer holds pool connections
 	return err
 }
 

@@ -163,9 +163,9 @@ func (a *Agent) fetchSFTP(ctx context.Context, job *Job, u *url.URL, w *limitedW
 	if h.Password == "" && h.PrivateKey == nil {
 		return errors.New("sftp imports need sshKeyFile in the agent config or a password in the URL")
 	}
-	pool := sshfs.NewPool(sshfs.PoolOptions{Logger: a.log})
-	defer pool.Close()
-	f, err := pool.Open(ctx, h, u.Path)
+	// The agent's host pool: connections are reused across imports and
+	// host transfers, and closed by Agent.Close.
+	f, err := a.hosts().pool.Open(ctx, h, u.Path)
 	if err != nil {
 		return err
 	}
