@@ -19,6 +19,7 @@ import (
 
 	"imagestore/agent/nbd"
 	"imagestore/blobstore"
+	"imagestore/transfer/replicate"
 )
 
 func init() {
@@ -360,16 +361,13 @@ func (a *Agent) exportRemoteTarget(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		blobs := make([]digest.Digest, len(chain))
-		for i, c := range chain {
-			blobs[i] = c.Blob
-		}
-		return a.nbd.serveChain(ctx, m, a.store, img, blobs, host)
+		return a.nbd.serveChain(ctx, m, a.store, img, chain, host)
 	})
 }
 
-// serveChain starts (or finds) the read-only server of img.
-func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobstore.Store, img blobstore.Image, blobs []digest.Digest, host string) (remoteTargetReply, error) {
+// serveChain starts (or finds) the read-only server of img; chain is
+// img's chain, top first (blobstore.Chain).
+func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobstore.Store, img blobstore.Image, chain []blobstore.Image, host string) (remoteTargetReply, error) {
 	name := nbdExportName(img)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -388,7 +386,26 @@ func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobst
 			return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName, InstallPath: rt.installPath}, nil
 		}
 	}
+	blobs := make([]digest.Digest, len(chain))
+	base := make([]blobstore.Image, len(chain))
+	for i, c := range chain {
+		blobs[i] = c.Blob
+		base[len(chain)-1-i] = c
+	}
 	release := store.Hold(blobs...)
+	// qemu-nbd follows each layer's backing name blindly; records made by
+	// import and replicate.Apply were checked, but a store written by an
+	// older version or by hand may hold anything. Check again, held.
+	for _, c := range base {
+		if c.Format != "qcow2" {
+			release()
+			return remoteTargetReply{}, fmt.Errorf("image %s: layer %s has format %s; only qcow2 chains can be served over NBD", img.Ref, c.Ref, c.Format)
+		}
+	}
+	if err := replicate.CheckLayers(ctx, store, base); err != nil {
+		release()
+		return remoteTargetReply{}, fmt.Errorf("image %s cannot be served over NBD: %w", img.Ref, err)
+	}
 	path, err := store.BlobPath(img.Blob)
 	if err != nil {
 		release()

@@ -272,3 +272,51 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 		t.Fatalf("expired target still there: %v", err)
 	}
 }
+
+// TestRemoteTargetRefusesUncheckedBacking: a chain whose layer names a
+// backing file other than its parent's blob (here written straight into
+// the store, bypassing import and push checks) is never handed to
+// qemu-nbd, which would follow the name.
+func TestRemoteTargetRefusesUncheckedBacking(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-nbd")
+	e := newRestoreEnv(t, nil)
+	ctx := context.Background()
+	put := func(file string, ref blobstore.Ref, parent string) blobstore.Image {
+		t.Helper()
+		f, err := os.Open(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		d, n, err := e.store.Put(ctx, f, -1, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		img := blobstore.Image{Ref: ref, Blob: d, Parent: parent, Size: n, Format: "qcow2", Created: time.Now()}
+		if err := e.store.PutImage(ctx, img); err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}
+	base := filepath.Join(e.dir, "base.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+	b := put(base, blobstore.Ref{Name: "evil", ID: "base"}, "")
+	for i, c := range []struct{ backing, fmt string }{
+		{"/etc/passwd", "raw"},
+		{`json:{"driver":"file","filename":"/etc/passwd"}`, "raw"},
+		{blobstore.BackingName(b.Blob), "raw"},
+	} {
+		top := filepath.Join(e.dir, "top"+r7itoa(i)+".qcow2")
+		r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", c.backing, "-F", c.fmt, top, "1M")
+		img := put(top, blobstore.Ref{Name: "evil", ID: "top" + r7itoa(i)}, b.Ref.String())
+		e.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": img.InstallPath(), "hostname": "127.0.0.1"}, "cannot be served over NBD")
+	}
+	// A standalone image that names a backing file is refused too.
+	lone := filepath.Join(e.dir, "lone.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", lone, "1M")
+	img := put(lone, blobstore.Ref{Name: "evil", ID: "lone"}, "")
+	e.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": img.InstallPath(), "hostname": "127.0.0.1"}, "cannot be served over NBD")
+	if m, err := e.a.nbd.manager(); err != nil || len(m.List()) != 0 {
+		t.Fatalf("servers running after refusals: %v %v", m, err)
+	}
+}

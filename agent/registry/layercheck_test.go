@@ -1,0 +1,137 @@
+package registry_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/qcow2"
+	"imagestore/transfer/oci"
+	"imagestore/transfer/replicate"
+)
+
+// qcow2Layer returns an empty qcow2 image of size bytes naming backing.
+func qcow2Layer(t *testing.T, size int64, backing string) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	if _, err := qcow2.Write(context.Background(), &b, size, nil, bytes.NewReader(nil), qcow2.WriteOptions{BackingFile: backing}); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// qemuLayer makes a layer with qemu-img, for backing formats our writer
+// never writes.
+func qemuLayer(t *testing.T, size int64, backing, backingFmt string) []byte {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "l.qcow2")
+	out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backingFmt, p, fmt.Sprint(size)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img create: %v: %s", err, out)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestManifestRefusesUncheckedBacking: a pushed qcow2 layer whose header
+// names anything but its recorded parent's blob (qemu would follow it when
+// serving the image over NBD) is refused, and nothing is recorded.
+func TestManifestRefusesUncheckedBacking(t *testing.T) {
+	const size = 1 << 20
+	base := qcow2Layer(t, size, "")
+	baseD := digest.FromBytes(base)
+	good := blobstore.BackingName(baseD)
+	cases := []struct {
+		name   string
+		base   []byte // nil = the good base
+		child  []byte // nil = no child layer
+		accept bool
+	}{
+		{name: "good chain", child: qcow2Layer(t, size, good), accept: true},
+		{name: "good base", accept: true},
+		{name: "base names /etc/passwd", base: qemuLayer(t, size, "/etc/passwd", "raw")},
+		{name: "base names qcow2 backing", base: qcow2Layer(t, size, good)},
+		{name: "child names /etc/passwd", child: qcow2Layer(t, size, "/etc/passwd")},
+		{name: "child names json", child: qemuLayer(t, size, `json:{"driver":"file","filename":"/etc/shadow"}`, "raw")},
+		{name: "child raw backing format", child: qemuLayer(t, size, good, "raw")},
+		{name: "child other size", child: qcow2Layer(t, 2*size, good)},
+		{name: "child not qcow2", child: bytes.Repeat([]byte("x"), 4096)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newNode(t, "")
+			ctx := context.Background()
+			c := n.client(t, "", false)
+			b := tc.base
+			if b == nil {
+				b = base
+			}
+			t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+			layers := [][]byte{b}
+			if tc.child != nil {
+				layers = append(layers, tc.child)
+			}
+			var chain []blobstore.Image
+			m := oci.Manifest{SchemaVersion: 2, MediaType: oci.MediaTypeManifest}
+			for i, l := range layers {
+				d := digest.FromBytes(l)
+				if err := c.PutBlob(ctx, "vol", d, l); err != nil {
+					t.Fatal(err)
+				}
+				img := blobstore.Image{Ref: blobstore.Ref{Name: "vol", ID: fmt.Sprintf("l%d", i)}, Blob: d,
+					Created: t0, Size: int64(len(l)), Format: "qcow2"}
+				if i > 0 {
+					img.Parent = chain[i-1].Ref.String()
+				}
+				chain = append(chain, img)
+				m.Layers = append(m.Layers, oci.Descriptor{MediaType: oci.MediaTypeQcow2Layer, Digest: d, Size: int64(len(l))})
+			}
+			cfg, _ := json.Marshal(replicate.Config{Imagestore: replicate.ConfigVersion, Chain: chain})
+			m.Config = oci.Descriptor{MediaType: oci.MediaTypeConfig, Digest: digest.FromBytes(cfg), Size: int64(len(cfg))}
+			if err := c.PutBlob(ctx, "vol", m.Config.Digest, cfg); err != nil {
+				t.Fatal(err)
+			}
+			mb, _ := json.Marshal(m)
+			top := chain[len(chain)-1]
+			resp, body := do(t, http.MethodPut, n.hs.URL+"/v2/vol/manifests/"+top.ID, mb,
+				map[string]string{"Content-Type": oci.MediaTypeManifest})
+			imgs, err := n.st.ListImages(ctx, "vol")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.accept {
+				if resp.StatusCode != http.StatusCreated || len(imgs) != len(chain) {
+					t.Fatalf("good chain refused: %d %s (records %v)", resp.StatusCode, body, imgs)
+				}
+				return
+			}
+			if resp.StatusCode != http.StatusBadRequest || errCode(t, body) != oci.CodeManifestInvalid {
+				t.Fatalf("want 400 %s, got %d %s", oci.CodeManifestInvalid, resp.StatusCode, body)
+			}
+			bad := chain[0].Blob
+			if tc.child != nil {
+				bad = top.Blob
+			}
+			if !strings.Contains(string(body), bad.String()) {
+				t.Errorf("error does not name the layer %s: %s", bad, body)
+			}
+			if len(imgs) != 0 {
+				t.Fatalf("refused manifest left records: %v", imgs)
+			}
+		})
+	}
+}
