@@ -163,7 +163,9 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string
 	q := r.URL.Query()
 	if m := q.Get("mount"); m != "" {
 		// Blobs are global in the store: a mount succeeds iff we hold it.
-		if d, err := digest.Parse(m); err == nil && s.st.Exists(d) {
+		// The client then pushes a manifest naming the blob without
+		// uploading it, so hold it (before looking) long enough for that.
+		if d, err := digest.Parse(m); err == nil && s.holdMounted(d) {
 			w.Header().Set("Location", "/v2/"+name+"/blobs/"+d.String())
 			w.Header().Set(oci.HeaderContentDigest, d.String())
 			w.WriteHeader(http.StatusCreated)
@@ -371,4 +373,19 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 	w.Header().Set(oci.HeaderContentDigest, got.String())
 	w.Header().Set("Content-Length", "0")
 	w.WriteHeader(http.StatusCreated)
+}
+
+// MountHold is how long a blob answered to a cross-repository mount is
+// kept from GC: the client's manifest PUT, which records it, follows.
+const MountHold = 30 * time.Minute
+
+// holdMounted holds d for MountHold if the store has it.
+func (s *Server) holdMounted(d digest.Digest) bool {
+	release := s.st.Hold(d)
+	if !s.st.Exists(d) {
+		release()
+		return false
+	}
+	time.AfterFunc(MountHold, release)
+	return true
 }

@@ -563,6 +563,15 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	if _, err := Validate(m, cfg, ref.Name, ref.ID); err != nil {
 		return err
 	}
+	// Hold every layer before asking whether we have it: a blob found here
+	// (say, left by a deleted image) must not be freed by GC while the
+	// others download, or Apply would find the chain incomplete.
+	digests := make([]digest.Digest, len(m.Layers))
+	for i, l := range m.Layers {
+		digests[i] = l.Digest
+	}
+	release := e.st.Hold(digests...)
+	defer release()
 	var todo []oci.Descriptor
 	var total int64
 	for _, l := range m.Layers {
@@ -582,12 +591,6 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	digests := make([]digest.Digest, len(m.Layers))
-	for i, l := range m.Layers {
-		digests[i] = l.Digest
-	}
-	release := e.st.Hold(digests...)
-	defer release()
 	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
 	return err
 }

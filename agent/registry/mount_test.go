@@ -1,0 +1,52 @@
+package registry_test
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"imagestore/agent/registry"
+	"imagestore/blobstore"
+)
+
+// TestMountHoldsBlob: a blob answered to ?mount= (which no record names
+// yet) is held from GC until the client's manifest can record it.
+func TestMountHoldsBlob(t *testing.T) {
+	ctx := context.Background()
+	st, err := blobstore.Open(ctx, blobstore.Options{Root: t.TempDir(), CommitGrace: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	srv, err := registry.New(registry.Options{Store: st})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(srv.Handler())
+	t.Cleanup(hs.Close)
+	d, _, err := st.Put(ctx, bytes.NewReader(randBytes(t, 4096)), 4096, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Millisecond) // past CommitGrace
+
+	missing := "sha256:" + string(bytes.Repeat([]byte("ab"), 32))
+	resp, body := do(t, http.MethodPost, hs.URL+"/v2/vol/blobs/uploads/?mount="+missing+"&from=other", nil, nil)
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("mount of a missing blob: %d %s, want 202 (an upload session)", resp.StatusCode, body)
+	}
+	resp, body = do(t, http.MethodPost, hs.URL+"/v2/vol/blobs/uploads/?mount="+d.String()+"&from=other", nil, nil)
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("mount: %d %s", resp.StatusCode, body)
+	}
+	res, err := st.GC(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.BlobsFreed != 0 || !st.Exists(d) {
+		t.Fatalf("GC freed %d blobs right after a mount answered for %s", res.BlobsFreed, d)
+	}
+}
