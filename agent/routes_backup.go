@@ -143,15 +143,7 @@ func (a *Agent) importBackup(w http.ResponseWriter, r *http.Request) {
 		if err := a.releaseProcess(req.ProcessToRelease); err != nil {
 			return nil, err
 		}
-		var parent *blobstore.Image
-		if req.Parent != "" {
-			p, err := a.lookupImage(ctx, "parent", req.Parent)
-			if err != nil {
-				return nil, err
-			}
-			parent = &p
-		}
-		ref, err := a.newImageRef(req.InstallPath, req.Name, parent)
+		parent, ref, err := a.parentAndRef(ctx, req.Parent, req.InstallPath, req.Name)
 		if err != nil {
 			return nil, err
 		}
@@ -182,6 +174,21 @@ func firstNonEmpty(s ...string) string {
 		}
 	}
 	return ""
+}
+
+// parentAndRef resolves a request's optional parent ("name:id" or an
+// install path; nil when empty) and picks the new image's ref on top of it.
+func (a *Agent) parentAndRef(ctx context.Context, parent, installPath, name string) (*blobstore.Image, blobstore.Ref, error) {
+	var p *blobstore.Image
+	if parent != "" {
+		img, err := a.lookupImage(ctx, "parent", parent)
+		if err != nil {
+			return nil, blobstore.Ref{}, err
+		}
+		p = &img
+	}
+	ref, err := a.newImageRef(installPath, name, p)
+	return p, ref, err
 }
 
 // newImageRef picks the new image's name and id: the allocated installPath

@@ -191,14 +191,11 @@ func dbBackup(ctx context.Context, g *globals, args []string) error {
 	if err := ref.Validate(); err != nil {
 		return usageErr("%v", err)
 	}
-	c, err := g.client()
+	c, err := g.connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	if err := c.Ping(ctx); err != nil {
-		return fmt.Errorf("store %s: %w", g.url, err)
-	}
 	cargs, cleanup, err := conn.clientArgs()
 	if err != nil {
 		return err
@@ -286,27 +283,19 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 	if len(pos) != 1 {
 		return usageErr("db restore zsbak:ID [--mysql-...]")
 	}
-	ref, err := blobstore.ParseRef(pos[0])
-	if err != nil {
-		return usageErr("%v", err)
-	}
-	c, err := g.client()
+	c, ri, err := g.openImage(ctx, pos[0])
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	ri, err := fetchImage(ctx, c, ref)
-	if err != nil {
-		return err
-	}
 	top := ri.Top()
 	if len(ri.Chain) != 1 || top.Format != "gzip" {
-		return fmt.Errorf("%s is not a database backup (format %q, %d layers)", ref, top.Format, len(ri.Chain))
+		return fmt.Errorf("%s is not a database backup (format %q, %d layers)", ri.Ref, top.Format, len(ri.Chain))
 	}
 	var dd dbDesc
 	if top.Desc != "" {
 		if err := json.Unmarshal([]byte(top.Desc), &dd); err != nil {
-			return fmt.Errorf("%s: desc is not a backup description: %w", ref, err)
+			return fmt.Errorf("%s: desc is not a backup description: %w", ri.Ref, err)
 		}
 	}
 	// Verify before a single statement runs: the dump is fetched to a temp
@@ -320,7 +309,7 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 	defer tmp.Close()
 	tmp.Close()
 	p := g.newProgress("download", top.Size)
-	err = downloadBlob(ctx, c, ref.Name, ri.Manifest.Layers[0], tmp.Name(), ratelimit.New(bw.v), p)
+	err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp.Name(), ratelimit.New(bw.v), p)
 	p.Done()
 	if err != nil {
 		if errors.Is(err, oci.ErrDigestInvalid) {
@@ -339,7 +328,7 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 			return err
 		}
 		if !strings.EqualFold(sum, dd.MD5) {
-			return fmt.Errorf("%w: %s: md5 %s, desc says %s", ErrBackupCorrupt, ref, sum, dd.MD5)
+			return fmt.Errorf("%w: %s: md5 %s, desc says %s", ErrBackupCorrupt, ri.Ref, sum, dd.MD5)
 		}
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
@@ -369,7 +358,7 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 		ID       string `json:"id"`
 		Restored int64  `json:"restored"`
 		Blobsum  string `json:"blobsum"`
-	}{ref.Name, ref.ID, fed.n, top.Blob.String()}
+	}{ri.Ref.Name, ri.Ref.ID, fed.n, top.Blob.String()}
 	return g.printResult(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s restored (%d bytes of SQL)\n", res.Name, res.ID, res.Restored)
 	})

@@ -27,6 +27,26 @@ type remoteImage struct {
 
 func (r *remoteImage) Top() blobstore.Image { return r.Chain[len(r.Chain)-1] }
 
+// openImage is the start of every command on one stored image: parse the
+// name:id argument, connect, and fetch its manifest and chain. The caller
+// closes the client's idle connections.
+func (g *globals) openImage(ctx context.Context, arg string) (*oci.Client, *remoteImage, error) {
+	ref, err := blobstore.ParseRef(arg)
+	if err != nil {
+		return nil, nil, usageErr("%v", err)
+	}
+	c, err := g.client()
+	if err != nil {
+		return nil, nil, err
+	}
+	ri, err := fetchImage(ctx, c, ref)
+	if err != nil {
+		c.CloseIdleConnections()
+		return nil, nil, err
+	}
+	return c, ri, nil
+}
+
 // fetchImage reads name:id's manifest and config and checks that they
 // describe one consistent chain ending at ref.
 func fetchImage(ctx context.Context, c *oci.Client, ref blobstore.Ref) (*remoteImage, error) {
@@ -142,19 +162,11 @@ func cmdInfo(ctx context.Context, g *globals, args []string) error {
 	if len(pos) != 1 {
 		return usageErr("info name:id")
 	}
-	ref, err := blobstore.ParseRef(pos[0])
-	if err != nil {
-		return usageErr("%v", err)
-	}
-	c, err := g.client()
+	c, ri, err := g.openImage(ctx, pos[0])
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	ri, err := fetchImage(ctx, c, ref)
-	if err != nil {
-		return err
-	}
 	in := infoOf(ri.Top())
 	return g.printResult(in, func(w io.Writer) { printInfo(w, in) })
 }

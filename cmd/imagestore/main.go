@@ -165,6 +165,21 @@ func (g *globals) client() (*oci.Client, error) {
 	return oci.New(opts)
 }
 
+// connect returns a client that has reached the store: commands that are
+// about to do expensive local work (normalize a disk, run a dump) fail
+// first on a wrong -url, -token or -rootca. Close its idle connections.
+func (g *globals) connect(ctx context.Context) (*oci.Client, error) {
+	c, err := g.client()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Ping(ctx); err != nil {
+		c.CloseIdleConnections()
+		return nil, fmt.Errorf("store %s: %w", g.url, err)
+	}
+	return c, nil
+}
+
 // printResult writes v as JSON with -json, else as "key: value" lines.
 func (g *globals) printResult(v any, text func(w io.Writer)) error {
 	if g.json {

@@ -15,7 +15,6 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
 
-	"imagestore/blobstore"
 	"imagestore/qcow2"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/ratelimit"
@@ -51,19 +50,11 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	if *conc < 1 {
 		return usageErr("-concurrency must be at least 1")
 	}
-	ref, err := blobstore.ParseRef(pos[0])
-	if err != nil {
-		return usageErr("%v", err)
-	}
-	c, err := g.client()
+	c, ri, err := g.openImage(ctx, pos[0])
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	ri, err := fetchImage(ctx, c, ref)
-	if err != nil {
-		return err
-	}
 	dir := filepath.Dir(*dst)
 	work, err := os.MkdirTemp(dir, ".imagestore-pull-*")
 	if err != nil {
@@ -82,7 +73,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	grp.SetLimit(*conc)
 	for i, l := range ri.Manifest.Layers {
 		paths[i] = filepath.Join(work, l.Digest.Encoded())
-		grp.Go(func() error { return downloadBlob(gctx, c, ref.Name, l, paths[i], lim, p) })
+		grp.Go(func() error { return downloadBlob(gctx, c, ri.Ref.Name, l, paths[i], lim, p) })
 	}
 	err = grp.Wait()
 	p.Done()
@@ -95,7 +86,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	if top.Format != "qcow2" {
 		// An opaque blob (a database dump): the layer is the content.
 		if len(ri.Chain) != 1 {
-			return fmt.Errorf("image %s: %s chain of %d layers cannot be pulled", ref, top.Format, len(ri.Chain))
+			return fmt.Errorf("image %s: %s chain of %d layers cannot be pulled", ri.Ref, top.Format, len(ri.Chain))
 		}
 		written, err = atomicWrite(*dst, func(w io.Writer) (int64, error) {
 			f, err := os.Open(paths[0])
@@ -111,7 +102,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	res := pullResult{Name: ref.Name, ID: ref.ID, InstallPath: *dst, Format: *format, VirtualSize: top.VirtualSize, Size: written, Layers: len(ri.Chain)}
+	res := pullResult{Name: ri.Ref.Name, ID: ri.Ref.ID, InstallPath: *dst, Format: *format, VirtualSize: top.VirtualSize, Size: written, Layers: len(ri.Chain)}
 	if top.Format != "qcow2" {
 		res.Format = top.Format
 	}

@@ -52,14 +52,11 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	if *conc < 1 {
 		return usageErr("-concurrency must be at least 1")
 	}
-	c, err := g.client()
+	c, err := g.connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	if err := c.Ping(ctx); err != nil {
-		return fmt.Errorf("store %s: %w", g.url, err)
-	}
 
 	var chain []blobstore.Image // parent chain, base first
 	backing := ""
