@@ -43,7 +43,7 @@ type globals struct {
 
 func (g *globals) register(fs *flag.FlagSet) {
 	fs.StringVar(&g.url, "url", g.url, "registry URL of the store (port 8000)")
-	fs.StringVar(&g.agentURL, "agent-url", g.agentURL, "agent URL of the store (port 8001), for upload")
+	fs.StringVar(&g.agentURL, "agent-url", g.agentURL, "agent URL of the store (port 8001), for upload and pullfromhost")
 	fs.StringVar(&g.rootCA, "rootca", g.rootCA, "PEM file of the CA that signed the store's certificate")
 	fs.StringVar(&g.token, "token", g.token, "bearer token (default $IMAGESTORE_TOKEN)")
 	fs.BoolVar(&g.json, "json", g.json, "print results as JSON")
@@ -61,6 +61,7 @@ var commands = []command{
 	{"info", "info name:id", cmdInfo},
 	{"images", "images -name NAME", cmdImages},
 	{"upload", "upload -task TASKUUID [-bwlimit B/s] FILE", cmdUpload},
+	{"pullfromhost", "pullfromhost -host H [-port N] -user U (-key-file F | -password-file F) [-fingerprint SHA256:...] -path P [-parent name:id] [-name N] [-volume-bwlimit B/s] [-network-bwlimit B/s] [-parallelism N]", cmdPullFromHost},
 	{"db", "db backup|restore ...", cmdDB},
 }
 

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -8,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/qcow2"
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/faultproxy"
 )
@@ -289,5 +292,40 @@ func TestBandwidthLimit(t *testing.T) {
 	// 6 MiB at 3 MiB/s: 2 s, less the limiter's small burst.
 	if el := time.Since(start); el < 1700*time.Millisecond {
 		t.Fatalf("push of %d bytes at 3 MiB/s took %v", res.Size, el)
+	}
+}
+
+// TestNormalizeReaders: reading through the parallel prefetcher
+// (-concurrency) gives the same canonical layer as plain reads.
+func TestNormalizeReaders(t *testing.T) {
+	files := chainFixture(t)
+	for i, f := range files {
+		opts := qcow2.WriteOptions{}
+		if i > 0 {
+			opts.BackingFile = "../00/parent"
+		}
+		var want []byte
+		for _, readers := range []int{1, 2, 16} {
+			src, err := os.Open(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, _ := src.Stat()
+			im, err := qcow2.Open(src, st.Size())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var buf bytes.Buffer
+			n, err := normalizeQcow2(context.Background(), &buf, src, st.Size(), im, opts, readers)
+			src.Close()
+			if err != nil || n != int64(buf.Len()) {
+				t.Fatalf("%s readers=%d: n=%d len=%d err=%v", f, readers, n, buf.Len(), err)
+			}
+			if want == nil {
+				want = buf.Bytes()
+			} else if !bytes.Equal(buf.Bytes(), want) {
+				t.Fatalf("%s: readers=%d gives a different layer", f, readers)
+			}
+		}
 	}
 }
