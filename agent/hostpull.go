@@ -148,6 +148,7 @@ type pullResult struct {
 	VirtualSize   int64
 	Allocated     int64
 	HostBytesRead int64
+	OnePass       bool // normalized while fetching (no all-zero data cluster)
 }
 
 // pullChunk is the size of one ranged read: large enough that the SFTP
@@ -157,13 +158,21 @@ const pullChunk = 8 << 20
 // pullLayer reads the header and tables over SFTP (small reads), then the
 // layer's data clusters — DataRanges, in host order, with Parallelism
 // streams sharing one rate budget — into a local unlinked staging file, and
-// re-encodes the layer from there into a blobstore ingest.
+// normalizes the layer (qcow2.Normalize, as every other import) from there
+// into a blobstore ingest.
 //
-// Why stage: the canonical writer puts metadata first and so reads the data
-// twice (a layout pass, then a write pass); staging keeps the host read to
-// one pass. The staging file is sparse (only allocated clusters are
-// written), lives on the store's filesystem and is unlinked at once, so a
-// crash leaves nothing behind.
+// Why stage: the canonical layout puts metadata first, so the writer must
+// know every cluster's stored form before it writes a data byte; staging
+// keeps the host read to one pass. The staging file is sparse (only
+// allocated clusters are written), lives on the store's filesystem and is
+// unlinked at once, so a crash leaves nothing behind.
+//
+// Why speculate: the normalize runs while the fetch is still going, with
+// qcow2.WriteOptions.AssumeNoZeroData (no scan pass; reads wait for their
+// bytes to land), so its one read of the staged data trails the fetch
+// instead of following it. If the layer turns out to have an all-zero data
+// cluster, that ingest is dropped and Normalize runs again, normally, from
+// the staged copy. Either way the output is Normalize's, byte for byte.
 func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	var res pullResult
 	src := &hostReader{pool: s.Pool, host: s.Host, path: s.Path, job: s.Job, counter: s.Counter}
@@ -193,10 +202,6 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 		return res, fmt.Errorf("%s:%s has backing file %q but no parent was given; pull the chain base first and name it as parent",
 			s.Host.Addr, s.Path, im.BackingFile())
 	}
-	extents, err := im.Extents()
-	if err != nil {
-		return res, err
-	}
 	ranges := im.DataRanges()
 	var total int64
 	for _, r := range ranges {
@@ -212,32 +217,72 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	}
 	_ = os.Remove(stage.Name())
 	defer stage.Close()
-	t0 := time.Now()
-	if err := fetchRanges(ctx, stage, limited, ranges, s.Parallelism, cmp(s.Chunk, pullChunk)); err != nil {
-		return res, err
-	}
-	staged.set(stage, ranges)
-	t1 := time.Now()
+	pieces := splitRanges(ranges, cmp(s.Chunk, pullChunk))
+	staged.start(stage, ranges, pieces)
 
-	ing, err := s.Store.Writer(ctx, "hostpull-"+randomHex(12))
+	t0 := time.Now()
+	fctx, cancelFetch := context.WithCancel(ctx)
+	defer cancelFetch()
+	fetched := make(chan error, 1)
+	var fetchTime time.Duration
+	go func() {
+		err := fetchPieces(fctx, stage, limited, pieces, s.Parallelism, staged.done)
+		fetchTime = time.Since(t0)
+		staged.finish(err)
+		fetched <- err
+	}()
+	// waitFetch returns the fetch's error; after it, fetchTime is set.
+	waitFetch := func() error {
+		err := <-fetched
+		fetched <- err
+		return err
+	}
+
+	spec := opts
+	spec.AssumeNoZeroData = true
+	d, n, err := normalizeInto(ctx, s.Store, im, spec)
+	onePass := err == nil
+	if errors.Is(err, qcow2.ErrZeroData) {
+		if err = waitFetch(); err == nil {
+			d, n, err = normalizeInto(ctx, s.Store, im, opts)
+		}
+	}
 	if err != nil {
+		cancelFetch()
+		if ferr := waitFetch(); ferr != nil && !errors.Is(ferr, context.Canceled) {
+			return res, ferr // the cause; the normalize only saw its echo
+		}
+		return res, fmt.Errorf("normalizing %s:%s: %w", s.Host.Addr, s.Path, err)
+	}
+	if err := waitFetch(); err != nil {
+		// Cannot happen after a complete normalize (it read every data
+		// byte), but never store a layer from a fetch that failed.
 		return res, err
 	}
-	n, err := qcow2.Write(ctx, ing, im.VirtualSize(), extents, im, opts)
+	res.Blob, res.Size, res.HostBytesRead, res.OnePass = d, n, src.read.Load(), onePass
+	s.Log.Info("layer pulled from host", "host", s.Host.Addr, "path", s.Path, "hostBytes", res.HostBytesRead,
+		"fetch", fetchTime, "total", time.Since(t0), "onePass", onePass, "blob", d, "size", n)
+	return res, nil
+}
+
+// normalizeInto normalizes im into a new ingest and commits it.
+func normalizeInto(ctx context.Context, store *blobstore.Store, im *qcow2.Image, opts qcow2.WriteOptions) (digest.Digest, int64, error) {
+	ing, err := store.Writer(ctx, "hostpull-"+randomHex(12))
+	if err != nil {
+		return "", 0, err
+	}
+	n, err := qcow2.Normalize(ctx, ing, im, opts)
 	if err != nil {
 		_ = ing.Cancel()
-		return res, fmt.Errorf("normalizing %s:%s: %w", s.Host.Addr, s.Path, err)
+		return "", 0, err
 	}
 	d, err := ing.Commit(ctx, n, "")
 	if err != nil {
 		_ = ing.Cancel()
-		return res, fmt.Errorf("committing layer: %w", err)
+		return "", 0, fmt.Errorf("committing layer: %w", err)
 	}
 	_ = ing.Close()
-	res.Blob, res.Size, res.HostBytesRead = d, n, src.read.Load()
-	s.Log.Info("layer pulled from host", "host", s.Host.Addr, "path", s.Path, "hostBytes", res.HostBytesRead,
-		"fetch", time.Since(t0)-time.Since(t1), "normalize", time.Since(t1), "blob", d, "size", n)
-	return res, nil
+	return d, n, nil
 }
 
 func cmp(v, def int64) int64 {
@@ -247,14 +292,25 @@ func cmp(v, def int64) int64 {
 	return def
 }
 
-// fetchRanges copies ranges of src to the same offsets of dst, in pieces of
-// at most chunk bytes, with workers streams. Memory: workers × chunk.
-func fetchRanges(ctx context.Context, dst io.WriterAt, src io.ReaderAt, ranges []qcow2.HostRange, workers int, chunk int64) error {
+// splitRanges cuts ranges into pieces of at most chunk bytes, in order.
+func splitRanges(ranges []qcow2.HostRange, chunk int64) []parallel.Range {
 	var pieces []parallel.Range
 	for _, r := range ranges {
 		for off := r.Offset; off < r.Offset+r.Length; off += chunk {
 			pieces = append(pieces, parallel.Range{Offset: off, Length: min(chunk, r.Offset+r.Length-off)})
 		}
+	}
+	return pieces
+}
+
+// fetchPieces copies pieces of src to the same offsets of dst with workers
+// streams, calling done(i) once piece i is in dst. Workers take pieces in
+// order, so the staged data grows roughly front to back. Memory: workers ×
+// the largest piece.
+func fetchPieces(ctx context.Context, dst io.WriterAt, src io.ReaderAt, pieces []parallel.Range, workers int, done func(int)) error {
+	var chunk int64
+	for _, p := range pieces {
+		chunk = max(chunk, p.Length)
 	}
 	bufs := sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
 	return parallel.Do(ctx, len(pieces), workers, func(ctx context.Context, i int) error {
@@ -268,36 +324,91 @@ func fetchRanges(ctx context.Context, dst io.WriterAt, src io.ReaderAt, ranges [
 		if _, err := dst.WriteAt(b, p.Offset); err != nil {
 			return fmt.Errorf("staging: %w", err)
 		}
+		done(i)
 		return ctx.Err()
 	})
 }
 
-// stagedReaderAt serves reads inside the staged ranges from the local file
-// and everything else (header and tables during Open) from the host.
+// errFetchEnded is what a read of a piece the fetch never delivered gets
+// when the fetch ended without an error of its own (it cannot, but a reader
+// must never block forever).
+var errFetchEnded = errors.New("host fetch ended before the data arrived")
+
+// stagedReaderAt serves reads inside the staged ranges from the local file,
+// waiting for the fetch to deliver the pieces they cover, and everything
+// else (header and tables during Open) from the host.
 type stagedReaderAt struct {
 	remote io.ReaderAt
-	mu     sync.RWMutex
+
+	mu     sync.Mutex
+	cond   sync.Cond
 	local  io.ReaderAt
 	ranges []qcow2.HostRange
+	pieces []parallel.Range
+	have   []bool
+	ended  bool
+	err    error // the fetch's, once ended
 }
 
-func (s *stagedReaderAt) set(local io.ReaderAt, ranges []qcow2.HostRange) {
+// start switches data reads to local, pending the pieces' arrival.
+func (s *stagedReaderAt) start(local io.ReaderAt, ranges []qcow2.HostRange, pieces []parallel.Range) {
 	s.mu.Lock()
-	s.local, s.ranges = local, ranges
+	defer s.mu.Unlock()
+	s.cond.L = &s.mu
+	s.local, s.ranges, s.pieces, s.have = local, ranges, pieces, make([]bool, len(pieces))
+}
+
+func (s *stagedReaderAt) done(i int) {
+	s.mu.Lock()
+	s.have[i] = true
 	s.mu.Unlock()
+	s.cond.Broadcast()
+}
+
+// finish records the end of the fetch and wakes every waiting reader.
+func (s *stagedReaderAt) finish(err error) {
+	s.mu.Lock()
+	s.ended = true
+	s.err = cmpErr(err, errFetchEnded)
+	s.mu.Unlock()
+	s.cond.Broadcast()
+}
+
+func cmpErr(err, def error) error {
+	if err != nil {
+		return err
+	}
+	return def
 }
 
 func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
-	s.mu.RLock()
+	s.mu.Lock()
 	local, ranges := s.local, s.ranges
-	s.mu.RUnlock()
-	if local != nil {
-		i := sort.Search(len(ranges), func(i int) bool { return ranges[i].Offset+ranges[i].Length > off })
-		if i < len(ranges) && ranges[i].Offset <= off && off+int64(len(p)) <= ranges[i].Offset+ranges[i].Length {
-			return local.ReadAt(p, off)
+	if local == nil {
+		s.mu.Unlock()
+		return s.remote.ReadAt(p, off)
+	}
+	end := off + int64(len(p))
+	i := sort.Search(len(ranges), func(i int) bool { return ranges[i].Offset+ranges[i].Length > off })
+	if i == len(ranges) || ranges[i].Offset > off || end > ranges[i].Offset+ranges[i].Length {
+		s.mu.Unlock()
+		return s.remote.ReadAt(p, off)
+	}
+	// Wait for the pieces covering [off, end): consecutive, as pieces are
+	// sorted and tile each range.
+	first := sort.Search(len(s.pieces), func(k int) bool { return s.pieces[k].Offset+s.pieces[k].Length > off })
+	for k := first; k < len(s.pieces) && s.pieces[k].Offset < end; k++ {
+		for !s.have[k] {
+			if s.ended {
+				err := s.err
+				s.mu.Unlock()
+				return 0, err
+			}
+			s.cond.Wait()
 		}
 	}
-	return s.remote.ReadAt(p, off)
+	s.mu.Unlock()
+	return local.ReadAt(p, off)
 }
 
 // hostReader is the remote file as an io.ReaderAt that counts the bytes it

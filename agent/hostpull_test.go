@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/crypto/ssh"
 
 	"imagestore/blobstore"
@@ -450,6 +451,110 @@ func TestWriteToHostErrors(t *testing.T) {
 			}
 			if _, err := os.Stat(filepath.Join(e.dir, "a")); err == nil {
 				t.Fatal("a file was written")
+			}
+		})
+	}
+}
+
+// A layer pulled from a host and the same file imported with import-backup
+// are the same canonical layer (one code path: qcow2.Normalize), whether
+// the pull normalizes while fetching (no all-zero data cluster) or falls
+// back to normalizing from the staged copy.
+func TestPullFromHostMatchesImport(t *testing.T) {
+	t.Parallel()
+	e := hpNewEnv(t)
+	ctx := context.Background()
+	const size = 8 << 20
+	base := filepath.Join(e.dir, "base.qcow2")
+	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", base, strconv.Itoa(size))
+	hpQemuIO(t, base, "write -P 0x11 0 2M", "write -P 0x22 5M 768k")
+	rec := httptest.NewRecorder()
+	e.a.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/imagestore/allocuploaddir/", strings.NewReader("{}")))
+	var alloc struct {
+		UploadDir string `json:"uploadDir"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &alloc); err != nil || alloc.UploadDir == "" {
+		t.Fatalf("allocuploaddir: %q, %v", rec.Body.String(), err)
+	}
+	up := alloc.UploadDir
+	imported := func(t *testing.T, file, parent string) string {
+		t.Helper()
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dst := filepath.Join(up, randomHex(6)+".qcow2")
+		if err := os.WriteFile(dst, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		req := map[string]any{"imgurl": dst, "name": "imp"}
+		if parent != "" {
+			req["parent"] = parent
+		}
+		return e.ok(t, "/imagestore/import-backup/", req)["blobsum"].(string)
+	}
+	baseOut := e.ok(t, "/imagestore/pullfromhost/", hpMerge(e.host(), map[string]any{"path": base, "name": "vol"}))
+	if got, want := baseOut["blobsum"].(string), imported(t, base, ""); got != want {
+		t.Fatalf("base: pulled %s, imported %s", got, want)
+	}
+	parentPath := baseOut["installPath"].(string)
+	parent, err := e.a.lookupImage(ctx, "parent", parentPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := e.a.sshHost(hostFields{Hostname: e.srv.Host, SSHPort: e.srv.Port, Username: e.srv.User, PrivateKey: string(e.srv.PrivateKey)})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	cases := []struct {
+		name    string
+		create  []string // extra qemu-img create options
+		cmds    []string
+		onePass bool
+	}{
+		{"data and zeroes", nil, []string{"write -P 0x33 1M 1M", "write -z 6M 512k", "discard 5M 64k"}, true},
+		{"4k clusters", []string{"-o", "cluster_size=4096"}, []string{"write -P 0x44 4k 4k", "write -P 0x45 36k 8k", "write -z 1M 4k"}, true},
+		{"all-zero data cluster", nil, []string{"write -P 0x55 0 64k", "write -P 0 2M 128k", "write -P 0x56 3M 64k"}, false},
+		{"empty delta", nil, nil, true},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d := filepath.Join(e.dir, fmt.Sprintf("d%d.qcow2", i))
+			hpRun(t, "qemu-img", append(append([]string{"create", "-q", "-f", "qcow2"}, c.create...), "-b", base, "-F", "qcow2", d)...)
+			if len(c.cmds) > 0 {
+				hpQemuIO(t, d, c.cmds...)
+			}
+			res, err := pullLayer(ctx, pullSpec{
+				Pool: e.a.hosts().pool, Host: h, Path: d, Store: e.store, Parent: &parent,
+				Parallelism: 1 + i%3, Chunk: 64 << 10, Log: e.a.log,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.OnePass != c.onePass {
+				t.Fatalf("onePass = %v, want %v", res.OnePass, c.onePass)
+			}
+			if want := imported(t, d, parentPath); res.Blob.String() != want {
+				t.Fatalf("pulled %s, imported %s", res.Blob, want)
+			}
+			// And both are what Normalize makes of the local file.
+			f, err := os.Open(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			st, _ := f.Stat()
+			im, err := qcow2.Open(f, st.Size())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var buf bytes.Buffer
+			if _, err := qcow2.Normalize(ctx, &buf, im, qcow2.WriteOptions{BackingFile: blobstore.BackingName(parent.Blob)}); err != nil {
+				t.Fatal(err)
+			}
+			if want := digest.FromBytes(buf.Bytes()); res.Blob != want {
+				t.Fatalf("pulled %s, Normalize gives %s", res.Blob, want)
 			}
 		})
 	}

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-4096}
 PAR=${PAR:-4}
+PROFILE=${PROFILE:-}   # a path: CPU profile of the full pull (go tool pprof)
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pull-bench.XXXXXX")}
 SSHD_PID=
 cleanup() { [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2>/dev/null; rm -rf "$DIR"; }
@@ -74,7 +75,7 @@ row "scp full (+sync)" "$(mbps "$VOL_BYTES" "$SCP_T")" "$VOL_BYTES" "$SCP_T" "$S
 
 # agent full pull.
 s0=$(sshd_cpu)
-read -r BASE_IP PULL_BYTES PULL_T PULL_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$VOL" -parallelism "$PAR")
+read -r BASE_IP PULL_BYTES PULL_T PULL_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$VOL" -parallelism "$PAR" ${PROFILE:+-cpuprofile "$PROFILE"})
 sleep 0.2; s1=$(sshd_cpu)
 PULL_CPU=$(awk -v a="$PULL_CPU" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
 row "agent pullfromhost full (p=$PAR)" "$(mbps "$VOL_BYTES" "$PULL_T")" "$PULL_BYTES" "$PULL_T" "$PULL_CPU"

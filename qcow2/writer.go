@@ -22,6 +22,11 @@ type WriteOptions struct {
 	ClusterBits int    // default 16 (64 KiB); 9..21
 	BackingFile string // "" = standalone; sets backing_fmt=qcow2
 	Compress    bool   // zstd-compressed clusters (incompatible bit 3)
+	// AssumeNoZeroData skips the scan pass: data is read once, by a write
+	// pass that fails with ErrZeroData if a Data cluster is all zeros (see
+	// prescan.go). For callers whose source is still arriving, so that the
+	// write overlaps the transfer. Not with Compress.
+	AssumeNoZeroData bool
 }
 
 // ErrSourceChanged means the data read in Write's second pass differed from
@@ -86,9 +91,10 @@ type wrPlan struct {
 	runs     []wrRun
 	// sizes holds, per data-class cluster in guest order: 0 = all zeros
 	// (left out), cs = stored plain, otherwise the zstd frame length.
-	sizes  []uint32
-	nData  int64
-	nPlain int64 // data clusters stored plain (size == cs)
+	sizes   []uint32
+	nData   int64
+	nPlain  int64 // data clusters stored plain (size == cs)
+	assumed bool  // sizes come from assumePlain, not a scan
 
 	l1Size                 int64
 	l1Clusters, rtClusters int64
@@ -149,14 +155,20 @@ func wrSectorEnd(off int64, n uint32) int64 {
 // Data clusters in a base layer are left unallocated. Never seeks backwards.
 //
 // data is read twice (a scan pass decides the layout, a second pass writes);
-// the call fails with ErrSourceChanged if the two disagree. Concurrent ReadAt
+// the call fails with ErrSourceChanged if the two disagree. With
+// opts.AssumeNoZeroData it is read once (see ErrZeroData). Concurrent ReadAt
 // calls are made on data, as io.ReaderAt allows.
 func Write(ctx context.Context, w io.Writer, virtualSize int64, extents []Extent, data io.ReaderAt, opts WriteOptions) (int64, error) {
 	p, err := wrNewPlan(virtualSize, extents, opts)
 	if err != nil {
 		return 0, err
 	}
-	if err := p.scan(ctx, data); err != nil {
+	if opts.AssumeNoZeroData {
+		err = p.assumePlain()
+	} else {
+		err = p.scan(ctx, data)
+	}
+	if err != nil {
 		return 0, err
 	}
 	if err := p.layout(); err != nil {
@@ -674,7 +686,7 @@ func (p *wrPlan) process(c *wrChunk, data io.ReaderAt, enc *zstd.Encoder, verify
 		if !verify {
 			*size = got
 		} else if *size != got {
-			return fmt.Errorf("%w: guest cluster %d", ErrSourceChanged, c.first+i)
+			return p.mismatch(c.first+i, got)
 		}
 		c.spans = append(c.spans, span)
 	}

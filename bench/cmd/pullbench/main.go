@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -30,7 +31,21 @@ func main() {
 	path := flag.String("path", "", "qcow2 path on the host")
 	parent := flag.String("parent", "", "parent install path")
 	par := flag.Int("parallelism", 4, "streams")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the pull here")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "pullbench:", err)
+			os.Exit(1)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "pullbench:", err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*root, *knownHosts, *keyFile, *host, *port, *user, *path, *parent, *par); err != nil {
 		fmt.Fprintln(os.Stderr, "pullbench:", err)
 		os.Exit(1)
