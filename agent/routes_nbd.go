@@ -196,9 +196,9 @@ type exportNBDReply struct {
 	NBDDescription string   `json:"nbdDescription"`
 }
 
-// exportNBDImage creates empty qcow2 targets in an upload dir and serves
-// each writable over NBD for a KVM host's backup job. The targets expire
-// with their upload dir (or after expireHour).
+// exportNBDImage creates empty qcow2 targets in the agent's private target
+// dir and serves each writable over NBD for a KVM host's backup job. The
+// targets expire with the workspace's upload dir (or after expireHour).
 func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 	var req exportNBDReq
 	err := decode(r, &req)
@@ -207,7 +207,10 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		ws, updir, err := a.confineWorkspace(req.Workspace)
+		// The workspace only sets the default expiry: targets are created
+		// in <root>/nbd/targets, which hosts cannot reach, so nobody can
+		// swap a target for a symlink between create and serve.
+		_, updir, err := a.confineWorkspace(req.Workspace)
 		if err != nil {
 			return nil, err
 		}
@@ -225,7 +228,7 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 		for i, s := range req.Sizes {
 			sizes[i] = int64(s)
 		}
-		desc, servers, err := m.CreateTargets(ctx, ws, sizes, ttl)
+		desc, servers, err := m.CreateTargets(ctx, sizes, ttl)
 		if err != nil {
 			return nil, err
 		}
@@ -236,6 +239,22 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 		}
 		return rep, nil
 	})
+}
+
+// nbdTargetPath reports whether path is a released NBD target of this
+// agent (a regular file in <root>/nbd/targets whose server was released by
+// processToRelease), and returns it cleaned. import-backup reads such a
+// path although it is outside the upload dirs.
+func (a *Agent) nbdTargetPath(path string) (string, bool) {
+	p := path
+	if rest, ok := strings.CutPrefix(p, "file://"); ok {
+		p = rest
+	}
+	m, err := a.nbd.manager()
+	if err != nil {
+		return "", false
+	}
+	return m.TargetPath(p)
 }
 
 // confineWorkspace resolves ws (after symlinks) and checks it is a

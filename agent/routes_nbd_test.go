@@ -166,8 +166,16 @@ func TestNBDTargetBackupThenImport(t *testing.T) {
 	}
 	target := paths[0].(string)
 	port := r7itoa(int(r7num(ports[0])))
-	if !strings.HasPrefix(target, up+"/") {
-		t.Fatalf("target %s not in upload dir %s", target, up)
+	// Targets live in the agent's private dir, never in the host-writable
+	// upload dir (a host could swap them for symlinks there).
+	if want := filepath.Join(e.a.root, "nbd", "targets") + "/"; !strings.HasPrefix(target, want) {
+		t.Fatalf("target %s not in %s", target, want)
+	}
+	if entries, err := os.ReadDir(up); err != nil || len(entries) != 0 {
+		t.Fatalf("upload dir has %v (%v)", entries, err)
+	}
+	if _, ok := e.a.nbdTargetPath(target); ok {
+		t.Fatal("a served target counts as released")
 	}
 	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="target"} 2`) {
 		t.Fatalf("metrics lack the targets:\n%s", r7grepLines(m, "nbd"))
@@ -190,6 +198,12 @@ func TestNBDTargetBackupThenImport(t *testing.T) {
 	// The second target of the group was released too and stays on disk.
 	if _, err := os.Stat(paths[1].(string)); err != nil {
 		t.Fatalf("released target removed: %v", err)
+	}
+	if p, ok := e.a.nbdTargetPath("file://" + paths[1].(string)); !ok || p != paths[1].(string) {
+		t.Fatalf("released target not recognised: %q %v", p, ok)
+	}
+	if _, ok := e.a.nbdTargetPath(src); ok {
+		t.Fatal("an arbitrary file counts as a released target")
 	}
 	// Retrying the release (a retried import) is harmless.
 	if err := e.a.releaseProcess(desc); err != nil {

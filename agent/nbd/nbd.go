@@ -42,7 +42,16 @@ type Options struct {
 	QemuNBD          string // default "qemu-nbd" from PATH
 	QemuImg          string // default "qemu-img" from PATH (creates targets)
 	Shared           int    // clients per server (qemu-nbd --shared); default 0 = unlimited
-	Logger           *slog.Logger
+	// TargetDir holds writable targets; default <Dir>/targets. It must not
+	// be reachable by the hosts: qemu-img and qemu-nbd open targets by
+	// name, so whoever can write the directory could swap a target for a
+	// symlink between create and serve.
+	TargetDir string
+	// ReleasedRetention is how long a released target is kept for its
+	// import (counted from Release, or from the file's last change after
+	// a restart); default 24h. Expire removes older ones.
+	ReleasedRetention time.Duration
+	Logger            *slog.Logger
 }
 
 // Server describes one running (or just stopped) qemu-nbd server.
@@ -68,11 +77,12 @@ type Manager struct {
 	qemuNBD string
 	qemuImg string
 
-	mu      sync.Mutex
-	closed  bool
-	ports   map[int]bool      // reserved by us (starting or running)
-	servers map[string]*proc  // by server id
-	groups  map[string]*group // by description token
+	mu       sync.Mutex
+	closed   bool
+	ports    map[int]bool      // reserved by us (starting or running)
+	servers  map[string]*proc  // by server id
+	groups   map[string]*group // by description token
+	creating map[string]bool   // groups being created or released: never swept
 }
 
 type group struct {
@@ -99,17 +109,27 @@ func NewManager(opts Options) (*Manager, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if opts.ReleasedRetention <= 0 {
+		opts.ReleasedRetention = 24 * time.Hour
+	}
 	dir, err := filepath.Abs(opts.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dir: %w", err)
 	}
 	opts.Dir = filepath.Clean(dir)
+	if opts.TargetDir == "" {
+		opts.TargetDir = filepath.Join(opts.Dir, "targets")
+	}
+	if opts.TargetDir, err = filepath.Abs(opts.TargetDir); err != nil {
+		return nil, fmt.Errorf("nbd: target dir: %w", err)
+	}
 	m := &Manager{
-		opts:    opts,
-		log:     opts.Logger.With("component", "nbd"),
-		ports:   map[int]bool{},
-		servers: map[string]*proc{},
-		groups:  map[string]*group{},
+		opts:     opts,
+		log:      opts.Logger.With("component", "nbd"),
+		ports:    map[int]bool{},
+		servers:  map[string]*proc{},
+		groups:   map[string]*group{},
+		creating: map[string]bool{},
 	}
 	if m.qemuNBD, err = lookTool(opts.QemuNBD, "qemu-nbd"); err != nil {
 		return nil, err
@@ -117,11 +137,95 @@ func NewManager(opts Options) (*Manager, error) {
 	if m.qemuImg, err = lookTool(opts.QemuImg, "qemu-img"); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+	for _, d := range []string{opts.Dir, opts.TargetDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("nbd: %w", err)
+		}
+	}
+	// Only we may create or rename entries in the target dir.
+	if err := os.Chmod(opts.TargetDir, 0o700); err != nil {
 		return nil, fmt.Errorf("nbd: %w", err)
 	}
 	m.cleanStale()
+	m.sweepTargets(time.Now())
 	return m, nil
+}
+
+// TargetDir is where writable targets live.
+func (m *Manager) TargetDir() string { return m.opts.TargetDir }
+
+// TargetPath reports whether path names a released target of this
+// manager: a regular file (not a symlink) directly in TargetDir, named
+// as CreateTargets names targets, whose group is no longer served. It
+// returns the cleaned absolute path.
+func (m *Manager) TargetPath(path string) (string, bool) {
+	if !filepath.IsAbs(path) {
+		return "", false
+	}
+	p := filepath.Clean(path)
+	if filepath.Dir(p) != m.opts.TargetDir {
+		return "", false
+	}
+	desc, ok := targetDesc(filepath.Base(p))
+	if !ok {
+		return "", false
+	}
+	m.mu.Lock()
+	_, active := m.groups[desc]
+	creating := m.creating[desc]
+	m.mu.Unlock()
+	if active || creating {
+		return "", false
+	}
+	fi, err := os.Lstat(p)
+	if err != nil || !fi.Mode().IsRegular() {
+		return "", false
+	}
+	return p, true
+}
+
+// targetDesc parses a target file name "nbd-<16 hex>-<n>.qcow2".
+func targetDesc(base string) (string, bool) {
+	rest, ok := strings.CutSuffix(base, ".qcow2")
+	if !ok || len(rest) < len("nbd-0123456789abcdef-0") || !strings.HasPrefix(rest, "nbd-") {
+		return "", false
+	}
+	desc, n := rest[:20], rest[20:]
+	if strings.Trim(desc[4:], "0123456789abcdef") != "" || len(n) < 2 || n[0] != '-' || strings.Trim(n[1:], "0123456789") != "" {
+		return "", false
+	}
+	return desc, true
+}
+
+// sweepTargets removes target files that no group serves and that were
+// released (or last changed) longer than ReleasedRetention ago.
+func (m *Manager) sweepTargets(now time.Time) int {
+	entries, err := os.ReadDir(m.opts.TargetDir)
+	if err != nil {
+		m.log.Warn("reading nbd target dir", "err", err)
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		desc, ok := targetDesc(e.Name())
+		if !ok {
+			continue
+		}
+		m.mu.Lock()
+		busy := m.groups[desc] != nil || m.creating[desc]
+		m.mu.Unlock()
+		fi, err := e.Info()
+		if busy || err != nil || now.Sub(fi.ModTime()) < m.opts.ReleasedRetention {
+			continue
+		}
+		if err := os.Remove(filepath.Join(m.opts.TargetDir, e.Name())); err == nil {
+			n++
+			m.log.Info("removed released nbd target past retention", "path", e.Name())
+		} else if !errors.Is(err, os.ErrNotExist) {
+			m.log.Warn("removing released nbd target", "path", e.Name(), "err", err)
+		}
+	}
+	return n
 }
 
 func lookTool(configured, def string) (string, error) {
@@ -143,11 +247,10 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// CreateTargets creates one empty qcow2 per size in workspace (which the
-// caller has validated) and serves each writable on its own port. desc is
-// the token naming the group for Release and Cancel. expiry <= 0 means the
-// group never expires.
-func (m *Manager) CreateTargets(ctx context.Context, workspace string, sizes []int64, expiry time.Duration) (desc string, servers []Server, err error) {
+// CreateTargets creates one empty qcow2 per size in TargetDir and serves
+// each writable on its own port. desc is the token naming the group for
+// Release and Cancel. expiry <= 0 means the group never expires.
+func (m *Manager) CreateTargets(ctx context.Context, sizes []int64, expiry time.Duration) (desc string, servers []Server, err error) {
 	if len(sizes) == 0 {
 		return "", nil, fmt.Errorf("%w: no sizes", ErrInvalid)
 	}
@@ -156,20 +259,19 @@ func (m *Manager) CreateTargets(ctx context.Context, workspace string, sizes []i
 			return "", nil, fmt.Errorf("%w: size %d", ErrInvalid, s)
 		}
 	}
-	ws, err := filepath.Abs(workspace)
-	if err != nil {
-		return "", nil, fmt.Errorf("nbd: workspace: %w", err)
-	}
-	if fi, err := os.Stat(ws); err != nil {
-		return "", nil, fmt.Errorf("nbd: workspace: %w", err)
-	} else if !fi.IsDir() {
-		return "", nil, fmt.Errorf("%w: workspace %s is not a directory", ErrInvalid, ws)
-	}
 	if err := m.checkOpen(); err != nil {
 		return "", nil, err
 	}
 
 	desc = "nbd-" + newID()
+	m.mu.Lock()
+	m.creating[desc] = true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.creating, desc)
+		m.mu.Unlock()
+	}()
 	g := &group{desc: desc}
 	if expiry > 0 {
 		g.expires = time.Now().Add(expiry)
@@ -187,7 +289,7 @@ func (m *Manager) CreateTargets(ctx context.Context, workspace string, sizes []i
 		return "", nil, err
 	}
 	for i, size := range sizes {
-		path := filepath.Join(ws, fmt.Sprintf("%s-%d.qcow2", desc, i))
+		path := filepath.Join(m.opts.TargetDir, fmt.Sprintf("%s-%d.qcow2", desc, i))
 		if err := m.createQcow2(ctx, path, size); err != nil {
 			return fail(err)
 		}
@@ -229,15 +331,33 @@ func (m *Manager) createQcow2(ctx context.Context, path string, size int64) erro
 // Release stops a group's servers and keeps the target files, which the
 // caller then imports. The group is forgotten.
 func (m *Manager) Release(ctx context.Context, desc string) ([]Server, error) {
-	g, err := m.takeGroup(desc)
-	if err != nil {
-		return nil, err
+	// Pinned (as while creating) until the files are touched, so a sweep
+	// cannot take an old target between the two.
+	m.mu.Lock()
+	g, ok := m.groups[desc]
+	if ok {
+		delete(m.groups, desc)
+		m.creating[desc] = true
 	}
+	m.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: nbd description %q", ErrNotFound, desc)
+	}
+	defer func() {
+		m.mu.Lock()
+		delete(m.creating, desc)
+		m.mu.Unlock()
+	}()
 	var servers []Server
 	var errs []error
+	now := time.Now()
 	for _, p := range g.procs {
 		if err := m.stopProc(ctx, p); err != nil {
 			errs = append(errs, err)
+		}
+		// Retention counts from now.
+		if err := os.Chtimes(p.srv.Path, now, now); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("nbd: %w", err))
 		}
 		servers = append(servers, p.srv)
 	}
@@ -361,8 +481,10 @@ func (m *Manager) Count() (writable, readonly int) {
 }
 
 // Expire stops and removes the target groups whose expiry is before now
-// and returns how many groups it removed.
+// and returns how many groups it removed. Released targets older than
+// ReleasedRetention are removed too (not counted).
 func (m *Manager) Expire(ctx context.Context, now time.Time) int {
+	defer m.sweepTargets(now)
 	m.mu.Lock()
 	var expired []*group
 	for d, g := range m.groups {

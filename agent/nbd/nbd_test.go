@@ -168,10 +168,9 @@ func records(t *testing.T, dir string) []record {
 func TestTargetsWriteReleaseCompare(t *testing.T) {
 	min, max := freeRange(t, 4)
 	m, _ := newTestManager(t, t.TempDir(), min, max)
-	ws := t.TempDir()
 	ctx := context.Background()
 	sizes := []int64{4 * MiB, 6*MiB + 512}
-	desc, servers, err := m.CreateTargets(ctx, ws, sizes, time.Hour)
+	desc, servers, err := m.CreateTargets(ctx, sizes, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +182,7 @@ func TestTargetsWriteReleaseCompare(t *testing.T) {
 	}
 	srcs := make([]string, len(servers))
 	for i, s := range servers {
-		if s.ReadOnly || s.Description != desc || s.Port < min || s.Port > max || filepath.Dir(s.Path) != ws || s.Expires.IsZero() {
+		if s.ReadOnly || s.Description != desc || s.Port < min || s.Port > max || filepath.Dir(s.Path) != m.TargetDir() || s.Expires.IsZero() {
 			t.Fatalf("server %d: %+v", i, s)
 		}
 		src := filepath.Join(t.TempDir(), "src.raw")
@@ -297,9 +296,8 @@ func TestInvalidArguments(t *testing.T) {
 		name string
 		call func() error
 	}{
-		{"no sizes", func() error { _, _, err := m.CreateTargets(ctx, ws, nil, 0); return err }},
-		{"zero size", func() error { _, _, err := m.CreateTargets(ctx, ws, []int64{MiB, 0}, 0); return err }},
-		{"workspace is a file", func() error { _, _, err := m.CreateTargets(ctx, file, []int64{MiB}, 0); return err }},
+		{"no sizes", func() error { _, _, err := m.CreateTargets(ctx, nil, 0); return err }},
+		{"zero size", func() error { _, _, err := m.CreateTargets(ctx, []int64{MiB, 0}, 0); return err }},
 		{"empty export", func() error { _, err := m.ServeReadOnly(ctx, file, ""); return err }},
 		{"slash in export", func() error { _, err := m.ServeReadOnly(ctx, file, "a/b"); return err }},
 		{"space in export", func() error { _, err := m.ServeReadOnly(ctx, file, "a b"); return err }},
@@ -345,20 +343,19 @@ func TestPortExhaustion(t *testing.T) {
 	}
 	defer busy.Close()
 	m, _ := newTestManager(t, t.TempDir(), min, max)
-	ws := t.TempDir()
 	ctx := context.Background()
-	_, _, err = m.CreateTargets(ctx, ws, []int64{MiB, MiB}, 0)
+	_, _, err = m.CreateTargets(ctx, []int64{MiB, MiB}, 0)
 	if !errors.Is(err, ErrNoPort) || !strings.Contains(err.Error(), fmt.Sprintf("%d-%d", min, max)) {
 		t.Fatalf("err = %v, want ErrNoPort naming the range", err)
 	}
-	if entries, _ := os.ReadDir(ws); len(entries) != 0 {
+	if entries, _ := os.ReadDir(m.TargetDir()); len(entries) != 0 {
 		t.Fatalf("failed create left %d files", len(entries))
 	}
 	if w, r := m.Count(); w != 0 || r != 0 || len(records(t, m.opts.Dir)) != 0 {
 		t.Fatalf("failed create left servers: %d %d", w, r)
 	}
 	// One target fits, on the port nobody holds.
-	_, servers, err := m.CreateTargets(ctx, ws, []int64{MiB}, 0)
+	_, servers, err := m.CreateTargets(ctx, []int64{MiB}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -375,9 +372,8 @@ func TestPortExhaustion(t *testing.T) {
 func TestCancelRemovesTargets(t *testing.T) {
 	min, max := freeRange(t, 3)
 	m, _ := newTestManager(t, t.TempDir(), min, max)
-	ws := t.TempDir()
 	ctx := context.Background()
-	desc, servers, err := m.CreateTargets(ctx, ws, []int64{MiB, 2 * MiB}, 0)
+	desc, servers, err := m.CreateTargets(ctx, []int64{MiB, 2 * MiB}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -399,7 +395,7 @@ func TestCancelRemovesTargets(t *testing.T) {
 		t.Fatalf("second Cancel: %v", err)
 	}
 	// The freed ports serve again.
-	if _, _, err := m.CreateTargets(ctx, ws, []int64{MiB, MiB, MiB}, 0); err != nil {
+	if _, _, err := m.CreateTargets(ctx, []int64{MiB, MiB, MiB}, 0); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -407,13 +403,12 @@ func TestCancelRemovesTargets(t *testing.T) {
 func TestExpire(t *testing.T) {
 	min, max := freeRange(t, 3)
 	m, _ := newTestManager(t, t.TempDir(), min, max)
-	ws := t.TempDir()
 	ctx := context.Background()
-	short, shortSrv, err := m.CreateTargets(ctx, ws, []int64{MiB, MiB}, time.Hour)
+	short, shortSrv, err := m.CreateTargets(ctx, []int64{MiB, MiB}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, neverSrv, err := m.CreateTargets(ctx, ws, []int64{MiB}, 0)
+	_, neverSrv, err := m.CreateTargets(ctx, []int64{MiB}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,9 +442,8 @@ func TestStaleCleanup(t *testing.T) {
 	min, max := freeRange(t, 4)
 	dir := t.TempDir()
 	old, oldLogs := newTestManager(t, dir, min, max)
-	ws := t.TempDir()
 	ctx := context.Background()
-	_, targets, err := old.CreateTargets(ctx, ws, []int64{MiB}, 0)
+	_, targets, err := old.CreateTargets(ctx, []int64{MiB}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -486,8 +480,11 @@ func TestStaleCleanup(t *testing.T) {
 	if _, err := os.Stat(top); err != nil {
 		t.Fatalf("read-only export's file removed: %v", err)
 	}
-	if left, _ := os.ReadDir(dir); len(left) != 0 {
+	if left, _ := os.ReadDir(dir); len(left) != 1 || left[0].Name() != "targets" {
 		t.Fatalf("dir not clean: %v", left)
+	}
+	if left, _ := os.ReadDir(m.TargetDir()); len(left) != 0 {
+		t.Fatalf("target dir not clean: %v", left)
 	}
 	// The old manager notices its servers died.
 	deadline := time.Now().Add(10 * time.Second)
@@ -545,7 +542,6 @@ func TestConcurrentAndClose(t *testing.T) {
 	m, _ := newTestManager(t, t.TempDir(), min, max)
 	ctx := context.Background()
 	_, top := makeChain(t)
-	ws := t.TempDir()
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := 0; i < n; i++ {
@@ -556,7 +552,7 @@ func TestConcurrentAndClose(t *testing.T) {
 			if i%2 == 0 {
 				_, err = m.ServeReadOnly(ctx, top, fmt.Sprintf("e%d", i))
 			} else {
-				_, _, err = m.CreateTargets(ctx, ws, []int64{MiB}, time.Hour)
+				_, _, err = m.CreateTargets(ctx, []int64{MiB}, time.Hour)
 			}
 			m.List()
 			m.Count()
@@ -586,10 +582,10 @@ func TestConcurrentAndClose(t *testing.T) {
 	if w, r := m.Count(); w+r != 0 {
 		t.Fatalf("after Close: %d %d", w, r)
 	}
-	if entries, _ := os.ReadDir(ws); len(entries) != 0 {
+	if entries, _ := os.ReadDir(m.TargetDir()); len(entries) != 0 {
 		t.Fatalf("Close left %d targets", len(entries))
 	}
-	if left, _ := os.ReadDir(m.opts.Dir); len(left) != 0 {
+	if left, _ := os.ReadDir(m.opts.Dir); len(left) != 1 || left[0].Name() != "targets" {
 		t.Fatalf("Close left %v", left)
 	}
 	if _, err := m.ServeReadOnly(ctx, top, "x"); !errors.Is(err, ErrClosed) {
@@ -656,4 +652,74 @@ func FuzzCheckGreeting(f *testing.F) {
 			t.Fatalf("accepted %q", b)
 		}
 	})
+}
+
+// TestTargetsArePrivate: targets live in the manager's own target dir
+// (0700, not a host upload dir); TargetPath accepts only released targets
+// there, never a symlink, a served group's file or anything else; released
+// targets are swept after their retention.
+func TestTargetsArePrivate(t *testing.T) {
+	min, max := freeRange(t, 3)
+	m, _ := newTestManager(t, t.TempDir(), min, max)
+	ctx := context.Background()
+	if fi, err := os.Stat(m.TargetDir()); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("target dir: %v %v", fi, err)
+	}
+	desc, servers, err := m.CreateTargets(ctx, []int64{MiB, MiB}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, ok := m.TargetPath(servers[0].Path); ok {
+		t.Fatalf("TargetPath accepted %s while it is served", p)
+	}
+	if _, err := m.Release(ctx, desc); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(m.TargetDir(), "nbd-00112233445566ff-0.qcow2")
+	if err := os.Symlink(servers[0].Path, link); err != nil {
+		t.Fatal(err)
+	}
+	outside := filepath.Join(t.TempDir(), filepath.Base(servers[0].Path))
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", outside, "1M")
+	for _, tc := range []struct {
+		path string
+		want bool
+	}{
+		{servers[0].Path, true},
+		{servers[1].Path, true},
+		{filepath.Join(m.TargetDir(), "x", "..", filepath.Base(servers[1].Path)), true},
+		{link, false},
+		{outside, false},
+		{filepath.Join(m.TargetDir(), "nbd-0011223344556677-9.qcow2"), false}, // missing
+		{filepath.Join(m.TargetDir(), "other.qcow2"), false},
+		{m.TargetDir(), false},
+		{"relative/" + filepath.Base(servers[0].Path), false},
+	} {
+		if got, ok := m.TargetPath(tc.path); ok != tc.want || (ok && filepath.Dir(got) != m.TargetDir()) {
+			t.Errorf("TargetPath(%s) = %q, %v; want %v", tc.path, got, ok, tc.want)
+		}
+	}
+	if err := os.Remove(link); err != nil {
+		t.Fatal(err)
+	}
+	// Released targets stay for the retention, then go; served ones stay.
+	_, live, err := m.CreateTargets(ctx, []int64{MiB}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Expire(ctx, time.Now())
+	for _, s := range servers {
+		if _, err := os.Stat(s.Path); err != nil {
+			t.Fatalf("released target removed within retention: %v", err)
+		}
+	}
+	m.Expire(ctx, time.Now().Add(25*time.Hour))
+	for _, s := range servers {
+		if _, err := os.Stat(s.Path); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("released target kept past retention: %v", err)
+		}
+	}
+	if _, err := os.Stat(live[0].Path); err != nil {
+		t.Fatalf("served target swept: %v", err)
+	}
 }

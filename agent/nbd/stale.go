@@ -136,7 +136,9 @@ func (m *Manager) cleanRecord(path, id string) {
 	if m.killIfOurs(r.PID, pidFile) {
 		m.log.Warn("stopped stale qemu-nbd", "pid", r.PID, "port", r.Port, "path", r.Path)
 	}
-	if r.Target {
+	// Only ever delete a target in our target dir (an older version kept
+	// targets in host upload dirs; those expire with their dir).
+	if r.Target && filepath.Dir(r.Path) == m.opts.TargetDir {
 		if err := os.Remove(r.Path); err == nil {
 			m.log.Warn("removed stale nbd target", "path", r.Path, "desc", r.Desc)
 		} else if !errors.Is(err, os.ErrNotExist) {
