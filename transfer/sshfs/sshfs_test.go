@@ -298,14 +298,18 @@ func TestReadThroughCuttingProxy(t *testing.T) {
 
 func TestIdleClose(t *testing.T) {
 	s := sshtest.Start(t)
-	p, dials := newPool(t, PoolOptions{IdleTimeout: 100 * time.Millisecond, Keepalive: 50 * time.Millisecond})
+	// Keepalive of 1 s (reply timeout ≥ 5 s): with tens of milliseconds a
+	// loaded machine under -race could miss a reply and drop the in-use
+	// connection, which is not what this test is about.
+	p, dials := newPool(t, PoolOptions{IdleTimeout: 100 * time.Millisecond, Keepalive: time.Second})
 	ctx := context.Background()
 	sc, release, err := p.Client(ctx, hostOf(s))
 	if err != nil {
 		t.Fatal(err)
 	}
-	// In use: keepalives flow, and it is never reaped.
-	time.Sleep(300 * time.Millisecond)
+	// In use: a keepalive is sent (at 1 s), and the connection is never
+	// reaped although it is far past IdleTimeout.
+	time.Sleep(1500 * time.Millisecond)
 	if _, err := sc.Getwd(); err != nil {
 		t.Fatal(err)
 	}
