@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -64,7 +65,7 @@ type JobInfo struct {
 	ImageUUID   string          `json:"imageUuid,omitempty"`
 	InstallPath string          `json:"installPath,omitempty"`
 	Format      string          `json:"format,omitempty"`
-	CallbackURL string          `json:"callbackUrl,omitempty"`
+	CallbackURL string          `json:"callbackUrl,omitempty"` // redacted: no userinfo, query or fragment
 	Callback    CallbackStatus  `json:"callback"`
 	Result      json.RawMessage `json:"result,omitempty"` // the reply body sent to the callback
 }
@@ -80,6 +81,11 @@ type Job struct {
 	persistMu sync.Mutex // orders record writes
 	mu        sync.Mutex
 	info      JobInfo
+	// callback is the full callback URL, which may carry credentials
+	// (userinfo, a token in the query). It is never reported or put in the
+	// record; while undelivered it is kept in a 0600 side file so a
+	// restarted agent can still deliver.
+	callback string
 }
 
 // ID returns the job's taskuuid.
@@ -216,6 +222,14 @@ func (jm *jobManager) load() error {
 			continue
 		}
 		j := &Job{m: jm, done: make(chan struct{}), info: in}
+		// The full URL is in the side file; a record written before
+		// redaction existed holds it in CallbackURL: redact it now.
+		j.callback = in.CallbackURL
+		if b, err := os.ReadFile(jm.callbackPath(in.ID)); err == nil {
+			j.callback = string(b)
+		}
+		j.info.CallbackURL = redactURL(in.CallbackURL)
+		rewrite := j.info.CallbackURL != in.CallbackURL
 		j.bytesDone.Store(in.Done)
 		j.bytesAll.Store(in.Total)
 		close(j.done)
@@ -226,6 +240,9 @@ func (jm *jobManager) load() error {
 			j.info.Ended = &now
 			j.info.Result = failureBody(ReasonInterrupted)
 			jm.log.Warn("job interrupted by restart", "task", in.ID, "kind", in.Kind)
+			rewrite = true
+		}
+		if rewrite {
 			if err := jm.persist(j); err != nil {
 				return err
 			}
@@ -239,8 +256,8 @@ func (jm *jobManager) resumeCallbacks() {
 	jm.mu.Lock()
 	defer jm.mu.Unlock()
 	for _, j := range jm.jobs {
-		in := j.info
-		if in.State.finished() && in.CallbackURL != "" && !in.Callback.Delivered && !in.Callback.GivenUp {
+		in := j.Info()
+		if in.State.finished() && j.callbackURL() != "" && !in.Callback.Delivered && !in.Callback.GivenUp {
 			jm.wg.Add(1)
 			go jm.deliver(j)
 		}
@@ -260,9 +277,13 @@ func (jm *jobManager) submit(id, kind string, backup bool, callbackURL string, f
 		in := old.Info()
 		if in.State.finished() && callbackURL != "" {
 			old.mu.Lock()
-			old.info.CallbackURL = callbackURL
+			old.info.CallbackURL = redactURL(callbackURL)
+			old.callback = callbackURL
 			old.info.Callback = CallbackStatus{}
 			old.mu.Unlock()
+			if err := jm.persist(old); err != nil {
+				jm.log.Error("recording job", "task", id, "err", err)
+			}
 			jm.wg.Add(1)
 			go jm.deliver(old)
 		}
@@ -270,8 +291,8 @@ func (jm *jobManager) submit(id, kind string, backup bool, callbackURL string, f
 	}
 	ctx, cancel := context.WithCancelCause(jm.ctx)
 	j := &Job{m: jm, done: make(chan struct{}), cancel: cancel, info: JobInfo{
-		ID: id, Kind: kind, Backup: backup, State: JobWaiting, Created: time.Now(), CallbackURL: callbackURL,
-	}}
+		ID: id, Kind: kind, Backup: backup, State: JobWaiting, Created: time.Now(), CallbackURL: redactURL(callbackURL),
+	}, callback: callbackURL}
 	if err := jm.persist(j); err != nil {
 		cancel(nil)
 		return nil, false, fmt.Errorf("recording job: %w", err)
@@ -355,7 +376,7 @@ func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc, slot chan 
 		body = failureBody(err.Error())
 	}
 	j.info.Result = body
-	callbackURL := j.info.CallbackURL
+	callbackURL := j.callback
 	j.mu.Unlock()
 
 	jm.m.jobs.WithLabelValues(kind, string(state)).Inc()
@@ -406,7 +427,7 @@ func (jm *jobManager) deliver(j *Job) {
 			}
 			delay *= 2
 		}
-		err := jm.post(in.CallbackURL, in.ID, in.Result)
+		err := jm.post(j.callbackURL(), in.ID, in.Result)
 		j.mu.Lock()
 		j.info.Callback.Attempts++
 		if err == nil {
@@ -431,17 +452,24 @@ func (jm *jobManager) deliver(j *Job) {
 	_ = jm.persist(j)
 }
 
-func (jm *jobManager) post(url, id string, body []byte) error {
+func (jm *jobManager) post(target, id string, body []byte) error {
 	ctx, cancel := context.WithTimeout(jm.ctx, jm.client.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
 	if err != nil {
-		return err
+		// Not err: it quotes the URL.
+		return fmt.Errorf("callback URL %s is not usable", redactURL(target))
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("taskuuid", id)
 	resp, err := jm.client.Do(req)
 	if err != nil {
+		// *url.Error quotes the URL, credentials included; the error is
+		// logged and reported in job/list.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = redactURL(ue.URL)
+		}
 		return err
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
@@ -511,6 +539,7 @@ func (jm *jobManager) prune(cutoff time.Time) int {
 			jm.log.Warn("pruning job record", "task", id, "err", err)
 			continue
 		}
+		removeJobFile(jm.callbackPath(id))
 		delete(jm.jobs, id)
 		n++
 	}
@@ -545,14 +574,61 @@ func (jm *jobManager) path(id string) string {
 	return filepath.Join(jm.dir, hex.EncodeToString(h[:16])+".json")
 }
 
+// callbackPath is the side file holding a job's full callback URL.
+func (jm *jobManager) callbackPath(id string) string {
+	return strings.TrimSuffix(jm.path(id), ".json") + ".callback"
+}
+
+func (j *Job) callbackURL() string {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.callback
+}
+
 func (jm *jobManager) persist(j *Job) error {
 	j.persistMu.Lock()
 	defer j.persistMu.Unlock()
-	b, err := json.MarshalIndent(j.Info(), "", "  ")
+	in := j.Info()
+	full := j.callbackURL()
+	b, err := json.MarshalIndent(in, "", "  ")
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(jm.path(j.info.ID), b)
+	// The side file first, so a record that needs it never lacks it.
+	cbPath := jm.callbackPath(in.ID)
+	if full != in.CallbackURL && !in.Callback.Delivered && !in.Callback.GivenUp {
+		if err := writeFileAtomic(cbPath, []byte(full)); err != nil { // 0600 (CreateTemp)
+			return err
+		}
+	}
+	if err := writeFileAtomic(jm.path(in.ID), b); err != nil {
+		return err
+	}
+	if full == in.CallbackURL || in.Callback.Delivered || in.Callback.GivenUp {
+		removeJobFile(cbPath)
+	}
+	return nil
+}
+
+// removeJobFile removes a file that may not exist.
+func removeJobFile(path string) {
+	_ = os.Remove(path)
+}
+
+// redactURL strips what may be secret from a URL (userinfo, query,
+// fragment) for records, replies and logs.
+func redactURL(raw string) string {
+	if raw == "" {
+		return ""
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparseable URL)"
+	}
+	u.User = nil
+	u.RawQuery, u.ForceQuery = "", false
+	u.Fragment, u.RawFragment = "", ""
+	return u.String()
 }
 
 // writeFileAtomic writes path via a synced temp file, rename and directory sync,

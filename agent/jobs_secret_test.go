@@ -1,0 +1,177 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// secretCB records the credentials callbacks arrive with.
+type secretCB struct {
+	*httptest.Server
+	mu    sync.Mutex
+	seen  []string // "user:pass?query" per call
+	fails int
+}
+
+func newSecretCB(t *testing.T, fails int) *secretCB {
+	s := &secretCB{fails: fails}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u, p, _ := r.BasicAuth()
+		s.mu.Lock()
+		s.seen = append(s.seen, u+":"+p+"?"+r.URL.RawQuery)
+		n := len(s.seen)
+		s.mu.Unlock()
+		if n <= s.fails {
+			http.Error(w, "not yet", http.StatusServiceUnavailable)
+		}
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *secretCB) calls() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.seen...)
+}
+
+// withCreds puts a user, password and token into a server URL.
+func withCreds(base string) string {
+	return strings.Replace(base, "http://", "http://mgmt:s3cret-pw@", 1) + "/cb/path?token=s3cret-tok&x=1"
+}
+
+// noSecrets fails if any file under dir or s mentions a secret.
+func noSecrets(t *testing.T, what, s string) {
+	t.Helper()
+	if strings.Contains(s, "s3cret") {
+		t.Fatalf("%s leaks a secret: %s", what, s)
+	}
+}
+
+func recordsText(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), ".json") {
+			c, err := os.ReadFile(filepath.Join(dir, e.Name()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.Write(c)
+		}
+	}
+	return b.String()
+}
+
+// TestCallbackURLRedacted: job/list and job records show the callback URL
+// without userinfo or query; delivery still uses the full URL, also after a
+// restart (from a 0600 side file removed once the callback is settled).
+func TestCallbackURLRedacted(t *testing.T) {
+	quick := func(context.Context, *Job) ([]byte, error) { return []byte(`{"success":true}`), nil }
+	const want = "mgmt:s3cret-pw?token=s3cret-tok&x=1"
+
+	t.Run("delivered", func(t *testing.T) {
+		cb := newSecretCB(t, 0)
+		dir := t.TempDir()
+		jm, _ := newTestJobs(t, dir, nil)
+		j := mustSubmit(t, jm, "t1", false, withCreds(cb.URL), quick)
+		waitDone(t, j)
+		jtWaitFor(t, "delivery", func() bool { return j.Info().Callback.Delivered })
+		if c := cb.calls(); len(c) != 1 || c[0] != want {
+			t.Fatalf("callback arrived with %q, want %q", c, want)
+		}
+		for _, in := range jm.list() {
+			if in.CallbackURL != cb.URL+"/cb/path" {
+				t.Fatalf("job/list callbackUrl %q", in.CallbackURL)
+			}
+		}
+		noSecrets(t, "job record", recordsText(t, dir))
+		jtWaitFor(t, "side file removed after delivery", func() bool {
+			_, err := os.Stat(jm.callbackPath("t1"))
+			return os.IsNotExist(err)
+		})
+	})
+
+	t.Run("unreachable", func(t *testing.T) {
+		jm, _ := newTestJobs(t, "", func(c *Config) { c.CallbackRetries = 0 })
+		dead := httptest.NewServer(http.NotFoundHandler())
+		url := withCreds(dead.URL)
+		dead.Close()
+		j := mustSubmit(t, jm, "t2", false, url, quick)
+		jtWaitFor(t, "give up", func() bool { return j.Info().Callback.GivenUp })
+		in := j.Info()
+		if in.Callback.LastError == "" {
+			t.Fatal("no error recorded")
+		}
+		noSecrets(t, "lastError", in.Callback.LastError)
+	})
+
+	t.Run("after restart", func(t *testing.T) {
+		cb := newSecretCB(t, 0)
+		dir := t.TempDir()
+		m := newMetrics(prometheus.NewRegistry(), func() (storeStats, bool) { return storeStats{}, false })
+		jm, err := newJobManager(dir, DefaultConfig(), slog.New(slog.DiscardHandler), m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g := newGate()
+		mustSubmit(t, jm, "t3", true, withCreds(cb.URL), g.fn)
+		g.next(t)
+		ctx, cancel := context.WithTimeout(context.Background(), jtWait)
+		defer cancel()
+		if err := jm.shutdown(ctx); err != nil {
+			t.Fatal(err)
+		}
+		noSecrets(t, "job record", recordsText(t, dir))
+		fi, err := os.Stat(jm.callbackPath("t3"))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("side file: %v %v", fi, err)
+		}
+		jm2, _ := newTestJobs(t, dir, func(c *Config) { c.CallbackMaxDelay = time.Millisecond })
+		jm2.resumeCallbacks()
+		jtWaitFor(t, "callback after restart", func() bool {
+			j, ok := jm2.get("t3")
+			return ok && j.Info().Callback.Delivered
+		})
+		if c := cb.calls(); len(c) != 1 || c[0] != want {
+			t.Fatalf("callback after restart arrived with %q, want %q", c, want)
+		}
+		jtWaitFor(t, "side file removed after delivery", func() bool {
+			_, err := os.Stat(jm2.callbackPath("t3"))
+			return os.IsNotExist(err)
+		})
+	})
+
+	t.Run("legacy record", func(t *testing.T) {
+		// A record written before redaction holds the full URL: loading
+		// rewrites it redacted and still delivers to the full URL.
+		cb := newSecretCB(t, 0)
+		dir := t.TempDir()
+		jm0, _ := newTestJobs(t, dir, nil)
+		rec := `{"id":"t4","kind":"test","state":"failed","error":"x","created":"2026-01-01T00:00:00Z","ended":"2026-01-01T00:00:01Z","callbackUrl":"` + withCreds(cb.URL) + `","callback":{"attempts":0,"delivered":false,"givenUp":false},"result":{"success":false}}`
+		if err := os.WriteFile(jm0.path("t4"), []byte(rec), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		jm, _ := newTestJobs(t, dir, nil)
+		noSecrets(t, "rewritten record", recordsText(t, dir))
+		jm.resumeCallbacks()
+		jtWaitFor(t, "legacy callback", func() bool {
+			j, ok := jm.get("t4")
+			return ok && j.Info().Callback.Delivered
+		})
+		if c := cb.calls(); len(c) != 1 || c[0] != want {
+			t.Fatalf("legacy callback arrived with %q", c)
+		}
+	})
+}
