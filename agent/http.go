@@ -208,7 +208,7 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 	}
 	if cb != "" {
 		if u, err := url.Parse(cb); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			replyErr(w, http.StatusBadRequest, fmt.Errorf("header callbackurl %q is not an http(s) URL", cb))
+			replyErr(w, http.StatusBadRequest, fmt.Errorf("header callbackurl %q is not an http(s) URL", redactURL(cb)))
 			return
 		}
 	}
