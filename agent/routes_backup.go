@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -227,6 +228,9 @@ func (a *Agent) confineImportPath(imgurl string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", fmt.Errorf("imgurl %q: not an absolute path", imgurl)
 	}
+	if t, ok := a.nbdTargetPath(p); ok {
+		return t, nil
+	}
 	// Check the lexical path first (so ../ tricks are named as such), then
 	// the path with symlinks resolved (so a link cannot lead outside).
 	if a.confinedRoot(filepath.Clean(p), false) == "" {
@@ -247,6 +251,54 @@ func (a *Agent) confineImportPath(imgurl string) (string, error) {
 		return real, nil
 	}
 	return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, a.uploadRoot)
+}
+
+// openImportPath opens a path confineImportPath accepted. A host can write
+// the upload dirs, so it could swap a path component for a symlink between
+// the check and the open: the open goes through os.Root, which refuses to
+// leave the import root whatever the path holds by then.
+func (a *Agent) openImportPath(path string) (*os.File, error) {
+	if t, ok := a.nbdTargetPath(path); ok {
+		// Targets live in <root>/nbd/targets, which hosts cannot reach.
+		return openRegular(t, func(p string) (*os.File, error) {
+			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+		})
+	}
+	for _, root := range a.importRoots() {
+		rr, err := filepath.EvalSymlinks(root)
+		if err != nil {
+			continue
+		}
+		rel, err := filepath.Rel(rr, path)
+		if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+			continue
+		}
+		r, err := os.OpenRoot(rr)
+		if err != nil {
+			return nil, err
+		}
+		defer r.Close()
+		return openRegular(rel, r.Open)
+	}
+	return nil, fmt.Errorf("%s escapes the upload dirs (%s) and the allowed import roots", path, a.uploadRoot)
+}
+
+// openRegular opens name with open and refuses anything but a regular file.
+func openRegular(name string, open func(string) (*os.File, error)) (*os.File, error) {
+	f, err := open(name)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file", name)
+	}
+	return f, nil
 }
 
 // confinedRoot returns the import root p lies strictly inside, or "".
@@ -284,7 +336,7 @@ func sniffFormat(head []byte) string {
 
 // importFile stores the file at path as image ref on top of parent.
 func (a *Agent) importFile(ctx context.Context, job *Job, path string, ref blobstore.Ref, parent *blobstore.Image, desc string) (blobstore.Image, error) {
-	f, err := os.Open(path)
+	f, err := a.openImportPath(path)
 	if err != nil {
 		return blobstore.Image{}, err
 	}

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strings"
 
 	"imagestore/blobstore"
@@ -119,7 +118,7 @@ func parseDatabaseDesc(s string, d *databaseBackupDesc) error {
 // the image is recorded only when they match wantMD5 (a mismatching blob
 // is left unreferenced for GC).
 func (a *Agent) importDatabaseDump(ctx context.Context, job *Job, path string, ref blobstore.Ref, desc, wantMD5 string) (blobstore.Image, error) {
-	f, err := os.Open(path)
+	f, err := a.openImportPath(path)
 	if err != nil {
 		return blobstore.Image{}, err
 	}

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -228,7 +227,7 @@ func (a *Agent) fetchFile(ctx context.Context, job *Job, u *url.URL, w *limitedW
 	if err != nil {
 		return err
 	}
-	f, err := os.Open(path)
+	f, err := a.openImportPath(path)
 	if err != nil {
 		return err
 	}
