@@ -205,7 +205,15 @@ type uploadSession struct {
 	last time.Time
 	done chan struct{} // closed on completion or failure
 	over bool
+	// busy marks a chunk being copied. The copy runs without mu so a stalled
+	// client cannot block the idle check or the job's end; copying lets the
+	// job's end wait for an in-flight copy before the writer goes away.
+	busy    bool
+	copying sync.WaitGroup
 }
+
+// uploadChunkTimeout bounds how long one chunk may take to arrive.
+var uploadChunkTimeout = 5 * time.Minute
 
 var uploads sync.Map // uploadKey → *uploadSession
 
@@ -218,6 +226,7 @@ func (a *Agent) receiveUpload(ctx context.Context, job *Job, w *limitedWriter) e
 		s.mu.Lock()
 		s.over = true
 		s.mu.Unlock()
+		s.copying.Wait()
 	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -255,34 +264,56 @@ func (a *Agent) uploadChunk(w http.ResponseWriter, r *http.Request) {
 	}
 	s := v.(*uploadSession)
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.over {
+		s.mu.Unlock()
 		replyErr(w, http.StatusNotFound, fmt.Errorf("upload %s is over", id))
 		return
 	}
 	cur := s.w.offset()
 	rep := uploadReply{Offset: cur, MaxChunk: a.cfg.MaxBodyBytes}
+	if s.busy {
+		s.mu.Unlock()
+		writeJSON(w, http.StatusConflict, replyBody(rep, fmt.Errorf("upload %s: another chunk is being received", id)))
+		return
+	}
 	if h := r.Header.Get("Upload-Offset"); h != "" {
 		off, err := strconv.ParseInt(h, 10, 64)
 		if err != nil || off != cur {
+			s.mu.Unlock()
 			writeJSON(w, http.StatusConflict, replyBody(rep, fmt.Errorf("Upload-Offset %q: resume from offset %d", h, cur)))
 			return
 		}
 	} else if r.ContentLength != 0 {
+		s.mu.Unlock()
 		replyErr(w, http.StatusBadRequest, errors.New("missing header Upload-Offset"))
 		return
 	}
 	s.last = time.Now()
+	s.busy = true
+	s.copying.Add(1)
+	s.mu.Unlock()
+
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(uploadChunkTimeout))
 	n, err := io.Copy(s.w, r.Body)
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.copying.Done()
+	s.busy = false
+	s.last = time.Now()
 	s.job.Add(n)
 	rep.Offset = s.w.offset()
 	if err != nil {
-		if errors.Is(err, ErrImportTooLarge) {
+		if errors.Is(err, ErrImportTooLarge) && !s.over {
 			s.err = err
 			close(s.done)
 			s.over = true
 		}
 		writeJSON(w, http.StatusOK, replyBody(rep, err))
+		return
+	}
+	if s.over {
+		writeJSON(w, http.StatusOK, replyBody(rep, fmt.Errorf("upload %s ended while this chunk was received", id)))
 		return
 	}
 	if strings.EqualFold(r.Header.Get("Upload-Complete"), "true") {
