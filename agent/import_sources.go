@@ -51,7 +51,7 @@ func (a *Agent) fetchHTTP(ctx context.Context, job *Job, u *url.URL, w *limitedW
 		if failures >= importRetries {
 			return fmt.Errorf("giving up after %d attempts: %w", failures, err)
 		}
-		a.log.Warn("import download interrupted, resuming", "url", u.Redacted(), "offset", w.offset(), "attempt", failures, "err", err)
+		a.log.Warn("import download interrupted, resuming", "url", redactURL(u.String()), "offset", w.offset(), "attempt", failures, "err", err)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

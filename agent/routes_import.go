@@ -47,13 +47,13 @@ func (q *importURLReq) validate() error {
 	switch u.Scheme {
 	case "http", "https", "sftp":
 		if u.Host == "" {
-			return fmt.Errorf("imgurl %s: no host", u.Redacted())
+			return fmt.Errorf("imgurl %s: no host", redactURL(u.String()))
 		}
 	case "file", "upload":
 	case "":
-		return fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", u.Redacted())
+		return fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", redactURL(u.String()))
 	default:
-		return fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", u.Redacted(), u.Scheme)
+		return fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redactURL(u.String()), u.Scheme)
 	}
 	return nil
 }
@@ -87,17 +87,17 @@ func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
 			return nil, fmt.Errorf("image %s already exists", ref)
 		}
 		job.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
-		a.log.Info("import started", "image", ref.String(), "url", u.Redacted())
+		a.log.Info("import started", "image", ref.String(), "url", redactURL(u.String()))
 		ingest := "import-" + job.ID()
 		d, size, err := a.download(ctx, job, u, ingest)
 		if err != nil {
-			return nil, fmt.Errorf("importing %s: %w", u.Redacted(), err)
+			return nil, fmt.Errorf("importing %s: %w", redactURL(u.String()), err)
 		}
 		release := a.store.Hold(d)
 		defer release()
 		l, format, err := a.canonicalize(ctx, d, size, ingest+"-canon")
 		if err != nil {
-			return nil, fmt.Errorf("importing %s: %w", u.Redacted(), err)
+			return nil, fmt.Errorf("importing %s: %w", redactURL(u.String()), err)
 		}
 		job.SetImage("", "", format)
 		hold := a.store.Hold(l.Digest)
@@ -251,3 +251,4 @@ func hostPort(u *url.URL, def string) string {
 	}
 	return strings.TrimSuffix(u.Host, ":") + ":" + def
 }
+
