@@ -251,4 +251,3 @@ func hostPort(u *url.URL, def string) string {
 	}
 	return strings.TrimSuffix(u.Host, ":") + ":" + def
 }
-
