@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"imagestore/blobstore"
@@ -104,42 +106,100 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// exportFlight is an export being written: its token dir exists without
+// export.json. Exports of the same image and format wait for it.
+type exportFlight struct {
+	token string
+	done  chan struct{}
+	meta  exportMeta // set before done closes
+	err   error
+}
+
+// exportFlights holds the exports being written, by export root, so that
+// exportMu is held only to look up and reserve, never for a flatten.
+var exportFlights = struct {
+	sync.Mutex
+	byKey   map[string]*exportFlight // root \x00 installPath \x00 extFmt
+	byToken map[string]bool          // root \x00 token
+}{byKey: map[string]*exportFlight{}, byToken: map[string]bool{}}
+
+// exportFlattenHook, if set (tests), runs before an export's data is written.
+var exportFlattenHook atomic.Pointer[func(installPath string)]
+
 func (a *Agent) makeExport(ctx context.Context, job *Job, img blobstore.Image, extFmt string) (exportMeta, string, error) {
-	a.exportMu.Lock()
-	defer a.exportMu.Unlock()
 	if extFmt == "" {
 		extFmt = img.Format
 	}
 	if img.Format != "qcow2" && extFmt != img.Format {
 		return exportMeta{}, "", fmt.Errorf("image %s has format %s; it can only be exported as is (extFmt %s)", img.Ref, img.Format, img.Format)
 	}
+	key := a.exportRoot + "\x00" + img.InstallPath() + "\x00" + extFmt
+	a.exportMu.Lock()
 	existing, err := a.listExports()
 	if err != nil {
+		a.exportMu.Unlock()
 		return exportMeta{}, "", err
 	}
 	for token, m := range existing {
 		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt {
+			a.exportMu.Unlock()
 			return m, token, nil
+		}
+	}
+	exportFlights.Lock()
+	fl := exportFlights.byKey[key]
+	exportFlights.Unlock()
+	if fl != nil {
+		// The same export is being written: share its result.
+		a.exportMu.Unlock()
+		select {
+		case <-fl.done:
+			return fl.meta, fl.token, fl.err
+		case <-ctx.Done():
+			return exportMeta{}, "", context.Cause(ctx)
 		}
 	}
 	token := randomHex(16)
 	dir := filepath.Join(a.exportRoot, token)
 	if err := os.Mkdir(dir, 0o755); err != nil {
+		a.exportMu.Unlock()
 		return exportMeta{}, "", err
 	}
+	fl = &exportFlight{token: token, done: make(chan struct{})}
+	exportFlights.Lock()
+	exportFlights.byKey[key] = fl
+	exportFlights.byToken[a.exportRoot+"\x00"+token] = true
+	exportFlights.Unlock()
+	a.exportMu.Unlock()
+
+	fl.meta, fl.err = a.writeExport(ctx, job, img, extFmt, dir)
+	if fl.err != nil {
+		_ = os.RemoveAll(dir)
+	}
+	exportFlights.Lock()
+	delete(exportFlights.byKey, key)
+	delete(exportFlights.byToken, a.exportRoot+"\x00"+token)
+	exportFlights.Unlock()
+	close(fl.done)
+	if fl.err != nil {
+		return exportMeta{}, "", fl.err
+	}
+	a.log.Info("export created", "image", img.Ref.String(), "format", extFmt, "token", token[:8]+"…", "size", fl.meta.Size)
+	return fl.meta, token, nil
+}
+
+// writeExport writes an export's file and, last, its export.json into dir.
+func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, extFmt, dir string) (exportMeta, error) {
 	meta := exportMeta{InstallPath: img.InstallPath(), ExtFmt: extFmt, File: img.Name + "-" + img.ID + "." + extFmt, Created: time.Now().UTC()}
-	ok := false
-	defer func() {
-		if !ok {
-			_ = os.RemoveAll(dir)
-		}
-	}()
+	if h := exportFlattenHook.Load(); h != nil {
+		(*h)(img.InstallPath())
+	}
 	dst := filepath.Join(dir, meta.File)
 	h := md5.New()
 	if img.Format == "qcow2" && (img.Parent != "" || extFmt == "raw") {
 		f, err := os.Create(dst + ".tmp")
 		if err != nil {
-			return meta, "", err
+			return meta, err
 		}
 		n, err := flattenChain(ctx, a.store, img, extFmt, io.MultiWriter(f, h, progressWriter{job}))
 		if err == nil {
@@ -149,44 +209,42 @@ func (a *Agent) makeExport(ctx context.Context, job *Job, img blobstore.Image, e
 			err = cerr
 		}
 		if err != nil {
-			return meta, "", fmt.Errorf("flattening %s: %w", img.Ref, err)
+			return meta, fmt.Errorf("flattening %s: %w", img.Ref, err)
 		}
 		if err := os.Rename(dst+".tmp", dst); err != nil {
-			return meta, "", err
+			return meta, err
 		}
 		meta.Size = n
 	} else {
 		// The blob is immutable, so a hard link is a safe zero-copy export.
 		src, err := a.store.BlobPath(img.Blob)
 		if err != nil {
-			return meta, "", err
+			return meta, err
 		}
 		if err := os.Link(src, dst); err != nil {
 			if err := copyFile(ctx, src, dst); err != nil {
-				return meta, "", err
+				return meta, err
 			}
 		}
 		f, err := os.Open(dst)
 		if err != nil {
-			return meta, "", err
+			return meta, err
 		}
 		fi, _ := f.Stat()
 		job.SetTotal(fi.Size())
 		n, err := io.Copy(h, job.Reader(ctxReader(ctx, f)))
 		f.Close()
 		if err != nil {
-			return meta, "", err
+			return meta, err
 		}
 		meta.Size = n
 	}
 	meta.MD5Sum = hex.EncodeToString(h.Sum(nil))
 	b, _ := json.MarshalIndent(meta, "", "  ")
 	if err := writeFileAtomic(filepath.Join(dir, "export.json"), b); err != nil {
-		return meta, "", err
+		return meta, err
 	}
-	ok = true
-	a.log.Info("export created", "image", img.Ref.String(), "format", extFmt, "token", token[:8]+"…", "size", meta.Size)
-	return meta, token, nil
+	return meta, nil
 }
 
 type progressWriter struct{ j *Job }

@@ -1,0 +1,101 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+)
+
+// postJSON is e.call for goroutines: errors are returned in the map.
+func postJSON(e *restoreEnv, path string, body any) map[string]any {
+	j, _ := json.Marshal(body)
+	res, err := http.Post(e.srv.URL+path, "application/json", bytes.NewReader(j))
+	if err != nil {
+		return map[string]any{"error": err.Error()}
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	var v map[string]any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return map[string]any{"error": fmt.Sprintf("%d %s", res.StatusCode, raw)}
+	}
+	return v
+}
+
+// TestExportDoesNotBlockOthers: while one export is being written (held
+// in the flatten here), delexp and other exports complete, and a second
+// export of the same image and format waits and gets the same URL.
+func TestExportDoesNotBlockOthers(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io")
+	e := newRestoreEnv(t, nil)
+	files := r7makeChain(t, e.dir, 4<<20)
+	imgs := e.importChain(t, "vol", files...)
+	slow, other := imgs[2].InstallPath(), imgs[0].InstallPath()
+
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	hook := func(ip string) {
+		if ip == slow {
+			once.Do(func() { close(entered) })
+			<-release
+		}
+	}
+	exportFlattenHook.Store(&hook)
+	t.Cleanup(func() { exportFlattenHook.Store(nil) })
+	var releaseOnce sync.Once
+	unblock := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+
+	first, second := make(chan map[string]any, 1), make(chan map[string]any, 1)
+	go func() {
+		first <- postJSON(e, "/imagestore/export-sync", map[string]any{"installPath": slow, "extFmt": "raw"})
+	}()
+	select {
+	case <-entered:
+	case <-time.After(jtWait):
+		t.Fatal("export did not start")
+	}
+	go func() {
+		second <- postJSON(e, "/imagestore/export-sync", map[string]any{"installPath": slow, "extFmt": "raw"})
+	}()
+
+	// Others go ahead while the slow export is held.
+	done := make(chan map[string]any, 2)
+	go func() {
+		done <- postJSON(e, "/imagestore/delexp-sync", map[string]any{"installPath": other})
+		done <- postJSON(e, "/imagestore/export-sync", map[string]any{"installPath": other})
+	}()
+	for i := 0; i < 2; i++ {
+		select {
+		case r := <-done:
+			if r["success"] != true {
+				t.Fatalf("call during a running export: %v", r)
+			}
+		case <-time.After(jtWait):
+			t.Fatal("delexp/export waited for an unrelated export's flatten")
+		}
+	}
+	select {
+	case r := <-second:
+		t.Fatalf("second export of the same image finished before the first: %v", r)
+	default:
+	}
+	unblock()
+	var reps [2]map[string]any
+	for i, ch := range []chan map[string]any{first, second} {
+		select {
+		case reps[i] = <-ch:
+		case <-time.After(jtWait):
+			t.Fatal("export did not finish")
+		}
+	}
+	if reps[0]["success"] != true || reps[0]["imgUrl"] == "" || reps[0]["imgUrl"] != reps[1]["imgUrl"] {
+		t.Fatalf("same export twice: %v / %v", reps[0], reps[1])
+	}
+}
