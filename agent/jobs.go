@@ -208,7 +208,18 @@ func (jm *jobManager) load() error {
 		return err
 	}
 	now := time.Now()
+	records := map[string]bool{}
 	for _, e := range ents {
+		records[e.Name()] = true
+	}
+	for _, e := range ents {
+		// Leftovers of a crash: temp files of writeFileAtomic, and side
+		// files whose record is gone.
+		if strings.HasPrefix(e.Name(), ".tmp-") ||
+			(strings.HasSuffix(e.Name(), ".callback") && !records[strings.TrimSuffix(e.Name(), ".callback")+".json"]) {
+			removeJobFile(filepath.Join(jm.dir, e.Name()))
+			continue
+		}
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}

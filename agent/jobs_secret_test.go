@@ -175,3 +175,18 @@ func TestCallbackURLRedacted(t *testing.T) {
 		}
 	})
 }
+
+// TestJobsLoadSweepsLeftovers: temp files of an interrupted record write
+// and side files without a record are removed on load.
+func TestJobsLoadSweepsLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{".tmp-123456", "0123456789abcdef0123456789abcdef.callback"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newTestJobs(t, dir, nil)
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("leftovers kept: %v", ents)
+	}
+}

@@ -5,8 +5,10 @@ import (
 	"crypto/md5"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -275,7 +277,9 @@ func copyFile(ctx context.Context, src, dst string) error {
 	return out.Close()
 }
 
-// listExports maps token to metadata.
+// listExports maps token to metadata. Call it with exportMu held: it
+// also sweeps token dirs that have no export.json and are not being
+// written, which a crash during an export leaves behind.
 func (a *Agent) listExports() (map[string]exportMeta, error) {
 	ents, err := os.ReadDir(a.exportRoot)
 	if err != nil {
@@ -287,12 +291,42 @@ func (a *Agent) listExports() (map[string]exportMeta, error) {
 			continue
 		}
 		m, err := a.readExportMeta(e.Name())
+		if errors.Is(err, fs.ErrNotExist) {
+			a.sweepExport(e.Name())
+			continue
+		}
 		if err != nil {
 			continue
 		}
 		out[e.Name()] = m
 	}
 	return out, nil
+}
+
+// sweepExports removes leftovers of exports interrupted by a crash; run it
+// at startup (listExports also does, on every export and delexp).
+func (a *Agent) sweepExports() {
+	a.exportMu.Lock()
+	defer a.exportMu.Unlock()
+	if _, err := a.listExports(); err != nil {
+		a.log.Warn("sweeping exports", "err", err)
+	}
+}
+
+// sweepExport removes the token dir of an export that has no export.json
+// unless it is being written now. exportMu must be held.
+func (a *Agent) sweepExport(token string) {
+	exportFlights.Lock()
+	busy := exportFlights.byToken[a.exportRoot+"\x00"+token]
+	exportFlights.Unlock()
+	if busy {
+		return
+	}
+	if err := os.RemoveAll(filepath.Join(a.exportRoot, token)); err != nil {
+		a.log.Warn("removing an interrupted export", "token", token[:8]+"…", "err", err)
+		return
+	}
+	a.log.Warn("removed an interrupted export (no export.json)", "token", token[:8]+"…")
 }
 
 func (a *Agent) readExportMeta(token string) (exportMeta, error) {

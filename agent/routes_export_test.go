@@ -2,13 +2,19 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"imagestore/blobstore"
 )
 
 // postJSON is e.call for goroutines: errors are returned in the map.
@@ -97,5 +103,48 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 	}
 	if reps[0]["success"] != true || reps[0]["imgUrl"] == "" || reps[0]["imgUrl"] != reps[1]["imgUrl"] {
 		t.Fatalf("same export twice: %v / %v", reps[0], reps[1])
+	}
+}
+
+// TestExportSweepsInterrupted: a token dir without export.json (a crash
+// mid-export) is removed by the next export/delexp or sweepExports; a
+// complete export stays.
+func TestExportSweepsInterrupted(t *testing.T) {
+	e := newRestoreEnv(t, nil)
+	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque dump"), 11, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := e.a.recordImage(context.Background(), NewImage{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Blob: d, Size: n, Format: "gzip"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": img.InstallPath()})
+	partial := func() string {
+		dir := filepath.Join(e.a.exportRoot, randomHex(16))
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "vol-1.raw.tmp"), []byte("half"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	p1 := partial()
+	e.a.sweepExports()
+	if _, err := os.Stat(p1); !os.IsNotExist(err) {
+		t.Fatalf("interrupted export kept by sweepExports: %v", err)
+	}
+	p2 := partial()
+	e.ok(t, "/imagestore/delexp-sync", map[string]any{"installPath": "zstore://other/1"})
+	if _, err := os.Stat(p2); !os.IsNotExist(err) {
+		t.Fatalf("interrupted export kept by delexp: %v", err)
+	}
+	ents, err := os.ReadDir(e.a.exportRoot)
+	if err != nil || len(ents) != 1 {
+		t.Fatalf("exports dir: %v %v", ents, err)
+	}
+	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": img.InstallPath()}); again["imgUrl"] != rep["imgUrl"] {
+		t.Fatalf("complete export not reused: %v vs %v", again["imgUrl"], rep["imgUrl"])
 	}
 }

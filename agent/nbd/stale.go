@@ -60,6 +60,17 @@ func writeRecord(path string, r record) error {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("nbd: record: %w", err)
 	}
+	// The rename is durable only once the directory is: without it a
+	// crash could lose the record of a running qemu-nbd, which the next
+	// start could then not stop.
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return fmt.Errorf("nbd: record: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("nbd: record: sync dir: %w", err)
+	}
 	return nil
 }
 
