@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -86,18 +87,81 @@ type remoteTarget struct {
 func newNBDState(a *Agent) *nbdState {
 	s := &nbdState{log: a.log, remotes: map[string]*remoteTarget{}}
 	lo, hi, err := parsePortRange(a.cfg.NBD.PortRange)
+	dir := filepath.Join(a.root, "nbd")
+	tlsDir := ""
+	if err == nil && a.cfg.TLS.Cert != "" {
+		// The agent speaks HTTPS: NBD must not be the plaintext way in.
+		tlsDir = filepath.Join(dir, "tls")
+		err = prepareNBDTLS(tlsDir, a.cfg.TLS.Cert, a.cfg.TLS.Key)
+	}
 	if err == nil {
 		s.mgr, err = nbd.NewManager(nbd.Options{
-			Dir: filepath.Join(a.root, "nbd"), PortMin: lo, PortMax: hi,
-			Bind: a.cfg.NBD.Bind, Logger: a.log,
+			Dir: dir, PortMin: lo, PortMax: hi,
+			Bind: a.cfg.NBD.Bind, Logger: a.log, TLSDir: tlsDir,
 		})
 	}
 	if err != nil {
 		s.err = fmt.Errorf("NBD unavailable on this agent: %w", err)
 		a.log.Warn("nbd disabled", "err", err)
+	} else if a.cfg.Token != "" {
+		// NBD has no bearer token: TLS (if any) encrypts and proves the
+		// server, but any client that reaches a port can use its disk.
+		a.log.Warn("nbd ports do not check the agent token: anyone who can reach them can read (and, for backup targets, write) the served disks; firewall the port range to the KVM hosts",
+			"portRange", a.cfg.NBD.PortRange, "tls", tlsDir != "")
 	}
 	a.reg.MustRegister(&nbdCollector{s: s})
 	return s
+}
+
+// prepareNBDTLS lays out dir as QEMU's x509 credentials dir for qemu-nbd:
+// server-cert.pem and server-key.pem link to the agent's TLS files, and
+// ca-cert.pem holds the issuers that follow the leaf in certFile. QEMU
+// checks the server certificate against ca-cert.pem and refuses a CA
+// certificate as server certificate, so a self-signed certificate cannot
+// serve NBD: tls.cert must be the leaf followed by its issuing CA(s).
+func prepareNBDTLS(dir, certFile, keyFile string) error {
+	certAbs, err := filepath.Abs(certFile)
+	if err != nil {
+		return err
+	}
+	keyAbs, err := filepath.Abs(keyFile)
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(certAbs)
+	if err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	var issuers []byte
+	for i := 0; ; i++ {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		if blk.Type == "CERTIFICATE" && i > 0 {
+			issuers = append(issuers, pem.EncodeToMemory(blk)...)
+		}
+	}
+	if len(issuers) == 0 {
+		return fmt.Errorf("nbd tls: %s holds no issuing CA certificate after the server certificate; QEMU needs it (append the CA to tls.cert) to serve NBD over TLS", certFile)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	if err := os.Symlink(certAbs, filepath.Join(dir, "server-cert.pem")); err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	if err := os.Symlink(keyAbs, filepath.Join(dir, "server-key.pem")); err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca-cert.pem"), issuers, 0o600); err != nil {
+		return fmt.Errorf("nbd tls: %w", err)
+	}
+	return nil
 }
 
 // parsePortRange parses "10800-10899" (or a single port).
@@ -194,6 +258,7 @@ type exportNBDReply struct {
 	ImagePaths     []string `json:"imagePaths"`
 	Ports          []int    `json:"ports"`
 	NBDDescription string   `json:"nbdDescription"`
+	TLS            bool     `json:"tls"` // clients must connect with TLS (tls-creds)
 }
 
 // exportNBDImage creates empty qcow2 targets in the agent's private target
@@ -236,6 +301,7 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 		for _, s := range servers {
 			rep.ImagePaths = append(rep.ImagePaths, s.Path)
 			rep.Ports = append(rep.Ports, s.Port)
+			rep.TLS = s.TLS
 		}
 		return rep, nil
 	})
@@ -349,6 +415,9 @@ type remoteTargetReply struct {
 	Port        int    `json:"port"`
 	ExportName  string `json:"exportName"`
 	InstallPath string `json:"installPath"`
+	// TLS: connect with TLS. QEMU has no URI for that: clients use
+	// targetUri's host, port and export with tls-creds (see the protocol doc).
+	TLS bool `json:"tls"`
 }
 
 // exportRemoteTarget serves a stored chain read-only over NBD, in place:
@@ -402,7 +471,7 @@ func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobst
 			continue
 		}
 		if rt.installPath == img.InstallPath() {
-			return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName, InstallPath: rt.installPath}, nil
+			return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName, InstallPath: rt.installPath, TLS: srv.TLS}, nil
 		}
 	}
 	blobs := make([]digest.Digest, len(chain))
@@ -437,7 +506,7 @@ func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobst
 	}
 	uri := nbdURI(host, srv.Port, srv.ExportName)
 	s.remotes[srv.ID] = &remoteTarget{installPath: img.InstallPath(), uri: uri, release: release}
-	return remoteTargetReply{TargetURI: uri, Port: srv.Port, ExportName: srv.ExportName, InstallPath: img.InstallPath()}, nil
+	return remoteTargetReply{TargetURI: uri, Port: srv.Port, ExportName: srv.ExportName, InstallPath: img.InstallPath(), TLS: srv.TLS}, nil
 }
 
 // nbdExportName names an image's export: its name and id when those are

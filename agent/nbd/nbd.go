@@ -51,7 +51,13 @@ type Options struct {
 	// import (counted from Release, or from the file's last change after
 	// a restart); default 24h. Expire removes older ones.
 	ReleasedRetention time.Duration
-	Logger            *slog.Logger
+	// TLSDir, if set, makes every server require TLS: qemu-nbd gets
+	// --object tls-creds-x509,endpoint=server,verify-peer=off,dir=TLSDir
+	// (server-cert.pem, server-key.pem, ca-cert.pem, as QEMU names them).
+	// Clients need no certificate: TLS encrypts and authenticates the
+	// server, not the client.
+	TLSDir string
+	Logger *slog.Logger
 }
 
 // Server describes one running (or just stopped) qemu-nbd server.
@@ -64,6 +70,7 @@ type Server struct {
 	Started     time.Time
 	Expires     time.Time // zero = never
 	Description string    // the group token (nbdDescription) of a writable target; "" for read-only
+	TLS         bool      // clients must use TLS (Options.TLSDir)
 }
 
 // stopTimeout bounds how long a stop waits for qemu-nbd to flush and exit

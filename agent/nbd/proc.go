@@ -60,7 +60,7 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 		srv: Server{
 			ID: id, Port: port, Path: spec.path, ExportName: spec.exportName,
 			ReadOnly: spec.readOnly, Started: time.Now(), Expires: spec.expires,
-			Description: spec.desc,
+			Description: spec.desc, TLS: m.opts.TLSDir != "",
 		},
 		target:  spec.target,
 		pidFile: filepath.Join(m.opts.Dir, id+".pid"),
@@ -77,6 +77,11 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 	}
 	args := []string{"-f", "qcow2", "--persistent",
 		fmt.Sprintf("--shared=%d", m.opts.Shared), "--pid-file=" + p.pidFile}
+	if m.opts.TLSDir != "" {
+		// In QEMU option syntax a comma is escaped by doubling it.
+		args = append(args, "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="+
+			strings.ReplaceAll(m.opts.TLSDir, ",", ",,"), "--tls-creds=tls0")
+	}
 	if spec.readOnly {
 		args = append(args, "--read-only", "--export-name="+spec.exportName)
 	} else {

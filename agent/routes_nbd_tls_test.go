@@ -1,0 +1,158 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"imagestore/blobstore"
+)
+
+// nbdPKI writes tls.cert (server certificate followed by its CA), tls.key,
+// a self-signed certificate and the client's ca-cert.pem dir.
+func nbdPKI(t *testing.T) (cert, key, selfSigned, cliDir string) {
+	t.Helper()
+	dir := t.TempDir()
+	now := time.Now()
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	pemOf := func(typ string, b []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}) }
+	caKey := newKey()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	k := newKey()
+	leaf := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
+	der, err := x509.CreateCertificate(rand.Reader, leaf, ca, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	selfDER, err := x509.CreateCertificate(rand.Reader, leaf, leaf, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalPKCS8PrivateKey(k)
+	cert, key, selfSigned = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "self.pem")
+	cliDir = filepath.Join(dir, "client")
+	for path, b := range map[string][]byte{
+		cert: append(pemOf("CERTIFICATE", der), pemOf("CERTIFICATE", caDER)...), key: pemOf("PRIVATE KEY", kb),
+		selfSigned: pemOf("CERTIFICATE", selfDER), filepath.Join(cliDir, "ca-cert.pem"): pemOf("CERTIFICATE", caDER),
+	} {
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return cert, key, selfSigned, cliDir
+}
+
+// TestNBDTLS: an agent with TLS serves NBD only over TLS (tls:true in the
+// reply); a QEMU client with the CA reads the export, a plain one cannot.
+func TestNBDTLS(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
+	cert, key, self, cliDir := nbdPKI(t)
+	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = cert, key })
+	files := r7makeChain(t, e.dir, 4<<20)
+	top := e.importChain(t, "vol", files...)[2]
+	rep := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"})
+	if rep["tls"] != true {
+		t.Fatalf("reply does not say tls: %v", rep)
+	}
+	uri := rep["targetUri"].(string)
+	if out, err := exec.Command("qemu-img", "info", uri).CombinedOutput(); err == nil {
+		t.Fatalf("plain NBD client read a TLS-only export: %s", out)
+	}
+	dst := filepath.Join(e.dir, "out.raw")
+	r7run(t, "qemu-img", "convert", "--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+cliDir,
+		"--image-opts", "driver=nbd,host=127.0.0.1,port="+r7itoa(int(r7num(rep["port"])))+",export="+rep["exportName"].(string)+",tls-creds=tls0",
+		"-O", "raw", dst)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", dst, files[2])
+
+	tg := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": e.uploadDir(t), "sizes": []any{1 << 20}})
+	if tg["tls"] != true {
+		t.Fatalf("exportnbdimage reply does not say tls: %v", tg)
+	}
+
+	// A certificate QEMU cannot serve with (self-signed, no CA) disables
+	// NBD with the reason, rather than serving it in the clear.
+	e2 := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = self, key })
+	e2.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": "zstore://vol/x", "hostname": "127.0.0.1"}, "issuing CA")
+}
+
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestNBDTokenWarning: with a token, the agent warns at startup that NBD
+// ports do not check it.
+func TestNBDTokenWarning(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-nbd")
+	for _, token := range []string{"", "s3cret"} {
+		root := t.TempDir()
+		store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := DefaultConfig()
+		cfg.Root = root
+		cfg.Token = Secret(token)
+		cfg.NBD.Bind = "127.0.0.1"
+		var logs lockedBuf
+		a, err := New(cfg, store, slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = a.Close()
+		_ = store.Close()
+		warned := strings.Contains(logs.String(), "do not check the agent token")
+		if warned != (token != "") {
+			t.Fatalf("token %q: warned=%v: %s", token, warned, logs.String())
+		}
+		if strings.Contains(logs.String(), "s3cret") {
+			t.Fatal("token logged")
+		}
+	}
+}
