@@ -70,6 +70,8 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 			return nil, err
 		}
 	}
+	// Exports a crash interrupted have no export.json: remove them now.
+	a.sweepExports()
 	a.m = newMetrics(a.reg, a.storeStats)
 	routes, err := buildRoutes()
 	if err != nil {

@@ -45,8 +45,10 @@ func newRestoreEnv(t *testing.T, mod func(*Config)) *restoreEnv {
 	}
 	cfg := DefaultConfig()
 	cfg.Root = root
-	// A random slice of high ports; the NBD manager skips busy ones.
-	base := 20000 + rand.IntN(40000)
+	// A random slice of ports below the default ephemeral range (32768+),
+	// so outgoing connections of parallel tests do not take them; the NBD
+	// manager skips busy ones anyway.
+	base := 12000 + rand.IntN(20000)
 	cfg.NBD.PortRange = r7itoa(base) + "-" + r7itoa(base+200)
 	cfg.NBD.Bind = "127.0.0.1"
 	cfg.MaxBodyBytes = 1 << 30
