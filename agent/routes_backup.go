@@ -32,31 +32,10 @@ func init() {
 	)
 }
 
-// ImageInfo is the protocol's image info: {id, parent, blobsum, created,
-// author, arch, desc, size, virtualsize, name} plus installPath and format.
-type ImageInfo struct {
-	ID          string    `json:"id"`
-	Name        string    `json:"name"`
-	Parent      string    `json:"parent"` // "name:id", "" for a base
-	Blobsum     string    `json:"blobsum"`
-	Created     time.Time `json:"created"`
-	Author      string    `json:"author"`
-	Arch        string    `json:"arch"`
-	Desc        string    `json:"desc"`
-	Size        int64     `json:"size"`
-	VirtualSize int64     `json:"virtualsize"`
-	Format      string    `json:"format"`
-	InstallPath string    `json:"installPath"`
-}
+// ImageInfo is the protocol's image info (blobstore.Info).
+type ImageInfo = blobstore.Info
 
-func imageInfo(img blobstore.Image) ImageInfo {
-	return ImageInfo{
-		ID: img.ID, Name: img.Name, Parent: img.Parent, Blobsum: img.Blob.String(),
-		Created: img.Created, Author: img.Author, Arch: img.Arch, Desc: img.Desc,
-		Size: img.Size, VirtualSize: img.VirtualSize, Format: img.Format,
-		InstallPath: img.InstallPath(),
-	}
-}
+func imageInfo(img blobstore.Image) ImageInfo { return img.Info() }
 
 // NewImage describes a blob to record as an image.
 type NewImage struct {

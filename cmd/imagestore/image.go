@@ -114,31 +114,10 @@ func putImage(ctx context.Context, c *oci.Client, chain []blobstore.Image) error
 	return nil
 }
 
-// imageInfo is the protocol's image info (seed 002's infos entries, the
-// agent's ImageInfo) plus format and installPath.
-type imageInfo struct {
-	ID          string    `json:"id"`
-	Name        string    `json:"name"`
-	Parent      string    `json:"parent"`
-	Blobsum     string    `json:"blobsum"`
-	Created     time.Time `json:"created"`
-	Author      string    `json:"author"`
-	Arch        string    `json:"arch"`
-	Desc        string    `json:"desc"`
-	Size        int64     `json:"size"`
-	VirtualSize int64     `json:"virtualsize"`
-	Format      string    `json:"format"`
-	InstallPath string    `json:"installPath"`
-}
+// imageInfo is the protocol's image info, as the agent answers it.
+type imageInfo = blobstore.Info
 
-func infoOf(img blobstore.Image) imageInfo {
-	return imageInfo{
-		ID: img.ID, Name: img.Name, Parent: img.Parent, Blobsum: img.Blob.String(),
-		Created: img.Created, Author: img.Author, Arch: img.Arch, Desc: img.Desc,
-		Size: img.Size, VirtualSize: img.VirtualSize, Format: img.Format,
-		InstallPath: img.InstallPath(),
-	}
-}
+func infoOf(img blobstore.Image) imageInfo { return img.Info() }
 
 func printInfo(w io.Writer, in imageInfo) {
 	fmt.Fprintf(w, "%s:%s\n", in.Name, in.ID)
