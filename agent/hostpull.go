@@ -15,6 +15,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"github.com/pkg/sftp"
+	"golang.org/x/sys/unix"
 
 	"imagestore/blobstore"
 	"imagestore/qcow2"
@@ -219,6 +220,9 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	defer stage.Close()
 	pieces := splitRanges(ranges, cmp(s.Chunk, pullChunk))
 	staged.start(stage, ranges, pieces)
+	staged.punchConsumed(func(off, n int64) error {
+		return unix.Fallocate(int(stage.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	})
 
 	t0 := time.Now()
 	fctx, cancelFetch := context.WithCancel(ctx)
@@ -243,7 +247,11 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	d, n, err := normalizeInto(ctx, s.Store, im, spec)
 	onePass := err == nil
 	if errors.Is(err, qcow2.ErrZeroData) {
+		staged.punchConsumed(nil) // the full normalize reads the data twice
 		if err = waitFetch(); err == nil {
+			err = refetchPunched(ctx, stage, limited, staged, s.Parallelism)
+		}
+		if err == nil {
 			d, n, err = normalizeInto(ctx, s.Store, im, opts)
 		}
 	}
@@ -329,6 +337,18 @@ func fetchPieces(ctx context.Context, dst io.WriterAt, src io.ReaderAt, pieces [
 	})
 }
 
+// refetchPunched reads the pieces the speculative normalize consumed (and
+// so dropped from staging) from the host again, for the full normalize.
+// Rare (a layer with an all-zero data cluster), and the host bytes count.
+func refetchPunched(ctx context.Context, stage io.WriterAt, src io.ReaderAt, staged *stagedReaderAt, workers int) error {
+	idx := staged.punchedPieces()
+	pieces := make([]parallel.Range, len(idx))
+	for i, k := range idx {
+		pieces[i] = staged.pieces[k]
+	}
+	return fetchPieces(ctx, stage, src, pieces, workers, func(i int) { staged.unpunch(idx[i]) })
+}
+
 // errFetchEnded is what a read of a piece the fetch never delivered gets
 // when the fetch ended without an error of its own (it cannot, but a reader
 // must never block forever).
@@ -348,6 +368,13 @@ type stagedReaderAt struct {
 	have   []bool
 	ended  bool
 	err    error // the fetch's, once ended
+
+	// Punching (see punchConsumed): per piece, the bytes read from local,
+	// the local reads in progress, and whether its staged bytes are gone.
+	punch    func(off, n int64) error // nil: keep everything
+	consumed []int64
+	inflight []int32
+	punched  []bool
 }
 
 // start switches data reads to local, pending the pieces' arrival.
@@ -356,6 +383,42 @@ func (s *stagedReaderAt) start(local io.ReaderAt, ranges []qcow2.HostRange, piec
 	defer s.mu.Unlock()
 	s.cond.L = &s.mu
 	s.local, s.ranges, s.pieces, s.have = local, ranges, pieces, make([]bool, len(pieces))
+	s.consumed, s.inflight, s.punched = make([]int64, len(pieces)), make([]int32, len(pieces)), make([]bool, len(pieces))
+}
+
+// punchConsumed makes every piece whose bytes have all been read once from
+// the staging file get dropped from it with punch (a hole punched in the
+// file), so its page-cache pages are discarded, dirty or not, instead of
+// being written back to disk: under AssumeNoZeroData the normalize reads
+// each data byte once, so the staged copy is dead weight as soon as it has
+// been read. A read that still needs a punched piece (overlapping
+// compressed clusters, or a normalize that re-reads) goes to the host,
+// counted like any host read; after a fallback, unpunch restores them.
+// punch nil stops punching.
+func (s *stagedReaderAt) punchConsumed(punch func(off, n int64) error) {
+	s.mu.Lock()
+	s.punch = punch
+	s.mu.Unlock()
+}
+
+// punchedPieces lists the pieces whose staged bytes were dropped.
+func (s *stagedReaderAt) punchedPieces() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []int
+	for k, p := range s.punched {
+		if p {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// unpunch marks piece k staged again (the caller re-fetched it).
+func (s *stagedReaderAt) unpunch(k int) {
+	s.mu.Lock()
+	s.punched[k], s.consumed[k] = false, 0
+	s.mu.Unlock()
 }
 
 func (s *stagedReaderAt) done(i int) {
@@ -397,8 +460,9 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 	// Wait for the pieces covering [off, end): consecutive, as pieces are
 	// sorted and tile each range.
 	first := sort.Search(len(s.pieces), func(k int) bool { return s.pieces[k].Offset+s.pieces[k].Length > off })
-	for k := first; k < len(s.pieces) && s.pieces[k].Offset < end; k++ {
-		for !s.have[k] {
+	last := first
+	for ; last < len(s.pieces) && s.pieces[last].Offset < end; last++ {
+		for !s.have[last] {
 			if s.ended {
 				err := s.err
 				s.mu.Unlock()
@@ -406,9 +470,39 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 			}
 			s.cond.Wait()
 		}
+		if s.punched[last] {
+			s.mu.Unlock()
+			return s.remote.ReadAt(p, off)
+		}
+	}
+	for k := first; k < last; k++ {
+		s.inflight[k]++
 	}
 	s.mu.Unlock()
-	return local.ReadAt(p, off)
+	n, err := local.ReadAt(p, off)
+
+	s.mu.Lock()
+	var drop []int
+	for k := first; k < last; k++ {
+		pc := s.pieces[k]
+		s.inflight[k]--
+		s.consumed[k] += min(end, pc.Offset+pc.Length) - max(off, pc.Offset)
+		if s.punch != nil && !s.punched[k] && s.inflight[k] == 0 && s.consumed[k] >= pc.Length {
+			s.punched[k] = true // from now on reads of k go to the host
+			drop = append(drop, k)
+		}
+	}
+	punch := s.punch
+	s.mu.Unlock()
+	for _, k := range drop {
+		if perr := punch(s.pieces[k].Offset, s.pieces[k].Length); perr != nil {
+			// Not supported here (or failed): keep the bytes, stop trying.
+			s.mu.Lock()
+			s.punched[k], s.punch = false, nil
+			s.mu.Unlock()
+		}
+	}
+	return n, err
 }
 
 // hostReader is the remote file as an io.ReaderAt that counts the bytes it
@@ -460,6 +554,19 @@ func (h *hostReader) Close() error {
 }
 
 func (h *hostReader) ReadAt(p []byte, off int64) (int, error) {
+	// A server whose read limit is below sshfs's request size answers
+	// short, which pkg/sftp reports as io.EOF: inside the file, read on.
+	var done int
+	for {
+		n, err := h.readAt(p[done:], off+int64(done))
+		done += n
+		if n == 0 || done == len(p) || !errors.Is(err, io.EOF) || off+int64(done) >= h.size {
+			return done, err
+		}
+	}
+}
+
+func (h *hostReader) readAt(p []byte, off int64) (int, error) {
 	for {
 		h.mu.Lock()
 		f, gen := h.f, h.gen

@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +16,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -535,6 +539,15 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 			if res.OnePass != c.onePass {
 				t.Fatalf("onePass = %v, want %v", res.OnePass, c.onePass)
 			}
+			// One pass reads each allocated byte from the host once (staged
+			// pieces are dropped once consumed, never re-read); the fallback
+			// re-fetches the dropped pieces, and counts them.
+			if bound := hpBound(t, d); c.onePass && res.HostBytesRead > bound {
+				t.Fatalf("host bytes read %d > bound %d", res.HostBytesRead, bound)
+			}
+			if res.HostBytesRead < res.Allocated {
+				t.Fatalf("host bytes read %d < allocated %d", res.HostBytesRead, res.Allocated)
+			}
 			if want := imported(t, d, parentPath); res.Blob.String() != want {
 				t.Fatalf("pulled %s, imported %s", res.Blob, want)
 			}
@@ -555,6 +568,176 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 			}
 			if want := digest.FromBytes(buf.Bytes()); res.Blob != want {
 				t.Fatalf("pulled %s, Normalize gives %s", res.Blob, want)
+			}
+		})
+	}
+}
+
+// countingReaderAt counts the bytes read through it.
+type countingReaderAt struct {
+	r io.ReaderAt
+	n atomic.Int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// memStage is a staging file in memory whose punch zeroes, like a hole.
+type memStage struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (m *memStage) WriteAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return copy(m.b[off:], p), nil
+}
+
+func (m *memStage) ReadAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return copy(p, m.b[off:]), nil
+}
+
+func (m *memStage) punch(off, n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.b[off : off+n])
+	return nil
+}
+
+// A consumed piece is punched once every byte was read and no read is in
+// flight; later reads of it go to the host (counted), never see the hole;
+// refetchPunched restores it.
+func TestStagedReaderPunch(t *testing.T) {
+	src := make([]byte, 1<<20)
+	for i := range src {
+		src[i] = byte(i*7 + 1)
+	}
+	tests := []struct {
+		name      string
+		punchErr  error
+		reads     [][2]int64 // off, len, in order
+		wantPunch []int      // pieces punched after the reads
+		reread    [2]int64   // then read this again
+		wantHost  int64      // host bytes for the reread
+	}{
+		{"whole pieces", nil, [][2]int64{{0, 4096}, {4096, 4096}, {8192, 2048}}, []int{0, 1}, [2]int64{0, 8192}, 8192},
+		{"straddling reads", nil, [][2]int64{{0, 3000}, {3000, 3000}, {6000, 2192}}, []int{0, 1}, [2]int64{4096, 100}, 100},
+		{"partly read piece stays", nil, [][2]int64{{0, 4096}, {4096, 4000}}, []int{0}, [2]int64{4096, 4000}, 0},
+		{"punch unsupported", errors.New("EOPNOTSUPP"), [][2]int64{{0, 4096}, {4096, 4096}}, nil, [2]int64{0, 8192}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			remote := &countingReaderAt{r: bytes.NewReader(src)}
+			stage := &memStage{b: make([]byte, len(src))}
+			ranges := []qcow2.HostRange{{Offset: 0, Length: 12288}}
+			pieces := splitRanges(ranges, 4096)
+			s := &stagedReaderAt{remote: remote}
+			s.start(stage, ranges, pieces)
+			s.punchConsumed(func(off, n int64) error {
+				if tc.punchErr != nil {
+					return tc.punchErr
+				}
+				return stage.punch(off, n)
+			})
+			if err := fetchPieces(context.Background(), stage, remote, pieces, 2, s.done); err != nil {
+				t.Fatal(err)
+			}
+			s.finish(nil)
+			read := func(off, n int64) {
+				t.Helper()
+				p := make([]byte, n)
+				if _, err := s.ReadAt(p, off); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(p, src[off:off+n]) {
+					t.Fatalf("read [%d,+%d): wrong bytes", off, n)
+				}
+			}
+			for _, r := range tc.reads {
+				read(r[0], r[1])
+			}
+			if got := s.punchedPieces(); fmt.Sprint(got) != fmt.Sprint(tc.wantPunch) {
+				t.Fatalf("punched %v, want %v", got, tc.wantPunch)
+			}
+			before := remote.n.Load()
+			read(tc.reread[0], tc.reread[1])
+			if got := remote.n.Load() - before; got != tc.wantHost {
+				t.Fatalf("reread took %d host bytes, want %d", got, tc.wantHost)
+			}
+			// The fallback: stop punching, restore, read everything locally.
+			s.punchConsumed(nil)
+			if err := refetchPunched(context.Background(), stage, remote, s, 2); err != nil {
+				t.Fatal(err)
+			}
+			if got := s.punchedPieces(); len(got) != 0 {
+				t.Fatalf("still punched after refetch: %v", got)
+			}
+			before = remote.n.Load()
+			read(0, 12288)
+			read(0, 12288)
+			if got := remote.n.Load() - before; got != 0 {
+				t.Fatalf("reads after refetch took %d host bytes", got)
+			}
+		})
+	}
+}
+
+// shortFile answers at most max bytes per read, with io.EOF as pkg/sftp
+// does when a server caps its reads below the request size.
+type shortFile struct {
+	b   []byte
+	max int
+}
+
+func (f *shortFile) ReadAt(p []byte, off int64) (int, error) {
+	if off >= int64(len(f.b)) {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), f.max)], f.b[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+func (f *shortFile) Close() error { return nil }
+func (f *shortFile) Size() int64  { return int64(len(f.b)) }
+
+func TestHostReaderShortReads(t *testing.T) {
+	b := make([]byte, 100000)
+	for i := range b {
+		b[i] = byte(i % 251)
+	}
+	tests := []struct {
+		name     string
+		max      int
+		off, n   int64
+		want     int
+		wantEOF  bool
+		wantRead int64
+	}{
+		{"capped reads inside the file", 1000, 10, 50000, 50000, false, 50000},
+		{"uncapped", 1 << 20, 0, 100000, 100000, false, 100000},
+		{"past the end", 1000, 99000, 5000, 1000, true, 1000},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &hostReader{f: &shortFile{b: b, max: tc.max}, size: int64(len(b))}
+			p := make([]byte, tc.n)
+			n, err := h.ReadAt(p, tc.off)
+			if n != tc.want || errors.Is(err, io.EOF) != tc.wantEOF || (err != nil && !errors.Is(err, io.EOF)) {
+				t.Fatalf("ReadAt = %d, %v; want %d, EOF %v", n, err, tc.want, tc.wantEOF)
+			}
+			if !bytes.Equal(p[:n], b[tc.off:tc.off+int64(n)]) {
+				t.Fatal("wrong bytes")
+			}
+			if got := h.read.Load(); got != tc.wantRead {
+				t.Fatalf("counted %d host bytes, want %d", got, tc.wantRead)
 			}
 		})
 	}

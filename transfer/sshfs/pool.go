@@ -370,7 +370,7 @@ func (c *conn) session(n int) (*sftp.Client, error) {
 // sftpPacket is the SFTP read/write request size. OpenSSH's limit is 256 KiB
 // for reads (it shortens longer ones) and accepts writes up to its 256 KiB
 // packet limit minus headers.
-const sftpPacket = 64 << 10
+const sftpPacket = 255 << 10
 
 func (c *conn) pick() *sftp.Client {
 	sc := c.sftps[c.next%len(c.sftps)]
