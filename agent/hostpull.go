@@ -218,8 +218,9 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	}
 	_ = os.Remove(stage.Name())
 	defer stage.Close()
-	pieces := splitRanges(ranges, cmp(s.Chunk, pullChunk))
-	staged.start(stage, ranges, pieces)
+	chunk := cmp(s.Chunk, pullChunk)
+	pieces := splitRanges(ranges, chunk)
+	staged.start(stage, ranges, pieces, int(max(1, pullMemWindow/chunk)))
 	staged.punchConsumed(func(off, n int64) error {
 		return unix.Fallocate(int(stage.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 	})
@@ -230,7 +231,7 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	fetched := make(chan error, 1)
 	var fetchTime time.Duration
 	go func() {
-		err := fetchPieces(fctx, stage, limited, pieces, s.Parallelism, staged.done)
+		err := fetchPieces(fctx, limited, pieces, s.Parallelism, staged.bufs, staged.deliver)
 		fetchTime = time.Since(t0)
 		staged.finish(err)
 		fetched <- err
@@ -311,28 +312,40 @@ func splitRanges(ranges []qcow2.HostRange, chunk int64) []parallel.Range {
 	return pieces
 }
 
-// fetchPieces copies pieces of src to the same offsets of dst with workers
-// streams, calling done(i) once piece i is in dst. Workers take pieces in
-// order, so the staged data grows roughly front to back. Memory: workers ×
-// the largest piece.
-func fetchPieces(ctx context.Context, dst io.WriterAt, src io.ReaderAt, pieces []parallel.Range, workers int, done func(int)) error {
+// pullMemWindow bounds the fetched pieces kept in memory for the
+// speculative normalize (beyond it, pieces go to the staging file).
+const pullMemWindow = 64 << 20
+
+// pieceBufs is a pool of buffers of the largest piece's size.
+func pieceBufs(pieces []parallel.Range) *sync.Pool {
 	var chunk int64
 	for _, p := range pieces {
 		chunk = max(chunk, p.Length)
 	}
-	bufs := sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+	return &sync.Pool{New: func() any { b := make([]byte, chunk); return &b }}
+}
+
+// fetchPieces reads pieces of src with workers streams into buffers from
+// bufs and hands piece i to sink, which either keeps the buffer (true) or
+// is done with it on return. Workers take pieces in order, so the staged
+// data grows roughly front to back. Memory: workers × the largest piece,
+// plus what sinks keep.
+func fetchPieces(ctx context.Context, src io.ReaderAt, pieces []parallel.Range, workers int, bufs *sync.Pool, sink func(i int, bp *[]byte) (bool, error)) error {
 	return parallel.Do(ctx, len(pieces), workers, func(ctx context.Context, i int) error {
 		p := pieces[i]
 		bp := bufs.Get().(*[]byte)
-		defer bufs.Put(bp)
 		b := (*bp)[:p.Length]
 		if _, err := io.ReadFull(io.NewSectionReader(src, p.Offset, p.Length), b); err != nil {
+			bufs.Put(bp)
 			return fmt.Errorf("reading host bytes [%d, +%d): %w", p.Offset, p.Length, err)
 		}
-		if _, err := dst.WriteAt(b, p.Offset); err != nil {
+		kept, err := sink(i, bp)
+		if !kept {
+			bufs.Put(bp)
+		}
+		if err != nil {
 			return fmt.Errorf("staging: %w", err)
 		}
-		done(i)
 		return ctx.Err()
 	})
 }
@@ -346,7 +359,13 @@ func refetchPunched(ctx context.Context, stage io.WriterAt, src io.ReaderAt, sta
 	for i, k := range idx {
 		pieces[i] = staged.pieces[k]
 	}
-	return fetchPieces(ctx, stage, src, pieces, workers, func(i int) { staged.unpunch(idx[i]) })
+	return fetchPieces(ctx, src, pieces, workers, pieceBufs(pieces), func(i int, bp *[]byte) (bool, error) {
+		if _, err := stage.WriteAt((*bp)[:pieces[i].Length], pieces[i].Offset); err != nil {
+			return false, err
+		}
+		staged.unpunch(idx[i])
+		return false, nil
+	})
 }
 
 // errFetchEnded is what a read of a piece the fetch never delivered gets
@@ -354,15 +373,27 @@ func refetchPunched(ctx context.Context, stage io.WriterAt, src io.ReaderAt, sta
 // must never block forever).
 var errFetchEnded = errors.New("host fetch ended before the data arrived")
 
-// stagedReaderAt serves reads inside the staged ranges from the local file,
-// waiting for the fetch to deliver the pieces they cover, and everything
-// else (header and tables during Open) from the host.
+// stagingFile is the sparse local copy of the layer's data clusters.
+type stagingFile interface {
+	io.ReaderAt
+	io.WriterAt
+}
+
+// stagedReaderAt serves reads inside the staged ranges from memory or the
+// local file, waiting for the fetch to deliver the pieces they cover, and
+// everything else (header and tables during Open) from the host.
+//
+// Up to memMax delivered pieces stay in memory while consumed pieces are
+// being dropped (the speculative normalize trails the fetch closely, so
+// most pieces are read from memory and never touch the file); the rest
+// are written to the file.
 type stagedReaderAt struct {
 	remote io.ReaderAt
+	bufs   *sync.Pool // piece buffers, shared with the fetch
 
 	mu     sync.Mutex
 	cond   sync.Cond
-	local  io.ReaderAt
+	local  stagingFile
 	ranges []qcow2.HostRange
 	pieces []parallel.Range
 	have   []bool
@@ -371,19 +402,45 @@ type stagedReaderAt struct {
 
 	// Punching (see punchConsumed): per piece, the bytes read from local,
 	// the local reads in progress, and whether its staged bytes are gone.
-	punch    func(off, n int64) error // nil: keep everything
-	consumed []int64
-	inflight []int32
-	punched  []bool
+	drop        bool                     // drop consumed pieces
+	punch       func(off, n int64) error // drops a piece from the file
+	punchBroken bool                     // punch failed once: keep file pieces
+	consumed    []int64
+	inflight    []int32
+	punched     []bool    // dropped (from memory or the file)
+	mem         []*[]byte // pieces held in memory
+	memLeft     int       // pieces that may still be held in memory
 }
 
 // start switches data reads to local, pending the pieces' arrival.
-func (s *stagedReaderAt) start(local io.ReaderAt, ranges []qcow2.HostRange, pieces []parallel.Range) {
+func (s *stagedReaderAt) start(local stagingFile, ranges []qcow2.HostRange, pieces []parallel.Range, memMax int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.cond.L = &s.mu
 	s.local, s.ranges, s.pieces, s.have = local, ranges, pieces, make([]bool, len(pieces))
 	s.consumed, s.inflight, s.punched = make([]int64, len(pieces)), make([]int32, len(pieces)), make([]bool, len(pieces))
+	s.mem, s.memLeft, s.bufs = make([]*[]byte, len(pieces)), memMax, pieceBufs(pieces)
+}
+
+// deliver takes fetched piece i: into memory while dropping and within
+// the window, else into the staging file.
+func (s *stagedReaderAt) deliver(i int, bp *[]byte) (bool, error) {
+	s.mu.Lock()
+	if s.drop && s.memLeft > 0 {
+		s.mem[i] = bp
+		s.memLeft--
+		s.have[i] = true
+		s.mu.Unlock()
+		s.cond.Broadcast()
+		return true, nil
+	}
+	s.mu.Unlock()
+	p := s.pieces[i]
+	if _, err := s.local.WriteAt((*bp)[:p.Length], p.Offset); err != nil {
+		return false, err
+	}
+	s.done(i)
+	return false, nil
 }
 
 // punchConsumed makes every piece whose bytes have all been read once from
@@ -394,10 +451,11 @@ func (s *stagedReaderAt) start(local io.ReaderAt, ranges []qcow2.HostRange, piec
 // been read. A read that still needs a punched piece (overlapping
 // compressed clusters, or a normalize that re-reads) goes to the host,
 // counted like any host read; after a fallback, unpunch restores them.
-// punch nil stops punching.
+// Pieces held in memory are dropped the same way, without a syscall.
+// punch nil stops dropping (pieces already in memory stay there).
 func (s *stagedReaderAt) punchConsumed(punch func(off, n int64) error) {
 	s.mu.Lock()
-	s.punch = punch
+	s.drop, s.punch, s.punchBroken = punch != nil, punch, false
 	s.mu.Unlock()
 }
 
@@ -475,11 +533,28 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 			return s.remote.ReadAt(p, off)
 		}
 	}
+	var memBuf [4]*[]byte
+	mem := memBuf[:0]
 	for k := first; k < last; k++ {
 		s.inflight[k]++
+		mem = append(mem, s.mem[k]) // stays valid while inflight
 	}
 	s.mu.Unlock()
-	n, err := local.ReadAt(p, off)
+	var err error
+	for k := first; k < last && err == nil; k++ {
+		pc := s.pieces[k]
+		a, b := max(off, pc.Offset), min(end, pc.Offset+pc.Length)
+		if m := mem[k-first]; m != nil {
+			copy(p[a-off:b-off], (*m)[a-pc.Offset:b-pc.Offset])
+			continue
+		}
+		var n int
+		if n, err = local.ReadAt(p[a-off:b-off], a); n == int(b-a) {
+			err = nil
+		} else if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+	}
 
 	s.mu.Lock()
 	var drop []int
@@ -487,7 +562,16 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 		pc := s.pieces[k]
 		s.inflight[k]--
 		s.consumed[k] += min(end, pc.Offset+pc.Length) - max(off, pc.Offset)
-		if s.punch != nil && !s.punched[k] && s.inflight[k] == 0 && s.consumed[k] >= pc.Length {
+		if !s.drop || s.punched[k] || s.inflight[k] > 0 || s.consumed[k] < pc.Length {
+			continue
+		}
+		switch {
+		case s.mem[k] != nil:
+			s.punched[k] = true
+			s.bufs.Put(s.mem[k])
+			s.mem[k] = nil
+			s.memLeft++
+		case !s.punchBroken:
 			s.punched[k] = true // from now on reads of k go to the host
 			drop = append(drop, k)
 		}
@@ -498,11 +582,14 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 		if perr := punch(s.pieces[k].Offset, s.pieces[k].Length); perr != nil {
 			// Not supported here (or failed): keep the bytes, stop trying.
 			s.mu.Lock()
-			s.punched[k], s.punch = false, nil
+			s.punched[k], s.punchBroken = false, true
 			s.mu.Unlock()
 		}
 	}
-	return n, err
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 // hostReader is the remote file as an io.ReaderAt that counts the bytes it

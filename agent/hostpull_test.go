@@ -620,71 +620,97 @@ func TestStagedReaderPunch(t *testing.T) {
 	}
 	tests := []struct {
 		name      string
+		memMax    []int // pieces kept in memory: each value is a run
 		punchErr  error
 		reads     [][2]int64 // off, len, in order
 		wantPunch []int      // pieces punched after the reads
 		reread    [2]int64   // then read this again
 		wantHost  int64      // host bytes for the reread
 	}{
-		{"whole pieces", nil, [][2]int64{{0, 4096}, {4096, 4096}, {8192, 2048}}, []int{0, 1}, [2]int64{0, 8192}, 8192},
-		{"straddling reads", nil, [][2]int64{{0, 3000}, {3000, 3000}, {6000, 2192}}, []int{0, 1}, [2]int64{4096, 100}, 100},
-		{"partly read piece stays", nil, [][2]int64{{0, 4096}, {4096, 4000}}, []int{0}, [2]int64{4096, 4000}, 0},
-		{"punch unsupported", errors.New("EOPNOTSUPP"), [][2]int64{{0, 4096}, {4096, 4096}}, nil, [2]int64{0, 8192}, 0},
+		{"whole pieces", []int{0, 1, 3}, nil, [][2]int64{{0, 4096}, {4096, 4096}, {8192, 2048}}, []int{0, 1}, [2]int64{0, 8192}, 8192},
+		{"straddling reads", []int{0, 1, 3}, nil, [][2]int64{{0, 3000}, {3000, 3000}, {6000, 2192}}, []int{0, 1}, [2]int64{4096, 100}, 100},
+		{"partly read piece stays", []int{0, 1, 3}, nil, [][2]int64{{0, 4096}, {4096, 4000}}, []int{0}, [2]int64{4096, 4000}, 0},
+		{"punch unsupported", []int{0}, errors.New("EOPNOTSUPP"), [][2]int64{{0, 4096}, {4096, 4096}}, nil, [2]int64{0, 8192}, 0},
+		{"punch unsupported, pieces in memory", []int{3}, errors.New("EOPNOTSUPP"), [][2]int64{{0, 4096}, {4096, 4096}}, []int{0, 1}, [2]int64{0, 8192}, 8192},
 	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			remote := &countingReaderAt{r: bytes.NewReader(src)}
-			stage := &memStage{b: make([]byte, len(src))}
-			ranges := []qcow2.HostRange{{Offset: 0, Length: 12288}}
-			pieces := splitRanges(ranges, 4096)
-			s := &stagedReaderAt{remote: remote}
-			s.start(stage, ranges, pieces)
-			s.punchConsumed(func(off, n int64) error {
-				if tc.punchErr != nil {
-					return tc.punchErr
-				}
-				return stage.punch(off, n)
+		for _, memMax := range tc.memMax {
+			t.Run(fmt.Sprintf("%s/mem=%d", tc.name, memMax), func(t *testing.T) {
+				stagedPunchCase(t, src, memMax, tc.punchErr, tc.reads, tc.wantPunch, tc.reread, tc.wantHost)
 			})
-			if err := fetchPieces(context.Background(), stage, remote, pieces, 2, s.done); err != nil {
-				t.Fatal(err)
-			}
-			s.finish(nil)
-			read := func(off, n int64) {
-				t.Helper()
-				p := make([]byte, n)
-				if _, err := s.ReadAt(p, off); err != nil {
-					t.Fatal(err)
-				}
-				if !bytes.Equal(p, src[off:off+n]) {
-					t.Fatalf("read [%d,+%d): wrong bytes", off, n)
-				}
-			}
-			for _, r := range tc.reads {
-				read(r[0], r[1])
-			}
-			if got := s.punchedPieces(); fmt.Sprint(got) != fmt.Sprint(tc.wantPunch) {
-				t.Fatalf("punched %v, want %v", got, tc.wantPunch)
-			}
-			before := remote.n.Load()
-			read(tc.reread[0], tc.reread[1])
-			if got := remote.n.Load() - before; got != tc.wantHost {
-				t.Fatalf("reread took %d host bytes, want %d", got, tc.wantHost)
-			}
-			// The fallback: stop punching, restore, read everything locally.
-			s.punchConsumed(nil)
-			if err := refetchPunched(context.Background(), stage, remote, s, 2); err != nil {
-				t.Fatal(err)
-			}
-			if got := s.punchedPieces(); len(got) != 0 {
-				t.Fatalf("still punched after refetch: %v", got)
-			}
-			before = remote.n.Load()
-			read(0, 12288)
-			read(0, 12288)
-			if got := remote.n.Load() - before; got != 0 {
-				t.Fatalf("reads after refetch took %d host bytes", got)
-			}
-		})
+		}
+	}
+}
+
+func stagedPunchCase(t *testing.T, src []byte, memMax int, punchErr error, reads [][2]int64, wantPunch []int, reread [2]int64, wantHost int64) {
+	t.Helper()
+	tc := struct {
+		punchErr  error
+		reads     [][2]int64
+		wantPunch []int
+		reread    [2]int64
+		wantHost  int64
+	}{punchErr, reads, wantPunch, reread, wantHost}
+	remote := &countingReaderAt{r: bytes.NewReader(src)}
+	stage := &memStage{b: make([]byte, len(src))}
+	ranges := []qcow2.HostRange{{Offset: 0, Length: 12288}}
+	pieces := splitRanges(ranges, 4096)
+	s := &stagedReaderAt{remote: remote}
+	s.start(stage, ranges, pieces, memMax)
+	s.punchConsumed(func(off, n int64) error {
+		if tc.punchErr != nil {
+			return tc.punchErr
+		}
+		return stage.punch(off, n)
+	})
+	if err := fetchPieces(context.Background(), remote, pieces, 2, s.bufs, s.deliver); err != nil {
+		t.Fatal(err)
+	}
+	s.finish(nil)
+	// Pieces kept in memory never reach the file.
+	var inFile int
+	for _, p := range pieces {
+		if !bytes.Equal(stage.b[p.Offset:p.Offset+p.Length], make([]byte, p.Length)) {
+			inFile++
+		}
+	}
+	if want := len(pieces) - min(memMax, len(pieces)); inFile != want {
+		t.Fatalf("%d pieces in the file, want %d", inFile, want)
+	}
+	read := func(off, n int64) {
+		t.Helper()
+		p := make([]byte, n)
+		if _, err := s.ReadAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(p, src[off:off+n]) {
+			t.Fatalf("read [%d,+%d): wrong bytes", off, n)
+		}
+	}
+	for _, r := range tc.reads {
+		read(r[0], r[1])
+	}
+	if got := s.punchedPieces(); fmt.Sprint(got) != fmt.Sprint(tc.wantPunch) {
+		t.Fatalf("punched %v, want %v", got, tc.wantPunch)
+	}
+	before := remote.n.Load()
+	read(tc.reread[0], tc.reread[1])
+	if got := remote.n.Load() - before; got != tc.wantHost {
+		t.Fatalf("reread took %d host bytes, want %d", got, tc.wantHost)
+	}
+	// The fallback: stop punching, restore, read everything locally.
+	s.punchConsumed(nil)
+	if err := refetchPunched(context.Background(), stage, remote, s, 2); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.punchedPieces(); len(got) != 0 {
+		t.Fatalf("still punched after refetch: %v", got)
+	}
+	before = remote.n.Load()
+	read(0, 12288)
+	read(0, 12288)
+	if got := remote.n.Load() - before; got != 0 {
+		t.Fatalf("reads after refetch took %d host bytes", got)
 	}
 }
 
