@@ -4,6 +4,7 @@
 # the same file and rsync of the changed file, as MB/s, bytes moved and CPU
 # seconds (client + sshd session).
 # Usage: bench/pull.sh   (4 GiB)   SIZE_MB=1024 bench/pull.sh   PAR=4 (streams)
+#        REPEAT=3 (full pulls)   FULL_ONLY=1 (skip the incremental rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-4096}
@@ -63,22 +64,27 @@ VOL_BYTES=$(stat -c %s "$VOL")
 mkdir -p "$DIR/dest"
 sync; cat "$VOL" >/dev/null   # host side reads come from the page cache for every tool
 
-row() { printf '%-34s %10s %14s %9s %8s\n' "$@"; }
-row "transfer" "MB/s" "bytes moved" "seconds" "CPU-s"
+row() { printf '%-34s %10s %14s %9s %8s %14s\n' "$@"; }
+row "transfer" "MB/s" "bytes moved" "seconds" "CPU-s" "client+sshd"
 
 # scp of the whole file (+ sync: the store's commit is durable too).
 s0=$(sshd_cpu); t0=$(now)
 timed scp -q -o Ciphers=aes128-gcm@openssh.com -P "$PORT" -i "$DIR/client_ed25519" -o UserKnownHostsFile="$DIR/known_hosts" -o BatchMode=yes "$USER@127.0.0.1:$VOL" "$DIR/dest/vol.qcow2"
 sync; t1=$(now); sleep 0.2; s1=$(sshd_cpu)
-SCP_T=$(sub "$t0" "$t1"); SCP_CPU=$(awk -v a="$C" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
-row "scp full (+sync)" "$(mbps "$VOL_BYTES" "$SCP_T")" "$VOL_BYTES" "$SCP_T" "$SCP_CPU"
+SCP_T=$(sub "$t0" "$t1"); SCP_SSHD=$(sub "$s0" "$s1"); SCP_CPU=$(awk -v a="$C" -v b="$SCP_SSHD" 'BEGIN { print a + b }')
+row "scp full (+sync)" "$(mbps "$VOL_BYTES" "$SCP_T")" "$VOL_BYTES" "$SCP_T" "$SCP_CPU" "$C+$SCP_SSHD"
 
-# agent full pull.
+# agent full pull (REPEAT times, each into a fresh store; the last counts).
+for rep in $(seq "${REPEAT:-1}"); do
+rm -rf "$DIR/store"
 s0=$(sshd_cpu)
 read -r BASE_IP PULL_BYTES PULL_T PULL_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$VOL" -parallelism "$PAR" ${PROFILE:+-cpuprofile "$PROFILE"})
 sleep 0.2; s1=$(sshd_cpu)
-PULL_CPU=$(awk -v a="$PULL_CPU" -v b="$(sub "$s0" "$s1")" 'BEGIN { print a + b }')
-row "agent pullfromhost full (p=$PAR)" "$(mbps "$VOL_BYTES" "$PULL_T")" "$PULL_BYTES" "$PULL_T" "$PULL_CPU"
+PULL_SSHD=$(sub "$s0" "$s1"); PULL_CLIENT=$PULL_CPU
+PULL_CPU=$(awk -v a="$PULL_CPU" -v b="$PULL_SSHD" 'BEGIN { print a + b }')
+row "agent pullfromhost full (p=$PAR)" "$(mbps "$VOL_BYTES" "$PULL_T")" "$PULL_BYTES" "$PULL_T" "$PULL_CPU" "$PULL_CLIENT+$PULL_SSHD"
+done
+[ -n "${FULL_ONLY:-}" ] && exit 0
 
 # --- 1% change: the same random 1 MiB writes into a delta (for the agent)
 # and into a copy of the volume (for rsync against the scp'd copy).
