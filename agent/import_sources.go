@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"imagestore/transfer/sshfs"
@@ -210,10 +211,45 @@ type uploadSession struct {
 	// job's end wait for an in-flight copy before the writer goes away.
 	busy    bool
 	copying sync.WaitGroup
+	// ended is set (before the active chunk's read deadline is forced to
+	// now) when the job stops waiting, so an in-flight copy ends at once.
+	ended atomic.Bool
+	rc    *http.ResponseController // of the chunk being copied, under mu
 }
 
-// uploadChunkTimeout bounds how long one chunk may take to arrive.
-var uploadChunkTimeout = 5 * time.Minute
+// uploadReadIdle bounds how long a chunk's body may stall between reads.
+var uploadReadIdle = time.Minute
+
+// end stops the session: no new chunk starts and the one being copied is
+// cut off, so cancel and shutdown never wait on a stalled client.
+func (s *uploadSession) end() {
+	s.ended.Store(true)
+	s.mu.Lock()
+	s.over = true
+	rc := s.rc
+	s.mu.Unlock()
+	if rc != nil {
+		_ = rc.SetReadDeadline(time.Now())
+	}
+}
+
+// chunkBody reads a chunk, sliding the connection's read deadline on each
+// read so only an idle body times out, and stopping once the session ended.
+type chunkBody struct {
+	r  io.Reader
+	rc *http.ResponseController
+	s  *uploadSession
+}
+
+func (b chunkBody) Read(p []byte) (int, error) {
+	_ = b.rc.SetReadDeadline(time.Now().Add(uploadReadIdle))
+	// Checked after setting the deadline: end() stores ended before it
+	// forces the deadline, so one of the two always stops this read.
+	if b.s.ended.Load() {
+		return 0, errors.New("upload ended")
+	}
+	return b.r.Read(p)
+}
 
 var uploads sync.Map // uploadKey → *uploadSession
 
@@ -223,9 +259,7 @@ func (a *Agent) receiveUpload(ctx context.Context, job *Job, w *limitedWriter) e
 	uploads.Store(key, s)
 	defer func() {
 		uploads.Delete(key)
-		s.mu.Lock()
-		s.over = true
-		s.mu.Unlock()
+		s.end()
 		s.copying.Wait()
 	}()
 	tick := time.NewTicker(time.Second)
@@ -289,17 +323,20 @@ func (a *Agent) uploadChunk(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.last = time.Now()
+	rc := http.NewResponseController(w)
 	s.busy = true
+	s.rc = rc
 	s.copying.Add(1)
 	s.mu.Unlock()
 
-	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(uploadChunkTimeout))
-	n, err := io.Copy(s.w, r.Body)
+	n, err := io.Copy(s.w, chunkBody{r: r.Body, rc: rc, s: s})
+	_ = rc.SetReadDeadline(time.Time{})
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	defer s.copying.Done()
 	s.busy = false
+	s.rc = nil
 	s.last = time.Now()
 	s.job.Add(n)
 	rep.Offset = s.w.offset()

@@ -4,7 +4,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // A host can write the upload dirs, so a path component may become a
@@ -73,5 +75,34 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	}
 	if _, err := a.openImportPath("/etc/passwd"); err == nil || !strings.Contains(err.Error(), "escapes the upload dirs") {
 		t.Fatalf("outside path: got %v", err)
+	}
+}
+
+// A FIFO swapped in by the host must be refused, not block the open.
+func TestOpenImportPathRefusesFIFO(t *testing.T) {
+	a, _ := newHTAgent(t, nil)
+	up := filepath.Join(a.uploadRoot, "u2")
+	if err := os.MkdirAll(up, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	fifo := filepath.Join(up, "disk.raw")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		f, err := a.openImportPath(fifo)
+		if err == nil {
+			f.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Fatalf("FIFO: got %v, want 'not a regular file'", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("opening a FIFO blocked")
 	}
 }

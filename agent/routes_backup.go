@@ -240,7 +240,7 @@ func (a *Agent) openImportPath(path string) (*os.File, error) {
 	if t, ok := a.nbdTargetPath(path); ok {
 		// Targets live in <root>/nbd/targets, which hosts cannot reach.
 		return openRegular(t, func(p string) (*os.File, error) {
-			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 		})
 	}
 	for _, root := range a.importRoots() {
@@ -257,7 +257,11 @@ func (a *Agent) openImportPath(path string) (*os.File, error) {
 			return nil, err
 		}
 		defer r.Close()
-		return openRegular(rel, r.Open)
+		// O_NONBLOCK: a FIFO swapped in by the host must not hang the open;
+		// openRegular then refuses it.
+		return openRegular(rel, func(name string) (*os.File, error) {
+			return r.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
+		})
 	}
 	return nil, fmt.Errorf("%s escapes the upload dirs (%s) and the allowed import roots", path, a.uploadRoot)
 }

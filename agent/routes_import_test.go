@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -321,4 +322,60 @@ func TestParseContentRange(t *testing.T) {
 			t.Errorf("%q: %d %d %v, want %d %d %v", c.in, s, n, ok, c.start, c.size, c.ok)
 		}
 	}
+}
+
+// A host that stalls in the middle of a chunk must not hold up the job's
+// cancel: the in-flight copy is cut off at once, not after the idle timeout.
+func TestImportUploadStalledChunkDoesNotBlockCancel(t *testing.T) {
+	e := newRestoreEnv(t, nil)
+	id := "upload-" + r7randHex()
+	req, _ := http.NewRequest(http.MethodPost, e.srv.URL+"/imagestore/import/", strings.NewReader(`{"imgurl":"upload://x.raw","name":"img"}`))
+	req.Header.Set("taskuuid", id)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	r7waitFor(t, "upload session", func() bool { _, ok := uploads.Load(uploadKey{e.a, id}); return ok })
+
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	putDone := make(chan struct{})
+	go func() {
+		defer close(putDone)
+		r, _ := http.NewRequest(http.MethodPut, e.srv.URL+"/imagestore/upload/", pr)
+		r.Header.Set("taskuuid", id)
+		r.Header.Set("Upload-Offset", "0")
+		if res, err := http.DefaultClient.Do(r); err == nil {
+			res.Body.Close()
+		}
+	}()
+	if _, err := pw.Write(make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	// The chunk is now being copied, and the client sends nothing more.
+	r7waitFor(t, "chunk in flight", func() bool {
+		v, ok := uploads.Load(uploadKey{e.a, id})
+		if !ok {
+			return false
+		}
+		s := v.(*uploadSession)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.busy
+	})
+	if _, err := e.a.jobs.cancelJob(id); err != nil {
+		t.Fatal(err)
+	}
+	j, _ := e.a.jobs.get(id)
+	select {
+	case <-j.Done():
+	case <-time.After(uploadReadIdle / 2):
+		t.Fatalf("cancel waited on a stalled upload chunk (idle timeout %v)", uploadReadIdle)
+	}
+	if st := j.Info().State; st != JobCancelled {
+		t.Fatalf("state %v, want cancelled", st)
+	}
+	pw.CloseWithError(errors.New("test done"))
+	<-putDone
 }
