@@ -132,16 +132,23 @@ func prepareNBDTLS(dir, certFile, keyFile string) error {
 	if err != nil {
 		return fmt.Errorf("nbd tls: %w", err)
 	}
+	// Only CERTIFICATE blocks count: the first is the leaf, the rest its
+	// issuers (a key or parameters block in the file is not the leaf).
 	var issuers []byte
-	for i := 0; ; i++ {
+	certs := 0
+	for {
 		var blk *pem.Block
 		blk, b = pem.Decode(b)
 		if blk == nil {
 			break
 		}
-		if blk.Type == "CERTIFICATE" && i > 0 {
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		if certs > 0 {
 			issuers = append(issuers, pem.EncodeToMemory(blk)...)
 		}
+		certs++
 	}
 	if len(issuers) == 0 {
 		return fmt.Errorf("nbd tls: %s holds no issuing CA certificate after the server certificate; QEMU needs it (append the CA to tls.cert) to serve NBD over TLS", certFile)
