@@ -360,12 +360,30 @@ func refetchPunched(ctx context.Context, stage io.WriterAt, src io.ReaderAt, sta
 		pieces[i] = staged.pieces[k]
 	}
 	return fetchPieces(ctx, src, pieces, workers, pieceBufs(pieces), func(i int, bp *[]byte) (bool, error) {
-		if _, err := stage.WriteAt((*bp)[:pieces[i].Length], pieces[i].Offset); err != nil {
+		if err := stageWrite(stage, (*bp)[:pieces[i].Length], pieces[i].Offset); err != nil {
 			return false, err
 		}
 		staged.unpunch(idx[i])
 		return false, nil
 	})
+}
+
+// stageWriteMax bounds one write to the staging file: the kernel sizes
+// page-cache folios by the write's length, and huge ones (multi-MiB
+// writes) can cost far more to fill than the copy (see blobstore's
+// writeSyscallMax).
+const stageWriteMax = 1 << 20
+
+// stageWrite writes b at off in writes of at most stageWriteMax.
+func stageWrite(w io.WriterAt, b []byte, off int64) error {
+	for len(b) > 0 {
+		n := min(len(b), stageWriteMax)
+		if _, err := w.WriteAt(b[:n], off); err != nil {
+			return err
+		}
+		b, off = b[n:], off+int64(n)
+	}
+	return nil
 }
 
 // errFetchEnded is what a read of a piece the fetch never delivered gets
@@ -436,7 +454,7 @@ func (s *stagedReaderAt) deliver(i int, bp *[]byte) (bool, error) {
 	}
 	s.mu.Unlock()
 	p := s.pieces[i]
-	if _, err := s.local.WriteAt((*bp)[:p.Length], p.Offset); err != nil {
+	if err := stageWrite(s.local, (*bp)[:p.Length], p.Offset); err != nil {
 		return false, err
 	}
 	s.done(i)

@@ -5,6 +5,8 @@
 # seconds (client + sshd session).
 # Usage: bench/pull.sh   (4 GiB)   SIZE_MB=1024 bench/pull.sh   PAR=4 (streams)
 #        REPEAT=3 (full pulls)   FULL_ONLY=1 (skip the incremental rows)
+#        ALT_ENV=NAME (A/B: NAME=1 set on even repeats only)
+#        ZERO=1 (one allocated all-zero MiB: the pull's non-speculative path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-4096}
@@ -57,7 +59,12 @@ timed() {
 # --- the volume: SIZE_MB of incompressible data, fully allocated qcow2.
 echo "creating a $SIZE_MB MiB qcow2 volume in $DIR"
 { openssl enc -aes-128-ctr -pass pass:imagestore -nosalt -pbkdf2 </dev/zero 2>/dev/null || true; } | head -c $((SIZE_MB << 20)) > "$DIR/vol.raw"
-qemu-img convert -f raw -O qcow2 "$DIR/vol.raw" "$DIR/vol.qcow2"
+if [ -n "${ZERO:-}" ]; then
+  dd if=/dev/zero of="$DIR/vol.raw" bs=1M seek=$((SIZE_MB / 2)) count=1 conv=notrunc status=none
+  qemu-img convert -S 0 -f raw -O qcow2 "$DIR/vol.raw" "$DIR/vol.qcow2"
+else
+  qemu-img convert -f raw -O qcow2 "$DIR/vol.raw" "$DIR/vol.qcow2"
+fi
 rm -f "$DIR/vol.raw"
 VOL=$DIR/vol.qcow2
 VOL_BYTES=$(stat -c %s "$VOL")
@@ -76,6 +83,7 @@ row "scp full (+sync)" "$(mbps "$VOL_BYTES" "$SCP_T")" "$VOL_BYTES" "$SCP_T" "$S
 
 # agent full pull (REPEAT times, each into a fresh store; the last counts).
 for rep in $(seq "${REPEAT:-1}"); do
+if [ -n "${ALT_ENV:-}" ]; then if [ $((rep % 2)) = 0 ]; then export "$ALT_ENV=1"; else unset "$ALT_ENV"; fi; fi
 rm -rf "$DIR/store"
 s0=$(sshd_cpu)
 read -r BASE_IP PULL_BYTES PULL_T PULL_CPU < <("$DIR/pullbench" -root "$DIR/store" -known-hosts "$DIR/known_hosts" -key "$DIR/client_ed25519" -port "$PORT" -user "$USER" -path "$VOL" -parallelism "$PAR" ${PROFILE:+-cpuprofile "$PROFILE"})
