@@ -372,7 +372,7 @@ func refetchPunched(ctx context.Context, stage io.WriterAt, src io.ReaderAt, sta
 // page-cache folios by the write's length, and huge ones (multi-MiB
 // writes) can cost far more to fill than the copy (see blobstore's
 // writeSyscallMax).
-const stageWriteMax = 1 << 20
+const stageWriteMax = 256 << 10
 
 // stageWrite writes b at off in writes of at most stageWriteMax.
 func stageWrite(w io.WriterAt, b []byte, off int64) error {
