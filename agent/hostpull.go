@@ -417,6 +417,8 @@ type stagedReaderAt struct {
 	have   []bool
 	ended  bool
 	err    error // the fetch's, once ended
+	// waiters counts the readers in cond.Wait (lets tests order reads).
+	waiters int
 
 	// Punching (see punchConsumed): per piece, the bytes read from local,
 	// the local reads in progress, and whether its staged bytes are gone.
@@ -534,22 +536,30 @@ func (s *stagedReaderAt) ReadAt(p []byte, off int64) (int, error) {
 		return s.remote.ReadAt(p, off)
 	}
 	// Wait for the pieces covering [off, end): consecutive, as pieces are
-	// sorted and tile each range.
+	// sorted and tile each range. After a wait the check starts over: while
+	// the lock was released another read may have dropped a piece already
+	// checked, and only a check done in one hold of the lock, ending with
+	// inflight raised below, keeps the pieces from being dropped under us.
 	first := sort.Search(len(s.pieces), func(k int) bool { return s.pieces[k].Offset+s.pieces[k].Length > off })
 	last := first
-	for ; last < len(s.pieces) && s.pieces[last].Offset < end; last++ {
-		for !s.have[last] {
+	for last < len(s.pieces) && s.pieces[last].Offset < end {
+		if !s.have[last] {
 			if s.ended {
 				err := s.err
 				s.mu.Unlock()
 				return 0, err
 			}
+			s.waiters++
 			s.cond.Wait()
+			s.waiters--
+			last = first
+			continue
 		}
 		if s.punched[last] {
 			s.mu.Unlock()
 			return s.remote.ReadAt(p, off)
 		}
+		last++
 	}
 	var memBuf [4]*[]byte
 	mem := memBuf[:0]

@@ -711,6 +711,86 @@ func stagedPunchCase(t *testing.T, src []byte, memMax int, punchErr error, reads
 	}
 }
 
+// A reader waiting for a later piece must not read an earlier one that
+// another read dropped meanwhile: A reads [4000,+200) while piece 1 is
+// pending, B consumes piece 0 whole (so it is dropped), then piece 1
+// arrives; A must still get the right bytes (from the host), not the hole.
+func TestStagedReaderDropWhileWaiting(t *testing.T) {
+	src := make([]byte, 12288)
+	for i := range src {
+		src[i] = byte(i*7 + 1)
+	}
+	for _, memMax := range []int{0, 3} {
+		t.Run(fmt.Sprintf("mem=%d", memMax), func(t *testing.T) {
+			remote := &countingReaderAt{r: bytes.NewReader(src)}
+			stage := &memStage{b: make([]byte, len(src))}
+			ranges := []qcow2.HostRange{{Offset: 0, Length: int64(len(src))}}
+			pieces := splitRanges(ranges, 4096)
+			s := &stagedReaderAt{remote: remote}
+			s.start(stage, ranges, pieces, memMax)
+			s.punchConsumed(stage.punch)
+			deliver := func(i int) {
+				t.Helper()
+				bp := s.bufs.Get().(*[]byte)
+				copy(*bp, src[pieces[i].Offset:pieces[i].Offset+pieces[i].Length])
+				kept, err := s.deliver(i, bp)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !kept {
+					s.bufs.Put(bp)
+				}
+			}
+			deliver(0)
+
+			type result struct {
+				p   []byte
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				p := make([]byte, 200)
+				_, err := s.ReadAt(p, 4000)
+				done <- result{p, err}
+			}()
+			// Wait until A is blocked on piece 1 (it has checked piece 0).
+			for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
+				s.mu.Lock()
+				w := s.waiters
+				s.mu.Unlock()
+				if w == 1 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("reader A never waited for piece 1")
+				}
+			}
+			p := make([]byte, 4096)
+			if _, err := s.ReadAt(p, 0); err != nil || !bytes.Equal(p, src[:4096]) {
+				t.Fatalf("reader B: %v, right bytes %v", err, bytes.Equal(p, src[:4096]))
+			}
+			if got := s.punchedPieces(); fmt.Sprint(got) != "[0]" {
+				t.Fatalf("punched %v after B, want [0]", got)
+			}
+			deliver(1)
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(30 * time.Second):
+				s.finish(nil)
+				t.Fatal("reader A still blocked after piece 1 arrived")
+			}
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			if !bytes.Equal(r.p, src[4000:4200]) {
+				t.Fatal("reader A got wrong bytes (the dropped piece's hole)")
+			}
+			s.finish(nil)
+		})
+	}
+}
+
 // shortFile answers at most max bytes per read, with io.EOF as pkg/sftp
 // does when a server caps its reads below the request size.
 type shortFile struct {
