@@ -176,12 +176,16 @@ const pullChunk = 8 << 20
 // the staged copy. Either way the output is Normalize's, byte for byte.
 func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	var res pullResult
+	// Every host read (and rate-limiter wait, and reconnect) runs on fctx,
+	// so that cancelFetch stops them all at once after a normalize error.
+	fctx, cancelFetch := context.WithCancel(ctx)
+	defer cancelFetch()
 	src := &hostReader{pool: s.Pool, host: s.Host, path: s.Path, job: s.Job, counter: s.Counter}
-	if err := src.open(ctx); err != nil {
+	if err := src.open(fctx); err != nil {
 		return res, err
 	}
 	defer src.Close()
-	limited := ratelimit.ReaderAt(ctx, src, s.Limiters...)
+	limited := ratelimit.ReaderAt(fctx, src, s.Limiters...)
 	staged := &stagedReaderAt{remote: limited}
 	im, err := qcow2.Open(staged, src.size)
 	if err != nil {
@@ -226,8 +230,6 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	})
 
 	t0 := time.Now()
-	fctx, cancelFetch := context.WithCancel(ctx)
-	defer cancelFetch()
 	fetched := make(chan error, 1)
 	var fetchTime time.Duration
 	go func() {
@@ -631,6 +633,7 @@ type hostReader struct {
 	job     *Job
 	counter func(float64)
 
+	ctx   context.Context // bounds reconnects (ReadAt has none); set by open
 	read  atomic.Int64
 	size  int64
 	mtime time.Time
@@ -653,7 +656,7 @@ func (h *hostReader) open(ctx context.Context) error {
 		_ = f.Close()
 		return hostErr(h.host, h.path, err)
 	}
-	h.f, h.size, h.mtime = f, f.Size(), fi.ModTime()
+	h.f, h.size, h.mtime, h.ctx = f, f.Size(), fi.ModTime(), ctx
 	return nil
 }
 
@@ -736,8 +739,18 @@ func (h *hostReader) reopen(gen int, cause error) error {
 		return fmt.Errorf("%s:%s: giving up after %d reconnects: %w", h.host.Addr, h.path, h.retries, cause)
 	}
 	h.retries++
-	time.Sleep(time.Duration(h.retries) * 100 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx := h.ctx
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	backoff := time.NewTimer(time.Duration(h.retries) * 100 * time.Millisecond)
+	defer backoff.Stop()
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, ctx.Err())
+	case <-backoff.C:
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	f, err := h.pool.Open(ctx, h.host, h.path)
 	if err != nil {

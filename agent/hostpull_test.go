@@ -845,3 +845,25 @@ func TestHostReaderShortReads(t *testing.T) {
 		})
 	}
 }
+
+// lostFile fails every read as a dropped connection does.
+type lostFile struct{}
+
+func (lostFile) ReadAt([]byte, int64) (int, error) { return 0, errors.New("connection lost") }
+func (lostFile) Close() error                      { return nil }
+func (lostFile) Size() int64                       { return 100 }
+
+// A reconnect stops with the pull's context: no back-off sleep, no dial
+// (the nil pool would panic), and the error says why.
+func TestHostReaderReconnectCanceled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	h := &hostReader{f: lostFile{}, size: 100, ctx: ctx}
+	_, err := h.ReadAt(make([]byte, 10), 0)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("ReadAt = %v, want context.Canceled", err)
+	}
+	if h.retries != 1 {
+		t.Fatalf("%d reconnect attempts, want 1", h.retries)
+	}
+}
