@@ -679,6 +679,12 @@ func (h *hostReader) ReadAt(p []byte, off int64) (int, error) {
 		n, err := h.readAt(p[done:], off+int64(done))
 		done += n
 		if n == 0 || done == len(p) || !errors.Is(err, io.EOF) || off+int64(done) >= h.size {
+			if done < len(p) && err == nil { // io.ReaderAt: a short read says why
+				err = io.ErrUnexpectedEOF
+				if off+int64(done) >= h.size {
+					err = io.EOF
+				}
+			}
 			return done, err
 		}
 	}

@@ -794,8 +794,9 @@ func TestStagedReaderDropWhileWaiting(t *testing.T) {
 // shortFile answers at most max bytes per read, with io.EOF as pkg/sftp
 // does when a server caps its reads below the request size.
 type shortFile struct {
-	b   []byte
-	max int
+	b     []byte
+	max   int
+	noEOF bool // answer short with a nil error instead
 }
 
 func (f *shortFile) ReadAt(p []byte, off int64) (int, error) {
@@ -803,7 +804,7 @@ func (f *shortFile) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	n := copy(p[:min(len(p), f.max)], f.b[off:])
-	if n < len(p) {
+	if n < len(p) && !f.noEOF {
 		return n, io.EOF
 	}
 	return n, nil
@@ -819,22 +820,25 @@ func TestHostReaderShortReads(t *testing.T) {
 	tests := []struct {
 		name     string
 		max      int
+		noEOF    bool
 		off, n   int64
 		want     int
-		wantEOF  bool
+		wantErr  error
 		wantRead int64
 	}{
-		{"capped reads inside the file", 1000, 10, 50000, 50000, false, 50000},
-		{"uncapped", 1 << 20, 0, 100000, 100000, false, 100000},
-		{"past the end", 1000, 99000, 5000, 1000, true, 1000},
+		{"capped reads inside the file", 1000, false, 10, 50000, 50000, nil, 50000},
+		{"uncapped", 1 << 20, false, 0, 100000, 100000, nil, 100000},
+		{"past the end", 1000, false, 99000, 5000, 1000, io.EOF, 1000},
+		{"short without error inside the file", 1000, true, 10, 50000, 1000, io.ErrUnexpectedEOF, 1000},
+		{"short without error to the end", 1000, true, 99000, 5000, 1000, io.EOF, 1000},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			h := &hostReader{f: &shortFile{b: b, max: tc.max}, size: int64(len(b))}
+			h := &hostReader{f: &shortFile{b: b, max: tc.max, noEOF: tc.noEOF}, size: int64(len(b))}
 			p := make([]byte, tc.n)
 			n, err := h.ReadAt(p, tc.off)
-			if n != tc.want || errors.Is(err, io.EOF) != tc.wantEOF || (err != nil && !errors.Is(err, io.EOF)) {
-				t.Fatalf("ReadAt = %d, %v; want %d, EOF %v", n, err, tc.want, tc.wantEOF)
+			if n != tc.want || err != tc.wantErr {
+				t.Fatalf("ReadAt = %d, %v; want %d, %v", n, err, tc.want, tc.wantErr)
 			}
 			if !bytes.Equal(p[:n], b[tc.off:tc.off+int64(n)]) {
 				t.Fatal("wrong bytes")
