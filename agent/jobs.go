@@ -326,12 +326,15 @@ func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc, slot chan 
 	defer jm.wg.Done()
 	kind := j.info.Kind
 	var body []byte
+	// The backup slot is given back only after the job's final state is
+	// recorded, so the job list never shows more running backup jobs than
+	// parallelismDegree.
+	releaseSlot := func() {}
 	err := func() error {
 		if j.info.Backup {
 			if err := jm.sem.wait(ctx, slot); err != nil {
 				return err
 			}
-			defer jm.sem.Release()
 			jm.mu.Lock()
 			jm.running++
 			if jm.running > jm.peak {
@@ -339,11 +342,12 @@ func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc, slot chan 
 				jm.m.backupPeak.Set(float64(jm.peak))
 			}
 			jm.mu.Unlock()
-			defer func() {
+			releaseSlot = func() {
 				jm.mu.Lock()
 				jm.running--
 				jm.mu.Unlock()
-			}()
+				jm.sem.Release()
+			}
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -389,6 +393,7 @@ func (jm *jobManager) run(ctx context.Context, j *Job, fn jobRunFunc, slot chan 
 	j.info.Result = body
 	callbackURL := j.callback
 	j.mu.Unlock()
+	releaseSlot()
 
 	jm.m.jobs.WithLabelValues(kind, string(state)).Inc()
 	if started != nil {
