@@ -37,9 +37,6 @@ type Route struct {
 	Path    string // e.g. "/imagestore/import-backup/"; the trailing slash is optional on requests
 	Mode    Mode
 	Handler HandlerFunc
-	// Placeholder marks a path owned by a later feature: a real route for the
-	// same path replaces it without editing the placeholder's file.
-	Placeholder bool
 	// Methods allowed; default POST (and PUT, which some clients use).
 	Methods []string
 }
@@ -78,14 +75,8 @@ func buildRoutes() (map[string]*boundRoute, error) {
 	defer routesMu.Unlock()
 	out := map[string]*boundRoute{}
 	add := func(key string, br *boundRoute) error {
-		if old, ok := out[key]; ok {
-			switch {
-			case old.Placeholder && !br.Placeholder:
-			case br.Placeholder && !old.Placeholder:
-				return nil
-			default:
-				return fmt.Errorf("route %s registered twice", key)
-			}
+		if _, ok := out[key]; ok {
+			return fmt.Errorf("route %s registered twice", key)
 		}
 		out[key] = br
 		return nil

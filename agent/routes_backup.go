@@ -68,20 +68,6 @@ func (a *Agent) recordImage(ctx context.Context, n NewImage) (blobstore.Image, e
 	return img, nil
 }
 
-// releaseProcess handles import-backup's processToRelease: the NBD server
-// a KVM host wrote the backup through. The NBD feature replaces this.
-var releaseProcessHook func(a *Agent, desc string) error
-
-func (a *Agent) releaseProcess(desc string) error {
-	if desc == "" {
-		return nil
-	}
-	if releaseProcessHook == nil {
-		return errors.New("processToRelease: NBD not implemented in this agent")
-	}
-	return releaseProcessHook(a, desc)
-}
-
 type importBackupReq struct {
 	ImgURL           string `json:"imgurl"`
 	Name             string `json:"name"`
@@ -119,6 +105,10 @@ type importReply struct {
 func (a *Agent) importBackup(w http.ResponseWriter, r *http.Request) {
 	var req importBackupReq
 	err := decode(r, &req)
+	if err == nil && req.Name == databaseBackupName && hasMD5(req.Desc) {
+		a.importDatabaseBackup(w, r, req)
+		return
+	}
 	a.async(w, r, JobSpec{Kind: "import-backup", Backup: true, Err: err}, func(ctx context.Context, job *Job) (any, error) {
 		if err := a.releaseProcess(req.ProcessToRelease); err != nil {
 			return nil, err

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/md5"
 	"encoding/hex"
@@ -25,17 +24,6 @@ const databaseBackupName = "zsbak"
 // databaseBackupUrl (routes_export.go).
 func init() {
 	addRoutes(Route{Path: "/imagestore/images/", Mode: Sync, Handler: (*Agent).listImages})
-	// Wrap import-backup (registered by routes_backup.go, whose init runs
-	// first: files initialise in name order) so zsbak imports are verified.
-	routesMu.Lock()
-	defer routesMu.Unlock()
-	for i, r := range routeTable {
-		if routeKey(r.Path) == "/imagestore/import-backup" && !r.Placeholder {
-			routeTable[i].Handler = wrapDatabaseImport(r.Handler)
-			return
-		}
-	}
-	panic("routes_database: import-backup route not registered before zsbak wrapper")
 }
 
 // databaseBackupDesc is the desc JSON of a database backup.
@@ -48,46 +36,30 @@ type databaseBackupDesc struct {
 	MD5         string `json:"md5"`
 }
 
-func wrapDatabaseImport(next HandlerFunc) HandlerFunc {
-	return func(a *Agent, w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(r.Body)
+// importDatabaseBackup is import-backup of a zsbak dump whose desc carries
+// an md5: the image is recorded only when the stored bytes match it.
+func (a *Agent) importDatabaseBackup(w http.ResponseWriter, r *http.Request, req importBackupReq) {
+	var desc databaseBackupDesc
+	err := parseDatabaseDesc(req.Desc, &desc)
+	a.async(w, r, JobSpec{Kind: "import-backup", Backup: true, Err: err}, func(ctx context.Context, job *Job) (any, error) {
+		ref, err := a.newImageRef(req.InstallPath, databaseBackupName, nil)
 		if err != nil {
-			next(a, w, r) // let the normal path report the body error
-			return
+			return nil, err
 		}
-		var req importBackupReq
-		if json.Unmarshal(body, &req) != nil || req.Name != databaseBackupName || !hasMD5(req.Desc) {
-			// Not a database backup with a checksum: the plain import.
-			r.Body = io.NopCloser(bytes.NewReader(body))
-			next(a, w, r)
-			return
+		if ref.Name != databaseBackupName {
+			return nil, fmt.Errorf("installPath %s: database backups are stored under the name %s", req.InstallPath, databaseBackupName)
 		}
-		r.Body = io.NopCloser(bytes.NewReader(body))
-		err = decode(r, &req)
-		var desc databaseBackupDesc
-		if err == nil {
-			err = parseDatabaseDesc(req.Desc, &desc)
+		job.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
+		path, err := a.confineImportPath(req.ImgURL)
+		if err != nil {
+			return nil, err
 		}
-		a.async(w, r, JobSpec{Kind: "import-backup", Backup: true, Err: err}, func(ctx context.Context, job *Job) (any, error) {
-			ref, err := a.newImageRef(req.InstallPath, databaseBackupName, nil)
-			if err != nil {
-				return nil, err
-			}
-			if ref.Name != databaseBackupName {
-				return nil, fmt.Errorf("installPath %s: database backups are stored under the name %s", req.InstallPath, databaseBackupName)
-			}
-			job.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
-			path, err := a.confineImportPath(req.ImgURL)
-			if err != nil {
-				return nil, err
-			}
-			img, err := a.importDatabaseDump(ctx, job, path, ref, req.Desc, desc.MD5)
-			if err != nil {
-				return nil, err
-			}
-			return importReplyFor(img, a.capacity()), nil
-		})
-	}
+		img, err := a.importDatabaseDump(ctx, job, path, ref, req.Desc, desc.MD5)
+		if err != nil {
+			return nil, err
+		}
+		return importReplyFor(img, a.capacity()), nil
+	})
 }
 
 // hasMD5 reports whether desc is a JSON object with an md5 field.

@@ -30,30 +30,34 @@ func init() {
 		Route{Path: "/imagestore/export/remotetarget/", Mode: Async, Handler: (*Agent).exportRemoteTarget},
 		Route{Path: "/imagestore/remotetarget/delete/", Mode: Async, Handler: (*Agent).deleteRemoteTarget},
 	)
-	// import-backup's processToRelease names a target group: stop its
-	// servers (qemu-nbd flushes on SIGTERM) so the file is complete and
-	// nobody writes it while we read.
-	releaseProcessHook = func(a *Agent, desc string) error {
-		m, err := a.nbd.manager()
-		if err != nil {
-			return err
-		}
-		// Not the request's context: a cancelled request must not leave a
-		// half-stopped server behind.
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if _, err := m.Release(ctx, desc); err != nil {
-			if errors.Is(err, nbd.ErrNotFound) {
-				// Already released (a retried import) or expired (then the
-				// import fails on the missing file, with a clear error).
-				a.log.Warn("processToRelease: no such NBD target group", "desc", desc)
-				return nil
-			}
-			return fmt.Errorf("processToRelease %s: %w", desc, err)
-		}
-		a.log.Info("nbd targets released for import", "desc", desc)
+}
+
+// releaseProcess handles import-backup's processToRelease, which names an
+// exportnbdimage target group: stop its servers (qemu-nbd flushes on
+// SIGTERM) so the file is complete and nobody writes it while we read.
+func (a *Agent) releaseProcess(desc string) error {
+	if desc == "" {
 		return nil
 	}
+	m, err := a.nbd.manager()
+	if err != nil {
+		return err
+	}
+	// Not the request's context: a cancelled request must not leave a
+	// half-stopped server behind.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := m.Release(ctx, desc); err != nil {
+		if errors.Is(err, nbd.ErrNotFound) {
+			// Already released (a retried import) or expired (then the
+			// import fails on the missing file, with a clear error).
+			a.log.Warn("processToRelease: no such NBD target group", "desc", desc)
+			return nil
+		}
+		return fmt.Errorf("processToRelease %s: %w", desc, err)
+	}
+	a.log.Info("nbd targets released for import", "desc", desc)
+	return nil
 }
 
 // nbdStopTimeout bounds stopping servers at shutdown and on delete.
