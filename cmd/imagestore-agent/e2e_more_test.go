@@ -128,8 +128,13 @@ func TestE2ECallbackDown(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if !strings.Contains(d.log(), "callback given up") {
-		t.Fatal("no log line for the abandoned callback")
+	// The daemon's stderr reaches d.log() through a pipe, so the line may
+	// trail the job state by a moment.
+	for !strings.Contains(d.log(), "callback given up") {
+		if time.Now().After(deadline) {
+			t.Fatal("no log line for the abandoned callback")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
