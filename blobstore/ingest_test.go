@@ -1,6 +1,7 @@
 package blobstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,8 +11,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 )
 
 func TestCommit(t *testing.T) {
@@ -388,5 +391,87 @@ func TestExpiredIngests(t *testing.T) {
 	s2 := openStore(t, root)
 	if _, err := s2.IngestOffset("fresh"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("expired ingest survived Open: %v", err)
+	}
+}
+
+// residentPages counts the page-cache pages of the file at path (mincore).
+func residentPages(t *testing.T, path string) (resident, total int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatalf("mincore: %v", errno)
+	}
+	for _, v := range vec {
+		if v&1 != 0 {
+			resident++
+		}
+	}
+	return resident, len(vec)
+}
+
+// An ingest drops its pages from the page cache once they are durable, so
+// a backup stream does not fill the cache (see dropCache).
+func TestIngestDropsPageCache(t *testing.T) {
+	root := t.TempDir()
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(root, &sfs); err != nil {
+		t.Fatal(err)
+	}
+	if sfs.Type == unix.TMPFS_MAGIC {
+		t.Skip("TMPDIR is a tmpfs, whose pages cannot be dropped; run with TMPDIR on a disk filesystem")
+	}
+	data := content(7, 8<<20)
+
+	// Control: a file written plainly stays cached, so mincore can see it.
+	plain := filepath.Join(root, "plain")
+	if err := os.WriteFile(plain, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res, total := residentPages(t, plain); res < total/2 {
+		t.Fatalf("control file: %d of %d pages resident; the check cannot tell cached from dropped here", res, total)
+	}
+
+	s := openStore(t, filepath.Join(root, "store"))
+	s.checkpointEvery = 1 << 20
+	w, err := s.Writer(context.Background(), "dropcache")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(data); off += 256 << 10 {
+		if _, err := w.Write(data[off : off+256<<10]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Mid-ingest: the checkpoints so far have dropped the first MiB.
+	if err := w.waitCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if res, _ := residentPages(t, filepath.Join(w.dir, ingestData)); res > (len(data)-(1<<20))/os.Getpagesize() {
+		t.Errorf("mid-ingest: %d pages resident, want the checkpointed MiB dropped", res)
+	}
+	d, err := w.Commit(context.Background(), int64(len(data)), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, total := residentPages(t, s.blobPath(d)); res > 1 {
+		t.Errorf("committed blob: %d of %d pages still cached, want them dropped", res, total)
+	}
+	got, err := os.ReadFile(s.blobPath(d))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("blob content after dropping its pages: equal=%v err=%v", bytes.Equal(got, data), err)
 	}
 }
