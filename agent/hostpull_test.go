@@ -27,6 +27,7 @@ import (
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 	"imagestore/transfer/faultproxy"
+	"imagestore/transfer/sshfs"
 	"imagestore/transfer/sshtest"
 )
 
@@ -834,7 +835,7 @@ func TestHostReaderShortReads(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			h := &hostReader{f: &shortFile{b: b, max: tc.max, noEOF: tc.noEOF}, size: int64(len(b))}
+			h := &hostReader{files: []sshfs.File{&shortFile{b: b, max: tc.max, noEOF: tc.noEOF}}, gens: []int{0}, size: int64(len(b))}
 			p := make([]byte, tc.n)
 			n, err := h.ReadAt(p, tc.off)
 			if n != tc.want || err != tc.wantErr {
@@ -862,7 +863,7 @@ func (lostFile) Size() int64                       { return 100 }
 func TestHostReaderReconnectCanceled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	h := &hostReader{f: lostFile{}, size: 100, ctx: ctx}
+	h := &hostReader{files: []sshfs.File{lostFile{}}, gens: []int{0}, size: 100, ctx: ctx}
 	_, err := h.ReadAt(make([]byte, 10), 0)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("ReadAt = %v, want context.Canceled", err)
@@ -870,4 +871,67 @@ func TestHostReaderReconnectCanceled(t *testing.T) {
 	if h.retries != 1 {
 		t.Fatalf("%d reconnect attempts, want 1", h.retries)
 	}
+}
+
+// TestPullFromHostLanes: a parallel pull reads over pullLanes connections
+// (the pool keeps them for the next pull), a pull with parallelism 1 over
+// one, and a host that takes only one connection still gets pulled.
+func TestPullFromHostLanes(t *testing.T) {
+	t.Parallel()
+	e := hpNewEnv(t)
+	src := filepath.Join(e.dir, "vol.qcow2")
+	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "24M")
+	hpQemuIO(t, src, "write -P 0x41 0 20M")
+	pull := func(addr string, par int) map[string]any {
+		t.Helper()
+		_, port, _ := net.SplitHostPort(addr)
+		pn, _ := strconv.Atoi(port)
+		return e.ok(t, "/imagestore/pullfromhost/", hpMerge(e.host(), map[string]any{
+			"path": src, "name": "vol", "sshPort": pn, "hostKeyFingerprint": e.srv.Fingerprint, "parallelism": par,
+		}))
+	}
+
+	p := faultproxy.New(t, e.srv.Addr)
+	t.Cleanup(func() { _ = p.Close() })
+	out := pull(p.Addr(), 4)
+	if p.Conns() != pullLanes {
+		t.Fatalf("parallelism 4: %d connections, want %d", p.Conns(), pullLanes)
+	}
+	e.writeBack(t, out["installPath"].(string), src, "raw")
+	pull(p.Addr(), 1)
+	if p.Conns() != pullLanes {
+		t.Fatalf("after a second pull: %d connections, want the %d pooled ones reused", p.Conns(), pullLanes)
+	}
+
+	// A host that drops every connection after its first.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if accepted.Add(1) > 1 {
+				_ = c.Close()
+				continue
+			}
+			up, err := net.Dial("tcp", e.srv.Addr)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(up, c); _ = up.Close() }()
+			go func() { _, _ = io.Copy(c, up); _ = c.Close() }()
+		}
+	}()
+	out = pull(ln.Addr().String(), 4)
+	if accepted.Load() < 2 {
+		t.Fatalf("%d connections tried, want a second lane tried", accepted.Load())
+	}
+	e.writeBack(t, out["installPath"].(string), src, "raw")
 }

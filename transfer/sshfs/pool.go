@@ -32,6 +32,11 @@ type Host struct {
 	PrivateKey     []byte // PEM (OpenSSH or PKCS#1/8), unencrypted; never logged
 	KnownHostsFile string // required unless Fingerprint is set
 	Fingerprint    string // "SHA256:..." pins the host key
+	// Lane picks one of several pooled connections to the same host (0 is
+	// the default one). Parallel streams on separate lanes each get their
+	// own TCP connection, sshd process and SSH channel windows, which the
+	// streams of one connection share.
+	Lane int
 }
 
 // Errors callers branch on; returned errors wrap one of them.
@@ -482,6 +487,7 @@ func poolKey(h Host) string {
 	for _, s := range []string{h.Addr, h.User, h.Password, string(h.PrivateKey), h.KnownHostsFile, h.Fingerprint} {
 		fmt.Fprintf(sum, "%d:%s", len(s), s)
 	}
+	fmt.Fprintf(sum, "lane:%d", h.Lane)
 	return hex.EncodeToString(sum.Sum(nil))
 }
 
