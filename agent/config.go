@@ -67,10 +67,20 @@ type TLS struct {
 	Key  string `yaml:"key"`
 }
 
-// NBD configures NBD targets (a later feature).
+// NBD configures the qemu-nbd servers (exportnbdimage, export/remotetarget).
 type NBD struct {
 	PortRange string `yaml:"portRange"`
 	Bind      string `yaml:"bind"`
+	// ClientAuth is how NBD clients prove they may use a served disk:
+	// "psk" (TLS with a random pre-shared key per export, returned in the
+	// reply), "none" (whoever reaches the port), or "auto" (the default):
+	// psk when the agent has a token, none otherwise.
+	ClientAuth string `yaml:"clientAuth"`
+}
+
+// nbdPSK reports whether NBD servers take a pre-shared key.
+func (n NBD) nbdPSK(hasToken bool) bool {
+	return n.ClientAuth == "psk" || (n.ClientAuth == "auto" || n.ClientAuth == "") && hasToken
 }
 
 // Replication configures the :8000 push/pull engine.
@@ -164,7 +174,7 @@ func DefaultConfig() Config {
 		VerifyInterval:    24 * time.Hour,
 		VerifySample:      1,
 		GCGrace:           10 * time.Minute,
-		NBD:               NBD{PortRange: "10800-10899", Bind: "0.0.0.0"},
+		NBD:               NBD{PortRange: "10800-10899", Bind: "0.0.0.0", ClientAuth: "auto"},
 		Replication:       Replication{MaxTasks: 4, Parallelism: 4, Retries: 1},
 		MaxBodyBytes:      1 << 20,
 		ShutdownTimeout:   30 * time.Second,
@@ -239,6 +249,7 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_KNOWN_HOSTS_FILE":      str(&c.KnownHostsFile),
 		"IMAGESTORE_NBD_PORT_RANGE":        str(&c.NBD.PortRange),
 		"IMAGESTORE_NBD_BIND":              str(&c.NBD.Bind),
+		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
 		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
 		"IMAGESTORE_EXPORT_URL_BASE":       str(&c.ExportURLBase),
 		"IMAGESTORE_ALLOWED_IMPORT_ROOTS": func(v string) error {
@@ -320,6 +331,11 @@ func (c *Config) Validate() error {
 		if _, _, err := parsePortRange(c.NBD.PortRange); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	switch c.NBD.ClientAuth {
+	case "", "auto", "psk", "none":
+	default:
+		errs = append(errs, fmt.Errorf("nbd.clientAuth: %q, want auto, psk or none", c.NBD.ClientAuth))
 	}
 	if c.VerifySample < 0 || c.VerifySample > 1 {
 		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))

@@ -92,8 +92,8 @@ func newNBDState(a *Agent) *nbdState {
 	s := &nbdState{log: a.log, remotes: map[string]*remoteTarget{}}
 	lo, hi, err := parsePortRange(a.cfg.NBD.PortRange)
 	dir := filepath.Join(a.root, "nbd")
-	tlsDir := ""
-	if err == nil && a.cfg.TLS.Cert != "" {
+	tlsDir, psk := "", a.cfg.NBD.nbdPSK(a.cfg.Token != "")
+	if err == nil && a.cfg.TLS.Cert != "" && !psk {
 		// The agent speaks HTTPS: NBD must not be the plaintext way in.
 		tlsDir = filepath.Join(dir, "tls")
 		err = prepareNBDTLS(tlsDir, a.cfg.TLS.Cert, a.cfg.TLS.Key)
@@ -101,16 +101,16 @@ func newNBDState(a *Agent) *nbdState {
 	if err == nil {
 		s.mgr, err = nbd.NewManager(nbd.Options{
 			Dir: dir, PortMin: lo, PortMax: hi,
-			Bind: a.cfg.NBD.Bind, Logger: a.log, TLSDir: tlsDir,
+			Bind: a.cfg.NBD.Bind, Logger: a.log, TLSDir: tlsDir, PSK: psk,
 		})
 	}
 	if err != nil {
 		s.err = fmt.Errorf("NBD unavailable on this agent: %w", err)
 		a.log.Warn("nbd disabled", "err", err)
-	} else if a.cfg.Token != "" {
+	} else if !psk && a.cfg.Token != "" {
 		// NBD has no bearer token: TLS (if any) encrypts and proves the
 		// server, but any client that reaches a port can use its disk.
-		a.log.Warn("nbd ports do not check the agent token: anyone who can reach them can read (and, for backup targets, write) the served disks; firewall the port range to the KVM hosts",
+		a.log.Warn("nbd.clientAuth is none: anyone who can reach the nbd ports can read (and, for backup targets, write) the served disks; set nbd.clientAuth: psk, or firewall the port range to the KVM hosts",
 			"portRange", a.cfg.NBD.PortRange, "tls", tlsDir != "")
 	}
 	a.reg.MustRegister(&nbdCollector{s: s})
@@ -270,6 +270,22 @@ type exportNBDReply struct {
 	Ports          []int    `json:"ports"`
 	NBDDescription string   `json:"nbdDescription"`
 	TLS            bool     `json:"tls"` // clients must connect with TLS (tls-creds)
+	nbdKey
+}
+
+// nbdKey is the pre-shared key a client must present (nbd.clientAuth psk):
+// QEMU's tls-creds-psk with username pskIdentity and, in its keys.psk,
+// "pskIdentity:psk". Empty when the servers take no key.
+type nbdKey struct {
+	PSKIdentity string `json:"pskIdentity,omitempty"`
+	PSK         string `json:"psk,omitempty"`
+}
+
+func nbdKeyOf(s nbd.Server) nbdKey {
+	if s.PSK == "" {
+		return nbdKey{}
+	}
+	return nbdKey{PSKIdentity: nbd.PSKIdentity, PSK: s.PSK}
 }
 
 // exportNBDImage creates empty qcow2 targets in the agent's private target
@@ -313,6 +329,7 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 			rep.ImagePaths = append(rep.ImagePaths, s.Path)
 			rep.Ports = append(rep.Ports, s.Port)
 			rep.TLS = s.TLS
+			rep.nbdKey = nbdKeyOf(s) // one key for the group
 		}
 		return rep, nil
 	})
@@ -429,6 +446,12 @@ type remoteTargetReply struct {
 	// TLS: connect with TLS. QEMU has no URI for that: clients use
 	// targetUri's host, port and export with tls-creds (see the protocol doc).
 	TLS bool `json:"tls"`
+	nbdKey
+}
+
+func remoteReply(host string, srv nbd.Server, installPath string) remoteTargetReply {
+	return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName,
+		InstallPath: installPath, TLS: srv.TLS, nbdKey: nbdKeyOf(srv)}
 }
 
 // exportRemoteTarget serves a stored chain read-only over NBD, in place:
@@ -482,7 +505,7 @@ func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobst
 			continue
 		}
 		if rt.installPath == img.InstallPath() {
-			return remoteTargetReply{TargetURI: nbdURI(host, srv.Port, srv.ExportName), Port: srv.Port, ExportName: srv.ExportName, InstallPath: rt.installPath, TLS: srv.TLS}, nil
+			return remoteReply(host, srv, rt.installPath), nil
 		}
 	}
 	blobs := make([]digest.Digest, len(chain))
@@ -515,9 +538,9 @@ func (s *nbdState) serveChain(ctx context.Context, m *nbd.Manager, store *blobst
 		release()
 		return remoteTargetReply{}, err
 	}
-	uri := nbdURI(host, srv.Port, srv.ExportName)
-	s.remotes[srv.ID] = &remoteTarget{installPath: img.InstallPath(), uri: uri, release: release}
-	return remoteTargetReply{TargetURI: uri, Port: srv.Port, ExportName: srv.ExportName, InstallPath: img.InstallPath(), TLS: srv.TLS}, nil
+	rep := remoteReply(host, srv, img.InstallPath())
+	s.remotes[srv.ID] = &remoteTarget{installPath: img.InstallPath(), uri: rep.TargetURI, release: release}
+	return rep, nil
 }
 
 // nbdExportName names an image's export: its name and id when those are

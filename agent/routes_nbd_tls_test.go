@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"log/slog"
 	"math/big"
 	"net"
@@ -126,11 +127,16 @@ func (l *lockedBuf) String() string {
 	return l.b.String()
 }
 
-// TestNBDTokenWarning: with a token, the agent warns at startup that NBD
-// ports do not check it.
+// TestNBDTokenWarning: with a token and nbd.clientAuth none, the agent
+// warns at startup that anyone reaching the NBD ports can use the disks;
+// with a token and the default (psk then), it does not.
 func TestNBDTokenWarning(t *testing.T) {
 	r7requireTools(t, "qemu-img", "qemu-nbd")
-	for _, token := range []string{"", "s3cret"} {
+	for _, tc := range []struct {
+		token, auth string
+		warn        bool
+	}{{"", "auto", false}, {"s3cret", "auto", false}, {"s3cret", "none", true}, {"", "none", false}} {
+		token := tc.token
 		root := t.TempDir()
 		store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root})
 		if err != nil {
@@ -140,6 +146,7 @@ func TestNBDTokenWarning(t *testing.T) {
 		cfg.Root = root
 		cfg.Token = Secret(token)
 		cfg.NBD.Bind = "127.0.0.1"
+		cfg.NBD.ClientAuth = tc.auth
 		var logs lockedBuf
 		a, err := New(cfg, store, slog.New(slog.NewTextHandler(&logs, nil)))
 		if err != nil {
@@ -147,12 +154,79 @@ func TestNBDTokenWarning(t *testing.T) {
 		}
 		_ = a.Close()
 		_ = store.Close()
-		warned := strings.Contains(logs.String(), "do not check the agent token")
-		if warned != (token != "") {
-			t.Fatalf("token %q: warned=%v: %s", token, warned, logs.String())
+		warned := strings.Contains(logs.String(), "nbd.clientAuth is none")
+		if warned != tc.warn {
+			t.Fatalf("token %q, clientAuth %s: warned=%v: %s", token, tc.auth, warned, logs.String())
 		}
 		if strings.Contains(logs.String(), "s3cret") {
 			t.Fatal("token logged")
 		}
+	}
+}
+
+// TestNBDPSK: with nbd.clientAuth psk (even beside agent TLS) every export
+// reply carries its key; a QEMU client presenting it reads the export and
+// writes the backup target, a client without it is refused.
+func TestNBDPSK(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
+	cert, key, _, _ := nbdPKI(t)
+	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key, c.NBD.ClientAuth = cert, key, "psk" })
+	files := r7makeChain(t, e.dir, 4<<20)
+	top := e.importChain(t, "vol", files...)[2]
+	clientOpts := func(rep map[string]any, port any, export string) []string {
+		t.Helper()
+		if rep["tls"] != true || rep["pskIdentity"] != "imagestore" || len(fmt.Sprint(rep["psk"])) != 64 {
+			t.Fatalf("reply lacks the key: %v", rep)
+		}
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, "keys.psk"), []byte(fmt.Sprintf("%s:%s\n", rep["pskIdentity"], rep["psk"])), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		opts := "driver=nbd,host=127.0.0.1,port=" + r7itoa(int(r7num(port))) + ",tls-creds=tls0"
+		if export != "" {
+			opts += ",export=" + export
+		}
+		return []string{"--object", "tls-creds-psk,id=tls0,endpoint=client,username=imagestore,dir=" + dir, "--image-opts", opts}
+	}
+
+	rep := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"})
+	if out, err := exec.Command("qemu-img", "info", rep["targetUri"].(string)).CombinedOutput(); err == nil {
+		t.Fatalf("a client without the key read the export: %s", out)
+	}
+	dst := filepath.Join(e.dir, "out.raw")
+	r7run(t, "qemu-img", append(append([]string{"convert"}, clientOpts(rep, rep["port"], rep["exportName"].(string))...), "-O", "raw", dst)...)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", dst, files[2])
+	again := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"})
+	if again["psk"] != rep["psk"] || again["port"] != rep["port"] {
+		t.Fatalf("exporting a served image again: %v, first %v", again, rep)
+	}
+
+	tg := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": e.uploadDir(t), "sizes": []any{1 << 20, 1 << 20}})
+	ports := tg["ports"].([]any)
+	if out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write 0 4k", fmt.Sprintf("nbd://127.0.0.1:%d", int(r7num(ports[0])))).CombinedOutput(); err == nil {
+		t.Fatalf("a client without the key wrote a backup target: %s", out)
+	}
+	for _, p := range ports {
+		r7run(t, "qemu-io", append(clientOpts(tg, p, ""), "-c", "write -P 0x6b 0 64k", "-c", "flush")...)
+	}
+}
+
+func TestNBDClientAuthConfig(t *testing.T) {
+	for _, tc := range []struct {
+		auth  string
+		token bool
+		psk   bool
+	}{
+		{"", false, false}, {"", true, true}, {"auto", false, false}, {"auto", true, true},
+		{"psk", false, true}, {"psk", true, true}, {"none", true, false}, {"none", false, false},
+	} {
+		if got := (NBD{ClientAuth: tc.auth}).nbdPSK(tc.token); got != tc.psk {
+			t.Errorf("clientAuth %q, token %v: psk %v, want %v", tc.auth, tc.token, got, tc.psk)
+		}
+	}
+	c := DefaultConfig()
+	c.NBD.ClientAuth = "x509"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "nbd.clientAuth") {
+		t.Fatalf("Validate of clientAuth x509 = %v, want an nbd.clientAuth error", err)
 	}
 }

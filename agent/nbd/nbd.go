@@ -57,8 +57,20 @@ type Options struct {
 	// Clients need no certificate: TLS encrypts and authenticates the
 	// server, not the client.
 	TLSDir string
+	// PSK makes every server require TLS with a pre-shared key (QEMU's
+	// tls-creds-psk) of its own: each group of writable targets and each
+	// read-only export gets a random 256-bit key, returned in Server.PSK,
+	// which a client must present under the identity PSKIdentity. Unlike
+	// TLSDir this authenticates the client: without the key nobody can
+	// read or write the served disk. When set, TLSDir is not used (qemu-nbd
+	// takes one set of credentials).
+	PSK    bool
 	Logger *slog.Logger
 }
+
+// PSKIdentity is the TLS-PSK identity (QEMU's tls-creds-psk "username")
+// clients present with Server.PSK.
+const PSKIdentity = "imagestore"
 
 // Server describes one running (or just stopped) qemu-nbd server.
 type Server struct {
@@ -70,7 +82,10 @@ type Server struct {
 	Started     time.Time
 	Expires     time.Time // zero = never
 	Description string    // the group token (nbdDescription) of a writable target; "" for read-only
-	TLS         bool      // clients must use TLS (Options.TLSDir)
+	TLS         bool      // clients must use TLS (Options.TLSDir or Options.PSK)
+	// PSK is the hex pre-shared key clients must present (Options.PSK);
+	// "" when the server takes no key. A secret: never logged.
+	PSK string
 }
 
 // stopTimeout bounds how long a stop waits for qemu-nbd to flush and exit
@@ -246,6 +261,18 @@ func lookTool(configured, def string) (string, error) {
 	return p, nil
 }
 
+// newPSK returns a fresh hex key when servers take one, else "".
+func (m *Manager) newPSK() string {
+	if !m.opts.PSK {
+		return ""
+	}
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return hex.EncodeToString(b[:])
+}
+
 func newID() string {
 	var b [8]byte
 	if _, err := rand.Read(b[:]); err != nil {
@@ -280,6 +307,7 @@ func (m *Manager) CreateTargets(ctx context.Context, sizes []int64, expiry time.
 		m.mu.Unlock()
 	}()
 	g := &group{desc: desc}
+	psk := m.newPSK() // one key for the group: one backup job's disks
 	if expiry > 0 {
 		g.expires = time.Now().Add(expiry)
 	}
@@ -301,7 +329,7 @@ func (m *Manager) CreateTargets(ctx context.Context, sizes []int64, expiry time.
 			return fail(err)
 		}
 		created = append(created, path)
-		p, err := m.start(ctx, startSpec{path: path, desc: desc, expires: g.expires, target: true})
+		p, err := m.start(ctx, startSpec{path: path, desc: desc, expires: g.expires, target: true, psk: psk})
 		if err != nil {
 			return fail(err)
 		}
@@ -426,7 +454,7 @@ func (m *Manager) ServeReadOnly(ctx context.Context, path string, exportName str
 	if err := m.checkOpen(); err != nil {
 		return Server{}, err
 	}
-	p, err := m.start(ctx, startSpec{path: abs, exportName: exportName, readOnly: true})
+	p, err := m.start(ctx, startSpec{path: abs, exportName: exportName, readOnly: true, psk: m.newPSK()})
 	if err != nil {
 		return Server{}, err
 	}

@@ -28,6 +28,7 @@ type proc struct {
 	target  bool // a file we created; removed on cancel and stale cleanup
 	pidFile string
 	recFile string
+	pskDir  string // the server's tls-creds-psk dir; "" without a key
 	stderr  *tailLog
 	done    chan struct{} // closed once cmd.Wait returned
 
@@ -46,6 +47,7 @@ type startSpec struct {
 	target     bool
 	desc       string
 	expires    time.Time
+	psk        string // hex key clients must present; "" for none
 }
 
 // start binds a port from the range, runs qemu-nbd on it via socket
@@ -60,7 +62,7 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 		srv: Server{
 			ID: id, Port: port, Path: spec.path, ExportName: spec.exportName,
 			ReadOnly: spec.readOnly, Started: time.Now(), Expires: spec.expires,
-			Description: spec.desc, TLS: m.opts.TLSDir != "",
+			Description: spec.desc, TLS: m.opts.TLSDir != "" || spec.psk != "", PSK: spec.psk,
 		},
 		target:  spec.target,
 		pidFile: filepath.Join(m.opts.Dir, id+".pid"),
@@ -77,8 +79,18 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 	}
 	args := []string{"-f", "qcow2", "--persistent",
 		fmt.Sprintf("--shared=%d", m.opts.Shared), "--pid-file=" + p.pidFile}
-	if m.opts.TLSDir != "" {
-		// In QEMU option syntax a comma is escaped by doubling it.
+	// In QEMU option syntax a comma is escaped by doubling it.
+	switch {
+	case spec.psk != "":
+		p.pskDir = filepath.Join(m.opts.Dir, pskDirName, id)
+		if err := writePSK(p.pskDir, spec.psk); err != nil {
+			lf.Close()
+			m.releasePort(port)
+			return nil, err
+		}
+		args = append(args, "--object", "tls-creds-psk,id=tls0,endpoint=server,dir="+
+			strings.ReplaceAll(p.pskDir, ",", ",,"), "--tls-creds=tls0")
+	case m.opts.TLSDir != "":
 		args = append(args, "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="+
 			strings.ReplaceAll(m.opts.TLSDir, ",", ",,"), "--tls-creds=tls0")
 	}
@@ -103,6 +115,7 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 	lf.Close()
 	if err != nil {
 		m.releasePort(port)
+		removePSK(p.pskDir)
 		return nil, fmt.Errorf("nbd: start qemu-nbd: %w", err)
 	}
 	m.mu.Lock()
@@ -185,6 +198,7 @@ func (m *Manager) reap(p *proc) {
 	// done is closed last, so whoever waits on it (Close) knows this
 	// goroutine has finished logging and touching files.
 	defer close(p.done)
+	removePSK(p.pskDir) // qemu-nbd read it at start; the key dies with the server
 	m.mu.Lock()
 	if m.servers[p.srv.ID] == p {
 		delete(m.servers, p.srv.ID)
@@ -243,6 +257,29 @@ func (m *Manager) stopProc(ctx context.Context, p *proc) error {
 		return fmt.Errorf("nbd: qemu-nbd on port %d: %w: %s", p.srv.Port, p.waitErr, p.stderr.tail())
 	}
 	return nil
+}
+
+// pskDirName is the folder of Options.Dir holding one tls-creds-psk dir
+// per running server.
+const pskDirName = "psk"
+
+// writePSK lays out dir as a QEMU tls-creds-psk dir: keys.psk holds
+// "identity:hexkey", readable by the agent's user only.
+func writePSK(dir, key string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("nbd: psk dir: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "keys.psk"), []byte(PSKIdentity+":"+key+"\n"), 0o600); err != nil {
+		removePSK(dir)
+		return fmt.Errorf("nbd: psk: %w", err)
+	}
+	return nil
+}
+
+func removePSK(dir string) {
+	if dir != "" {
+		_ = os.RemoveAll(dir)
+	}
 }
 
 func removeQuiet(path string) {

@@ -129,6 +129,8 @@ func (m *Manager) cleanStale() {
 			removeQuiet(filepath.Join(m.opts.Dir, e.Name()))
 		}
 	}
+	// The keys of the servers just stopped: no server of ours runs now.
+	removePSK(filepath.Join(m.opts.Dir, pskDirName))
 }
 
 func (m *Manager) cleanRecord(path, id string) {
