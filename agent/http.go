@@ -294,6 +294,14 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		a.health(w, r)
 		return "/health"
 	}
+	if strings.HasPrefix(r.URL.Path, exportURLPrefix) {
+		// An export URL is a capability: its 128-bit random token is the
+		// credential (like a presigned URL), so the management node can
+		// hand it to whoever downloads (qemu-img, a browser, curl), which
+		// cannot send our bearer token. delexp revokes it.
+		a.serveExport(w, r)
+		return exportURLPrefix + "{token}/{file}"
+	}
 	if !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="imagestore"`)
 		replyErr(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token (send Authorization: Bearer <token>)"))
@@ -303,9 +311,6 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 	case r.URL.Path == "/metrics":
 		promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}).ServeHTTP(w, r)
 		return "/metrics"
-	case strings.HasPrefix(r.URL.Path, exportURLPrefix):
-		a.serveExport(w, r)
-		return exportURLPrefix + "{token}/{file}"
 	}
 	br, ok := a.routes[routeKey(r.URL.Path)]
 	if !ok {

@@ -27,6 +27,9 @@ type restoreEnv struct {
 	dir   string // scratch dir for test files
 }
 
+// token is the agent's bearer token ("" when it has none).
+func (e *restoreEnv) token() string { return string(e.a.cfg.Token) }
+
 func r7requireTools(t *testing.T, tools ...string) {
 	t.Helper()
 	for _, tool := range tools {
@@ -84,7 +87,15 @@ func (e *restoreEnv) call(t *testing.T, path string, body any) map[string]any {
 		j, _ := json.Marshal(b)
 		rd = bytes.NewReader(j)
 	}
-	res, err := http.Post(e.srv.URL+path, "application/json", rd)
+	req, err := http.NewRequest(http.MethodPost, e.srv.URL+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if tok := e.token(); tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
+	res, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("POST %s: %v", path, err)
 	}

@@ -31,6 +31,10 @@ func init() {
 // they are served at GET /exports/<token>/<file>.
 const exportURLPrefix = "/exports/"
 
+// exportTokenLen is the length of an export token: 32 hex digits, 128
+// random bits, which make the URL its own credential (see dispatch).
+const exportTokenLen = 32
+
 type exportMeta struct {
 	InstallPath string    `json:"installPath"`
 	ExtFmt      string    `json:"extFmt"`
@@ -161,7 +165,7 @@ func (a *Agent) makeExport(ctx context.Context, job *Job, img blobstore.Image, e
 			return exportMeta{}, "", context.Cause(ctx)
 		}
 	}
-	token := randomHex(16)
+	token := randomHex(exportTokenLen / 2)
 	dir := filepath.Join(a.exportRoot, token)
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		a.exportMu.Unlock()
@@ -400,7 +404,7 @@ func (a *Agent) serveExport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	token, file, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, exportURLPrefix), "/")
-	if !ok || !isHex(token) {
+	if !ok || len(token) != exportTokenLen || !isHex(token) {
 		http.NotFound(w, r)
 		return
 	}

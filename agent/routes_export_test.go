@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -146,5 +147,68 @@ func TestExportSweepsInterrupted(t *testing.T) {
 	}
 	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": img.InstallPath()}); again["imgUrl"] != rep["imgUrl"] {
 		t.Fatalf("complete export not reused: %v vs %v", again["imgUrl"], rep["imgUrl"])
+	}
+}
+
+// TestExportURLIsCapability: on an agent with a token, the export URL
+// itself is the credential: it downloads without the bearer token (as
+// qemu-img or curl would), a wrong or short token is 404, the protocol
+// still wants the token, and delexp revokes the URL.
+func TestExportURLIsCapability(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io")
+	e := newRestoreEnv(t, func(c *Config) { c.Token = "s3cret-token" })
+	files := r7makeChain(t, e.dir, 4<<20)
+	top := e.importChain(t, "vol", files...)[2]
+	rep := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": top.InstallPath(), "extFmt": "raw"})
+	imgURL := rep["imgUrl"].(string)
+	get := func(url string) (int, []byte) {
+		t.Helper()
+		res, err := http.Get(url) // no Authorization header
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, err := io.ReadAll(res.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.StatusCode, b
+	}
+	code, body := get(imgURL)
+	if code != http.StatusOK || fmt.Sprintf("%x", md5.Sum(body)) != rep["md5Sum"] {
+		t.Fatalf("GET %s without the bearer token: %d, %d bytes (md5 %x, reply %v)", imgURL, code, len(body), md5.Sum(body), rep["md5Sum"])
+	}
+	raw := filepath.Join(e.dir, "got.raw")
+	if err := os.WriteFile(raw, body, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, files[2])
+
+	i := strings.Index(imgURL, "/exports/") + len("/exports/")
+	token, file, _ := strings.Cut(imgURL[i:], "/")
+	for _, bad := range []string{
+		imgURL[:i] + strings.Repeat("0", len(token)) + "/" + file, // another token
+		imgURL[:i] + token[:len(token)-2] + "/" + file,            // a prefix of it
+		imgURL[:i] + token + "/other.raw",                         // another file
+	} {
+		if code, _ := get(bad); code != http.StatusNotFound {
+			t.Errorf("GET %s: %d, want 404", bad, code)
+		}
+	}
+	if code, _ := get(e.srv.URL + "/metrics"); code != http.StatusUnauthorized {
+		t.Errorf("/metrics without the token: %d, want 401", code)
+	}
+	res, err := http.Post(e.srv.URL+"/imagestore/echo/", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusUnauthorized {
+		t.Errorf("protocol call without the token: %d, want 401", res.StatusCode)
+	}
+
+	e.ok(t, "/imagestore/delexp-sync", map[string]any{"installPath": top.InstallPath(), "extFmt": "raw"})
+	if code, _ := get(imgURL); code != http.StatusNotFound {
+		t.Fatalf("GET after delexp: %d, want 404", code)
 	}
 }
