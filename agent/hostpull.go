@@ -720,8 +720,9 @@ func (h *hostReader) Close() error {
 }
 
 func (h *hostReader) ReadAt(p []byte, off int64) (int, error) {
-	// A server whose read limit is below sshfs's request size answers
-	// short, which pkg/sftp reports as io.EOF: inside the file, read on.
+	// sshfs already reads on after a short answer inside the file; this
+	// loop keeps hostReader a strict io.ReaderAt over any sshfs.File (a
+	// short read inside the file is read on, or says why it stopped).
 	var done int
 	for {
 		n, err := h.readAt(p[done:], off+int64(done))
