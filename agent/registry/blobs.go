@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -17,8 +16,6 @@ import (
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
 )
-
-func sortStrings(s []string) { sort.Strings(s) }
 
 type countingReader struct {
 	r io.ReadSeeker
@@ -34,6 +31,14 @@ func (c *countingReader) Read(p []byte) (int, error) {
 func (c *countingReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }
 
 func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref string) {
+	if r.Method == http.MethodDelete {
+		// A blob is stored once per store and shared by every image (in any
+		// repository) whose chain holds it; GC frees it when no record does.
+		w.Header().Set("Allow", "GET, HEAD")
+		writeError(w, http.StatusMethodNotAllowed, oci.CodeUnsupported,
+			"blobs are shared by content and freed by GC once no image references them: delete the manifest instead", nil)
+		return
+	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		methodNotAllowed(w, "GET, HEAD")
 		return

@@ -11,11 +11,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 
@@ -87,6 +85,14 @@ func (s *Server) rememberConfig(d digest.Digest, b []byte) {
 	s.configs[d] = b
 }
 
+// forgetConfig drops the config of a deleted image, so a client is not
+// told the registry still holds it.
+func (s *Server) forgetConfig(d digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.configs, d)
+}
+
 func (s *Server) config(d digest.Digest) ([]byte, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -108,6 +114,8 @@ func (s *Server) Handler() http.Handler {
 			w.Header().Set(oci.HeaderEncodings, "zstd")
 			w.Header().Set("Content-Type", "application/json")
 			_, _ = io.WriteString(w, "{}")
+		case r.URL.Path == "/v2/_catalog":
+			s.serveCatalog(w, r)
 		case strings.HasPrefix(r.URL.Path, "/v2/"):
 			s.serveV2(w, r)
 		case strings.HasPrefix(r.URL.Path, "/v1/"):
@@ -170,7 +178,9 @@ func storeError(w http.ResponseWriter, err error, notFoundCode string) {
 }
 
 // serveV2 routes /v2/<name>/{blobs,manifests,tags}/… Names are one path
-// component (blobstore.ValidateName), so the split is unambiguous.
+// component (blobstore.ValidateName), so the split is unambiguous; a
+// repository named "_catalog" is still reachable, as its paths are longer
+// than /v2/_catalog.
 func (s *Server) serveV2(w http.ResponseWriter, r *http.Request) {
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v2/"), "/")
 	if len(parts) < 3 {
@@ -203,47 +213,6 @@ func (s *Server) serveV2(w http.ResponseWriter, r *http.Request) {
 func methodNotAllowed(w http.ResponseWriter, allow string) {
 	w.Header().Set("Allow", allow)
 	writeError(w, http.StatusMethodNotAllowed, oci.CodeUnsupported, "method not allowed", nil)
-}
-
-func (s *Server) serveTags(w http.ResponseWriter, r *http.Request, name string) {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		methodNotAllowed(w, "GET, HEAD")
-		return
-	}
-	imgs, err := s.st.ListImages(r.Context(), name)
-	if err != nil {
-		storeError(w, err, oci.CodeNameUnknown)
-		return
-	}
-	tags := make([]string, 0, len(imgs))
-	for _, img := range imgs {
-		tags = append(tags, img.ID)
-	}
-	if len(tags) == 0 {
-		writeError(w, http.StatusNotFound, oci.CodeNameUnknown, "repository has no images", name)
-		return
-	}
-	// Pagination per the spec: lexical order, ?n= and ?last=.
-	sortStrings(tags)
-	q := r.URL.Query()
-	if last := q.Get("last"); last != "" {
-		i := 0
-		for i < len(tags) && tags[i] <= last {
-			i++
-		}
-		tags = tags[i:]
-	}
-	if n, err := strconv.Atoi(q.Get("n")); err == nil && n >= 0 && n < len(tags) {
-		tags = tags[:n]
-		if n > 0 {
-			w.Header().Set("Link", fmt.Sprintf(`</v2/%s/tags/list?n=%d&last=%s>; rel="next"`, name, n, tags[n-1]))
-		}
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(struct {
-		Name string   `json:"name"`
-		Tags []string `json:"tags"`
-	}{name, tags})
 }
 
 func newSessionID() string {

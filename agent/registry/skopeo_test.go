@@ -2,6 +2,7 @@ package registry_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,9 +11,22 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore"
+	"imagestore/transfer/oci"
 )
 
 func skopeo(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := skopeoRun(t, args...)
+	if err != nil {
+		t.Fatalf("skopeo %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// skopeoRun runs skopeo and returns its combined output and exit error.
+func skopeoRun(t *testing.T, args ...string) (string, error) {
 	t.Helper()
 	path, err := exec.LookPath("skopeo")
 	if err != nil {
@@ -23,10 +37,7 @@ func skopeo(t *testing.T, args ...string) string {
 	cmd := exec.CommandContext(ctx, path, append([]string{"--insecure-policy"}, args...)...)
 	cmd.Env = append(os.Environ(), "HOME="+t.TempDir(), "REGISTRY_AUTH_FILE="+filepath.Join(t.TempDir(), "auth.json"))
 	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("skopeo %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return string(out), err
 }
 
 // TestSkopeoInterop copies a chain between two of our registries and to a
@@ -83,5 +94,55 @@ func TestSkopeoInterop(t *testing.T) {
 	dc, err := c.client(t, token, false).HeadManifest(ctx, "vol", top.ID)
 	if err != nil || dc.Digest != da.Digest {
 		t.Fatalf("C's digest %v (%v), want %s", dc.Digest, err, da.Digest)
+	}
+}
+
+// TestSkopeoDelete deletes by tag with the real skopeo (which resolves the
+// tag to the manifest digest and DELETEs by digest), is refused for a
+// parent, and can copy a deleted image back from a peer.
+func TestSkopeoDelete(t *testing.T) {
+	const token = "delete-token"
+	a, b := newNode(t, token), newNode(t, token)
+	ctx := context.Background()
+	creds := "x:" + token
+	chain := makeChain(t, a.st, "vol", 64<<10, 32<<10)
+	ref := func(n *node, id string) string { return "docker://" + n.addr() + "/vol:" + id }
+	skopeo(t, "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-creds", creds, "--dest-creds", creds, ref(a, "l1"), ref(b, "l1"))
+	ca := a.client(t, token, false)
+	want, err := ca.HeadManifest(ctx, "vol", "l1")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Refused for the right reason: skopeo shows our error, naming the child.
+	if out, err := skopeoRun(t, "delete", "--tls-verify=false", "--creds", creds, ref(a, "l0")); err == nil || !strings.Contains(out, "parent of vol:l1") {
+		t.Fatalf("skopeo delete of a parent: %v\n%s", err, out)
+	}
+	if _, err := ca.HeadManifest(ctx, "vol", "l0"); err != nil {
+		t.Fatalf("refused delete removed the parent: %v", err)
+	}
+
+	skopeo(t, "delete", "--tls-verify=false", "--creds", creds, ref(a, "l1"))
+	if _, err := ca.HeadManifest(ctx, "vol", "l1"); !errors.Is(err, oci.ErrNotFound) {
+		t.Fatalf("manifest after skopeo delete: %v", err)
+	}
+	if _, err := ca.HeadManifest(ctx, "vol", want.Digest.String()); !errors.Is(err, oci.ErrNotFound) {
+		t.Fatalf("manifest by digest after skopeo delete: %v", err)
+	}
+	if tags, err := ca.Tags(ctx, "vol"); err != nil || strings.Join(tags, ",") != "l0" {
+		t.Fatalf("tags after skopeo delete: %v %v", tags, err)
+	}
+	if _, err := a.st.GetImage(ctx, chain[1].Ref); !errors.Is(err, blobstore.ErrNotFound) {
+		t.Fatalf("record after skopeo delete: %v", err)
+	}
+	if _, err := skopeoRun(t, "inspect", "--raw", "--tls-verify=false", "--creds", creds, ref(a, "l1")); err == nil {
+		t.Fatal("skopeo still inspects the deleted image")
+	}
+
+	// Back from the peer, with the same digest.
+	skopeo(t, "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-creds", creds, "--dest-creds", creds, ref(b, "l1"), ref(a, "l1"))
+	got, err := ca.HeadManifest(ctx, "vol", "l1")
+	if err != nil || got.Digest != want.Digest {
+		t.Fatalf("copied back: %v (%v), want %s", got.Digest, err, want.Digest)
 	}
 }
