@@ -104,7 +104,18 @@ type Writer struct {
 	// every byte up to pendOff was written, so it covers them.
 	pending chan error
 	pendOff int64
+
+	// syncErr is the first failed fsync of the data file. It is sticky:
+	// Linux reports a writeback error to one fsync only, and a later fsync
+	// of the same file succeeds although the pages it failed to write are
+	// now clean and lost. After it nothing past durable is trusted: no
+	// checkpoint records a larger offset, no page is dropped from the
+	// cache, and Commit fails; a new Writer resumes from durable.
+	syncErr error
 }
+
+// errSyncFailed marks the error of a failed data fsync.
+var errSyncFailed = errors.New("fsync failed")
 
 func (s *Store) ingestDir(ref string) string { return filepath.Join(s.root, dirIngest, ref) }
 
@@ -210,6 +221,9 @@ func (w *Writer) Write(p []byte) (int, error) {
 	if err := w.ctx.Err(); err != nil {
 		return 0, err
 	}
+	if w.syncErr != nil {
+		return 0, w.sync()
+	}
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -238,15 +252,18 @@ func (w *Writer) startCheckpoint() error {
 	if err := w.waitCheckpoint(); err != nil {
 		return err
 	}
+	if w.syncErr != nil {
+		return w.sync() // the sticky error: no checkpoint past it
+	}
 	b, err := marshalIngestState(w.off, w.h)
 	if err != nil {
 		return fmt.Errorf("blobstore: marshal hash state: %w", err)
 	}
 	ch := make(chan error, 1)
-	f, statePath, ref, from, to := w.f, filepath.Join(w.dir, ingestStateFile), w.ref, w.durable, w.off
+	f, statePath, ref, from, to, syncFile := w.f, filepath.Join(w.dir, ingestStateFile), w.ref, w.durable, w.off, w.s.syncFile
 	go func() {
-		if err := f.Sync(); err != nil {
-			ch <- mapSpace(err, "blobstore: sync ingest "+ref)
+		if err := syncFile(f); err != nil {
+			ch <- fmt.Errorf("%w: %w", errSyncFailed, mapSpace(err, "blobstore: sync ingest "+ref))
 			return
 		}
 		dropCache(f, from, to)
@@ -263,10 +280,25 @@ func (w *Writer) waitCheckpoint() error {
 	}
 	err := <-w.pending
 	w.pending = nil
-	if err == nil {
+	switch {
+	case err == nil:
 		w.durable = w.pendOff
+	case errors.Is(err, errSyncFailed) && w.syncErr == nil:
+		w.syncErr = err
 	}
 	return err
+}
+
+// sync fsyncs the data file, or fails for good after any failed fsync.
+func (w *Writer) sync() error {
+	if w.syncErr != nil {
+		return fmt.Errorf("blobstore: ingest %s: data past offset %d is not trusted after a failed fsync: %w", w.ref, w.durable, w.syncErr)
+	}
+	if err := w.s.syncFile(w.f); err != nil {
+		w.syncErr = fmt.Errorf("%w: %w", errSyncFailed, mapSpace(err, "blobstore: sync ingest "+w.ref))
+		return w.syncErr
+	}
+	return nil
 }
 
 // writeHash writes p and hashes what was written. Large writes hash in
@@ -331,6 +363,9 @@ const writeSyscallMax = 256 << 10
 // a row cost 1.3, 9.0 and 15.6 s of system CPU; an ingest that drops its
 // pages after each checkpoint reuses the same few dozen MiB throughout.
 func dropCache(f *os.File, from, to int64) {
+	// The kernel keeps partial pages at both ends; the page holding from
+	// was made durable by the checkpoint before, so take it too.
+	from &^= int64(os.Getpagesize() - 1)
 	if to > from {
 		_ = unix.Fadvise(int(f.Fd()), from, to-from, unix.FADV_DONTNEED)
 	}
@@ -343,8 +378,8 @@ func (w *Writer) checkpoint() error {
 	if err := w.waitCheckpoint(); err != nil {
 		return err
 	}
-	if err := w.f.Sync(); err != nil {
-		return mapSpace(err, "blobstore: sync ingest "+w.ref)
+	if err := w.sync(); err != nil {
+		return err
 	}
 	b, err := marshalIngestState(w.off, w.h)
 	if err != nil {
@@ -407,9 +442,15 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	// A failed background checkpoint does not matter here: Commit fsyncs
-	// the data itself and the state file is discarded.
+	// A background checkpoint that failed to write its state file does
+	// not matter here (Commit fsyncs the data itself and the state file is
+	// discarded); one whose fsync failed does, and w.sync reports it.
 	_ = w.waitCheckpoint()
+	if w.syncErr != nil {
+		err := w.sync()
+		w.Close() // keeps the last good checkpoint: a retry resumes there
+		return "", err
+	}
 	if size >= 0 && size != w.off {
 		w.Cancel()
 		return "", fmt.Errorf("%w: ingest %s has %d bytes, expected %d", ErrSizeMismatch, w.ref, w.off, size)
@@ -419,9 +460,8 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 		w.Cancel()
 		return "", fmt.Errorf("%w: ingest %s is %s, expected %s", ErrDigestMismatch, w.ref, d, expected)
 	}
-	if err := w.f.Sync(); err != nil {
-		err = mapSpace(err, "blobstore: sync ingest "+w.ref)
-		w.Close()
+	if err := w.sync(); err != nil {
+		w.Close() // keeps the last good checkpoint: a retry resumes there
 		return "", err
 	}
 	dropCache(w.f, w.durable, w.off)

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -434,7 +436,8 @@ func TestIngestDropsPageCache(t *testing.T) {
 	if sfs.Type == unix.TMPFS_MAGIC {
 		t.Skip("TMPDIR is a tmpfs, whose pages cannot be dropped; run with TMPDIR on a disk filesystem")
 	}
-	data := content(7, 8<<20)
+	// Not a multiple of the checkpoint interval: Commit drops the tail.
+	data := content(7, 8<<20+512<<10)
 
 	// Control: a file written plainly stays cached, so mincore can see it.
 	plain := filepath.Join(root, "plain")
@@ -442,7 +445,7 @@ func TestIngestDropsPageCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	if res, total := residentPages(t, plain); res < total/2 {
-		t.Fatalf("control file: %d of %d pages resident; the check cannot tell cached from dropped here", res, total)
+		t.Skipf("control file: %d of %d pages resident right after writing it; this filesystem or memory state cannot show cached pages", res, total)
 	}
 
 	s := openStore(t, filepath.Join(root, "store"))
@@ -473,5 +476,58 @@ func TestIngestDropsPageCache(t *testing.T) {
 	got, err := os.ReadFile(s.blobPath(d))
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("blob content after dropping its pages: equal=%v err=%v", bytes.Equal(got, data), err)
+	}
+}
+
+// A failed fsync is sticky: Linux reports a writeback error once, and a
+// later fsync succeeds although the failed pages never reached the disk.
+// So after one, Commit fails, no checkpoint claims the suspect bytes, and a
+// new Writer resumes from the last good checkpoint to a correct blob.
+func TestIngestSyncFailureIsSticky(t *testing.T) {
+	s := newStore(t)
+	s.checkpointEvery = 1 << 20
+	var syncs atomic.Int32
+	s.syncFile = func(f *os.File) error {
+		if syncs.Add(1) == 2 {
+			return syscall.EIO // the second checkpoint's fsync
+		}
+		return f.Sync()
+	}
+	data := content(11, 4<<20+4096)
+	w, err := s.Writer(context.Background(), "syncfail")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(data); off += 256 << 10 {
+		if _, err := w.Write(data[off:min(len(data), off+256<<10)]); err != nil && !errors.Is(err, syscall.EIO) {
+			t.Fatal(err)
+		}
+	}
+	_, err = w.Commit(context.Background(), int64(len(data)), digestOf(data))
+	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), "not trusted") {
+		t.Fatalf("Commit after a failed fsync = %v, want the EIO, saying the data is not trusted", err)
+	}
+	if n := countBlobs(t, s); n != 0 {
+		t.Fatalf("%d blobs after a failed fsync, want none", n)
+	}
+
+	s.syncFile = (*os.File).Sync
+	w, err = s.Writer(context.Background(), "syncfail")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := w.Offset(); got != 1<<20 {
+		t.Fatalf("resumed at %d, want the last good checkpoint %d", got, 1<<20)
+	}
+	if _, err := w.Write(data[w.Offset():]); err != nil {
+		t.Fatal(err)
+	}
+	d, err := w.Commit(context.Background(), int64(len(data)), digestOf(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(s.blobPath(d))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("blob after resume: equal=%v err=%v", bytes.Equal(got, data), err)
 	}
 }

@@ -62,7 +62,8 @@ type Store struct {
 	holds   map[digest.Digest]int
 	commits map[digest.Digest]time.Time // recent commits, for CommitGrace
 
-	checkpointEvery int64 // bytes between ingest checkpoints; tests lower it
+	checkpointEvery int64                // bytes between ingest checkpoints; tests lower it
+	syncFile        func(*os.File) error // fsyncs ingest data; tests make it fail
 }
 
 type settings struct {
@@ -102,6 +103,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		commits: map[digest.Digest]time.Time{},
 
 		checkpointEvery: checkpointEvery,
+		syncFile:        (*os.File).Sync,
 	}
 	for _, d := range []string{"", dirBlobs, filepath.Join(dirBlobs, "sha256"), dirIngest, dirImages, dirQuarantine} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
