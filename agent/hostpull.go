@@ -674,6 +674,13 @@ func (h *hostReader) open(ctx context.Context) error {
 		// A lane that cannot open (the host limits connections, say) only
 		// costs parallelism: read over the lanes that did.
 		g, err := h.openLane(ctx, lane)
+		if cerr := ctx.Err(); cerr != nil || errors.Is(err, errFileChanged) {
+			if g != nil {
+				_ = g.Close()
+			}
+			_ = h.Close()
+			return cmpErr(err, cerr)
+		}
 		if err != nil {
 			if h.log != nil {
 				h.log.Warn("pull: reading over fewer connections", "host", h.host.Addr, "path", h.path, "lanes", lane, "err", err)
@@ -701,10 +708,13 @@ func (h *hostReader) openLane(ctx context.Context, lane int) (sshfs.File, error)
 	}
 	if f.Size() != h.size || !fi.ModTime().Equal(h.mtime) {
 		_ = f.Close()
-		return nil, fmt.Errorf("%s:%s changed while being pulled (size %d→%d); not storing a mixed layer", h.host.Addr, h.path, h.size, f.Size())
+		return nil, fmt.Errorf("%s:%s %w (size %d→%d); not storing a mixed layer", h.host.Addr, h.path, errFileChanged, h.size, f.Size())
 	}
 	return f, nil
 }
+
+// errFileChanged: the host file's size or mtime changed during the pull.
+var errFileChanged = errors.New("changed while being pulled")
 
 func (h *hostReader) Close() error {
 	h.mu.Lock()
@@ -746,7 +756,7 @@ func (h *hostReader) readAt(p []byte, off int64) (int, error) {
 			h.mu.Unlock()
 			return 0, os.ErrClosed
 		}
-		lane := int(h.next.Add(1)) % len(h.files)
+		lane := int(h.next.Add(1) % uint32(len(h.files)))
 		f, gen := h.files[lane], h.gens[lane]
 		h.mu.Unlock()
 		n, err := f.ReadAt(p, off)
@@ -814,7 +824,7 @@ func (h *hostReader) reopen(lane, gen int, cause error) error {
 	defer cancel()
 	f, err := h.openLane(ctx, lane)
 	if err != nil {
-		return fmt.Errorf("reconnect after %w: %w", cause, err)
+		return fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, err)
 	}
 	_ = h.files[lane].Close()
 	h.files[lane] = f

@@ -935,3 +935,38 @@ func TestPullFromHostLanes(t *testing.T) {
 	}
 	e.writeBack(t, out["installPath"].(string), src, "raw")
 }
+
+// A lane that finds the host file changed (size or mtime) since the first
+// lane opened it fails the pull, as a reconnect that finds it changed does.
+func TestHostReaderLaneSeesChangedFile(t *testing.T) {
+	t.Parallel()
+	e := hpNewEnv(t)
+	src := filepath.Join(e.dir, "vol.qcow2")
+	hpRun(t, "qemu-img", "create", "-q", "-f", "qcow2", src, "4M")
+	host := sshfs.Host{Addr: e.srv.Addr, User: e.srv.User, PrivateKey: e.srv.PrivateKey, Fingerprint: e.srv.Fingerprint}
+	ctx := context.Background()
+	h := &hostReader{pool: e.a.hosts().pool, host: host, path: src, lanes: 1}
+	if err := h.open(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	later := time.Now().Add(time.Hour)
+	if err := os.Chtimes(src, later, later); err != nil {
+		t.Fatal(err)
+	}
+	f, err := h.openLane(ctx, 1)
+	if !errors.Is(err, errFileChanged) {
+		if f != nil {
+			f.Close()
+		}
+		t.Fatalf("openLane after the file changed = %v, want errFileChanged", err)
+	}
+	h2 := &hostReader{pool: e.a.hosts().pool, host: host, path: src, lanes: 2}
+	if err := h2.open(ctx); err != nil {
+		t.Fatalf("open of the unchanged file over 2 lanes: %v", err)
+	}
+	defer h2.Close()
+	if len(h2.files) != 2 {
+		t.Fatalf("%d lanes open, want 2", len(h2.files))
+	}
+}
