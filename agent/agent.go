@@ -65,10 +65,16 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 		uploadRoot: filepath.Join(root, "uploads"),
 		exportRoot: filepath.Join(root, "exports"),
 	}
-	for _, d := range []string{a.uploadRoot, a.exportRoot} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, err
-		}
+	if err := os.MkdirAll(a.uploadRoot, 0o755); err != nil {
+		return nil, err
+	}
+	// Export tokens are download credentials: local users must not list
+	// them. (The agent serves exports itself; nothing else reads the dir.)
+	if err := os.MkdirAll(a.exportRoot, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(a.exportRoot, 0o700); err != nil { // made 0755 by older versions
+		return nil, err
 	}
 	// Exports a crash interrupted have no export.json: remove them now.
 	a.sweepExports()

@@ -184,6 +184,9 @@ func TestExportURLIsCapability(t *testing.T) {
 	}
 	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, files[2])
 
+	if fi, err := os.Stat(e.a.exportRoot); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("export root %v %v: want mode 0700, tokens are credentials", fi.Mode(), err)
+	}
 	i := strings.Index(imgURL, "/exports/") + len("/exports/")
 	token, file, _ := strings.Cut(imgURL[i:], "/")
 	for _, bad := range []string{

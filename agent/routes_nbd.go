@@ -104,10 +104,16 @@ func newNBDState(a *Agent) *nbdState {
 			Bind: a.cfg.NBD.Bind, Logger: a.log, TLSDir: tlsDir, PSK: psk,
 		})
 	}
+	mode := map[bool]string{true: "psk", false: "none"}[psk]
 	if err != nil {
 		s.err = fmt.Errorf("NBD unavailable on this agent: %w", err)
 		a.log.Warn("nbd disabled", "err", err)
-	} else if !psk && a.cfg.Token != "" {
+	} else {
+		// Which credentials NBD clients need: the one thing a KVM host's
+		// QEMU must match, so say it once at startup.
+		a.log.Info("nbd ready", "portRange", a.cfg.NBD.PortRange, "clientAuth", mode, "x509", tlsDir != "")
+	}
+	if err == nil && !psk && a.cfg.Token != "" {
 		// NBD has no bearer token: TLS (if any) encrypts and proves the
 		// server, but any client that reaches a port can use its disk.
 		a.log.Warn("nbd.clientAuth is none: anyone who can reach the nbd ports can read (and, for backup targets, write) the served disks; set nbd.clientAuth: psk, or firewall the port range to the KVM hosts",

@@ -154,6 +154,13 @@ func TestNBDTokenWarning(t *testing.T) {
 		}
 		_ = a.Close()
 		_ = store.Close()
+		mode := "clientAuth=none"
+		if tc.token != "" && tc.auth == "auto" {
+			mode = "clientAuth=psk"
+		}
+		if !strings.Contains(logs.String(), mode) {
+			t.Fatalf("token %q, clientAuth %s: startup log does not say %s: %s", token, tc.auth, mode, logs.String())
+		}
 		warned := strings.Contains(logs.String(), "nbd.clientAuth is none")
 		if warned != tc.warn {
 			t.Fatalf("token %q, clientAuth %s: warned=%v: %s", token, tc.auth, warned, logs.String())

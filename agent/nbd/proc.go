@@ -198,7 +198,9 @@ func (m *Manager) reap(p *proc) {
 	// done is closed last, so whoever waits on it (Close) knows this
 	// goroutine has finished logging and touching files.
 	defer close(p.done)
-	removePSK(p.pskDir) // qemu-nbd read it at start; the key dies with the server
+	// qemu-nbd reads keys.psk at every TLS handshake, so the key may only
+	// go once the server has exited; it dies with the server.
+	removePSK(p.pskDir)
 	m.mu.Lock()
 	if m.servers[p.srv.ID] == p {
 		delete(m.servers, p.srv.ID)
@@ -264,17 +266,33 @@ func (m *Manager) stopProc(ctx context.Context, p *proc) error {
 const pskDirName = "psk"
 
 // writePSK lays out dir as a QEMU tls-creds-psk dir: keys.psk holds
-// "identity:hexkey", readable by the agent's user only.
+// "identity:hexkey", readable by the agent's user only, and dh-params.pem
+// the standard ffdhe2048 group, which spares each qemu-nbd start
+// generating DH parameters (0.1-0.6 s of CPU measured per start).
 func writePSK(dir, key string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("nbd: psk dir: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "keys.psk"), []byte(PSKIdentity+":"+key+"\n"), 0o600); err != nil {
-		removePSK(dir)
-		return fmt.Errorf("nbd: psk: %w", err)
+	for name, b := range map[string]string{"keys.psk": PSKIdentity + ":" + key + "\n", "dh-params.pem": ffdhe2048} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(b), 0o600); err != nil {
+			removePSK(dir)
+			return fmt.Errorf("nbd: psk: %w", err)
+		}
 	}
 	return nil
 }
+
+// ffdhe2048 is the RFC 7919 2048-bit finite-field DH group in PKCS#3 PEM
+// (openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048).
+const ffdhe2048 = `-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+`
 
 func removePSK(dir string) {
 	if dir != "" {

@@ -1,5 +1,5 @@
-// Package sshfs reads and writes files on remote hosts over SFTP, keeping one
-// verified SSH connection per host (and identity) open and reused.
+// Package sshfs reads and writes files on remote hosts over SFTP, keeping
+// verified SSH connections per host (and identity, and lane) open and reused.
 //
 // Host keys are always verified: against Host.Fingerprint when it is set (a
 // pin; known_hosts is then not consulted), otherwise against
@@ -62,8 +62,8 @@ type PoolOptions struct {
 }
 
 // Pool keeps one SSH connection per (address, user, identity, host key
-// policy), reused across calls, with keepalives and idle close. It is safe
-// for concurrent use.
+// policy, lane), reused across calls, with keepalives and idle close. It is
+// safe for concurrent use.
 type Pool struct {
 	opts PoolOptions
 	log  *slog.Logger
