@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pkg/sftp"
@@ -75,6 +76,50 @@ type remoteFile struct {
 	mtime  time.Time
 	closed bool
 	broken error // set when a reconnect failed; the file holds nothing then
+
+	answersShort atomic.Bool // the server answered a read short inside the file
+}
+
+// packetReadsInFlight bounds the concurrent requests of readPackets.
+const packetReadsInFlight = 16
+
+// readPackets reads b at off as requests of at most sftpPacket bytes, up
+// to packetReadsInFlight at once. pkg/sftp serves each with one request and
+// asks again for whatever a short answer left out, so a server that
+// answers less than it was asked costs round trips but no bytes read twice.
+// It returns the bytes read before the first failed or short piece.
+func readPackets(rf *sftp.File, b []byte, off int64) (int, error) {
+	type result struct {
+		n   int
+		err error
+	}
+	pieces := (len(b) + sftpPacket - 1) / sftpPacket
+	res := make([]result, pieces)
+	sem := make(chan struct{}, packetReadsInFlight)
+	var wg sync.WaitGroup
+	for i := range pieces {
+		lo, hi := i*sftpPacket, min(len(b), (i+1)*sftpPacket)
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n, err := rf.ReadAt(b[lo:hi], off+int64(lo))
+			res[i] = result{n, err}
+			<-sem
+		}()
+	}
+	wg.Wait()
+	var total int
+	for i, r := range res {
+		total += r.n
+		if r.err != nil {
+			return total, r.err
+		}
+		if r.n < min(len(b), (i+1)*sftpPacket)-i*sftpPacket {
+			return total, io.ErrUnexpectedEOF
+		}
+	}
+	return total, nil
 }
 
 func (f *remoteFile) Size() int64 {
@@ -129,14 +174,23 @@ func (f *remoteFile) ReadAt(b []byte, off int64) (int, error) {
 		rf, c, gen := f.f, f.c, f.gen
 		f.mu.RUnlock()
 
-		n, err := rf.ReadAt(b, off)
+		var n int
+		var err error
+		if f.answersShort.Load() && len(b) > sftpPacket {
+			n, err = readPackets(rf, b, off)
+		} else {
+			n, err = rf.ReadAt(b, off)
+		}
 		if err == nil || (errors.Is(err, io.EOF) && off+int64(n) >= f.Size()) {
 			return n, err
 		}
 		if errors.Is(err, io.EOF) && n > 0 {
 			// A server whose read limit is below our request size (pkg/sftp's
-			// own server: 32 KiB) answers short, which pkg/sftp reports as
-			// io.EOF: inside the file, read on.
+			// own server: 32 KiB) answers short, which pkg/sftp's pipelined
+			// read of a large buffer reports as io.EOF, dropping the answers
+			// of its other requests. Inside the file: read on, and from now
+			// on read this file packet by packet (see readPackets).
+			f.answersShort.Store(true)
 			m, err := f.ReadAt(b[n:], off+int64(n))
 			return n + m, err
 		}
