@@ -645,10 +645,12 @@ type hostReader struct {
 	mtime time.Time
 	next  atomic.Uint32 // the lane of the next read
 
-	mu      sync.Mutex
-	files   []sshfs.File // one per lane; nil after Close
-	gens    []int        // per lane, bumped on each reopen
-	retries int          // reopens so far, all lanes together
+	mu        sync.Mutex
+	files     []sshfs.File                                            // one per lane; nil after Close
+	gens      []int                                                   // per lane, bumped on each reopen
+	reopening map[int]chan struct{}                                   // lanes being reopened; closed when done
+	retries   int                                                     // reopens so far, all lanes together
+	dialLane  func(ctx context.Context, lane int) (sshfs.File, error) // tests: replaces openLane in reopen
 }
 
 const hostRetries = 8
@@ -795,39 +797,86 @@ func retryable(err error) bool {
 
 // reopen replaces lane's file of generation gen with one on a fresh
 // connection, after a backoff; if another reader already did, it does
-// nothing.
+// nothing, and while one reopen of a lane runs, other readers of that lane
+// wait for it. The lock is not held meanwhile, so reads on the other lanes
+// go on.
 func (h *hostReader) reopen(lane, gen int, cause error) error {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.files == nil {
-		return os.ErrClosed
-	}
-	if h.gens[lane] != gen {
-		return nil // another reader already reopened
+	for {
+		if h.files == nil {
+			h.mu.Unlock()
+			return os.ErrClosed
+		}
+		if h.gens[lane] != gen {
+			h.mu.Unlock()
+			return nil // another reader already reopened
+		}
+		busy := h.reopening[lane]
+		if busy == nil {
+			break
+		}
+		h.mu.Unlock()
+		<-busy
+		h.mu.Lock()
 	}
 	if h.retries >= hostRetries {
+		h.mu.Unlock()
 		return fmt.Errorf("%s:%s: giving up after %d reconnects: %w", h.host.Addr, h.path, h.retries, cause)
 	}
 	h.retries++
+	retries := h.retries
+	done := make(chan struct{})
+	if h.reopening == nil {
+		h.reopening = map[int]chan struct{}{}
+	}
+	h.reopening[lane] = done
+	h.mu.Unlock()
+
+	f, err := h.redial(lane, retries, cause)
+
+	h.mu.Lock()
+	delete(h.reopening, lane)
+	close(done)
+	if err != nil {
+		h.mu.Unlock()
+		return err
+	}
+	if h.files == nil { // closed meanwhile
+		h.mu.Unlock()
+		_ = f.Close()
+		return os.ErrClosed
+	}
+	old := h.files[lane]
+	h.files[lane] = f
+	h.gens[lane]++
+	h.mu.Unlock()
+	_ = old.Close()
+	return nil
+}
+
+// redial waits a backoff growing with retries, then opens the file on
+// lane's connection again.
+func (h *hostReader) redial(lane, retries int, cause error) (sshfs.File, error) {
 	ctx := h.ctx
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	backoff := time.NewTimer(time.Duration(h.retries) * 100 * time.Millisecond)
+	backoff := time.NewTimer(time.Duration(retries) * 100 * time.Millisecond)
 	defer backoff.Stop()
 	select {
 	case <-ctx.Done():
-		return fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, ctx.Err())
+		return nil, fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, ctx.Err())
 	case <-backoff.C:
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	f, err := h.openLane(ctx, lane)
-	if err != nil {
-		return fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, err)
+	openLane := h.openLane
+	if h.dialLane != nil {
+		openLane = h.dialLane
 	}
-	_ = h.files[lane].Close()
-	h.files[lane] = f
-	h.gens[lane]++
-	return nil
+	f, err := openLane(ctx, lane)
+	if err != nil {
+		return nil, fmt.Errorf("%s:%s: reconnect after %w: %w", h.host.Addr, h.path, cause, err)
+	}
+	return f, nil
 }

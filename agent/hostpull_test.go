@@ -970,3 +970,58 @@ func TestHostReaderLaneSeesChangedFile(t *testing.T) {
 		t.Fatalf("%d lanes open, want 2", len(h2.files))
 	}
 }
+
+// While one lane reconnects, reads on the other lanes go on.
+func TestHostReaderLaneReopenDoesNotBlockOthers(t *testing.T) {
+	b := make([]byte, 4096)
+	for i := range b {
+		b[i] = byte(i % 251)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	h := &hostReader{
+		files: []sshfs.File{lostFile{}, &shortFile{b: b, max: len(b)}},
+		gens:  []int{0, 0}, size: int64(len(b)), ctx: context.Background(),
+		dialLane: func(ctx context.Context, lane int) (sshfs.File, error) {
+			close(entered)
+			<-release
+			return &shortFile{b: b, max: len(b)}, nil
+		},
+	}
+	h.next.Store(1) // the first read goes to lane 0, the lost one
+	type result struct {
+		n   int
+		err error
+	}
+	first := make(chan result, 1)
+	go func() {
+		p := make([]byte, 100)
+		n, err := h.ReadAt(p, 10)
+		if err == nil && !bytes.Equal(p, b[10:110]) {
+			err = errors.New("wrong bytes after the reconnect")
+		}
+		first <- result{n, err}
+	}()
+	<-entered // lane 0 is reconnecting, held in dialLane
+
+	second := make(chan result, 1)
+	go func() {
+		n, err := h.ReadAt(make([]byte, 100), 200) // lane 1
+		second <- result{n, err}
+	}()
+	select {
+	case r := <-second:
+		if r.err != nil || r.n != 100 {
+			t.Fatalf("read on the healthy lane: %d, %v", r.n, r.err)
+		}
+	case <-time.After(30 * time.Second):
+		close(release)
+		t.Fatal("a read on the healthy lane waited for the other lane's reconnect")
+	}
+	close(release)
+	if r := <-first; r.err != nil || r.n != 100 {
+		t.Fatalf("read on the reconnected lane: %d, %v", r.n, r.err)
+	}
+	if h.retries != 1 || h.gens[0] != 1 || h.gens[1] != 0 {
+		t.Fatalf("retries %d, generations %v: want one reconnect, of lane 0", h.retries, h.gens)
+	}
+}
