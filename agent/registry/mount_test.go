@@ -4,29 +4,15 @@ import (
 	"bytes"
 	"context"
 	"net/http"
-	"net/http/httptest"
 	"testing"
 	"time"
-
-	"imagestore/agent/registry"
-	"imagestore/blobstore"
 )
 
 // TestMountHoldsBlob: a blob answered to ?mount= (which no record names
 // yet) is held from GC until the client's manifest can record it.
 func TestMountHoldsBlob(t *testing.T) {
 	ctx := context.Background()
-	st, err := blobstore.Open(ctx, blobstore.Options{Root: t.TempDir(), CommitGrace: time.Nanosecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	srv, err := registry.New(registry.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(srv.Handler())
-	t.Cleanup(hs.Close)
+	st, hs := graceNode(t, t.TempDir())
 	d, _, err := st.Put(ctx, bytes.NewReader(randBytes(t, 4096)), 4096, "")
 	if err != nil {
 		t.Fatal(err)
