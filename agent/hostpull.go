@@ -102,6 +102,8 @@ func (a *Agent) pullFromHost(w http.ResponseWriter, r *http.Request) {
 			Pool: st.pool, Host: h, Path: req.Path, Store: a.store, Parent: parent,
 			Limiters:    []*ratelimit.Limiter{limiterFor(int64(req.VolumeReadBandwidth)), limiterFor(int64(req.NetworkReadBandwidth))},
 			Parallelism: min(max(par, 1), maxPullParallelism),
+			Lanes:       st.pullLanes(h),
+			LaneRefused: func() { st.oneLane.Store(laneKey(h), time.Now()) },
 			Job:         job, Counter: st.readBytes.Add, Log: a.log,
 		})
 		if err != nil {
@@ -137,6 +139,8 @@ type pullSpec struct {
 	Parent      *blobstore.Image // nil: the layer must have no backing file
 	Limiters    []*ratelimit.Limiter
 	Parallelism int
+	Lanes       int           // SSH connections at most; default pullLanes
+	LaneRefused func()        // called when an extra connection failed; may be nil
 	Chunk       int64         // bytes per ranged read; default pullChunk
 	Job         *Job          // progress; may be nil
 	Counter     func(float64) // host bytes read, for the metric; may be nil
@@ -180,7 +184,8 @@ func pullLayer(ctx context.Context, s pullSpec) (pullResult, error) {
 	// so that cancelFetch stops them all at once after a normalize error.
 	fctx, cancelFetch := context.WithCancel(ctx)
 	defer cancelFetch()
-	src := &hostReader{pool: s.Pool, host: s.Host, path: s.Path, job: s.Job, counter: s.Counter, lanes: min(s.Parallelism, pullLanes), log: s.Log}
+	src := &hostReader{pool: s.Pool, host: s.Host, path: s.Path, job: s.Job, counter: s.Counter,
+		lanes: min(s.Parallelism, int(cmp(int64(s.Lanes), pullLanes))), laneRefused: s.LaneRefused, log: s.Log}
 	if err := src.open(fctx); err != nil {
 		return res, err
 	}
@@ -638,6 +643,8 @@ type hostReader struct {
 	counter func(float64)
 	lanes   int          // connections to read over; <= 1 means one
 	log     *slog.Logger // may be nil
+	// laneRefused, if set, is called when an extra lane fails to open.
+	laneRefused func()
 
 	ctx   context.Context // bounds reconnects (ReadAt has none); set by open
 	read  atomic.Int64
@@ -686,6 +693,9 @@ func (h *hostReader) open(ctx context.Context) error {
 		if err != nil {
 			if h.log != nil {
 				h.log.Warn("pull: reading over fewer connections", "host", h.host.Addr, "path", h.path, "lanes", lane, "err", err)
+			}
+			if h.laneRefused != nil {
+				h.laneRefused()
 			}
 			break
 		}

@@ -875,7 +875,8 @@ func TestHostReaderReconnectCanceled(t *testing.T) {
 
 // TestPullFromHostLanes: a parallel pull reads over pullLanes connections
 // (the pool keeps them for the next pull), a pull with parallelism 1 over
-// one, and a host that takes only one connection still gets pulled.
+// one, and a host that takes only one connection still gets pulled, and
+// is not asked for a second one again by the next pull.
 func TestPullFromHostLanes(t *testing.T) {
 	t.Parallel()
 	e := hpNewEnv(t)
@@ -930,10 +931,15 @@ func TestPullFromHostLanes(t *testing.T) {
 		}
 	}()
 	out = pull(ln.Addr().String(), 4)
-	if accepted.Load() < 2 {
-		t.Fatalf("%d connections tried, want a second lane tried", accepted.Load())
+	if accepted.Load() != 2 {
+		t.Fatalf("%d connections tried, want the first and a second lane", accepted.Load())
 	}
 	e.writeBack(t, out["installPath"].(string), src, "raw")
+	// The refusal is remembered: the next pull does not try again.
+	pull(ln.Addr().String(), 4)
+	if accepted.Load() != 2 {
+		t.Fatalf("%d connections tried after a second pull, want no new one (the first reused, no second lane)", accepted.Load())
+	}
 }
 
 // A lane that finds the host file changed (size or mtime) since the first

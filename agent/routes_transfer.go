@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -77,6 +78,24 @@ type hostState struct {
 	pool      *sshfs.Pool
 	readBytes prometheus.Counter
 	wrote     prometheus.Counter
+	// oneLane holds the hosts (address and user) that refused a pull's
+	// extra connection, and when: their pulls use one connection for
+	// laneRefusalMemory, rather than each paying a failed dial.
+	oneLane sync.Map // string → time.Time
+}
+
+// laneRefusalMemory is how long a host that refused an extra connection
+// gets pulled over one.
+const laneRefusalMemory = 10 * time.Minute
+
+func laneKey(h sshfs.Host) string { return h.Addr + "\x00" + h.User }
+
+// pullLanes returns how many connections a pull from h may use.
+func (s *hostState) pullLanes(h sshfs.Host) int {
+	if v, ok := s.oneLane.Load(laneKey(h)); ok && time.Since(v.(time.Time)) < laneRefusalMemory {
+		return 1
+	}
+	return pullLanes
 }
 
 var hostStates sync.Map // *Agent → *hostState
