@@ -898,6 +898,13 @@ func TestPullFromHostLanes(t *testing.T) {
 	if p.Conns() != pullLanes {
 		t.Fatalf("parallelism 4: %d connections, want %d", p.Conns(), pullLanes)
 	}
+	// Both lanes carry data: the 20 MiB are read as pieces of 8, 8 and 4
+	// MiB, which the lanes take in turn, so each carries at least 4 MiB.
+	for i, n := range p.ConnBytes() {
+		if n < 4<<20 {
+			t.Fatalf("connection %d forwarded %d bytes of a 20 MiB pull (all: %v); want the reads spread over the lanes", i, n, p.ConnBytes())
+		}
+	}
 	e.writeBack(t, out["installPath"].(string), src, "raw")
 	pull(p.Addr(), 1)
 	if p.Conns() != pullLanes {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -26,6 +27,7 @@ type Proxy struct {
 	cuts     int
 	conns    int
 	live     map[*link]struct{}
+	links    []*link // every accepted connection, in order
 	closed   bool
 
 	wg sync.WaitGroup
@@ -82,6 +84,18 @@ func (p *Proxy) Conns() int {
 	return p.conns
 }
 
+// ConnBytes is, for every connection accepted so far in order, the bytes
+// forwarded through it (both directions).
+func (p *Proxy) ConnBytes() []int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]int64, len(p.links))
+	for i, l := range p.links {
+		out[i] = l.bytes.Load()
+	}
+	return out
+}
+
 // CloseConns closes every live connection now, each counted as a cut,
 // leaving the listener up.
 func (p *Proxy) CloseConns() {
@@ -127,6 +141,7 @@ func (p *Proxy) accept() {
 		p.conns++
 		l := &link{client: c}
 		p.live[l] = struct{}{}
+		p.links = append(p.links, l)
 		limit := p.cutAfter
 		p.wg.Add(1)
 		p.mu.Unlock()
@@ -140,6 +155,7 @@ type link struct {
 	client net.Conn
 	server net.Conn // nil until dialled
 	closed bool
+	bytes  atomic.Int64 // forwarded, both directions
 }
 
 func (l *link) close() {
@@ -212,21 +228,23 @@ func (p *Proxy) serve(l *link, limit int64) {
 	b := &budget{limit: limit}
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(server, l.client, b, l.close) }()
-	go func() { defer wg.Done(); p.pipe(l.client, server, b, l.close) }()
+	go func() { defer wg.Done(); p.pipe(server, l.client, b, l) }()
+	go func() { defer wg.Done(); p.pipe(l.client, server, b, l) }()
 	wg.Wait()
 }
 
 // pipe copies src to dst under the connection budget. On EOF it half-closes
 // dst so protocols that rely on shutdown still work; on any error or cut it
 // closes both sides.
-func (p *Proxy) pipe(dst, src net.Conn, b *budget, closeBoth func()) {
+func (p *Proxy) pipe(dst, src net.Conn, b *budget, l *link) {
+	closeBoth := l.close
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
 			allowed, cut := p.take(b, n)
 			if allowed > 0 {
+				l.bytes.Add(int64(allowed))
 				if _, werr := dst.Write(buf[:allowed]); werr != nil {
 					closeBoth()
 					return

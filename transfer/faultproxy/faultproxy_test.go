@@ -175,3 +175,28 @@ func TestUnreachableTarget(t *testing.T) {
 		t.Fatalf("got %d bytes from a dead target", len(got))
 	}
 }
+
+// ConnBytes counts what each connection forwarded, in accept order.
+func TestConnBytes(t *testing.T) {
+	p := New(t, serve(t, "src", 100000))
+	if got := p.ConnBytes(); len(got) != 0 {
+		t.Fatalf("ConnBytes before any connection = %v", got)
+	}
+	if got := fetch(t, p.Addr()); len(got) != 100000 {
+		t.Fatalf("fetched %d bytes", len(got))
+	}
+	p.CutAfter(5000)
+	_ = fetch(t, p.Addr())
+	var got []int64
+	deadline := time.Now().Add(10 * time.Second)
+	for { // the counts settle when the forwarding goroutines finish
+		got = p.ConnBytes()
+		if len(got) == 2 && got[0] == 100000 && got[1] == 5000 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(got) != 2 || got[0] != 100000 || got[1] != 5000 {
+		t.Fatalf("ConnBytes = %v, want [100000 5000]", got)
+	}
+}
