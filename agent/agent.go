@@ -167,6 +167,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 func (a *Agent) housekeeping() {
 	a.nbd.expire(context.Background(), time.Now())
+	if a.cfg.ExportExpiry > 0 {
+		a.sweepExports()
+	}
 	if n, err := a.cleanUploadDirs(time.Now()); err != nil {
 		a.log.Warn("upload dir cleanup", "err", err)
 	} else if n > 0 {

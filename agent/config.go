@@ -57,6 +57,9 @@ type Config struct {
 	// ExportURLBase, when set, is the scheme://host:port used in export URLs
 	// (default: derived from the request's Host header).
 	ExportURLBase string `yaml:"exportURLBase"`
+	// ExportExpiry, when positive, removes an export (and so revokes its
+	// URL) this long after it was made; 0 keeps exports until delexp.
+	ExportExpiry time.Duration `yaml:"exportExpiry"`
 	// Debug enables diagnostic commands (/imagestore/debug/*).
 	Debug bool `yaml:"debug"`
 }
@@ -252,6 +255,7 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
 		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
 		"IMAGESTORE_EXPORT_URL_BASE":       str(&c.ExportURLBase),
+		"IMAGESTORE_EXPORT_EXPIRY":         dur(&c.ExportExpiry),
 		"IMAGESTORE_ALLOWED_IMPORT_ROOTS": func(v string) error {
 			c.AllowedImportRoots = filepath.SplitList(v)
 			return nil
@@ -321,6 +325,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxBodyBytes <= 0 {
 		errs = append(errs, fmt.Errorf("maxBodyBytes: %d, must be positive", c.MaxBodyBytes))
+	}
+	if c.ExportExpiry < 0 {
+		errs = append(errs, fmt.Errorf("exportExpiry: %v, must not be negative", c.ExportExpiry))
 	}
 	if c.UploadDirExpiry <= 0 {
 		errs = append(errs, fmt.Errorf("uploadDirExpiry: %v, must be positive", c.UploadDirExpiry))

@@ -302,13 +302,28 @@ func (a *Agent) listExports() (map[string]exportMeta, error) {
 		if err != nil {
 			continue
 		}
+		if a.exportExpired(m, time.Now()) {
+			// A download in progress keeps its open file; new ones get 404.
+			if err := os.RemoveAll(filepath.Join(a.exportRoot, e.Name())); err != nil {
+				a.log.Warn("removing an expired export", "installPath", m.InstallPath, "err", err)
+			} else {
+				a.log.Info("removed an expired export", "installPath", m.InstallPath, "created", m.Created)
+			}
+			continue
+		}
 		out[e.Name()] = m
 	}
 	return out, nil
 }
 
-// sweepExports removes leftovers of exports interrupted by a crash; run it
-// at startup (listExports also does, on every export and delexp).
+// exportExpired reports whether m is past exportExpiry at now.
+func (a *Agent) exportExpired(m exportMeta, now time.Time) bool {
+	return a.cfg.ExportExpiry > 0 && now.Sub(m.Created) > a.cfg.ExportExpiry
+}
+
+// sweepExports removes leftovers of exports interrupted by a crash and
+// expired exports; run at startup and by housekeeping (listExports also
+// does, on every export and delexp).
 func (a *Agent) sweepExports() {
 	a.exportMu.Lock()
 	defer a.exportMu.Unlock()
@@ -409,7 +424,7 @@ func (a *Agent) serveExport(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	m, err := a.readExportMeta(token)
-	if err != nil || m.File != file {
+	if err != nil || m.File != file || a.exportExpired(m, time.Now()) {
 		http.NotFound(w, r)
 		return
 	}

@@ -215,3 +215,65 @@ func TestExportURLIsCapability(t *testing.T) {
 		t.Fatalf("GET after delexp: %d, want 404", code)
 	}
 }
+
+// With exportExpiry an export's URL stops working once it is older, the
+// housekeeping removes it, younger exports stay, and exporting the image
+// again gives a new URL.
+func TestExportExpiry(t *testing.T) {
+	r7requireTools(t, "qemu-img", "qemu-io")
+	e := newRestoreEnv(t, func(c *Config) { c.ExportExpiry = time.Hour })
+	files := r7makeChain(t, e.dir, 4<<20)
+	imgs := e.importChain(t, "vol", files...)
+	status := func(url string) int {
+		t.Helper()
+		res, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	old := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	young := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	if status(old) != 200 || status(young) != 200 {
+		t.Fatal("fresh exports are not served")
+	}
+	// Make the first one two hours old.
+	token := strings.Split(old[strings.Index(old, "/exports/")+len("/exports/"):], "/")[0]
+	metaPath := filepath.Join(e.a.exportRoot, token, "export.json")
+	b, err := os.ReadFile(metaPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m exportMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	m.Created = time.Now().Add(-2 * time.Hour)
+	if b, err = json.Marshal(m); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(metaPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := status(old); got != 404 {
+		t.Fatalf("GET of an expired export: %d, want 404", got)
+	}
+	e.a.housekeeping()
+	if _, err := os.Stat(filepath.Dir(metaPath)); !os.IsNotExist(err) {
+		t.Fatalf("expired export still on disk after housekeeping: %v", err)
+	}
+	if status(young) != 200 {
+		t.Fatal("housekeeping removed an export that had not expired")
+	}
+	again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	if again == old || status(again) != 200 {
+		t.Fatalf("export after expiry: %s (old %s)", again, old)
+	}
+
+	c := DefaultConfig()
+	c.ExportExpiry = -time.Second
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "exportExpiry") {
+		t.Fatalf("Validate of a negative exportExpiry = %v", err)
+	}
+}
