@@ -490,7 +490,8 @@ func (c *Client) patch(ctx context.Context, loc string, src io.ReaderAt, offset,
 		return nil
 	}
 	// Tee into h itself (not h.h) so h knows how far it hashed for the next rewind.
-	body := io.TeeReader(&countingReader{r: io.NewSectionReader(src, offset, size-offset), fn: progress}, h)
+	body := &bodyGuard{r: io.TeeReader(&countingReader{r: io.NewSectionReader(src, offset, size-offset), fn: progress}, h)}
+	defer body.stop()
 	hdr := http.Header{
 		"Content-Type":  {"application/octet-stream"},
 		"Content-Range": {fmt.Sprintf("%d-%d", offset, size-1)},
@@ -540,6 +541,34 @@ func (c *Client) patch(ctx context.Context, loc string, src io.ReaderAt, offset,
 			Errors: []ErrorInfo{{Code: CodeRangeInvalid, Message: fmt.Sprintf("server holds %d of %d bytes", end, size)}}}
 	}
 	return nil
+}
+
+// bodyGuard is a request body that is no longer read once stopped.
+// net/http may go on reading a request's body after Do returned (when the
+// server answered before taking it all), while what the body feeds (the
+// progress callback, the hasher of the next attempt) belongs to the caller
+// again from then on. stop waits for a Read in progress.
+type bodyGuard struct {
+	mu      sync.Mutex
+	r       io.Reader
+	stopped bool
+}
+
+var errBodyStopped = errors.New("oci: request finished")
+
+func (g *bodyGuard) Read(p []byte) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.stopped {
+		return 0, errBodyStopped
+	}
+	return g.r.Read(p)
+}
+
+func (g *bodyGuard) stop() {
+	g.mu.Lock()
+	g.stopped = true
+	g.mu.Unlock()
 }
 
 type countingReader struct {
