@@ -112,6 +112,10 @@ type Writer struct {
 	// checkpoint records a larger offset, no page is dropped from the
 	// cache, and Commit fails; a new Writer resumes from durable.
 	syncErr error
+
+	// commitFailed: Commit failed and closed the ingest, resumable; a
+	// Cancel after it still removes the ingest (see Cancel).
+	commitFailed bool
 }
 
 // errSyncFailed marks the error of a failed data fsync.
@@ -411,6 +415,16 @@ func (w *Writer) Close() error {
 
 // Cancel removes the ingest and everything it wrote.
 func (w *Writer) Cancel() error {
+	if w.done && w.commitFailed {
+		// Commit closed the ingest to keep it resumable; the caller gives
+		// it up instead: take it again (unless someone else has) and drop it.
+		w.commitFailed = false
+		w2, err := w.s.Writer(context.WithoutCancel(w.ctx), w.ref)
+		if err != nil {
+			return fmt.Errorf("blobstore: cancel ingest %s after a failed commit: %w", w.ref, err)
+		}
+		return w2.Cancel()
+	}
 	if w.done {
 		return nil
 	}
@@ -428,8 +442,9 @@ func (w *Writer) Cancel() error {
 // Commit verifies the ingest against size (-1 = any) and expected ("" =
 // accept the computed digest) and moves it into place as a blob. A size or
 // digest mismatch removes the ingest. Committing content that is already
-// stored succeeds and keeps one copy. Other failures leave the ingest
-// resumable.
+// stored succeeds and keeps one copy. Other failures close the Writer and
+// leave the ingest resumable by a new Writer for the ref, or removed by a
+// Cancel of this one.
 func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest) (digest.Digest, error) {
 	if w.done {
 		return "", fmt.Errorf("blobstore: commit of finished ingest %s", w.ref)
@@ -448,7 +463,7 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	_ = w.waitCheckpoint()
 	if w.syncErr != nil {
 		err := w.sync()
-		w.Close() // keeps the last good checkpoint: a retry resumes there
+		w.closeAfterFailedCommit()
 		return "", err
 	}
 	if size >= 0 && size != w.off {
@@ -461,12 +476,12 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 		return "", fmt.Errorf("%w: ingest %s is %s, expected %s", ErrDigestMismatch, w.ref, d, expected)
 	}
 	if err := w.sync(); err != nil {
-		w.Close() // keeps the last good checkpoint: a retry resumes there
+		w.closeAfterFailedCommit()
 		return "", err
 	}
 	dropCache(w.f, w.durable, w.off)
 	if err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off); err != nil {
-		w.Close()
+		w.closeAfterFailedCommit()
 		return "", err
 	}
 	w.done = true
@@ -476,6 +491,13 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	w.f.Close()
 	_ = syncDir(filepath.Join(w.s.root, dirIngest))
 	return d, nil
+}
+
+// closeAfterFailedCommit closes the ingest, keeping its last good
+// checkpoint for a retry, and lets a Cancel still remove it.
+func (w *Writer) closeAfterFailedCommit() {
+	_ = w.Close()
+	w.commitFailed = true
 }
 
 // commitBlob renames the fsynced data file into place (or drops it if the

@@ -511,6 +511,29 @@ func TestIngestSyncFailureIsSticky(t *testing.T) {
 		t.Fatalf("%d blobs after a failed fsync, want none", n)
 	}
 
+	// A caller that gives up cancels: the ingest goes, with its quota.
+	usedBefore := s.used
+	w2, err := s.Writer(context.Background(), "syncfail2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	syncs.Store(1) // the next fsync (Commit's) fails
+	if _, err := w2.Write(data[:8192]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w2.Commit(context.Background(), 8192, ""); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("Commit with a failing fsync = %v, want EIO", err)
+	}
+	if err := w2.Cancel(); err != nil {
+		t.Fatalf("Cancel after a failed Commit: %v", err)
+	}
+	if _, err := os.Stat(s.ingestDir("syncfail2")); !os.IsNotExist(err) {
+		t.Fatalf("ingest still on disk after Cancel of a failed Commit: %v", err)
+	}
+	if s.used != usedBefore {
+		t.Fatalf("used %d after Cancel, want %d as before the ingest", s.used, usedBefore)
+	}
+
 	s.syncFile = (*os.File).Sync
 	w, err = s.Writer(context.Background(), "syncfail")
 	if err != nil {
