@@ -147,7 +147,9 @@ func (a *Agent) makeExport(ctx context.Context, job *Job, img blobstore.Image, e
 		return exportMeta{}, "", err
 	}
 	for token, m := range existing {
-		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt {
+		// An export past half its life is not handed out again: a caller
+		// gets a URL with at least half of exportExpiry left.
+		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt && !a.exportExpired(m, time.Now().Add(a.cfg.ExportExpiry/2)) {
 			a.exportMu.Unlock()
 			return m, token, nil
 		}
@@ -196,7 +198,7 @@ func (a *Agent) makeExport(ctx context.Context, job *Job, img blobstore.Image, e
 
 // writeExport writes an export's file and, last, its export.json into dir.
 func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, extFmt, dir string) (exportMeta, error) {
-	meta := exportMeta{InstallPath: img.InstallPath(), ExtFmt: extFmt, File: img.Name + "-" + img.ID + "." + extFmt, Created: time.Now().UTC()}
+	meta := exportMeta{InstallPath: img.InstallPath(), ExtFmt: extFmt, File: img.Name + "-" + img.ID + "." + extFmt}
 	if h := exportFlattenHook.Load(); h != nil {
 		(*h)(img.InstallPath())
 	}
@@ -246,6 +248,8 @@ func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, 
 		meta.Size = n
 	}
 	meta.MD5Sum = hex.EncodeToString(h.Sum(nil))
+	// The URL's life (exportExpiry) counts from here, when it starts to work.
+	meta.Created = time.Now().UTC()
 	b, _ := json.MarshalIndent(meta, "", "  ")
 	if err := writeFileAtomic(filepath.Join(dir, "export.json"), b); err != nil {
 		return meta, err

@@ -238,24 +238,38 @@ func TestExportExpiry(t *testing.T) {
 	if status(old) != 200 || status(young) != 200 {
 		t.Fatal("fresh exports are not served")
 	}
-	// Make the first one two hours old.
-	token := strings.Split(old[strings.Index(old, "/exports/")+len("/exports/"):], "/")[0]
-	metaPath := filepath.Join(e.a.exportRoot, token, "export.json")
-	b, err := os.ReadFile(metaPath)
-	if err != nil {
-		t.Fatal(err)
+	// age makes the export of url as old as d; it returns its export.json.
+	age := func(url string, d time.Duration) string {
+		t.Helper()
+		token := strings.Split(url[strings.Index(url, "/exports/")+len("/exports/"):], "/")[0]
+		metaPath := filepath.Join(e.a.exportRoot, token, "export.json")
+		b, err := os.ReadFile(metaPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m exportMeta
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		m.Created = time.Now().Add(-d)
+		if b, err = json.Marshal(m); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(metaPath, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return metaPath
 	}
-	var m exportMeta
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatal(err)
+	// Exporting again hands out the same URL while it has at least half
+	// its life left, a new one after that.
+	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"]; again != young {
+		t.Fatalf("a fresh export was not reused: %v, first %v", again, young)
 	}
-	m.Created = time.Now().Add(-2 * time.Hour)
-	if b, err = json.Marshal(m); err != nil {
-		t.Fatal(err)
+	age(young, 40*time.Minute)
+	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"]; again == young {
+		t.Fatal("an export past half its life was handed out again")
 	}
-	if err := os.WriteFile(metaPath, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	metaPath := age(old, 2*time.Hour)
 	if got := status(old); got != 404 {
 		t.Fatalf("GET of an expired export: %d, want 404", got)
 	}
