@@ -8,6 +8,7 @@
 #        ZERO=1 (one allocated all-zero MiB: the pull's non-speculative path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SIZE_MB=${SIZE_MB:-4096}
 PAR=${PAR:-4}
 PROFILE=${PROFILE:-}   # a path: CPU profile of the full pull (go tool pprof)
@@ -20,35 +21,10 @@ USER=${USER:-$(id -un)}
 
 go build -o "$DIR/pullbench" ./bench/cmd/pullbench
 
-# --- sshd on a free loopback port, own host key, our client key authorised.
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_ed25519"
-ssh-keygen -q -t ed25519 -N '' -f "$DIR/client_ed25519"
-cp "$DIR/client_ed25519.pub" "$DIR/authorized_keys"
-echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$DIR/host_ed25519.pub")" > "$DIR/known_hosts"
-cat > "$DIR/sshd_config" <<CFG
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $DIR/host_ed25519
-PidFile $DIR/sshd.pid
-AuthorizedKeysFile $DIR/authorized_keys
-PermitRootLogin yes
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-Subsystem sftp internal-sftp
-UseDNS no
-CFG
-/usr/sbin/sshd -D -e -f "$DIR/sshd_config" 2>"$DIR/sshd.log" &
-SSHD_PID=$!
-SSH_OPTS=(-p "$PORT" -i "$DIR/client_ed25519" -o UserKnownHostsFile="$DIR/known_hosts" -o StrictHostKeyChecking=yes -o BatchMode=yes)
-for _ in $(seq 100); do ssh "${SSH_OPTS[@]}" "$USER@127.0.0.1" true 2>/dev/null && break; sleep 0.1; done
+start_sshd
 
 # CPU seconds of reaped sshd sessions (the listener's cutime + cstime).
 sshd_cpu() { awk -v hz="$HZ" '{ print ($16 + $17) / hz }' "/proc/$SSHD_PID/stat"; }
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
 # timed CMD...: sets T (seconds) and C (client CPU seconds).
 timed() {
   local out; out=$( { TIMEFORMAT='%R %U %S'; time "$@" >/dev/null; } 2>&1 | tail -1)

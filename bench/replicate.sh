@@ -7,6 +7,7 @@
 # Usage: bench/replicate.sh   SIZE_MB=1024 LAYERS=8 PAR=4 IMAGES=1000 bench/replicate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SIZE_MB=${SIZE_MB:-4096}
 LAYERS=${LAYERS:-16}
 PAR=${PAR:-4}
@@ -19,33 +20,9 @@ USER=${USER:-$(id -un)}
 
 go build -o "$DIR/replbench" ./bench/cmd/replbench
 
-# --- sshd on a free loopback port, own host key, our client key authorised.
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_ed25519"
-ssh-keygen -q -t ed25519 -N '' -f "$DIR/client_ed25519"
-cp "$DIR/client_ed25519.pub" "$DIR/authorized_keys"
-echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$DIR/host_ed25519.pub")" > "$DIR/known_hosts"
-cat > "$DIR/sshd_config" <<CFG
-Port $PORT
-ListenAddress 127.0.0.1
-HostKey $DIR/host_ed25519
-PidFile $DIR/sshd.pid
-AuthorizedKeysFile $DIR/authorized_keys
-PermitRootLogin yes
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-Subsystem sftp internal-sftp
-UseDNS no
-CFG
-/usr/sbin/sshd -D -e -f "$DIR/sshd_config" 2>"$DIR/sshd.log" &
-SSHD_PID=$!
-SSH="ssh -p $PORT -i $DIR/client_ed25519 -o UserKnownHostsFile=$DIR/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes"
-for _ in $(seq 100); do $SSH "$USER@127.0.0.1" true 2>/dev/null && break; sleep 0.1; done
+start_sshd
+SSH="ssh ${SSH_OPTS[*]}"
 
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
 row() { printf '%-36s %10s %14s %9s\n' "$@"; }
 
 echo "preparing $SIZE_MB MiB of incompressible layers ($LAYERS layers) in $DIR"

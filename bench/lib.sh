@@ -1,0 +1,37 @@
+# Shared by the bench scripts (source it): timing helpers and a throwaway
+# sshd on loopback.
+
+now() { date +%s.%N; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
+
+# start_sshd: an sshd on a free loopback port with its own host key, our
+# client key ($DIR/client_ed25519) authorised and $DIR/known_hosts naming
+# it; waits until a login works. Needs DIR and USER; sets PORT, SSHD_PID
+# and SSH_OPTS (ssh's options to reach it). The caller kills SSHD_PID.
+start_sshd() {
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  ssh-keygen -q -t ed25519 -N '' -f "$DIR/host_ed25519"
+  ssh-keygen -q -t ed25519 -N '' -f "$DIR/client_ed25519"
+  cp "$DIR/client_ed25519.pub" "$DIR/authorized_keys"
+  echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$DIR/host_ed25519.pub")" > "$DIR/known_hosts"
+  cat > "$DIR/sshd_config" <<CFG
+Port $PORT
+ListenAddress 127.0.0.1
+HostKey $DIR/host_ed25519
+PidFile $DIR/sshd.pid
+AuthorizedKeysFile $DIR/authorized_keys
+PermitRootLogin yes
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+Subsystem sftp internal-sftp
+UseDNS no
+CFG
+  /usr/sbin/sshd -D -e -f "$DIR/sshd_config" 2>"$DIR/sshd.log" &
+  SSHD_PID=$!
+  SSH_OPTS=(-p "$PORT" -i "$DIR/client_ed25519" -o UserKnownHostsFile="$DIR/known_hosts" -o StrictHostKeyChecking=yes -o BatchMode=yes)
+  for _ in $(seq 100); do ssh "${SSH_OPTS[@]}" "$USER@127.0.0.1" true 2>/dev/null && return 0; sleep 0.1; done
+  echo "sshd on port $PORT did not accept a login; see $DIR/sshd.log" >&2
+  return 1
+}
