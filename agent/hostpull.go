@@ -669,16 +669,11 @@ const hostRetries = 8
 const pullLanes = 2
 
 func (h *hostReader) open(ctx context.Context) error {
-	f, err := h.pool.Open(ctx, h.host, h.path)
+	f, err := h.openOn(ctx, 0)
 	if err != nil {
-		return hostErr(h.host, h.path, err)
+		return err
 	}
-	fi, err := h.pool.Stat(ctx, h.host, h.path)
-	if err != nil {
-		_ = f.Close()
-		return hostErr(h.host, h.path, err)
-	}
-	h.files, h.gens, h.size, h.mtime, h.ctx = []sshfs.File{f}, []int{0}, f.Size(), fi.ModTime(), ctx
+	h.files, h.gens, h.size, h.mtime, h.ctx = []sshfs.File{f}, []int{0}, f.Size(), f.ModTime(), ctx
 	for lane := 1; lane < h.lanes; lane++ {
 		// A lane that cannot open (the host limits connections, say) only
 		// costs parallelism: read over the lanes that did.
@@ -704,21 +699,25 @@ func (h *hostReader) open(ctx context.Context) error {
 	return nil
 }
 
-// openLane opens the file on lane's connection, refusing a file that is
-// not the one the other lanes read (its size or mtime changed).
-func (h *hostReader) openLane(ctx context.Context, lane int) (sshfs.File, error) {
+// openOn opens the file on lane's connection.
+func (h *hostReader) openOn(ctx context.Context, lane int) (sshfs.File, error) {
 	host := h.host
 	host.Lane = lane
 	f, err := h.pool.Open(ctx, host, h.path)
 	if err != nil {
 		return nil, hostErr(h.host, h.path, err)
 	}
-	fi, err := h.pool.Stat(ctx, host, h.path)
+	return f, nil
+}
+
+// openLane opens the file on lane's connection, refusing a file that is
+// not the one the other lanes read (its size or mtime changed).
+func (h *hostReader) openLane(ctx context.Context, lane int) (sshfs.File, error) {
+	f, err := h.openOn(ctx, lane)
 	if err != nil {
-		_ = f.Close()
-		return nil, hostErr(h.host, h.path, err)
+		return nil, err
 	}
-	if f.Size() != h.size || !fi.ModTime().Equal(h.mtime) {
+	if f.Size() != h.size || !f.ModTime().Equal(h.mtime) {
 		_ = f.Close()
 		return nil, fmt.Errorf("%s:%s %w (size %d→%d); not storing a mixed layer", h.host.Addr, h.path, errFileChanged, h.size, f.Size())
 	}

@@ -813,6 +813,8 @@ func (f *shortFile) ReadAt(p []byte, off int64) (int, error) {
 func (f *shortFile) Close() error { return nil }
 func (f *shortFile) Size() int64  { return int64(len(f.b)) }
 
+func (f *shortFile) ModTime() time.Time { return time.Time{} }
+
 func TestHostReaderShortReads(t *testing.T) {
 	b := make([]byte, 100000)
 	for i := range b {
@@ -857,6 +859,7 @@ type lostFile struct{}
 func (lostFile) ReadAt([]byte, int64) (int, error) { return 0, errors.New("connection lost") }
 func (lostFile) Close() error                      { return nil }
 func (lostFile) Size() int64                       { return 100 }
+func (lostFile) ModTime() time.Time                { return time.Time{} }
 
 // A reconnect stops with the pull's context: no back-off sleep, no dial
 // (the nil pool would panic), and the error says why.

@@ -21,6 +21,7 @@ type File interface {
 	io.ReaderAt
 	io.Closer
 	Size() int64
+	ModTime() time.Time // as the open file's fstat gave it
 }
 
 // AtomicFile is a remote file being written under a temporary name. Commit
@@ -126,6 +127,12 @@ func (f *remoteFile) Size() int64 {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.size
+}
+
+func (f *remoteFile) ModTime() time.Time {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.mtime
 }
 
 // open (re)opens the file; the caller holds f.mu for writing unless first.
