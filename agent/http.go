@@ -296,9 +296,9 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 	}
 	if strings.HasPrefix(r.URL.Path, exportURLPrefix) {
 		// An export URL is a capability: its 128-bit random token is the
-		// credential (like a presigned URL), so the management node can
-		// hand it to whoever downloads (qemu-img, a browser, curl), which
-		// cannot send our bearer token. delexp revokes it.
+		// credential, so the management node can hand it to whoever
+		// downloads (qemu-img, a browser, curl), which cannot send our
+		// bearer token. delexp or exportExpiry revokes it.
 		a.serveExport(w, r)
 		return exportURLPrefix + "{token}/{file}"
 	}
