@@ -79,7 +79,7 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 	// Exports a crash interrupted have no export.json: remove them now.
 	a.sweepExports()
 	a.m = newMetrics(a.reg, a.storeStats)
-	routes, err := buildRoutes()
+	routes, err := buildRoutes(routeTable())
 	if err != nil {
 		return nil, err
 	}

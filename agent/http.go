@@ -11,7 +11,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -31,8 +30,7 @@ const (
 // HandlerFunc serves one protocol path.
 type HandlerFunc func(a *Agent, w http.ResponseWriter, r *http.Request)
 
-// Route is one /imagestore/* path. Feature files (routes_*.go) register
-// theirs from init with addRoutes.
+// Route is one /imagestore/* path; routeTable (routes.go) lists them all.
 type Route struct {
 	Path    string // e.g. "/imagestore/import-backup/"; the trailing slash is optional on requests
 	Mode    Mode
@@ -41,22 +39,14 @@ type Route struct {
 	Methods []string
 }
 
-var (
-	routesMu    sync.Mutex
-	routeTable  []Route
-	syncSuffix  = "-sync"
-	ctxSyncMode = ctxKey("sync")
-	ctxRoute    = ctxKey("route")
-)
+const syncSuffix = "-sync"
 
 type ctxKey string
 
-// addRoutes registers routes; call it from a feature file's init.
-func addRoutes(rs ...Route) {
-	routesMu.Lock()
-	defer routesMu.Unlock()
-	routeTable = append(routeTable, rs...)
-}
+const (
+	ctxSyncMode = ctxKey("sync")
+	ctxRoute    = ctxKey("route")
+)
 
 // routeKey normalises a path for lookup: no trailing slash.
 func routeKey(p string) string { return strings.TrimRight(p, "/") }
@@ -70,9 +60,7 @@ type boundRoute struct {
 	sync    bool   // the -sync twin of an async route
 }
 
-func buildRoutes() (map[string]*boundRoute, error) {
-	routesMu.Lock()
-	defer routesMu.Unlock()
+func buildRoutes(table []Route) (map[string]*boundRoute, error) {
 	out := map[string]*boundRoute{}
 	add := func(key string, br *boundRoute) error {
 		if _, ok := out[key]; ok {
@@ -81,7 +69,7 @@ func buildRoutes() (map[string]*boundRoute, error) {
 		out[key] = br
 		return nil
 	}
-	for _, r := range routeTable {
+	for _, r := range table {
 		if err := add(routeKey(r.Path), &boundRoute{Route: r, pattern: r.Path}); err != nil {
 			return nil, err
 		}

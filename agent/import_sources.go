@@ -185,9 +185,6 @@ func (a *Agent) fetchSFTP(ctx context.Context, job *Job, u *url.URL, w *limitedW
 // the bytes received so far) and, on the last chunk, Upload-Complete: true.
 // A chunk at the wrong offset is refused with 409 and the offset to resume
 // from, so a cut upload continues where it stopped.
-func init() {
-	addRoutes(Route{Path: "/imagestore/upload/", Mode: Sync, Handler: (*Agent).uploadChunk, Methods: []string{http.MethodPut, http.MethodPost}})
-}
 
 // uploadIdle fails an upload import when no chunk arrives for this long.
 var uploadIdle = 15 * time.Minute

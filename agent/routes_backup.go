@@ -21,17 +21,6 @@ import (
 	"imagestore/blobstore"
 )
 
-func init() {
-	addRoutes(
-		Route{Path: "/imagestore/import-backup/", Mode: Async, Handler: (*Agent).importBackup},
-		Route{Path: "/imagestore/imgchain/", Mode: Async, Handler: (*Agent).imgChain},
-		Route{Path: "/imagestore/imginfo/", Mode: Async, Handler: (*Agent).imgInfo},
-		Route{Path: "/imagestore/delete/", Mode: Async, Handler: (*Agent).deleteImage},
-		Route{Path: "/imagestore/gc/", Mode: Async, Handler: (*Agent).gc},
-		Route{Path: "/imagestore/getimagehash/", Mode: Async, Handler: (*Agent).imageHash},
-	)
-}
-
 // ImageInfo is the protocol's image info (blobstore.Info).
 type ImageInfo = blobstore.Info
 

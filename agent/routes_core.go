@@ -15,21 +15,6 @@ import (
 	"imagestore/blobstore"
 )
 
-func init() {
-	addRoutes(
-		Route{Path: "/imagestore/echo/", Mode: Sync, Handler: (*Agent).echo, Methods: []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodHead}},
-		Route{Path: "/imagestore/connect/", Mode: Sync, Handler: (*Agent).connect},
-		Route{Path: "/imagestore/ping/", Mode: Async, Handler: (*Agent).ping},
-		Route{Path: "/imagestore/allocuploaddir/", Mode: Sync, Handler: (*Agent).allocUploadDir},
-		Route{Path: "/imagestore/installpath/allocate", Mode: Sync, Handler: (*Agent).allocInstallPath},
-		Route{Path: "/imagestore/setquota/", Mode: Async, Handler: (*Agent).setQuota},
-		Route{Path: "/imagestore/progress/", Mode: Sync, Handler: (*Agent).progress},
-		Route{Path: "/imagestore/job/list/", Mode: Sync, Handler: (*Agent).jobList},
-		Route{Path: "/imagestore/job/get/", Mode: Sync, Handler: (*Agent).jobGet},
-		Route{Path: "/imagestore/job/cancel/", Mode: Sync, Handler: (*Agent).jobCancel},
-	)
-}
-
 // flexInt accepts a JSON number (integer or float, as Java clients may
 // send 1.0E10) or a numeric string.
 type flexInt int64

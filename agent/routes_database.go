@@ -22,9 +22,6 @@ const databaseBackupName = "zsbak"
 // import whose desc has no md5 is a plain, unverified import).
 // /imagestore/images/ lists images by name; export of a zsbak image adds
 // databaseBackupUrl (routes_export.go).
-func init() {
-	addRoutes(Route{Path: "/imagestore/images/", Mode: Sync, Handler: (*Agent).listImages})
-}
 
 // databaseBackupDesc is the desc JSON of a database backup.
 type databaseBackupDesc struct {

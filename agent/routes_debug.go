@@ -7,10 +7,6 @@ import (
 	"time"
 )
 
-func init() {
-	addRoutes(Route{Path: "/imagestore/debug/sleep/", Mode: Async, Handler: (*Agent).debugSleep})
-}
-
 type sleepReq struct {
 	Millis flexInt `json:"millis"`
 	Backup bool    `json:"backup"` // take a parallelismDegree slot

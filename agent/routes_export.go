@@ -20,13 +20,6 @@ import (
 	"imagestore/blobstore"
 )
 
-func init() {
-	addRoutes(
-		Route{Path: "/imagestore/export/", Mode: Async, Handler: (*Agent).export},
-		Route{Path: "/imagestore/delexp/", Mode: Async, Handler: (*Agent).delExport},
-	)
-}
-
 // Exports live in <root>/exports/<token>/ with the file and export.json;
 // they are served at GET /exports/<token>/<file>.
 const exportURLPrefix = "/exports/"

@@ -16,10 +16,6 @@ import (
 	"imagestore/qcow2"
 )
 
-func init() {
-	addRoutes(Route{Path: "/imagestore/import/", Mode: Async, Handler: (*Agent).importURL})
-}
-
 // ErrImportTooLarge is returned when a download exceeds maxImportSize.
 var ErrImportTooLarge = errors.New("image larger than maxImportSize")
 

@@ -23,15 +23,6 @@ import (
 	"imagestore/transfer/replicate"
 )
 
-func init() {
-	addRoutes(
-		Route{Path: "/imagestore/exportnbdimage/", Mode: Async, Handler: (*Agent).exportNBDImage},
-		Route{Path: "/imagestore/exportnbdimage/cancel/", Mode: Async, Handler: (*Agent).cancelNBDImage},
-		Route{Path: "/imagestore/export/remotetarget/", Mode: Async, Handler: (*Agent).exportRemoteTarget},
-		Route{Path: "/imagestore/remotetarget/delete/", Mode: Async, Handler: (*Agent).deleteRemoteTarget},
-	)
-}
-
 // releaseProcess handles import-backup's processToRelease, which names an
 // exportnbdimage target group: stop its servers (qemu-nbd flushes on
 // SIGTERM) so the file is complete and nobody writes it while we read.

@@ -14,10 +14,6 @@ import (
 	"imagestore/qcow2"
 )
 
-func init() {
-	addRoutes(Route{Path: "/imagestore/template/create/", Mode: Async, Handler: (*Agent).createTemplate})
-}
-
 type templateReq struct {
 	InstallPath string `json:"installPath"` // the backup (top of its chain)
 	ImageUUID   string `json:"imageUuid"`   // the template's name

@@ -17,13 +17,6 @@ import (
 // Host transfers: the agent reads qcow2 layers from, and writes flattened
 // chains to, KVM hosts over SSH/SFTP (docs/agent-protocol.md "Host transfers").
 
-func init() {
-	addRoutes(
-		Route{Path: "/imagestore/pullfromhost/", Mode: Async, Handler: (*Agent).pullFromHost},
-		Route{Path: "/imagestore/writetohost/", Mode: Async, Handler: (*Agent).writeToHost},
-	)
-}
-
 // hostFields are the SSH fields shared by the host transfer commands.
 // Password and PrivateKey are secrets: never logged, never echoed.
 type hostFields struct {
