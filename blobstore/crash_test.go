@@ -40,10 +40,9 @@ func crashContent(i int) []byte {
 // crashChild ingests and commits forever until SIGKILLed. Every third
 // ingest is cut (Close) halfway and resumed by a new Writer.
 func crashChild(root string) {
-	checkpointEvery = 16 << 10
 	start, _ := strconv.Atoi(os.Getenv(envCrashStart))
 	ctx := context.Background()
-	s, err := Open(ctx, Options{Root: root})
+	s, err := Open(ctx, Options{Root: root, CheckpointEvery: 16 << 10})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "open:", err)
 		os.Exit(2)

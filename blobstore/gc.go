@@ -1,6 +1,8 @@
 package blobstore
 
 import (
+	"imagestore/internal/fsutil"
+
 	"context"
 	"errors"
 	"fmt"
@@ -114,7 +116,7 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 		}
 	}
 	for d := range dirs {
-		if err := syncDir(d); err != nil {
+		if err := fsutil.SyncDir(d); err != nil {
 			return res, fmt.Errorf("blobstore: gc: %w", err)
 		}
 	}

@@ -1,6 +1,8 @@
 package blobstore
 
 import (
+	"imagestore/internal/fsutil"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -171,10 +173,10 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return mapSpace(err, "blobstore: put image")
 	}
-	if err := syncDir(filepath.Dir(dir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
 		return fmt.Errorf("blobstore: put image: %w", err)
 	}
-	if err := writeFileAtomic(s.imagePath(img.Ref), b); err != nil {
+	if err := fsutil.WriteFile(s.imagePath(img.Ref), b, 0o600); err != nil {
 		return mapSpace(err, "blobstore: put image "+img.Ref.String())
 	}
 	return nil
@@ -370,12 +372,12 @@ func (s *Store) removeRecord(r Ref) error {
 	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("blobstore: delete image %s: %w", r, err)
 	}
-	if err := syncDir(filepath.Dir(p)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(p)); err != nil {
 		return fmt.Errorf("blobstore: delete image %s: %w", r, err)
 	}
 	// Drop the name's directory once empty (fails harmlessly otherwise).
 	if os.Remove(filepath.Dir(p)) == nil {
-		_ = syncDir(filepath.Join(s.root, dirImages))
+		_ = fsutil.SyncDir(filepath.Join(s.root, dirImages))
 	}
 	return nil
 }

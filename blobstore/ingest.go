@@ -1,6 +1,8 @@
 package blobstore
 
 import (
+	"imagestore/internal/fsutil"
+
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -15,16 +17,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 )
-
-// checkpointEvery is how many bytes a Writer writes between durable
-// checkpoints. A variable so the crash test can make checkpoints frequent.
-var checkpointEvery int64 = 32 << 20
 
 const (
 	ingestData      = "data"
@@ -32,8 +29,6 @@ const (
 	// copyBufSize is the one fixed buffer Put streams through.
 	copyBufSize = 1 << 20
 )
-
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
 // ingestState is the durable checkpoint of an ingest: the data file is
 // valid up to Offset and SHA256 is the marshalled hash of exactly those bytes.
@@ -271,7 +266,7 @@ func (w *Writer) startCheckpoint() error {
 			return
 		}
 		dropCache(f, from, to)
-		ch <- mapSpace(writeFileAtomic(statePath, b), "blobstore: checkpoint ingest "+ref)
+		ch <- mapSpace(fsutil.WriteFile(statePath, b, 0o600), "blobstore: checkpoint ingest "+ref)
 	}()
 	w.pending, w.pendOff = ch, w.off
 	return nil
@@ -389,7 +384,7 @@ func (w *Writer) checkpoint() error {
 	if err != nil {
 		return fmt.Errorf("blobstore: marshal hash state: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(w.dir, ingestStateFile), b); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(w.dir, ingestStateFile), b, 0o600); err != nil {
 		return mapSpace(err, "blobstore: checkpoint ingest "+w.ref)
 	}
 	w.durable = w.off
@@ -489,7 +484,7 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	// and Open/GC would clean it after a crash.
 	os.RemoveAll(w.dir)
 	w.f.Close()
-	_ = syncDir(filepath.Join(w.s.root, dirIngest))
+	_ = fsutil.SyncDir(filepath.Join(w.s.root, dirIngest))
 	return d, nil
 }
 
@@ -530,10 +525,10 @@ func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size in
 	s.commits[d] = now
 	s.blobs++
 	s.mu.Unlock()
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.SyncDir(dir); err != nil {
 		return fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
-	if err := syncDir(filepath.Dir(dir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
 		return fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
 	return nil
@@ -588,8 +583,8 @@ func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected diges
 	if err != nil {
 		return "", 0, err
 	}
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
+	bp := s.copyBufs.Get().(*[]byte)
+	defer s.copyBufs.Put(bp)
 	buf := *bp
 	for {
 		if err := ctx.Err(); err != nil {
@@ -667,7 +662,7 @@ func (s *Store) cleanIngests(ctx context.Context, atOpen bool) (int, int64, erro
 		freed += size
 	}
 	if removed > 0 {
-		_ = syncDir(base)
+		_ = fsutil.SyncDir(base)
 	}
 	return removed, freed, nil
 }

@@ -5,6 +5,8 @@
 package blobstore
 
 import (
+	"imagestore/internal/fsutil"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -26,12 +28,16 @@ type Options struct {
 	Quota        int64         // bytes; 0 = none; overridden by SetQuota (persisted)
 	IngestExpiry time.Duration // abandoned ingests older than this are removed (default 24h)
 	CommitGrace  time.Duration // GC never frees a blob committed less than this ago (default 10m)
-	Logger       *slog.Logger
+	// CheckpointEvery is how many bytes an ingest Writer writes between
+	// durable checkpoints (default 32 MiB): what a crash can cost to resend.
+	CheckpointEvery int64
+	Logger          *slog.Logger
 }
 
 const (
 	defaultIngestExpiry = 24 * time.Hour
 	defaultCommitGrace  = 10 * time.Minute
+	defaultCheckpoint   = 32 << 20
 	dirBlobs            = "blobs"
 	dirIngest           = "ingest"
 	dirImages           = "images"
@@ -63,6 +69,7 @@ type Store struct {
 	commits map[digest.Digest]time.Time // recent commits, for CommitGrace
 
 	checkpointEvery int64                // bytes between ingest checkpoints; tests lower it
+	copyBufs        sync.Pool            // Put's copy buffers
 	syncFile        func(*os.File) error // fsyncs ingest data; tests make it fail
 }
 
@@ -86,6 +93,9 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.CommitGrace <= 0 {
 		opts.CommitGrace = defaultCommitGrace
 	}
+	if opts.CheckpointEvery <= 0 {
+		opts.CheckpointEvery = defaultCheckpoint
+	}
 	if opts.Quota < 0 {
 		return nil, fmt.Errorf("blobstore: negative quota %d", opts.Quota)
 	}
@@ -102,9 +112,10 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		holds:   map[digest.Digest]int{},
 		commits: map[digest.Digest]time.Time{},
 
-		checkpointEvery: checkpointEvery,
+		checkpointEvery: opts.CheckpointEvery,
 		syncFile:        (*os.File).Sync,
 	}
+	s.copyBufs.New = func() any { b := make([]byte, copyBufSize); return &b }
 	for _, d := range []string{"", dirBlobs, filepath.Join(dirBlobs, "sha256"), dirIngest, dirImages, dirQuarantine} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, mapSpace(err, "blobstore: create layout")
@@ -191,7 +202,7 @@ func (s *Store) SetQuota(q int64) error {
 	b, _ := json.Marshal(settings{Quota: q})
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := writeFileAtomic(filepath.Join(s.root, fileSettings), b); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(s.root, fileSettings), b, 0o600); err != nil {
 		return mapSpace(err, "blobstore: save quota")
 	}
 	s.quota = q
@@ -217,48 +228,4 @@ func (s *Store) release(n int64) {
 	s.mu.Lock()
 	s.used -= n
 	s.mu.Unlock()
-}
-
-// writeFileAtomic writes b to path so a crash leaves either the old or the
-// new content: temp file in the same directory, fsync, rename, fsync dir.
-func writeFileAtomic(path string, b []byte) error {
-	dir, base := filepath.Split(path)
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(b); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	ok = true
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		return err
-	}
-	return nil
 }

@@ -1,6 +1,8 @@
 package blobstore
 
 import (
+	"imagestore/internal/fsutil"
+
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -93,8 +95,8 @@ func (s *Store) verifyBlob(ctx context.Context, d digest.Digest) (*CorruptBlob, 
 	}
 	defer f.Close()
 	h := sha256.New()
-	bp := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(bp)
+	bp := s.copyBufs.Get().(*[]byte)
+	defer s.copyBufs.Put(bp)
 	n, err := io.CopyBuffer(h, readerFunc(func(p []byte) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return 0, err
@@ -148,8 +150,8 @@ func (s *Store) quarantine(d digest.Digest) (string, error) {
 	s.used -= fi.Size()
 	s.blobs--
 	delete(s.commits, d)
-	_ = syncDir(filepath.Dir(s.blobPath(d)))
-	_ = syncDir(filepath.Dir(dst))
+	_ = fsutil.SyncDir(filepath.Dir(s.blobPath(d)))
+	_ = fsutil.SyncDir(filepath.Dir(dst))
 	return dst, nil
 }
 

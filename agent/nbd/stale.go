@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"imagestore/internal/fsutil"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -41,35 +42,10 @@ func writeRecord(path string, r record) error {
 	if err != nil {
 		return fmt.Errorf("nbd: record: %w", err)
 	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	// The directory sync matters: without it a crash could lose the
+	// record of a running qemu-nbd, which the next start could then not stop.
+	if err := fsutil.WriteFile(path, b, 0o600); err != nil {
 		return fmt.Errorf("nbd: record: %w", err)
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("nbd: record: %w", err)
-	}
-	// The rename is durable only once the directory is: without it a
-	// crash could lose the record of a running qemu-nbd, which the next
-	// start could then not stop.
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return fmt.Errorf("nbd: record: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("nbd: record: sync dir: %w", err)
 	}
 	return nil
 }

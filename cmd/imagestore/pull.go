@@ -1,6 +1,9 @@
 package main
 
 import (
+	"imagestore/internal/fsutil"
+	"imagestore/internal/retry"
+
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -88,7 +91,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 		if len(ri.Chain) != 1 {
 			return fmt.Errorf("image %s: %s chain of %d layers cannot be pulled", ri.Ref, top.Format, len(ri.Chain))
 		}
-		written, err = atomicWrite(*dst, func(w io.Writer) (int64, error) {
+		written, err = fsutil.WriteFunc(*dst, 0o600, func(w io.Writer) (int64, error) {
 			f, err := os.Open(paths[0])
 			if err != nil {
 				return 0, err
@@ -133,50 +136,11 @@ func flattenTo(ctx context.Context, g *globals, ri *remoteImage, paths []string,
 	}
 	p := g.newProgress("flatten", 0)
 	defer p.Done()
-	return atomicWrite(dst, func(w io.Writer) (int64, error) {
+	return fsutil.WriteFunc(dst, 0o600, func(w io.Writer) (int64, error) {
 		n, err := qcow2.Flatten(ctx, w, chain, format, qcow2.WriteOptions{})
 		p.Add(n)
 		return n, err
 	})
-}
-
-// atomicWrite writes a temp file in dst's directory, fsyncs it, renames it
-// over dst and fsyncs the directory: dst is the old file or the whole new one.
-func atomicWrite(dst string, fill func(io.Writer) (int64, error)) (int64, error) {
-	dir, base := filepath.Split(dst)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return 0, err
-	}
-	done := false
-	defer func() {
-		if !done {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	n, err := fill(tmp)
-	if err != nil {
-		return n, err
-	}
-	if err := tmp.Sync(); err != nil {
-		return n, err
-	}
-	if err := tmp.Close(); err != nil {
-		return n, err
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
-		return n, err
-	}
-	done = true
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
-	return n, nil
 }
 
 // downloadBlob fetches blob l into path, hashing as it writes; a cut
@@ -190,25 +154,16 @@ func downloadBlob(ctx context.Context, c *oci.Client, name string, l oci.Descrip
 	defer f.Close()
 	h := sha256.New()
 	var off int64
-	const resumes = 6
-	for attempt := 0; ; attempt++ {
-		err := fetchFrom(ctx, c, name, l, f, h, &off, lim, p)
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if !retryable(err) || attempt >= resumes {
-			return fmt.Errorf("download %s: %w", l.Digest, err)
-		}
-		t := time.NewTimer(min(time.Duration(200<<attempt)*time.Millisecond, time.Second))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
+	// Up to 6 resumes, 200 ms doubling to 1 s, each from the bytes on disk.
+	policy := retry.Policy{Attempts: 7, Initial: 200 * time.Millisecond, Max: time.Second, Jitter: 0.2, Retryable: retryable}
+	err = policy.Do(ctx, func(ctx context.Context, _ int) error {
+		return fetchFrom(ctx, c, name, l, f, h, &off, lim, p)
+	})
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil {
+		return fmt.Errorf("download %s: %w", l.Digest, err)
 	}
 	if got := digest.NewDigest(digest.SHA256, h); got != l.Digest {
 		return fmt.Errorf("download %s: %w: got %s", l.Digest, oci.ErrDigestInvalid, got)

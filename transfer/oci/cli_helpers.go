@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"imagestore/internal/retry"
 	"io"
 	"net/http"
 
@@ -84,40 +85,32 @@ func (c *Client) PushStream(ctx context.Context, name string, r io.Reader, opts 
 // sendChunk PATCHes p at offset base, resuming within p after a cut.
 func (c *Client) sendChunk(ctx context.Context, loc string, p []byte, base int64) (string, error) {
 	pos := 0
-	for attempt := 0; ; attempt++ {
-		err := c.patchBytes(ctx, loc, p[pos:], base+int64(pos))
-		if err == nil {
-			return loc, nil
+	tries := 0
+	err := c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
+		tries++
+		if attempt > 0 {
+			got, nloc, serr := c.uploadStatus(ctx, loc)
+			if errors.Is(serr, ErrNotFound) {
+				return retry.Permanent(fmt.Errorf("oci: %w: %v", ErrStreamLost, serr))
+			}
+			if serr != nil {
+				return serr // still unreachable; counts as an attempt
+			}
+			loc = nloc
+			if got < base || got > base+int64(len(p)) {
+				return retry.Permanent(fmt.Errorf("oci: %w: server holds %d bytes, chunk spans %d-%d", ErrStreamLost, got, base, base+int64(len(p))))
+			}
+			pos = int(got - base)
+			if pos == len(p) {
+				return nil
+			}
 		}
-		if ctx.Err() != nil {
-			return loc, ctx.Err()
-		}
-		var oe *Error
-		if errors.As(err, &oe) && !oe.Temporary() && oe.Status != http.StatusRequestedRangeNotSatisfiable {
-			return loc, err
-		}
-		if attempt >= c.resumes {
-			return loc, fmt.Errorf("oci: streamed upload: giving up after %d resumes: %w", attempt, err)
-		}
-		if err := sleep(ctx, backoff(attempt+1)); err != nil {
-			return loc, err
-		}
-		got, nloc, serr := c.uploadStatus(ctx, loc)
-		if errors.Is(serr, ErrNotFound) {
-			return loc, fmt.Errorf("oci: %w: %v", ErrStreamLost, serr)
-		}
-		if serr != nil {
-			continue // still unreachable; counts as an attempt
-		}
-		loc = nloc
-		if got < base || got > base+int64(len(p)) {
-			return loc, fmt.Errorf("oci: %w: server holds %d bytes, chunk spans %d-%d", ErrStreamLost, got, base, base+int64(len(p)))
-		}
-		pos = int(got - base)
-		if pos == len(p) {
-			return loc, nil
-		}
+		return c.patchBytes(ctx, loc, p[pos:], base+int64(pos))
+	})
+	if err != nil {
+		return loc, c.resumeErr(ctx, "oci: streamed upload", tries, err)
 	}
+	return loc, nil
 }
 
 func (c *Client) patchBytes(ctx context.Context, loc string, p []byte, off int64) error {

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"imagestore/internal/retry"
 	"io"
 	"net"
 	"net/http"
@@ -324,42 +325,32 @@ func (c *Client) PushBlob(ctx context.Context, name string, d digest.Digest, siz
 	}
 	h := &prefixHasher{src: src, h: sha256.New()}
 	var sent, offset int64
-	attempt := 0
-	for {
-		err = c.patch(ctx, loc, src, offset, size, useZ, h, func(n int64) { sent += n; progress(n) })
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var oe *Error
-		if errors.As(err, &oe) && !oe.Temporary() && oe.Status != http.StatusRequestedRangeNotSatisfiable {
-			return err
-		}
-		if attempt >= c.resumes {
-			return fmt.Errorf("oci: upload of %s: giving up after %d resumes: %w", d, attempt, err)
-		}
-		attempt++
-		if err := sleep(ctx, backoff(attempt)); err != nil {
-			return err
-		}
-		off, nloc, serr := c.uploadStatus(ctx, loc)
-		switch {
-		case serr == nil:
-			loc = nloc
-		case errors.Is(serr, ErrNotFound):
-			// The session is gone (expired or the peer lost it): start over.
-			if loc, serr = c.startUpload(ctx, name); serr != nil {
-				continue
+	tries := 0
+	err = c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
+		tries++
+		if attempt > 0 {
+			// Learn the server's durable offset and go on from there.
+			off, nloc, serr := c.uploadStatus(ctx, loc)
+			switch {
+			case serr == nil:
+				loc = nloc
+			case errors.Is(serr, ErrNotFound):
+				// The session is gone (expired or the peer lost it): start over.
+				if nloc, serr = c.startUpload(ctx, name); serr != nil {
+					return serr
+				}
+				loc, off = nloc, 0
+			default:
+				return serr // peer still unreachable; counts as an attempt
 			}
-			off = 0
-		default:
-			continue // peer still unreachable; count this as an attempt
+			progress(off - sent)
+			sent = off
+			offset = off
 		}
-		progress(off - sent)
-		sent = off
-		offset = off
+		return c.patch(ctx, loc, src, offset, size, useZ, h, func(n int64) { sent += n; progress(n) })
+	})
+	if err != nil {
+		return c.resumeErr(ctx, fmt.Sprintf("oci: upload of %s", d), tries, err)
 	}
 	if got := h.digest(); got != d {
 		c.cancelUpload(ctx, loc)
@@ -381,23 +372,33 @@ func (c *Client) PushBlob(ctx context.Context, name string, d digest.Digest, siz
 	return nil
 }
 
-func backoff(attempt int) time.Duration {
-	d := 100 * time.Millisecond << attempt
-	if d > 4*time.Second {
-		d = 4 * time.Second
+// resumePolicy is how a blob transfer resumes after a cut: up to
+// ResumeAttempts more tries, 200 ms doubling to 4 s, ±20 % jitter; a
+// definite answer from the server (other than 416, which a status query
+// resolves) ends it.
+func (c *Client) resumePolicy() retry.Policy {
+	return retry.Policy{
+		Attempts: c.resumes + 1,
+		Initial:  200 * time.Millisecond,
+		Max:      4 * time.Second,
+		Jitter:   0.2,
+		Retryable: func(err error) bool {
+			var oe *Error
+			return !errors.As(err, &oe) || oe.Temporary() || oe.Status == http.StatusRequestedRangeNotSatisfiable
+		},
 	}
-	return d
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
+// resumeErr is the error of a transfer resumePolicy ended: the ctx's if it
+// ended, the server's answer if it was definite, else a give-up.
+func (c *Client) resumeErr(ctx context.Context, what string, tries int, err error) error {
+	if ctx.Err() != nil {
 		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
+	if tries > c.resumes && c.resumePolicy().Retryable(err) {
+		return fmt.Errorf("%s: giving up after %d resumes: %w", what, tries-1, err)
+	}
+	return err
 }
 
 func addQuery(u, k, v string) string {
