@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"imagestore/internal/retry"
 	"io"
 	"net/http"
 	"os"
@@ -175,7 +176,7 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 		if errors.As(err, &ae) || time.Now().After(deadline) {
 			return err
 		}
-		if err := sleepCtx(ctx, 250*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 250*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -188,49 +189,50 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 	p := g.newProgress("upload", size)
 	p.Add(off)
 	lim := ratelimit.New(bw.v)
-	failures := 0
+	// A chunk that fails is sent again up to 6 times, 400 ms doubling to
+	// 2 s, from where the agent says it holds the upload.
+	policy := retry.Policy{Attempts: 7, Initial: 400 * time.Millisecond, Max: 2 * time.Second, Jitter: 0.2,
+		Retryable: func(err error) bool {
+			var ae *errAgent
+			return !errors.As(err, &ae) && !errors.Is(err, errNoSession)
+		}}
 	for {
 		n := min(chunk, size-off)
 		last := off+n == size
-		st, err = a.put(ctx, *task, ratelimit.Reader(ctx, io.NewSectionReader(f, off, n), lim), n, off, last)
-		if err == nil && st.Success && st.Offset == off+n {
+		tries := 0
+		err = policy.Do(ctx, func(ctx context.Context, attempt int) error {
+			tries++
+			if attempt > 0 {
+				// Ask where to resume (a 409 already told us).
+				if st2, perr := a.put(ctx, *task, nil, 0, 0, false); perr == nil {
+					p.Add(st2.Offset - off)
+					off = st2.Offset
+				} else if errors.Is(perr, errNoSession) {
+					return perr
+				}
+				n = min(chunk, size-off)
+				last = off+n == size
+			}
+			st, err := a.put(ctx, *task, ratelimit.Reader(ctx, io.NewSectionReader(f, off, n), lim), n, off, last)
+			if err != nil {
+				return err
+			}
+			if !st.Success || st.Offset != off+n {
+				return fmt.Errorf("agent: %s", st.Error)
+			}
 			p.Add(n)
 			off = st.Offset
-			failures = 0
-			if last {
-				if !st.Complete {
-					err = errors.New("agent did not acknowledge the end of the upload")
-					break
-				}
-				break
+			if last && !st.Complete {
+				return retry.Permanent(errors.New("agent did not acknowledge the end of the upload"))
 			}
-			continue
+			return nil
+		})
+		if err != nil && tries == policy.Attempts && policy.Retryable(err) && ctx.Err() == nil {
+			err = fmt.Errorf("giving up after %d failed chunks: %w", tries-1, err)
 		}
-		var ae *errAgent
-		if errors.As(err, &ae) || errors.Is(err, errNoSession) || ctx.Err() != nil {
+		if err != nil || last {
 			break
 		}
-		failures++
-		if failures > 6 {
-			if err == nil {
-				err = fmt.Errorf("agent: %s", st.Error)
-			}
-			err = fmt.Errorf("giving up after %d failed chunks: %w", failures-1, err)
-			break
-		}
-		if serr := sleepCtx(ctx, min(time.Duration(200<<failures)*time.Millisecond, 2*time.Second)); serr != nil {
-			err = serr
-			break
-		}
-		// Ask where to resume (a 409 already told us).
-		if st2, perr := a.put(ctx, *task, nil, 0, 0, false); perr == nil {
-			p.Add(st2.Offset - off)
-			off = st2.Offset
-		} else if errors.Is(perr, errNoSession) {
-			err = perr
-			break
-		}
-		err = nil
 	}
 	p.Done()
 	if err != nil {
@@ -282,19 +284,8 @@ func (a *agentClient) waitJob(ctx context.Context, task string, res *uploadResul
 				}
 			}
 		}
-		if err := sleepCtx(ctx, 250*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 250*time.Millisecond); err != nil {
 			return err
 		}
-	}
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
 }
