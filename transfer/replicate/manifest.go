@@ -11,7 +11,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/blobstore"
-	"imagestore/qcow2"
+	"imagestore/layer"
 	"imagestore/transfer/oci"
 )
 
@@ -181,7 +181,7 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 	// The config is untrusted: before any record says "qcow2", check that
 	// each such blob is one and names exactly its recorded parent, so
 	// qemu-img/qemu-nbd opening it in place follow nothing else.
-	if err := CheckLayers(ctx, st, c.Chain); err != nil {
+	if err := layer.Check(ctx, st, c.Chain); err != nil {
 		return top, fmt.Errorf("%w: %w", oci.ErrManifestInvalid, err)
 	}
 	for _, img := range c.Chain {
@@ -203,62 +203,7 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 	return top, nil
 }
 
-// ErrLayerInvalid: a qcow2 layer's header does not match its record.
-var ErrLayerInvalid = errors.New("qcow2 layer does not match its record")
-
-// CheckLayers checks every qcow2 layer of chain (base first, as in
-// Config.Chain) with our hardened reader: the blob must parse, name its
-// parent's blob by blobstore.BackingName with backing format qcow2 (a base
-// names no backing file) and have its parent's virtual size. qemu follows
-// a backing name blindly (/etc/passwd, json:{...}), so whatever qemu opens
-// in place must pass this first. Errors wrap ErrLayerInvalid and name the
-// layer.
+// CheckLayers is layer.Check, for the callers not yet switched to it.
 func CheckLayers(ctx context.Context, st *blobstore.Store, chain []blobstore.Image) error {
-	var parentSize int64
-	for i, img := range chain {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if img.Format != "qcow2" {
-			parentSize = -1 // a non-qcow2 parent cannot back a qcow2 layer
-			continue
-		}
-		size, err := checkLayer(ctx, st, img, chain[:i], parentSize)
-		if err != nil {
-			return fmt.Errorf("%w: layer %s (%s): %w", ErrLayerInvalid, img.Blob, img.Ref, err)
-		}
-		parentSize = size
-	}
-	return nil
-}
-
-func checkLayer(ctx context.Context, st *blobstore.Store, img blobstore.Image, below []blobstore.Image, parentSize int64) (int64, error) {
-	b, err := st.OpenBlob(ctx, img.Blob)
-	if err != nil {
-		return 0, err
-	}
-	defer b.Close()
-	im, err := qcow2.Open(b, b.Size())
-	if err != nil {
-		return 0, err
-	}
-	wantFile, wantFmt := "", ""
-	if len(below) > 0 {
-		parent := below[len(below)-1]
-		if parent.Format != "qcow2" || parentSize < 0 {
-			return 0, fmt.Errorf("parent %s has format %q", parent.Ref, parent.Format)
-		}
-		wantFile, wantFmt = blobstore.BackingName(parent.Blob), "qcow2"
-		if im.VirtualSize() != parentSize {
-			return 0, fmt.Errorf("virtual size %d, parent's is %d", im.VirtualSize(), parentSize)
-		}
-	}
-	if im.BackingFile() != wantFile || im.BackingFormat() != wantFmt {
-		return 0, fmt.Errorf("backing file %q (format %q), want %q (format %q)",
-			im.BackingFile(), im.BackingFormat(), wantFile, wantFmt)
-	}
-	if img.VirtualSize != 0 && img.VirtualSize != im.VirtualSize() {
-		return 0, fmt.Errorf("virtual size %d, record says %d", im.VirtualSize(), img.VirtualSize)
-	}
-	return im.VirtualSize(), nil
+	return layer.Check(ctx, st, chain)
 }

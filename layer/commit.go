@@ -1,0 +1,250 @@
+package layer
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"imagestore/blobstore"
+	"imagestore/qcow2"
+)
+
+// Content writes one blob's bytes to w and returns the guest (virtual) size
+// of what it wrote. Normalize, NormalizeRaw and Flatten make the usual ones;
+// a caller may wrap one (to speculate, to tee) or write its own.
+type Content func(ctx context.Context, w io.Writer) (virtualSize int64, err error)
+
+// Progress is told of the bytes Commit writes into the ingest (a job's
+// progress satisfies it).
+type Progress interface{ Add(n int64) }
+
+// Record is the image record Commit creates; the blob's digest and size,
+// the creation time and the parent's name come from the commit.
+type Record struct {
+	Ref    blobstore.Ref
+	Parent *blobstore.Image // nil for a base
+	Format string           // "qcow2" records are checked (Check) before they are made
+	Author string
+	Arch   string
+	Desc   string
+}
+
+// Spec is one Commit: a Record and where its blob's bytes come from:
+// either Content (written into a fresh ingest) or Reader (opaque bytes
+// stored as they are).
+type Spec struct {
+	Record
+	// Ingest names the ingest Content writes ("" = a random "layer-…").
+	Ingest  string
+	Content Content
+	// Progress, if set, counts the bytes Content writes (Content only).
+	Progress Progress
+	// Reader holds opaque bytes, stored as-is by blobstore.Put: with
+	// Size ≥ 0 the quota is checked before reading and the length must
+	// be Size. The record's virtual size is the byte size.
+	Reader io.Reader
+	Size   int64
+	// Verify, if set, runs on the committed blob, held, before the record
+	// is made: its error leaves the blob unrecorded (GC frees it).
+	Verify func(ctx context.Context, l Layer) error
+}
+
+// ingestBuffer batches Content's writes into the ingest.
+const ingestBuffer = 1 << 20
+
+// Commit stores a blob and records it as an image, the one way every
+// import path does so:
+//
+//  1. ingest: the bytes go into the store (Content into an ingest that is
+//     committed with its size checked, or Reader through blobstore.Put);
+//     a failure removes the ingest;
+//  2. hold: the new blob is held from its commit until the record exists,
+//     and the parent's blob for the whole call, so GC cannot free either
+//     whatever the store's commit grace;
+//  3. verify: a "qcow2" record's blob must pass the layer check against
+//     the parent (Check), then spec.Verify runs;
+//  4. record: the image record is written (blobstore.PutImage) and logged.
+//
+// Errors of Content, Reader and Verify come back as they are, so callers
+// branch on them (qcow2.ErrZeroData, say) and wrap them with their own
+// context.
+func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) {
+	if (spec.Content == nil) == (spec.Reader == nil) {
+		return blobstore.Image{}, errors.New("layer: commit needs exactly one of Content and Reader")
+	}
+	if spec.Parent != nil {
+		release := s.blobs.Hold(spec.Parent.Blob)
+		defer release()
+	}
+	var l Layer
+	var err error
+	if spec.Content != nil {
+		l, err = s.ingest(ctx, spec)
+	} else {
+		l.Digest, l.Size, err = s.blobs.Put(ctx, spec.Reader, spec.Size, "")
+		l.VirtualSize = l.Size
+	}
+	if err != nil {
+		return blobstore.Image{}, err
+	}
+	release := s.blobs.Hold(l.Digest)
+	defer release()
+	if spec.Format == "qcow2" {
+		if err := s.checkNew(ctx, spec.Record, l); err != nil {
+			return blobstore.Image{}, err
+		}
+	}
+	if spec.Verify != nil {
+		if err := spec.Verify(ctx, l); err != nil {
+			return blobstore.Image{}, err
+		}
+	}
+	return s.record(ctx, spec.Record, l)
+}
+
+// ingest writes spec.Content into a fresh ingest and commits it.
+func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
+	ref := spec.Ingest
+	if ref == "" {
+		ref = "layer-" + randomHex(12)
+	}
+	w, err := s.blobs.Writer(ctx, ref)
+	if err != nil {
+		return Layer{}, err
+	}
+	var out io.Writer = w
+	if spec.Progress != nil {
+		out = io.MultiWriter(w, progressWriter{spec.Progress})
+	}
+	bw := bufio.NewWriterSize(out, ingestBuffer)
+	cw := &countingWriter{w: bw}
+	vsize, err := spec.Content(ctx, cw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		_ = w.Cancel()
+		return Layer{}, err
+	}
+	d, err := w.Commit(ctx, cw.n, "")
+	if err != nil {
+		_ = w.Cancel()
+		return Layer{}, fmt.Errorf("committing layer: %w", err)
+	}
+	return Layer{Digest: d, Size: cw.n, VirtualSize: vsize}, nil
+}
+
+// checkNew checks a new qcow2 layer against the parent it is recorded on.
+func (s *Store) checkNew(ctx context.Context, rec Record, l Layer) error {
+	img := blobstore.Image{Ref: rec.Ref, Blob: l.Digest, VirtualSize: l.VirtualSize, Format: "qcow2"}
+	parentSize := int64(-1)
+	if rec.Parent != nil && rec.Parent.Format == "qcow2" {
+		var err error
+		if parentSize, err = virtualSize(ctx, s.blobs, *rec.Parent); err != nil {
+			return err
+		}
+	}
+	if _, err := checkLayer(ctx, s.blobs, img, rec.Parent, parentSize); err != nil {
+		return fmt.Errorf("%w: layer %s (%s): %w", ErrInvalid, img.Blob, img.Ref, err)
+	}
+	return nil
+}
+
+// record writes the image record of a committed, held blob.
+func (s *Store) record(ctx context.Context, rec Record, l Layer) (blobstore.Image, error) {
+	img := blobstore.Image{
+		Ref: rec.Ref, Blob: l.Digest, Created: time.Now().UTC(),
+		Author: rec.Author, Arch: rec.Arch, Desc: rec.Desc,
+		Size: l.Size, VirtualSize: l.VirtualSize, Format: rec.Format,
+	}
+	if rec.Parent != nil {
+		img.Parent = rec.Parent.Ref.String()
+	}
+	if err := s.blobs.PutImage(ctx, img); err != nil {
+		return img, fmt.Errorf("recording image %s: %w", rec.Ref, err)
+	}
+	s.log.Info("image recorded", "image", rec.Ref.String(), "blob", l.Digest, "parent", img.Parent, "format", rec.Format, "size", l.Size)
+	return img, nil
+}
+
+// CheckParent says whether an untrusted qcow2 can be stored on parent (nil:
+// as a base): a delta needs a qcow2 parent of its own virtual size, a base
+// must name no backing file. Errors wrap ErrParent. A caller that reads
+// src from far away checks first, so a misfit fails before the data moves.
+func CheckParent(src *qcow2.Image, parent *blobstore.Image) error {
+	switch {
+	case parent == nil && src.BackingFile() != "":
+		return fmt.Errorf("%w: the qcow2 is a delta (backing file %q) but no parent was given", ErrParent, src.BackingFile())
+	case parent == nil:
+		return nil
+	case parent.Format != "qcow2":
+		return fmt.Errorf("%w: parent %s has format %s; a qcow2 delta needs a qcow2 parent", ErrParent, parent.Ref, parent.Format)
+	case parent.VirtualSize != 0 && parent.VirtualSize != src.VirtualSize():
+		return fmt.Errorf("%w: virtual size %d differs from parent %s's %d; a delta must have its parent's size",
+			ErrParent, src.VirtualSize(), parent.Ref, parent.VirtualSize)
+	}
+	return nil
+}
+
+// Normalize re-encodes an untrusted qcow2 (parsed by qcow2.Open, its
+// backing name never followed) as a canonical layer on parent (nil: a
+// standalone base), whose backing file is the parent's blob. opts may set
+// writer options (AssumeNoZeroData); BackingFile is Normalize's to set.
+func Normalize(src *qcow2.Image, parent *blobstore.Image, opts qcow2.WriteOptions) Content {
+	return func(ctx context.Context, w io.Writer) (int64, error) {
+		if err := CheckParent(src, parent); err != nil {
+			return 0, err
+		}
+		opts.BackingFile = ""
+		if parent != nil {
+			opts.BackingFile = blobstore.BackingName(parent.Blob)
+		}
+		if _, err := qcow2.Normalize(ctx, w, src, opts); err != nil {
+			return 0, err
+		}
+		return src.VirtualSize(), nil
+	}
+}
+
+// NormalizeRaw converts a raw disk image of size bytes (a multiple of 512,
+// else qcow2.ErrRawSize) into a canonical standalone layer.
+func NormalizeRaw(r io.ReaderAt, size int64) Content {
+	return func(ctx context.Context, w io.Writer) (int64, error) {
+		if _, err := qcow2.NormalizeRaw(ctx, w, r, size, qcow2.WriteOptions{}); err != nil {
+			return 0, err
+		}
+		return size, nil
+	}
+}
+
+// Flatten writes the guest view of an open chain as one standalone image of
+// format "qcow2" or "raw".
+func Flatten(c *Chain, format string, opts qcow2.WriteOptions) Content {
+	return func(ctx context.Context, w io.Writer) (int64, error) {
+		if _, err := qcow2.Flatten(ctx, w, c.Chain, format, opts); err != nil {
+			return 0, err
+		}
+		return c.VirtualSize(), nil
+	}
+}
+
+type progressWriter struct{ p Progress }
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	p.p.Add(int64(len(b)))
+	return len(b), nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}

@@ -1,0 +1,407 @@
+package layer_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/blobstore"
+	"imagestore/layer"
+	"imagestore/qcow2"
+	"imagestore/qcow2/qemutest"
+)
+
+const vsize = 4 << 20
+
+func newStore(t *testing.T) (*layer.Store, *blobstore.Store) {
+	t.Helper()
+	bs, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bs.Close() })
+	ls, err := layer.New(layer.Options{Blobs: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ls, bs
+}
+
+// openFile parses a qcow2 file the way an import does.
+func openFile(t *testing.T, path string) *qcow2.Image {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	fi, _ := f.Stat()
+	im, err := qcow2.Open(f, fi.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return im
+}
+
+// qemuChain makes base.qcow2 and delta.qcow2 (backed by base) with qemu-img
+// and qemu-io, and returns their paths.
+func qemuChain(t *testing.T) (base, delta string) {
+	t.Helper()
+	dir := t.TempDir()
+	base, delta = filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "delta.qcow2")
+	qemutest.Create(t, base, vsize, "")
+	qemutest.IO(t, base, "write -P 0x11 0 1M", "write -P 0x22 2M 512K")
+	qemutest.Create(t, delta, vsize, "", "-b", base, "-F", "qcow2")
+	qemutest.IO(t, delta, "write -P 0x33 512K 1M", "write -z 2M 64K")
+	return base, delta
+}
+
+// blobFile copies a stored blob to a file qemu-img can read.
+func blobFile(t *testing.T, bs *blobstore.Store, img blobstore.Image, name string) string {
+	t.Helper()
+	b, err := bs.OpenBlob(context.Background(), img.Blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	p := filepath.Join(t.TempDir(), name)
+	data, err := io.ReadAll(io.NewSectionReader(b, 0, b.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestCommitChainAndFlatten: a qemu-made chain normalized into the store
+// (base, then delta on it) reads back through OpenChain as qemu reads the
+// original, and flattening it into the store gives a standalone layer that
+// qemu-img checks clean and compares equal.
+func TestCommitChainAndFlatten(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	basePath, deltaPath := qemuChain(t)
+
+	base, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "vol", ID: "b"}, Format: "qcow2", Desc: "base"},
+		Content: layer.Normalize(openFile(t, basePath), nil, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if base.VirtualSize != vsize || base.Parent != "" || base.Desc != "base" || base.Created.IsZero() {
+		t.Fatalf("base record %+v", base)
+	}
+	delta, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "vol", ID: "d"}, Parent: &base, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, deltaPath), &base, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if delta.Parent != "vol:b" {
+		t.Fatalf("delta parent %q", delta.Parent)
+	}
+	got, err := bs.GetImage(ctx, delta.Ref)
+	if err != nil || got.Blob != delta.Blob || got.Size != delta.Size {
+		t.Fatalf("stored record %+v, %v; want %+v", got, err, delta)
+	}
+	// The stored delta names its parent's blob, so qemu reads the chain in place.
+	deltaBlob, _ := bs.BlobPath(delta.Blob)
+	qemutest.Check(t, deltaBlob)
+	qemutest.Compare(t, deltaBlob, deltaPath)
+
+	c, closeChain, err := ls.OpenChain(ctx, delta.Ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Images) != 2 || c.Images[0].Ref != delta.Ref || c.Stored != base.Size+delta.Size || c.VirtualSize() != vsize {
+		t.Fatalf("chain %+v stored %d", c.Images, c.Stored)
+	}
+	var prog counter
+	flat, err := ls.Commit(ctx, layer.Spec{
+		Record:   layer.Record{Ref: blobstore.Ref{Name: "tmpl", ID: "t"}, Format: "qcow2"},
+		Content:  layer.Flatten(c, "qcow2", qcow2.WriteOptions{}),
+		Progress: &prog,
+		Ingest:   "template-test",
+	})
+	closeChain()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flat.VirtualSize != vsize || prog.n != flat.Size {
+		t.Fatalf("flat %+v, progress %d", flat, prog.n)
+	}
+	p := blobFile(t, bs, flat, "flat.qcow2")
+	qemutest.Check(t, p)
+	qemutest.Compare(t, p, deltaPath)
+	if bf := qemutest.Info(t, p)["backing-filename"]; bf != nil {
+		t.Fatalf("flattened layer names backing file %v", bf)
+	}
+}
+
+type counter struct{ n int64 }
+
+func (c *counter) Add(n int64) { c.n += n }
+
+// TestCommitRaw: a raw disk becomes a canonical standalone layer equal to it.
+func TestCommitRaw(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	raw := make([]byte, vsize)
+	copy(raw[1<<20:], bytes.Repeat([]byte{7}, 3<<16))
+	img, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "raw", ID: "1"}, Format: "qcow2"},
+		Content: layer.NormalizeRaw(bytes.NewReader(raw), int64(len(raw))),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rawPath := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(rawPath, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := blobFile(t, bs, img, "l.qcow2")
+	qemutest.Check(t, p)
+	qemutest.Compare(t, p, rawPath)
+	if img.VirtualSize != vsize {
+		t.Fatalf("virtual size %d", img.VirtualSize)
+	}
+}
+
+// TestCommitOpaque: Reader bytes are stored as they are, checked against
+// Size, and the Verify hook decides whether they are recorded.
+func TestCommitOpaque(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	data := []byte("a database dump")
+	ref := blobstore.Ref{Name: "zsbak", ID: "1"}
+	refused := errors.New("md5 mismatch")
+	var verified layer.Layer
+	_, err := ls.Commit(ctx, layer.Spec{
+		Record: layer.Record{Ref: ref, Format: "raw"},
+		Reader: bytes.NewReader(data), Size: int64(len(data)),
+		Verify: func(ctx context.Context, l layer.Layer) error { verified = l; return refused },
+	})
+	if !errors.Is(err, refused) {
+		t.Fatalf("want the Verify error, got %v", err)
+	}
+	if !bs.Exists(verified.Digest) || verified.Size != int64(len(data)) || verified.VirtualSize != verified.Size {
+		t.Fatalf("verify saw %+v", verified)
+	}
+	if _, err := bs.GetImage(ctx, ref); !errors.Is(err, blobstore.ErrNotFound) {
+		t.Fatalf("refused blob was recorded: %v", err)
+	}
+	if _, err := ls.Commit(ctx, layer.Spec{
+		Record: layer.Record{Ref: ref, Format: "raw"},
+		Reader: bytes.NewReader(data), Size: int64(len(data)) + 1,
+	}); !errors.Is(err, blobstore.ErrSizeMismatch) {
+		t.Fatalf("short reader: want ErrSizeMismatch, got %v", err)
+	}
+	img, err := ls.Commit(ctx, layer.Spec{
+		Record: layer.Record{Ref: ref, Format: "raw", Desc: "d"},
+		Reader: bytes.NewReader(data), Size: -1,
+	})
+	if err != nil || img.Size != int64(len(data)) || img.Blob != verified.Digest {
+		t.Fatalf("opaque commit %+v, %v", img, err)
+	}
+}
+
+// TestCommitHoldsUntilRecorded: GC running while a commit verifies frees
+// neither the new blob nor the parent's, whatever the commit grace.
+func TestCommitHoldsUntilRecorded(t *testing.T) {
+	ctx := context.Background()
+	bs, err := blobstore.Open(ctx, blobstore.Options{Root: t.TempDir(), CommitGrace: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bs.Close()
+	ls, _ := layer.New(layer.Options{Blobs: bs})
+	basePath, deltaPath := qemuChain(t)
+	base, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "v", ID: "b"}, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, basePath), nil, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The base's record goes: only Commit's hold keeps its blob.
+	if err := bs.DeleteImage(ctx, base.Ref); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Millisecond)
+	_, err = ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "v", ID: "d"}, Parent: &base, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, deltaPath), &base, qcow2.WriteOptions{}),
+		Verify: func(ctx context.Context, l layer.Layer) error {
+			time.Sleep(time.Millisecond)
+			if _, err := bs.GC(ctx, nil); err != nil {
+				return err
+			}
+			if !bs.Exists(l.Digest) || !bs.Exists(base.Blob) {
+				return fmt.Errorf("GC freed a held blob (new %v, parent %v)", bs.Exists(l.Digest), bs.Exists(base.Blob))
+			}
+			return nil
+		},
+	})
+	// The parent record is gone, so recording fails; the hold is what is tested.
+	if err == nil || !errors.Is(err, blobstore.ErrParentNotFound) {
+		t.Fatalf("want ErrParentNotFound after the holds held, got %v", err)
+	}
+}
+
+// TestCommitRefusesMisfits: a delta without its parent, on a parent of
+// another size or format, or a "qcow2" record whose blob names something
+// else, is refused and nothing is recorded or left in the ingests.
+func TestCommitRefusesMisfits(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	basePath, deltaPath := qemuChain(t)
+	base, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "v", ID: "b"}, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, basePath), nil, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	small := filepath.Join(t.TempDir(), "small.qcow2")
+	qemutest.Create(t, small, vsize/2, "", "-u", "-b", basePath, "-F", "qcow2")
+	rawParent := base
+	rawParent.Format = "raw"
+	passwd := filepath.Join(t.TempDir(), "passwd.qcow2")
+	qemutest.Create(t, passwd, vsize, "", "-u", "-b", "/etc/passwd", "-F", "raw")
+	passwdBytes, _ := os.ReadFile(passwd)
+	cases := []struct {
+		name string
+		spec layer.Spec
+		want error
+	}{
+		{"delta without parent", layer.Spec{Content: layer.Normalize(openFile(t, deltaPath), nil, qcow2.WriteOptions{})}, layer.ErrParent},
+		{"parent of another size", layer.Spec{Content: layer.Normalize(openFile(t, small), &base, qcow2.WriteOptions{})}, layer.ErrParent},
+		{"raw parent", layer.Spec{Content: layer.Normalize(openFile(t, deltaPath), &rawParent, qcow2.WriteOptions{})}, layer.ErrParent},
+		{"opaque qcow2 naming /etc/passwd", layer.Spec{Reader: bytes.NewReader(passwdBytes), Size: -1}, layer.ErrInvalid},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.spec.Record = layer.Record{Ref: blobstore.Ref{Name: "bad", ID: fmt.Sprint(i)}, Format: "qcow2"}
+			_, err := ls.Commit(ctx, tc.spec)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("want %v, got %v", tc.want, err)
+			}
+			if imgs, _ := bs.ListImages(ctx, "bad"); len(imgs) != 0 {
+				t.Fatalf("recorded %v", imgs)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(bs.Root(), "ingest")); len(ents) != 0 {
+				t.Fatalf("ingests left: %v", ents)
+			}
+		})
+	}
+}
+
+// TestChainPolicy: HoldChain and OpenChain refuse a chain with a non-qcow2
+// image or a layer failing Check; OpenChain also refuses (and quarantines)
+// a corrupt blob.
+func TestChainPolicy(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	basePath, deltaPath := qemuChain(t)
+	base, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "v", ID: "b"}, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, basePath), nil, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	delta, err := ls.Commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: blobstore.Ref{Name: "v", ID: "d"}, Parent: &base, Format: "qcow2"},
+		Content: layer.Normalize(openFile(t, deltaPath), &base, qcow2.WriteOptions{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgs, release, err := ls.HoldChain(ctx, delta.Ref)
+	if err != nil || len(imgs) != 2 || imgs[1].Ref != base.Ref {
+		t.Fatalf("HoldChain %v, %v", imgs, err)
+	}
+	release()
+	release() // twice is harmless
+
+	// A record written by hand: qcow2 on a raw parent; and a qcow2 naming /etc/passwd.
+	d, n, err := bs.Put(ctx, strings.NewReader("raw bytes"), -1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := blobstore.Image{Ref: blobstore.Ref{Name: "h", ID: "raw"}, Blob: d, Size: n, VirtualSize: n, Format: "raw"}
+	if err := bs.PutImage(ctx, raw); err != nil {
+		t.Fatal(err)
+	}
+	onRaw := blobstore.Image{Ref: blobstore.Ref{Name: "h", ID: "onraw"}, Blob: delta.Blob, Parent: raw.Ref.String(), Format: "qcow2"}
+	if err := bs.PutImage(ctx, onRaw); err != nil {
+		t.Fatal(err)
+	}
+	passwd := filepath.Join(t.TempDir(), "passwd.qcow2")
+	qemutest.Create(t, passwd, vsize, "", "-u", "-b", "/etc/passwd", "-F", "raw")
+	pb, _ := os.ReadFile(passwd)
+	pd, pn, err := bs.Put(ctx, bytes.NewReader(pb), -1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	evil := blobstore.Image{Ref: blobstore.Ref{Name: "h", ID: "evil"}, Blob: pd, Size: pn, Format: "qcow2"}
+	if err := bs.PutImage(ctx, evil); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ref  blobstore.Ref
+		want error
+	}{{onRaw.Ref, layer.ErrNotQcow2}, {evil.Ref, layer.ErrInvalid}} {
+		if _, _, err := ls.HoldChain(ctx, tc.ref); !errors.Is(err, tc.want) {
+			t.Errorf("HoldChain %s: want %v, got %v", tc.ref, tc.want, err)
+		}
+		if _, _, err := ls.OpenChain(ctx, tc.ref); !errors.Is(err, tc.want) {
+			t.Errorf("OpenChain %s: want %v, got %v", tc.ref, tc.want, err)
+		}
+	}
+
+	// Check takes chains base first, before they are recorded (replication).
+	if err := layer.Check(ctx, bs, []blobstore.Image{base, delta}); err != nil {
+		t.Errorf("Check of a good chain: %v", err)
+	}
+	if err := layer.Check(ctx, bs, []blobstore.Image{raw, onRaw}); !errors.Is(err, layer.ErrInvalid) || !strings.Contains(err.Error(), delta.Blob.String()) {
+		t.Errorf("Check of qcow2 on raw: want ErrInvalid naming the layer, got %v", err)
+	}
+	if err := layer.Check(ctx, bs, []blobstore.Image{delta}); !errors.Is(err, layer.ErrInvalid) {
+		t.Errorf("Check of a delta as a base: want ErrInvalid, got %v", err)
+	}
+
+	// Flip a byte of the base blob: OpenChain verifies digests.
+	p, _ := bs.BlobPath(base.Blob)
+	b, _ := os.ReadFile(p)
+	b[len(b)-1] ^= 0xff
+	if err := os.Chmod(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ls.OpenChain(ctx, delta.Ref); !errors.Is(err, blobstore.ErrCorrupt) {
+		t.Fatalf("corrupt base: want ErrCorrupt, got %v", err)
+	}
+	if bs.Exists(base.Blob) {
+		t.Fatal("corrupt blob not quarantined")
+	}
+}
+
+func TestNewNeedsBlobs(t *testing.T) {
+	if _, err := layer.New(layer.Options{}); err == nil {
+		t.Fatal("New without Blobs succeeded")
+	}
+}
