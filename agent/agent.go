@@ -18,17 +18,35 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"imagestore/agent/config"
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/internal/fsutil"
 )
+
+// Config is the daemon configuration (see package config).
+//
+// Transitional alias: handlers and tests still name it Config.
+type Config = config.Config
+
+// ByteSize is a byte count with units (see package config).
+//
+// Transitional alias for request fields that accept units.
+type ByteSize = config.ByteSize
+
+// Job is one async request being run (see package jobs).
+//
+// Transitional alias: handlers still name it *Job.
+type Job = jobs.Job
 
 // Agent is the management-protocol server of one store.
 type Agent struct {
-	cfg    Config
+	cfg    config.Config
 	store  *blobstore.Store
 	log    *slog.Logger
 	reg    *prometheus.Registry
 	m      *metrics
-	jobs   *jobManager
+	jobs   *jobs.Manager
 	routes map[string]*boundRoute
 
 	root       string // absolute store root
@@ -51,7 +69,7 @@ type agentState struct {
 
 // New builds an agent over an open store. It loads persisted jobs, failing
 // those a previous run left unfinished.
-func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error) {
+func New(cfg config.Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -92,12 +110,20 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
-	jm, err := newJobManager(filepath.Join(root, "jobs"), cfg, logger, a.m)
+	jm, err := jobs.New(jobs.Options{
+		Dir:              filepath.Join(root, "jobs"),
+		Parallelism:      cfg.ParallelismDegree,
+		CallbackRetries:  cfg.CallbackRetries,
+		CallbackMaxDelay: cfg.CallbackMaxDelay,
+		CallbackTimeout:  cfg.CallbackTimeout,
+		Metrics:          a.m.jobs,
+		Logger:           logger,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("jobs: %w", err)
 	}
 	a.jobs = jm
-	jm.resumeCallbacks()
+	jm.ResumeCallbacks()
 	return a, nil
 }
 
@@ -106,7 +132,7 @@ func New(cfg Config, store *blobstore.Store, logger *slog.Logger) (*Agent, error
 func (a *Agent) Registry() *prometheus.Registry { return a.reg }
 
 // Config returns the configuration the agent runs with.
-func (a *Agent) Config() Config { return a.cfg }
+func (a *Agent) Config() config.Config { return a.cfg }
 
 func (a *Agent) storeStats() (storeStats, bool) {
 	c, err := a.store.Capacity()
@@ -138,7 +164,7 @@ func (a *Agent) saveState() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(a.root, "agent.json"), b)
+	return fsutil.WriteFile(filepath.Join(a.root, "agent.json"), b, 0o600)
 }
 
 // Run runs the background loops (upload-dir expiry, job pruning, periodic
@@ -175,7 +201,7 @@ func (a *Agent) housekeeping() {
 	} else if n > 0 {
 		a.log.Info("removed expired upload dirs", "count", n)
 	}
-	if n := a.jobs.prune(time.Now().Add(-a.cfg.JobRetention)); n > 0 {
+	if n := a.jobs.Prune(time.Now().Add(-a.cfg.JobRetention)); n > 0 {
 		a.log.Info("pruned finished jobs", "count", n)
 	}
 }
@@ -198,14 +224,14 @@ func (a *Agent) verify(ctx context.Context) {
 }
 
 // Shutdown stops the jobs: running and waiting ones are marked failed with
-// ReasonInterrupted (persisted) and their callbacks left for the next start.
-func (a *Agent) Shutdown(ctx context.Context) error { return a.jobs.shutdown(ctx) }
+// jobs.ReasonInterrupted (persisted) and their callbacks left for the next start.
+func (a *Agent) Shutdown(ctx context.Context) error { return a.jobs.Shutdown(ctx) }
 
 // Close releases the agent (after Shutdown); the store is the caller's.
 func (a *Agent) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
-	err := a.jobs.shutdown(ctx)
+	err := a.jobs.Shutdown(ctx)
 	a.nbd.close()
 	a.closeHosts() // after the jobs: a running host transfer holds pool connections
 	return err

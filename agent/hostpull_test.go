@@ -24,6 +24,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/crypto/ssh"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 	"imagestore/transfer/faultproxy"
@@ -52,7 +53,7 @@ func hpNewEnv(t *testing.T) *hpEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	cfg.Root = store.Root()
 	cfg.KnownHostsFile = srv.KnownHostsFile
 	a, err := New(cfg, store, nil)

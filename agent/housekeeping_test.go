@@ -142,7 +142,7 @@ func TestHousekeepingRemovesExpiredAndPrunesJobs(t *testing.T) {
 	if r := e.do(t, http.MethodPost, "/imagestore/ping-sync/", "{}", map[string]string{"taskuuid": "old-job"}); r.body["success"] != true {
 		t.Fatal(r.raw)
 	}
-	j, ok := e.a.jobs.get("old-job")
+	j, ok := e.a.jobs.Get("old-job")
 	if !ok {
 		t.Fatal("sync job not recorded")
 	}
@@ -154,7 +154,7 @@ func TestHousekeepingRemovesExpiredAndPrunesJobs(t *testing.T) {
 	if exists(expired) || !exists(live) {
 		t.Fatalf("expired kept=%v, live kept=%v", exists(expired), exists(live))
 	}
-	if _, ok := e.a.jobs.get("old-job"); ok {
+	if _, ok := e.a.jobs.Get("old-job"); ok {
 		t.Fatal("finished job older than jobRetention not pruned")
 	}
 }

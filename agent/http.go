@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"imagestore/agent/jobs"
+	"imagestore/internal/redact"
 )
 
 // Mode says how a route answers.
@@ -157,7 +160,7 @@ func missing(field string) error { return fmt.Errorf("missing field %s", field) 
 
 // JobFunc is the body of an async request; its result is merged with
 // success/error and sent to the callback.
-type JobFunc func(ctx context.Context, job *Job) (any, error)
+type JobFunc func(ctx context.Context, job *jobs.Job) (any, error)
 
 // JobSpec describes an async request.
 type JobSpec struct {
@@ -187,7 +190,7 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 	}
 	if cb != "" {
 		if u, err := url.Parse(cb); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			replyErr(w, http.StatusBadRequest, fmt.Errorf("header callbackurl %q is not an http(s) URL", redactURL(cb)))
+			replyErr(w, http.StatusBadRequest, fmt.Errorf("header callbackurl %q is not an http(s) URL", redact.URL(cb)))
 			return
 		}
 	}
@@ -199,16 +202,16 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 	if spec.Err != nil {
 		spec.Backup = false
 		err := spec.Err
-		fn = func(context.Context, *Job) (any, error) { return nil, err }
+		fn = func(context.Context, *jobs.Job) (any, error) { return nil, err }
 	}
-	run := func(ctx context.Context, job *Job) ([]byte, error) {
+	run := func(ctx context.Context, job *jobs.Job) ([]byte, error) {
 		v, err := fn(ctx, job)
 		if err != nil {
 			return nil, err
 		}
 		return replyBody(v, nil), nil
 	}
-	job, started, err := a.jobs.submit(id, spec.Kind, spec.Backup, cb, run)
+	job, started, err := a.jobs.Submit(jobs.Spec{ID: id, Kind: spec.Kind, Backup: spec.Backup, CallbackURL: cb}, run)
 	if err != nil {
 		replyErr(w, http.StatusServiceUnavailable, err)
 		return
@@ -220,7 +223,7 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 		select {
 		case <-job.Done():
 		case <-r.Context().Done():
-			_, _ = a.jobs.cancelJob(id)
+			_, _ = a.jobs.Cancel(id)
 			<-job.Done()
 		}
 		writeJSON(w, http.StatusOK, job.Info().Result)

@@ -14,8 +14,23 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
+
+const jtWait = 30 * time.Second
+
+// jtWaitFor polls cond until it holds or a generous deadline passes.
+func jtWaitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(jtWait)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
 
 // htEnv is an agent over a fresh store behind an httptest server.
 type htEnv struct {
@@ -33,7 +48,7 @@ func newHTAgent(tb testing.TB, mod func(*Config)) (*Agent, *blobstore.Store) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	cfg.Root = root
 	cfg.NBD.PortRange = ""
 	cfg.CallbackMaxDelay = 5 * time.Millisecond

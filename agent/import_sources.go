@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"imagestore/agent/jobs"
+	"imagestore/internal/redact"
 	"imagestore/transfer/sshfs"
 )
 
@@ -52,7 +54,7 @@ func (a *Agent) fetchHTTP(ctx context.Context, job *Job, u *url.URL, w *limitedW
 		if failures >= importRetries {
 			return fmt.Errorf("giving up after %d attempts: %w", failures, err)
 		}
-		a.log.Warn("import download interrupted, resuming", "url", redactURL(u.String()), "offset", w.offset(), "attempt", failures, "err", err)
+		a.log.Warn("import download interrupted, resuming", "url", redact.URL(u.String()), "offset", w.offset(), "attempt", failures, "err", err)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -103,7 +105,7 @@ func (a *Agent) fetchHTTPOnce(ctx context.Context, job *Job, u *url.URL, w *limi
 		}
 		job.SetTotal(total)
 	}
-	if _, err := io.Copy(w, job.Reader(res.Body)); err != nil {
+	if _, err := io.Copy(w, jobs.Reader(job, res.Body)); err != nil {
 		return false, err
 	}
 	if total >= 0 && w.offset() < total {
@@ -175,7 +177,7 @@ func (a *Agent) fetchSFTP(ctx context.Context, job *Job, u *url.URL, w *limitedW
 		return err
 	}
 	job.SetTotal(f.Size())
-	_, err = io.Copy(w, job.Reader(ctxReader(ctx, io.NewSectionReader(f, 0, f.Size()))))
+	_, err = io.Copy(w, jobs.Reader(job, ctxReader(ctx, io.NewSectionReader(f, 0, f.Size()))))
 	return err
 }
 

@@ -3,44 +3,26 @@ package agent
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"imagestore/agent/jobs"
 )
 
 // metrics holds every collector the agent exports. They live on the agent's
 // own registry (Agent.Registry) so the :8000 registry server can add its own.
 type metrics struct {
-	jobs           *prometheus.CounterVec   // kind, outcome
-	jobDuration    *prometheus.HistogramVec // kind
-	jobsActive     *prometheus.GaugeVec     // kind, state (waiting|running)
-	backupPeak     prometheus.Gauge
+	jobs           *jobs.Metrics
 	bytesIngested  prometheus.Counter
 	bytesExported  prometheus.Counter
 	gcFreed        prometheus.Counter
 	verifyFailures prometheus.Counter
 	verifyRuns     prometheus.Counter
-	callbackFailed prometheus.Counter
 	httpRequests   *prometheus.CounterVec   // route, code
 	httpDuration   *prometheus.HistogramVec // route
 }
 
 func newMetrics(reg *prometheus.Registry, capacity func() (storeStats, bool)) *metrics {
 	m := &metrics{
-		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "imagestore_agent_jobs_total",
-			Help: "Async jobs finished, by kind and outcome (succeeded, failed, cancelled).",
-		}, []string{"kind", "outcome"}),
-		jobDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "imagestore_agent_job_duration_seconds",
-			Help:    "Run time of finished async jobs (excluding queueing), by kind.",
-			Buckets: prometheus.ExponentialBuckets(0.01, 4, 10),
-		}, []string{"kind"}),
-		jobsActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "imagestore_agent_jobs",
-			Help: "Async jobs currently waiting or running, by kind and state.",
-		}, []string{"kind", "state"}),
-		backupPeak: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "imagestore_agent_backup_jobs_running_peak",
-			Help: "Highest number of backup jobs observed running at once since start (bounded by parallelismDegree).",
-		}),
+		jobs: jobs.NewMetrics(),
 		bytesIngested: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imagestore_agent_ingested_bytes_total",
 			Help: "Bytes read into the store by imports.",
@@ -61,10 +43,6 @@ func newMetrics(reg *prometheus.Registry, capacity func() (storeStats, bool)) *m
 			Name: "imagestore_agent_verify_runs_total",
 			Help: "Periodic scrubs completed.",
 		}),
-		callbackFailed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "imagestore_agent_callbacks_given_up_total",
-			Help: "Callbacks abandoned after every retry failed.",
-		}),
 		httpRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imagestore_agent_http_requests_total",
 			Help: "HTTP requests on the management port, by route pattern and status code.",
@@ -75,8 +53,8 @@ func newMetrics(reg *prometheus.Registry, capacity func() (storeStats, bool)) *m
 			Buckets: prometheus.DefBuckets,
 		}, []string{"route"}),
 	}
-	reg.MustRegister(m.jobs, m.jobDuration, m.jobsActive, m.backupPeak, m.bytesIngested, m.bytesExported,
-		m.gcFreed, m.verifyFailures, m.verifyRuns, m.callbackFailed, m.httpRequests, m.httpDuration)
+	reg.MustRegister(m.jobs.Collectors()...)
+	reg.MustRegister(m.bytesIngested, m.bytesExported, m.gcFreed, m.verifyFailures, m.verifyRuns, m.httpRequests, m.httpDuration)
 	reg.MustRegister(&storeCollector{capacity: capacity})
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

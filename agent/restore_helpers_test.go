@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
 
@@ -46,7 +47,7 @@ func newRestoreEnv(t *testing.T, mod func(*Config)) *restoreEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	cfg.Root = root
 	// A random slice of ports below the default ephemeral range (32768+),
 	// so outgoing connections of parallel tests do not take them; the NBD

@@ -18,6 +18,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 )
 
@@ -319,13 +320,13 @@ func (a *Agent) importFile(ctx context.Context, job *Job, path string, ref blobs
 	}
 	ni := NewImage{Ref: ref, Parent: parent, Desc: desc, Format: format}
 	if format == "qcow2" {
-		l, err := normalizeLayer(ctx, a.store, job.ReaderAt(f), size, parent, "agent-"+job.ID())
+		l, err := normalizeLayer(ctx, a.store, jobs.ReaderAt(job, f), size, parent, "agent-"+job.ID())
 		if err != nil {
 			return blobstore.Image{}, err
 		}
 		ni.Blob, ni.Size, ni.VirtualSize = l.Digest, l.Size, l.VirtualSize
 	} else {
-		d, n, err := a.store.Put(ctx, job.Reader(f), size, "")
+		d, n, err := a.store.Put(ctx, jobs.Reader(job, f), size, "")
 		if err != nil {
 			return blobstore.Image{}, fmt.Errorf("storing %s: %w", path, err)
 		}
@@ -509,7 +510,7 @@ func (a *Agent) imageHash(w http.ResponseWriter, r *http.Request) {
 		defer b.Close()
 		job.SetTotal(b.Size())
 		h, _ := newHash(req.algorithm())
-		if _, err := io.Copy(h, job.Reader(ctxReader(ctx, io.NewSectionReader(b, 0, b.Size())))); err != nil {
+		if _, err := io.Copy(h, jobs.Reader(job, ctxReader(ctx, io.NewSectionReader(b, 0, b.Size())))); err != nil {
 			return nil, err
 		}
 		return hashReply{Hash: hex.EncodeToString(h.Sum(nil)), Algorithm: req.algorithm()}, nil

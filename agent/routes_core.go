@@ -12,7 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/internal/fsutil"
 )
 
 // flexInt accepts a JSON number (integer or float, as Java clients may
@@ -120,7 +122,7 @@ type pingReply struct {
 func (a *Agent) ping(w http.ResponseWriter, r *http.Request) {
 	var req pingReq
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "ping", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "ping", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		a.stateMu.Lock()
 		id := a.state.UUID
 		a.stateMu.Unlock()
@@ -167,7 +169,7 @@ func (a *Agent) allocUploadDir(w http.ResponseWriter, r *http.Request) {
 	name := uploadDirPrefix + randomHex(16)
 	dir := filepath.Join(a.uploadRoot, name)
 	exp := time.Now().Add(ttl).UTC().Truncate(time.Second)
-	if err := writeFileAtomic(dir+".expires", []byte(exp.Format(time.RFC3339))); err != nil {
+	if err := fsutil.WriteFile(dir+".expires", []byte(exp.Format(time.RFC3339)), 0o600); err != nil {
 		replyErr(w, http.StatusOK, fmt.Errorf("allocating upload dir: %w", err))
 		return
 	}
@@ -317,7 +319,7 @@ func (q *setQuotaReq) validate() error {
 func (a *Agent) setQuota(w http.ResponseWriter, r *http.Request) {
 	var req setQuotaReq
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "setquota", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "setquota", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		if err := a.store.SetQuota(int64(*req.MaxCapacity)); err != nil {
 			return nil, err
 		}
@@ -339,16 +341,16 @@ func (q *progressReq) validate() error {
 }
 
 type progressReply struct {
-	Completed    bool     `json:"completed"`
-	Progress     int      `json:"progress"` // percent
-	Size         int64    `json:"size"`
-	ActualSize   int64    `json:"actualSize"`
-	DownloadSize int64    `json:"downloadSize"`
-	InstallPath  string   `json:"installPath"`
-	Format       string   `json:"format"`
-	LastOpTime   int64    `json:"lastOpTime"` // unix milliseconds
-	State        JobState `json:"state"`
-	TaskUUID     string   `json:"taskuuid"`
+	Completed    bool       `json:"completed"`
+	Progress     int        `json:"progress"` // percent
+	Size         int64      `json:"size"`
+	ActualSize   int64      `json:"actualSize"`
+	DownloadSize int64      `json:"downloadSize"`
+	InstallPath  string     `json:"installPath"`
+	Format       string     `json:"format"`
+	LastOpTime   int64      `json:"lastOpTime"` // unix milliseconds
+	State        jobs.State `json:"state"`
+	TaskUUID     string     `json:"taskuuid"`
 }
 
 // progress reports the newest job whose taskuuid or imageUuid matches.
@@ -358,8 +360,8 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 		replyDecodeErr(w, err)
 		return
 	}
-	var found *JobInfo
-	for _, in := range a.jobs.list() {
+	var found *jobs.Info
+	for _, in := range a.jobs.List() {
 		if (req.TaskUUID != "" && in.ID == req.TaskUUID) || (req.ImageUUID != "" && (in.ImageUUID == req.ImageUUID || in.ID == req.ImageUUID)) {
 			in := in
 			found = &in
@@ -373,7 +375,7 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 	if found.Total > 0 {
 		pct = int(min(found.Done*100/found.Total, 100))
 	}
-	if found.State == JobSucceeded {
+	if found.State == jobs.Succeeded {
 		pct = 100
 	}
 	last := found.Created
@@ -384,12 +386,12 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 		last = *found.Ended
 	}
 	rep := progressReply{
-		Completed: found.State.finished(), Progress: pct,
+		Completed: found.State.Finished(), Progress: pct,
 		Size: found.Total, ActualSize: found.Done, DownloadSize: found.Done,
 		InstallPath: found.InstallPath, Format: found.Format,
 		LastOpTime: last.UnixMilli(), State: found.State, TaskUUID: found.ID,
 	}
-	if found.State == JobFailed || found.State == JobCancelled {
+	if found.State == jobs.Failed || found.State == jobs.Cancelled {
 		writeJSON(w, http.StatusOK, replyBody(rep, fmt.Errorf("job %s %s: %s", found.ID, found.State, found.Error)))
 		return
 	}
@@ -402,7 +404,7 @@ type jobListReq struct {
 }
 
 type jobListReply struct {
-	Jobs []JobInfo `json:"jobs"`
+	Jobs []jobs.Info `json:"jobs"`
 }
 
 func (a *Agent) jobList(w http.ResponseWriter, r *http.Request) {
@@ -411,8 +413,8 @@ func (a *Agent) jobList(w http.ResponseWriter, r *http.Request) {
 		replyDecodeErr(w, err)
 		return
 	}
-	out := []JobInfo{}
-	for _, in := range a.jobs.list() {
+	out := []jobs.Info{}
+	for _, in := range a.jobs.List() {
 		if (req.Kind == "" || in.Kind == req.Kind) && (req.State == "" || string(in.State) == req.State) {
 			in.Result = nil
 			out = append(out, in)
@@ -433,7 +435,7 @@ func (q *jobReq) validate() error {
 }
 
 type jobReply struct {
-	Job JobInfo `json:"job"`
+	Job jobs.Info `json:"job"`
 }
 
 func (a *Agent) jobGet(w http.ResponseWriter, r *http.Request) {
@@ -442,7 +444,7 @@ func (a *Agent) jobGet(w http.ResponseWriter, r *http.Request) {
 		replyDecodeErr(w, err)
 		return
 	}
-	j, ok := a.jobs.get(req.TaskUUID)
+	j, ok := a.jobs.Get(req.TaskUUID)
 	if !ok {
 		replyErr(w, http.StatusOK, fmt.Errorf("no job with taskuuid %q", req.TaskUUID))
 		return
@@ -456,7 +458,7 @@ func (a *Agent) jobCancel(w http.ResponseWriter, r *http.Request) {
 		replyDecodeErr(w, err)
 		return
 	}
-	in, err := a.jobs.cancelJob(req.TaskUUID)
+	in, err := a.jobs.Cancel(req.TaskUUID)
 	if err != nil {
 		replyErr(w, http.StatusOK, err)
 		return

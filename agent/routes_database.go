@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 )
 
@@ -101,7 +102,7 @@ func (a *Agent) importDatabaseDump(ctx context.Context, job *Job, path string, r
 	n, _ := f.ReadAt(head, 0)
 	format := sniffFormat(head[:n])
 	h := md5.New()
-	d, size, err := a.store.Put(ctx, io.TeeReader(job.Reader(ctxReader(ctx, f)), h), fi.Size(), "")
+	d, size, err := a.store.Put(ctx, io.TeeReader(jobs.Reader(job, ctxReader(ctx, f)), h), fi.Size(), "")
 	if err != nil {
 		return blobstore.Image{}, fmt.Errorf("storing %s: %w", path, err)
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net/http"
 	"time"
+
+	"imagestore/agent/jobs"
 )
 
 type sleepReq struct {
@@ -21,7 +23,7 @@ func (a *Agent) debugSleep(w http.ResponseWriter, r *http.Request) {
 	if err == nil && !a.cfg.Debug {
 		err = errors.New("debug commands are disabled (set debug: true in the config)")
 	}
-	a.async(w, r, JobSpec{Kind: "debug-sleep", Backup: req.Backup, Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "debug-sleep", Backup: req.Backup, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		d := time.Duration(req.Millis) * time.Millisecond
 		job.SetTotal(int64(req.Millis))
 		t := time.NewTimer(d)

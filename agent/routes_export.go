@@ -17,7 +17,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/internal/fsutil"
 )
 
 // Exports live in <root>/exports/<token>/ with the file and export.json;
@@ -202,7 +204,7 @@ func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, 
 		if err != nil {
 			return meta, err
 		}
-		n, err := flattenChain(ctx, a.store, img, extFmt, io.MultiWriter(f, h, progressWriter{job}))
+		n, err := flattenChain(ctx, a.store, img, extFmt, io.MultiWriter(f, h, jobs.Writer(job)))
 		if err == nil {
 			err = f.Sync()
 		}
@@ -233,7 +235,7 @@ func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, 
 		}
 		fi, _ := f.Stat()
 		job.SetTotal(fi.Size())
-		n, err := io.Copy(h, job.Reader(ctxReader(ctx, f)))
+		n, err := io.Copy(h, jobs.Reader(job, ctxReader(ctx, f)))
 		f.Close()
 		if err != nil {
 			return meta, err
@@ -244,17 +246,10 @@ func (a *Agent) writeExport(ctx context.Context, job *Job, img blobstore.Image, 
 	// The URL's life (exportExpiry) counts from here, when it starts to work.
 	meta.Created = time.Now().UTC()
 	b, _ := json.MarshalIndent(meta, "", "  ")
-	if err := writeFileAtomic(filepath.Join(dir, "export.json"), b); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(dir, "export.json"), b, 0o600); err != nil {
 		return meta, err
 	}
 	return meta, nil
-}
-
-type progressWriter struct{ j *Job }
-
-func (p progressWriter) Write(b []byte) (int, error) {
-	p.j.Add(int64(len(b)))
-	return len(b), nil
 }
 
 func copyFile(ctx context.Context, src, dst string) error {

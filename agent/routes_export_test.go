@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
 
@@ -285,7 +286,7 @@ func TestExportExpiry(t *testing.T) {
 		t.Fatalf("export after expiry: %s (old %s)", again, old)
 	}
 
-	c := DefaultConfig()
+	c := config.Default()
 	c.ExportExpiry = -time.Second
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "exportExpiry") {
 		t.Fatalf("Validate of a negative exportExpiry = %v", err)

@@ -12,7 +12,9 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/internal/redact"
 	"imagestore/qcow2"
 )
 
@@ -43,13 +45,13 @@ func (q *importURLReq) validate() error {
 	switch u.Scheme {
 	case "http", "https", "sftp":
 		if u.Host == "" {
-			return fmt.Errorf("imgurl %s: no host", redactURL(u.String()))
+			return fmt.Errorf("imgurl %s: no host", redact.URL(u.String()))
 		}
 	case "file", "upload":
 	case "":
-		return fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", redactURL(u.String()))
+		return fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", redact.URL(u.String()))
 	default:
-		return fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redactURL(u.String()), u.Scheme)
+		return fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redact.URL(u.String()), u.Scheme)
 	}
 	return nil
 }
@@ -83,17 +85,17 @@ func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
 			return nil, fmt.Errorf("image %s already exists", ref)
 		}
 		job.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
-		a.log.Info("import started", "image", ref.String(), "url", redactURL(u.String()))
+		a.log.Info("import started", "image", ref.String(), "url", redact.URL(u.String()))
 		ingest := "import-" + job.ID()
 		d, size, err := a.download(ctx, job, u, ingest)
 		if err != nil {
-			return nil, fmt.Errorf("importing %s: %w", redactURL(u.String()), err)
+			return nil, fmt.Errorf("importing %s: %w", redact.URL(u.String()), err)
 		}
 		release := a.store.Hold(d)
 		defer release()
 		l, format, err := a.canonicalize(ctx, d, size, ingest+"-canon")
 		if err != nil {
-			return nil, fmt.Errorf("importing %s: %w", redactURL(u.String()), err)
+			return nil, fmt.Errorf("importing %s: %w", redact.URL(u.String()), err)
 		}
 		job.SetImage("", "", format)
 		hold := a.store.Hold(l.Digest)
@@ -236,7 +238,7 @@ func (a *Agent) fetchFile(ctx context.Context, job *Job, u *url.URL, w *limitedW
 		return err
 	}
 	job.SetTotal(fi.Size())
-	_, err = io.Copy(w, job.Reader(ctxReader(ctx, f)))
+	_, err = io.Copy(w, jobs.Reader(job, ctxReader(ctx, f)))
 	return err
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/transfer/sshtest"
 )
@@ -203,18 +204,18 @@ func TestImportCancelRemovesIngest(t *testing.T) {
 	r7waitFor(t, "download to start", func() bool {
 		n, err := e.store.IngestOffset(ingest)
 		return err == nil && n > 0 || func() bool {
-			j, ok := e.a.jobs.get(id)
+			j, ok := e.a.jobs.Get(id)
 			return ok && j.Info().Done > 0
 		}()
 	})
 	e.ok(t, "/imagestore/job/cancel/", map[string]any{"taskuuid": id})
-	j, _ := e.a.jobs.get(id)
+	j, _ := e.a.jobs.Get(id)
 	select {
 	case <-j.Done():
 	case <-time.After(60 * time.Second):
 		t.Fatal("cancelled import did not stop")
 	}
-	if st := j.Info().State; st != JobCancelled {
+	if st := j.Info().State; st != jobs.Cancelled {
 		t.Fatalf("state %v", st)
 	}
 	if _, err := e.store.IngestOffset(ingest); !errors.Is(err, blobstore.ErrNotFound) {
@@ -282,10 +283,10 @@ func TestImportUpload(t *testing.T) {
 			t.Fatalf("chunk at %d: %d", off, code)
 		}
 	}
-	j, _ := e.a.jobs.get(id)
+	j, _ := e.a.jobs.Get(id)
 	<-j.Done()
 	info := j.Info()
-	if info.State != JobSucceeded {
+	if info.State != jobs.Succeeded {
 		t.Fatalf("upload import: %v %s", info.State, info.Result)
 	}
 	var rep map[string]any
@@ -364,16 +365,16 @@ func TestImportUploadStalledChunkDoesNotBlockCancel(t *testing.T) {
 		defer s.mu.Unlock()
 		return s.busy
 	})
-	if _, err := e.a.jobs.cancelJob(id); err != nil {
+	if _, err := e.a.jobs.Cancel(id); err != nil {
 		t.Fatal(err)
 	}
-	j, _ := e.a.jobs.get(id)
+	j, _ := e.a.jobs.Get(id)
 	select {
 	case <-j.Done():
 	case <-time.After(uploadReadIdle / 2):
 		t.Fatalf("cancel waited on a stalled upload chunk (idle timeout %v)", uploadReadIdle)
 	}
-	if st := j.Info().State; st != JobCancelled {
+	if st := j.Info().State; st != jobs.Cancelled {
 		t.Fatalf("state %v, want cancelled", st)
 	}
 	pw.CloseWithError(errors.New("test done"))

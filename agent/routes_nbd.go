@@ -81,9 +81,9 @@ type remoteTarget struct {
 // runs; NBD commands then fail with the reason.
 func newNBDState(a *Agent) *nbdState {
 	s := &nbdState{log: a.log, remotes: map[string]*remoteTarget{}}
-	lo, hi, err := parsePortRange(a.cfg.NBD.PortRange)
+	lo, hi, err := a.cfg.NBD.Ports()
 	dir := filepath.Join(a.root, "nbd")
-	tlsDir, psk := "", a.cfg.NBD.nbdPSK(a.cfg.Token != "")
+	tlsDir, psk := "", a.cfg.NBD.PSK(a.cfg.Token != "")
 	if err == nil && a.cfg.TLS.Cert != "" && !psk {
 		// The agent speaks HTTPS: NBD must not be the plaintext way in.
 		tlsDir = filepath.Join(dir, "tls")
@@ -170,20 +170,6 @@ func prepareNBDTLS(dir, certFile, keyFile string) error {
 		return fmt.Errorf("nbd tls: %w", err)
 	}
 	return nil
-}
-
-// parsePortRange parses "10800-10899" (or a single port).
-func parsePortRange(s string) (int, int, error) {
-	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
-	if !ok {
-		b = a
-	}
-	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
-	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
-	if err1 != nil || err2 != nil || lo <= 0 || hi > 65535 || hi < lo {
-		return 0, 0, fmt.Errorf("nbd.portRange %q: want MIN-MAX within 1-65535", s)
-	}
-	return lo, hi, nil
 }
 
 func (s *nbdState) manager() (*nbd.Manager, error) {

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
 
@@ -142,9 +143,9 @@ func TestNBDTokenWarning(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg := DefaultConfig()
+		cfg := config.Default()
 		cfg.Root = root
-		cfg.Token = Secret(token)
+		cfg.Token = config.Secret(token)
 		cfg.NBD.Bind = "127.0.0.1"
 		cfg.NBD.ClientAuth = tc.auth
 		var logs lockedBuf
@@ -215,25 +216,5 @@ func TestNBDPSK(t *testing.T) {
 	}
 	for _, p := range ports {
 		r7run(t, "qemu-io", append(clientOpts(tg, p, ""), "-c", "write -P 0x6b 0 64k", "-c", "flush")...)
-	}
-}
-
-func TestNBDClientAuthConfig(t *testing.T) {
-	for _, tc := range []struct {
-		auth  string
-		token bool
-		psk   bool
-	}{
-		{"", false, false}, {"", true, true}, {"auto", false, false}, {"auto", true, true},
-		{"psk", false, true}, {"psk", true, true}, {"none", true, false}, {"none", false, false},
-	} {
-		if got := (NBD{ClientAuth: tc.auth}).nbdPSK(tc.token); got != tc.psk {
-			t.Errorf("clientAuth %q, token %v: psk %v, want %v", tc.auth, tc.token, got, tc.psk)
-		}
-	}
-	c := DefaultConfig()
-	c.NBD.ClientAuth = "x509"
-	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "nbd.clientAuth") {
-		t.Fatalf("Validate of clientAuth x509 = %v, want an nbd.clientAuth error", err)
 	}
 }

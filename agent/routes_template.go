@@ -10,6 +10,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 )
@@ -124,7 +125,7 @@ func (a *Agent) flattenToBlob(ctx context.Context, job *Job, top blobstore.Image
 	if err != nil {
 		return layer{}, err
 	}
-	buf := bufio.NewWriterSize(io.MultiWriter(bw, progressWriter{job}), 1<<20)
+	buf := bufio.NewWriterSize(io.MultiWriter(bw, jobs.Writer(job)), 1<<20)
 	n, err := qcow2.Flatten(ctx, buf, qc, format, opts)
 	if err == nil {
 		err = buf.Flush()

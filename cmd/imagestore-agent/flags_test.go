@@ -10,13 +10,13 @@ import (
 	"strings"
 	"testing"
 
-	"imagestore/agent"
+	"imagestore/agent/config"
 )
 
 // clearAgentEnv unsets the IMAGESTORE_* variables so the host's cannot leak in.
 func clearAgentEnv(t *testing.T) {
 	t.Helper()
-	c := agent.DefaultConfig()
+	c := config.Default()
 	for _, n := range c.EnvNames() {
 		if _, ok := os.LookupEnv(n); ok {
 			t.Setenv(n, "")
@@ -43,17 +43,17 @@ func TestParseFlagsPrecedence(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		args  []string
-		check func(agent.Config) bool
+		check func(config.Config) bool
 	}{
-		{"file then env", []string{"-config", cfgPath}, func(c agent.Config) bool {
+		{"file then env", []string{"-config", cfgPath}, func(c config.Config) bool {
 			return c.Root == "/file" && c.Listen == ":2222" && c.ParallelismDegree == 3 && c.LogLevel == "error" && c.Quota == 1<<30
 		}},
-		{"flags win", []string{"-config", cfgPath, "-listen", ":3333", "-parallelism", "4", "-log-level", "debug", "-quota", "2GB"}, func(c agent.Config) bool {
+		{"flags win", []string{"-config", cfgPath, "-listen", ":3333", "-parallelism", "4", "-log-level", "debug", "-quota", "2GB"}, func(c config.Config) bool {
 			return c.Root == "/file" && c.Listen == ":3333" && c.ParallelismDegree == 4 && c.LogLevel == "debug" && c.Quota == 2e9
 		}},
-		{"token file", []string{"-config", cfgPath, "-token-file", tokFile}, func(c agent.Config) bool { return c.Token == "from-file" }},
-		{"token flag beats file", []string{"-config", cfgPath, "-token", "direct", "-token-file", tokFile}, func(c agent.Config) bool { return c.Token == "direct" }},
-		{"no file: defaults and env", nil, func(c agent.Config) bool {
+		{"token file", []string{"-config", cfgPath, "-token-file", tokFile}, func(c config.Config) bool { return c.Token == "from-file" }},
+		{"token flag beats file", []string{"-config", cfgPath, "-token", "direct", "-token-file", tokFile}, func(c config.Config) bool { return c.Token == "direct" }},
+		{"no file: defaults and env", nil, func(c config.Config) bool {
 			return c.Root == "./data" && c.Listen == ":2222" && c.RegistryListen == ":8000"
 		}},
 	} {

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"imagestore/agent"
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
 
@@ -35,7 +36,7 @@ type options struct {
 	printConfig bool
 }
 
-func parseFlags(args []string, stderr io.Writer) (agent.Config, options, error) {
+func parseFlags(args []string, stderr io.Writer) (config.Config, options, error) {
 	fs := flag.NewFlagSet("imagestore-agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o options
@@ -53,12 +54,12 @@ func parseFlags(args []string, stderr io.Writer) (agent.Config, options, error) 
 	logLevel := fs.String("log-level", "", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "", "text or json")
 	if err := fs.Parse(args); err != nil {
-		return agent.Config{}, o, err
+		return config.Config{}, o, err
 	}
 	if fs.NArg() > 0 {
-		return agent.Config{}, o, fmt.Errorf("unexpected arguments %q", fs.Args())
+		return config.Config{}, o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	cfg, err := agent.LoadConfig(o.configPath)
+	cfg, err := config.Load(o.configPath)
 	if err != nil {
 		return cfg, o, err
 	}
@@ -72,7 +73,7 @@ func parseFlags(args []string, stderr io.Writer) (agent.Config, options, error) 
 		case "registry-listen":
 			cfg.RegistryListen = *regListen
 		case "token":
-			cfg.Token = agent.Secret(*token)
+			cfg.Token = config.Secret(*token)
 		case "token-file":
 			cfg.TokenFile = *tokenFile
 		case "tls-cert":
@@ -80,7 +81,7 @@ func parseFlags(args []string, stderr io.Writer) (agent.Config, options, error) 
 		case "tls-key":
 			cfg.TLS.Key = *tlsKey
 		case "quota":
-			q, err := agent.ParseByteSize(*quota)
+			q, err := config.ParseByteSize(*quota)
 			if err != nil {
 				ferr = errors.Join(ferr, fmt.Errorf("-quota: %w", err))
 			}
@@ -115,7 +116,7 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprint(os.Stdout, cfg.String())
 		return 0
 	}
-	logger, err := agent.NewLogger(stderr, cfg)
+	logger, err := config.NewLogger(stderr, cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
 		return 2
@@ -127,7 +128,7 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
-func serve(cfg agent.Config, logger *slog.Logger) error {
+func serve(cfg config.Config, logger *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 

@@ -13,7 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"imagestore/agent"
+	"imagestore/agent/config"
 	"imagestore/agent/registry"
 	"imagestore/blobstore"
 	"imagestore/transfer/replicate"
@@ -22,7 +22,7 @@ import (
 // startRegistry serves the registry port (agent/registry): the OCI
 // distribution API under /v2 and replication under /v1, with the same TLS
 // certificate and token as the management port.
-func startRegistry(ctx context.Context, cfg agent.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {
+func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {
 	log := logger.With("component", "registry")
 	m := replicate.NewMetrics(reg)
 	rc := cfg.Replication

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"imagestore/agent"
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 )
 
@@ -69,7 +70,7 @@ func run(root, knownHosts, keyFile, host string, port int, user, path, parent st
 		return err
 	}
 	defer store.Close()
-	cfg := agent.DefaultConfig()
+	cfg := config.Default()
 	cfg.Root = root
 	cfg.KnownHostsFile = knownHosts
 	a, err := agent.New(cfg, store, slog.New(slog.NewTextHandler(os.Stderr, nil)))

@@ -1,4 +1,4 @@
-package agent
+package config
 
 import (
 	"errors"
@@ -6,13 +6,14 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
 func TestDefaultConfigIsValid(t *testing.T) {
-	cfg := DefaultConfig()
+	cfg := Default()
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("defaults do not validate: %v", err)
 	}
@@ -42,7 +43,7 @@ func TestDefaultConfigIsValid(t *testing.T) {
 // environment cannot leak in.
 func clearEnv(t *testing.T) {
 	t.Helper()
-	c := DefaultConfig()
+	c := Default()
 	for _, n := range c.EnvNames() {
 		if _, ok := os.LookupEnv(n); ok {
 			t.Setenv(n, "")
@@ -74,7 +75,7 @@ nbd:
   portRange: "20000-20010"
 `)
 	// File only: file values over defaults, defaults elsewhere.
-	cfg, err := LoadConfig(path)
+	cfg, err := Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +95,7 @@ nbd:
 	t.Setenv("IMAGESTORE_TOKEN", "env-token")
 	t.Setenv("IMAGESTORE_UPLOAD_DIR_EXPIRY", "90m")
 	t.Setenv("IMAGESTORE_ALLOWED_IMPORT_ROOTS", "/a"+string(os.PathListSeparator)+"/b")
-	cfg, err = LoadConfig(path)
+	cfg, err = Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,17 +127,17 @@ func TestLoadConfigErrors(t *testing.T) {
 			for k, v := range tc.env {
 				t.Setenv(k, v)
 			}
-			_, err := LoadConfig(writeConfigFile(t, tc.file))
+			_, err := Load(writeConfigFile(t, tc.file))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tc.want)
 			}
 		})
 	}
-	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.yaml")); !errors.Is(err, os.ErrNotExist) {
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing file: err = %v, want ErrNotExist", err)
 	}
-	cfg, err := LoadConfig(writeConfigFile(t, ""))
-	if err != nil || !reflect.DeepEqual(cfg, DefaultConfig()) {
+	cfg, err := Load(writeConfigFile(t, ""))
+	if err != nil || !reflect.DeepEqual(cfg, Default()) {
 		t.Fatalf("empty file: %v, %+v", err, cfg)
 	}
 }
@@ -149,7 +150,7 @@ func TestApplyEnvLookup(t *testing.T) {
 		"IMAGESTORE_CALLBACK_RETRIES": "0",
 		"UNRELATED":                   "x",
 	}
-	cfg := DefaultConfig()
+	cfg := Default()
 	if err := cfg.ApplyEnv(func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +192,7 @@ func TestValidate(t *testing.T) {
 		{"port zero", func(c *Config) { c.NBD.PortRange = "0-10" }, `nbd.portRange "0-10"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := DefaultConfig()
+			cfg := Default()
 			tc.mod(&cfg)
 			err := cfg.Validate()
 			if tc.want == "" {
@@ -206,7 +207,7 @@ func TestValidate(t *testing.T) {
 		})
 	}
 	// Every problem is reported at once, not just the first.
-	cfg := DefaultConfig()
+	cfg := Default()
 	cfg.ParallelismDegree = -1
 	cfg.LogLevel = "loud"
 	cfg.TLS.Key = "k.pem"
@@ -220,7 +221,7 @@ func TestValidate(t *testing.T) {
 
 func TestConfigStringRedactsSecrets(t *testing.T) {
 	const tok = "very-secret-token-1234"
-	cfg := DefaultConfig()
+	cfg := Default()
 	cfg.Token = tok
 	cfg.Quota = 5 << 30
 	for _, tc := range []struct {
@@ -250,7 +251,7 @@ func TestConfigStringRedactsSecrets(t *testing.T) {
 		t.Errorf("MarshalJSON leaks: %s %v", b, err)
 	}
 	// No token: nothing claims one is set.
-	if strings.Contains(DefaultConfig().String(), "redacted") {
+	if strings.Contains(Default().String(), "redacted") {
 		t.Errorf("empty token rendered as redacted")
 	}
 }
@@ -277,7 +278,7 @@ func TestResolveToken(t *testing.T) {
 		{"missing file", "", filepath.Join(dir, "nope"), "", "token file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := DefaultConfig()
+			cfg := Default()
 			cfg.Token, cfg.TokenFile = Secret(tc.token), tc.file
 			err := cfg.ResolveToken()
 			if tc.errSub != "" {
@@ -349,7 +350,7 @@ func TestParseByteSize(t *testing.T) {
 
 func TestByteSizeYAMLLine(t *testing.T) {
 	clearEnv(t)
-	_, err := LoadConfig(writeConfigFile(t, "root: /x\n\nquota: lots\n"))
+	_, err := Load(writeConfigFile(t, "root: /x\n\nquota: lots\n"))
 	if err == nil || !strings.Contains(err.Error(), "line 3") {
 		t.Fatalf("err = %v, want it to name line 3", err)
 	}
@@ -367,7 +368,7 @@ func TestParseLogLevelAndNewLogger(t *testing.T) {
 		{"trace", "text", false},
 		{"info", "logfmt", false},
 	} {
-		cfg := DefaultConfig()
+		cfg := Default()
 		cfg.LogLevel, cfg.LogFormat = tc.level, tc.format
 		var sb strings.Builder
 		l, err := NewLogger(&sb, cfg)
@@ -382,4 +383,50 @@ func TestParseLogLevelAndNewLogger(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestNBDClientAuthConfig(t *testing.T) {
+	for _, tc := range []struct {
+		auth  string
+		token bool
+		psk   bool
+	}{
+		{"", false, false}, {"", true, true}, {"auto", false, false}, {"auto", true, true},
+		{"psk", false, true}, {"psk", true, true}, {"none", true, false}, {"none", false, false},
+	} {
+		if got := (NBD{ClientAuth: tc.auth}).PSK(tc.token); got != tc.psk {
+			t.Errorf("clientAuth %q, token %v: psk %v, want %v", tc.auth, tc.token, got, tc.psk)
+		}
+	}
+	c := Default()
+	c.NBD.ClientAuth = "x509"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "nbd.clientAuth") {
+		t.Fatalf("Validate of clientAuth x509 = %v, want an nbd.clientAuth error", err)
+	}
+}
+
+func FuzzParseByteSize(f *testing.F) {
+	for _, s := range []string{"", "0", "1048576", "10GiB", "1.5 GB", "512k", ".5k", "-1", "1e30",
+		"99999999TiB", "GiB", "1k2", "1.2.3M", " 7 mb ", "NaN", "Inf", "0x10", "1_000"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := ParseByteSize(s)
+		if err != nil {
+			if v != 0 {
+				t.Fatalf("%q: error %v with value %d", s, err, v)
+			}
+			if !strings.Contains(err.Error(), "byte size") {
+				t.Fatalf("%q: unclear error %v", s, err)
+			}
+			return
+		}
+		if v < 0 || v > 1<<62 {
+			t.Fatalf("%q: out of range %d", s, v)
+		}
+		// Plain decimal integers parse exactly (up to float precision).
+		if n, perr := strconv.ParseInt(strings.TrimSpace(s), 10, 64); perr == nil && n >= 0 && n < 1<<53 && int64(v) != n {
+			t.Fatalf("%q = %d, want %d", s, v, n)
+		}
+	})
 }

@@ -1,8 +1,7 @@
-package agent
+package jobs
 
 import (
 	"context"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -11,8 +10,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // secretCB records the credentials callbacks arrive with.
@@ -91,7 +88,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		if c := cb.calls(); len(c) != 1 || c[0] != want {
 			t.Fatalf("callback arrived with %q, want %q", c, want)
 		}
-		for _, in := range jm.list() {
+		for _, in := range jm.List() {
 			if in.CallbackURL != cb.URL+"/cb/path" {
 				t.Fatalf("job/list callbackUrl %q", in.CallbackURL)
 			}
@@ -104,7 +101,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 	})
 
 	t.Run("unreachable", func(t *testing.T) {
-		jm, _ := newTestJobs(t, "", func(c *Config) { c.CallbackRetries = 0 })
+		jm, _ := newTestJobs(t, "", func(o *Options) { o.CallbackRetries = 0 })
 		dead := httptest.NewServer(http.NotFoundHandler())
 		url := withCreds(dead.URL)
 		dead.Close()
@@ -120,8 +117,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 	t.Run("after restart", func(t *testing.T) {
 		cb := newSecretCB(t, 0)
 		dir := t.TempDir()
-		m := newMetrics(prometheus.NewRegistry(), func() (storeStats, bool) { return storeStats{}, false })
-		jm, err := newJobManager(dir, DefaultConfig(), slog.New(slog.DiscardHandler), m)
+		jm, err := New(testOptions(dir))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -130,7 +126,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		g.next(t)
 		ctx, cancel := context.WithTimeout(context.Background(), jtWait)
 		defer cancel()
-		if err := jm.shutdown(ctx); err != nil {
+		if err := jm.Shutdown(ctx); err != nil {
 			t.Fatal(err)
 		}
 		noSecrets(t, "job record", recordsText(t, dir))
@@ -138,10 +134,10 @@ func TestCallbackURLRedacted(t *testing.T) {
 		if err != nil || fi.Mode().Perm() != 0o600 {
 			t.Fatalf("side file: %v %v", fi, err)
 		}
-		jm2, _ := newTestJobs(t, dir, func(c *Config) { c.CallbackMaxDelay = time.Millisecond })
-		jm2.resumeCallbacks()
+		jm2, _ := newTestJobs(t, dir, func(o *Options) { o.CallbackMaxDelay = time.Millisecond })
+		jm2.ResumeCallbacks()
 		jtWaitFor(t, "callback after restart", func() bool {
-			j, ok := jm2.get("t3")
+			j, ok := jm2.Get("t3")
 			return ok && j.Info().Callback.Delivered
 		})
 		if c := cb.calls(); len(c) != 1 || c[0] != want {
@@ -165,9 +161,9 @@ func TestCallbackURLRedacted(t *testing.T) {
 		}
 		jm, _ := newTestJobs(t, dir, nil)
 		noSecrets(t, "rewritten record", recordsText(t, dir))
-		jm.resumeCallbacks()
+		jm.ResumeCallbacks()
 		jtWaitFor(t, "legacy callback", func() bool {
-			j, ok := jm.get("t4")
+			j, ok := jm.Get("t4")
 			return ok && j.Info().Callback.Delivered
 		})
 		if c := cb.calls(); len(c) != 1 || c[0] != want {
@@ -180,7 +176,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 // and side files without a record are removed on load.
 func TestJobsLoadSweepsLeftovers(t *testing.T) {
 	dir := t.TempDir()
-	for _, f := range []string{".tmp-123456", "0123456789abcdef0123456789abcdef.callback"} {
+	for _, f := range []string{".tmp-123456", ".0123456789abcdef0123456789abcdef.json.tmp-42", "0123456789abcdef0123456789abcdef.callback"} {
 		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -1,4 +1,6 @@
-package agent
+// Package config is the daemon's configuration: its fields and defaults,
+// loading from a YAML file and IMAGESTORE_* variables, and validation.
+package config
 
 import (
 	"errors"
@@ -81,9 +83,23 @@ type NBD struct {
 	ClientAuth string `yaml:"clientAuth"`
 }
 
-// nbdPSK reports whether NBD servers take a pre-shared key.
-func (n NBD) nbdPSK(hasToken bool) bool {
+// PSK reports whether NBD servers take a pre-shared key.
+func (n NBD) PSK(hasToken bool) bool {
 	return n.ClientAuth == "psk" || (n.ClientAuth == "auto" || n.ClientAuth == "") && hasToken
+}
+
+// Ports parses PortRange, "10800-10899" (or a single port).
+func (n NBD) Ports() (lo, hi int, err error) {
+	a, b, ok := strings.Cut(strings.TrimSpace(n.PortRange), "-")
+	if !ok {
+		b = a
+	}
+	lo, err1 := strconv.Atoi(strings.TrimSpace(a))
+	hi, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if err1 != nil || err2 != nil || lo <= 0 || hi > 65535 || hi < lo {
+		return 0, 0, fmt.Errorf("nbd.portRange %q: want MIN-MAX within 1-65535", n.PortRange)
+	}
+	return lo, hi, nil
 }
 
 // Replication configures the :8000 push/pull engine.
@@ -160,8 +176,8 @@ func ParseByteSize(s string) (ByteSize, error) {
 	return ByteSize(v), nil
 }
 
-// DefaultConfig returns the configuration used when nothing is set.
-func DefaultConfig() Config {
+// Default returns the configuration used when nothing is set.
+func Default() Config {
 	return Config{
 		Root:              "./data",
 		Listen:            ":8001",
@@ -184,10 +200,10 @@ func DefaultConfig() Config {
 	}
 }
 
-// LoadConfig reads path (if non-empty) over the defaults, then applies the
+// Load reads path (if non-empty) over the defaults, then applies the
 // environment. Unknown keys in the file are errors, so typos do not pass silently.
-func LoadConfig(path string) (Config, error) {
-	cfg := DefaultConfig()
+func Load(path string) (Config, error) {
+	cfg := Default()
 	if path != "" {
 		f, err := os.Open(path)
 		if err != nil {
@@ -335,7 +351,7 @@ func (c *Config) Validate() error {
 	// An empty range disables NBD; a malformed one would otherwise only
 	// show up as a warning and NBD commands failing much later.
 	if c.NBD.PortRange != "" {
-		if _, _, err := parsePortRange(c.NBD.PortRange); err != nil {
+		if _, _, err := c.NBD.Ports(); err != nil {
 			errs = append(errs, err)
 		}
 	}
