@@ -14,12 +14,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"imagestore/agent/config"
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
+	"imagestore/transfer/registry"
 	"imagestore/transfer/replicate"
 )
 
-// startRegistry serves the registry port (agent/registry): the OCI
+// startRegistry serves the registry port (transfer/registry): the OCI
 // distribution API under /v2 and replication under /v1, with the same TLS
 // certificate and token as the management port.
 func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {

@@ -2,36 +2,24 @@ package oci_test
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"math/rand/v2"
-	"net/http/httptest"
-	"strings"
 	"sync/atomic"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
 	"imagestore/transfer/faultproxy"
 	"imagestore/transfer/oci"
+	"imagestore/transfer/registry/registrytest"
 )
 
 func streamStore(t *testing.T) (*blobstore.Store, string) {
 	t.Helper()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := registry.New(registry.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(srv.Handler())
-	t.Cleanup(func() { hs.CloseClientConnections(); hs.Close(); st.Close() })
-	return st, strings.TrimPrefix(hs.URL, "http://")
+	n := registrytest.Start(t, registrytest.Options{})
+	return n.Store, n.Addr()
 }
 
 // failAfter returns an error once n bytes have been read.

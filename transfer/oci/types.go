@@ -1,5 +1,5 @@
 // Package oci is a client for the OCI distribution API as served by
-// agent/registry (and by any conforming registry for the subset used):
+// transfer/registry (and by any conforming registry for the subset used):
 // blob HEAD/GET with Range, resumable chunked uploads, manifests and tags,
 // with zstd on the wire when both ends agree. See docs/replication.md.
 package oci

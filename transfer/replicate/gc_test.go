@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"imagestore/blobstore"
+	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
 
@@ -18,17 +18,10 @@ import (
 // download; a GC run meanwhile frees nothing the pull relies on.
 func TestPullHoldsLayersFoundLocally(t *testing.T) {
 	ctx := context.Background()
-	root := t.TempDir()
-	dst, err := blobstore.Open(ctx, blobstore.Options{Root: root, CommitGrace: time.Nanosecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dst.Close() })
-	eng, err := replicate.New(replicate.Options{Store: dst, Dir: root + "/registry/tasks", Metrics: replicate.NewMetrics(nil), Retries: 1, RetryDelay: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { eng.Close() })
+	dstNode := registrytest.Start(t, registrytest.Options{CommitGrace: time.Nanosecond, Engine: &replicate.Options{
+		Retries: 1, RetryDelay: 50 * time.Millisecond,
+	}})
+	dst, eng := dstNode.Store, dstNode.Engine
 
 	var gcRuns, freed atomic.Int64
 	var gcErr, layer atomic.Value
@@ -46,10 +39,10 @@ func TestPullHoldsLayersFoundLocally(t *testing.T) {
 			h.ServeHTTP(w, r)
 		})
 	})
-	chain := makeChain(t, src.st, "vol", 2, 64<<10)
+	chain := makeChain(t, src.Store, "vol", 2, 64<<10)
 	layer.Store(chain[1].Blob.String())
 	// The base blob is already here, unreferenced.
-	b, err := src.st.OpenBlob(ctx, chain[0].Blob)
+	b, err := src.Store.OpenBlob(ctx, chain[0].Blob)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +55,7 @@ func TestPullHoldsLayersFoundLocally(t *testing.T) {
 	time.Sleep(time.Millisecond) // past CommitGrace
 
 	top := chain[1].Ref
-	_, task := run(t, eng.Pull, eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: src.addr()})
+	_, task := run(t, eng.Pull, eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: src.Addr()})
 	if task.Status != replicate.StatusSuccess || task.Skipped != 1 {
 		t.Fatalf("pull: %+v", task)
 	}
@@ -75,5 +68,5 @@ func TestPullHoldsLayersFoundLocally(t *testing.T) {
 	if n := freed.Load(); n != 0 {
 		t.Fatalf("GC during the pull freed %d blobs (the layer found locally was not held)", n)
 	}
-	sameChain(t, src.st, dst, top)
+	sameChain(t, src.Store, dst, top)
 }

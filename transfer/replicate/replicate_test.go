@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -18,46 +17,20 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
 	"imagestore/transfer/faultproxy"
+	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
 
-type node struct {
-	root string
-	st   *blobstore.Store
-	eng  *replicate.Engine
-	m    *replicate.Metrics
-	hs   *httptest.Server
-}
-
-func newNode(t *testing.T, wrap func(http.Handler) http.Handler) *node {
+// newNode is a registry with a replication engine; wrap, if not nil,
+// wraps its handler.
+func newNode(t *testing.T, wrap func(http.Handler) http.Handler) *registrytest.Node {
 	t.Helper()
-	root := t.TempDir()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: root})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := &node{root: root, st: st, m: replicate.NewMetrics(nil)}
-	n.eng, err = replicate.New(replicate.Options{Store: st, Dir: root + "/registry/tasks", Metrics: n.m, Retries: 1, RetryDelay: 50 * time.Millisecond, Parallelism: 3})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := registry.New(registry.Options{Store: st, Engine: n.eng, Metrics: n.m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var h http.Handler = srv.Handler()
-	if wrap != nil {
-		h = wrap(h)
-	}
-	n.hs = httptest.NewServer(h)
-	t.Cleanup(func() { n.hs.Close(); n.eng.Close(); st.Close() })
-	return n
+	return registrytest.Start(t, registrytest.Options{Wrap: wrap, Engine: &replicate.Options{
+		Retries: 1, RetryDelay: 50 * time.Millisecond, Parallelism: 3,
+	}})
 }
-
-func (n *node) addr() string { return strings.TrimPrefix(n.hs.URL, "http://") }
 
 func randBytes(t *testing.T, n int) []byte {
 	b := make([]byte, n)
@@ -133,47 +106,47 @@ func sameChain(t *testing.T, a, b *blobstore.Store, ref blobstore.Ref) {
 
 func TestPushPullChain(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
-	chain := makeChain(t, a.st, "vol", 10, 200<<10)
+	chain := makeChain(t, a.Store, "vol", 10, 200<<10)
 	top := chain[len(chain)-1].Ref
-	req := replicate.Request{Name: top.Name, ID: top.ID, Addr: b.addr()}
+	req := replicate.Request{Name: top.Name, ID: top.ID, Addr: b.Addr()}
 
-	id, task := run(t, a.eng.Push, a.eng, req)
+	id, task := run(t, a.Engine.Push, a.Engine, req)
 	if task.Status != replicate.StatusSuccess || task.BlobsTotal != 10 || task.BytesDone != task.BytesTotal {
 		t.Fatalf("push %s: %+v", id, task)
 	}
-	sameChain(t, a.st, b.st, top)
-	sent := testutil.ToFloat64(a.m.SentBytes)
-	if got := testutil.ToFloat64(b.m.ReceivedBytes); got < float64(task.BytesTotal) {
+	sameChain(t, a.Store, b.Store, top)
+	sent := testutil.ToFloat64(a.Metrics.SentBytes)
+	if got := testutil.ToFloat64(b.Metrics.ReceivedBytes); got < float64(task.BytesTotal) {
 		t.Fatalf("B received %v bytes, task moved %d", got, task.BytesTotal)
 	}
 
 	// Nothing to do: existed, and no blob byte moves.
-	if id, _ := run(t, a.eng.Push, a.eng, req); id != replicate.Existed {
+	if id, _ := run(t, a.Engine.Push, a.Engine, req); id != replicate.Existed {
 		t.Fatalf("second push: %q", id)
 	}
-	if got := testutil.ToFloat64(a.m.SentBytes); got != sent {
+	if got := testutil.ToFloat64(a.Metrics.SentBytes); got != sent {
 		t.Fatalf("no-op push sent %v bytes", got-sent)
 	}
 
 	// An incremental on top moves only its layer.
-	inc := addImage(t, a.st, blobstore.Ref{Name: "vol", ID: "inc"}, top.String(), 300<<10)
-	_, task = run(t, a.eng.Push, a.eng, replicate.Request{Name: "vol", ID: "inc", Addr: b.addr()})
+	inc := addImage(t, a.Store, blobstore.Ref{Name: "vol", ID: "inc"}, top.String(), 300<<10)
+	_, task = run(t, a.Engine.Push, a.Engine, replicate.Request{Name: "vol", ID: "inc", Addr: b.Addr()})
 	if task.Status != replicate.StatusSuccess || task.BlobsTotal != 1 || task.BytesTotal != inc.Size || task.Skipped != 10 {
 		t.Fatalf("incremental push: %+v", task)
 	}
-	if got := testutil.ToFloat64(a.m.SentBytes) - sent; got != float64(inc.Size) {
+	if got := testutil.ToFloat64(a.Metrics.SentBytes) - sent; got != float64(inc.Size) {
 		t.Fatalf("incremental push sent %v bytes, layer is %d", got, inc.Size)
 	}
-	sameChain(t, a.st, b.st, inc.Ref)
+	sameChain(t, a.Store, b.Store, inc.Ref)
 
 	// Pull into an empty third store, then a pull with nothing to do.
 	c := newNode(t, nil)
-	_, task = run(t, c.eng.Pull, c.eng, replicate.Request{Name: "vol", ID: "inc", Addr: b.addr()})
+	_, task = run(t, c.Engine.Pull, c.Engine, replicate.Request{Name: "vol", ID: "inc", Addr: b.Addr()})
 	if task.Status != replicate.StatusSuccess || task.BlobsTotal != 11 {
 		t.Fatalf("pull: %+v", task)
 	}
-	sameChain(t, a.st, c.st, inc.Ref)
-	if id, _ := run(t, c.eng.Pull, c.eng, replicate.Request{Name: "vol", ID: "inc", Addr: b.addr()}); id != replicate.Existed {
+	sameChain(t, a.Store, c.Store, inc.Ref)
+	if id, _ := run(t, c.Engine.Pull, c.Engine, replicate.Request{Name: "vol", ID: "inc", Addr: b.Addr()}); id != replicate.Existed {
 		t.Fatalf("second pull: %q", id)
 	}
 }
@@ -206,39 +179,39 @@ func flipByte(t *testing.T, st *blobstore.Store, d digest.Digest) {
 func TestCorruptSourceQuarantinedAndRepairedByPull(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
 	ctx := context.Background()
-	chain := makeChain(t, a.st, "vol", 3, 100<<10)
+	chain := makeChain(t, a.Store, "vol", 3, 100<<10)
 	top := chain[2].Ref
-	req := replicate.Request{Name: top.Name, ID: top.ID, Addr: b.addr()}
-	if _, task := run(t, a.eng.Push, a.eng, req); task.Status != replicate.StatusSuccess {
+	req := replicate.Request{Name: top.Name, ID: top.ID, Addr: b.Addr()}
+	if _, task := run(t, a.Engine.Push, a.Engine, req); task.Status != replicate.StatusSuccess {
 		t.Fatalf("initial push: %+v", task)
 	}
 	// A new image on A whose middle blob rots before it is pushed to C.
 	c := newNode(t, nil)
 	bad := chain[1].Blob
-	flipByte(t, a.st, bad)
-	_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.addr()})
+	flipByte(t, a.Store, bad)
+	_, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.Addr()})
 	if task.Status != replicate.StatusFailed || !strings.Contains(task.Error, bad.String()) {
 		t.Fatalf("push of a corrupt chain: %+v", task)
 	}
-	if a.st.Exists(bad) {
+	if a.Store.Exists(bad) {
 		t.Fatal("corrupt blob not quarantined")
 	}
-	if c.st.Exists(bad) {
+	if c.Store.Exists(bad) {
 		t.Fatal("corrupt blob reached the peer")
 	}
-	if imgs, _ := c.st.ListImages(ctx, ""); len(imgs) != 0 {
+	if imgs, _ := c.Store.ListImages(ctx, ""); len(imgs) != 0 {
 		t.Fatalf("peer lists a partial chain: %v", imgs)
 	}
 	// Recover from B, which has a healthy copy.
-	_, task = run(t, a.eng.Pull, a.eng, req)
+	_, task = run(t, a.Engine.Pull, a.Engine, req)
 	if task.Status != replicate.StatusSuccess || task.BlobsTotal != 1 {
 		t.Fatalf("repairing pull: %+v", task)
 	}
-	rep, err := a.st.Verify(ctx, 0)
+	rep, err := a.Store.Verify(ctx, 0)
 	if err != nil || len(rep.Corrupt) != 0 {
 		t.Fatalf("verify after repair: %+v %v", rep, err)
 	}
-	sameChain(t, a.st, b.st, top)
+	sameChain(t, a.Store, b.Store, top)
 }
 
 // corruptPatches flips a byte in the first k PATCH bodies it forwards.
@@ -283,8 +256,8 @@ func TestPeerDigestMismatch(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			wrap, patches := corruptPatches(c.corrupt)
 			a, b := newNode(t, nil), newNode(t, wrap)
-			img := addImage(t, a.st, blobstore.Ref{Name: "v", ID: "one"}, "", 256<<10)
-			_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: "v", ID: "one", Addr: b.addr()})
+			img := addImage(t, a.Store, blobstore.Ref{Name: "v", ID: "one"}, "", 256<<10)
+			_, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: "v", ID: "one", Addr: b.Addr()})
 			if task.Status != c.want {
 				t.Fatalf("task %+v", task)
 			}
@@ -295,12 +268,12 @@ func TestPeerDigestMismatch(t *testing.T) {
 				if p := patches.Load(); p != 2 {
 					t.Fatalf("%d PATCHes, want exactly 2 (one re-send)", p)
 				}
-				if b.st.Exists(img.Blob) {
+				if b.Store.Exists(img.Blob) {
 					t.Fatal("bad bytes committed")
 				}
 				return
 			}
-			sameChain(t, a.st, b.st, img.Ref)
+			sameChain(t, a.Store, b.Store, img.Ref)
 		})
 	}
 }
@@ -308,60 +281,60 @@ func TestPeerDigestMismatch(t *testing.T) {
 func TestQuotaFailsCleanly(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
 	ctx := context.Background()
-	chain := makeChain(t, a.st, "vol", 4, 512<<10)
-	if err := b.st.SetQuota(1 << 20); err != nil {
+	chain := makeChain(t, a.Store, "vol", 4, 512<<10)
+	if err := b.Store.SetQuota(1 << 20); err != nil {
 		t.Fatal(err)
 	}
-	_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: "vol", ID: chain[3].ID, Addr: b.addr()})
+	_, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: "vol", ID: chain[3].ID, Addr: b.Addr()})
 	if task.Status != replicate.StatusFailed || !strings.Contains(strings.ToLower(task.Error), "quota") {
 		t.Fatalf("push over quota: %+v", task)
 	}
-	if imgs, _ := b.st.ListImages(ctx, ""); len(imgs) != 0 {
+	if imgs, _ := b.Store.ListImages(ctx, ""); len(imgs) != 0 {
 		t.Fatalf("B lists images after a failed push: %v", imgs)
 	}
 }
 
 func TestPushThroughCuttingProxy(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
-	p := faultproxy.New(t, b.addr())
+	p := faultproxy.New(t, b.Addr())
 	p.CutAfter(3 << 20)
 	p.CutNext(3)
-	chain := makeChain(t, a.st, "vol", 2, 6<<20)
-	_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: "vol", ID: chain[1].ID, Addr: p.Addr()})
+	chain := makeChain(t, a.Store, "vol", 2, 6<<20)
+	_, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: "vol", ID: chain[1].ID, Addr: p.Addr()})
 	if task.Status != replicate.StatusSuccess {
 		t.Fatalf("push through cuts: %+v", task)
 	}
 	if p.Cuts() == 0 {
 		t.Fatal("no cut happened")
 	}
-	sameChain(t, a.st, b.st, chain[1].Ref)
+	sameChain(t, a.Store, b.Store, chain[1].Ref)
 }
 
 func TestPullResumesThroughCuttingProxy(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
-	chain := makeChain(t, b.st, "vol", 1, 8<<20)
-	p := faultproxy.New(t, b.addr())
+	chain := makeChain(t, b.Store, "vol", 1, 8<<20)
+	p := faultproxy.New(t, b.Addr())
 	p.CutAfter(2 << 20)
 	p.CutNext(2)
-	_, task := run(t, a.eng.Pull, a.eng, replicate.Request{Name: "vol", ID: chain[0].ID, Addr: p.Addr()})
+	_, task := run(t, a.Engine.Pull, a.Engine, replicate.Request{Name: "vol", ID: chain[0].ID, Addr: p.Addr()})
 	if task.Status != replicate.StatusSuccess || p.Cuts() == 0 {
 		t.Fatalf("pull through cuts (%d cuts): %+v", p.Cuts(), task)
 	}
-	sameChain(t, a.st, b.st, chain[0].Ref)
+	sameChain(t, a.Store, b.Store, chain[0].Ref)
 }
 
 func TestThreeStores(t *testing.T) {
 	a, b, c := newNode(t, nil), newNode(t, nil), newNode(t, nil)
-	chain := makeChain(t, a.st, "zsbak", 3, 64<<10)
+	chain := makeChain(t, a.Store, "zsbak", 3, 64<<10)
 	top := chain[2].Ref
-	if _, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: b.addr()}); task.Status != replicate.StatusSuccess {
+	if _, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: top.Name, ID: top.ID, Addr: b.Addr()}); task.Status != replicate.StatusSuccess {
 		t.Fatalf("A→B: %+v", task)
 	}
-	if _, task := run(t, b.eng.Push, b.eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.addr()}); task.Status != replicate.StatusSuccess {
+	if _, task := run(t, b.Engine.Push, b.Engine, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.Addr()}); task.Status != replicate.StatusSuccess {
 		t.Fatalf("B→C: %+v", task)
 	}
-	sameChain(t, a.st, c.st, top)
-	if id, _ := run(t, a.eng.Push, a.eng, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.addr()}); id != replicate.Existed {
+	sameChain(t, a.Store, c.Store, top)
+	if id, _ := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: top.Name, ID: top.ID, Addr: c.Addr()}); id != replicate.Existed {
 		t.Fatalf("A→C after A→B→C: %q", id)
 	}
 }

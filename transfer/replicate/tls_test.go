@@ -10,13 +10,11 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
-	"net/http/httptest"
-	"strings"
 	"testing"
 	"time"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
+	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
 
@@ -24,20 +22,9 @@ import (
 // trusting only the CA given in the request; a wrong CA or token fails.
 func TestPushOverTLSWithToken(t *testing.T) {
 	a := newNode(t, nil)
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	srv, err := registry.New(registry.Options{Store: st, Token: "peer-token"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewTLSServer(srv.Handler())
-	defer hs.Close()
-	ca := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: hs.Certificate().Raw}))
-	addr := strings.TrimPrefix(hs.URL, "https://")
-	img := addImage(t, a.st, blobstore.Ref{Name: "v", ID: "tls"}, "", 128<<10)
+	peer := registrytest.Start(t, registrytest.Options{Token: "peer-token", TLS: true})
+	st, ca, addr := peer.Store, peer.CA(), peer.Addr()
+	img := addImage(t, a.Store, blobstore.Ref{Name: "v", ID: "tls"}, "", 128<<10)
 
 	otherCA := selfSignedPEM(t)
 	ctx := context.Background()
@@ -50,9 +37,9 @@ func TestPushOverTLSWithToken(t *testing.T) {
 		{"right CA and token", ca, "peer-token", true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			id, err := a.eng.Push(ctx, replicate.Request{Name: "v", ID: "tls", Addr: addr, CA: c.ca, Token: c.token})
+			id, err := a.Engine.Push(ctx, replicate.Request{Name: "v", ID: "tls", Addr: addr, CA: c.ca, Token: c.token})
 			if err == nil && id != replicate.Existed {
-				task, werr := a.eng.Wait(ctx, id)
+				task, werr := a.Engine.Wait(ctx, id)
 				if werr != nil {
 					t.Fatal(werr)
 				}
@@ -94,9 +81,9 @@ func (e errString) Error() string { return string(e) }
 // TestBandwidthLimit: a task's budget holds for the whole push (lower bound only).
 func TestBandwidthLimit(t *testing.T) {
 	a, b := newNode(t, nil), newNode(t, nil)
-	chain := makeChain(t, a.st, "v", 2, 2<<20) // 4 MiB in two parallel streams
+	chain := makeChain(t, a.Store, "v", 2, 2<<20) // 4 MiB in two parallel streams
 	start := time.Now()
-	_, task := run(t, a.eng.Push, a.eng, replicate.Request{Name: "v", ID: chain[1].ID, Addr: b.addr(), NetworkWriteBandwidth: 4 << 20})
+	_, task := run(t, a.Engine.Push, a.Engine, replicate.Request{Name: "v", ID: chain[1].ID, Addr: b.Addr(), NetworkWriteBandwidth: 4 << 20})
 	if task.Status != replicate.StatusSuccess {
 		t.Fatalf("%+v", task)
 	}

@@ -24,8 +24,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
+	"imagestore/transfer/registry"
 	"imagestore/transfer/replicate"
 )
 

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,9 +15,9 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 
-	"imagestore/agent/registry"
 	"imagestore/transfer/faultproxy"
 	"imagestore/transfer/oci"
+	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
 
@@ -62,14 +61,14 @@ func TestAuth(t *testing.T) {
 		hdr    map[string]string
 		status int
 	}{
-		{"no token configured", open.hs.URL + "/v2/", nil, 200},
-		{"missing credentials", n.hs.URL + "/v2/", nil, 401},
-		{"wrong bearer", n.hs.URL + "/v2/", map[string]string{"Authorization": "Bearer nope"}, 401},
-		{"bearer", n.hs.URL + "/v2/", map[string]string{"Authorization": "Bearer s3cret"}, 200},
-		{"basic with token as password", n.hs.URL + "/v2/", map[string]string{"Authorization": "Basic eDpzM2NyZXQ="}, 200}, // x:s3cret
-		{"basic wrong password", n.hs.URL + "/v2/", map[string]string{"Authorization": "Basic eDp4"}, 401},
-		{"v1 needs auth too", n.hs.URL + "/v1/tasks/x", nil, 401},
-		{"blobs need auth too", n.hs.URL + "/v2/a/blobs/sha256:" + strings.Repeat("0", 64), nil, 401},
+		{"no token configured", open.HTTP.URL + "/v2/", nil, 200},
+		{"missing credentials", n.HTTP.URL + "/v2/", nil, 401},
+		{"wrong bearer", n.HTTP.URL + "/v2/", map[string]string{"Authorization": "Bearer nope"}, 401},
+		{"bearer", n.HTTP.URL + "/v2/", map[string]string{"Authorization": "Bearer s3cret"}, 200},
+		{"basic with token as password", n.HTTP.URL + "/v2/", map[string]string{"Authorization": "Basic eDpzM2NyZXQ="}, 200}, // x:s3cret
+		{"basic wrong password", n.HTTP.URL + "/v2/", map[string]string{"Authorization": "Basic eDp4"}, 401},
+		{"v1 needs auth too", n.HTTP.URL + "/v1/tasks/x", nil, 401},
+		{"blobs need auth too", n.HTTP.URL + "/v2/a/blobs/sha256:" + strings.Repeat("0", 64), nil, 401},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -87,10 +86,10 @@ func TestAuth(t *testing.T) {
 			}
 		})
 	}
-	if err := n.client(t, "nope", false).Ping(context.Background()); !errors.Is(err, oci.ErrUnauthorized) {
+	if err := n.Client(t, "nope", false).Ping(context.Background()); !errors.Is(err, oci.ErrUnauthorized) {
 		t.Fatalf("client with wrong token: %v", err)
 	}
-	if err := n.client(t, "s3cret", false).Ping(context.Background()); err != nil {
+	if err := n.Client(t, "s3cret", false).Ping(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -99,13 +98,13 @@ func TestChunkedUploadAndReads(t *testing.T) {
 	n := newNode(t, "")
 	data := randBytes(t, 300<<10)
 	d := digest.FromBytes(data)
-	base := n.hs.URL + "/v2/vol1/blobs/"
+	base := n.HTTP.URL + "/v2/vol1/blobs/"
 
 	resp, b := do(t, "POST", base+"uploads/", nil, nil)
 	if resp.StatusCode != 202 {
 		t.Fatalf("POST: %d %s", resp.StatusCode, b)
 	}
-	loc := n.hs.URL + resp.Header.Get("Location")
+	loc := n.HTTP.URL + resp.Header.Get("Location")
 	// Two chunks, the second starting where the first ended.
 	resp, b = do(t, "PATCH", loc, data[:100<<10], map[string]string{"Content-Range": fmt.Sprintf("0-%d", 100<<10-1)})
 	if resp.StatusCode != 202 || resp.Header.Get("Range") != fmt.Sprintf("0-%d", 100<<10-1) {
@@ -128,7 +127,7 @@ func TestChunkedUploadAndReads(t *testing.T) {
 	if resp.StatusCode != 201 || resp.Header.Get(oci.HeaderContentDigest) != d.String() {
 		t.Fatalf("PUT: %d %s", resp.StatusCode, b)
 	}
-	if got := readBlob(t, n.st, d); !bytes.Equal(got, data) {
+	if got := readBlob(t, n.Store, d); !bytes.Equal(got, data) {
 		t.Fatal("stored blob differs")
 	}
 	// Reads.
@@ -149,18 +148,18 @@ func TestChunkedUploadAndReads(t *testing.T) {
 		t.Fatalf("bad digest: %d %s", resp.StatusCode, b)
 	}
 	// Cross-mount of a held blob, and monolithic upload.
-	resp, _ = do(t, "POST", n.hs.URL+"/v2/other/blobs/uploads/?mount="+d.String()+"&from=vol1", nil, nil)
+	resp, _ = do(t, "POST", n.HTTP.URL+"/v2/other/blobs/uploads/?mount="+d.String()+"&from=vol1", nil, nil)
 	if resp.StatusCode != 201 {
 		t.Fatalf("mount: %d", resp.StatusCode)
 	}
 	small := []byte("monolithic")
 	resp, b = do(t, "POST", base+"uploads/?digest="+digest.FromBytes(small).String(), small, nil)
-	if resp.StatusCode != 201 || !n.st.Exists(digest.FromBytes(small)) {
+	if resp.StatusCode != 201 || !n.Store.Exists(digest.FromBytes(small)) {
 		t.Fatalf("monolithic: %d %s", resp.StatusCode, b)
 	}
 	// DELETE cancels an upload.
 	resp, _ = do(t, "POST", base+"uploads/", nil, nil)
-	loc = n.hs.URL + resp.Header.Get("Location")
+	loc = n.HTTP.URL + resp.Header.Get("Location")
 	if resp, _ = do(t, "DELETE", loc, nil, nil); resp.StatusCode != 204 {
 		t.Fatalf("DELETE: %d", resp.StatusCode)
 	}
@@ -173,21 +172,21 @@ func TestDigestMismatchStoresNothing(t *testing.T) {
 	n := newNode(t, "")
 	data := randBytes(t, 64<<10)
 	wrong := digest.FromBytes([]byte("something else"))
-	resp, _ := do(t, "POST", n.hs.URL+"/v2/v/blobs/uploads/", nil, nil)
-	loc := n.hs.URL + resp.Header.Get("Location")
+	resp, _ := do(t, "POST", n.HTTP.URL+"/v2/v/blobs/uploads/", nil, nil)
+	loc := n.HTTP.URL + resp.Header.Get("Location")
 	do(t, "PATCH", loc, data, nil)
 	resp, b := do(t, "PUT", loc+"?digest="+wrong.String(), nil, nil)
 	if resp.StatusCode != 400 || errCode(t, b) != oci.CodeDigestInvalid {
 		t.Fatalf("PUT wrong digest: %d %s", resp.StatusCode, b)
 	}
-	if n.st.Exists(wrong) || n.st.Exists(digest.FromBytes(data)) {
+	if n.Store.Exists(wrong) || n.Store.Exists(digest.FromBytes(data)) {
 		t.Fatal("a blob was stored despite the mismatch")
 	}
 	if resp, _ = do(t, "GET", loc, nil, nil); resp.StatusCode != 404 {
 		t.Fatalf("upload survived a failed commit: %d", resp.StatusCode)
 	}
 	// Monolithic too.
-	resp, b = do(t, "POST", n.hs.URL+"/v2/v/blobs/uploads/?digest="+wrong.String(), data, nil)
+	resp, b = do(t, "POST", n.HTTP.URL+"/v2/v/blobs/uploads/?digest="+wrong.String(), data, nil)
 	if resp.StatusCode != 400 || errCode(t, b) != oci.CodeDigestInvalid {
 		t.Fatalf("monolithic wrong digest: %d %s", resp.StatusCode, b)
 	}
@@ -196,17 +195,17 @@ func TestDigestMismatchStoresNothing(t *testing.T) {
 func TestZstd(t *testing.T) {
 	n := newNode(t, "")
 	ctx := context.Background()
-	c := n.client(t, "", true)
+	c := n.Client(t, "", true)
 	data := compressible(3 << 20)
 	d := digest.FromBytes(data)
 	if err := c.PushBlob(ctx, "z", d, int64(len(data)), bytes.NewReader(data), oci.PushOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(readBlob(t, n.st, d), data) {
+	if !bytes.Equal(readBlob(t, n.Store, d), data) {
 		t.Fatal("zstd upload stored different bytes")
 	}
 	// Download negotiates zstd and decodes to the same bytes.
-	resp, raw := do(t, "GET", n.hs.URL+"/v2/z/blobs/"+d.String(), nil, map[string]string{"Accept-Encoding": "zstd"})
+	resp, raw := do(t, "GET", n.HTTP.URL+"/v2/z/blobs/"+d.String(), nil, map[string]string{"Accept-Encoding": "zstd"})
 	if resp.Header.Get("Content-Encoding") != "zstd" || len(raw) >= len(data)/2 {
 		t.Fatalf("GET with zstd: encoding %q, %d bytes", resp.Header.Get("Content-Encoding"), len(raw))
 	}
@@ -232,8 +231,8 @@ func TestZstd(t *testing.T) {
 	// Server side: a zstd PATCH decoding past its Content-Range is refused.
 	enc, _ := zstd.NewWriter(nil)
 	bomb := enc.EncodeAll(make([]byte, 8<<20), nil)
-	resp, _ = do(t, "POST", n.hs.URL+"/v2/z/blobs/uploads/", nil, nil)
-	loc := n.hs.URL + resp.Header.Get("Location")
+	resp, _ = do(t, "POST", n.HTTP.URL+"/v2/z/blobs/uploads/", nil, nil)
+	loc := n.HTTP.URL + resp.Header.Get("Location")
 	resp, b := do(t, "PATCH", loc, bomb, map[string]string{"Content-Encoding": "zstd", "Content-Range": "0-1023"})
 	if resp.StatusCode != 400 || errCode(t, b) != oci.CodeSizeInvalid {
 		t.Fatalf("zstd bomb: %d %s", resp.StatusCode, b)
@@ -244,7 +243,7 @@ func TestZstd(t *testing.T) {
 	if err := c.PushBlob(ctx, "z", rd, int64(len(rnd)), bytes.NewReader(rnd), oci.PushOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	resp, _ = do(t, "GET", n.hs.URL+"/v2/z/blobs/"+rd.String(), nil, map[string]string{"Accept-Encoding": "zstd"})
+	resp, _ = do(t, "GET", n.HTTP.URL+"/v2/z/blobs/"+rd.String(), nil, map[string]string{"Accept-Encoding": "zstd"})
 	if resp.Header.Get("Content-Encoding") != "" {
 		t.Fatalf("incompressible blob sent with %q", resp.Header.Get("Content-Encoding"))
 	}
@@ -254,7 +253,7 @@ func TestUploadResumesAfterCut(t *testing.T) {
 	for _, compress := range []bool{false, true} {
 		t.Run(fmt.Sprintf("zstd=%v", compress), func(t *testing.T) {
 			n := newNode(t, "")
-			p := faultproxy.New(t, n.addr())
+			p := faultproxy.New(t, n.Addr())
 			p.CutAfter(5 << 20)
 			p.CutNext(2)
 			c, err := oci.New(oci.Options{Addr: p.Addr(), Compress: compress})
@@ -277,7 +276,7 @@ func TestUploadResumesAfterCut(t *testing.T) {
 			if p.Cuts() == 0 {
 				t.Fatal("the proxy never cut; the test proves nothing")
 			}
-			if !bytes.Equal(readBlob(t, n.st, d), data) {
+			if !bytes.Equal(readBlob(t, n.Store, d), data) {
 				t.Fatal("resumed upload stored different bytes")
 			}
 			if sent != int64(len(data)) {
@@ -289,7 +288,7 @@ func TestUploadResumesAfterCut(t *testing.T) {
 
 func TestCorruptSourceNeverCommitted(t *testing.T) {
 	n := newNode(t, "")
-	c := n.client(t, "", false)
+	c := n.Client(t, "", false)
 	data := randBytes(t, 1<<20)
 	d := digest.FromBytes(data)
 	bad := bytes.Clone(data)
@@ -298,7 +297,7 @@ func TestCorruptSourceNeverCommitted(t *testing.T) {
 	if !errors.Is(err, oci.ErrSourceDigest) {
 		t.Fatalf("push of corrupt source: %v", err)
 	}
-	if n.st.Exists(d) {
+	if n.Store.Exists(d) {
 		t.Fatal("corrupt source committed")
 	}
 }
@@ -306,8 +305,8 @@ func TestCorruptSourceNeverCommitted(t *testing.T) {
 func TestManifestsAndTags(t *testing.T) {
 	n := newNode(t, "")
 	ctx := context.Background()
-	chain := makeChain(t, n.st, "vol", 1000, 2000, 3000)
-	c := n.client(t, "", false)
+	chain := makeChain(t, n.Store, "vol", 1000, 2000, 3000)
+	c := n.Client(t, "", false)
 	mb, desc, err := c.GetManifest(ctx, "vol", "l2")
 	if err != nil {
 		t.Fatal(err)
@@ -340,7 +339,7 @@ func TestManifestsAndTags(t *testing.T) {
 	if err != nil || strings.Join(tags, ",") != "l0,l1,l2" {
 		t.Fatalf("tags %v %v", tags, err)
 	}
-	resp, b := do(t, "GET", n.hs.URL+"/v2/vol/tags/list?n=1&last=l0", nil, nil)
+	resp, b := do(t, "GET", n.HTTP.URL+"/v2/vol/tags/list?n=1&last=l0", nil, nil)
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `["l1"]`) {
 		t.Fatalf("paged tags: %s", b)
 	}
@@ -350,7 +349,7 @@ func TestManifestsAndTags(t *testing.T) {
 
 	// PUT onto a second store: refused until blobs arrive, then records appear.
 	n2 := newNode(t, "")
-	c2 := n2.client(t, "", false)
+	c2 := n2.Client(t, "", false)
 	if _, err := c2.PutManifest(ctx, "vol", "l2", oci.MediaTypeManifest, mb); err == nil {
 		t.Fatal("manifest accepted without its blobs")
 	}
@@ -358,7 +357,7 @@ func TestManifestsAndTags(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, img := range chain {
-		data := readBlob(t, n.st, img.Blob)
+		data := readBlob(t, n.Store, img.Blob)
 		if err := c2.PutBlob(ctx, "vol", img.Blob, data); err != nil {
 			t.Fatal(err)
 		}
@@ -366,7 +365,7 @@ func TestManifestsAndTags(t *testing.T) {
 	if _, err := c2.PutManifest(ctx, "vol", "l1", oci.MediaTypeManifest, mb); !errors.Is(err, oci.ErrManifestInvalid) {
 		t.Fatalf("manifest under the wrong tag: %v", err)
 	}
-	if imgs, _ := n2.st.ListImages(ctx, "vol"); len(imgs) != 0 {
+	if imgs, _ := n2.Store.ListImages(ctx, "vol"); len(imgs) != 0 {
 		t.Fatalf("refused manifest left records: %v", imgs)
 	}
 	if _, err := c2.PutManifest(ctx, "vol", "l2", oci.MediaTypeManifest, mb); err != nil {
@@ -376,7 +375,7 @@ func TestManifestsAndTags(t *testing.T) {
 	if err != nil || hd2.Digest != desc.Digest {
 		t.Fatalf("digest on receiver %v, source %v (%v)", hd2.Digest, desc.Digest, err)
 	}
-	got, err := n2.st.Chain(ctx, chain[2].Ref)
+	got, err := n2.Store.Chain(ctx, chain[2].Ref)
 	if err != nil || len(got) != 3 {
 		t.Fatalf("receiver chain: %v %v", got, err)
 	}
@@ -387,26 +386,21 @@ func TestManifestsAndTags(t *testing.T) {
 // kill -9), so the upload resumes from offset 0; the source hash must be
 // recomputed, not carried over from the lost attempt.
 func TestUploadResumesFromZeroAfterServerLoss(t *testing.T) {
-	root := t.TempDir()
-	st := openStore(t, root)
-	srv, err := registry.New(registry.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
 	var patches atomic.Int32
-	h := srv.Handler()
-	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPatch && patches.Add(1) == 1 {
-			_, _ = io.CopyN(io.Discard, r.Body, 1<<20) // read, never store
-			conn, _, err := w.(http.Hijacker).Hijack()
-			if err == nil {
-				conn.Close()
+	n := registrytest.Start(t, registrytest.Options{Wrap: func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPatch && patches.Add(1) == 1 {
+				_, _ = io.CopyN(io.Discard, r.Body, 1<<20) // read, never store
+				conn, _, err := w.(http.Hijacker).Hijack()
+				if err == nil {
+					conn.Close()
+				}
+				return
 			}
-			return
-		}
-		h.ServeHTTP(w, r)
-	}))
-	defer hs.Close()
+			h.ServeHTTP(w, r)
+		})
+	}})
+	st, hs := n.Store, n.HTTP
 	c, err := oci.New(oci.Options{Addr: hs.URL})
 	if err != nil {
 		t.Fatal(err)

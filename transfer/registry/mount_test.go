@@ -12,7 +12,7 @@ import (
 // yet) is held from GC until the client's manifest can record it.
 func TestMountHoldsBlob(t *testing.T) {
 	ctx := context.Background()
-	st, hs := graceNode(t, t.TempDir())
+	st, hs := graceNode(t)
 	d, _, err := st.Put(ctx, bytes.NewReader(randBytes(t, 4096)), 4096, "")
 	if err != nil {
 		t.Fatal(err)

@@ -75,7 +75,7 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			n := newNode(t, "")
 			ctx := context.Background()
-			c := n.client(t, "", false)
+			c := n.Client(t, "", false)
 			b := tc.base
 			if b == nil {
 				b = base
@@ -107,9 +107,9 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 			}
 			mb, _ := json.Marshal(m)
 			top := chain[len(chain)-1]
-			resp, body := do(t, http.MethodPut, n.hs.URL+"/v2/vol/manifests/"+top.ID, mb,
+			resp, body := do(t, http.MethodPut, n.HTTP.URL+"/v2/vol/manifests/"+top.ID, mb,
 				map[string]string{"Content-Type": oci.MediaTypeManifest})
-			imgs, err := n.st.ListImages(ctx, "vol")
+			imgs, err := n.Store.ListImages(ctx, "vol")
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -14,6 +14,7 @@ import (
 
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
+	"imagestore/transfer/registry/registrytest"
 )
 
 func skopeo(t *testing.T, args ...string) string {
@@ -46,25 +47,25 @@ func TestSkopeoInterop(t *testing.T) {
 	const token = "interop-token"
 	a, b := newNode(t, token), newNode(t, token)
 	ctx := context.Background()
-	chain := makeChain(t, a.st, "vol", 200<<10, 100<<10, 50<<10)
+	chain := makeChain(t, a.Store, "vol", 200<<10, 100<<10, 50<<10)
 	top := chain[len(chain)-1].Ref
-	src := "docker://" + a.addr() + "/vol:" + top.ID
-	dst := "docker://" + b.addr() + "/vol:" + top.ID
+	src := "docker://" + a.Addr() + "/vol:" + top.ID
+	dst := "docker://" + b.Addr() + "/vol:" + top.ID
 	creds := "x:" + token
 	skopeo(t, "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-creds", creds, "--dest-creds", creds, src, dst)
 
-	da, err := a.client(t, token, false).HeadManifest(ctx, "vol", top.ID)
+	da, err := a.Client(t, token, false).HeadManifest(ctx, "vol", top.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	db, err := b.client(t, token, false).HeadManifest(ctx, "vol", top.ID)
+	db, err := b.Client(t, token, false).HeadManifest(ctx, "vol", top.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if da.Digest != db.Digest {
 		t.Fatalf("manifest digest on B %s, on A %s", db.Digest, da.Digest)
 	}
-	got, err := b.st.Chain(ctx, top)
+	got, err := b.Store.Chain(ctx, top)
 	if err != nil || len(got) != len(chain) {
 		t.Fatalf("B's chain: %v %v", got, err)
 	}
@@ -90,8 +91,8 @@ func TestSkopeoInterop(t *testing.T) {
 	}
 	// And back: from the dir: layout into a third, empty store.
 	c := newNode(t, token)
-	skopeo(t, "copy", "--dest-tls-verify=false", "--dest-creds", creds, "dir:"+dir, "docker://"+c.addr()+"/vol:"+top.ID)
-	dc, err := c.client(t, token, false).HeadManifest(ctx, "vol", top.ID)
+	skopeo(t, "copy", "--dest-tls-verify=false", "--dest-creds", creds, "dir:"+dir, "docker://"+c.Addr()+"/vol:"+top.ID)
+	dc, err := c.Client(t, token, false).HeadManifest(ctx, "vol", top.ID)
 	if err != nil || dc.Digest != da.Digest {
 		t.Fatalf("C's digest %v (%v), want %s", dc.Digest, err, da.Digest)
 	}
@@ -105,10 +106,10 @@ func TestSkopeoDelete(t *testing.T) {
 	a, b := newNode(t, token), newNode(t, token)
 	ctx := context.Background()
 	creds := "x:" + token
-	chain := makeChain(t, a.st, "vol", 64<<10, 32<<10)
-	ref := func(n *node, id string) string { return "docker://" + n.addr() + "/vol:" + id }
+	chain := makeChain(t, a.Store, "vol", 64<<10, 32<<10)
+	ref := func(n *registrytest.Node, id string) string { return "docker://" + n.Addr() + "/vol:" + id }
 	skopeo(t, "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--src-creds", creds, "--dest-creds", creds, ref(a, "l1"), ref(b, "l1"))
-	ca := a.client(t, token, false)
+	ca := a.Client(t, token, false)
 	want, err := ca.HeadManifest(ctx, "vol", "l1")
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +133,7 @@ func TestSkopeoDelete(t *testing.T) {
 	if tags, err := ca.Tags(ctx, "vol"); err != nil || strings.Join(tags, ",") != "l0" {
 		t.Fatalf("tags after skopeo delete: %v %v", tags, err)
 	}
-	if _, err := a.st.GetImage(ctx, chain[1].Ref); !errors.Is(err, blobstore.ErrNotFound) {
+	if _, err := a.Store.GetImage(ctx, chain[1].Ref); !errors.Is(err, blobstore.ErrNotFound) {
 		t.Fatalf("record after skopeo delete: %v", err)
 	}
 	if _, err := skopeoRun(t, "inspect", "--raw", "--tls-verify=false", "--creds", creds, ref(a, "l1")); err == nil {

@@ -6,65 +6,20 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
-	"net/http/httptest"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
-	"imagestore/transfer/oci"
+	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
 
-type node struct {
-	st  *blobstore.Store
-	srv *registry.Server
-	hs  *httptest.Server
-	m   *replicate.Metrics
-	eng *replicate.Engine
-}
-
-func openStore(t testing.TB, root string) *blobstore.Store {
+// newNode is a registry with a replication engine, and token if not "".
+func newNode(t testing.TB, token string) *registrytest.Node {
 	t.Helper()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: root})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	return st
-}
-
-func newNode(t testing.TB, token string) *node {
-	t.Helper()
-	root := t.TempDir()
-	n := &node{st: openStore(t, root), m: replicate.NewMetrics(nil)}
-	eng, err := replicate.New(replicate.Options{Store: n.st, Dir: root + "/registry/tasks", Metrics: n.m, RetryDelay: 100 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.eng = eng
-	n.srv, err = registry.New(registry.Options{Store: n.st, Engine: eng, Token: token, Metrics: n.m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.hs = httptest.NewServer(n.srv.Handler())
-	t.Cleanup(func() { n.hs.Close(); eng.Close() })
-	return n
-}
-
-func (n *node) addr() string { return strings.TrimPrefix(n.hs.URL, "http://") }
-
-func (n *node) client(t testing.TB, token string, compress bool) *oci.Client {
-	t.Helper()
-	c, err := oci.New(oci.Options{Addr: n.hs.URL, Token: token, Compress: compress})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.CloseIdleConnections)
-	return c
+	return registrytest.Start(t, registrytest.Options{Token: token, Engine: &replicate.Options{RetryDelay: 100 * time.Millisecond}})
 }
 
 func randBytes(t testing.TB, n int) []byte {

@@ -53,9 +53,9 @@ func TestCatalogPagination(t *testing.T) {
 	// /v2/_catalog, so it stays reachable.
 	repos := []string{"zsbak", "vol-1", "Vol-2", "_catalog", "a.b", "vol-10", "m"}
 	for _, r := range repos {
-		makeChain(t, n.st, r, 512)
+		makeChain(t, n.Store, r, 512)
 	}
-	makeChain(t, n.st, "multi", 512, 512, 512) // three images, one repository
+	makeChain(t, n.Store, "multi", 512, 512, 512) // three images, one repository
 	want := append(slices.Clone(repos), "multi")
 	slices.Sort(want)
 
@@ -76,7 +76,7 @@ func TestCatalogPagination(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.query, func(t *testing.T) {
-			pages, links := follow(t, n.hs.URL, "/v2/_catalog"+c.query, "repositories")
+			pages, links := follow(t, n.HTTP.URL, "/v2/_catalog"+c.query, "repositories")
 			if len(pages) != c.wantPages {
 				t.Fatalf("%d pages %v, want %d", len(pages), pages, c.wantPages)
 			}
@@ -104,7 +104,7 @@ func TestCatalogPagination(t *testing.T) {
 		})
 	}
 
-	resp, b := do(t, "GET", n.hs.URL+"/v2/_catalog/tags/list", nil, nil)
+	resp, b := do(t, "GET", n.HTTP.URL+"/v2/_catalog/tags/list", nil, nil)
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"name":"_catalog"`) {
 		t.Fatalf("tags of the repository named _catalog: %d %s", resp.StatusCode, b)
 	}
@@ -112,8 +112,8 @@ func TestCatalogPagination(t *testing.T) {
 
 func TestTagsPagination(t *testing.T) {
 	n := newNode(t, "")
-	makeChain(t, n.st, "vol", 512, 512, 512, 512, 512) // tags l0..l4
-	pages, links := follow(t, n.hs.URL, "/v2/vol/tags/list?n=2", "tags")
+	makeChain(t, n.Store, "vol", 512, 512, 512, 512, 512) // tags l0..l4
+	pages, links := follow(t, n.HTTP.URL, "/v2/vol/tags/list?n=2", "tags")
 	if fmt.Sprint(pages) != "[[l0 l1] [l2 l3] [l4]]" {
 		t.Fatalf("pages %v", pages)
 	}
@@ -122,7 +122,7 @@ func TestTagsPagination(t *testing.T) {
 	}
 	// n=0 on tags/list is an empty page (what registries answer and clients
 	// expect), not an error.
-	resp, b := do(t, "GET", n.hs.URL+"/v2/vol/tags/list?n=0", nil, nil)
+	resp, b := do(t, "GET", n.HTTP.URL+"/v2/vol/tags/list?n=0", nil, nil)
 	if resp.StatusCode != 200 || resp.Header.Get("Link") != "" || !strings.Contains(string(b), `"tags":[]`) {
 		t.Fatalf("n=0: %d %q %s", resp.StatusCode, resp.Header.Get("Link"), b)
 	}
@@ -130,7 +130,7 @@ func TestTagsPagination(t *testing.T) {
 
 func TestBadPageSize(t *testing.T) {
 	n := newNode(t, "")
-	makeChain(t, n.st, "vol", 512)
+	makeChain(t, n.Store, "vol", 512)
 	cases := []struct{ path, n string }{
 		{"/v2/_catalog", "0"},
 		{"/v2/_catalog", "-1"},
@@ -143,7 +143,7 @@ func TestBadPageSize(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.path+"?n="+c.n, func(t *testing.T) {
-			resp, b := do(t, "GET", n.hs.URL+c.path+"?n="+c.n, nil, nil)
+			resp, b := do(t, "GET", n.HTTP.URL+c.path+"?n="+c.n, nil, nil)
 			if resp.StatusCode != http.StatusBadRequest {
 				t.Fatalf("status %d, want 400: %s", resp.StatusCode, b)
 			}
@@ -160,22 +160,22 @@ func TestBadPageSize(t *testing.T) {
 func TestCatalogEmptyAndAuth(t *testing.T) {
 	n := newNode(t, "s3cret")
 	hdr := map[string]string{"Authorization": "Bearer s3cret"}
-	resp, b := do(t, "GET", n.hs.URL+"/v2/_catalog", nil, hdr)
+	resp, b := do(t, "GET", n.HTTP.URL+"/v2/_catalog", nil, hdr)
 	if resp.StatusCode != 200 || strings.TrimSpace(string(b)) != `{"repositories":[]}` {
 		t.Fatalf("empty store: %d %s", resp.StatusCode, b)
 	}
-	makeChain(t, n.st, "secret-vm", 512)
+	makeChain(t, n.Store, "secret-vm", 512)
 	for _, method := range []string{"GET", "HEAD"} {
-		resp, b = do(t, method, n.hs.URL+"/v2/_catalog", nil, nil)
+		resp, b = do(t, method, n.HTTP.URL+"/v2/_catalog", nil, nil)
 		if resp.StatusCode != http.StatusUnauthorized || strings.Contains(string(b), "secret-vm") {
 			t.Fatalf("%s without credentials: %d %s", method, resp.StatusCode, b)
 		}
 	}
-	resp, b = do(t, "GET", n.hs.URL+"/v2/_catalog", nil, hdr)
+	resp, b = do(t, "GET", n.HTTP.URL+"/v2/_catalog", nil, hdr)
 	if resp.StatusCode != 200 || strings.TrimSpace(string(b)) != `{"repositories":["secret-vm"]}` {
 		t.Fatalf("with credentials: %d %s", resp.StatusCode, b)
 	}
-	resp, _ = do(t, "POST", n.hs.URL+"/v2/_catalog", nil, hdr)
+	resp, _ = do(t, "POST", n.HTTP.URL+"/v2/_catalog", nil, hdr)
 	if resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Fatalf("POST: %d", resp.StatusCode)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -15,27 +14,17 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"imagestore/agent/registry"
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
+	"imagestore/transfer/registry/registrytest"
 )
 
 // graceNode is a registry over a store whose GC may free any unreferenced
 // blob at once (CommitGrace 1 ns), so a test can check what GC frees.
-func graceNode(t *testing.T, root string) (*blobstore.Store, *httptest.Server) {
+func graceNode(t *testing.T) (*blobstore.Store, *httptest.Server) {
 	t.Helper()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	srv, err := registry.New(registry.Options{Store: st})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := httptest.NewServer(srv.Handler())
-	t.Cleanup(hs.Close)
-	return st, hs
+	n := registrytest.Start(t, registrytest.Options{CommitGrace: time.Nanosecond})
+	return n.Store, n.HTTP
 }
 
 func manifestDigest(t *testing.T, base, name, ref string) digest.Digest {
@@ -91,7 +80,7 @@ func TestDeleteManifest(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
-			st, hs := graceNode(t, t.TempDir())
+			st, hs := graceNode(t)
 			chain := makeChain(t, st, "vol", 4<<10, 2<<10, 1<<10) // vol:l0 <- vol:l1 <- vol:l2
 			other := makeChain(t, st, "other", 1<<10)
 			refOf := func(id string) string {
@@ -166,7 +155,7 @@ func TestDeleteManifest(t *testing.T) {
 
 func TestDeleteManifestRefusals(t *testing.T) {
 	ctx := context.Background()
-	st, hs := graceNode(t, t.TempDir())
+	st, hs := graceNode(t)
 	base := makeChain(t, st, "base", 1<<10)
 	// A child in another repository still protects its parent.
 	d, n, err := st.Put(ctx, strings.NewReader("child layer"), -1, "")
@@ -210,15 +199,15 @@ func TestDeleteManifestRefusals(t *testing.T) {
 
 func TestDeleteNeedsAuth(t *testing.T) {
 	n := newNode(t, "s3cret")
-	makeChain(t, n.st, "vol", 1<<10)
-	resp, _ := do(t, "DELETE", n.hs.URL+"/v2/vol/manifests/l0", nil, nil)
+	makeChain(t, n.Store, "vol", 1<<10)
+	resp, _ := do(t, "DELETE", n.HTTP.URL+"/v2/vol/manifests/l0", nil, nil)
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("DELETE without credentials: %d", resp.StatusCode)
 	}
-	if imgs, _ := n.st.ListImages(context.Background(), "vol"); len(imgs) != 1 {
+	if imgs, _ := n.Store.ListImages(context.Background(), "vol"); len(imgs) != 1 {
 		t.Fatalf("unauthorized DELETE removed the image: %v", imgs)
 	}
-	resp, b := do(t, "DELETE", n.hs.URL+"/v2/vol/manifests/l0", nil, map[string]string{"Authorization": "Bearer s3cret"})
+	resp, b := do(t, "DELETE", n.HTTP.URL+"/v2/vol/manifests/l0", nil, map[string]string{"Authorization": "Bearer s3cret"})
 	if resp.StatusCode != http.StatusAccepted {
 		t.Fatalf("DELETE with credentials: %d %s", resp.StatusCode, b)
 	}
@@ -230,7 +219,7 @@ func TestDeleteNeedsAuth(t *testing.T) {
 // manifest PUT must still find it.
 func TestPushBackAfterDelete(t *testing.T) {
 	ctx := context.Background()
-	st, hs := graceNode(t, t.TempDir())
+	st, hs := graceNode(t)
 	chain := makeChain(t, st, "vol", 1<<10, 1<<10)
 	resp, mb := do(t, "GET", hs.URL+"/v2/vol/manifests/l1", nil, nil)
 	if resp.StatusCode != http.StatusOK {
@@ -259,8 +248,8 @@ func TestPushBackAfterDelete(t *testing.T) {
 // but can still be deleted, by tag or by the digest it had.
 func TestDeleteDamagedChain(t *testing.T) {
 	ctx := context.Background()
-	root := t.TempDir()
-	st, hs := graceNode(t, root)
+	st, hs := graceNode(t)
+	root := st.Root()
 	chain := makeChain(t, st, "vol", 1<<10, 1<<10, 1<<10)
 	d2 := manifestDigest(t, hs.URL, "vol", "l2")
 	for _, img := range chain[1:] {
