@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"imagestore/agent/api"
 	"imagestore/agent/jobs"
 	"imagestore/internal/redact"
 )
@@ -42,8 +43,6 @@ type Route struct {
 	Methods []string
 }
 
-const syncSuffix = "-sync"
-
 type ctxKey string
 
 const (
@@ -53,9 +52,6 @@ const (
 
 // routeKey normalises a path for lookup: no trailing slash.
 func routeKey(p string) string { return strings.TrimRight(p, "/") }
-
-// syncVariant maps "/imagestore/import-backup/" to "/imagestore/import-backup-sync".
-func syncVariant(p string) string { return routeKey(p) + syncSuffix }
 
 type boundRoute struct {
 	Route
@@ -77,7 +73,8 @@ func buildRoutes(table []Route) (map[string]*boundRoute, error) {
 			return nil, err
 		}
 		if r.Mode == Async {
-			if err := add(syncVariant(r.Path), &boundRoute{Route: r, pattern: syncVariant(r.Path) + "/", sync: true}); err != nil {
+			twin := api.SyncPath(r.Path)
+			if err := add(routeKey(twin), &boundRoute{Route: r, pattern: twin, sync: true}); err != nil {
 				return nil, err
 			}
 		}
@@ -85,11 +82,10 @@ func buildRoutes(table []Route) (map[string]*boundRoute, error) {
 	return out, nil
 }
 
-// Capacity is embedded by replies that report the store's capacity.
-type Capacity struct {
-	TotalSize int64 `json:"totalSize"`
-	FreeSize  int64 `json:"freeSize"`
-}
+// Capacity is api.Capacity.
+//
+// Transitional alias: replies not yet moved to api embed it by this name.
+type Capacity = api.Capacity
 
 // replyBody merges success/error into v's JSON object.
 func replyBody(v any, err error) []byte {
@@ -128,8 +124,11 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	_, _ = w.Write(append(body, '\n'))
 }
 
-// validator is implemented by request types with required fields.
-type validator interface{ validate() error }
+// validator is implemented by api request types with required fields.
+type validator interface{ Validate() error }
+
+// legacyValidator is validator for request types not yet moved to api.
+type legacyValidator interface{ validate() error }
 
 // ErrTooLarge is returned when a request body exceeds maxBodyBytes.
 var ErrTooLarge = errors.New("request body too large")
@@ -149,7 +148,10 @@ func decode(r *http.Request, v any) error {
 			return fmt.Errorf("bad JSON in request body: %w", err)
 		}
 	}
-	if vv, ok := v.(validator); ok {
+	switch vv := v.(type) {
+	case validator:
+		return vv.Validate()
+	case legacyValidator:
 		return vv.validate()
 	}
 	return nil
@@ -281,9 +283,9 @@ func (a *Agent) serveHTTP(w http.ResponseWriter, r *http.Request) {
 
 // dispatch serves r and returns the route pattern for metrics (a bounded set).
 func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
-	if r.URL.Path == "/health" {
+	if r.URL.Path == api.PathHealth {
 		a.health(w, r)
-		return "/health"
+		return api.PathHealth
 	}
 	if strings.HasPrefix(r.URL.Path, exportURLPrefix) {
 		// An export URL is a capability: its 128-bit random token is the
@@ -299,9 +301,9 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		return "unauthorized"
 	}
 	switch {
-	case r.URL.Path == "/metrics":
+	case r.URL.Path == api.PathMetrics:
 		promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}).ServeHTTP(w, r)
-		return "/metrics"
+		return api.PathMetrics
 	}
 	br, ok := a.routes[routeKey(r.URL.Path)]
 	if !ok {
@@ -357,7 +359,5 @@ func (a *Agent) health(w http.ResponseWriter, _ *http.Request) {
 		replyErr(w, http.StatusServiceUnavailable, fmt.Errorf("store: %w", err))
 		return
 	}
-	reply(w, struct {
-		Status string `json:"status"`
-	}{"ok"})
+	reply(w, api.HealthReply{Status: "ok"})
 }

@@ -8,69 +8,26 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
+	"imagestore/agent/api"
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/internal/fsutil"
 )
 
-// flexInt accepts a JSON number (integer or float, as Java clients may
-// send 1.0E10) or a numeric string.
-type flexInt int64
-
-func (f *flexInt) UnmarshalJSON(b []byte) error {
-	s := strings.Trim(string(b), `"`)
-	if s == "" || s == "null" {
-		*f = 0
-		return nil
-	}
-	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
-		*f = flexInt(n)
-		return nil
-	}
-	v, err := strconv.ParseFloat(s, 64)
-	if err != nil || v != v || v > 1<<62 || v < -(1<<62) {
-		return fmt.Errorf("%s is not a number", b)
-	}
-	*f = flexInt(v)
-	return nil
-}
+// flexInt is api.Int.
+//
+// Transitional alias: request types not yet moved to api name it so.
+type flexInt = api.Int
 
 func (a *Agent) echo(w http.ResponseWriter, r *http.Request) {
 	reply(w, nil)
 }
 
-type connectReq struct {
-	UUID string `json:"uuid"`
-}
-
-func (q *connectReq) validate() error {
-	if q.UUID == "" {
-		return missing("uuid")
-	}
-	return nil
-}
-
-type storageInfo struct {
-	Type    string `json:"type"`
-	URL     string `json:"url"`
-	Options string `json:"options"`
-}
-
-type connectReply struct {
-	Capacity
-	IPAddresses []string    `json:"ipAddresses"`
-	StorageInfo storageInfo `json:"storageInfo"`
-	IORate      int64       `json:"ioRate"`
-	SupportFuse bool        `json:"supportFuse"`
-	UUID        string      `json:"uuid"`
-}
-
 func (a *Agent) connect(w http.ResponseWriter, r *http.Request) {
-	var req connectReq
+	var req api.ConnectRequest
 	if err := decode(r, &req); err != nil {
 		replyDecodeErr(w, err)
 		return
@@ -87,10 +44,10 @@ func (a *Agent) connect(w http.ResponseWriter, r *http.Request) {
 	if prev != req.UUID {
 		a.log.Info("connected", "uuid", req.UUID, "previous", prev)
 	}
-	reply(w, connectReply{
+	reply(w, api.ConnectReply{
 		Capacity:    a.capacity(),
 		IPAddresses: hostIPs(),
-		StorageInfo: storageInfo{Type: "localfs", URL: a.root},
+		StorageInfo: api.StorageInfo{Type: "localfs", URL: a.root},
 		UUID:        req.UUID,
 	})
 }
@@ -110,23 +67,14 @@ func hostIPs() []string {
 	return out
 }
 
-type pingReq struct {
-	UUID string `json:"uuid"`
-}
-
-type pingReply struct {
-	Capacity
-	UUID string `json:"uuid"`
-}
-
 func (a *Agent) ping(w http.ResponseWriter, r *http.Request) {
-	var req pingReq
+	var req api.PingRequest
 	err := decode(r, &req)
 	a.async(w, r, JobSpec{Kind: "ping", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		a.stateMu.Lock()
 		id := a.state.UUID
 		a.stateMu.Unlock()
-		return pingReply{Capacity: a.capacity(), UUID: id}, nil
+		return api.PingReply{Capacity: a.capacity(), UUID: id}, nil
 	})
 }
 
@@ -302,22 +250,8 @@ func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Ima
 	return img, nil
 }
 
-type setQuotaReq struct {
-	MaxCapacity *flexInt `json:"maxCapacity"`
-}
-
-func (q *setQuotaReq) validate() error {
-	if q.MaxCapacity == nil {
-		return missing("maxCapacity")
-	}
-	if *q.MaxCapacity < 0 {
-		return fmt.Errorf("maxCapacity %d is negative", *q.MaxCapacity)
-	}
-	return nil
-}
-
 func (a *Agent) setQuota(w http.ResponseWriter, r *http.Request) {
-	var req setQuotaReq
+	var req api.SetQuotaRequest
 	err := decode(r, &req)
 	a.async(w, r, JobSpec{Kind: "setquota", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		if err := a.store.SetQuota(int64(*req.MaxCapacity)); err != nil {
@@ -328,34 +262,9 @@ func (a *Agent) setQuota(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-type progressReq struct {
-	ImageUUID string `json:"imageUuid"`
-	TaskUUID  string `json:"taskuuid"`
-}
-
-func (q *progressReq) validate() error {
-	if q.ImageUUID == "" && q.TaskUUID == "" {
-		return missing("imageUuid")
-	}
-	return nil
-}
-
-type progressReply struct {
-	Completed    bool       `json:"completed"`
-	Progress     int        `json:"progress"` // percent
-	Size         int64      `json:"size"`
-	ActualSize   int64      `json:"actualSize"`
-	DownloadSize int64      `json:"downloadSize"`
-	InstallPath  string     `json:"installPath"`
-	Format       string     `json:"format"`
-	LastOpTime   int64      `json:"lastOpTime"` // unix milliseconds
-	State        jobs.State `json:"state"`
-	TaskUUID     string     `json:"taskuuid"`
-}
-
 // progress reports the newest job whose taskuuid or imageUuid matches.
 func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
-	var req progressReq
+	var req api.ProgressRequest
 	if err := decode(r, &req); err != nil {
 		replyDecodeErr(w, err)
 		return
@@ -371,26 +280,7 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 		replyErr(w, http.StatusOK, fmt.Errorf("no job for imageUuid %q", req.ImageUUID+req.TaskUUID))
 		return
 	}
-	pct := 0
-	if found.Total > 0 {
-		pct = int(min(found.Done*100/found.Total, 100))
-	}
-	if found.State == jobs.Succeeded {
-		pct = 100
-	}
-	last := found.Created
-	if found.Started != nil {
-		last = *found.Started
-	}
-	if found.Ended != nil {
-		last = *found.Ended
-	}
-	rep := progressReply{
-		Completed: found.State.Finished(), Progress: pct,
-		Size: found.Total, ActualSize: found.Done, DownloadSize: found.Done,
-		InstallPath: found.InstallPath, Format: found.Format,
-		LastOpTime: last.UnixMilli(), State: found.State, TaskUUID: found.ID,
-	}
+	rep := progressReply(*found)
 	if found.State == jobs.Failed || found.State == jobs.Cancelled {
 		writeJSON(w, http.StatusOK, replyBody(rep, fmt.Errorf("job %s %s: %s", found.ID, found.State, found.Error)))
 		return
@@ -398,48 +288,58 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 	reply(w, rep)
 }
 
-type jobListReq struct {
-	Kind  string `json:"kind"`
-	State string `json:"state"`
+// progressReply is a job as progress reports it.
+func progressReply(in jobs.Info) api.ProgressReply {
+	pct := 0
+	if in.Total > 0 {
+		pct = int(min(in.Done*100/in.Total, 100))
+	}
+	if in.State == jobs.Succeeded {
+		pct = 100
+	}
+	last := in.Created
+	if in.Started != nil {
+		last = *in.Started
+	}
+	if in.Ended != nil {
+		last = *in.Ended
+	}
+	return api.ProgressReply{
+		Completed: in.State.Finished(), Progress: pct,
+		Size: in.Total, ActualSize: in.Done, DownloadSize: in.Done,
+		InstallPath: in.InstallPath, Format: in.Format,
+		LastOpTime: last.UnixMilli(), State: api.JobState(in.State), TaskUUID: in.ID,
+	}
 }
 
-type jobListReply struct {
-	Jobs []jobs.Info `json:"jobs"`
+// jobInfo is a job as job/list, job/get and job/cancel report it.
+func jobInfo(in jobs.Info) api.JobInfo {
+	return api.JobInfo{
+		ID: in.ID, Kind: in.Kind, Backup: in.Backup, State: api.JobState(in.State), Error: in.Error,
+		Done: in.Done, Total: in.Total, Created: in.Created, Started: in.Started, Ended: in.Ended,
+		ImageUUID: in.ImageUUID, InstallPath: in.InstallPath, Format: in.Format,
+		CallbackURL: in.CallbackURL, Callback: api.CallbackStatus(in.Callback), Result: in.Result,
+	}
 }
 
 func (a *Agent) jobList(w http.ResponseWriter, r *http.Request) {
-	var req jobListReq
+	var req api.JobListRequest
 	if err := decode(r, &req); err != nil {
 		replyDecodeErr(w, err)
 		return
 	}
-	out := []jobs.Info{}
+	out := []api.JobInfo{}
 	for _, in := range a.jobs.List() {
-		if (req.Kind == "" || in.Kind == req.Kind) && (req.State == "" || string(in.State) == req.State) {
+		if (req.Kind == "" || in.Kind == req.Kind) && (req.State == "" || api.JobState(in.State) == req.State) {
 			in.Result = nil
-			out = append(out, in)
+			out = append(out, jobInfo(in))
 		}
 	}
-	reply(w, jobListReply{Jobs: out})
-}
-
-type jobReq struct {
-	TaskUUID string `json:"taskuuid"`
-}
-
-func (q *jobReq) validate() error {
-	if q.TaskUUID == "" {
-		return missing("taskuuid")
-	}
-	return nil
-}
-
-type jobReply struct {
-	Job jobs.Info `json:"job"`
+	reply(w, api.JobListReply{Jobs: out})
 }
 
 func (a *Agent) jobGet(w http.ResponseWriter, r *http.Request) {
-	var req jobReq
+	var req api.JobRequest
 	if err := decode(r, &req); err != nil {
 		replyDecodeErr(w, err)
 		return
@@ -449,11 +349,11 @@ func (a *Agent) jobGet(w http.ResponseWriter, r *http.Request) {
 		replyErr(w, http.StatusOK, fmt.Errorf("no job with taskuuid %q", req.TaskUUID))
 		return
 	}
-	reply(w, jobReply{Job: j.Info()})
+	reply(w, api.JobReply{Job: jobInfo(j.Info())})
 }
 
 func (a *Agent) jobCancel(w http.ResponseWriter, r *http.Request) {
-	var req jobReq
+	var req api.JobRequest
 	if err := decode(r, &req); err != nil {
 		replyDecodeErr(w, err)
 		return
@@ -463,5 +363,5 @@ func (a *Agent) jobCancel(w http.ResponseWriter, r *http.Request) {
 		replyErr(w, http.StatusOK, err)
 		return
 	}
-	reply(w, jobReply{Job: in})
+	reply(w, api.JobReply{Job: jobInfo(in)})
 }

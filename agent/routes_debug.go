@@ -6,19 +6,15 @@ import (
 	"net/http"
 	"time"
 
+	"imagestore/agent/api"
 	"imagestore/agent/jobs"
 )
-
-type sleepReq struct {
-	Millis flexInt `json:"millis"`
-	Backup bool    `json:"backup"` // take a parallelismDegree slot
-}
 
 // debugSleep is a diagnostic job that only waits (cancellable), for
 // exercising queueing, cancellation and restart handling. It answers only
 // when the config enables debug.
 func (a *Agent) debugSleep(w http.ResponseWriter, r *http.Request) {
-	var req sleepReq
+	var req api.DebugSleepRequest
 	err := decode(r, &req)
 	if err == nil && !a.cfg.Debug {
 		err = errors.New("debug commands are disabled (set debug: true in the config)")

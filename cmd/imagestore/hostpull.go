@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 
+	"imagestore/agent/api"
 	"imagestore/blobstore"
 )
 
@@ -100,7 +101,7 @@ func cmdPullFromHost(ctx context.Context, g *globals, args []string) error {
 	}
 	defer a.hc.CloseIdleConnections()
 	var res pullFromHostResult
-	if err := a.callSync(ctx, "/imagestore/pullfromhost-sync/", q, &res); err != nil {
+	if err := a.callSync(ctx, api.SyncPath(api.PathPullFromHost), q, &res); err != nil {
 		return fmt.Errorf("%s:%s: %w", q.Hostname, q.Path, err)
 	}
 	return g.printResult(res, func(w io.Writer) {
@@ -161,10 +162,7 @@ func (a *agentClient) callSync(ctx context.Context, path string, req, v any) err
 	if err != nil {
 		return fmt.Errorf("agent %s: %w", a.base, err)
 	}
-	var st struct {
-		Success bool   `json:"success"`
-		Error   string `json:"error"`
-	}
+	var st api.Reply
 	jerr := json.Unmarshal(raw, &st)
 	switch {
 	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:

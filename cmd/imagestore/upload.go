@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"imagestore/internal/retry"
 	"io"
 	"net/http"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"imagestore/agent/api"
+	"imagestore/internal/retry"
 	"imagestore/transfer/ratelimit"
 )
 
@@ -79,7 +80,7 @@ func (a *agentClient) put(ctx context.Context, task string, body io.Reader, n, o
 	if body != nil {
 		rd = body
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, a.base+"/imagestore/upload/", rd)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, a.base+api.PathUpload, rd)
 	if err != nil {
 		return uploadState{}, err
 	}
@@ -249,11 +250,11 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 	})
 }
 
-// waitJob polls /imagestore/progress/ until the import job ends.
+// waitJob polls the agent's progress until the import job ends.
 func (a *agentClient) waitJob(ctx context.Context, task string, res *uploadResult) error {
-	body, _ := json.Marshal(map[string]string{"taskuuid": task})
+	body, _ := json.Marshal(api.ProgressRequest{TaskUUID: task})
 	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+"/imagestore/progress/", bytes.NewReader(body))
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+api.PathProgress, bytes.NewReader(body))
 		if err != nil {
 			return err
 		}
@@ -264,22 +265,17 @@ func (a *agentClient) waitJob(ctx context.Context, task string, res *uploadResul
 		resp, err := a.hc.Do(req)
 		if err == nil {
 			var pr struct {
-				Success     bool   `json:"success"`
-				Error       string `json:"error"`
-				Completed   bool   `json:"completed"`
-				State       string `json:"state"`
-				InstallPath string `json:"installPath"`
-				Format      string `json:"format"`
-				Size        int64  `json:"size"`
+				api.Reply
+				api.ProgressReply
 			}
 			derr := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&pr)
 			resp.Body.Close()
 			if derr == nil && pr.Success {
 				switch pr.State {
-				case "succeeded":
-					res.State, res.InstallPath, res.Format, res.Size = pr.State, pr.InstallPath, pr.Format, pr.Size
+				case api.JobSucceeded:
+					res.State, res.InstallPath, res.Format, res.Size = string(pr.State), pr.InstallPath, pr.Format, pr.Size
 					return nil
-				case "failed", "cancelled":
+				case api.JobFailed, api.JobCancelled:
 					return fmt.Errorf("import %s %s (the management node got the reason in its callback)", task, pr.State)
 				}
 			}

@@ -1,0 +1,120 @@
+package api
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Reply is the envelope of every reply: success, and the error ("" on
+// success). The daemon merges it into the reply object; a client embeds
+// it beside the reply type, struct{ api.Reply; api.PingReply }.
+type Reply struct {
+	Success bool   `json:"success"`
+	Error   string `json:"error"`
+}
+
+// Int is an integer request field. It accepts a JSON number (integer or
+// float, as Java clients may send 1.0E10) or a numeric string, and is
+// always encoded as a JSON number.
+type Int int64
+
+// UnmarshalJSON accepts a number, a numeric string, null or "" (zero).
+func (f *Int) UnmarshalJSON(b []byte) error {
+	s := strings.Trim(string(b), `"`)
+	if s == "" || s == "null" {
+		*f = 0
+		return nil
+	}
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		*f = Int(n)
+		return nil
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v != v || v > 1<<62 || v < -(1<<62) {
+		return fmt.Errorf("%s is not a number", b)
+	}
+	*f = Int(v)
+	return nil
+}
+
+// missing is the error of an absent required field.
+func missing(field string) error { return fmt.Errorf("missing field %s", field) }
+
+// Capacity is embedded by replies that report the store's capacity. With
+// a quota, the total is the quota and free what it still allows.
+type Capacity struct {
+	TotalSize int64 `json:"totalSize"`
+	FreeSize  int64 `json:"freeSize"`
+}
+
+// ConnectRequest is the body of PathConnect: the management node's uuid
+// for this store, which ping reports back.
+type ConnectRequest struct {
+	UUID string `json:"uuid"`
+}
+
+// Validate checks the required fields.
+func (q *ConnectRequest) Validate() error {
+	if q.UUID == "" {
+		return missing("uuid")
+	}
+	return nil
+}
+
+// StorageInfo says how the store is reached.
+type StorageInfo struct {
+	Type    string `json:"type"` // "localfs"
+	URL     string `json:"url"`  // the store's root
+	Options string `json:"options"`
+}
+
+// ConnectReply answers PathConnect.
+type ConnectReply struct {
+	Capacity
+	IPAddresses []string    `json:"ipAddresses"`
+	StorageInfo StorageInfo `json:"storageInfo"`
+	IORate      int64       `json:"ioRate"`
+	SupportFuse bool        `json:"supportFuse"`
+	UUID        string      `json:"uuid"`
+}
+
+// PingRequest is the body of PathPing (async).
+type PingRequest struct {
+	UUID string `json:"uuid"`
+}
+
+// PingReply answers PathPing: the uuid the store was connected with.
+type PingReply struct {
+	Capacity
+	UUID string `json:"uuid"`
+}
+
+// SetQuotaRequest is the body of PathSetQuota (async); its reply is a
+// Capacity. 0 removes the quota.
+type SetQuotaRequest struct {
+	MaxCapacity *Int `json:"maxCapacity"` // bytes
+}
+
+// Validate checks the required fields.
+func (q *SetQuotaRequest) Validate() error {
+	if q.MaxCapacity == nil {
+		return missing("maxCapacity")
+	}
+	if *q.MaxCapacity < 0 {
+		return fmt.Errorf("maxCapacity %d is negative", *q.MaxCapacity)
+	}
+	return nil
+}
+
+// DebugSleepRequest is the body of PathDebugSleep (async, only with the
+// debug setting): a job that only waits, cancellably.
+type DebugSleepRequest struct {
+	Millis Int  `json:"millis"`
+	Backup bool `json:"backup"` // take a parallelismDegree slot
+}
+
+// HealthReply answers PathHealth.
+type HealthReply struct {
+	Status string `json:"status"` // "ok"
+}
