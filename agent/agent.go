@@ -19,9 +19,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"imagestore/agent/config"
+	"imagestore/agent/images"
+	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
+	"imagestore/agent/uploads"
 	"imagestore/blobstore"
 	"imagestore/internal/fsutil"
+	"imagestore/layer"
+	"imagestore/transfer/sshfs"
 )
 
 // Config is the daemon configuration (see package config).
@@ -50,7 +55,6 @@ type Agent struct {
 	routes map[string]*boundRoute
 
 	root       string // absolute store root
-	uploadRoot string // <root>/uploads
 	exportRoot string // <root>/exports
 
 	stateMu sync.Mutex
@@ -59,6 +63,11 @@ type Agent struct {
 	exportMu sync.Mutex // serialises export creation and deletion
 
 	nbd *nbdState // NBD targets and remote targets (routes_nbd.go)
+
+	layers  *layer.Store     // stored layers and chains
+	uploads *uploads.Uploads // upload dirs, confined file access, upload sessions
+	images  *images.Service  // image reads, delete, gc
+	ingest  *ingest.Service  // imports
 }
 
 // agentState is persisted in <root>/agent.json.
@@ -80,11 +89,7 @@ func New(cfg config.Config, store *blobstore.Store, logger *slog.Logger) (*Agent
 	a := &Agent{
 		cfg: cfg, store: store, log: logger, reg: prometheus.NewRegistry(),
 		root:       root,
-		uploadRoot: filepath.Join(root, "uploads"),
 		exportRoot: filepath.Join(root, "exports"),
-	}
-	if err := os.MkdirAll(a.uploadRoot, 0o755); err != nil {
-		return nil, err
 	}
 	// Export tokens are download credentials: local users must not list
 	// them. (The agent serves exports itself; nothing else reads the dir.)
@@ -103,6 +108,9 @@ func New(cfg config.Config, store *blobstore.Store, logger *slog.Logger) (*Agent
 	}
 	a.routes = routes
 	a.nbd = newNBDState(a)
+	if err := a.newImageServices(); err != nil {
+		return nil, err
+	}
 	if b, err := os.ReadFile(filepath.Join(root, "agent.json")); err == nil {
 		if err := json.Unmarshal(b, &a.state); err != nil {
 			return nil, fmt.Errorf("agent state %s: %w", filepath.Join(root, "agent.json"), err)
@@ -196,7 +204,7 @@ func (a *Agent) housekeeping() {
 	if a.cfg.ExportExpiry > 0 {
 		a.sweepExports()
 	}
-	if n, err := a.cleanUploadDirs(time.Now()); err != nil {
+	if n, err := a.uploads.CleanExpired(time.Now()); err != nil {
 		a.log.Warn("upload dir cleanup", "err", err)
 	} else if n > 0 {
 		a.log.Info("removed expired upload dirs", "count", n)
@@ -234,6 +242,36 @@ func (a *Agent) Close() error {
 	err := a.jobs.Shutdown(ctx)
 	a.nbd.close()
 	a.closeHosts() // after the jobs: a running host transfer holds pool connections
+	return err
+}
+
+// newImageServices builds the layer store, the upload boundary and the
+// image services.
+func (a *Agent) newImageServices() error {
+	var err error
+	if a.layers, err = layer.New(layer.Options{Blobs: a.store, Logger: a.log}); err != nil {
+		return err
+	}
+	a.uploads, err = uploads.New(uploads.Options{
+		Root: filepath.Join(a.root, "uploads"), AllowedRoots: a.cfg.AllowedImportRoots,
+		Expiry: a.cfg.UploadDirExpiry, ReleasedTarget: a.nbdTargetPath, MaxChunk: a.cfg.MaxBodyBytes, Logger: a.log,
+	})
+	if err != nil {
+		return err
+	}
+	if a.images, err = images.New(images.Options{Store: a.store, GCFreed: a.m.gcFreed, Logger: a.log}); err != nil {
+		return err
+	}
+	a.ingest, err = ingest.New(ingest.Options{
+		Store: a.store, Layers: a.layers, Images: a.images, Uploads: a.uploads,
+		MaxImportSize: int64(a.cfg.MaxImportSize), KnownHostsFile: a.cfg.KnownHostsFile, SSHKeyFile: a.cfg.SSHKeyFile,
+		// The agent's host pool: connections are reused across imports
+		// and host transfers, and closed by Close.
+		OpenSFTP: func(ctx context.Context, h sshfs.Host, path string) (sshfs.File, error) {
+			return a.hosts().pool.Open(ctx, h, path)
+		},
+		ReleaseProcess: a.releaseProcess, Ingested: a.m.bytesIngested, Logger: a.log,
+	})
 	return err
 }
 

@@ -13,6 +13,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"imagestore/agent/uploads"
 )
 
 func (e *htEnv) allocUploadDir(t *testing.T, body string) string {
@@ -51,13 +53,13 @@ func TestAllocUploadDirExpireHour(t *testing.T) {
 			}
 			dir, _ := r.body["uploadDir"].(string)
 			exp, err := time.Parse(time.RFC3339, r.body["expires"].(string))
-			if err != nil || !exists(dir) || filepath.Dir(dir) != e.a.uploadRoot {
+			if err != nil || !exists(dir) || filepath.Dir(dir) != e.a.uploads.Root() {
 				t.Fatalf("reply %s: %v", r.raw, err)
 			}
 			if exp.Before(before.Add(tc.ttl-time.Second)) || exp.After(time.Now().Add(tc.ttl+time.Second)) {
 				t.Fatalf("expires %v, want about now+%v", exp, tc.ttl)
 			}
-			onDisk, err := readExpiry(dir + ".expires")
+			onDisk, err := e.a.uploads.Expiry(dir)
 			if err != nil || !onDisk.Equal(exp) {
 				t.Fatalf("expiry file %v %v, reply %v", onDisk, err, exp)
 			}
@@ -78,9 +80,9 @@ func TestCleanUploadDirs(t *testing.T) {
 		}
 	}
 	// Without an expiry file the dir's age counts (uploadDirExpiry = 1h).
-	noExpOld := filepath.Join(e.a.uploadRoot, uploadDirPrefix+"noexpiry-old")
-	noExpNew := filepath.Join(e.a.uploadRoot, uploadDirPrefix+"noexpiry-new")
-	foreign := filepath.Join(e.a.uploadRoot, "not-an-upload-dir")
+	noExpOld := filepath.Join(e.a.uploads.Root(), uploads.DirPrefix+"noexpiry-old")
+	noExpNew := filepath.Join(e.a.uploads.Root(), uploads.DirPrefix+"noexpiry-new")
+	foreign := filepath.Join(e.a.uploads.Root(), "not-an-upload-dir")
 	for _, d := range []string{noExpOld, noExpNew, foreign} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
@@ -114,7 +116,7 @@ func TestCleanUploadDirs(t *testing.T) {
 		{"in 2h again", time.Now().Add(2 * time.Hour), 0, nil, []string{long, foreign}},
 		{"in 6h", time.Now().Add(6 * time.Hour), 1, []string{long}, []string{foreign}},
 	} {
-		n, err := e.a.cleanUploadDirs(step.now)
+		n, err := e.a.uploads.CleanExpired(step.now)
 		if err != nil || n != step.removed {
 			t.Fatalf("%s: removed %d (%v), want %d", step.name, n, err, step.removed)
 		}

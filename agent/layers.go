@@ -1,10 +1,10 @@
 package agent
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -17,38 +17,35 @@ import (
 // the import and export code that has not moved to layer.Store.Commit and
 // layer.Store.OpenChain yet; it goes once they have.
 
-// layer is a committed canonical qcow2 layer.
-type layer = storelayer.Layer
+// NewImage describes a committed blob to record as an image.
+type NewImage struct {
+	Ref         blobstore.Ref
+	Blob        digest.Digest
+	Parent      *blobstore.Image // nil for a base
+	Size        int64
+	VirtualSize int64
+	Format      string
+	Author      string
+	Arch        string
+	Desc        string
+}
 
-// normalizeLayer parses an untrusted qcow2 (never following its backing
-// name) and re-encodes it (layer.Normalize) as a canonical layer whose
-// backing file is the parent's blob, committing it under ingest ref.
-func normalizeLayer(ctx context.Context, store *blobstore.Store, r io.ReaderAt, size int64, parent *blobstore.Image, ref string) (layer, error) {
-	im, err := qcow2.Open(r, size)
-	if err != nil {
-		return layer{}, fmt.Errorf("imgurl is not a usable qcow2: %w", err)
+// recordImage turns a committed, held blob into an image record (for
+// host pulls, until they commit through layer.Store.Commit).
+func (a *Agent) recordImage(ctx context.Context, n NewImage) (blobstore.Image, error) {
+	img := blobstore.Image{
+		Ref: n.Ref, Blob: n.Blob, Created: time.Now().UTC(),
+		Author: n.Author, Arch: n.Arch, Desc: n.Desc,
+		Size: n.Size, VirtualSize: n.VirtualSize, Format: n.Format,
 	}
-	if err := storelayer.CheckParent(im, parent); err != nil {
-		return layer{}, err
+	if n.Parent != nil {
+		img.Parent = n.Parent.Ref.String()
 	}
-	w, err := store.Writer(ctx, ref)
-	if err != nil {
-		return layer{}, err
+	if err := a.store.PutImage(ctx, img); err != nil {
+		return img, fmt.Errorf("recording image %s: %w", n.Ref, err)
 	}
-	bw := bufio.NewWriterSize(w, 1<<20)
-	vsize, err := storelayer.Normalize(im, parent, qcow2.WriteOptions{})(ctx, bw)
-	if err == nil {
-		err = bw.Flush()
-	}
-	var d digest.Digest
-	if err == nil {
-		d, err = w.Commit(ctx, w.Offset(), "")
-	}
-	if err != nil {
-		_ = w.Cancel()
-		return layer{}, fmt.Errorf("normalizing qcow2: %w", err)
-	}
-	return layer{Digest: d, Size: w.Offset(), VirtualSize: vsize}, nil
+	a.log.Info("image recorded", "image", n.Ref.String(), "blob", n.Blob, "parent", img.Parent, "format", n.Format, "size", n.Size)
+	return img, nil
 }
 
 // flattenChain writes the guest view of the chain ending at top (a qcow2

@@ -290,7 +290,7 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 			return nil, err
 		}
 		ttl := a.cfg.UploadDirExpiry
-		if exp, err := readExpiry(updir + ".expires"); err == nil {
+		if exp, err := a.uploads.Expiry(updir); err == nil {
 			ttl = time.Until(exp)
 		}
 		if req.ExpireHour > 0 {
@@ -337,31 +337,7 @@ func (a *Agent) nbdTargetPath(path string) (string, bool) {
 // confineWorkspace resolves ws (after symlinks) and checks it is a
 // directory inside an upload dir; it returns it and that upload dir.
 func (a *Agent) confineWorkspace(ws string) (string, string, error) {
-	if !filepath.IsAbs(ws) {
-		return "", "", fmt.Errorf("workspace %q: not an absolute path", ws)
-	}
-	real, err := filepath.EvalSymlinks(filepath.Clean(ws))
-	if err != nil {
-		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
-	}
-	root, err := filepath.EvalSymlinks(a.uploadRoot)
-	if err != nil {
-		return "", "", err
-	}
-	rel, err := filepath.Rel(root, real)
-	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
-		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*; allocate one with allocuploaddir)", ws, a.uploadRoot, uploadDirPrefix)
-	}
-	first, _, _ := strings.Cut(rel, string(filepath.Separator))
-	if !strings.HasPrefix(first, uploadDirPrefix) {
-		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*)", ws, a.uploadRoot, uploadDirPrefix)
-	}
-	if fi, err := os.Stat(real); err != nil {
-		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
-	} else if !fi.IsDir() {
-		return "", "", fmt.Errorf("workspace %q is not a directory", ws)
-	}
-	return real, filepath.Join(root, first), nil
+	return a.uploads.ConfineWorkspace(ws)
 }
 
 type cancelNBDReq struct {

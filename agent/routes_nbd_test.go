@@ -248,7 +248,7 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 	for _, c := range []struct{ name, ws, want string }{
 		{"outside", outside, "not inside an upload dir"},
 		{"escape", up + "/../..", "not inside an upload dir"},
-		{"uploads root", e.a.uploadRoot, "not inside an upload dir"},
+		{"uploads root", e.a.uploads.Root(), "not inside an upload dir"},
 		{"relative", "u-x", "not an absolute path"},
 		{"missing", up + "/nope", "no such file"},
 	} {

@@ -1,4 +1,4 @@
-package agent
+package uploads
 
 import (
 	"os"
@@ -9,12 +9,21 @@ import (
 	"time"
 )
 
+func newTestUploads(t *testing.T) *Uploads {
+	t.Helper()
+	u, err := New(Options{Root: filepath.Join(t.TempDir(), "uploads"), Expiry: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
 // A host can write the upload dirs, so a path component may become a
-// symlink after confineImportPath accepted it: openImportPath must still
-// refuse to leave the upload root.
+// symlink after Confine accepted it: Open must still refuse to leave the
+// upload root.
 func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
-	a, _ := newHTAgent(t, nil)
-	up := filepath.Join(a.uploadRoot, "u1")
+	a := newTestUploads(t)
+	up := filepath.Join(a.Root(), "u1")
 	if err := os.MkdirAll(filepath.Join(up, "sub"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -22,11 +31,11 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	if err := os.WriteFile(inside, []byte("inside"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	path, err := a.confineImportPath("file://" + inside)
+	path, err := a.Confine("file://" + inside)
 	if err != nil {
 		t.Fatalf("confine: %v", err)
 	}
-	f, err := a.openImportPath(path)
+	f, err := a.Open(path)
 	if err != nil {
 		t.Fatalf("open before swap: %v", err)
 	}
@@ -43,7 +52,7 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	if err := os.Symlink(outside, filepath.Join(up, "sub")); err != nil {
 		t.Fatal(err)
 	}
-	if f, err := a.openImportPath(path); err == nil {
+	if f, err := a.Open(path); err == nil {
 		b := make([]byte, 16)
 		n, _ := f.Read(b)
 		f.Close()
@@ -63,25 +72,25 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	if err := os.Symlink("real", filepath.Join(up, "sub")); err != nil {
 		t.Fatal(err)
 	}
-	f, err = a.openImportPath(path)
+	f, err = a.Open(path)
 	if err != nil {
 		t.Fatalf("open through an inside symlink: %v", err)
 	}
 	f.Close()
 
 	// Directories and paths outside every root are refused with a clear error.
-	if _, err := a.openImportPath(up); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+	if _, err := a.Open(up); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Fatalf("directory: got %v", err)
 	}
-	if _, err := a.openImportPath("/etc/passwd"); err == nil || !strings.Contains(err.Error(), "escapes the upload dirs") {
+	if _, err := a.Open("/etc/passwd"); err == nil || !strings.Contains(err.Error(), "escapes the upload dirs") {
 		t.Fatalf("outside path: got %v", err)
 	}
 }
 
 // A FIFO swapped in by the host must be refused, not block the open.
 func TestOpenImportPathRefusesFIFO(t *testing.T) {
-	a, _ := newHTAgent(t, nil)
-	up := filepath.Join(a.uploadRoot, "u2")
+	a := newTestUploads(t)
+	up := filepath.Join(a.Root(), "u2")
 	if err := os.MkdirAll(up, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +100,7 @@ func TestOpenImportPathRefusesFIFO(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		f, err := a.openImportPath(fifo)
+		f, err := a.Open(fifo)
 		if err == nil {
 			f.Close()
 		}

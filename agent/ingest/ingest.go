@@ -1,0 +1,145 @@
+// Package ingest brings images into the store: files KVM hosts wrote into
+// upload dirs (import-backup), downloads (http(s) with resume, sftp, file)
+// and host-CLI upload streams (import), database backups checked against
+// their md5, and templates flattened from a stored chain. Every path ends
+// in a committed blob and an image record.
+package ingest
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"imagestore/agent/images"
+	"imagestore/agent/uploads"
+	"imagestore/blobstore"
+	"imagestore/internal/retry"
+	"imagestore/layer"
+	"imagestore/transfer/sshfs"
+)
+
+// Options configure the service.
+type Options struct {
+	Store   *blobstore.Store
+	Layers  *layer.Store     // commits blobs and records them; opens chains
+	Images  *images.Service  // looks up parents
+	Uploads *uploads.Uploads // confines and opens host-written files; upload:// sessions
+	// MaxImportSize caps one URL import's download; 0 = no cap.
+	MaxImportSize int64
+	// KnownHostsFile verifies sftp:// hosts; SSHKeyFile (a PEM private
+	// key) logs in unless the URL carries a password.
+	KnownHostsFile, SSHKeyFile string
+	// OpenSFTP opens a file on an SSH host (the agent's shared connection
+	// pool, which reconnects on a cut).
+	OpenSFTP func(ctx context.Context, h sshfs.Host, path string) (sshfs.File, error)
+	// ReleaseProcess stops the writers of an import-backup's
+	// processToRelease (an NBD target group) before the file is read;
+	// nil: the field is ignored.
+	ReleaseProcess func(desc string) error
+	// HTTPClient downloads http(s) imports; default: no overall timeout
+	// (images are large), stalls caught by a one-minute response-header
+	// timeout and by the context.
+	HTTPClient *http.Client
+	// Resume paces the retries of a cut http(s) download; zero: up to 5
+	// attempts in all, waits from 200 ms doubling to at most 2 s, ±20 %.
+	// Its Retryable and OnRetry are the service's own.
+	Resume retry.Policy
+	// Ingested counts the bytes imports read into the store; nil: not counted.
+	Ingested prometheus.Counter
+	Logger   *slog.Logger
+}
+
+// Service imports into one store.
+type Service struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns the service; Store, Layers, Images and Uploads are required.
+func New(opts Options) (*Service, error) {
+	if opts.Store == nil || opts.Layers == nil || opts.Images == nil || opts.Uploads == nil {
+		return nil, errors.New("ingest: Store, Layers, Images and Uploads are required")
+	}
+	if opts.HTTPClient == nil {
+		opts.HTTPClient = &http.Client{Transport: &http.Transport{
+			Proxy:                 http.ProxyFromEnvironment,
+			ResponseHeaderTimeout: time.Minute,
+			IdleConnTimeout:       90 * time.Second,
+		}}
+	}
+	if opts.Resume.Attempts == 0 {
+		opts.Resume = retry.Policy{Attempts: 5, Initial: 200 * time.Millisecond, Max: 2 * time.Second, Jitter: 0.2}
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Service{opts: opts, log: log}, nil
+}
+
+// commit runs layer.Commit, telling apart the errors of the ingest
+// (before the new blob is verified: wrapped with ingestErr's context) from
+// those of the verification and the record (returned as they are), and
+// counting the ingested bytes once the blob is verified.
+func (s *Service) commit(ctx context.Context, spec layer.Spec, ingested int64, ingestErr func(error) error) (blobstore.Image, error) {
+	verified := false
+	verify := spec.Verify
+	spec.Verify = func(ctx context.Context, l layer.Layer) error {
+		verified = true
+		if verify != nil {
+			if err := verify(ctx, l); err != nil {
+				return err
+			}
+		}
+		s.ingested(ingested)
+		return nil
+	}
+	img, err := s.opts.Layers.Commit(ctx, spec)
+	if err != nil && !verified {
+		return img, ingestErr(err)
+	}
+	return img, err
+}
+
+// ingested counts n bytes read into the store.
+func (s *Service) ingested(n int64) {
+	if s.opts.Ingested != nil {
+		s.opts.Ingested.Add(float64(n))
+	}
+}
+
+var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+
+// sniffFormat names a file's format from its first bytes.
+func sniffFormat(head []byte) string {
+	switch {
+	case len(head) >= 4 && string(head[:4]) == string(qcow2Magic):
+		return "qcow2"
+	case len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b:
+		return "gzip"
+	case len(head) >= 4 && head[0] == 0x28 && head[1] == 0xb5 && head[2] == 0x2f && head[3] == 0xfd:
+		return "zstd"
+	}
+	return "raw"
+}
+
+// sniff reads the first bytes of r and names their format.
+func sniff(r io.ReaderAt) string {
+	head := make([]byte, 8)
+	n, _ := r.ReadAt(head, 0)
+	return sniffFormat(head[:n])
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}

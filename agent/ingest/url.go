@@ -1,0 +1,209 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+
+	"github.com/opencontainers/go-digest"
+
+	"imagestore/agent/images"
+	"imagestore/agent/jobs"
+	"imagestore/blobstore"
+	"imagestore/internal/redact"
+	"imagestore/layer"
+	"imagestore/qcow2"
+)
+
+// ErrImportTooLarge is returned when a download exceeds MaxImportSize.
+var ErrImportTooLarge = errors.New("image larger than maxImportSize")
+
+// URLRequest is import: download an image into the store.
+type URLRequest struct {
+	Task string // the job's id; names the ingests ("import-<task>", "import-<task>-canon")
+	// ImgURL is http(s)://, sftp://user[:password]@host[:port]/path,
+	// file://path (confined like import-backup's) or upload://name (the
+	// host CLI streams the bytes as upload chunks for taskuuid Task).
+	ImgURL    string
+	Name      string // the image's name ("" = ImageUUID)
+	ImageUUID string // the image's id ("" = a new one)
+	Arch      string
+	Desc      string
+}
+
+// CheckSource checks that imgurl is a URL import can fetch. The errors
+// never show a password the URL holds.
+func CheckSource(imgurl string) (*url.URL, error) {
+	u, err := url.Parse(imgurl)
+	if err != nil {
+		return nil, fmt.Errorf("imgurl is not a URL: %w", redactURLError(err))
+	}
+	switch u.Scheme {
+	case "http", "https", "sftp":
+		if u.Host == "" {
+			return nil, fmt.Errorf("imgurl %s: no host", redact.URL(u.String()))
+		}
+	case "file", "upload":
+	case "":
+		return nil, fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", redact.URL(u.String()))
+	default:
+		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redact.URL(u.String()), u.Scheme)
+	}
+	return u, nil
+}
+
+// redactURLError drops a *url.Error's URL, which may hold a password.
+func redactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// ImportURL downloads an image into a blob ingest, then stores it as a
+// canonical standalone qcow2 layer: a qcow2 is normalized, a raw image
+// converted (all-zero clusters left unallocated).
+func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress) (blobstore.Image, error) {
+	u, err := CheckSource(req.ImgURL)
+	if err != nil {
+		return blobstore.Image{}, err
+	}
+	ref := blobstore.Ref{Name: firstNonEmpty(req.Name, req.ImageUUID), ID: firstNonEmpty(req.ImageUUID, images.NewID())}
+	if err := ref.Validate(); err != nil {
+		return blobstore.Image{}, fmt.Errorf("name/imageuuid: %w", err)
+	}
+	store := s.opts.Store
+	if _, err := store.GetImage(ctx, ref); err == nil {
+		return blobstore.Image{}, fmt.Errorf("image %s already exists", ref)
+	}
+	p.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
+	shown := redact.URL(u.String())
+	s.log.Info("import started", "image", ref.String(), "url", shown)
+	ingest := "import-" + req.Task
+	d, size, err := s.download(ctx, p, u, ingest, req.Task)
+	if err != nil {
+		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
+	}
+	// The downloaded blob is held until its canonical layer is recorded.
+	release := store.Hold(d)
+	defer release()
+	b, err := store.OpenBlob(ctx, d)
+	if err != nil {
+		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
+	}
+	defer b.Close()
+	content, format, err := canonical(b, size)
+	if err != nil {
+		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
+	}
+	p.SetImage("", "", format)
+	return s.commit(ctx, layer.Spec{
+		Record:  layer.Record{Ref: ref, Format: "qcow2", Arch: req.Arch, Desc: req.Desc},
+		Ingest:  ingest + "-canon",
+		Content: content,
+	}, size, func(err error) error { return fmt.Errorf("importing %s: %w", shown, err) })
+}
+
+// download streams the URL's bytes into the ingest and commits them.
+// A failed or cancelled download removes the partial ingest.
+func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ingest, task string) (digest.Digest, int64, error) {
+	w, err := s.opts.Store.Writer(ctx, ingest)
+	if err != nil {
+		return "", 0, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = w.Cancel()
+		}
+	}()
+	lw := &limitedWriter{w: w, max: s.opts.MaxImportSize}
+	switch u.Scheme {
+	case "http", "https":
+		err = s.fetchHTTP(ctx, p, u, lw)
+	case "sftp":
+		err = s.fetchSFTP(ctx, p, u, lw)
+	case "file":
+		err = s.fetchFile(ctx, p, u, lw)
+	case "upload":
+		err = s.opts.Uploads.Receive(ctx, task, lw, p)
+	default:
+		err = fmt.Errorf("scheme %s is not supported", u.Scheme)
+	}
+	if err != nil {
+		return "", 0, err
+	}
+	size := w.Offset()
+	if size == 0 {
+		return "", 0, errors.New("the image is empty")
+	}
+	d, err := w.Commit(ctx, size, "")
+	if err != nil {
+		return "", 0, err
+	}
+	ok = true
+	return d, size, nil
+}
+
+// limitedWriter enforces MaxImportSize (0 = none) on the ingest; it is
+// the uploads.Sink of upload:// imports.
+type limitedWriter struct {
+	w   *blobstore.Writer
+	max int64
+}
+
+func (l *limitedWriter) Write(p []byte) (int, error) {
+	if l.max > 0 && l.w.Offset()+int64(len(p)) > l.max {
+		return 0, fmt.Errorf("%w (%d bytes)", ErrImportTooLarge, l.max)
+	}
+	return l.w.Write(p)
+}
+
+// Offset is how many bytes are ingested: where a resumed download continues.
+func (l *limitedWriter) Offset() int64 { return l.w.Offset() }
+
+// Fatal: going over the cap ends an upload; other errors fail one chunk.
+func (l *limitedWriter) Fatal(err error) bool { return errors.Is(err, ErrImportTooLarge) }
+
+// checkSize refuses a download whose announced size is over the cap.
+func (l *limitedWriter) checkSize(n int64) error {
+	if l.max > 0 && n > l.max {
+		return fmt.Errorf("%w: %d bytes, at most %d allowed", ErrImportTooLarge, n, l.max)
+	}
+	return nil
+}
+
+// canonical names the downloaded blob's format and returns the content
+// of its canonical standalone qcow2 layer: a qcow2 normalized, a raw disk
+// converted.
+func canonical(b blobstore.Blob, size int64) (layer.Content, string, error) {
+	format := sniff(b)
+	switch format {
+	case "qcow2":
+		im, err := qcow2.Open(b, size)
+		if err != nil {
+			return nil, "", fmt.Errorf("imgurl is not a usable qcow2: %w", err)
+		}
+		if err := layer.CheckParent(im, nil); err != nil {
+			return nil, "", err
+		}
+		return normalizeContent(layer.Normalize(im, nil, qcow2.WriteOptions{})), format, nil
+	case "raw":
+	default:
+		return nil, "", fmt.Errorf("not a disk image: %s-compressed data (import a qcow2 or raw image)", format)
+	}
+	if size%512 != 0 {
+		return nil, "", fmt.Errorf("not a disk image: neither qcow2 nor a raw image (size %d is not a multiple of 512)", size)
+	}
+	raw := layer.NormalizeRaw(b, size)
+	return func(ctx context.Context, w io.Writer) (int64, error) {
+		n, err := raw(ctx, w)
+		if err != nil {
+			return n, fmt.Errorf("converting raw image: %w", err)
+		}
+		return n, nil
+	}, format, nil
+}

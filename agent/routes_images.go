@@ -1,0 +1,220 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"net/http"
+
+	"imagestore/agent/api"
+	"imagestore/agent/images"
+	"imagestore/agent/ingest"
+	"imagestore/agent/jobs"
+	"imagestore/blobstore"
+	"imagestore/internal/ctxio"
+)
+
+// Handlers of imports (agent/ingest) and image reads (agent/images).
+
+// importReply is the reply of every import path.
+type importReply = api.ImportReply
+
+func importReplyFor(img blobstore.Image, c Capacity) importReply {
+	return importReply{
+		Capacity: c, Name: img.Name, ID: img.ID, Blobsum: img.Blob.String(),
+		Size: img.Size, VirtualSize: img.VirtualSize, Format: img.Format, InstallPath: img.InstallPath(),
+	}
+}
+
+// importBackup ingests a file a KVM host wrote into an upload dir (or an
+// allowed file:// path); a database backup goes to importDatabaseBackup.
+func (a *Agent) importBackup(w http.ResponseWriter, r *http.Request) {
+	var req api.ImportBackupRequest
+	err := decode(r, &req)
+	if err == nil && ingest.IsDatabaseBackup(req.Name, req.Desc) {
+		a.importDatabaseBackup(w, r, req)
+		return
+	}
+	a.async(w, r, JobSpec{Kind: "import-backup", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		img, err := a.ingest.ImportBackup(ctx, ingest.BackupRequest{
+			Task: job.ID(), ImgURL: req.ImgURL, Name: req.Name, Desc: req.Desc, Parent: req.Parent,
+			InstallPath: req.InstallPath, ImageUUID: req.ImageUUID, ProcessToRelease: req.ProcessToRelease,
+		}, job)
+		if err != nil {
+			return nil, err
+		}
+		return importReplyFor(img, a.capacity()), nil
+	})
+}
+
+// importDatabaseBackup is import-backup of a zsbak dump whose desc carries
+// an md5: the image is recorded only when the stored bytes match it.
+func (a *Agent) importDatabaseBackup(w http.ResponseWriter, r *http.Request, req api.ImportBackupRequest) {
+	_, err := ingest.ParseDatabaseDesc(req.Desc)
+	a.async(w, r, JobSpec{Kind: "import-backup", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		img, err := a.ingest.ImportDatabaseBackup(ctx, ingest.DatabaseBackupRequest{
+			ImgURL: req.ImgURL, Desc: req.Desc, InstallPath: req.InstallPath, ImageUUID: req.ImageUUID,
+		}, job)
+		if err != nil {
+			return nil, err
+		}
+		return importReplyFor(img, a.capacity()), nil
+	})
+}
+
+// importURL downloads an image (http(s), sftp, file, or an upload stream
+// from the host CLI) and stores it as a canonical standalone layer.
+func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
+	var req api.ImportRequest
+	err := decode(r, &req)
+	if err == nil {
+		_, err = ingest.CheckSource(req.ImgURL)
+	}
+	a.async(w, r, JobSpec{Kind: "import", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		img, err := a.ingest.ImportURL(ctx, ingest.URLRequest{
+			Task: job.ID(), ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc,
+		}, job)
+		if err != nil {
+			return nil, err
+		}
+		return importReplyFor(img, a.capacity()), nil
+	})
+}
+
+// createTemplate flattens a backup's chain into a new standalone base image.
+func (a *Agent) createTemplate(w http.ResponseWriter, r *http.Request) {
+	var req api.TemplateRequest
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "template", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		img, err := a.ingest.CreateTemplate(ctx, ingest.TemplateRequest{
+			Task: job.ID(), InstallPath: req.InstallPath, Name: req.ImageUUID, Format: req.Format, Compress: req.Compress,
+		}, job)
+		if err != nil {
+			return nil, err
+		}
+		return importReplyFor(img, a.capacity()), nil
+	})
+}
+
+func (a *Agent) imgChain(w http.ResponseWriter, r *http.Request) {
+	var req api.InstallPathRequest
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "imgchain", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		chain, err := a.images.Chain(ctx, req.InstallPath)
+		if err != nil {
+			return nil, err
+		}
+		return api.ChainReply{Chain: chain}, nil
+	})
+}
+
+func (a *Agent) imgInfo(w http.ResponseWriter, r *http.Request) {
+	var req api.InstallPathRequest
+	err := decode(r, &req)
+	a.async(w, r, JobSpec{Kind: "imginfo", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		info, err := a.images.Info(ctx, req.InstallPath)
+		if err != nil {
+			return nil, err
+		}
+		return info, nil
+	})
+}
+
+// listImages returns the images of a name (all images without one), as
+// the infos of GetDatabaseBackupFromImageStore.
+func (a *Agent) listImages(w http.ResponseWriter, r *http.Request) {
+	var req api.ListImagesRequest
+	if err := decode(r, &req); err != nil {
+		replyDecodeErr(w, err)
+		return
+	}
+	infos, err := a.images.List(r.Context(), req.Name)
+	if err != nil {
+		replyErr(w, http.StatusOK, err)
+		return
+	}
+	reply(w, api.ListImagesReply{Infos: infos})
+}
+
+// deleteImage removes an image record (its blob is freed by the next gc);
+// deleting an absent image succeeds with deleted:false.
+func (a *Agent) deleteImage(w http.ResponseWriter, r *http.Request) {
+	var req api.InstallPathRequest
+	err := decode(r, &req)
+	var ref blobstore.Ref
+	if err == nil {
+		ref, err = images.ParsePath("installPath", req.InstallPath)
+	}
+	a.async(w, r, JobSpec{Kind: "delete", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		deleted, err := a.images.Delete(ctx, ref)
+		if err != nil {
+			return nil, err
+		}
+		return api.DeleteReply{Capacity: a.capacity(), Deleted: deleted}, nil
+	})
+}
+
+// gc deletes image records not in imagesToKeep (nor their ancestors) and
+// frees unreferenced blobs. An absent or empty list keeps every image: an
+// empty list is far more likely a bug than a wish to delete everything.
+func (a *Agent) gc(w http.ResponseWriter, r *http.Request) {
+	var req api.GCRequest
+	err := decode(r, &req)
+	var keep []blobstore.Ref
+	if err == nil {
+		keep, err = images.ParseKeep(req.ImagesToKeep)
+	}
+	a.async(w, r, JobSpec{Kind: "gc", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		res, err := a.images.GC(ctx, keep)
+		if err != nil {
+			return nil, err
+		}
+		return api.GCReply{
+			Capacity: a.capacity(), Freed: res.BytesFreed, BlobsFreed: res.BlobsFreed,
+			ImagesRemoved: res.ImagesRemoved, IngestsRemoved: res.IngestsRemoved,
+		}, nil
+	})
+}
+
+// imageHash hashes the image's blob (the stored layer bytes).
+func (a *Agent) imageHash(w http.ResponseWriter, r *http.Request) {
+	var req api.ImageHashRequest
+	err := decode(r, &req)
+	if err == nil {
+		err = images.CheckHashAlgorithm(req.HashAlgorithm())
+	}
+	a.async(w, r, JobSpec{Kind: "getimagehash", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		sum, err := a.images.Hash(ctx, images.HashRequest{InstallPath: req.InstallPath, Algorithm: req.HashAlgorithm()}, job)
+		if err != nil {
+			return nil, err
+		}
+		return api.ImageHashReply{Hash: sum, Algorithm: req.HashAlgorithm()}, nil
+	})
+}
+
+// lookupImage loads the image an install path (or name:id) in field names.
+func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Image, error) {
+	return a.images.Lookup(ctx, field, s)
+}
+
+// parseImagePath accepts zstore://name/id or name:id.
+func parseImagePath(field, s string) (blobstore.Ref, error) { return images.ParsePath(field, s) }
+
+// newImageRef picks a new image's name and id (images.NewRef).
+func (a *Agent) newImageRef(installPath, name string, parent *blobstore.Image) (blobstore.Ref, error) {
+	return images.NewRef(installPath, name, parent)
+}
+
+// databaseBackupName is the image name database backups are stored under.
+const databaseBackupName = images.DatabaseBackupName
+
+// ctxReader stops a long copy when ctx ends.
+func ctxReader(ctx context.Context, r io.Reader) io.Reader { return ctxio.Reader(ctx, r) }
+
+func firstNonEmpty(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}

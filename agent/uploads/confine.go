@@ -1,0 +1,167 @@
+package uploads
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+)
+
+// importRoots are the directories file imports may read from.
+func (u *Uploads) importRoots() []string {
+	roots := []string{u.opts.Root}
+	roots = append(roots, u.opts.AllowedRoots...)
+	return roots
+}
+
+func (u *Uploads) releasedTarget(path string) (string, bool) {
+	if u.opts.ReleasedTarget == nil {
+		return "", false
+	}
+	return u.opts.ReleasedTarget(path)
+}
+
+// Confine resolves imgurl (an absolute path or file://path) and checks,
+// after resolving symlinks, that it is a regular file inside an upload dir
+// or an allowed import root (or a released target). The path it returns
+// is only a name: read it through Open.
+func (u *Uploads) Confine(imgurl string) (string, error) {
+	p := imgurl
+	if rest, ok := strings.CutPrefix(imgurl, "file://"); ok {
+		p = rest
+	} else if i := strings.Index(imgurl, "://"); i > 0 {
+		return "", fmt.Errorf("imgurl %q: scheme %s is not supported by import-backup (a file in an upload dir or file://path); URL downloads are the import/ command", imgurl, imgurl[:i])
+	}
+	if !filepath.IsAbs(p) {
+		return "", fmt.Errorf("imgurl %q: not an absolute path", imgurl)
+	}
+	if t, ok := u.releasedTarget(p); ok {
+		return t, nil
+	}
+	// Check the lexical path first (so ../ tricks are named as such), then
+	// the path with symlinks resolved (so a link cannot lead outside).
+	if u.confinedRoot(filepath.Clean(p), false) == "" {
+		return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, u.opts.Root)
+	}
+	real, err := filepath.EvalSymlinks(filepath.Clean(p))
+	if err != nil {
+		return "", fmt.Errorf("imgurl %q: %w", imgurl, err)
+	}
+	if u.confinedRoot(real, true) != "" {
+		fi, err := os.Stat(real)
+		if err != nil {
+			return "", fmt.Errorf("imgurl %q: %w", imgurl, err)
+		}
+		if !fi.Mode().IsRegular() {
+			return "", fmt.Errorf("imgurl %q: not a regular file", imgurl)
+		}
+		return real, nil
+	}
+	return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, u.opts.Root)
+}
+
+// Open opens a path Confine accepted. A host can write the upload dirs,
+// so it could swap a path component for a symlink between the check and
+// the open: the open goes through os.Root, which refuses to leave the
+// import root whatever the path holds by then.
+func (u *Uploads) Open(path string) (*os.File, error) {
+	if t, ok := u.releasedTarget(path); ok {
+		// Released targets live where hosts cannot reach.
+		return openRegular(t, func(p string) (*os.File, error) {
+			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+		})
+	}
+	for _, root := range u.importRoots() {
+		rr, err := filepath.EvalSymlinks(root)
+		if err != nil {
+			continue
+		}
+		if !inside(rr, path) {
+			continue
+		}
+		rel, _ := filepath.Rel(rr, path)
+		r, err := os.OpenRoot(rr)
+		if err != nil {
+			return nil, err
+		}
+		defer r.Close()
+		// O_NONBLOCK: a FIFO swapped in by the host must not hang the open;
+		// openRegular then refuses it.
+		return openRegular(rel, func(name string) (*os.File, error) {
+			return r.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
+		})
+	}
+	return nil, fmt.Errorf("%s escapes the upload dirs (%s) and the allowed import roots", path, u.opts.Root)
+}
+
+// openRegular opens name with open and refuses anything but a regular file.
+func openRegular(name string, open func(string) (*os.File, error)) (*os.File, error) {
+	f, err := open(name)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file", name)
+	}
+	return f, nil
+}
+
+// confinedRoot returns the import root p lies strictly inside, or "".
+func (u *Uploads) confinedRoot(p string, resolve bool) string {
+	for _, root := range u.importRoots() {
+		rr := filepath.Clean(root)
+		if resolve {
+			var err error
+			if rr, err = filepath.EvalSymlinks(root); err != nil {
+				continue
+			}
+		}
+		if inside(rr, p) {
+			return root
+		}
+	}
+	return ""
+}
+
+// inside reports whether p lies strictly inside dir.
+func inside(dir, p string) bool {
+	rel, err := filepath.Rel(dir, p)
+	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
+}
+
+// ConfineWorkspace resolves ws (after symlinks) and checks it is a
+// directory inside an upload dir; it returns it and that upload dir.
+func (u *Uploads) ConfineWorkspace(ws string) (dir, uploadDir string, err error) {
+	if !filepath.IsAbs(ws) {
+		return "", "", fmt.Errorf("workspace %q: not an absolute path", ws)
+	}
+	real, err := filepath.EvalSymlinks(filepath.Clean(ws))
+	if err != nil {
+		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
+	}
+	root, err := filepath.EvalSymlinks(u.opts.Root)
+	if err != nil {
+		return "", "", err
+	}
+	if !inside(root, real) {
+		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*; allocate one with allocuploaddir)", ws, u.opts.Root, DirPrefix)
+	}
+	rel, _ := filepath.Rel(root, real)
+	first, _, _ := strings.Cut(rel, string(filepath.Separator))
+	if !strings.HasPrefix(first, DirPrefix) {
+		return "", "", fmt.Errorf("workspace %q is not inside an upload dir (%s/%s*)", ws, u.opts.Root, DirPrefix)
+	}
+	if fi, err := os.Stat(real); err != nil {
+		return "", "", fmt.Errorf("workspace %q: %w", ws, err)
+	} else if !fi.IsDir() {
+		return "", "", fmt.Errorf("workspace %q is not a directory", ws)
+	}
+	return real, filepath.Join(root, first), nil
+}
