@@ -5,35 +5,33 @@ import (
 	"compress/flate"
 	"fmt"
 	"io"
-	"sync"
 
 	"github.com/klauspost/compress/zstd"
 )
 
-// Decompressors are pooled: a compressed image is read cluster by cluster and
-// each fresh decoder would cost more than the cluster it decodes.
-var (
-	flatePool sync.Pool // io.ReadCloser implementing flate.Resetter
-	zstdPool  sync.Pool // *zstd.Decoder
-)
+// decompressor holds one decoder of each kind for an Image, reused (under
+// the Image's cacheMu) for every cluster: a compressed image is read cluster
+// by cluster and each fresh decoder would cost more than the cluster it decodes.
+type decompressor struct {
+	flate io.ReadCloser // implements flate.Resetter
+	zstd  *zstd.Decoder
+}
 
-// decompressCluster inflates one compressed cluster into dst (exactly one
+// cluster inflates one compressed cluster into dst (exactly one
 // cluster long). QEMU stores raw deflate (no zlib header) or a zstd stream.
 // The output is bounded by dst: a stream that would produce more than one
 // cluster is a bomb and fails, as does one that produces less.
-func decompressCluster(dst, src []byte, ctype uint8) error {
+func (dc *decompressor) cluster(dst, src []byte, ctype uint8) error {
 	br := bytes.NewReader(src)
 	var r io.Reader
 	switch ctype {
 	case compressionZlib:
-		fr, _ := flatePool.Get().(io.ReadCloser)
-		if fr == nil {
-			fr = flate.NewReader(br)
-		} else if err := fr.(flate.Resetter).Reset(br, nil); err != nil {
+		if dc.flate == nil {
+			dc.flate = flate.NewReader(br)
+		} else if err := dc.flate.(flate.Resetter).Reset(br, nil); err != nil {
 			return err
 		}
-		defer flatePool.Put(fr)
-		r = fr
+		r = dc.flate
 	case compressionZstd:
 		// Compressed runs are packed back to back, so the bytes after this
 		// cluster's frame are the next cluster's frame: only the first
@@ -45,23 +43,22 @@ func decompressCluster(dst, src []byte, ctype uint8) error {
 		if fh.HasFCS && fh.FrameContentSize > uint64(len(dst)) {
 			return fmt.Errorf("zstd frame declares %d bytes, more than one cluster (%d bytes)", fh.FrameContentSize, len(dst))
 		}
-		d, _ := zstdPool.Get().(*zstd.Decoder)
-		if d == nil {
+		if dc.zstd == nil {
 			var err error
 			// Concurrency 1 decodes synchronously (no goroutines to leak); the
 			// window cap keeps a hostile frame from reserving large buffers.
-			d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
+			dc.zstd, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
 				zstd.WithDecoderMaxWindow(8<<20), zstd.WithDecoderMaxMemory(64<<20),
 				zstd.WithDecoderLowmem(true))
 			if err != nil {
 				return err
 			}
 		}
-		if err := d.Reset(br); err != nil {
+		if err := dc.zstd.Reset(br); err != nil {
 			return err
 		}
-		defer func() { _ = d.Reset(nil); zstdPool.Put(d) }()
-		r = d
+		defer func() { _ = dc.zstd.Reset(nil) }()
+		r = dc.zstd
 	default:
 		return unsupported("compression type %d", ctype)
 	}

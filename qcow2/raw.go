@@ -124,5 +124,5 @@ func FlattenRawSparse(ctx context.Context, w io.WriterAt, c *Chain) (int64, erro
 	}
 	// Zeros after the last data only, so the ascending order holds.
 	start := max(dataEnd, vsize-512)
-	return written, put(wrZeroBuf()[:vsize-start], start)
+	return written, put(make([]byte, vsize-start), start)
 }

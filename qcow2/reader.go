@@ -28,6 +28,7 @@ type Image struct {
 	cacheMu  sync.Mutex
 	cacheIdx int64 // guest cluster held in cache, -1 if none
 	cache    []byte
+	decomp   decompressor // guarded by cacheMu
 }
 
 // L1/L2 entry bits.
@@ -460,7 +461,7 @@ func (im *Image) readCluster(p []byte, gc, within int64) error {
 			if err := readFull(im.r, src, int64(off)); err != nil {
 				return err
 			}
-			if err := decompressCluster(im.cache, src, im.h.compressionType); err != nil {
+			if err := im.decomp.cluster(im.cache, src, im.h.compressionType); err != nil {
 				return formatErr(fmt.Sprintf("compressed cluster for guest cluster %d", gc), "%v", err)
 			}
 			im.cacheIdx = gc

@@ -10,7 +10,6 @@ import (
 	"io"
 	"runtime"
 	"sort"
-	"sync"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
@@ -81,6 +80,7 @@ type wrRun struct {
 // wrPlan is the complete layout of the output, computed before any byte is
 // written so that the image can be streamed front to back.
 type wrPlan struct {
+	zero     []byte // one cluster of zeros: what isZero compares with and pad writes
 	cb       uint
 	cs       int64
 	vsize    int64
@@ -212,6 +212,7 @@ func wrNewPlan(vsize int64, extents []Extent, opts WriteOptions) (*wrPlan, error
 		return nil, fmt.Errorf("qcow2: write: backing file name is %d bytes, limit %d", len(opts.BackingFile), wrMaxBackingName)
 	}
 	p := &wrPlan{
+		zero:     make([]byte, int64(1)<<cb),
 		cb:       uint(cb),
 		cs:       int64(1) << cb,
 		vsize:    vsize,
@@ -605,10 +606,8 @@ func wrWorkers() int {
 	return max(1, min(runtime.GOMAXPROCS(0), 8))
 }
 
-var wrZeroBuf = sync.OnceValue(func() []byte { return make([]byte, 1<<wrMaxClusterBits) })
-
-func wrIsZero(b []byte) bool {
-	return bytes.Equal(b, wrZeroBuf()[:len(b)])
+func (p *wrPlan) isZero(b []byte) bool {
+	return bytes.Equal(b, p.zero[:len(b)])
 }
 
 func wrNewEncoder() (*zstd.Encoder, error) {
@@ -668,7 +667,7 @@ func (p *wrPlan) process(c *wrChunk, data io.ReaderAt, enc *zstd.Encoder, verify
 		var got uint32
 		var span []byte
 		switch {
-		case wrIsZero(clus):
+		case p.isZero(clus):
 		case !p.compress || (verify && int64(*size) == p.cs):
 			got, span = uint32(p.cs), clus
 		default:
@@ -769,11 +768,11 @@ func (p *wrPlan) writeData(ctx context.Context, w *bufio.Writer, data io.ReaderA
 	if pos > end {
 		return fmt.Errorf("qcow2: write: internal error: data ran to %d past the planned end %d", pos, end)
 	}
-	return wrPad(w, &pos, end)
+	return p.pad(w, &pos, end)
 }
 
-func wrPad(w io.Writer, pos *int64, to int64) error {
-	z := wrZeroBuf()
+func (p *wrPlan) pad(w io.Writer, pos *int64, to int64) error {
+	z := p.zero
 	for *pos < to {
 		n, err := w.Write(z[:min(int64(len(z)), to-*pos)])
 		*pos += int64(n)
@@ -857,7 +856,7 @@ func (p *wrPlan) writePhase(ctx context.Context, w *bufio.Writer, data io.Reader
 			var run []byte
 			var runOff int64
 			flush := func() error {
-				if err := wrPad(w, pos, runOff); err != nil {
+				if err := p.pad(w, pos, runOff); err != nil {
 					return err
 				}
 				n, err := w.Write(run)

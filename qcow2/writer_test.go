@@ -560,3 +560,14 @@ func FuzzWrite(f *testing.F) {
 		wtRoundTrip(t, l, cb, opts)
 	})
 }
+
+// wrIsZero reports whether b holds only zero bytes (the tests' own check,
+// independent of the writer's).
+func wrIsZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -55,14 +55,17 @@ type command struct {
 	run         func(ctx context.Context, g *globals, args []string) error
 }
 
-var commands = []command{
-	{"push", "push [-concurrency N] [-parent name:id] [-bwlimit B/s] [-name NAME] [-id ID] FILE", cmdPush},
-	{"pull", "pull -installpath DST [-format qcow2|raw] [-bwlimit B/s] name:id", cmdPull},
-	{"info", "info name:id", cmdInfo},
-	{"images", "images -name NAME", cmdImages},
-	{"upload", "upload -task TASKUUID [-bwlimit B/s] FILE", cmdUpload},
-	{"pullfromhost", "pullfromhost -host H [-port N] -user U (-key-file F | -password-file F) [-fingerprint SHA256:...] -path P [-parent name:id] [-name N] [-volume-bwlimit B/s] [-network-bwlimit B/s] [-parallelism N]", cmdPullFromHost},
-	{"db", "db backup|restore ...", cmdDB},
+// commands lists the verbs, in the order usage prints them.
+func commands() []command {
+	return []command{
+		{"push", "push [-concurrency N] [-parent name:id] [-bwlimit B/s] [-name NAME] [-id ID] FILE", cmdPush},
+		{"pull", "pull -installpath DST [-format qcow2|raw] [-bwlimit B/s] name:id", cmdPull},
+		{"info", "info name:id", cmdInfo},
+		{"images", "images -name NAME", cmdImages},
+		{"upload", "upload -task TASKUUID [-bwlimit B/s] FILE", cmdUpload},
+		{"pullfromhost", "pullfromhost -host H [-port N] -user U (-key-file F | -password-file F) [-fingerprint SHA256:...] -path P [-parent name:id] [-name N] [-volume-bwlimit B/s] [-network-bwlimit B/s] [-parallelism N]", cmdPullFromHost},
+		{"db", "db backup|restore ...", cmdDB},
+	}
 }
 
 // errUsage marks bad command lines (exit 2).
@@ -70,7 +73,7 @@ var errUsage = errors.New("usage")
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: imagestore [-url URL] [-agent-url URL] [-rootca PEM] [-token T] [-json] [-quiet] COMMAND ...")
-	for _, c := range commands {
+	for _, c := range commands() {
 		fmt.Fprintln(w, "  imagestore", c.usage)
 	}
 }
@@ -92,7 +95,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	name, rest := fs.Arg(0), fs.Args()[1:]
-	for _, c := range commands {
+	for _, c := range commands() {
 		if c.name != name {
 			continue
 		}

@@ -620,16 +620,16 @@ func Compressible(r io.Reader) bool {
 	if n == 0 {
 		return false
 	}
-	enc := encoderPool.Get().(*zstd.Encoder)
-	defer encoderPool.Put(enc)
+	// One encoder per call: Compressible runs once per blob, so a pool
+	// would save little and be state shared by every Client.
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return false
+	}
+	defer enc.Close()
 	out := enc.EncodeAll(buf[:n], make([]byte, 0, n))
 	return len(out) < n*9/10
 }
-
-var encoderPool = sync.Pool{New: func() any {
-	e, _ := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	return e
-}}
 
 // HeadManifest returns the descriptor of a manifest; ErrNotFound if none.
 func (c *Client) HeadManifest(ctx context.Context, name, ref string) (Descriptor, error) {

@@ -143,19 +143,15 @@ func descendants(root int) []int {
 	return out
 }
 
-var privsepOnce sync.Once
-
 // Start runs sshd and returns once it completes a real SSH handshake. It is
 // stopped (with every connection child) when the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
 	waitForSSHD(t)
-	privsepOnce.Do(func() {
-		// sshd refuses to start without its privilege separation directory.
-		if os.Geteuid() == 0 {
-			_ = os.MkdirAll("/run/sshd", 0o755)
-		}
-	})
+	// sshd refuses to start without its privilege separation directory.
+	if os.Geteuid() == 0 {
+		_ = os.MkdirAll("/run/sshd", 0o755)
+	}
 
 	u, err := user.Current()
 	if err != nil {

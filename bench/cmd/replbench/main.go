@@ -96,6 +96,7 @@ type node struct {
 	eng  *replicate.Engine
 	srv  *http.Server
 	addr string
+	hc   *http.Client // to the node's registry
 }
 
 func startNode(root string, parallel int) (*node, error) {
@@ -117,7 +118,8 @@ func startNode(root string, parallel int) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := &node{st: st, eng: eng, srv: &http.Server{Handler: reg.Handler()}, addr: ln.Addr().String()}
+	n := &node{st: st, eng: eng, srv: &http.Server{Handler: reg.Handler()}, addr: ln.Addr().String(),
+		hc: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}}
 	go func() { _ = n.srv.Serve(ln) }()
 	return n, nil
 }
@@ -128,12 +130,10 @@ func (n *node) close() {
 	n.st.Close()
 }
 
-var hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
-
 // postPush asks a's registry to push name:id to peer; returns the task id or "existed".
 func postPush(a *node, peer, name, id string) (string, error) {
 	body, _ := json.Marshal(replicate.Request{Name: name, ID: id, Addr: peer})
-	resp, err := hc.Post("http://"+a.addr+"/v1/push", "application/json", bytes.NewReader(body))
+	resp, err := a.hc.Post("http://"+a.addr+"/v1/push", "application/json", bytes.NewReader(body))
 	if err != nil {
 		return "", err
 	}
@@ -147,7 +147,7 @@ func postPush(a *node, peer, name, id string) (string, error) {
 
 func waitTask(a *node, id string) error {
 	for {
-		resp, err := hc.Get("http://" + a.addr + "/v1/tasks/" + id)
+		resp, err := a.hc.Get("http://" + a.addr + "/v1/tasks/" + id)
 		if err != nil {
 			return err
 		}
