@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -23,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"imagestore/blobstore"
+	"imagestore/internal/retry"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/ratelimit"
 )
@@ -41,7 +41,7 @@ type Options struct {
 	ReadBandwidth, WriteBandwidth int64
 	// Retries is how often a failed task attempt is retried (default 1).
 	Retries int
-	// RetryDelay is the pause before a retry (default 2s).
+	// RetryDelay is the pause before a retry, ±20 % (default 2s).
 	RetryDelay time.Duration
 	// Retention: finished tasks are forgotten after this (default 24h).
 	Retention time.Duration
@@ -376,18 +376,7 @@ func (e *Engine) run(kind string, ts *taskState, run func(context.Context, *task
 	t := ts.snapshot()
 	log := e.log.With("task", t.ID, "kind", kind, "image", t.Name+":"+t.ImageID, "peer", t.Addr)
 	log.Info("replication task started")
-	var err error
-	for attempt := 0; ; attempt++ {
-		err = run(ctx, ts)
-		if err == nil || !retryable(err) || attempt >= e.o.Retries || ctx.Err() != nil {
-			break
-		}
-		log.Warn("replication attempt failed; retrying", "attempt", attempt+1, "err", err)
-		select {
-		case <-ctx.Done():
-		case <-time.After(e.o.RetryDelay):
-		}
-	}
+	err := e.taskRetry(log).Do(ctx, func(ctx context.Context, _ int) error { return run(ctx, ts) })
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("interrupted: agent stopping: %w", err)
@@ -400,6 +389,18 @@ func (e *Engine) run(kind string, ts *taskState, run func(context.Context, *task
 	log.Info("replication task succeeded", "bytes", ts.bytesDone.Load())
 	e.setStatus(ts, StatusSuccess, "")
 	e.m.Tasks.WithLabelValues(kind, "success").Inc()
+}
+
+// taskRetry is the policy of a task's attempts: Retries more after the
+// first, RetryDelay (±20 %) apart, for the failures retryable allows.
+func (e *Engine) taskRetry(log *slog.Logger) retry.Policy {
+	return retry.Policy{
+		Attempts: e.o.Retries + 1, Initial: e.o.RetryDelay, Max: e.o.RetryDelay, Jitter: 0.2,
+		Retryable: retryable,
+		OnRetry: func(attempt int, err error, _ time.Duration) {
+			log.Warn("replication attempt failed; retrying", "attempt", attempt+1, "err", err)
+		},
+	}
 }
 
 // retryable: failures a later attempt may get past (network, peer restart).
@@ -503,46 +504,6 @@ func (e *Engine) pushOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	return nil
 }
 
-func (e *Engine) sendBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) error {
-	for attempt := 0; ; attempt++ {
-		b, err := e.st.OpenBlob(ctx, l.Digest)
-		if err != nil {
-			return fmt.Errorf("%w: blob %s: %w", ErrIncomplete, l.Digest, err)
-		}
-		var sent int64
-		err = c.PushBlob(ctx, name, l.Digest, l.Size, ratelimit.ReaderAt(ctx, b, lim), oci.PushOptions{Progress: func(n int64) {
-			sent += n
-			ts.progress(n)
-		}})
-		b.Close()
-		switch {
-		case err == nil:
-			e.m.SentBytes.Add(float64(l.Size))
-			e.m.BlobsSent.Inc()
-			ts.blobDone()
-			return nil
-		case errors.Is(err, oci.ErrSourceDigest):
-			ts.progress(-sent)
-			// Confirm with a full read: VerifyBlob quarantines a corrupt blob.
-			verr := e.st.VerifyBlob(context.WithoutCancel(ctx), l.Digest)
-			if verr == nil {
-				return fmt.Errorf("blob %s: hash while sending did not match but the blob verifies; will retry: %w", l.Digest, err)
-			}
-			return fmt.Errorf("%w: blob %s not sent: %w", ErrSourceCorrupt, l.Digest, verr)
-		case errors.Is(err, oci.ErrDigestInvalid) && attempt == 0:
-			// The peer received bytes that do not hash right: send once more.
-			ts.progress(-sent)
-			e.log.Warn("peer refused blob digest; re-sending once", "blob", l.Digest)
-			continue
-		case errors.Is(err, oci.ErrDigestInvalid):
-			return fmt.Errorf("blob %s refused twice by the peer: %w", l.Digest, err)
-		default:
-			ts.progress(-sent)
-			return fmt.Errorf("send blob %s: %w", l.Digest, err)
-		}
-	}
-}
-
 func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref blobstore.Ref, lim *ratelimit.Limiter) error {
 	mb, _, err := c.GetManifest(ctx, ref.Name, ref.ID)
 	if err != nil {
@@ -593,88 +554,4 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	}
 	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
 	return err
-}
-
-// fetchBlob downloads one blob into a resumable ingest named after its
-// digest (a retry, even after a restart, continues where it stopped) and
-// commits it against the digest; a mismatch is fetched once more.
-func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) error {
-	ingest := "pull-" + l.Digest.Encoded()
-	for attempt := 0; ; attempt++ {
-		w, err := e.st.Writer(ctx, ingest)
-		if err != nil {
-			return fmt.Errorf("blob %s: %w", l.Digest, err)
-		}
-		start := w.Offset()
-		ts.progress(start)
-		err = e.download(ctx, ts, c, name, l, w, lim)
-		if err != nil {
-			w.Close()
-			ts.progress(-w.Offset())
-			return fmt.Errorf("fetch blob %s: %w", l.Digest, err)
-		}
-		e.m.ReceivedBytes.Add(float64(w.Offset() - start))
-		_, err = w.Commit(ctx, l.Size, l.Digest)
-		switch {
-		case err == nil:
-			e.m.BlobsSent.Inc()
-			ts.blobDone()
-			return nil
-		case (errors.Is(err, blobstore.ErrDigestMismatch) || errors.Is(err, blobstore.ErrSizeMismatch)) && attempt == 0:
-			ts.progress(-l.Size)
-			e.log.Warn("blob from peer failed verification; fetching once more", "blob", l.Digest, "err", err)
-			continue
-		default:
-			return fmt.Errorf("blob %s: %w", l.Digest, err)
-		}
-	}
-}
-
-func (e *Engine) download(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, w *blobstore.Writer, lim *ratelimit.Limiter) error {
-	const resumes = 6
-	buf := make([]byte, 1<<20)
-	for attempt := 0; ; attempt++ {
-		off := w.Offset()
-		if off >= l.Size {
-			return nil
-		}
-		rc, err := c.GetBlob(ctx, name, l.Digest, off, l.Size)
-		if err == nil {
-			_, err = io.CopyBuffer(w, &progressReader{r: ratelimit.Reader(ctx, rc, lim), fn: ts.progress}, buf)
-			rc.Close()
-			if err == nil && w.Offset() < l.Size {
-				err = io.ErrUnexpectedEOF
-			}
-			if err == nil {
-				return nil
-			}
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		var oe *oci.Error
-		if errors.As(err, &oe) && !oe.Temporary() || !retryable(err) || attempt >= resumes {
-			return err
-		}
-		t := time.NewTimer(time.Duration(100<<min(attempt+1, 5)) * time.Millisecond)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
-	}
-}
-
-type progressReader struct {
-	r  io.Reader
-	fn func(int64)
-}
-
-func (p *progressReader) Read(b []byte) (int, error) {
-	n, err := p.r.Read(b)
-	if n > 0 {
-		p.fn(int64(n))
-	}
-	return n, err
 }

@@ -370,3 +370,39 @@ func TestRestartMarksTasksFailed(t *testing.T) {
 		t.Fatalf("expired task file kept: %v", err)
 	}
 }
+
+// TestTaskTempFilesRemoved: the temp files of task writes a crash
+// interrupted (today's and older versions' names) are removed at start;
+// task records are written without leaving any.
+func TestTaskTempFilesRemoved(t *testing.T) {
+	dir := t.TempDir()
+	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	// abc was running when the process died: New rewrites it as failed.
+	running := `{"id":"abc","kind":"push","name":"v","imageId":"i","addr":"x:1","status":"running","created":"2026-01-01T00:00:00Z","lastOpTime":"2026-01-01T00:00:00Z"}`
+	for n, b := range map[string]string{".abc.json.tmp-123": "{", ".task-456": "{", "abc.json": running} {
+		if err := os.WriteFile(dir+"/"+n, []byte(b), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eng, err := replicate.New(replicate.Options{Store: st, Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer eng.Close()
+	if task, err := eng.Task("abc"); err != nil || task.Status != replicate.StatusFailed {
+		t.Fatalf("interrupted task not rewritten as failed: %+v %v", task, err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".") {
+			t.Errorf("temp file %s left in the task dir", e.Name())
+		}
+	}
+}

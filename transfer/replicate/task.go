@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"imagestore/internal/fsutil"
 )
 
 // Status of a task, as GET /v1/tasks/<id> reports it.
@@ -51,36 +53,23 @@ func (t Task) finished() bool { return t.Status == StatusSuccess || t.Status == 
 
 func taskPath(dir, id string) string { return filepath.Join(dir, id+".json") }
 
-// saveTask writes the record atomically and durably: temp, fsync, rename, fsync dir.
+// saveTask writes the record atomically and durably (fsutil.WriteFile).
 func saveTask(dir string, t Task) error {
 	b, err := json.MarshalIndent(t, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(dir, ".task-*")
-	if err != nil {
-		return err
+	if err := fsutil.WriteFile(taskPath(dir, t.ID), b, 0o600); err != nil {
+		return fmt.Errorf("replicate: save task %s: %w", t.ID, err)
 	}
-	_, werr := tmp.Write(b)
-	if werr == nil {
-		werr = tmp.Sync()
-	}
-	if cerr := tmp.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(tmp.Name(), taskPath(dir, t.ID))
-	}
-	if werr != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("replicate: save task %s: %w", t.ID, werr)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return nil
+}
+
+// isTemp says whether a file of the task dir is the temp file of a write a
+// crash interrupted: fsutil's ".<id>.json.tmp-*", or ".task-*" of versions
+// before it.
+func isTemp(name string) bool {
+	return strings.HasPrefix(name, ".task-") || strings.HasPrefix(name, ".") && strings.Contains(name, ".json.tmp-")
 }
 
 // loadTasks reads every record; unreadable ones are skipped and removed.
@@ -92,7 +81,7 @@ func loadTasks(dir string) ([]Task, error) {
 	var out []Task
 	for _, e := range ents {
 		n := e.Name()
-		if strings.HasPrefix(n, ".task-") {
+		if isTemp(n) {
 			os.Remove(filepath.Join(dir, n))
 			continue
 		}
