@@ -115,3 +115,74 @@ func TestOpenImportPathRefusesFIFO(t *testing.T) {
 		t.Fatal("opening a FIFO blocked")
 	}
 }
+
+func TestConfine(t *testing.T) {
+	base, err := filepath.EvalSymlinks(t.TempDir()) // Confine returns resolved paths
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := filepath.Join(base, "allowed")
+	outside := filepath.Join(base, "outside")
+	released := filepath.Join(base, "targets", "t.qcow2")
+	for _, d := range []string{allowed, outside, filepath.Dir(released)} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u, err := New(Options{
+		Root: filepath.Join(base, "uploads"), AllowedRoots: []string{allowed},
+		ReleasedTarget: func(p string) (string, bool) {
+			p = strings.TrimPrefix(p, "file://")
+			return p, p == released
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := u.Alloc(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(p string) string {
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	inUpload := write(filepath.Join(dir.Path, "disk.qcow2"))
+	inAllowed := write(filepath.Join(allowed, "disk.raw"))
+	secret := write(filepath.Join(outside, "secret"))
+	write(released)
+	if err := os.Symlink(secret, filepath.Join(dir.Path, "link")); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ in, want, err string }{
+		{inUpload, inUpload, ""},
+		{"file://" + inUpload, inUpload, ""},
+		{"file://" + inAllowed, inAllowed, ""},
+		{released, released, ""},
+		{"http://h/x", "", "scheme http is not supported by import-backup"},
+		{"disk.qcow2", "", "not an absolute path"},
+		{dir.Path + "/../../outside/secret", "", "escapes the upload dirs"},
+		{filepath.Join(dir.Path, "link"), "", "escapes the upload dirs"},
+		{dir.Path, "", "not a regular file"},
+		{filepath.Join(dir.Path, "missing"), "", "no such file"},
+	} {
+		got, err := u.Confine(tc.in)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("Confine(%q) = %q, %v; want error %q", tc.in, got, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("Confine(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
+		}
+		f, err := u.Open(got)
+		if err != nil {
+			t.Errorf("Open(%q): %v", got, err)
+			continue
+		}
+		f.Close()
+	}
+}
