@@ -113,12 +113,12 @@ func (s *Service) ingested(n int64) {
 	}
 }
 
-var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
+const qcow2Magic = "QFI\xfb"
 
 // sniffFormat names a file's format from its first bytes.
 func sniffFormat(head []byte) string {
 	switch {
-	case len(head) >= 4 && string(head[:4]) == string(qcow2Magic):
+	case len(head) >= 4 && string(head[:4]) == qcow2Magic:
 		return "qcow2"
 	case len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b:
 		return "gzip"
