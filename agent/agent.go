@@ -19,9 +19,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"imagestore/agent/config"
+	"imagestore/agent/exports"
 	"imagestore/agent/images"
 	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
+	"imagestore/agent/nbdtarget"
 	"imagestore/agent/uploads"
 	"imagestore/blobstore"
 	"imagestore/internal/fsutil"
@@ -54,20 +56,17 @@ type Agent struct {
 	jobs   *jobs.Manager
 	routes map[string]*boundRoute
 
-	root       string // absolute store root
-	exportRoot string // <root>/exports
+	root string // absolute store root
 
 	stateMu sync.Mutex
 	state   agentState
 
-	exportMu sync.Mutex // serialises export creation and deletion
-
-	nbd *nbdState // NBD targets and remote targets (routes_nbd.go)
-
-	layers  *layer.Store     // stored layers and chains
-	uploads *uploads.Uploads // upload dirs, confined file access, upload sessions
-	images  *images.Service  // image reads, delete, gc
-	ingest  *ingest.Service  // imports
+	layers  *layer.Store       // stored layers and chains
+	uploads *uploads.Uploads   // upload dirs, confined file access, upload sessions
+	images  *images.Service    // image reads, delete, gc
+	ingest  *ingest.Service    // imports
+	exports *exports.Service   // download exports in <root>/exports
+	nbd     *nbdtarget.Service // NBD targets and remote targets
 }
 
 // agentState is persisted in <root>/agent.json.
@@ -88,29 +87,25 @@ func New(cfg config.Config, store *blobstore.Store, logger *slog.Logger) (*Agent
 	root := store.Root()
 	a := &Agent{
 		cfg: cfg, store: store, log: logger, reg: prometheus.NewRegistry(),
-		root:       root,
-		exportRoot: filepath.Join(root, "exports"),
+		root: root,
 	}
-	// Export tokens are download credentials: local users must not list
-	// them. (The agent serves exports itself; nothing else reads the dir.)
-	if err := os.MkdirAll(a.exportRoot, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(a.exportRoot, 0o700); err != nil { // made 0755 by older versions
-		return nil, err
-	}
-	// Exports a crash interrupted have no export.json: remove them now.
-	a.sweepExports()
 	a.m = newMetrics(a.reg, a.storeStats)
 	routes, err := buildRoutes(routeTable())
 	if err != nil {
 		return nil, err
 	}
 	a.routes = routes
-	a.nbd = newNBDState(a)
 	if err := a.newImageServices(); err != nil {
 		return nil, err
 	}
+	// exports.New also removes exports a crash interrupted (no export.json).
+	if a.exports, err = exports.New(exports.Options{
+		Root: filepath.Join(root, "exports"), Layers: a.layers, Expiry: cfg.ExportExpiry, Logger: logger,
+	}); err != nil {
+		return nil, err
+	}
+	a.nbd = a.newNBD()
+	a.reg.MustRegister(a.nbd.Collector())
 	if b, err := os.ReadFile(filepath.Join(root, "agent.json")); err == nil {
 		if err := json.Unmarshal(b, &a.state); err != nil {
 			return nil, fmt.Errorf("agent state %s: %w", filepath.Join(root, "agent.json"), err)
@@ -200,9 +195,9 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) housekeeping() {
-	a.nbd.expire(context.Background(), time.Now())
+	a.nbd.Expire(context.Background(), time.Now())
 	if a.cfg.ExportExpiry > 0 {
-		a.sweepExports()
+		a.exports.Sweep()
 	}
 	if n, err := a.uploads.CleanExpired(time.Now()); err != nil {
 		a.log.Warn("upload dir cleanup", "err", err)
@@ -240,7 +235,7 @@ func (a *Agent) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
 	defer cancel()
 	err := a.jobs.Shutdown(ctx)
-	a.nbd.close()
+	a.nbd.Close()
 	a.closeHosts() // after the jobs: a running host transfer holds pool connections
 	return err
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"imagestore/agent/api"
+	"imagestore/agent/exports"
 	"imagestore/agent/jobs"
 	"imagestore/internal/redact"
 )
@@ -287,13 +288,13 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		a.health(w, r)
 		return api.PathHealth
 	}
-	if strings.HasPrefix(r.URL.Path, exportURLPrefix) {
+	if strings.HasPrefix(r.URL.Path, exports.URLPrefix) {
 		// An export URL is a capability: its 128-bit random token is the
 		// credential, so the management node can hand it to whoever
 		// downloads (qemu-img, a browser, curl), which cannot send our
 		// bearer token. delexp or exportExpiry revokes it.
 		a.serveExport(w, r)
-		return exportURLPrefix + "{token}/{file}"
+		return exports.URLPrefix + "{token}/{file}"
 	}
 	if !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="imagestore"`)

@@ -3,19 +3,16 @@ package agent
 import (
 	"context"
 	"fmt"
-	"io"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/blobstore"
-	storelayer "imagestore/layer"
-	"imagestore/qcow2"
 )
 
-// This file holds the last agent-side adapters over imagestore/layer, for
-// the import and export code that has not moved to layer.Store.Commit and
-// layer.Store.OpenChain yet; it goes once they have.
+// This file holds the last agent-side adapter over imagestore/layer, for
+// the host pulls that have not moved to layer.Store.Commit yet; it goes
+// once they have.
 
 // NewImage describes a committed blob to record as an image.
 type NewImage struct {
@@ -46,20 +43,4 @@ func (a *Agent) recordImage(ctx context.Context, n NewImage) (blobstore.Image, e
 	}
 	a.log.Info("image recorded", "image", n.Ref.String(), "blob", n.Blob, "parent", img.Parent, "format", n.Format, "size", n.Size)
 	return img, nil
-}
-
-// flattenChain writes the guest view of the chain ending at top (a qcow2
-// image) as one standalone image of format "qcow2" or "raw" to w, through
-// layer.Store.OpenChain (held, checked, verified).
-func flattenChain(ctx context.Context, store *blobstore.Store, top blobstore.Image, format string, w io.Writer) (int64, error) {
-	ls, err := storelayer.New(storelayer.Options{Blobs: store})
-	if err != nil {
-		return 0, err
-	}
-	c, closeChain, err := ls.OpenChain(ctx, top.Ref)
-	if err != nil {
-		return 0, err
-	}
-	defer closeChain()
-	return qcow2.Flatten(ctx, w, c.Chain, format, qcow2.WriteOptions{})
 }

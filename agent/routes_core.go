@@ -11,11 +11,6 @@ import (
 	"imagestore/agent/jobs"
 )
 
-// flexInt is api.Int.
-//
-// Transitional alias: request types not yet moved to api name it so.
-type flexInt = api.Int
-
 func (a *Agent) echo(w http.ResponseWriter, r *http.Request) {
 	reply(w, nil)
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"imagestore/agent/config"
+	"imagestore/agent/exports"
 	"imagestore/blobstore"
 )
 
@@ -54,8 +55,13 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 			<-release
 		}
 	}
-	exportFlattenHook.Store(&hook)
-	t.Cleanup(func() { exportFlattenHook.Store(nil) })
+	// An export service like the agent's, with the hook (set before any
+	// request reaches it).
+	exps, err := exports.New(exports.Options{Root: filepath.Join(e.a.root, "exports"), Layers: e.a.layers, BeforeWrite: hook})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.a.exports = exps
 	var releaseOnce sync.Once
 	unblock := func() { releaseOnce.Do(func() { close(release) }) }
 	t.Cleanup(unblock)
@@ -109,7 +115,7 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 }
 
 // TestExportSweepsInterrupted: a token dir without export.json (a crash
-// mid-export) is removed by the next export/delexp or sweepExports; a
+// mid-export) is removed by the next export/delexp or a sweep; a
 // complete export stays.
 func TestExportSweepsInterrupted(t *testing.T) {
 	e := newRestoreEnv(t, nil)
@@ -123,7 +129,7 @@ func TestExportSweepsInterrupted(t *testing.T) {
 	}
 	rep := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": img.InstallPath()})
 	partial := func() string {
-		dir := filepath.Join(e.a.exportRoot, randomHex(16))
+		dir := filepath.Join(filepath.Join(e.a.root, "exports"), randomHex(16))
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -133,16 +139,16 @@ func TestExportSweepsInterrupted(t *testing.T) {
 		return dir
 	}
 	p1 := partial()
-	e.a.sweepExports()
+	e.a.exports.Sweep()
 	if _, err := os.Stat(p1); !os.IsNotExist(err) {
-		t.Fatalf("interrupted export kept by sweepExports: %v", err)
+		t.Fatalf("interrupted export kept by Sweep: %v", err)
 	}
 	p2 := partial()
 	e.ok(t, "/imagestore/delexp-sync", map[string]any{"installPath": "zstore://other/1"})
 	if _, err := os.Stat(p2); !os.IsNotExist(err) {
 		t.Fatalf("interrupted export kept by delexp: %v", err)
 	}
-	ents, err := os.ReadDir(e.a.exportRoot)
+	ents, err := os.ReadDir(filepath.Join(e.a.root, "exports"))
 	if err != nil || len(ents) != 1 {
 		t.Fatalf("exports dir: %v %v", ents, err)
 	}
@@ -185,7 +191,7 @@ func TestExportURLIsCapability(t *testing.T) {
 	}
 	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, files[2])
 
-	if fi, err := os.Stat(e.a.exportRoot); err != nil || fi.Mode().Perm() != 0o700 {
+	if fi, err := os.Stat(filepath.Join(e.a.root, "exports")); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("export root %v %v: want mode 0700, tokens are credentials", fi.Mode(), err)
 	}
 	i := strings.Index(imgURL, "/exports/") + len("/exports/")
@@ -243,12 +249,12 @@ func TestExportExpiry(t *testing.T) {
 	age := func(url string, d time.Duration) string {
 		t.Helper()
 		token := strings.Split(url[strings.Index(url, "/exports/")+len("/exports/"):], "/")[0]
-		metaPath := filepath.Join(e.a.exportRoot, token, "export.json")
+		metaPath := filepath.Join(filepath.Join(e.a.root, "exports"), token, "export.json")
 		b, err := os.ReadFile(metaPath)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var m exportMeta
+		var m exports.Meta
 		if err := json.Unmarshal(b, &m); err != nil {
 			t.Fatal(err)
 		}

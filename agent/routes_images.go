@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"io"
 	"net/http"
 
 	"imagestore/agent/api"
@@ -10,7 +9,6 @@ import (
 	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
-	"imagestore/internal/ctxio"
 )
 
 // Handlers of imports (agent/ingest) and image reads (agent/images).
@@ -206,9 +204,6 @@ func (a *Agent) newImageRef(installPath, name string, parent *blobstore.Image) (
 
 // databaseBackupName is the image name database backups are stored under.
 const databaseBackupName = images.DatabaseBackupName
-
-// ctxReader stops a long copy when ctx ends.
-func ctxReader(ctx context.Context, r io.Reader) io.Reader { return ctxio.Reader(ctx, r) }
 
 func firstNonEmpty(s ...string) string {
 	for _, v := range s {

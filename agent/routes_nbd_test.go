@@ -277,11 +277,11 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 	// Expiry: the group lives as long as its upload dir.
 	rep = e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{1 << 20}})
 	target = rep["imagePaths"].([]any)[0].(string)
-	e.a.nbd.expire(context.Background(), time.Now())
+	e.a.nbd.Expire(context.Background(), time.Now())
 	if _, err := os.Stat(target); err != nil {
 		t.Fatalf("target expired early: %v", err)
 	}
-	e.a.nbd.expire(context.Background(), time.Now().Add(e.a.cfg.UploadDirExpiry+time.Hour))
+	e.a.nbd.Expire(context.Background(), time.Now().Add(e.a.cfg.UploadDirExpiry+time.Hour))
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Fatalf("expired target still there: %v", err)
 	}
@@ -330,7 +330,7 @@ func TestRemoteTargetRefusesUncheckedBacking(t *testing.T) {
 	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", lone, "1M")
 	img := put(lone, blobstore.Ref{Name: "evil", ID: "lone"}, "")
 	e.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": img.InstallPath(), "hostname": "127.0.0.1"}, "cannot be served over NBD")
-	if m, err := e.a.nbd.manager(); err != nil || len(m.List()) != 0 {
-		t.Fatalf("servers running after refusals: %v %v", m, err)
+	if err := e.a.nbd.Err(); err != nil || len(e.a.nbd.Servers()) != 0 {
+		t.Fatalf("servers running after refusals: %v %v", e.a.nbd.Servers(), err)
 	}
 }

@@ -1,0 +1,371 @@
+package exports
+
+import (
+	"bytes"
+	"context"
+	"crypto/md5"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"imagestore/agent/jobs"
+	"imagestore/blobstore"
+	"imagestore/layer"
+	"imagestore/qcow2"
+)
+
+type env struct {
+	store *blobstore.Store
+	root  string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	return &env{store: st, root: filepath.Join(dir, "exports")}
+}
+
+func (e *env) service(t *testing.T, mod func(*Options)) *Service {
+	t.Helper()
+	layers, err := layer.New(layer.Options{Blobs: e.store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Root: e.root, Layers: layers}
+	if mod != nil {
+		mod(&opts)
+	}
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// put records data as image ref with format.
+func (e *env) put(t *testing.T, ref blobstore.Ref, parent string, data []byte, format string) blobstore.Image {
+	t.Helper()
+	ctx := context.Background()
+	d, n, err := e.store.Put(ctx, bytes.NewReader(data), int64(len(data)), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := blobstore.Image{Ref: ref, Blob: d, Parent: parent, Size: n, Format: format, Created: time.Now()}
+	if err := e.store.PutImage(ctx, img); err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// qcowLayer writes a qcow2 layer whose data extents come from guest (a full
+// guest image; only the given ranges are allocated).
+func qcowLayer(t *testing.T, guest []byte, backing string, ranges ...[2]int64) []byte {
+	t.Helper()
+	var ext []qcow2.Extent
+	for _, r := range ranges {
+		ext = append(ext, qcow2.Extent{Offset: r[0], Length: r[1], Kind: qcow2.Data})
+	}
+	var b bytes.Buffer
+	if _, err := qcow2.Write(context.Background(), &b, int64(len(guest)), ext, bytes.NewReader(guest), qcow2.WriteOptions{BackingFile: backing}); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+func md5hex(b []byte) string { s := md5.Sum(b); return hex.EncodeToString(s[:]) }
+
+func readExport(t *testing.T, s *Service, exp Export) []byte {
+	t.Helper()
+	m, f, err := s.Open(exp.Token, exp.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if m != exp.Meta {
+		t.Fatalf("Open meta %+v, Create gave %+v", m, exp.Meta)
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// recorder is a jobs.Progress that keeps what it is told.
+type recorder struct {
+	total, done atomic.Int64
+	image       atomic.Value
+}
+
+func (r *recorder) SetTotal(n int64) { r.total.Store(n) }
+func (r *recorder) Add(n int64)      { r.done.Add(n) }
+func (r *recorder) SetImage(_, installPath, _ string) {
+	r.image.Store(installPath)
+}
+
+func TestCreateOpaqueBlob(t *testing.T) {
+	e := newEnv(t)
+	s := e.service(t, nil)
+	data := []byte("an opaque database dump")
+	img := e.put(t, blobstore.Ref{Name: "zsbak", ID: "1"}, "", data, "gzip")
+	var p recorder
+	exp, err := s.Create(context.Background(), &p, img, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if exp.File != "zsbak-1.gzip" || exp.ExtFmt != "gzip" || exp.Size != int64(len(data)) || exp.MD5Sum != md5hex(data) || !isToken(exp.Token) {
+		t.Fatalf("export %+v", exp)
+	}
+	if exp.Path() != URLPrefix+exp.Token+"/zsbak-1.gzip" {
+		t.Fatalf("path %s", exp.Path())
+	}
+	if got := readExport(t, s, exp); !bytes.Equal(got, data) {
+		t.Fatalf("served %q", got)
+	}
+	if p.total.Load() != int64(len(data)) || p.done.Load() != int64(len(data)) || p.image.Load() != img.InstallPath() {
+		t.Fatalf("progress total %d done %d image %v", p.total.Load(), p.done.Load(), p.image.Load())
+	}
+	fi, err := os.Stat(filepath.Join(e.root, exp.Token, metaFile))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("export.json: %v %v", fi, err)
+	}
+	again, err := s.Create(context.Background(), jobs.Nop{}, img, "gzip")
+	if err != nil || again != exp {
+		t.Fatalf("second export %+v %v, first %+v", again, err, exp)
+	}
+	if _, err := s.Create(context.Background(), jobs.Nop{}, img, "raw"); err == nil {
+		t.Fatal("an opaque blob exported as raw")
+	}
+}
+
+func TestCreateFlattensChain(t *testing.T) {
+	e := newEnv(t)
+	s := e.service(t, nil)
+	const size = 1 << 20
+	guest := make([]byte, size)
+	for i := range 256 << 10 {
+		guest[i] = byte(i % 251)
+	}
+	base := e.put(t, blobstore.Ref{Name: "vol", ID: "base"}, "", qcowLayer(t, guest, "", [2]int64{0, 256 << 10}), "qcow2")
+	for i := 512 << 10; i < 576<<10; i++ {
+		guest[i] = 0x5a
+	}
+	top := e.put(t, blobstore.Ref{Name: "vol", ID: "top"}, base.Ref.String(),
+		qcowLayer(t, guest, blobstore.BackingName(base.Blob), [2]int64{512 << 10, 64 << 10}), "qcow2")
+
+	var p recorder
+	exp, err := s.Create(context.Background(), &p, top, "raw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := readExport(t, s, exp)
+	if !bytes.Equal(got, guest) || exp.Size != size || exp.MD5Sum != md5hex(guest) || exp.File != "vol-top.raw" {
+		t.Fatalf("raw export: %d bytes, meta %+v", len(got), exp.Meta)
+	}
+	if p.done.Load() != size {
+		t.Fatalf("progress %d, want %d", p.done.Load(), size)
+	}
+	q, err := s.Create(context.Background(), jobs.Nop{}, top, "qcow2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := readExport(t, s, q)
+	im, err := qcow2.Open(bytes.NewReader(b), int64(len(b)))
+	if err != nil || im.BackingFile() != "" {
+		t.Fatalf("qcow2 export: %v, backing %q", err, im.BackingFile())
+	}
+	view := make([]byte, size)
+	if _, err := im.ReadAt(view, 0); err != nil || !bytes.Equal(view, guest) {
+		t.Fatalf("qcow2 export reads differently: %v", err)
+	}
+	// Only the two exports' dirs, no temp files.
+	for _, ex := range []Export{exp, q} {
+		ents, _ := os.ReadDir(filepath.Join(e.root, ex.Token))
+		if len(ents) != 2 {
+			t.Fatalf("export dir holds %v", ents)
+		}
+	}
+}
+
+func TestDeleteAndOpen(t *testing.T) {
+	e := newEnv(t)
+	s := e.service(t, nil)
+	ctx := context.Background()
+	a := e.put(t, blobstore.Ref{Name: "a", ID: "1"}, "", []byte("aaa"), "gzip")
+	b := e.put(t, blobstore.Ref{Name: "b", ID: "1"}, "", []byte("bbb"), "gzip")
+	ea, _ := s.Create(ctx, jobs.Nop{}, a, "")
+	eb, _ := s.Create(ctx, jobs.Nop{}, b, "")
+	for _, bad := range [][2]string{
+		{ea.Token, "other.gzip"},
+		{ea.Token[:30], ea.File},
+		{"zz" + ea.Token[2:], ea.File},
+		{"../" + ea.Token, ea.File},
+	} {
+		if _, _, err := s.Open(bad[0], bad[1]); !errors.Is(err, ErrNotFound) {
+			t.Errorf("Open(%q, %q) = %v, want ErrNotFound", bad[0], bad[1], err)
+		}
+	}
+	if n, err := s.Delete(ctx, Selector{InstallPath: a.InstallPath(), ExtFmt: "raw"}); n != 0 || err != nil {
+		t.Fatalf("delete of another format: %d %v", n, err)
+	}
+	token, err := TokenFromURL("https://h:8001" + eb.Path())
+	if err != nil || token != eb.Token {
+		t.Fatalf("TokenFromURL = %q %v", token, err)
+	}
+	if _, err := TokenFromURL("https://h/elsewhere/x"); err == nil {
+		t.Fatal("TokenFromURL of a foreign URL")
+	}
+	if n, err := s.Delete(ctx, Selector{Token: token}); n != 1 || err != nil {
+		t.Fatalf("delete by token: %d %v", n, err)
+	}
+	if _, _, err := s.Open(eb.Token, eb.File); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Open after delete: %v", err)
+	}
+	if n, err := s.Delete(ctx, Selector{InstallPath: a.InstallPath()}); n != 1 || err != nil {
+		t.Fatalf("delete by install path: %d %v", n, err)
+	}
+	if ents, _ := os.ReadDir(e.root); len(ents) != 0 {
+		t.Fatalf("exports left: %v", ents)
+	}
+}
+
+func TestNewMakesRootPrivateAndSweeps(t *testing.T) {
+	e := newEnv(t)
+	if err := os.MkdirAll(e.root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	partial := filepath.Join(e.root, randomToken())
+	if err := os.Mkdir(partial, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	foreign := filepath.Join(e.root, "not-a-token")
+	if err := os.Mkdir(foreign, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.service(t, nil)
+	if fi, err := os.Stat(e.root); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("root %v %v, want 0700", fi, err)
+	}
+	if _, err := os.Stat(partial); !os.IsNotExist(err) {
+		t.Fatalf("interrupted export kept: %v", err)
+	}
+	if _, err := os.Stat(foreign); err != nil {
+		t.Fatalf("a dir that is no export was removed: %v", err)
+	}
+}
+
+// TestConcurrentCreate: while an export is written, a Create of the same
+// image and format waits and shares it, other exports and deletes go on,
+// and a sweep leaves the dir being written alone.
+func TestConcurrentCreate(t *testing.T) {
+	e := newEnv(t)
+	slow := e.put(t, blobstore.Ref{Name: "slow", ID: "1"}, "", []byte("slow data"), "gzip")
+	fast := e.put(t, blobstore.Ref{Name: "fast", ID: "1"}, "", []byte("fast data"), "gzip")
+	entered, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	var once sync.Once
+	s := e.service(t, func(o *Options) {
+		o.BeforeWrite = func(ip string) {
+			if ip == slow.InstallPath() {
+				calls.Add(1)
+				once.Do(func() { close(entered) })
+				<-release
+			}
+		}
+	})
+	ctx := context.Background()
+	res := make(chan Export, 2)
+	create := func() {
+		exp, err := s.Create(ctx, jobs.Nop{}, slow, "")
+		if err != nil {
+			t.Error(err)
+		}
+		res <- exp
+	}
+	go create()
+	<-entered
+	go create()
+	if _, err := s.Create(ctx, jobs.Nop{}, fast, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Delete(ctx, Selector{InstallPath: fast.InstallPath()}); err != nil {
+		t.Fatal(err)
+	}
+	s.Sweep()
+	select {
+	case exp := <-res:
+		t.Fatalf("an export finished while held: %+v", exp)
+	default:
+	}
+	// A cancelled waiter gives up without disturbing the writer.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := s.Create(cctx, jobs.Nop{}, slow, ""); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled waiter: %v", err)
+	}
+	close(release)
+	a, b := <-res, <-res
+	if a != b || a.Token == "" || calls.Load() != 1 {
+		t.Fatalf("shared export: %+v / %+v, %d writes", a, b, calls.Load())
+	}
+	if got := readExport(t, s, a); string(got) != "slow data" {
+		t.Fatalf("served %q", got)
+	}
+}
+
+func TestExpiry(t *testing.T) {
+	e := newEnv(t)
+	s := e.service(t, func(o *Options) { o.Expiry = time.Hour })
+	ctx := context.Background()
+	img := e.put(t, blobstore.Ref{Name: "a", ID: "1"}, "", []byte("data"), "gzip")
+	exp, err := s.Create(ctx, jobs.Nop{}, img, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	age := func(d time.Duration) {
+		t.Helper()
+		m := exp.Meta
+		m.Created = time.Now().Add(-d)
+		b, _ := json.Marshal(m)
+		if err := os.WriteFile(filepath.Join(e.root, exp.Token, metaFile), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	age(20 * time.Minute)
+	if again, _ := s.Create(ctx, jobs.Nop{}, img, ""); again.Token != exp.Token {
+		t.Fatal("a young export was not reused")
+	}
+	age(40 * time.Minute)
+	young, err := s.Create(ctx, jobs.Nop{}, img, "")
+	if err != nil || young.Token == exp.Token {
+		t.Fatalf("an export past half its life was handed out again: %v", err)
+	}
+	if _, f, err := s.Open(exp.Token, exp.File); err != nil {
+		t.Fatalf("an export within its life is not served: %v", err)
+	} else {
+		f.Close()
+	}
+	age(2 * time.Hour)
+	if _, _, err := s.Open(exp.Token, exp.File); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Open of an expired export: %v", err)
+	}
+	s.Sweep()
+	if _, err := os.Stat(filepath.Join(e.root, exp.Token)); !os.IsNotExist(err) {
+		t.Fatalf("expired export kept by Sweep: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.root, young.Token)); err != nil {
+		t.Fatalf("young export removed: %v", err)
+	}
+}

@@ -1,0 +1,163 @@
+package nbdtarget
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"imagestore/agent/jobs"
+	"imagestore/agent/nbd"
+	"imagestore/blobstore"
+	"imagestore/layer"
+)
+
+// Remote is a stored chain served read-only.
+type Remote struct {
+	URI         string // nbd://host:port/<export name>
+	InstallPath string
+	Server      nbd.Server
+}
+
+// ServeChain serves img's chain read-only over NBD, in place: qemu-nbd
+// opens the top layer's blob and follows the canonical relative backing
+// names through the blob directory. The chain's blobs are held so GC
+// cannot free them while served. Serving an already served image returns
+// the running server. host is the host name the URI carries.
+func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore.Image, host string) (Remote, error) {
+	m, err := s.manager()
+	if err != nil {
+		return Remote{}, err
+	}
+	if img.Format != "qcow2" {
+		return Remote{}, fmt.Errorf("image %s has format %s; only qcow2 images can be served over NBD", img.Ref, img.Format)
+	}
+	p.SetImage("", img.InstallPath(), img.Format)
+	name := exportName(img)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	running := map[string]nbd.Server{}
+	for _, srv := range m.List() {
+		running[srv.ID] = srv
+	}
+	for id, rt := range s.remotes {
+		srv, ok := running[id]
+		if !ok { // the server died: forget it and serve anew
+			rt.release()
+			delete(s.remotes, id)
+			continue
+		}
+		if rt.installPath == img.InstallPath() {
+			return remoteOf(host, srv, rt.installPath), nil
+		}
+	}
+	// qemu-nbd follows each layer's backing name blindly: the chain is
+	// held and checked (qcow2 only, each layer naming its parent's blob)
+	// before it is handed over.
+	_, release, err := s.layers.HoldChain(ctx, img.Ref)
+	if errors.Is(err, layer.ErrNotQcow2) || errors.Is(err, layer.ErrInvalid) {
+		return Remote{}, fmt.Errorf("image %s cannot be served over NBD: %w", img.Ref, err)
+	}
+	if err != nil {
+		return Remote{}, err
+	}
+	path, err := s.layers.Blobs().BlobPath(img.Blob)
+	if err != nil {
+		release()
+		return Remote{}, err
+	}
+	srv, err := m.ServeReadOnly(ctx, path, name)
+	if err != nil {
+		release()
+		return Remote{}, err
+	}
+	s.remotes[srv.ID] = &remote{installPath: img.InstallPath(), release: release}
+	return remoteOf(host, srv, img.InstallPath()), nil
+}
+
+func remoteOf(host string, srv nbd.Server, installPath string) Remote {
+	return Remote{URI: uri(host, srv.Port, srv.ExportName), InstallPath: installPath, Server: srv}
+}
+
+// exportName names an image's export: its name and id when those are safe
+// in an NBD URI, else its id.
+func exportName(img blobstore.Image) string {
+	ok := func(s string) bool {
+		for _, c := range s {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+				return false
+			}
+		}
+		return s != ""
+	}
+	if ok(img.Name) && ok(img.ID) && len(img.Name)+len(img.ID) < 250 {
+		return img.Name + ":" + img.ID
+	}
+	return "image-" + strings.Map(func(c rune) rune {
+		if c >= 'a' && c <= 'z' || c >= '0' && c <= '9' {
+			return c
+		}
+		return '-'
+	}, strings.ToLower(img.ID))
+}
+
+func uri(host string, port int, export string) string {
+	return "nbd://" + net.JoinHostPort(host, strconv.Itoa(port)) + "/" + export
+}
+
+// DeleteRemotes stops the read-only servers matching targetURI (by port
+// and export name; the host may be spelled differently; "" = any) and
+// installPath ("" = any), and releases their chains. It returns how many
+// running servers it stopped; servers that died meanwhile are forgotten.
+func (s *Service) DeleteRemotes(ctx context.Context, targetURI, installPath string) (int, error) {
+	m, err := s.manager()
+	if err != nil {
+		return 0, err
+	}
+	port, export := 0, ""
+	if targetURI != "" {
+		u, err := url.Parse(targetURI)
+		if err != nil {
+			return 0, fmt.Errorf("targetUri %q: %w", targetURI, err)
+		}
+		port, _ = strconv.Atoi(u.Port())
+		export = strings.TrimPrefix(u.Path, "/")
+	}
+	// Not cancelled with the request: a half-stopped server helps nobody.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+	defer cancel()
+	return s.stopRemotes(sctx, m, func(srv nbd.Server, rt *remote) bool {
+		return (targetURI == "" || (srv.Port == port && srv.ExportName == export)) &&
+			(installPath == "" || rt.installPath == installPath)
+	})
+}
+
+func (s *Service) stopRemotes(ctx context.Context, m *nbd.Manager, match func(nbd.Server, *remote) bool) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	running := map[string]nbd.Server{}
+	for _, srv := range m.List() {
+		running[srv.ID] = srv
+	}
+	n := 0
+	var errs []error
+	for id, rt := range s.remotes {
+		srv, ok := running[id]
+		if ok && !match(srv, rt) {
+			continue
+		}
+		if ok {
+			if err := m.Stop(ctx, id); err != nil && !errors.Is(err, nbd.ErrNotFound) {
+				errs = append(errs, err)
+				continue
+			}
+			n++
+		}
+		rt.release()
+		delete(s.remotes, id)
+	}
+	return n, errors.Join(errs...)
+}
