@@ -18,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"imagestore/agent/api"
 	"imagestore/agent/config"
 	"imagestore/agent/exports"
 	"imagestore/agent/images"
@@ -147,17 +148,17 @@ func (a *Agent) storeStats() (storeStats, bool) {
 
 // capacity reports totalSize/freeSize. With a quota, the store's space is
 // the quota: free is what the quota still allows (bounded by the disk).
-func (a *Agent) capacity() Capacity {
+func (a *Agent) capacity() api.Capacity {
 	c, err := a.store.Capacity()
 	if err != nil {
 		a.log.Warn("store capacity", "err", err)
-		return Capacity{}
+		return api.Capacity{}
 	}
 	if c.Quota > 0 {
 		free := max(c.Quota-c.Used, 0)
-		return Capacity{TotalSize: c.Quota, FreeSize: min(free, c.Free)}
+		return api.Capacity{TotalSize: c.Quota, FreeSize: min(free, c.Free)}
 	}
-	return Capacity{TotalSize: c.Total, FreeSize: c.Free}
+	return api.Capacity{TotalSize: c.Total, FreeSize: c.Free}
 }
 
 func (a *Agent) saveState() error {

@@ -83,11 +83,6 @@ func buildRoutes(table []Route) (map[string]*boundRoute, error) {
 	return out, nil
 }
 
-// Capacity is api.Capacity.
-//
-// Transitional alias: replies not yet moved to api embed it by this name.
-type Capacity = api.Capacity
-
 // replyBody merges success/error into v's JSON object.
 func replyBody(v any, err error) []byte {
 	fields := map[string]json.RawMessage{}

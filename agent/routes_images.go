@@ -16,7 +16,7 @@ import (
 // importReply is the reply of every import path.
 type importReply = api.ImportReply
 
-func importReplyFor(img blobstore.Image, c Capacity) importReply {
+func importReplyFor(img blobstore.Image, c api.Capacity) importReply {
 	return importReply{
 		Capacity: c, Name: img.Name, ID: img.ID, Blobsum: img.Blob.String(),
 		Size: img.Size, VirtualSize: img.VirtualSize, Format: img.Format, InstallPath: img.InstallPath(),

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/api"
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
 )
@@ -130,7 +131,7 @@ GRANT ALL ON *.* TO 'bk'@'localhost';`)
 	}
 
 	// The record: format gzip, desc JSON with the md5; images lists it (seed 002 shape).
-	var imgs imagesReply
+	var imgs api.ListImagesReply
 	cliJSON(t, &imgs, append(append([]string{}, g...), "images", "-json", "-name", "zsbak")...)
 	if len(imgs.Infos) != 1 || imgs.Infos[0].ID != res.ID || imgs.Infos[0].Format != "gzip" || imgs.Infos[0].Blobsum != res.Blobsum {
 		t.Fatalf("images: %+v", imgs)

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"imagestore/agent/api"
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/sshtest"
 )
@@ -89,7 +90,7 @@ func TestPullFromHost(t *testing.T) {
 		})
 	}
 	// Nothing was recorded by the failed pulls.
-	var imgs imagesReply
+	var imgs api.ListImagesReply
 	cliJSON(t, &imgs, append(append([]string{}, g...), "images", "-json", "-name", "x")...)
 	if len(imgs.Infos) != 0 {
 		t.Fatalf("failed pulls recorded images: %+v", imgs.Infos)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/api"
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/replicate"
@@ -114,12 +115,9 @@ func putImage(ctx context.Context, c *oci.Client, chain []blobstore.Image) error
 	return nil
 }
 
-// imageInfo is the protocol's image info, as the agent answers it.
-type imageInfo = blobstore.Info
+func infoOf(img blobstore.Image) api.ImageInfo { return img.Info() }
 
-func infoOf(img blobstore.Image) imageInfo { return img.Info() }
-
-func printInfo(w io.Writer, in imageInfo) {
+func printInfo(w io.Writer, in api.ImageInfo) {
 	fmt.Fprintf(w, "%s:%s\n", in.Name, in.ID)
 	fmt.Fprintf(w, "  parent:      %s\n", in.Parent)
 	fmt.Fprintf(w, "  blobsum:     %s\n", in.Blobsum)
@@ -150,11 +148,6 @@ func cmdInfo(ctx context.Context, g *globals, args []string) error {
 	return g.printResult(in, func(w io.Writer) { printInfo(w, in) })
 }
 
-// imagesReply is seed 002's GetDatabaseBackupFromImageStore shape.
-type imagesReply struct {
-	Infos []imageInfo `json:"infos"`
-}
-
 func cmdImages(ctx context.Context, g *globals, args []string) error {
 	fs := g.subFlags("images")
 	name := fs.String("name", "", "repository name (an image or volume uuid, or zsbak)")
@@ -179,7 +172,7 @@ func cmdImages(ctx context.Context, g *globals, args []string) error {
 	if err != nil && !errors.Is(err, oci.ErrNotFound) {
 		return err
 	}
-	reply := imagesReply{Infos: []imageInfo{}}
+	reply := api.ListImagesReply{Infos: []api.ImageInfo{}}
 	for _, id := range tags {
 		ri, err := fetchImage(ctx, c, blobstore.Ref{Name: *name, ID: id})
 		if errors.Is(err, oci.ErrNotFound) {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/api"
 	"imagestore/qcow2"
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/faultproxy"
@@ -101,7 +102,7 @@ func TestPushPullChain(t *testing.T) {
 	if info["parent"] != refs[0] || info["virtualsize"] != float64(vsize) || !strings.HasPrefix(info["blobsum"].(string), "sha256:") {
 		t.Fatalf("info: %v", info)
 	}
-	var imgs imagesReply
+	var imgs api.ListImagesReply
 	cliJSON(t, &imgs, append(append([]string{}, g...), "images", "-json", "-name", name)...)
 	if len(imgs.Infos) != 5 {
 		t.Fatalf("images: %d infos, want 5: %+v", len(imgs.Infos), imgs)

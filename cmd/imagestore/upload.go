@@ -55,12 +55,10 @@ func (g *globals) agent() (*agentClient, error) {
 	return &agentClient{base: base, token: g.token, hc: &http.Client{Transport: tr, Timeout: 5 * time.Minute}}, nil
 }
 
+// uploadState is the agent's answer to an upload chunk.
 type uploadState struct {
-	Success  bool   `json:"success"`
-	Error    string `json:"error"`
-	Offset   int64  `json:"offset"`
-	MaxChunk int64  `json:"maxChunk"`
-	Complete bool   `json:"complete"`
+	api.Reply
+	api.UploadReply
 }
 
 // errNoSession: the agent has no upload waiting for this task (yet, or any more).
@@ -85,13 +83,13 @@ func (a *agentClient) put(ctx context.Context, task string, body io.Reader, n, o
 		return uploadState{}, err
 	}
 	req.ContentLength = n
-	req.Header.Set("taskuuid", task)
+	req.Header.Set(api.HeaderTaskUUID, task)
 	req.Header.Set("Content-Type", "application/octet-stream")
 	if body != nil {
-		req.Header.Set("Upload-Offset", strconv.FormatInt(off, 10))
+		req.Header.Set(api.HeaderUploadOffset, strconv.FormatInt(off, 10))
 	}
 	if last {
-		req.Header.Set("Upload-Complete", "true")
+		req.Header.Set(api.HeaderUploadComplete, "true")
 	}
 	if a.token != "" {
 		req.Header.Set("Authorization", "Bearer "+a.token)
