@@ -54,6 +54,30 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 		return res, err
 	}
 	now := time.Now()
+	live, err := s.mark(ctx, all, keep, now, &res)
+	if err != nil {
+		return res, err
+	}
+	if err := s.sweepUnmarked(ctx, live, now, &res); err != nil {
+		return res, err
+	}
+	s.mu.Lock()
+	for d, t := range s.commits {
+		if now.Sub(t) >= s.opts.CommitGrace {
+			delete(s.commits, d)
+		}
+	}
+	s.mu.Unlock()
+	if res.BlobsFreed > 0 || res.IngestsRemoved > 0 || res.ImagesRemoved > 0 {
+		s.log.Info("gc done", "blobs_freed", res.BlobsFreed, "bytes_freed", res.BytesFreed,
+			"ingests_removed", res.IngestsRemoved, "images_removed", res.ImagesRemoved)
+	}
+	return res, nil
+}
+
+// mark returns the blobs of the records GC keeps, deleting the records it
+// does not keep (with a keep list; see GC).
+func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time, res *GCResult) (map[digest.Digest]bool, error) {
 	live := map[digest.Digest]bool{}
 	if keep == nil {
 		for _, img := range all {
@@ -70,7 +94,7 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 		for _, r := range roots {
 			chain, err := s.chain(ctx, r)
 			if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrParentNotFound) {
-				return res, fmt.Errorf("blobstore: gc: chain of %s: %w", r, err)
+				return nil, fmt.Errorf("blobstore: gc: chain of %s: %w", r, err)
 			}
 			if errors.Is(err, ErrNotFound) && len(chain) == 0 {
 				s.log.Warn("gc: image to keep is not recorded", "image", r.String())
@@ -85,12 +109,17 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 				continue
 			}
 			if err := s.removeRecord(img.Ref); err != nil {
-				return res, err
+				return nil, err
 			}
 			res.ImagesRemoved++
 		}
 	}
+	return live, nil
+}
 
+// sweepUnmarked frees every blob not in live that sweep may free, then
+// makes the unlinks durable.
+func (s *Store) sweepUnmarked(ctx context.Context, live map[digest.Digest]bool, now time.Time, res *GCResult) error {
 	var candidates []BlobInfo
 	if err := s.WalkBlobs(ctx, func(bi BlobInfo) error {
 		if !live[bi.Digest] {
@@ -98,16 +127,16 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 		}
 		return nil
 	}); err != nil {
-		return res, err
+		return err
 	}
 	dirs := map[string]bool{}
 	for _, bi := range candidates {
 		if err := ctx.Err(); err != nil {
-			return res, err
+			return err
 		}
 		ok, err := s.sweep(bi.Digest, now)
 		if err != nil {
-			return res, err
+			return err
 		}
 		if ok {
 			res.BlobsFreed++
@@ -117,21 +146,10 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 	}
 	for d := range dirs {
 		if err := fsutil.SyncDir(d); err != nil {
-			return res, fmt.Errorf("blobstore: gc: %w", err)
+			return fmt.Errorf("blobstore: gc: %w", err)
 		}
 	}
-	s.mu.Lock()
-	for d, t := range s.commits {
-		if now.Sub(t) >= s.opts.CommitGrace {
-			delete(s.commits, d)
-		}
-	}
-	s.mu.Unlock()
-	if res.BlobsFreed > 0 || res.IngestsRemoved > 0 || res.ImagesRemoved > 0 {
-		s.log.Info("gc done", "blobs_freed", res.BlobsFreed, "bytes_freed", res.BytesFreed,
-			"ingests_removed", res.IngestsRemoved, "images_removed", res.ImagesRemoved)
-	}
-	return res, nil
+	return nil
 }
 
 // sweep unlinks one unmarked blob unless it is held or recently committed.

@@ -4,12 +4,8 @@ import (
 	"imagestore/internal/fsutil"
 
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding"
-	"encoding/binary"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
@@ -29,56 +25,6 @@ const (
 	// copyBufSize is the one fixed buffer Put streams through.
 	copyBufSize = 1 << 20
 )
-
-// ingestState is the durable checkpoint of an ingest: the data file is
-// valid up to Offset and SHA256 is the marshalled hash of exactly those bytes.
-type ingestState struct {
-	Version int    `json:"version"`
-	Offset  int64  `json:"offset"`
-	SHA256  []byte `json:"sha256"` // crypto/sha256 MarshalBinary, base64 in JSON
-}
-
-// sha256 MarshalBinary layout (stable since Go 1.11): "sha\x03", 8 state
-// words, one 64-byte block, then the message length as a big-endian uint64.
-const (
-	sha256MarshalLen = 4 + 8*4 + 64 + 8
-	sha256Magic      = "sha\x03"
-)
-
-// parseIngestState decodes and validates a state file. The bytes come from
-// disk and may be torn or tampered with, so every field is checked,
-// including that the hash state has consumed exactly Offset bytes.
-func parseIngestState(b []byte) (ingestState, hash.Hash, error) {
-	var st ingestState
-	if err := json.Unmarshal(b, &st); err != nil {
-		return st, nil, fmt.Errorf("ingest state: %w", err)
-	}
-	if st.Version != 1 {
-		return st, nil, fmt.Errorf("ingest state: unknown version %d", st.Version)
-	}
-	if st.Offset < 0 {
-		return st, nil, fmt.Errorf("ingest state: negative offset %d", st.Offset)
-	}
-	if len(st.SHA256) != sha256MarshalLen || string(st.SHA256[:4]) != sha256Magic {
-		return st, nil, fmt.Errorf("ingest state: malformed sha256 state (%d bytes)", len(st.SHA256))
-	}
-	if n := binary.BigEndian.Uint64(st.SHA256[sha256MarshalLen-8:]); n != uint64(st.Offset) {
-		return st, nil, fmt.Errorf("ingest state: hash covers %d bytes, offset says %d", n, st.Offset)
-	}
-	h := sha256.New()
-	if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(st.SHA256); err != nil {
-		return st, nil, fmt.Errorf("ingest state: sha256: %w", err)
-	}
-	return st, h, nil
-}
-
-func marshalIngestState(off int64, h hash.Hash) ([]byte, error) {
-	hb, err := h.(encoding.BinaryMarshaler).MarshalBinary()
-	if err != nil {
-		return nil, err
-	}
-	return json.Marshal(ingestState{Version: 1, Offset: off, SHA256: hb})
-}
 
 // Writer streams one ingest. It is not safe for concurrent use; one Writer
 // per ref exists at a time (flock on the data file, across processes too).
@@ -557,133 +503,4 @@ func (s *Store) IngestOffset(ref string) (int64, error) {
 		return 0, nil
 	}
 	return st.Offset, nil
-}
-
-// Put ingests r in one go under a private ref and commits it. size -1
-// means unknown; with a known size the quota is checked before reading.
-func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected digest.Digest) (digest.Digest, int64, error) {
-	if expected != "" {
-		if err := validateDigest(expected); err != nil {
-			return "", 0, err
-		}
-	}
-	if size >= 0 {
-		s.mu.Lock()
-		over := s.quota > 0 && s.used+size > s.quota
-		used, quota := s.used, s.quota
-		s.mu.Unlock()
-		if over {
-			return "", 0, fmt.Errorf("blobstore: put: %w: %d bytes in use + %d > quota %d", ErrQuotaExceeded, used, size, quota)
-		}
-		r = io.LimitReader(r, size+1) // one more, to see a too-long stream
-	}
-	var rnd [12]byte
-	_, _ = rand.Read(rnd[:])
-	w, err := s.Writer(ctx, "put-"+hex.EncodeToString(rnd[:]))
-	if err != nil {
-		return "", 0, err
-	}
-	bp := s.copyBufs.Get().(*[]byte)
-	defer s.copyBufs.Put(bp)
-	buf := *bp
-	for {
-		if err := ctx.Err(); err != nil {
-			w.Cancel()
-			return "", w.off, err
-		}
-		n, rerr := io.ReadFull(r, buf)
-		if n > 0 {
-			if _, err := w.Write(buf[:n]); err != nil {
-				w.Cancel()
-				return "", w.off, err
-			}
-		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
-			break
-		}
-		if rerr != nil {
-			w.Cancel()
-			return "", w.off, fmt.Errorf("blobstore: put: read: %w", rerr)
-		}
-	}
-	n := w.off
-	d, err := w.Commit(ctx, size, expected)
-	if err != nil {
-		return "", n, err
-	}
-	return d, n, nil
-}
-
-// cleanIngests removes ingests idle for longer than IngestExpiry that no
-// Writer holds. At Open (no Writer of ours can exist yet) it also removes
-// directories without a data file: leftovers of a commit or of a Writer
-// killed before it created its file. It returns how many it removed and
-// their bytes.
-func (s *Store) cleanIngests(ctx context.Context, atOpen bool) (int, int64, error) {
-	base := filepath.Join(s.root, dirIngest)
-	ents, err := os.ReadDir(base)
-	if err != nil {
-		return 0, 0, fmt.Errorf("blobstore: list ingests: %w", err)
-	}
-	removed, freed := 0, int64(0)
-	now := time.Now()
-	for _, e := range ents {
-		if err := ctx.Err(); err != nil {
-			return removed, freed, err
-		}
-		dir := filepath.Join(base, e.Name())
-		_, serr := os.Lstat(filepath.Join(dir, ingestData))
-		orphan := atOpen && errors.Is(serr, fs.ErrNotExist)
-		if !orphan && now.Sub(lastActivity(dir)) < s.opts.IngestExpiry {
-			continue
-		}
-		f, err := os.OpenFile(filepath.Join(dir, ingestData), os.O_RDWR, 0)
-		var size int64
-		if err == nil {
-			if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
-				f.Close() // a Writer has it: not abandoned
-				continue
-			}
-			if fi, err := f.Stat(); err == nil {
-				size = fi.Size()
-			}
-		}
-		// Remove while holding the lock, so a Writer opening now either
-		// sees the directory gone or notices its file was unlinked.
-		rerr := os.RemoveAll(dir)
-		if f != nil {
-			f.Close()
-		}
-		if rerr != nil {
-			return removed, freed, fmt.Errorf("blobstore: remove expired ingest: %w", rerr)
-		}
-		s.log.Info("removed abandoned ingest", "ref", e.Name(), "bytes", size)
-		removed++
-		freed += size
-	}
-	if removed > 0 {
-		_ = fsutil.SyncDir(base)
-	}
-	return removed, freed, nil
-}
-
-func lastActivity(dir string) time.Time {
-	var t time.Time
-	for _, p := range []string{dir, filepath.Join(dir, ingestData), filepath.Join(dir, ingestStateFile)} {
-		if fi, err := os.Stat(p); err == nil && fi.ModTime().After(t) {
-			t = fi.ModTime()
-		}
-	}
-	return t
-}
-
-func (s *Store) ingestBytes() int64 {
-	var n int64
-	ents, _ := os.ReadDir(filepath.Join(s.root, dirIngest))
-	for _, e := range ents {
-		if fi, err := os.Stat(filepath.Join(s.root, dirIngest, e.Name(), ingestData)); err == nil {
-			n += fi.Size()
-		}
-	}
-	return n
 }
