@@ -77,31 +77,12 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 		m.releasePort(port)
 		return nil, fmt.Errorf("nbd: listener fd: %w", err)
 	}
-	args := []string{"-f", "qcow2", "--persistent",
-		fmt.Sprintf("--shared=%d", m.opts.Shared), "--pid-file=" + p.pidFile}
-	// In QEMU option syntax a comma is escaped by doubling it.
-	switch {
-	case spec.psk != "":
-		p.pskDir = filepath.Join(m.opts.Dir, pskDirName, id)
-		if err := writePSK(p.pskDir, spec.psk); err != nil {
-			lf.Close()
-			m.releasePort(port)
-			return nil, err
-		}
-		args = append(args, "--object", "tls-creds-psk,id=tls0,endpoint=server,dir="+
-			strings.ReplaceAll(p.pskDir, ",", ",,"), "--tls-creds=tls0")
-	case m.opts.TLSDir != "":
-		args = append(args, "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="+
-			strings.ReplaceAll(m.opts.TLSDir, ",", ",,"), "--tls-creds=tls0")
+	args, err := m.serverArgs(p, spec)
+	if err != nil {
+		lf.Close()
+		m.releasePort(port)
+		return nil, err
 	}
-	if spec.readOnly {
-		args = append(args, "--read-only", "--export-name="+spec.exportName)
-	} else {
-		// writeback: qemu-nbd flushes on a clean (SIGTERM) exit and on
-		// the client's NBD_CMD_FLUSH, which QEMU's backup job sends.
-		args = append(args, "--cache=writeback")
-	}
-	args = append(args, spec.path)
 	// systemd socket activation needs LISTEN_PID = the server's own pid,
 	// which only exists after fork; sh sets it and execs qemu-nbd in place.
 	shArgs := append([]string{"-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, m.qemuNBD}, args...)
@@ -137,6 +118,34 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// serverArgs is qemu-nbd's command line for p (without the socket, which
+// comes by activation); with a PSK it writes the key file p.pskDir holds.
+func (m *Manager) serverArgs(p *proc, spec startSpec) ([]string, error) {
+	args := []string{"-f", "qcow2", "--persistent",
+		fmt.Sprintf("--shared=%d", m.opts.Shared), "--pid-file=" + p.pidFile}
+	// In QEMU option syntax a comma is escaped by doubling it.
+	switch {
+	case spec.psk != "":
+		p.pskDir = filepath.Join(m.opts.Dir, pskDirName, p.srv.ID)
+		if err := writePSK(p.pskDir, spec.psk); err != nil {
+			return nil, err
+		}
+		args = append(args, "--object", "tls-creds-psk,id=tls0,endpoint=server,dir="+
+			strings.ReplaceAll(p.pskDir, ",", ",,"), "--tls-creds=tls0")
+	case m.opts.TLSDir != "":
+		args = append(args, "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="+
+			strings.ReplaceAll(m.opts.TLSDir, ",", ",,"), "--tls-creds=tls0")
+	}
+	if spec.readOnly {
+		args = append(args, "--read-only", "--export-name="+spec.exportName)
+	} else {
+		// writeback: qemu-nbd flushes on a clean (SIGTERM) exit and on
+		// the client's NBD_CMD_FLUSH, which QEMU's backup job sends.
+		args = append(args, "--cache=writeback")
+	}
+	return append(args, spec.path), nil
 }
 
 func envWithoutListen() []string {

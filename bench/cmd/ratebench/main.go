@@ -76,7 +76,10 @@ func ints(s string) ([]int, error) {
 
 // run moves data over `streams` loopback connections through one shared
 // limiter for `window`, and returns the mean rate and the peak 250 ms rate
-// (bytes/s), counted where the limiter hands bytes to the caller.
+// (bytes/s), counted where the limiter hands bytes to the caller. It is
+// one function on purpose: the listener, senders, sampler and teardown
+// share one timeline, and reading it top to bottom is what a reviewer of
+// the measurement needs.
 func run(streams int, limit int64, window time.Duration, writeSide bool) (rate, peak float64, err error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
