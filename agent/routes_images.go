@@ -189,6 +189,9 @@ func (a *Agent) imageHash(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// Transitional forwarders for handlers of other areas (exports, NBD, host
+// transfers) that still name these; new code calls agent/images directly.
+
 // lookupImage loads the image an install path (or name:id) in field names.
 func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Image, error) {
 	return a.images.Lookup(ctx, field, s)
@@ -205,6 +208,7 @@ func (a *Agent) newImageRef(installPath, name string, parent *blobstore.Image) (
 // databaseBackupName is the image name database backups are stored under.
 const databaseBackupName = images.DatabaseBackupName
 
+// firstNonEmpty returns the first non-empty string of s, or "".
 func firstNonEmpty(s ...string) string {
 	for _, v := range s {
 		if v != "" {
