@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"imagestore/internal/lockedbuf"
 )
 
 var agentBin string
@@ -58,8 +60,7 @@ type daemon struct {
 	token string
 	done  chan struct{}
 
-	mu   sync.Mutex
-	logs bytes.Buffer
+	logs lockedbuf.Buffer
 }
 
 type daemonOpts struct {
@@ -115,10 +116,7 @@ token: %q
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
 			line := sc.Bytes()
-			d.mu.Lock()
-			d.logs.Write(line)
-			d.logs.WriteByte('\n')
-			d.mu.Unlock()
+			fmt.Fprintf(&d.logs, "%s\n", line)
 			var rec struct{ Msg, Addr string }
 			if json.Unmarshal(line, &rec) == nil && rec.Msg == "listening" {
 				addr <- rec.Addr
@@ -144,11 +142,7 @@ token: %q
 	return d
 }
 
-func (d *daemon) log() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.logs.String()
-}
+func (d *daemon) log() string { return d.logs.String() }
 
 // stop sends sig and waits for exit, returning the exit code.
 func (d *daemon) stop(sig syscall.Signal) int {

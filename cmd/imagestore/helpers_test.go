@@ -13,9 +13,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"imagestore/internal/lockedbuf"
 )
 
 var agentBin string
@@ -51,8 +52,7 @@ type store struct {
 	agentURL string
 	token    string
 
-	mu   sync.Mutex
-	logs bytes.Buffer
+	logs lockedbuf.Buffer
 }
 
 // startStore runs the daemon on 127.0.0.1:0 ports with a fresh store.
@@ -91,10 +91,7 @@ token: %q
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
 			line := sc.Bytes()
-			s.mu.Lock()
-			s.logs.Write(line)
-			s.logs.WriteByte('\n')
-			s.mu.Unlock()
+			fmt.Fprintf(&s.logs, "%s\n", line)
 			var rec struct{ Msg, Addr string }
 			if json.Unmarshal(line, &rec) == nil {
 				switch rec.Msg {
@@ -111,9 +108,7 @@ token: %q
 		_ = cmd.Process.Kill()
 		<-done
 		if t.Failed() {
-			s.mu.Lock()
 			t.Logf("daemon log:\n%s", s.logs.String())
-			s.mu.Unlock()
 		}
 	})
 	for s.url == "" || s.agentURL == "" {
@@ -185,30 +180,12 @@ func (s *store) post(t *testing.T, path string, body any, hdr map[string]string)
 	return v
 }
 
-// syncBuffer is a bytes.Buffer safe for the progress goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // cli runs the command in-process and returns stdout, stderr and the exit code.
 func cli(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	var out, errb syncBuffer
+	var out, errb lockedbuf.Buffer
 	code := run(ctx, args, &out, &errb)
 	return out.String(), errb.String(), code
 }

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"imagestore/internal/lockedbuf"
 )
 
 func TestParseBytes(t *testing.T) {
@@ -52,7 +54,7 @@ func FuzzParseBytes(f *testing.F) {
 func TestProgress(t *testing.T) {
 	for _, mode := range []string{"tty", "plain", "quiet"} {
 		t.Run(mode, func(t *testing.T) {
-			var buf syncBuffer
+			var buf lockedbuf.Buffer
 			tty := mode == "tty"
 			g := &globals{stderr: &buf, tty: &tty, quiet: mode == "quiet"}
 			p := g.newProgress("push", 1000)

@@ -2,18 +2,11 @@ package replicate_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"testing"
 	"time"
 
 	"imagestore/blobstore"
+	"imagestore/internal/testcert"
 	"imagestore/transfer/registry/registrytest"
 	"imagestore/transfer/replicate"
 )
@@ -26,7 +19,7 @@ func TestPushOverTLSWithToken(t *testing.T) {
 	st, ca, addr := peer.Store, peer.CA(), peer.Addr()
 	img := addImage(t, a.Store, blobstore.Ref{Name: "v", ID: "tls"}, "", 128<<10)
 
-	otherCA := selfSignedPEM(t)
+	otherCA := string(testcert.NewCA(t).CertPEM()) // httptest servers all share one certificate: a CA of our own
 	ctx := context.Background()
 	for _, c := range []struct {
 		name, ca, token string
@@ -55,23 +48,6 @@ func TestPushOverTLSWithToken(t *testing.T) {
 	if !st.Exists(img.Blob) {
 		t.Fatal("blob not on the TLS peer")
 	}
-}
-
-// selfSignedPEM makes an unrelated CA certificate (httptest's servers all
-// share one built-in certificate, so another httptest server would not do).
-func selfSignedPEM(t *testing.T) string {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "other CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 }
 
 type errString string

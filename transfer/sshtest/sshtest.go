@@ -26,13 +26,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/knownhosts"
+
+	"imagestore/internal/lockedbuf"
 )
 
 // SSHDPath is the OpenSSH server binary the tests run.
@@ -53,25 +54,8 @@ type Server struct {
 	Dir            string // temp directory holding config, keys and logs
 
 	cmd  *exec.Cmd
-	log  *lockedBuffer
+	log  *lockedbuf.Buffer
 	done chan struct{}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // Log returns what sshd wrote to stderr so far.
@@ -227,7 +211,7 @@ LogLevel VERBOSE
 	cfgPath := filepath.Join(dir, "sshd_config")
 	writeFile(t, cfgPath, []byte(cfg), 0o600)
 
-	s.log = &lockedBuffer{}
+	s.log = &lockedbuf.Buffer{}
 	cmd := exec.Command(SSHDPath, "-D", "-e", "-f", cfgPath)
 	cmd.Stdout = s.log
 	cmd.Stderr = s.log
