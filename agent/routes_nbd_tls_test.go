@@ -1,88 +1,46 @@
 package agent
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"log/slog"
-	"math/big"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
 	"imagestore/agent/config"
 	"imagestore/blobstore"
+	"imagestore/internal/lockedbuf"
+	"imagestore/internal/testcert"
 )
 
-// nbdPKI writes tls.cert (server certificate followed by its CA), tls.key,
-// a self-signed certificate and the client's ca-cert.pem dir.
-func nbdPKI(t *testing.T) (cert, key, selfSigned, cliDir string) {
+// nbdPKI writes the server certificate followed by its CA (cert), its key,
+// a self-signed certificate (selfSigned, whose key is selfKey) and the
+// client's ca-cert.pem dir.
+func nbdPKI(t *testing.T) (cert, key, selfSigned, selfKey, cliDir string) {
 	t.Helper()
 	dir := t.TempDir()
-	now := time.Now()
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	pemOf := func(typ string, b []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}) }
-	caKey := newKey()
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	k := newKey()
-	leaf := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
-	der, err := x509.CreateCertificate(rand.Reader, leaf, ca, &k.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	selfDER, err := x509.CreateCertificate(rand.Reader, leaf, leaf, &k.PublicKey, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, _ := x509.MarshalPKCS8PrivateKey(k)
-	cert, key, selfSigned = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "self.pem")
+	ca := testcert.NewCA(t)
+	srv := ca.Issue(t, "127.0.0.1")
+	self := testcert.SelfSigned(t, "127.0.0.1")
+	cert, key = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	selfSigned, selfKey = filepath.Join(dir, "self.pem"), filepath.Join(dir, "self-key.pem")
 	cliDir = filepath.Join(dir, "client")
-	for path, b := range map[string][]byte{
-		cert: append(pemOf("CERTIFICATE", der), pemOf("CERTIFICATE", caDER)...), key: pemOf("PRIVATE KEY", kb),
-		selfSigned: pemOf("CERTIFICATE", selfDER), filepath.Join(cliDir, "ca-cert.pem"): pemOf("CERTIFICATE", caDER),
-	} {
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return cert, key, selfSigned, cliDir
+	testcert.Write(t, cert, srv.ChainPEM())
+	testcert.Write(t, key, srv.KeyPEM())
+	testcert.Write(t, selfSigned, self.CertPEM())
+	testcert.Write(t, selfKey, self.KeyPEM())
+	testcert.Write(t, filepath.Join(cliDir, "ca-cert.pem"), ca.CertPEM())
+	return cert, key, selfSigned, selfKey, cliDir
 }
 
 // TestNBDTLS: an agent with TLS serves NBD only over TLS (tls:true in the
 // reply); a QEMU client with the CA reads the export, a plain one cannot.
 func TestNBDTLS(t *testing.T) {
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
-	cert, key, self, cliDir := nbdPKI(t)
+	cert, key, self, selfKey, cliDir := nbdPKI(t)
 	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = cert, key })
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]
@@ -107,25 +65,8 @@ func TestNBDTLS(t *testing.T) {
 
 	// A certificate QEMU cannot serve with (self-signed, no CA) disables
 	// NBD with the reason, rather than serving it in the clear.
-	e2 := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = self, key })
+	e2 := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = self, selfKey })
 	e2.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": "zstore://vol/x", "hostname": "127.0.0.1"}, "issuing CA")
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // TestNBDTokenWarning: with a token and nbd.clientAuth none, the agent
@@ -148,7 +89,7 @@ func TestNBDTokenWarning(t *testing.T) {
 		cfg.Token = config.Secret(token)
 		cfg.NBD.Bind = "127.0.0.1"
 		cfg.NBD.ClientAuth = tc.auth
-		var logs lockedBuf
+		var logs lockedbuf.Buffer
 		a, err := New(cfg, store, slog.New(slog.NewTextHandler(&logs, nil)))
 		if err != nil {
 			t.Fatal(err)
@@ -177,7 +118,7 @@ func TestNBDTokenWarning(t *testing.T) {
 // writes the backup target, a client without it is refused.
 func TestNBDPSK(t *testing.T) {
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
-	cert, key, _, _ := nbdPKI(t)
+	cert, key, _, _, _ := nbdPKI(t)
 	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key, c.NBD.ClientAuth = cert, key, "psk" })
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]

@@ -1,7 +1,6 @@
 package nbd
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"imagestore/internal/lockedbuf"
 )
 
 const MiB = 1 << 20
@@ -80,28 +81,10 @@ func portBlock(t *testing.T, n int) (int, int) {
 	return 0, 0
 }
 
-// syncBuf is a goroutine-safe log sink.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func newTestManager(t *testing.T, dir string, min, max int) (*Manager, *syncBuf) {
+func newTestManager(t *testing.T, dir string, min, max int) (*Manager, *lockedbuf.Buffer) {
 	t.Helper()
 	needTools(t)
-	logs := &syncBuf{}
+	logs := &lockedbuf.Buffer{}
 	m, err := NewManager(Options{
 		Dir: dir, PortMin: min, PortMax: max, Bind: "127.0.0.1",
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),

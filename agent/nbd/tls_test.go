@@ -2,72 +2,27 @@ package nbd
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
+
+	"imagestore/internal/testcert"
 )
 
 // testPKI writes a CA and a server certificate for 127.0.0.1 signed by it:
 // srvDir holds QEMU's server names, cliDir the client's ca-cert.pem.
 func testPKI(t *testing.T) (srvDir, cliDir string) {
 	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour),
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(path, typ string, b []byte) {
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ca := testcert.NewCA(t)
+	srv := ca.Issue(t, "127.0.0.1")
 	srvDir, cliDir = t.TempDir(), t.TempDir()
-	write(filepath.Join(srvDir, "server-cert.pem"), "CERTIFICATE", der)
-	write(filepath.Join(srvDir, "server-key.pem"), "PRIVATE KEY", kb)
-	write(filepath.Join(srvDir, "ca-cert.pem"), "CERTIFICATE", caDER)
-	write(filepath.Join(cliDir, "ca-cert.pem"), "CERTIFICATE", caDER)
+	testcert.Write(t, filepath.Join(srvDir, "server-cert.pem"), srv.CertPEM())
+	testcert.Write(t, filepath.Join(srvDir, "server-key.pem"), srv.KeyPEM())
+	testcert.Write(t, filepath.Join(srvDir, "ca-cert.pem"), ca.CertPEM())
+	testcert.Write(t, filepath.Join(cliDir, "ca-cert.pem"), ca.CertPEM())
 	return srvDir, cliDir
 }
 
