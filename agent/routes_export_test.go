@@ -40,6 +40,7 @@ func postJSON(e *restoreEnv, path string, body any) map[string]any {
 // in the flatten here), delexp and other exports complete, and a second
 // export of the same image and format waits and gets the same URL.
 func TestExportDoesNotBlockOthers(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
 	e := newRestoreEnv(t, nil)
 	files := r7makeChain(t, e.dir, 4<<20)
@@ -118,6 +119,7 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 // mid-export) is removed by the next export/delexp or a sweep; a
 // complete export stays.
 func TestExportSweepsInterrupted(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, nil)
 	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque dump"), 11, "")
 	if err != nil {
@@ -162,6 +164,7 @@ func TestExportSweepsInterrupted(t *testing.T) {
 // qemu-img or curl would), a wrong or short token is 404, the protocol
 // still wants the token, and delexp revokes the URL.
 func TestExportURLIsCapability(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
 	e := newRestoreEnv(t, func(c *Config) { c.Token = "s3cret-token" })
 	files := r7makeChain(t, e.dir, 4<<20)
@@ -227,6 +230,7 @@ func TestExportURLIsCapability(t *testing.T) {
 // housekeeping removes it, younger exports stay, and exporting the image
 // again gives a new URL.
 func TestExportExpiry(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
 	e := newRestoreEnv(t, func(c *Config) { c.ExportExpiry = time.Hour })
 	files := r7makeChain(t, e.dir, 4<<20)

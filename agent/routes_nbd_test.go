@@ -54,6 +54,7 @@ func r7metricsText(t *testing.T, e *restoreEnv) string {
 }
 
 func TestRemoteTargetInstantRestore(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
 	e := newRestoreEnv(t, nil)
 	files := r7makeChain(t, e.dir, 8<<20)
@@ -123,6 +124,7 @@ func r7grepLines(s, sub string) string {
 }
 
 func TestRemoteTargetErrors(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-nbd")
 	e := newRestoreEnv(t, nil)
 	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque"), 6, "")
@@ -151,6 +153,7 @@ func TestRemoteTargetErrors(t *testing.T) {
 }
 
 func TestNBDTargetBackupThenImport(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-nbd")
 	e := newRestoreEnv(t, nil)
 	up := e.uploadDir(t)
@@ -241,6 +244,7 @@ func r7writePattern(t *testing.T, path string, n int, seed byte) {
 }
 
 func TestNBDTargetsCancelExpireConfine(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-nbd")
 	e := newRestoreEnv(t, nil)
 	up := e.uploadDir(t)
@@ -292,6 +296,7 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 // the store, bypassing import and push checks) is never handed to
 // qemu-nbd, which would follow the name.
 func TestRemoteTargetRefusesUncheckedBacking(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-nbd")
 	e := newRestoreEnv(t, nil)
 	ctx := context.Background()

@@ -39,6 +39,7 @@ func nbdPKI(t *testing.T) (cert, key, selfSigned, selfKey, cliDir string) {
 // TestNBDTLS: an agent with TLS serves NBD only over TLS (tls:true in the
 // reply); a QEMU client with the CA reads the export, a plain one cannot.
 func TestNBDTLS(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
 	cert, key, self, selfKey, cliDir := nbdPKI(t)
 	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = cert, key })
@@ -73,6 +74,7 @@ func TestNBDTLS(t *testing.T) {
 // warns at startup that anyone reaching the NBD ports can use the disks;
 // with a token and the default (psk then), it does not.
 func TestNBDTokenWarning(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-nbd")
 	for _, tc := range []struct {
 		token, auth string
@@ -117,6 +119,7 @@ func TestNBDTokenWarning(t *testing.T) {
 // reply carries its key; a QEMU client presenting it reads the export and
 // writes the backup target, a client without it is refused.
 func TestNBDPSK(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
 	cert, key, _, _, _ := nbdPKI(t)
 	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key, c.NBD.ClientAuth = cert, key, "psk" })

@@ -116,6 +116,7 @@ func (r *recorder) SetImage(_, installPath, _ string) {
 }
 
 func TestCreateOpaqueBlob(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	s := e.service(t, nil)
 	data := []byte("an opaque database dump")
@@ -151,6 +152,7 @@ func TestCreateOpaqueBlob(t *testing.T) {
 }
 
 func TestCreateFlattensChain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	s := e.service(t, nil)
 	const size = 1 << 20
@@ -200,6 +202,7 @@ func TestCreateFlattensChain(t *testing.T) {
 }
 
 func TestDeleteAndOpen(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	s := e.service(t, nil)
 	ctx := context.Background()
@@ -242,6 +245,7 @@ func TestDeleteAndOpen(t *testing.T) {
 }
 
 func TestNewMakesRootPrivateAndSweeps(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	if err := os.MkdirAll(e.root, 0o755); err != nil {
 		t.Fatal(err)
@@ -270,6 +274,7 @@ func TestNewMakesRootPrivateAndSweeps(t *testing.T) {
 // image and format waits and shares it, other exports and deletes go on,
 // and a sweep leaves the dir being written alone.
 func TestConcurrentCreate(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	slow := e.put(t, blobstore.Ref{Name: "slow", ID: "1"}, "", []byte("slow data"), "gzip")
 	fast := e.put(t, blobstore.Ref{Name: "fast", ID: "1"}, "", []byte("fast data"), "gzip")
@@ -326,6 +331,7 @@ func TestConcurrentCreate(t *testing.T) {
 }
 
 func TestExpiry(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	s := e.service(t, func(o *Options) { o.Expiry = time.Hour })
 	ctx := context.Background()

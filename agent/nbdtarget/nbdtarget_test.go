@@ -24,6 +24,7 @@ import (
 )
 
 func TestPrepareTLS(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	block := func(typ, body string) string {
 		return "-----BEGIN " + typ + "-----\n" + body + "\n-----END " + typ + "-----\n"
@@ -61,6 +62,7 @@ func TestPrepareTLS(t *testing.T) {
 }
 
 func TestExportNameAndURI(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ name, id, want string }{
 		{"vol", "abc-1", "vol:abc-1"},
 		{"a b", "ID_2", "image-id-2"},
@@ -76,6 +78,7 @@ func TestExportNameAndURI(t *testing.T) {
 }
 
 func TestUnavailable(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	s := New(Options{Dir: t.TempDir(), Config: config.NBD{PortRange: "nope"}})
 	err := s.Err()
@@ -196,6 +199,7 @@ func portClosed(port int) bool {
 }
 
 func TestServeChainHoldsUntilDeleted(t *testing.T) {
+	t.Parallel()
 	s, st := newService(t)
 	ctx := context.Background()
 	base := put(t, st, blobstore.Ref{Name: "vol", ID: "base"}, "", qcowLayer(t, 1<<20, "", 0x11, 0), "qcow2")
@@ -272,6 +276,7 @@ imagestore_agent_nbd_servers{kind="target"} %d
 }
 
 func TestTargetsReleaseAndCancel(t *testing.T) {
+	t.Parallel()
 	s, _ := newService(t)
 	ctx := context.Background()
 	g, err := s.CreateTargets(ctx, []int64{1 << 20, 2 << 20}, time.Hour)
