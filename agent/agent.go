@@ -21,6 +21,7 @@ import (
 	"imagestore/agent/api"
 	"imagestore/agent/config"
 	"imagestore/agent/exports"
+	"imagestore/agent/hostxfer"
 	"imagestore/agent/images"
 	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
@@ -29,7 +30,6 @@ import (
 	"imagestore/blobstore"
 	"imagestore/internal/fsutil"
 	"imagestore/layer"
-	"imagestore/transfer/sshfs"
 )
 
 // Config is the daemon configuration (see package config).
@@ -68,6 +68,8 @@ type Agent struct {
 	ingest  *ingest.Service    // imports
 	exports *exports.Service   // download exports in <root>/exports
 	nbd     *nbdtarget.Service // NBD targets and remote targets
+
+	hostxfer *hostxfer.Service // transfers with KVM hosts over SSH
 }
 
 // agentState is persisted in <root>/agent.json.
@@ -237,7 +239,7 @@ func (a *Agent) Close() error {
 	defer cancel()
 	err := a.jobs.Shutdown(ctx)
 	a.nbd.Close()
-	a.closeHosts() // after the jobs: a running host transfer holds pool connections
+	_ = a.hostxfer.Close() // after the jobs: a running host transfer holds pool connections
 	return err
 }
 
@@ -258,14 +260,19 @@ func (a *Agent) newImageServices() error {
 	if a.images, err = images.New(images.Options{Store: a.store, GCFreed: a.m.gcFreed, Logger: a.log}); err != nil {
 		return err
 	}
+	a.hostxfer, err = hostxfer.New(hostxfer.Options{
+		Layers: a.layers, Images: a.images, KnownHostsFile: a.cfg.KnownHostsFile, Parallelism: a.cfg.ParallelismDegree,
+		Registerer: a.reg, Ingested: a.m.bytesIngested, Exported: a.m.bytesExported, Logger: a.log,
+	})
+	if err != nil {
+		return err
+	}
 	a.ingest, err = ingest.New(ingest.Options{
 		Store: a.store, Layers: a.layers, Images: a.images, Uploads: a.uploads,
 		MaxImportSize: int64(a.cfg.MaxImportSize), KnownHostsFile: a.cfg.KnownHostsFile, SSHKeyFile: a.cfg.SSHKeyFile,
-		// The agent's host pool: connections are reused across imports
+		// The host transfers' pool: connections are reused across imports
 		// and host transfers, and closed by Close.
-		OpenSFTP: func(ctx context.Context, h sshfs.Host, path string) (sshfs.File, error) {
-			return a.hosts().pool.Open(ctx, h, path)
-		},
+		OpenSFTP:       a.hostxfer.Pool().Open,
 		ReleaseProcess: a.releaseProcess, Ingested: a.m.bytesIngested, Logger: a.log,
 	})
 	return err

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"imagestore/agent/config"
+	"imagestore/agent/hostxfer"
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 	"imagestore/transfer/faultproxy"
@@ -58,7 +59,6 @@ func hpNewEnv(t *testing.T) *hpEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		a.closeHosts()
 		_ = a.Close()
 		_ = store.Close()
 	})
@@ -502,10 +502,7 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := e.a.sshHost(hostFields{Hostname: e.srv.Host, SSHPort: e.srv.Port, Username: e.srv.User, PrivateKey: string(e.srv.PrivateKey)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	login := hostxfer.Login{Hostname: e.srv.Host, Port: e.srv.Port, Username: e.srv.User, PrivateKey: string(e.srv.PrivateKey)}
 
 	cases := []struct {
 		name    string
@@ -525,10 +522,10 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 			if len(c.cmds) > 0 {
 				hpQemuIO(t, d, c.cmds...)
 			}
-			res, err := pullLayer(ctx, pullSpec{
-				Pool: e.a.hosts().pool, Host: h, Path: d, Store: e.store, Parent: &parent,
-				Parallelism: 1 + i%3, Chunk: 64 << 10, Log: e.a.log,
-			})
+			res, err := e.a.hostxfer.Pull(ctx, hostxfer.PullRequest{
+				Login: login, Path: d, Parent: parentPath, Name: "pulled",
+				Parallelism: 1 + i%3, Chunk: 64 << 10,
+			}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -544,8 +541,8 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 			if res.HostBytesRead < res.Allocated {
 				t.Fatalf("host bytes read %d < allocated %d", res.HostBytesRead, res.Allocated)
 			}
-			if want := imported(t, d, parentPath); res.Blob.String() != want {
-				t.Fatalf("pulled %s, imported %s", res.Blob, want)
+			if want := imported(t, d, parentPath); res.Image.Blob.String() != want {
+				t.Fatalf("pulled %s, imported %s", res.Image.Blob, want)
 			}
 			// And both are what Normalize makes of the local file.
 			f, err := os.Open(d)
@@ -562,14 +559,14 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 			if _, err := qcow2.Normalize(ctx, &buf, im, qcow2.WriteOptions{BackingFile: blobstore.BackingName(parent.Blob)}); err != nil {
 				t.Fatal(err)
 			}
-			if want := digest.FromBytes(buf.Bytes()); res.Blob != want {
-				t.Fatalf("pulled %s, Normalize gives %s", res.Blob, want)
+			if want := digest.FromBytes(buf.Bytes()); res.Image.Blob != want {
+				t.Fatalf("pulled %s, Normalize gives %s", res.Image.Blob, want)
 			}
 		})
 	}
 }
 
-// TestPullFromHostLanes: a parallel pull reads over pullLanes connections
+// TestPullFromHostLanes: a parallel pull reads over MaxLanes connections
 // (the pool keeps them for the next pull), a pull with parallelism 1 over
 // one, and a host that takes only one connection still gets pulled, and
 // is not asked for a second one again by the next pull.
@@ -591,8 +588,8 @@ func TestPullFromHostLanes(t *testing.T) {
 	p := faultproxy.New(t, e.srv.Addr)
 	t.Cleanup(func() { _ = p.Close() })
 	out := pull(p.Addr(), 4)
-	if p.Conns() != pullLanes {
-		t.Fatalf("parallelism 4: %d connections, want %d", p.Conns(), pullLanes)
+	if p.Conns() != hostxfer.MaxLanes {
+		t.Fatalf("parallelism 4: %d connections, want %d", p.Conns(), hostxfer.MaxLanes)
 	}
 	// Both lanes carry data: the 20 MiB are read as pieces of 8, 8 and 4
 	// MiB, which the lanes take in turn, so each carries at least 4 MiB.
@@ -603,8 +600,8 @@ func TestPullFromHostLanes(t *testing.T) {
 	}
 	e.writeBack(t, out["installPath"].(string), src, "raw")
 	pull(p.Addr(), 1)
-	if p.Conns() != pullLanes {
-		t.Fatalf("after a second pull: %d connections, want the %d pooled ones reused", p.Conns(), pullLanes)
+	if p.Conns() != hostxfer.MaxLanes {
+		t.Fatalf("after a second pull: %d connections, want the %d pooled ones reused", p.Conns(), hostxfer.MaxLanes)
 	}
 
 	// A host that drops every connection after its first.

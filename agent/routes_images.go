@@ -189,8 +189,8 @@ func (a *Agent) imageHash(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// Transitional forwarders for handlers of other areas (exports, NBD, host
-// transfers) that still name these; new code calls agent/images directly.
+// Transitional forwarders for handlers of other areas (exports, NBD)
+// that still name these; new code calls agent/images directly.
 
 // lookupImage loads the image an install path (or name:id) in field names.
 func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Image, error) {
@@ -200,20 +200,5 @@ func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Ima
 // parseImagePath accepts zstore://name/id or name:id.
 func parseImagePath(field, s string) (blobstore.Ref, error) { return images.ParsePath(field, s) }
 
-// newImageRef picks a new image's name and id (images.NewRef).
-func (a *Agent) newImageRef(installPath, name string, parent *blobstore.Image) (blobstore.Ref, error) {
-	return images.NewRef(installPath, name, parent)
-}
-
 // databaseBackupName is the image name database backups are stored under.
 const databaseBackupName = images.DatabaseBackupName
-
-// firstNonEmpty returns the first non-empty string of s, or "".
-func firstNonEmpty(s ...string) string {
-	for _, v := range s {
-		if v != "" {
-			return v
-		}
-	}
-	return ""
-}

@@ -1,25 +1,24 @@
-// Command pullbench runs one agent pullfromhost request in-process (the
-// real agent handler over a fresh or given store) and prints the reply with
-// the elapsed time and this process's CPU seconds, for bench/pull.sh.
+// Command pullbench runs one host pull in-process (agent/hostxfer, the
+// service behind pullfromhost, over a fresh or given store) and prints the
+// new image's install path, the host bytes read, the elapsed time and this
+// process's CPU seconds, for bench/pull.sh.
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"runtime/pprof"
 	"syscall"
 	"time"
 
-	"imagestore/agent"
-	"imagestore/agent/config"
+	"imagestore/agent/hostxfer"
+	"imagestore/agent/images"
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/layer"
 )
 
 func main() {
@@ -65,38 +64,35 @@ func run(root, knownHosts, keyFile, host string, port int, user, path, parent st
 	if err != nil {
 		return err
 	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	store, err := blobstore.Open(ctx, blobstore.Options{Root: root})
 	if err != nil {
 		return err
 	}
 	defer store.Close()
-	cfg := config.Default()
-	cfg.Root = root
-	cfg.KnownHostsFile = knownHosts
-	a, err := agent.New(cfg, store, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	layers, err := layer.New(layer.Options{Blobs: store, Logger: log})
 	if err != nil {
 		return err
 	}
-	defer a.Close()
-	body := map[string]any{
-		"hostname": host, "sshPort": port, "username": user, "privateKey": string(key),
-		"path": path, "parallelism": par, "name": "vol",
+	imgs, err := images.New(images.Options{Store: store, Logger: log})
+	if err != nil {
+		return err
 	}
-	if parent != "" {
-		body["parent"] = parent
+	x, err := hostxfer.New(hostxfer.Options{Layers: layers, Images: imgs, KnownHostsFile: knownHosts, Logger: log})
+	if err != nil {
+		return err
 	}
-	b, _ := json.Marshal(body)
+	defer x.Close()
+	req := hostxfer.PullRequest{
+		Login: hostxfer.Login{Hostname: host, Port: port, Username: user, PrivateKey: string(key)},
+		Path:  path, Parent: parent, Name: "vol", Parallelism: par,
+	}
 	cpu0, t0 := cpuSeconds(), time.Now()
-	rec := httptest.NewRecorder()
-	a.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/imagestore/pullfromhost-sync/", bytes.NewReader(b)))
+	res, err := x.Pull(ctx, req, jobs.Nop{})
 	elapsed, cpu := time.Since(t0).Seconds(), cpuSeconds()-cpu0
-	var out map[string]any
-	if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
-		return fmt.Errorf("reply %q: %w", rec.Body.String(), err)
+	if err != nil {
+		return fmt.Errorf("pull failed: %w", err)
 	}
-	if out["success"] != true {
-		return fmt.Errorf("pull failed: %v", out["error"])
-	}
-	fmt.Printf("%s %v %.3f %.2f\n", out["installPath"], int64(out["hostBytesRead"].(float64)), elapsed, cpu)
+	fmt.Printf("%s %d %.3f %.2f\n", res.Image.InstallPath(), res.HostBytesRead, elapsed, cpu)
 	return nil
 }
