@@ -202,8 +202,3 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 	}
 	return top, nil
 }
-
-// CheckLayers is layer.Check, for the callers not yet switched to it.
-func CheckLayers(ctx context.Context, st *blobstore.Store, chain []blobstore.Image) error {
-	return layer.Check(ctx, st, chain)
-}
