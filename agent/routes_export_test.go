@@ -18,6 +18,7 @@ import (
 	"imagestore/agent/config"
 	"imagestore/agent/exports"
 	"imagestore/blobstore"
+	"imagestore/layer"
 )
 
 // postJSON is e.call for goroutines: errors are returned in the map.
@@ -121,11 +122,10 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 func TestExportSweepsInterrupted(t *testing.T) {
 	t.Parallel()
 	e := newRestoreEnv(t, nil)
-	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque dump"), 11, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := e.a.recordImage(context.Background(), NewImage{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Blob: d, Size: n, Format: "gzip"})
+	img, err := e.a.layers.Commit(context.Background(), layer.Spec{
+		Record: layer.Record{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Format: "gzip"},
+		Reader: strings.NewReader("opaque dump"), Size: 11,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}

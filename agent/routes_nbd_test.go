@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"imagestore/blobstore"
+	"imagestore/layer"
 )
 
 // makeChain builds base <- d1 <- d2 qcow2 files with qemu-img/qemu-io and
@@ -127,11 +128,10 @@ func TestRemoteTargetErrors(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-nbd")
 	e := newRestoreEnv(t, nil)
-	d, n, err := e.store.Put(context.Background(), strings.NewReader("opaque"), 6, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := e.a.recordImage(context.Background(), NewImage{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Blob: d, Size: n, Format: "gzip"})
+	raw, err := e.a.layers.Commit(context.Background(), layer.Spec{
+		Record: layer.Record{Ref: blobstore.Ref{Name: "dump", ID: "1"}, Format: "gzip"},
+		Reader: strings.NewReader("opaque"), Size: 6,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
