@@ -32,21 +32,6 @@ import (
 	"imagestore/layer"
 )
 
-// Config is the daemon configuration (see package config).
-//
-// Transitional alias: handlers and tests still name it Config.
-type Config = config.Config
-
-// ByteSize is a byte count with units (see package config).
-//
-// Transitional alias for request fields that accept units.
-type ByteSize = config.ByteSize
-
-// Job is one async request being run (see package jobs).
-//
-// Transitional alias: handlers still name it *Job.
-type Job = jobs.Job
-
 // Agent is the management-protocol server of one store.
 type Agent struct {
 	cfg    config.Config

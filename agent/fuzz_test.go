@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"imagestore/agent/config"
 )
 
 // fuzzPaths are sync routes (and -sync twins) whose request decoding the
@@ -35,7 +37,7 @@ func FuzzDecodeRequest(f *testing.F) {
 			f.Add(uint8(i), []byte(s))
 		}
 	}
-	a, _ := newHTAgent(f, func(c *Config) { c.MaxBodyBytes = 1 << 16 })
+	a, _ := newHTAgent(f, func(c *config.Config) { c.MaxBodyBytes = 1 << 16 })
 	h := a.Handler()
 	f.Fuzz(func(t *testing.T, pick uint8, body []byte) {
 		path := fuzzPaths[int(pick)%len(fuzzPaths)]

@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"imagestore/agent/config"
 	"imagestore/agent/uploads"
 )
 
@@ -68,7 +69,7 @@ func TestAllocUploadDirExpireHour(t *testing.T) {
 }
 
 func TestCleanUploadDirs(t *testing.T) {
-	e := newHTEnv(t, func(c *Config) { c.UploadDirExpiry = time.Hour })
+	e := newHTEnv(t, func(c *config.Config) { c.UploadDirExpiry = time.Hour })
 	short := e.allocUploadDir(t, `{"expireHour":1}`)
 	long := e.allocUploadDir(t, `{"expireHour":5}`)
 	for _, d := range []string{short, long} {
@@ -134,7 +135,7 @@ func TestCleanUploadDirs(t *testing.T) {
 }
 
 func TestHousekeepingRemovesExpiredAndPrunesJobs(t *testing.T) {
-	e := newHTEnv(t, func(c *Config) { c.JobRetention = time.Nanosecond })
+	e := newHTEnv(t, func(c *config.Config) { c.JobRetention = time.Nanosecond })
 	expired := e.allocUploadDir(t, `{"expireHour":1}`)
 	live := e.allocUploadDir(t, `{"expireHour":1}`)
 	past := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339)
@@ -227,7 +228,7 @@ func TestPeriodicVerifyQuarantines(t *testing.T) {
 }
 
 func TestRunLoopVerifiesAndStops(t *testing.T) {
-	e := newHTEnv(t, func(c *Config) { c.VerifyInterval = 5 * time.Millisecond })
+	e := newHTEnv(t, func(c *config.Config) { c.VerifyInterval = 5 * time.Millisecond })
 	putBlob(t, e, []byte("some blob"))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -123,9 +123,6 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 // validator is implemented by api request types with required fields.
 type validator interface{ Validate() error }
 
-// legacyValidator is validator for request types not yet moved to api.
-type legacyValidator interface{ validate() error }
-
 // ErrTooLarge is returned when a request body exceeds maxBodyBytes.
 var ErrTooLarge = errors.New("request body too large")
 
@@ -144,11 +141,8 @@ func decode(r *http.Request, v any) error {
 			return fmt.Errorf("bad JSON in request body: %w", err)
 		}
 	}
-	switch vv := v.(type) {
-	case validator:
+	if vv, ok := v.(validator); ok {
 		return vv.Validate()
-	case legacyValidator:
-		return vv.validate()
 	}
 	return nil
 }

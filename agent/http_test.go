@@ -41,7 +41,7 @@ type htEnv struct {
 }
 
 // newHTAgent builds an agent over a fresh store (NBD off: no ports used).
-func newHTAgent(tb testing.TB, mod func(*Config)) (*Agent, *blobstore.Store) {
+func newHTAgent(tb testing.TB, mod func(*config.Config)) (*Agent, *blobstore.Store) {
 	tb.Helper()
 	root := tb.TempDir()
 	store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond})
@@ -69,7 +69,7 @@ func newHTAgent(tb testing.TB, mod func(*Config)) (*Agent, *blobstore.Store) {
 	return a, store
 }
 
-func newHTEnv(t *testing.T, mod func(*Config)) *htEnv {
+func newHTEnv(t *testing.T, mod func(*config.Config)) *htEnv {
 	t.Helper()
 	a, store := newHTAgent(t, mod)
 	srv := httptest.NewServer(a.Handler())
@@ -234,7 +234,7 @@ func TestHTTPAsyncCallbackAndSyncTwin(t *testing.T) {
 
 func TestHTTPBodyTooLarge(t *testing.T) {
 	const limit = 1 << 10
-	e := newHTEnv(t, func(c *Config) { c.MaxBodyBytes = limit })
+	e := newHTEnv(t, func(c *config.Config) { c.MaxBodyBytes = limit })
 	big := `{"uuid":"` + strings.Repeat("a", 4*limit) + `"}`
 	for _, tc := range []struct {
 		name, path string
@@ -269,7 +269,7 @@ func TestHTTPBodyTooLarge(t *testing.T) {
 
 func TestHTTPAuth(t *testing.T) {
 	const tok = "tok-0123456789abcdef"
-	e := newHTEnv(t, func(c *Config) { c.Token = tok })
+	e := newHTEnv(t, func(c *config.Config) { c.Token = tok })
 	paths := []struct {
 		method, path string
 		okCode       int

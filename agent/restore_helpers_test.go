@@ -40,7 +40,7 @@ func r7requireTools(t *testing.T, tools ...string) {
 	}
 }
 
-func newRestoreEnv(t *testing.T, mod func(*Config)) *restoreEnv {
+func newRestoreEnv(t *testing.T, mod func(*config.Config)) *restoreEnv {
 	t.Helper()
 	root := t.TempDir()
 	store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond})

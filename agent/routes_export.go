@@ -7,6 +7,7 @@ import (
 
 	"imagestore/agent/api"
 	"imagestore/agent/exports"
+	"imagestore/agent/jobs"
 )
 
 // exportBase is the scheme://host the export URLs use.
@@ -30,7 +31,7 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 		err = missing("installPath")
 	}
 	base := a.exportBase(r)
-	a.async(w, r, JobSpec{Kind: "export", Backup: true, Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "export", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		img, err := a.lookupImage(ctx, "installPath", req.InstallPath)
 		if err != nil {
 			return nil, err
@@ -52,7 +53,7 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 func (a *Agent) delExport(w http.ResponseWriter, r *http.Request) {
 	var req api.ExportRequest
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "delexp", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "delexp", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		sel := exports.Selector{InstallPath: req.InstallPath, ExtFmt: req.ExtFmt}
 		if req.ImgURL != "" {
 			token, err := exports.TokenFromURL(req.ImgURL)

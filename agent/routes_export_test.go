@@ -166,7 +166,7 @@ func TestExportSweepsInterrupted(t *testing.T) {
 func TestExportURLIsCapability(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
-	e := newRestoreEnv(t, func(c *Config) { c.Token = "s3cret-token" })
+	e := newRestoreEnv(t, func(c *config.Config) { c.Token = "s3cret-token" })
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]
 	rep := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": top.InstallPath(), "extFmt": "raw"})
@@ -232,7 +232,7 @@ func TestExportURLIsCapability(t *testing.T) {
 func TestExportExpiry(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
-	e := newRestoreEnv(t, func(c *Config) { c.ExportExpiry = time.Hour })
+	e := newRestoreEnv(t, func(c *config.Config) { c.ExportExpiry = time.Hour })
 	files := r7makeChain(t, e.dir, 4<<20)
 	imgs := e.importChain(t, "vol", files...)
 	status := func(url string) int {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"imagestore/agent/config"
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/transfer/sshtest"
@@ -144,7 +145,7 @@ func TestImportHTTPResumeAndFormats(t *testing.T) {
 }
 
 func TestImportErrors(t *testing.T) {
-	e := newRestoreEnv(t, func(c *Config) { c.MaxImportSize = 1 << 20 })
+	e := newRestoreEnv(t, func(c *config.Config) { c.MaxImportSize = 1 << 20 })
 	srv := newImageServer(t)
 	text := filepath.Join(e.dir, "page.html")
 	if err := os.WriteFile(text, []byte("<html>not an image</html>\n"), 0o644); err != nil {
@@ -230,7 +231,7 @@ func TestImportSFTP(t *testing.T) {
 	if err := os.WriteFile(keyFile, s.PrivateKey, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e := newRestoreEnv(t, func(c *Config) { c.KnownHostsFile = s.KnownHostsFile; c.SSHKeyFile = keyFile })
+	e := newRestoreEnv(t, func(c *config.Config) { c.KnownHostsFile = s.KnownHostsFile; c.SSHKeyFile = keyFile })
 	src := filepath.Join(s.Dir, "src.raw")
 	r7writePattern(t, src, 2<<20, 5)
 	qc := filepath.Join(s.Dir, "src.qcow2")
@@ -246,7 +247,7 @@ func TestImportSFTP(t *testing.T) {
 
 func TestImportUpload(t *testing.T) {
 	r7requireTools(t, "qemu-img")
-	e := newRestoreEnv(t, func(c *Config) { c.MaxBodyBytes = 256 << 10 })
+	e := newRestoreEnv(t, func(c *config.Config) { c.MaxBodyBytes = 256 << 10 })
 	src := filepath.Join(e.dir, "src.raw")
 	r7writePattern(t, src, 1<<20, 7)
 	data, _ := os.ReadFile(src)

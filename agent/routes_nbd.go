@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"imagestore/agent/api"
+	"imagestore/agent/jobs"
 	"imagestore/agent/nbd"
 	"imagestore/agent/nbdtarget"
 )
@@ -47,7 +48,7 @@ func nbdKeyOf(s nbd.Server) api.NBDKey {
 func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 	var req api.ExportNBDImageRequest
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "exportnbdimage", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "exportnbdimage", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		if err := a.nbd.Err(); err != nil {
 			return nil, err
 		}
@@ -102,7 +103,7 @@ func (a *Agent) workspaceTTL(ws string, expireHour int64) (time.Duration, error)
 func (a *Agent) cancelNBDImage(w http.ResponseWriter, r *http.Request) {
 	var req api.CancelNBDImageRequest
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "exportnbdimage-cancel", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "exportnbdimage-cancel", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		cancelled, err := a.nbd.CancelTargets(ctx, req.NBDDescription)
 		if err != nil {
 			return nil, err
@@ -120,7 +121,7 @@ func (a *Agent) exportRemoteTarget(w http.ResponseWriter, r *http.Request) {
 	if host == "" {
 		host = hostOnly(r.Host)
 	}
-	a.async(w, r, JobSpec{Kind: "remotetarget", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "remotetarget", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		// Unavailable NBD is the answer whatever the image.
 		if err := a.nbd.Err(); err != nil {
 			return nil, err
@@ -151,7 +152,7 @@ func hostOnly(hostport string) string {
 func (a *Agent) deleteRemoteTarget(w http.ResponseWriter, r *http.Request) {
 	var req api.DeleteRemoteTargetRequest
 	err := decode(r, &req)
-	a.async(w, r, JobSpec{Kind: "remotetarget-delete", Err: err}, func(ctx context.Context, job *Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "remotetarget-delete", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		n, err := a.nbd.DeleteRemotes(ctx, req.TargetURI, req.InstallPath)
 		if err != nil {
 			return nil, err

@@ -42,7 +42,7 @@ func TestNBDTLS(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
 	cert, key, self, selfKey, cliDir := nbdPKI(t)
-	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = cert, key })
+	e := newRestoreEnv(t, func(c *config.Config) { c.TLS.Cert, c.TLS.Key = cert, key })
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]
 	rep := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"})
@@ -66,7 +66,7 @@ func TestNBDTLS(t *testing.T) {
 
 	// A certificate QEMU cannot serve with (self-signed, no CA) disables
 	// NBD with the reason, rather than serving it in the clear.
-	e2 := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key = self, selfKey })
+	e2 := newRestoreEnv(t, func(c *config.Config) { c.TLS.Cert, c.TLS.Key = self, selfKey })
 	e2.fails(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": "zstore://vol/x", "hostname": "127.0.0.1"}, "issuing CA")
 }
 
@@ -122,7 +122,7 @@ func TestNBDPSK(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
 	cert, key, _, _, _ := nbdPKI(t)
-	e := newRestoreEnv(t, func(c *Config) { c.TLS.Cert, c.TLS.Key, c.NBD.ClientAuth = cert, key, "psk" })
+	e := newRestoreEnv(t, func(c *config.Config) { c.TLS.Cert, c.TLS.Key, c.NBD.ClientAuth = cert, key, "psk" })
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]
 	clientOpts := func(rep map[string]any, port any, export string) []string {

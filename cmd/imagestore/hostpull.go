@@ -14,26 +14,8 @@ import (
 	"imagestore/blobstore"
 )
 
-// pullFromHostReq is the agent's /imagestore/pullfromhost/ request
-// (docs/agent-protocol.md, "Host transfers").
-type pullFromHostReq struct {
-	Hostname             string `json:"hostname"`
-	SSHPort              int    `json:"sshPort,omitempty"`
-	Username             string `json:"username"`
-	Password             string `json:"password,omitempty"`
-	PrivateKey           string `json:"privateKey,omitempty"`
-	HostKeyFingerprint   string `json:"hostKeyFingerprint,omitempty"`
-	Path                 string `json:"path"`
-	Parent               string `json:"parent,omitempty"`
-	Name                 string `json:"name,omitempty"`
-	ID                   string `json:"id,omitempty"`
-	Desc                 string `json:"desc,omitempty"`
-	VolumeReadBandwidth  int64  `json:"volumeReadBandwidth,omitempty"`
-	NetworkReadBandwidth int64  `json:"networkReadBandwidth,omitempty"`
-	Parallelism          int    `json:"parallelism,omitempty"`
-}
-
-// pullFromHostResult is the agent's reply, as printed with -json.
+// pullFromHostResult is the agent's reply as printed with -json: the
+// layer and what the pull moved, without the store's capacity.
 type pullFromHostResult struct {
 	Name           string `json:"name"`
 	ID             string `json:"id"`
@@ -55,7 +37,7 @@ const (
 
 func cmdPullFromHost(ctx context.Context, g *globals, args []string) error {
 	fs := g.subFlags("pullfromhost")
-	var q pullFromHostReq
+	var q api.PullFromHostRequest
 	fs.StringVar(&q.Hostname, "host", "", "KVM host name or address")
 	fs.IntVar(&q.SSHPort, "port", 22, "SSH port of the host")
 	fs.StringVar(&q.Username, "user", "", "SSH user on the host")
@@ -92,7 +74,7 @@ func cmdPullFromHost(ctx context.Context, g *globals, args []string) error {
 		q.Parent = ref.InstallPath()
 	}
 	q.VolumeReadBandwidth, q.NetworkReadBandwidth = volBW.v, netBW.v
-	if err := q.loadSecrets(*keyFile, *pwFile); err != nil {
+	if err := loadSecrets(&q, *keyFile, *pwFile); err != nil {
 		return err
 	}
 	a, err := g.agent()
@@ -100,9 +82,14 @@ func cmdPullFromHost(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	defer a.hc.CloseIdleConnections()
-	var res pullFromHostResult
-	if err := a.callSync(ctx, api.SyncPath(api.PathPullFromHost), q, &res); err != nil {
+	var rep api.PullFromHostReply
+	if err := a.callSync(ctx, api.SyncPath(api.PathPullFromHost), q, &rep); err != nil {
 		return fmt.Errorf("%s:%s: %w", q.Hostname, q.Path, err)
+	}
+	res := pullFromHostResult{
+		Name: rep.Name, ID: rep.ID, InstallPath: rep.InstallPath, Blobsum: rep.Blobsum,
+		Size: rep.Size, VirtualSize: rep.VirtualSize, Format: rep.Format,
+		HostBytesRead: rep.HostBytesRead, AllocatedBytes: rep.AllocatedBytes,
 	}
 	return g.printResult(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s virtualsize=%d size=%d blobsum=%s hostBytesRead=%d installPath=%s\n",
@@ -111,7 +98,7 @@ func cmdPullFromHost(ctx context.Context, g *globals, args []string) error {
 }
 
 // loadSecrets reads the key or password; a key wins when both are given.
-func (q *pullFromHostReq) loadSecrets(keyFile, pwFile string) error {
+func loadSecrets(q *api.PullFromHostRequest, keyFile, pwFile string) error {
 	if keyFile != "" {
 		b, err := os.ReadFile(keyFile)
 		if err != nil {
