@@ -149,24 +149,9 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", cfg.Listen)
+	srv, ln, err := managementServer(cfg, a.Handler(), logger)
 	if err != nil {
 		return err
-	}
-	srv := &http.Server{
-		Handler:           a.Handler(),
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-	if cfg.TLS.Cert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
-		if err != nil {
-			ln.Close()
-			return fmt.Errorf("tls: %w", err)
-		}
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		ln = tls.NewListener(ln, srv.TLSConfig)
 	}
 	regShutdown, err := startRegistry(ctx, cfg, store, a.Registry(), logger)
 	if err != nil {
@@ -201,27 +186,7 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	_ = sdNotify("STOPPING=1")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
-	// Jobs are stopped alongside the HTTP server, so a -sync request
-	// waiting on a long job gets its (failed) answer instead of holding up
-	// the shutdown; short requests simply finish.
-	var swg sync.WaitGroup
-	swg.Add(2)
-	go func() {
-		defer swg.Done()
-		if err := srv.Shutdown(sctx); err != nil {
-			logger.Warn("http shutdown", "err", err)
-		}
-	}()
-	go func() {
-		defer swg.Done()
-		if err := a.Shutdown(sctx); err != nil {
-			logger.Warn("job shutdown", "err", err)
-		}
-	}()
-	swg.Wait()
-	if err := regShutdown(sctx); err != nil {
-		logger.Warn("registry shutdown", "err", err)
-	}
+	stopServing(sctx, srv, a, regShutdown, logger)
 	cancelBg()
 	wg.Wait()
 	logger.Info("stopped")
@@ -229,4 +194,54 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 		return runErr
 	}
 	return nil
+}
+
+// managementServer listens on cfg.Listen, with TLS when cfg.TLS is set,
+// and returns the server for h and its listener.
+func managementServer(cfg config.Config, h http.Handler, logger *slog.Logger) (*http.Server, net.Listener, error) {
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, nil, err
+	}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	if cfg.TLS.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			ln.Close()
+			return nil, nil, fmt.Errorf("tls: %w", err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		ln = tls.NewListener(ln, srv.TLSConfig)
+	}
+	return srv, ln, nil
+}
+
+// stopServing stops the HTTP server and the jobs, then the registry, each
+// within ctx. Jobs are stopped alongside the HTTP server, so a -sync
+// request waiting on a long job gets its (failed) answer instead of
+// holding up the shutdown; short requests simply finish.
+func stopServing(ctx context.Context, srv *http.Server, a *agent.Agent, regShutdown func(context.Context) error, logger *slog.Logger) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := srv.Shutdown(ctx); err != nil {
+			logger.Warn("http shutdown", "err", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		if err := a.Shutdown(ctx); err != nil {
+			logger.Warn("job shutdown", "err", err)
+		}
+	}()
+	wg.Wait()
+	if err := regShutdown(ctx); err != nil {
+		logger.Warn("registry shutdown", "err", err)
+	}
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/gzip"
+	"github.com/opencontainers/go-digest"
 
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
@@ -208,21 +209,54 @@ func dbBackup(ctx context.Context, g *globals, args []string) error {
 		}
 	}
 
+	p := g.newProgress("db backup", 0)
+	dump, err := pushDump(ctx, c, conn.mysqldump, cargs, names, ratelimit.New(bw.v), p)
+	p.Done()
+	if err != nil {
+		return fmt.Errorf("db backup: %w", err)
+	}
+	now := time.Now().UTC()
+	descJSON, _ := json.Marshal(dbDesc{
+		Name: strings.Join(names, ","), Description: *desc, Version: ver, Type: "mysql",
+		CreatedTime: now.UnixMilli(), MD5: dump.md5,
+	})
+	img := blobstore.Image{Ref: ref, Blob: dump.blob, Created: now.Truncate(time.Second), Desc: string(descJSON),
+		Size: dump.size, VirtualSize: dump.dumped, Format: "gzip"}
+	if err := putImage(ctx, c, []blobstore.Image{img}); err != nil {
+		return err
+	}
+	res := dbBackupResult{Name: ref.Name, ID: ref.ID, Size: dump.size, VirtualSize: dump.dumped, Blobsum: dump.blob.String(), MD5: dump.md5, InstallPath: ref.InstallPath()}
+	return g.printResult(res, func(w io.Writer) {
+		fmt.Fprintf(w, "%s:%s size=%d dump=%d md5=%s\n", res.Name, res.ID, res.Size, res.VirtualSize, res.MD5)
+	})
+}
+
+// dump is what one mysqldump run stored.
+type dump struct {
+	blob   digest.Digest
+	size   int64  // gzip bytes stored
+	dumped int64  // dump bytes
+	md5    string // of the gzip bytes, hex
+}
+
+// pushDump streams mysqldump's output over names into a blob of DBName:
+// mysqldump → count → gzip → (md5, pipe) → chunked registry upload. A
+// failed dump fails the upload, so no partial blob is committed.
+func pushDump(ctx context.Context, c *oci.Client, mysqldump string, cargs, names []string, lim *ratelimit.Limiter, p *progress) (dump, error) {
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	cmd := exec.CommandContext(dctx, conn.mysqldump, append(cargs,
+	cmd := exec.CommandContext(dctx, mysqldump, append(cargs,
 		"--single-transaction", "--routines", "--events", "--triggers", "--hex-blob", "--databases", "--")...)
 	cmd.Args = append(cmd.Args, names...)
 	var stderr tailBuffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return dump{}, err
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("mysqldump: %w", err)
+		return dump{}, fmt.Errorf("mysqldump: %w", err)
 	}
-	// mysqldump → count → gzip → (md5, pipe) → chunked registry upload.
 	pr, pw := io.Pipe()
 	md := md5.New()
 	var dumped countWriter
@@ -239,32 +273,16 @@ func dbBackup(ctx context.Context, g *globals, args []string) error {
 		}
 		pw.CloseWithError(cerr) // nil = EOF: the upload commits
 	}()
-	p := g.newProgress("db backup", 0)
-	d, size, err := c.PushStream(ctx, DBName, ratelimit.Reader(ctx, pr, ratelimit.New(bw.v)), oci.StreamOptions{Progress: p.Add})
-	p.Done()
+	d, size, err := c.PushStream(ctx, DBName, ratelimit.Reader(ctx, pr, lim), oci.StreamOptions{Progress: p.Add})
 	if err != nil {
 		cancel()
 		pr.CloseWithError(err)
 	}
 	<-prodDone
 	if err != nil {
-		return fmt.Errorf("db backup: %w", err)
+		return dump{}, err
 	}
-	sum := hex.EncodeToString(md.Sum(nil))
-	now := time.Now().UTC()
-	descJSON, _ := json.Marshal(dbDesc{
-		Name: strings.Join(names, ","), Description: *desc, Version: ver, Type: "mysql",
-		CreatedTime: now.UnixMilli(), MD5: sum,
-	})
-	img := blobstore.Image{Ref: ref, Blob: d, Created: now.Truncate(time.Second), Desc: string(descJSON),
-		Size: size, VirtualSize: dumped.n, Format: "gzip"}
-	if err := putImage(ctx, c, []blobstore.Image{img}); err != nil {
-		return err
-	}
-	res := dbBackupResult{Name: ref.Name, ID: ref.ID, Size: size, VirtualSize: dumped.n, Blobsum: d.String(), MD5: sum, InstallPath: ref.InstallPath()}
-	return g.printResult(res, func(w io.Writer) {
-		fmt.Fprintf(w, "%s:%s size=%d dump=%d md5=%s\n", res.Name, res.ID, res.Size, res.VirtualSize, res.MD5)
-	})
+	return dump{blob: d, size: size, dumped: dumped.n, md5: hex.EncodeToString(md.Sum(nil))}, nil
 }
 
 // ErrBackupCorrupt: a backup's bytes do not match its recorded md5 or digest.
@@ -298,42 +316,11 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 			return fmt.Errorf("%s: desc is not a backup description: %w", ri.Ref, err)
 		}
 	}
-	// Verify before a single statement runs: the dump is fetched to a temp
-	// file (its stored, compressed bytes) and checked against the digest
-	// and the md5 of its desc; only then is it streamed into mysql.
-	tmp, err := os.CreateTemp("", "imagestore-dbrestore-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	tmp.Close()
-	p := g.newProgress("download", top.Size)
-	err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp.Name(), ratelimit.New(bw.v), p)
-	p.Done()
-	if err != nil {
-		if errors.Is(err, oci.ErrDigestInvalid) {
-			return fmt.Errorf("%w: %v", ErrBackupCorrupt, err)
-		}
-		return err
-	}
-	f, err := os.Open(tmp.Name())
+	f, err := fetchDump(ctx, g, c, ri, dd.MD5, ratelimit.New(bw.v))
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if dd.MD5 != "" {
-		sum, err := hashFile(f, md5.New())
-		if err != nil {
-			return err
-		}
-		if !strings.EqualFold(sum, dd.MD5) {
-			return fmt.Errorf("%w: %s: md5 %s, desc says %s", ErrBackupCorrupt, ri.Ref, sum, dd.MD5)
-		}
-	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return err
-	}
 	zr, err := gzip.NewReader(f)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrBackupCorrupt, err)
@@ -362,6 +349,48 @@ func dbRestore(ctx context.Context, g *globals, args []string) error {
 	return g.printResult(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s restored (%d bytes of SQL)\n", res.Name, res.ID, res.Restored)
 	})
+}
+
+// fetchDump downloads the backup's stored (gzip) bytes to a temp file and
+// checks them against the digest and wantMD5 (if set), so they are
+// verified before a single statement runs. The file is already unlinked:
+// closing it frees it.
+func fetchDump(ctx context.Context, g *globals, c *oci.Client, ri *remoteImage, wantMD5 string, lim *ratelimit.Limiter) (*os.File, error) {
+	tmp, err := os.CreateTemp("", "imagestore-dbrestore-*")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp.Name())
+	tmp.Close()
+	p := g.newProgress("download", ri.Top().Size)
+	err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp.Name(), lim, p)
+	p.Done()
+	if err != nil {
+		if errors.Is(err, oci.ErrDigestInvalid) {
+			return nil, fmt.Errorf("%w: %v", ErrBackupCorrupt, err)
+		}
+		return nil, err
+	}
+	f, err := os.Open(tmp.Name())
+	if err != nil {
+		return nil, err
+	}
+	if wantMD5 != "" {
+		sum, err := hashFile(f, md5.New())
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		if !strings.EqualFold(sum, wantMD5) {
+			f.Close()
+			return nil, fmt.Errorf("%w: %s: md5 %s, desc says %s", ErrBackupCorrupt, ri.Ref, sum, wantMD5)
+		}
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 func hashFile(r io.Reader, h hash.Hash) (string, error) {

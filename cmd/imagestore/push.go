@@ -59,24 +59,9 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	}
 	defer c.CloseIdleConnections()
 
-	var chain []blobstore.Image // parent chain, base first
-	backing := ""
-	var pref blobstore.Ref
-	if *parent != "" {
-		if pref, err = blobstore.ParseRef(*parent); err != nil {
-			return usageErr("-parent: %v", err)
-		}
-		ri, err := fetchImage(ctx, c, pref)
-		if err != nil {
-			return fmt.Errorf("parent: %w", err)
-		}
-		for _, img := range ri.Chain {
-			if img.Format != "qcow2" {
-				return fmt.Errorf("parent %s: layer %s has format %q; only qcow2 chains take deltas", pref, img.Ref, img.Format)
-			}
-		}
-		chain = ri.Chain
-		backing = blobstore.BackingName(ri.Top().Blob)
+	pref, chain, backing, err := parentChain(ctx, c, *parent)
+	if err != nil {
+		return err
 	}
 	ref := blobstore.Ref{Name: *name, ID: *id}
 	if ref.Name == "" {
@@ -119,6 +104,28 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	return g.printResult(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s virtualsize=%d size=%d blobsum=%s\n", res.Name, res.ID, res.VirtualSize, res.Size, res.Blobsum)
 	})
+}
+
+// parentChain resolves push's -parent (name:id; "" for a base): its ref,
+// its chain base first, and the backing file name a delta on it records.
+func parentChain(ctx context.Context, c *oci.Client, parent string) (blobstore.Ref, []blobstore.Image, string, error) {
+	if parent == "" {
+		return blobstore.Ref{}, nil, "", nil
+	}
+	pref, err := blobstore.ParseRef(parent)
+	if err != nil {
+		return pref, nil, "", usageErr("-parent: %v", err)
+	}
+	ri, err := fetchImage(ctx, c, pref)
+	if err != nil {
+		return pref, nil, "", fmt.Errorf("parent: %w", err)
+	}
+	for _, img := range ri.Chain {
+		if img.Format != "qcow2" {
+			return pref, nil, "", fmt.Errorf("parent %s: layer %s has format %q; only qcow2 chains take deltas", pref, img.Ref, img.Format)
+		}
+	}
+	return pref, ri.Chain, blobstore.BackingName(ri.Top().Blob), nil
 }
 
 // localLayer is a canonical layer written to a temp file.

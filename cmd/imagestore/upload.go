@@ -163,31 +163,56 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 	}
 	defer a.hc.CloseIdleConnections()
 
-	// Wait for the import job to open its session (it may be queued).
-	deadline := time.Now().Add(*waitStart)
-	var st uploadState
-	for {
-		st, err = a.put(ctx, *task, nil, 0, 0, false)
-		if err == nil {
-			break
-		}
-		var ae *errAgent
-		if errors.As(err, &ae) || time.Now().After(deadline) {
-			return err
-		}
-		if err := retry.Sleep(ctx, 250*time.Millisecond); err != nil {
+	st, err := a.waitSession(ctx, *task, *waitStart)
+	if err != nil {
+		return err
+	}
+	p := g.newProgress("upload", size)
+	p.Add(st.Offset)
+	sent, err := a.sendFile(ctx, *task, f, size, st, ratelimit.New(bw.v), p)
+	p.Done()
+	if err != nil {
+		return fmt.Errorf("upload %s: %w", *task, err)
+	}
+	res := uploadResult{TaskUUID: *task, Sent: sent}
+	if *wait {
+		if err := a.waitJob(ctx, *task, &res); err != nil {
 			return err
 		}
 	}
+	return g.printResult(res, func(w io.Writer) {
+		fmt.Fprintf(w, "task %s: sent %d bytes %s %s\n", res.TaskUUID, res.Sent, res.State, res.InstallPath)
+	})
+}
+
+// waitSession waits up to waitStart for the import job to open its upload
+// session (it may be queued) and returns where the upload stands.
+func (a *agentClient) waitSession(ctx context.Context, task string, waitStart time.Duration) (uploadState, error) {
+	deadline := time.Now().Add(waitStart)
+	for {
+		st, err := a.put(ctx, task, nil, 0, 0, false)
+		if err == nil {
+			return st, nil
+		}
+		var ae *errAgent
+		if errors.As(err, &ae) || time.Now().After(deadline) {
+			return st, err
+		}
+		if err := retry.Sleep(ctx, 250*time.Millisecond); err != nil {
+			return st, err
+		}
+	}
+}
+
+// sendFile sends f from st.Offset to size in chunks of at most the
+// agent's maxChunk (16 MiB at most) and returns the bytes the agent holds.
+func (a *agentClient) sendFile(ctx context.Context, task string, f io.ReaderAt, size int64, st uploadState, lim *ratelimit.Limiter, p *progress) (int64, error) {
 	chunk := st.MaxChunk
 	if chunk <= 0 {
 		chunk = 1 << 20
 	}
 	chunk = min(chunk, 16<<20)
 	off := st.Offset
-	p := g.newProgress("upload", size)
-	p.Add(off)
-	lim := ratelimit.New(bw.v)
 	// A chunk that fails is sent again up to 6 times, 400 ms doubling to
 	// 2 s, from where the agent says it holds the upload.
 	policy := retry.Policy{Attempts: 7, Initial: 400 * time.Millisecond, Max: 2 * time.Second, Jitter: 0.2,
@@ -199,11 +224,11 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 		n := min(chunk, size-off)
 		last := off+n == size
 		tries := 0
-		err = policy.Do(ctx, func(ctx context.Context, attempt int) error {
+		err := policy.Do(ctx, func(ctx context.Context, attempt int) error {
 			tries++
 			if attempt > 0 {
 				// Ask where to resume (a 409 already told us).
-				if st2, perr := a.put(ctx, *task, nil, 0, 0, false); perr == nil {
+				if st2, perr := a.put(ctx, task, nil, 0, 0, false); perr == nil {
 					p.Add(st2.Offset - off)
 					off = st2.Offset
 				} else if errors.Is(perr, errNoSession) {
@@ -212,7 +237,7 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 				n = min(chunk, size-off)
 				last = off+n == size
 			}
-			st, err := a.put(ctx, *task, ratelimit.Reader(ctx, io.NewSectionReader(f, off, n), lim), n, off, last)
+			st, err := a.put(ctx, task, ratelimit.Reader(ctx, io.NewSectionReader(f, off, n), lim), n, off, last)
 			if err != nil {
 				return err
 			}
@@ -230,22 +255,9 @@ func cmdUpload(ctx context.Context, g *globals, args []string) error {
 			err = fmt.Errorf("giving up after %d failed chunks: %w", tries-1, err)
 		}
 		if err != nil || last {
-			break
+			return off, err
 		}
 	}
-	p.Done()
-	if err != nil {
-		return fmt.Errorf("upload %s: %w", *task, err)
-	}
-	res := uploadResult{TaskUUID: *task, Sent: off}
-	if *wait {
-		if err := a.waitJob(ctx, *task, &res); err != nil {
-			return err
-		}
-	}
-	return g.printResult(res, func(w io.Writer) {
-		fmt.Fprintf(w, "task %s: sent %d bytes %s %s\n", res.TaskUUID, res.Sent, res.State, res.InstallPath)
-	})
 }
 
 // waitJob polls the agent's progress until the import job ends.
