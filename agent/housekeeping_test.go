@@ -31,6 +31,7 @@ func (e *htEnv) allocUploadDir(t *testing.T, body string) string {
 func exists(p string) bool { _, err := os.Lstat(p); return err == nil }
 
 func TestAllocUploadDirExpireHour(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, nil)
 	for _, tc := range []struct {
 		body, err string
@@ -69,6 +70,7 @@ func TestAllocUploadDirExpireHour(t *testing.T) {
 }
 
 func TestCleanUploadDirs(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, func(c *config.Config) { c.UploadDirExpiry = time.Hour })
 	short := e.allocUploadDir(t, `{"expireHour":1}`)
 	long := e.allocUploadDir(t, `{"expireHour":5}`)
@@ -135,6 +137,7 @@ func TestCleanUploadDirs(t *testing.T) {
 }
 
 func TestHousekeepingRemovesExpiredAndPrunesJobs(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, func(c *config.Config) { c.JobRetention = time.Nanosecond })
 	expired := e.allocUploadDir(t, `{"expireHour":1}`)
 	live := e.allocUploadDir(t, `{"expireHour":1}`)
@@ -172,6 +175,7 @@ func putBlob(t *testing.T, e *htEnv, data []byte) digest.Digest {
 }
 
 func TestPeriodicVerifyQuarantines(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, nil)
 	good := putBlob(t, e, bytes.Repeat([]byte("good "), 1000))
 	bad := putBlob(t, e, bytes.Repeat([]byte("soon corrupt "), 1000))
@@ -228,6 +232,7 @@ func TestPeriodicVerifyQuarantines(t *testing.T) {
 }
 
 func TestRunLoopVerifiesAndStops(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, func(c *config.Config) { c.VerifyInterval = 5 * time.Millisecond })
 	putBlob(t, e, []byte("some blob"))
 	ctx, cancel := context.WithCancel(context.Background())

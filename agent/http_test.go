@@ -126,6 +126,7 @@ func (e *htEnv) do(t *testing.T, method, path string, body any, hdr map[string]s
 type onlyReader struct{ io.Reader }
 
 func TestHTTPAsyncNeedsTaskUUID(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, nil)
 	for _, tc := range []struct {
 		name, path string
@@ -164,6 +165,7 @@ func TestHTTPAsyncNeedsTaskUUID(t *testing.T) {
 }
 
 func TestHTTPAsyncCallbackAndSyncTwin(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, nil)
 	var mu sync.Mutex
 	got := map[string]map[string]any{}
@@ -233,6 +235,7 @@ func TestHTTPAsyncCallbackAndSyncTwin(t *testing.T) {
 }
 
 func TestHTTPBodyTooLarge(t *testing.T) {
+	t.Parallel()
 	const limit = 1 << 10
 	e := newHTEnv(t, func(c *config.Config) { c.MaxBodyBytes = limit })
 	big := `{"uuid":"` + strings.Repeat("a", 4*limit) + `"}`
@@ -268,6 +271,7 @@ func TestHTTPBodyTooLarge(t *testing.T) {
 }
 
 func TestHTTPAuth(t *testing.T) {
+	t.Parallel()
 	const tok = "tok-0123456789abcdef"
 	e := newHTEnv(t, func(c *config.Config) { c.Token = tok })
 	paths := []struct {
@@ -336,6 +340,7 @@ func TestHTTPAuth(t *testing.T) {
 }
 
 func TestHTTPMethodsAndPaths(t *testing.T) {
+	t.Parallel()
 	e := newHTEnv(t, nil)
 	for _, tc := range []struct {
 		method, path string
@@ -363,6 +368,7 @@ func TestHTTPMethodsAndPaths(t *testing.T) {
 }
 
 func TestReplyBody(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		v    any

@@ -11,6 +11,7 @@ import (
 // TestJobInfoWire: job/list, job/get and job/cancel answer a job exactly as
 // its record holds it, every field included.
 func TestJobInfoWire(t *testing.T) {
+	t.Parallel()
 	now := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
 	later := now.Add(time.Minute)
 	in := jobs.Info{

@@ -15,6 +15,7 @@ import (
 )
 
 func TestDatabaseBackupFlow(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, nil)
 	up := e.uploadDir(t)
 	var buf bytes.Buffer

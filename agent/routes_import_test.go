@@ -101,6 +101,7 @@ func storedPath(t *testing.T, e *restoreEnv, rep map[string]any) string {
 }
 
 func TestImportHTTPResumeAndFormats(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img")
 	e := newRestoreEnv(t, nil)
 	srv := newImageServer(t)
@@ -145,6 +146,7 @@ func TestImportHTTPResumeAndFormats(t *testing.T) {
 }
 
 func TestImportErrors(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, func(c *config.Config) { c.MaxImportSize = 1 << 20 })
 	srv := newImageServer(t)
 	text := filepath.Join(e.dir, "page.html")
@@ -191,6 +193,7 @@ func TestImportErrors(t *testing.T) {
 }
 
 func TestImportCancelRemovesIngest(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, nil)
 	srv := newImageServer(t)
 	id := "cancel-" + r7randHex()
@@ -225,6 +228,7 @@ func TestImportCancelRemovesIngest(t *testing.T) {
 }
 
 func TestImportSFTP(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "sshd")
 	s := sshtest.Start(t)
 	keyFile := filepath.Join(t.TempDir(), "id")
@@ -246,6 +250,7 @@ func TestImportSFTP(t *testing.T) {
 }
 
 func TestImportUpload(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img")
 	e := newRestoreEnv(t, func(c *config.Config) { c.MaxBodyBytes = 256 << 10 })
 	src := filepath.Join(e.dir, "src.raw")
@@ -298,6 +303,7 @@ func TestImportUpload(t *testing.T) {
 // A host that stalls in the middle of a chunk must not hold up the job's
 // cancel: the in-flight copy is cut off at once, not after the idle timeout.
 func TestImportUploadStalledChunkDoesNotBlockCancel(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, nil)
 	id := "upload-" + r7randHex()
 	req, _ := http.NewRequest(http.MethodPost, e.srv.URL+"/imagestore/import/", strings.NewReader(`{"imgurl":"upload://x.raw","name":"img"}`))

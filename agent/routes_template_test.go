@@ -8,6 +8,7 @@ import (
 )
 
 func TestTemplateFromBackup(t *testing.T) {
+	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io")
 	e := newRestoreEnv(t, nil)
 	files := r7makeChain(t, e.dir, 8<<20)
@@ -64,6 +65,7 @@ func TestTemplateFromBackup(t *testing.T) {
 }
 
 func TestTemplateErrors(t *testing.T) {
+	t.Parallel()
 	e := newRestoreEnv(t, nil)
 	for _, c := range []struct {
 		name string
