@@ -16,6 +16,7 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/agent/uploads"
+	"imagestore/internal/testwait"
 )
 
 func (e *htEnv) allocUploadDir(t *testing.T, body string) string {
@@ -152,7 +153,7 @@ func TestHousekeepingRemovesExpiredAndPrunesJobs(t *testing.T) {
 	if !ok {
 		t.Fatal("sync job not recorded")
 	}
-	jtWaitFor(t, "job end in the past", func() bool {
+	testwait.For(t, "job end in the past", func() bool {
 		in := j.Info()
 		return in.Ended != nil && time.Since(*in.Ended) > 0
 	})
@@ -238,14 +239,14 @@ func TestRunLoopVerifiesAndStops(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.a.Run(ctx) }()
-	jtWaitFor(t, "a periodic verify run", func() bool { return testutil.ToFloat64(e.a.m.verifyRuns) >= 1 })
+	testwait.For(t, "a periodic verify run", func() bool { return testutil.ToFloat64(e.a.m.verifyRuns) >= 1 })
 	cancel()
 	select {
 	case err := <-done:
 		if err != nil && !errors.Is(err, context.Canceled) {
 			t.Fatalf("Run: %v", err)
 		}
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatal("Run did not stop on cancel")
 	}
 	if got := testutil.ToFloat64(e.a.m.verifyFailures); got != 0 {

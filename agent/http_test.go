@@ -16,21 +16,8 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/blobstore"
+	"imagestore/internal/testwait"
 )
-
-const jtWait = 30 * time.Second
-
-// jtWaitFor polls cond until it holds or a generous deadline passes.
-func jtWaitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(jtWait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
 
 // htEnv is an agent over a fresh store behind an httptest server.
 type htEnv struct {
@@ -199,7 +186,7 @@ func TestHTTPAsyncCallbackAndSyncTwin(t *testing.T) {
 			if r.code != 200 {
 				t.Fatalf("async answer %d: %s", r.code, r.raw)
 			}
-			jtWaitFor(t, "callback", func() bool {
+			testwait.For(t, "callback", func() bool {
 				mu.Lock()
 				defer mu.Unlock()
 				return got[id] != nil

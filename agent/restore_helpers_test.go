@@ -183,15 +183,3 @@ func (e *restoreEnv) importChain(t *testing.T, name string, files ...string) []b
 }
 
 func r7randHex() string { return randomHex(8) }
-
-// waitFor polls cond until it holds or a generous deadline passes.
-func r7waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}

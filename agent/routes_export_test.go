@@ -18,6 +18,7 @@ import (
 	"imagestore/agent/config"
 	"imagestore/agent/exports"
 	"imagestore/blobstore"
+	"imagestore/internal/testwait"
 	"imagestore/layer"
 )
 
@@ -74,7 +75,7 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 	}()
 	select {
 	case <-entered:
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatal("export did not start")
 	}
 	go func() {
@@ -93,7 +94,7 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 			if r["success"] != true {
 				t.Fatalf("call during a running export: %v", r)
 			}
-		case <-time.After(jtWait):
+		case <-time.After(testwait.Deadline):
 			t.Fatal("delexp/export waited for an unrelated export's flatten")
 		}
 	}
@@ -107,7 +108,7 @@ func TestExportDoesNotBlockOthers(t *testing.T) {
 	for i, ch := range []chan map[string]any{first, second} {
 		select {
 		case reps[i] = <-ch:
-		case <-time.After(jtWait):
+		case <-time.After(testwait.Deadline):
 			t.Fatal("export did not finish")
 		}
 	}

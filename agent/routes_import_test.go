@@ -21,6 +21,7 @@ import (
 	"imagestore/agent/config"
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/internal/testwait"
 	"imagestore/transfer/sshtest"
 )
 
@@ -205,7 +206,7 @@ func TestImportCancelRemovesIngest(t *testing.T) {
 	}
 	res.Body.Close()
 	ingest := "import-" + id
-	r7waitFor(t, "download to start", func() bool {
+	testwait.For(t, "download to start", func() bool {
 		n, err := e.store.IngestOffset(ingest)
 		return err == nil && n > 0 || func() bool {
 			j, ok := e.a.jobs.Get(id)
@@ -279,7 +280,7 @@ func TestImportUpload(t *testing.T) {
 		return res.StatusCode
 	}
 	// The job registers its session asynchronously: retry the first chunk.
-	r7waitFor(t, "upload session", func() bool { return put(0, data[:200<<10], false) == http.StatusOK })
+	testwait.For(t, "upload session", func() bool { return put(0, data[:200<<10], false) == http.StatusOK })
 	if code := put(0, data[:10], false); code != http.StatusConflict {
 		t.Fatalf("chunk at a stale offset: %d, want 409", code)
 	}
@@ -313,7 +314,7 @@ func TestImportUploadStalledChunkDoesNotBlockCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	res.Body.Close()
-	r7waitFor(t, "upload session", func() bool { waiting, _ := e.a.uploads.Receiving(id); return waiting })
+	testwait.For(t, "upload session", func() bool { waiting, _ := e.a.uploads.Receiving(id); return waiting })
 
 	pr, pw := io.Pipe()
 	defer pw.Close()
@@ -331,7 +332,7 @@ func TestImportUploadStalledChunkDoesNotBlockCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The chunk is now being copied, and the client sends nothing more.
-	r7waitFor(t, "chunk in flight", func() bool { _, busy := e.a.uploads.Receiving(id); return busy })
+	testwait.For(t, "chunk in flight", func() bool { _, busy := e.a.uploads.Receiving(id); return busy })
 	if _, err := e.a.jobs.Cancel(id); err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"imagestore/blobstore"
+	"imagestore/internal/testwait"
 	"imagestore/layer"
 )
 
@@ -97,7 +98,7 @@ func TestRemoteTargetInstantRestore(t *testing.T) {
 	if r7num(del["deleted"]) != 1 {
 		t.Fatalf("delete: %v", del)
 	}
-	r7waitFor(t, "server to stop", func() bool { return r7portClosed(port) })
+	testwait.For(t, "server to stop", func() bool { return r7portClosed(port) })
 	if del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri}); r7num(del["deleted"]) != 0 {
 		t.Fatalf("second delete: %v", del)
 	}
@@ -273,7 +274,7 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 	if _, err := os.Stat(target); !os.IsNotExist(err) {
 		t.Fatalf("cancelled target still there: %v", err)
 	}
-	r7waitFor(t, "cancelled server to stop", func() bool { return r7portClosed(port) })
+	testwait.For(t, "cancelled server to stop", func() bool { return r7portClosed(port) })
 	if c := e.ok(t, "/imagestore/exportnbdimage/cancel-sync", map[string]any{"nbdDescription": rep["nbdDescription"]}); c["cancelled"] != false {
 		t.Fatalf("second cancel: %v", c)
 	}

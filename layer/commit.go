@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"imagestore/internal/countio"
 	"io"
 	"time"
 
@@ -120,7 +121,7 @@ func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
 		out = io.MultiWriter(w, progressWriter{spec.Progress})
 	}
 	bw := bufio.NewWriterSize(out, ingestBuffer)
-	cw := &countingWriter{w: bw}
+	cw := &countio.Writer{W: bw}
 	vsize, err := spec.Content(ctx, cw)
 	if err == nil {
 		err = bw.Flush()
@@ -129,12 +130,12 @@ func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
 		_ = w.Cancel()
 		return Layer{}, err
 	}
-	d, err := w.Commit(ctx, cw.n, "")
+	d, err := w.Commit(ctx, cw.N, "")
 	if err != nil {
 		_ = w.Cancel()
 		return Layer{}, fmt.Errorf("committing layer: %w", err)
 	}
-	return Layer{Digest: d, Size: cw.n, VirtualSize: vsize}, nil
+	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, nil
 }
 
 // checkNew checks a new qcow2 layer against the parent it is recorded on.
@@ -236,15 +237,4 @@ type progressWriter struct{ p Progress }
 func (p progressWriter) Write(b []byte) (int, error) {
 	p.p.Add(int64(len(b)))
 	return len(b), nil
-}
-
-type countingWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
 }

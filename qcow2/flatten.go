@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"imagestore/internal/countio"
 	"io"
 
 	"golang.org/x/sync/errgroup"
@@ -82,7 +83,7 @@ func wrFlattenRaw(ctx context.Context, w io.Writer, vsize int64, ext []Extent, d
 			return nil
 		})
 	}
-	cw := &wrCountWriter{w: w}
+	cw := &countio.Writer{W: w}
 	bw := bufio.NewWriterSize(cw, wrBufBytes)
 	g.Go(func() error {
 		for j := range order {
@@ -102,5 +103,5 @@ func wrFlattenRaw(ctx context.Context, w io.Writer, vsize int64, ext []Extent, d
 		return bw.Flush()
 	})
 	err := g.Wait()
-	return cw.n, err
+	return cw.N, err
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"imagestore/internal/countio"
 	"io"
 )
 
@@ -167,27 +168,16 @@ func Write(ctx context.Context, w io.Writer, virtualSize int64, extents []Extent
 	if err := p.layout(); err != nil {
 		return 0, err
 	}
-	cw := &wrCountWriter{w: w}
+	cw := &countio.Writer{W: w}
 	bw := bufio.NewWriterSize(cw, wrBufBytes)
 	if err := p.writeMetadata(ctx, bw); err != nil {
-		return cw.n + int64(bw.Buffered()), err
+		return cw.N + int64(bw.Buffered()), err
 	}
 	if err := p.writeData(ctx, bw, data); err != nil {
-		return cw.n + int64(bw.Buffered()), err
+		return cw.N + int64(bw.Buffered()), err
 	}
 	err = bw.Flush()
-	return cw.n, err
-}
-
-type wrCountWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *wrCountWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
+	return cw.N, err
 }
 
 func wrNewPlan(vsize int64, extents []Extent, opts WriteOptions) (*wrPlan, error) {

@@ -3,6 +3,7 @@ package jobs
 import (
 	"context"
 	"encoding/json"
+	"imagestore/internal/testwait"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -79,7 +80,7 @@ func TestCallbackRetries(t *testing.T) {
 				return okBody(map[string]any{"answer": 42}), nil
 			})
 			waitDone(t, j)
-			jtWaitFor(t, "callback settled", func() bool {
+			testwait.For(t, "callback settled", func() bool {
 				cs := j.Info().Callback
 				return cs.Delivered || (cs.GivenUp && testutil.ToFloat64(m.CallbacksGivenUp) == 1)
 			})
@@ -116,7 +117,7 @@ func TestCallbackRetries(t *testing.T) {
 				t.Fatalf("callbacks_given_up_total = %v, want %v", got, wantFailed)
 			}
 			// The settled status is persisted, so a restart does not resend.
-			jtWaitFor(t, "persisted callback status", func() bool {
+			testwait.For(t, "persisted callback status", func() bool {
 				b, err := os.ReadFile(jm.path(id))
 				var disk Info
 				return err == nil && json.Unmarshal(b, &disk) == nil && disk.Callback.Delivered == tc.delivered && disk.Callback.GivenUp != tc.delivered

@@ -3,6 +3,7 @@ package jobs
 import (
 	"context"
 	"errors"
+	"imagestore/internal/testwait"
 	"testing"
 	"time"
 )
@@ -23,7 +24,7 @@ func TestFIFOSem(t *testing.T) {
 	s.Release()
 	select {
 	case <-b:
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatal("release did not grant the next waiter")
 	}
 	if err := s.wait(ctx, b); err != nil {
@@ -47,7 +48,7 @@ func TestFIFOSem(t *testing.T) {
 	e := s.enqueue()
 	select {
 	case <-e:
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatal("slot lost after a cancelled grant")
 	}
 }

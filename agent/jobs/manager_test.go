@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"imagestore/internal/testwait"
 	"io"
 	"log/slog"
 	"net/http"
@@ -17,20 +18,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
-
-const jtWait = 30 * time.Second
-
-// jtWaitFor polls cond until it holds or a generous deadline passes.
-func jtWaitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(jtWait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
 
 // testOptions are the agent's default job settings over dir.
 func testOptions(dir string) Options {
@@ -67,7 +54,7 @@ func newTestJobs(t *testing.T, dir string, mod func(*Options)) (*Manager, *Metri
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), jtWait)
+		ctx, cancel := context.WithTimeout(context.Background(), testwait.Deadline)
 		defer cancel()
 		if err := jm.Shutdown(ctx); err != nil {
 			t.Errorf("shutdown: %v", err)
@@ -115,7 +102,7 @@ func (g *gate) next(t *testing.T) string {
 	select {
 	case id := <-g.started:
 		return id
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatal("no job started")
 		return ""
 	}
@@ -143,7 +130,7 @@ func waitDone(t *testing.T, j *Job) Info {
 	t.Helper()
 	select {
 	case <-j.Done():
-	case <-time.After(jtWait):
+	case <-time.After(testwait.Deadline):
 		t.Fatalf("job %s did not finish", j.ID())
 	}
 	return j.Info()
@@ -336,13 +323,13 @@ func TestJobsDuplicateTaskUUID(t *testing.T) {
 	}
 	g.open("dup")
 	waitDone(t, j)
-	jtWaitFor(t, "first callback", func() bool { return j.Info().Callback.Delivered })
+	testwait.For(t, "first callback", func() bool { return j.Info().Callback.Delivered })
 	// A retried request for a finished job re-sends its result, runs nothing.
 	j3, started, err := jm.Submit(Spec{ID: "dup", Kind: "test", Backup: true, CallbackURL: cb.URL}, other)
 	if err != nil || started || j3 != j {
 		t.Fatalf("duplicate after finish: started=%v same=%v err=%v", started, j3 == j, err)
 	}
-	jtWaitFor(t, "second callback", func() bool {
+	testwait.For(t, "second callback", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return hits["dup"] == 2
@@ -424,7 +411,7 @@ func TestJobsLoadInterrupted(t *testing.T) {
 	}
 	// The undelivered result of the interrupted job goes to its callback.
 	jm.ResumeCallbacks()
-	jtWaitFor(t, "callback of the interrupted job", func() bool {
+	testwait.For(t, "callback of the interrupted job", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return got["was-running"] != nil
@@ -458,7 +445,7 @@ func TestJobsShutdownThenRestart(t *testing.T) {
 	g := newGate()
 	j := mustSubmit(t, jm, "long", true, cb.URL, g.fn)
 	g.next(t)
-	ctx, cancel := context.WithTimeout(context.Background(), jtWait)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Deadline)
 	defer cancel()
 	if err := jm.Shutdown(ctx); err != nil {
 		t.Fatal(err)
@@ -477,7 +464,7 @@ func TestJobsShutdownThenRestart(t *testing.T) {
 
 	jm2, _ := newTestJobs(t, dir, cfg)
 	jm2.ResumeCallbacks()
-	jtWaitFor(t, "callback after restart", func() bool {
+	testwait.For(t, "callback after restart", func() bool {
 		j, ok := jm2.Get("long")
 		return ok && j.Info().Callback.Delivered
 	})
@@ -503,7 +490,7 @@ func TestJobsPrune(t *testing.T) {
 	g.next(t)
 	waitDone(t, done)
 	waitDone(t, pending)
-	jtWaitFor(t, "first callback attempt", func() bool { return pending.Info().Callback.Attempts >= 1 })
+	testwait.For(t, "first callback attempt", func() bool { return pending.Info().Callback.Attempts >= 1 })
 
 	if n := jm.Prune(time.Now().Add(-time.Hour)); n != 0 {
 		t.Fatalf("pruned %d jobs younger than the retention", n)

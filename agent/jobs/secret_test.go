@@ -2,6 +2,7 @@ package jobs
 
 import (
 	"context"
+	"imagestore/internal/testwait"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -84,7 +85,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		jm, _ := newTestJobs(t, dir, nil)
 		j := mustSubmit(t, jm, "t1", false, withCreds(cb.URL), quick)
 		waitDone(t, j)
-		jtWaitFor(t, "delivery", func() bool { return j.Info().Callback.Delivered })
+		testwait.For(t, "delivery", func() bool { return j.Info().Callback.Delivered })
 		if c := cb.calls(); len(c) != 1 || c[0] != want {
 			t.Fatalf("callback arrived with %q, want %q", c, want)
 		}
@@ -94,7 +95,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 			}
 		}
 		noSecrets(t, "job record", recordsText(t, dir))
-		jtWaitFor(t, "side file removed after delivery", func() bool {
+		testwait.For(t, "side file removed after delivery", func() bool {
 			_, err := os.Stat(jm.callbackPath("t1"))
 			return os.IsNotExist(err)
 		})
@@ -106,7 +107,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		url := withCreds(dead.URL)
 		dead.Close()
 		j := mustSubmit(t, jm, "t2", false, url, quick)
-		jtWaitFor(t, "give up", func() bool { return j.Info().Callback.GivenUp })
+		testwait.For(t, "give up", func() bool { return j.Info().Callback.GivenUp })
 		in := j.Info()
 		if in.Callback.LastError == "" {
 			t.Fatal("no error recorded")
@@ -124,7 +125,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		g := newGate()
 		mustSubmit(t, jm, "t3", true, withCreds(cb.URL), g.fn)
 		g.next(t)
-		ctx, cancel := context.WithTimeout(context.Background(), jtWait)
+		ctx, cancel := context.WithTimeout(context.Background(), testwait.Deadline)
 		defer cancel()
 		if err := jm.Shutdown(ctx); err != nil {
 			t.Fatal(err)
@@ -136,14 +137,14 @@ func TestCallbackURLRedacted(t *testing.T) {
 		}
 		jm2, _ := newTestJobs(t, dir, func(o *Options) { o.CallbackMaxDelay = time.Millisecond })
 		jm2.ResumeCallbacks()
-		jtWaitFor(t, "callback after restart", func() bool {
+		testwait.For(t, "callback after restart", func() bool {
 			j, ok := jm2.Get("t3")
 			return ok && j.Info().Callback.Delivered
 		})
 		if c := cb.calls(); len(c) != 1 || c[0] != want {
 			t.Fatalf("callback after restart arrived with %q, want %q", c, want)
 		}
-		jtWaitFor(t, "side file removed after delivery", func() bool {
+		testwait.For(t, "side file removed after delivery", func() bool {
 			_, err := os.Stat(jm2.callbackPath("t3"))
 			return os.IsNotExist(err)
 		})
@@ -162,7 +163,7 @@ func TestCallbackURLRedacted(t *testing.T) {
 		jm, _ := newTestJobs(t, dir, nil)
 		noSecrets(t, "rewritten record", recordsText(t, dir))
 		jm.ResumeCallbacks()
-		jtWaitFor(t, "legacy callback", func() bool {
+		testwait.For(t, "legacy callback", func() bool {
 			j, ok := jm.Get("t4")
 			return ok && j.Info().Callback.Delivered
 		})

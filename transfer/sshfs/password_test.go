@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"errors"
+	"imagestore/internal/testwait"
 	"io"
 	"net"
 	"os"
@@ -357,7 +358,7 @@ func TestPasswordLogin(t *testing.T) {
 
 			// The pool's keepalives reach the server and are answered, and
 			// the connection stays usable.
-			waitFor(t, "a keepalive@openssh.com request", func() bool { return s.keepalives.Load() > 0 })
+			testwait.For(t, "a keepalive@openssh.com request", func() bool { return s.keepalives.Load() > 0 })
 			if _, err := p.Stat(ctx, h, name); err != nil {
 				t.Fatalf("Stat after keepalive: %v", err)
 			}

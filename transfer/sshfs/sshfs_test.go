@@ -20,6 +20,7 @@ import (
 	"golang.org/x/crypto/ssh/knownhosts"
 	"golang.org/x/sync/errgroup"
 
+	"imagestore/internal/testwait"
 	"imagestore/transfer/faultproxy"
 	"imagestore/transfer/sshtest"
 )
@@ -61,17 +62,6 @@ func randomFile(t *testing.T, size int) (string, []byte) {
 func randInt(n int64) int64 {
 	v, _ := rand.Int(rand.Reader, big.NewInt(n))
 	return v.Int64()
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func checkRanges(t *testing.T, f io.ReaderAt, data []byte, workers, reads int) {
@@ -260,7 +250,7 @@ func TestRedialAfterKilledConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.KillConnections(t)
-	waitFor(t, "dead connection dropped", func() bool { return p.numConns() == 0 })
+	testwait.For(t, "dead connection dropped", func() bool { return p.numConns() == 0 })
 	if _, err := p.Stat(ctx, hostOf(s), name); err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +308,7 @@ func TestIdleClose(t *testing.T) {
 	}
 	release()
 	release() // idempotent
-	waitFor(t, "idle close", func() bool { return p.numConns() == 0 })
+	testwait.For(t, "idle close", func() bool { return p.numConns() == 0 })
 	if _, err := p.Stat(ctx, hostOf(s), s.Dir); err != nil {
 		t.Fatal(err)
 	}
