@@ -6,6 +6,7 @@ package retry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"time"
 )
@@ -35,8 +36,8 @@ type Policy struct {
 
 // Do runs fn until it succeeds, returns a permanent or non-retryable error,
 // ctx ends, or Attempts tries are spent. attempt counts from 0. The error
-// returned is fn's last (unwrapped from Permanent), or ctx's if ctx ended
-// while waiting.
+// returned is fn's last (unwrapped from Permanent); if ctx ended while
+// waiting to retry, it wraps both ctx's error and fn's last.
 func (p Policy) Do(ctx context.Context, fn func(ctx context.Context, attempt int) error) error {
 	for attempt := 0; ; attempt++ {
 		err := fn(ctx, attempt)
@@ -59,7 +60,9 @@ func (p Policy) Do(ctx context.Context, fn func(ctx context.Context, attempt int
 			sleep = Sleep
 		}
 		if serr := sleep(ctx, wait); serr != nil {
-			return err
+			// Both stay visible: errors.Is(err, context.Canceled) and
+			// errors.Is(err, <the last try's error>) hold.
+			return fmt.Errorf("%w (while waiting to retry after: %w)", serr, err)
 		}
 	}
 }

@@ -107,3 +107,16 @@ func TestDelayJitter(t *testing.T) {
 		}
 	}
 }
+
+func TestDoCancelledWhileWaiting(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := Policy{Attempts: 5, Initial: time.Hour, Sleep: func(ctx context.Context, _ time.Duration) error {
+		cancel()
+		return ctx.Err()
+	}}
+	tries := 0
+	err := p.Do(ctx, func(context.Context, int) error { tries++; return errTransient })
+	if !errors.Is(err, context.Canceled) || !errors.Is(err, errTransient) || tries != 1 {
+		t.Fatalf("got %v after %d tries; want one error that is both Canceled and the try's", err, tries)
+	}
+}
