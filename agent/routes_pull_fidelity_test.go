@@ -28,6 +28,7 @@ import (
 // are the same canonical layer (one code path: qcow2.Normalize), whether
 // the pull normalizes while fetching (no all-zero data cluster) or falls
 // back to normalizing from the staged copy.
+// One function: both paths must be compared over the same files and store.
 func TestPullFromHostMatchesImport(t *testing.T) {
 	t.Parallel()
 	e := hpNewEnv(t)

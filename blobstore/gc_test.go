@@ -27,6 +27,9 @@ func age(t *testing.T, s *Store, paths ...string) {
 	s.mu.Unlock()
 }
 
+// TestGC checks what GC frees for each keep list over one fixture of
+// chains, a held blob and a fresh blob. One function: the table's cases are
+// defined by the shared fixture.
 func TestGC(t *testing.T) {
 	ctx := context.Background()
 	type fixture struct {
@@ -127,6 +130,7 @@ func TestGC(t *testing.T) {
 
 // TestGCRacesIngest runs GC in a loop while ingests stream, resume and
 // commit; every committed blob must survive until an image records it.
+// One function: the GC loop, the writers and the final audit share one store and one timeline.
 func TestGCRacesIngest(t *testing.T) {
 	ctx := context.Background()
 	s := newStore(t, func(o *Options) { o.CommitGrace = time.Minute })

@@ -310,6 +310,7 @@ func TestCommitRefusesMisfits(t *testing.T) {
 // TestChainPolicy: HoldChain and OpenChain refuse a chain with a non-qcow2
 // image or a layer failing Check; OpenChain also refuses (and quarantines)
 // a corrupt blob.
+// One function: the cases share one store whose chains build on each other.
 func TestChainPolicy(t *testing.T) {
 	ctx := context.Background()
 	ls, bs := newStore(t)

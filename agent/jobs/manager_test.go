@@ -203,6 +203,9 @@ func TestJobsFIFOParallelism(t *testing.T) {
 	}
 }
 
+// TestJobStates drives a job into each end state on one manager and checks
+// its info, record and metrics. One function: a table whose counters
+// accumulate over the cases in order.
 func TestJobStates(t *testing.T) {
 	boom := errors.New("disk on fire")
 	for _, tc := range []struct {

@@ -75,6 +75,7 @@ func recordsText(t *testing.T, dir string) string {
 // TestCallbackURLRedacted: job/list and job records show the callback URL
 // without userinfo or query; delivery still uses the full URL, also after a
 // restart (from a 0600 side file removed once the callback is settled).
+// One function: the restart half checks what the first half persisted.
 func TestCallbackURLRedacted(t *testing.T) {
 	quick := func(context.Context, *Job) ([]byte, error) { return []byte(`{"success":true}`), nil }
 	const want = "mgmt:s3cret-pw?token=s3cret-tok&x=1"

@@ -14,6 +14,8 @@ import (
 	"time"
 )
 
+// TestE2EErrors sends the built daemon bad requests and checks each clear
+// error; one function (a table and subtests) so they share one daemon start.
 func TestE2EErrors(t *testing.T) {
 	d := startDaemon(t, daemonOpts{})
 	m := newMgmt(t)
@@ -138,6 +140,9 @@ func TestE2ECallbackDown(t *testing.T) {
 	}
 }
 
+// TestE2ELoad sends 200 requests with queued backup jobs to the built daemon
+// while watching that no more than parallelismDegree backup jobs run. One
+// function because the watcher and the load share one timeline.
 func TestE2ELoad(t *testing.T) {
 	const par = 3
 	d := startDaemon(t, daemonOpts{parallelism: par})

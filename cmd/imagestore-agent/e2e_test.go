@@ -365,6 +365,10 @@ func TestE2EAuth(t *testing.T) {
 	}
 }
 
+// TestE2EBackupFlow is the management node's backup flow against the built
+// daemon: connect, ping, import a base and a delta, chain, info, hash,
+// export, delete, gc. One function because each call uses what the previous
+// one returned.
 func TestE2EBackupFlow(t *testing.T) {
 	d := startDaemon(t, daemonOpts{})
 	m := newMgmt(t)

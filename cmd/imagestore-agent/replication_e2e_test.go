@@ -187,6 +187,9 @@ func (lm *layerMaker) name() string {
 	return strings.SplitN(strings.TrimPrefix(lm.ip, "zstore://"), "/", 2)[0]
 }
 
+// TestE2EReplication replicates a 10-layer chain between two stores: a
+// push, a no-op re-push, an incremental push. One function because each step
+// starts from the state the step before left on both stores.
 func TestE2EReplication(t *testing.T) {
 	const token = "repl-token"
 	a := startDaemon(t, daemonOpts{token: token})

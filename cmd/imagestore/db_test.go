@@ -86,6 +86,10 @@ func (m *mariadb) mustQuery(t *testing.T, sql string) string {
 	return out
 }
 
+// TestDBBackupRestore backs up a real MariaDB database through the agent,
+// restores it and compares checksums, then tries a corrupt backup and a
+// failing mysqldump. One function because the later cases reuse the server
+// and the backup the first one made.
 func TestDBBackupRestore(t *testing.T) {
 	s := startStore(t, "tok")
 	m := startMariaDB(t)

@@ -245,6 +245,7 @@ func checkNoGoroutineLeak(t *testing.T) {
 // SSH protocol, and that wrong credentials and a wrong host key pin fail
 // with the right sentinels. The OpenSSH-based tests only ever see a
 // password refused.
+// One function because every case runs against the one in-process SSH server it starts.
 func TestPasswordLogin(t *testing.T) {
 	checkNoGoroutineLeak(t)
 	const user, password = "backup", "correct horse battery staple"
