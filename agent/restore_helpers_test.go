@@ -173,7 +173,7 @@ func (e *restoreEnv) importChain(t *testing.T, name string, files ...string) []b
 			req["parent"] = out[i-1].InstallPath()
 		}
 		rep := e.ok(t, "/imagestore/import-backup-sync", req)
-		img, err := e.a.lookupImage(context.Background(), "installPath", rep["installPath"].(string))
+		img, err := e.a.images.Lookup(context.Background(), "installPath", rep["installPath"].(string))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,6 +7,7 @@ import (
 
 	"imagestore/agent/api"
 	"imagestore/agent/exports"
+	"imagestore/agent/images"
 	"imagestore/agent/jobs"
 )
 
@@ -32,7 +33,7 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 	}
 	base := a.exportBase(r)
 	a.async(w, r, JobSpec{Kind: "export", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
-		img, err := a.lookupImage(ctx, "installPath", req.InstallPath)
+		img, err := a.images.Lookup(ctx, "installPath", req.InstallPath)
 		if err != nil {
 			return nil, err
 		}
@@ -41,7 +42,7 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 			return nil, err
 		}
 		rep := api.ExportReply{ImgURL: base + exp.Path(), MD5Sum: exp.MD5Sum, Size: exp.Size, Format: exp.ExtFmt}
-		if img.Name == databaseBackupName {
+		if img.Name == images.DatabaseBackupName {
 			rep.DatabaseBackupURL = rep.ImgURL
 		}
 		return rep, nil
@@ -63,7 +64,7 @@ func (a *Agent) delExport(w http.ResponseWriter, r *http.Request) {
 			sel.Token = token
 		}
 		if req.InstallPath != "" {
-			if _, err := parseImagePath("installPath", req.InstallPath); err != nil {
+			if _, err := images.ParsePath("installPath", req.InstallPath); err != nil {
 				return nil, err
 			}
 		}

@@ -188,17 +188,3 @@ func (a *Agent) imageHash(w http.ResponseWriter, r *http.Request) {
 		return api.ImageHashReply{Hash: sum, Algorithm: req.HashAlgorithm()}, nil
 	})
 }
-
-// Transitional forwarders for handlers of other areas (exports, NBD)
-// that still name these; new code calls agent/images directly.
-
-// lookupImage loads the image an install path (or name:id) in field names.
-func (a *Agent) lookupImage(ctx context.Context, field, s string) (blobstore.Image, error) {
-	return a.images.Lookup(ctx, field, s)
-}
-
-// parseImagePath accepts zstore://name/id or name:id.
-func parseImagePath(field, s string) (blobstore.Ref, error) { return images.ParsePath(field, s) }
-
-// databaseBackupName is the image name database backups are stored under.
-const databaseBackupName = images.DatabaseBackupName

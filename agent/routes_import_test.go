@@ -127,7 +127,7 @@ func TestImportHTTPResumeAndFormats(t *testing.T) {
 	if r7num(rep["virtualsize"]) != 4<<20 || rep["name"] != "img" || r7num(rep["totalSize"]) <= 0 {
 		t.Fatalf("reply %v", rep)
 	}
-	img, err := e.a.lookupImage(context.Background(), "installPath", rep["installPath"].(string))
+	img, err := e.a.images.Lookup(context.Background(), "installPath", rep["installPath"].(string))
 	if err != nil || img.Arch != "x86_64" || img.Desc != "d" {
 		t.Fatalf("record %+v %v", img, err)
 	}

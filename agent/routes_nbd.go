@@ -126,7 +126,7 @@ func (a *Agent) exportRemoteTarget(w http.ResponseWriter, r *http.Request) {
 		if err := a.nbd.Err(); err != nil {
 			return nil, err
 		}
-		img, err := a.lookupImage(ctx, "installPath", req.InstallPath)
+		img, err := a.images.Lookup(ctx, "installPath", req.InstallPath)
 		if err != nil {
 			return nil, err
 		}

@@ -218,7 +218,7 @@ func TestNBDTargetBackupThenImport(t *testing.T) {
 // flattenTo writes the stored chain of installPath as a raw file.
 func r7flattenTo(t *testing.T, e *restoreEnv, installPath, dst string) {
 	t.Helper()
-	img, err := e.a.lookupImage(context.Background(), "installPath", installPath)
+	img, err := e.a.images.Lookup(context.Background(), "installPath", installPath)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,7 +67,7 @@ func TestPullFromHostMatchesImport(t *testing.T) {
 		t.Fatalf("base: pulled %s, imported %s", got, want)
 	}
 	parentPath := baseOut["installPath"].(string)
-	parent, err := e.a.lookupImage(ctx, "parent", parentPath)
+	parent, err := e.a.images.Lookup(ctx, "parent", parentPath)
 	if err != nil {
 		t.Fatal(err)
 	}

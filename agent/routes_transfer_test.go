@@ -257,14 +257,14 @@ func TestPullFromHostChain(t *testing.T) {
 			t.Fatalf("delta %d: images %d→%d, blobs %d→%d", i+1, imgs0, imgs1, blobs0, blobs1)
 		}
 		ip := out["installPath"].(string)
-		img, err := e.a.lookupImage(context.Background(), "installPath", ip)
+		img, err := e.a.images.Lookup(context.Background(), "installPath", ip)
 		if err != nil || img.Parent == "" {
 			t.Fatalf("delta %d: recorded %+v, %v", i+1, img, err)
 		}
 		// The stored layer names its parent by the canonical backing name.
 		path, _ := e.store.BlobPath(img.Blob)
 		info := hpRun(t, "qemu-img", "info", "--output=json", "-U", path)
-		pimg, _ := e.a.lookupImage(context.Background(), "parent", parent)
+		pimg, _ := e.a.images.Lookup(context.Background(), "parent", parent)
 		if !strings.Contains(info, blobstore.BackingName(pimg.Blob)) {
 			t.Fatalf("delta %d: backing name not canonical: %s", i+1, info)
 		}
