@@ -255,7 +255,7 @@ func (s *statusRecorder) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// Handler returns the management-port handler: /imagestore/*, /exports/,
+// Handler returns the management-port handler: /imagestore/*, /export/,
 // /health and /metrics.
 func (a *Agent) Handler() http.Handler { return http.HandlerFunc(a.serveHTTP) }
 
@@ -283,7 +283,7 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		// downloads (qemu-img, a browser, curl), which cannot send our
 		// bearer token. delexp or exportExpiry revokes it.
 		a.serveExport(w, r)
-		return exports.URLPrefix + "{token}/{file}"
+		return exports.URLPrefix + "{file}"
 	}
 	if !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="imagestore"`)

@@ -303,7 +303,7 @@ func TestHTTPAuth(t *testing.T) {
 			}
 			// Export URLs are their own credential (TestExportURLIsCapability):
 			// an unknown one is 404 whatever the header says.
-			if r := e.do(t, http.MethodGet, "/exports/00000000000000000000000000000000/x.qcow2", nil, map[string]string{"Authorization": tc.auth}); r.code != 404 {
+			if r := e.do(t, http.MethodGet, "/export/image-00000000000000000000000000000000.qcow2", nil, map[string]string{"Authorization": tc.auth}); r.code != 404 {
 				t.Fatalf("unknown export with auth %q: %d, want 404", tc.auth, r.code)
 			}
 			// /health never needs the token.

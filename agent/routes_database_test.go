@@ -68,10 +68,10 @@ func TestDatabaseBackupFlow(t *testing.T) {
 
 	exp := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": rep["installPath"]})
 	u, _ := exp["databaseBackupUrl"].(string)
-	if u == "" || u != exp["imgUrl"] {
+	if !strings.HasPrefix(u, "/export/image-") || u != exp["imgUrl"] {
 		t.Fatalf("export reply %v", exp)
 	}
-	req, _ := http.NewRequest(http.MethodGet, u, nil)
+	req, _ := http.NewRequest(http.MethodGet, e.srv.URL+u, nil)
 	req.Header.Set("Range", "bytes=10-99")
 	res, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -86,7 +86,7 @@ func TestDatabaseBackupFlow(t *testing.T) {
 	if r7num(del["deleted"]) != 1 {
 		t.Fatalf("delexp %v", del)
 	}
-	res, err = http.Get(u)
+	res, err = http.Get(e.srv.URL + u)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"net/http"
-	"strings"
 
 	"imagestore/agent/api"
 	"imagestore/agent/exports"
@@ -11,27 +10,15 @@ import (
 	"imagestore/agent/jobs"
 )
 
-// exportBase is the scheme://host the export URLs use.
-func (a *Agent) exportBase(r *http.Request) string {
-	if a.cfg.ExportURLBase != "" {
-		return strings.TrimRight(a.cfg.ExportURLBase, "/")
-	}
-	scheme := "http"
-	if r.TLS != nil {
-		scheme = "https"
-	}
-	return scheme + "://" + r.Host
-}
-
 // export makes an image downloadable (see exports.Service.Create);
-// exporting the same image and format again reuses the export.
+// exporting the same image and format again reuses the export. imgUrl is
+// relative: the management node puts http://<bs-hostname>:8001 in front.
 func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 	var req api.ExportRequest
 	err := decode(r, &req)
 	if err == nil && req.InstallPath == "" {
 		err = missing("installPath")
 	}
-	base := a.exportBase(r)
 	a.async(w, r, JobSpec{Kind: "export", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		img, err := a.images.Lookup(ctx, "installPath", req.InstallPath)
 		if err != nil {
@@ -41,7 +28,7 @@ func (a *Agent) export(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			return nil, err
 		}
-		rep := api.ExportReply{ImgURL: base + exp.Path(), MD5Sum: exp.MD5Sum, Size: exp.Size, Format: exp.ExtFmt}
+		rep := api.ExportReply{ImgURL: exp.Path(), MD5Sum: exp.MD5Sum, Size: exp.Size, Format: exp.ExtFmt}
 		if img.Name == images.DatabaseBackupName {
 			rep.DatabaseBackupURL = rep.ImgURL
 		}
@@ -76,19 +63,15 @@ func (a *Agent) delExport(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// serveExport serves GET/HEAD /exports/<token>/<file> with Range support.
+// serveExport serves GET/HEAD /export/[<anything>-]image-<token>.<ext>
+// with Range support (see exports.Service.Resolve).
 func (a *Agent) serveExport(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
-	token, file, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, exports.URLPrefix), "/")
-	if !ok {
-		http.NotFound(w, r)
-		return
-	}
-	m, f, err := a.exports.Open(token, file)
+	m, f, err := a.exports.Resolve(r.URL.Path)
 	if err != nil { // exports.ErrNotFound
 		http.NotFound(w, r)
 		return

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -171,7 +173,8 @@ func TestExportURLIsCapability(t *testing.T) {
 	files := r7makeChain(t, e.dir, 4<<20)
 	top := e.importChain(t, "vol", files...)[2]
 	rep := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": top.InstallPath(), "extFmt": "raw"})
-	imgURL := rep["imgUrl"].(string)
+	rel := rep["imgUrl"].(string)
+	imgURL := e.srv.URL + rel
 	get := func(url string) (int, []byte) {
 		t.Helper()
 		res, err := http.Get(url) // no Authorization header
@@ -195,15 +198,35 @@ func TestExportURLIsCapability(t *testing.T) {
 	}
 	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, files[2])
 
+	// The URL the management node publishes: the URL-encoded image name in
+	// front of the last segment. It serves the same bytes, with Range, so a
+	// cut download resumes where it stopped.
+	renamed := e.srv.URL + "/export/" + url.PathEscape("centos 7/x86") + "-" + path.Base(rel)
+	if code, b := get(renamed); code != http.StatusOK || !bytes.Equal(b, body) {
+		t.Fatalf("GET %s: %d, %d bytes", renamed, code, len(b))
+	}
+	for _, u := range []string{renamed, imgURL} {
+		req, _ := http.NewRequest(http.MethodGet, u, nil)
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", len(body)/3))
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusPartialContent || !bytes.Equal(b, body[len(body)/3:]) {
+			t.Fatalf("resumed GET %s: %d, %d bytes", u, res.StatusCode, len(b))
+		}
+	}
+
 	if fi, err := os.Stat(filepath.Join(e.a.root, "exports")); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("export root %v %v: want mode 0700, tokens are credentials", fi.Mode(), err)
 	}
-	i := strings.Index(imgURL, "/exports/") + len("/exports/")
-	token, file, _ := strings.Cut(imgURL[i:], "/")
+	token := strings.TrimSuffix(strings.TrimPrefix(rel, "/export/image-"), ".raw")
 	for _, bad := range []string{
-		imgURL[:i] + strings.Repeat("0", len(token)) + "/" + file, // another token
-		imgURL[:i] + token[:len(token)-2] + "/" + file,            // a prefix of it
-		imgURL[:i] + token + "/other.raw",                         // another file
+		e.srv.URL + "/export/image-" + strings.Repeat("0", len(token)) + ".raw", // another token
+		e.srv.URL + "/export/image-" + token[:len(token)-2] + ".raw",            // a prefix of it
+		e.srv.URL + "/export/image-" + token + ".qcow2",                         // another file
 	} {
 		if code, _ := get(bad); code != http.StatusNotFound {
 			t.Errorf("GET %s: %d, want 404", bad, code)
@@ -245,15 +268,15 @@ func TestExportExpiry(t *testing.T) {
 		res.Body.Close()
 		return res.StatusCode
 	}
-	old := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
-	young := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	old := e.srv.URL + e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	young := e.srv.URL + e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
 	if status(old) != 200 || status(young) != 200 {
 		t.Fatal("fresh exports are not served")
 	}
 	// age makes the export of url as old as d; it returns its export.json.
 	age := func(url string, d time.Duration) string {
 		t.Helper()
-		token := strings.Split(url[strings.Index(url, "/exports/")+len("/exports/"):], "/")[0]
+		token := strings.TrimSuffix(strings.TrimPrefix(url, e.srv.URL+"/export/image-"), ".raw")
 		metaPath := filepath.Join(filepath.Join(e.a.root, "exports"), token, "export.json")
 		b, err := os.ReadFile(metaPath)
 		if err != nil {
@@ -272,14 +295,11 @@ func TestExportExpiry(t *testing.T) {
 		}
 		return metaPath
 	}
-	// Exporting again hands out the same URL while it has at least half
-	// its life left, a new one after that.
-	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"]; again != young {
-		t.Fatalf("a fresh export was not reused: %v, first %v", again, young)
-	}
-	age(young, 40*time.Minute)
-	if again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"]; again == young {
-		t.Fatal("an export past half its life was handed out again")
+	// Exporting again while the export lives hands out the same URL and
+	// starts its life again.
+	age(young, 50*time.Minute)
+	if again := e.srv.URL + e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[0].InstallPath(), "extFmt": "raw"})["imgUrl"].(string); again != young {
+		t.Fatalf("a live export was not reused: %v, first %v", again, young)
 	}
 	metaPath := age(old, 2*time.Hour)
 	if got := status(old); got != 404 {
@@ -292,7 +312,7 @@ func TestExportExpiry(t *testing.T) {
 	if status(young) != 200 {
 		t.Fatal("housekeeping removed an export that had not expired")
 	}
-	again := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
+	again := e.srv.URL + e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": imgs[2].InstallPath(), "extFmt": "raw"})["imgUrl"].(string)
 	if again == old || status(again) != 200 {
 		t.Fatalf("export after expiry: %s (old %s)", again, old)
 	}

@@ -27,7 +27,7 @@ func (q *ExportRequest) Validate() error {
 
 // ExportReply answers PathExport.
 type ExportReply struct {
-	ImgURL string `json:"imgUrl"` // http(s)://<host>/exports/<token>/<name>-<id>.<fmt>
+	ImgURL string `json:"imgUrl"` // relative: /export/image-<token>.<fmt>
 	MD5Sum string `json:"md5Sum"` // of the served bytes
 	Size   int64  `json:"size"`
 	Format string `json:"format"`

@@ -14,8 +14,8 @@ func TestExportAndNBDJSON(t *testing.T) {
 		v    any
 		want string
 	}{
-		{ExportReply{ImgURL: "http://h/exports/t/f.raw", MD5Sum: "m", Size: 10, Format: "raw"},
-			`{"imgUrl":"http://h/exports/t/f.raw","md5Sum":"m","size":10,"format":"raw"}`},
+		{ExportReply{ImgURL: "/export/image-0123456789abcdef0123456789abcdef.raw", MD5Sum: "m", Size: 10, Format: "raw"},
+			`{"imgUrl":"/export/image-0123456789abcdef0123456789abcdef.raw","md5Sum":"m","size":10,"format":"raw"}`},
 		{DeleteExportReply{Deleted: 2}, `{"deleted":2}`},
 		{ExportNBDImageReply{ImagePaths: []string{"/t/a"}, Ports: []int{10800}, NBDDescription: "nbd-1", TLS: true},
 			`{"imagePaths":["/t/a"],"ports":[10800],"nbdDescription":"nbd-1","tls":true}`},

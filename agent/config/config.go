@@ -56,9 +56,6 @@ type Config struct {
 	MaxBodyBytes int64 `yaml:"maxBodyBytes"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests.
 	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
-	// ExportURLBase, when set, is the scheme://host:port used in export URLs
-	// (default: derived from the request's Host header).
-	ExportURLBase string `yaml:"exportURLBase"`
 	// ExportExpiry, when positive, removes an export (and so revokes its
 	// URL) this long after it was made; 0 keeps exports until delexp.
 	ExportExpiry time.Duration `yaml:"exportExpiry"`
@@ -270,7 +267,6 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_NBD_BIND":              str(&c.NBD.Bind),
 		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
 		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
-		"IMAGESTORE_EXPORT_URL_BASE":       str(&c.ExportURLBase),
 		"IMAGESTORE_EXPORT_EXPIRY":         dur(&c.ExportExpiry),
 		"IMAGESTORE_ALLOWED_IMPORT_ROOTS": func(v string) error {
 			c.AllowedImportRoots = filepath.SplitList(v)

@@ -1,7 +1,13 @@
 // Package exports makes stored images downloadable: each export is a file
-// under a random 128-bit token, <Root>/<token>/<file>, with its metadata in
-// <Root>/<token>/export.json, written last. The token is the download's
-// credential, so the URL /exports/<token>/<file> needs no other.
+// under a random 128-bit token, <Root>/<token>/image-<token>.<ext>, with
+// its metadata in <Root>/<token>/export.json, written last. The token is
+// the download's credential, so the URL /export/image-<token>.<ext> needs
+// no other.
+//
+// The management node publishes an export URL with the image's name put
+// in front of the last segment (<name>-image-<token>.<ext>) and finds the
+// export again by the text after the last "image-"; Resolve does the same,
+// so the original and the renamed URL both download.
 package exports
 
 import (
@@ -15,6 +21,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -29,8 +36,13 @@ import (
 )
 
 // URLPrefix is the path under which exports are downloaded:
-// URLPrefix + <token> + "/" + <file>.
-const URLPrefix = "/exports/"
+// URLPrefix + "image-" + <token> + "." + <ext>.
+const URLPrefix = "/export/"
+
+// filePrefix starts an export's file name, the URL's last segment: it
+// occurs once in the URL, and everything after its last occurrence is
+// "<token>.<ext>".
+const filePrefix = "image-"
 
 // tokenLen is the length of an export token: 32 hex digits, 128 random
 // bits, which make the URL its own credential.
@@ -60,8 +72,9 @@ type Export struct {
 	Meta
 }
 
-// Path is the export's URL path: URLPrefix + token + "/" + file.
-func (e Export) Path() string { return URLPrefix + e.Token + "/" + e.File }
+// Path is the export's URL path, relative to the agent's listener:
+// URLPrefix + "image-<token>.<ext>".
+func (e Export) Path() string { return URLPrefix + e.File }
 
 // Options configure a Service.
 type Options struct {
@@ -122,9 +135,9 @@ func New(opts Options) (*Service, error) {
 // Create makes img downloadable as extFmt ("" = the image's own format):
 // a qcow2 chain is flattened into one standalone image (qcow2 or raw); a
 // base layer or an opaque blob is hard-linked as is. An existing export of
-// the same image and format with at least half its life left is returned
-// instead, and a concurrent Create of the same waits for and shares the
-// first one's result.
+// the same image and format is returned instead (its life starts again, so
+// the URL a caller got keeps working), and a concurrent Create of the same
+// waits for and shares the first one's result.
 func (s *Service) Create(ctx context.Context, p jobs.Progress, img blobstore.Image, extFmt string) (Export, error) {
 	p.SetImage("", img.InstallPath(), img.Format)
 	if extFmt == "" {
@@ -141,10 +154,13 @@ func (s *Service) Create(ctx context.Context, p jobs.Progress, img blobstore.Ima
 		return Export{}, err
 	}
 	for token, m := range existing {
-		// An export past half its life is not handed out again: a caller
-		// gets a URL with at least half of Expiry left.
-		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt && !s.expired(m, time.Now().Add(s.opts.Expiry/2)) {
+		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt {
+			// The same URL again, with a full life from now.
+			err := s.renew(token, &m)
 			s.mu.Unlock()
+			if err != nil {
+				return Export{}, err
+			}
 			return Export{Token: token, Meta: m}, nil
 		}
 	}
@@ -174,7 +190,7 @@ func (s *Service) Create(ctx context.Context, p jobs.Progress, img blobstore.Ima
 	s.flightMu.Unlock()
 	s.mu.Unlock()
 
-	fl.meta, fl.err = s.write(ctx, p, img, extFmt, dir)
+	fl.meta, fl.err = s.write(ctx, p, img, extFmt, token, dir)
 	if fl.err != nil {
 		_ = os.RemoveAll(dir)
 	}
@@ -191,8 +207,8 @@ func (s *Service) Create(ctx context.Context, p jobs.Progress, img blobstore.Ima
 }
 
 // write writes an export's file and, last, its export.json into dir.
-func (s *Service) write(ctx context.Context, p jobs.Progress, img blobstore.Image, extFmt, dir string) (Meta, error) {
-	meta := Meta{InstallPath: img.InstallPath(), ExtFmt: extFmt, File: img.Name + "-" + img.ID + "." + extFmt}
+func (s *Service) write(ctx context.Context, p jobs.Progress, img blobstore.Image, extFmt, token, dir string) (Meta, error) {
+	meta := Meta{InstallPath: img.InstallPath(), ExtFmt: extFmt, File: fileName(token, extFmt)}
 	if s.opts.BeforeWrite != nil {
 		s.opts.BeforeWrite(img.InstallPath())
 	}
@@ -216,11 +232,38 @@ func (s *Service) write(ctx context.Context, p jobs.Progress, img blobstore.Imag
 	meta.MD5Sum = hex.EncodeToString(h.Sum(nil))
 	// The URL's life (Expiry) counts from here, when it starts to work.
 	meta.Created = time.Now().UTC()
-	b, _ := json.MarshalIndent(meta, "", "  ")
-	if err := fsutil.WriteFile(filepath.Join(dir, metaFile), b, 0o600); err != nil {
-		return meta, err
+	return meta, writeMeta(dir, meta)
+}
+
+// renew starts the life of export token again (mu held).
+func (s *Service) renew(token string, m *Meta) error {
+	m.Created = time.Now().UTC()
+	return writeMeta(filepath.Join(s.opts.Root, token), *m)
+}
+
+func writeMeta(dir string, m Meta) error {
+	b, _ := json.MarshalIndent(m, "", "  ")
+	return fsutil.WriteFile(filepath.Join(dir, metaFile), b, 0o600)
+}
+
+// fileName is an export's file name and its URL's last segment.
+func fileName(token, extFmt string) string { return filePrefix + token + "." + extFmt }
+
+// parseName finds the export a URL path names, the way the management
+// node's removeNameFromExportUrl does: by the text after the last
+// "image-", which must be "<token>.<ext>". It returns the token and the
+// export's file name.
+func parseName(path string) (token, file string, ok bool) {
+	i := strings.LastIndex(path, filePrefix)
+	if i < 0 {
+		return "", "", false
 	}
-	return meta, nil
+	rest := path[i+len(filePrefix):]
+	token, ext, found := strings.Cut(rest, ".")
+	if !found || !isToken(token) || ext == "" || strings.ContainsAny(ext, "/.") {
+		return "", "", false
+	}
+	return token, filePrefix + rest, true
 }
 
 // link exports img's blob as is at dst and hashes it into h. The blob is
@@ -296,14 +339,31 @@ func (s *Service) Delete(ctx context.Context, sel Selector) (int, error) {
 	return n, nil
 }
 
-// TokenFromURL returns the token of an export URL (absolute or a path).
+// TokenFromURL returns the token of an export URL (absolute or a path,
+// original or with the image's name in front of its last segment).
 func TokenFromURL(u string) (string, error) {
-	i := strings.Index(u, URLPrefix)
-	if i < 0 {
+	pu, err := url.Parse(u)
+	if err != nil || !strings.HasPrefix(pu.Path, URLPrefix) {
 		return "", fmt.Errorf("imgUrl %q is not an export URL of this agent", u)
 	}
-	token, _, _ := strings.Cut(u[i+len(URLPrefix):], "/")
+	token, _, ok := parseName(pu.Path)
+	if !ok {
+		return "", fmt.Errorf("imgUrl %q is not an export URL of this agent", u)
+	}
 	return token, nil
+}
+
+// Resolve opens the export a download's (decoded) URL path names:
+// URLPrefix + [<anything>-]image-<token>.<ext>; see Open.
+func (s *Service) Resolve(path string) (Meta, *os.File, error) {
+	if !strings.HasPrefix(path, URLPrefix) {
+		return Meta{}, nil, ErrNotFound
+	}
+	token, file, ok := parseName(path)
+	if !ok {
+		return Meta{}, nil, ErrNotFound
+	}
+	return s.Open(token, file)
 }
 
 // Open opens the file of a complete, unexpired export for serving; any

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -126,10 +127,10 @@ func TestCreateOpaqueBlob(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if exp.File != "zsbak-1.gzip" || exp.ExtFmt != "gzip" || exp.Size != int64(len(data)) || exp.MD5Sum != md5hex(data) || !isToken(exp.Token) {
+	if exp.File != "image-"+exp.Token+".gzip" || exp.ExtFmt != "gzip" || exp.Size != int64(len(data)) || exp.MD5Sum != md5hex(data) || !isToken(exp.Token) {
 		t.Fatalf("export %+v", exp)
 	}
-	if exp.Path() != URLPrefix+exp.Token+"/zsbak-1.gzip" {
+	if exp.Path() != "/export/image-"+exp.Token+".gzip" {
 		t.Fatalf("path %s", exp.Path())
 	}
 	if got := readExport(t, s, exp); !bytes.Equal(got, data) {
@@ -143,7 +144,7 @@ func TestCreateOpaqueBlob(t *testing.T) {
 		t.Fatalf("export.json: %v %v", fi, err)
 	}
 	again, err := s.Create(context.Background(), jobs.Nop{}, img, "gzip")
-	if err != nil || again != exp {
+	if err != nil || again.Token != exp.Token || again.File != exp.File || again.MD5Sum != exp.MD5Sum {
 		t.Fatalf("second export %+v %v, first %+v", again, err, exp)
 	}
 	if _, err := s.Create(context.Background(), jobs.Nop{}, img, "raw"); err == nil {
@@ -173,7 +174,7 @@ func TestCreateFlattensChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := readExport(t, s, exp)
-	if !bytes.Equal(got, guest) || exp.Size != size || exp.MD5Sum != md5hex(guest) || exp.File != "vol-top.raw" {
+	if !bytes.Equal(got, guest) || exp.Size != size || exp.MD5Sum != md5hex(guest) || exp.File != "image-"+exp.Token+".raw" {
 		t.Fatalf("raw export: %d bytes, meta %+v", len(got), exp.Meta)
 	}
 	if p.done.Load() != size {
@@ -223,13 +224,22 @@ func TestDeleteAndOpen(t *testing.T) {
 	if n, err := s.Delete(ctx, Selector{InstallPath: a.InstallPath(), ExtFmt: "raw"}); n != 0 || err != nil {
 		t.Fatalf("delete of another format: %d %v", n, err)
 	}
-	token, err := TokenFromURL("https://h:8001" + eb.Path())
-	if err != nil || token != eb.Token {
-		t.Fatalf("TokenFromURL = %q %v", token, err)
+	for _, u := range []string{
+		"http://h:8001" + eb.Path(),
+		eb.Path(),
+		"http://h:8001/export/my%20image-" + eb.File, // renamed by the management node
+	} {
+		token, err := TokenFromURL(u)
+		if err != nil || token != eb.Token {
+			t.Fatalf("TokenFromURL(%s) = %q %v", u, token, err)
+		}
 	}
-	if _, err := TokenFromURL("https://h/elsewhere/x"); err == nil {
-		t.Fatal("TokenFromURL of a foreign URL")
+	for _, u := range []string{"https://h/elsewhere/x", "https://h/elsewhere/" + eb.File, "/export/image-" + eb.Token[:30] + ".gzip", "/export/image-" + eb.Token} {
+		if _, err := TokenFromURL(u); err == nil {
+			t.Fatalf("TokenFromURL of a foreign URL %s", u)
+		}
 	}
+	token := eb.Token
 	if n, err := s.Delete(ctx, Selector{Token: token}); n != 1 || err != nil {
 		t.Fatalf("delete by token: %d %v", n, err)
 	}
@@ -349,19 +359,25 @@ func TestExpiry(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	age(20 * time.Minute)
-	if again, _ := s.Create(ctx, jobs.Nop{}, img, ""); again.Token != exp.Token {
-		t.Fatal("a young export was not reused")
+	// Exporting again while the export lives hands out the same URL, with
+	// its life started again.
+	age(50 * time.Minute)
+	again, err := s.Create(ctx, jobs.Nop{}, img, "")
+	if err != nil || again.Token != exp.Token || time.Since(again.Created) > time.Minute {
+		t.Fatalf("a live export was not reused and renewed: %+v %v", again, err)
 	}
-	age(40 * time.Minute)
-	young, err := s.Create(ctx, jobs.Nop{}, img, "")
-	if err != nil || young.Token == exp.Token {
-		t.Fatalf("an export past half its life was handed out again: %v", err)
+	if m, err := s.readMeta(exp.Token); err != nil || !m.Created.Equal(again.Created) {
+		t.Fatalf("renewal not persisted: %+v %v", m, err)
 	}
 	if _, f, err := s.Open(exp.Token, exp.File); err != nil {
 		t.Fatalf("an export within its life is not served: %v", err)
 	} else {
 		f.Close()
+	}
+	other := e.put(t, blobstore.Ref{Name: "b", ID: "1"}, "", []byte("other"), "gzip")
+	young, err := s.Create(ctx, jobs.Nop{}, other, "")
+	if err != nil {
+		t.Fatal(err)
 	}
 	age(2 * time.Hour)
 	if _, _, err := s.Open(exp.Token, exp.File); !errors.Is(err, ErrNotFound) {
@@ -373,5 +389,57 @@ func TestExpiry(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(e.root, young.Token)); err != nil {
 		t.Fatalf("young export removed: %v", err)
+	}
+}
+
+// Resolve finds an export by the text after the last "image-" of the
+// decoded path, as the management node's removeNameFromExportUrl does, so
+// the URL it publishes (the image name in front of the last segment) and
+// the original both serve the file; anything else is ErrNotFound.
+func TestResolve(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := e.service(t, nil)
+	data := []byte("qcow2 bytes, say")
+	img := e.put(t, blobstore.Ref{Name: "n", ID: "1"}, "", data, "gzip")
+	exp, err := s.Create(context.Background(), jobs.Nop{}, img, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		ok   bool
+	}{
+		{exp.Path(), true},
+		{"/export/centos7-" + exp.File, true},
+		{"/export/my image-1 (copy)-" + exp.File, true}, // "image-" inside the name
+		{"/export/a/b+c-" + exp.File, true},             // an encoded "/" decodes to a path separator
+		{"/exports/" + exp.File, false},
+		{"/export/" + exp.Token + ".gzip", false},
+		{"/export/image-" + exp.Token + ".raw", false},
+		{"/export/image-" + exp.Token, false},
+		{"/export/image-" + exp.Token + ".gzip/x", false},
+		{"/export/image-" + exp.Token[1:] + "0.gzip", false},
+		{"/export/" + exp.File + "-image-" + strings.Repeat("0", 32) + ".gzip", false},
+	} {
+		m, f, err := s.Resolve(tc.path)
+		if !tc.ok {
+			if !errors.Is(err, ErrNotFound) {
+				t.Errorf("Resolve(%q) = %v, want ErrNotFound", tc.path, err)
+				if f != nil {
+					f.Close()
+				}
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("Resolve(%q): %v", tc.path, err)
+			continue
+		}
+		got, _ := io.ReadAll(f)
+		f.Close()
+		if !bytes.Equal(got, data) || m.MD5Sum != md5hex(data) {
+			t.Errorf("Resolve(%q) served %q (md5 %s)", tc.path, got, m.MD5Sum)
+		}
 	}
 }

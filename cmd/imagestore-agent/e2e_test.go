@@ -332,7 +332,7 @@ func TestE2EAuth(t *testing.T) {
 		{"right", "Bearer s3cret-token-value", 200},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			for _, p := range []string{"/imagestore/echo/", "/metrics", "/exports/00000000000000000000000000000000/x"} {
+			for _, p := range []string{"/imagestore/echo/", "/metrics", "/export/image-00000000000000000000000000000000.qcow2"} {
 				req, _ := http.NewRequest(http.MethodGet, d.url+p, nil)
 				if tc.auth != "" {
 					req.Header.Set("Authorization", tc.auth)
@@ -343,7 +343,7 @@ func TestE2EAuth(t *testing.T) {
 				}
 				res.Body.Close()
 				want := tc.want
-				if strings.HasPrefix(p, "/exports/") {
+				if strings.HasPrefix(p, "/export/") {
 					want = 404 // the URL is its own credential: unknown with or without the token
 				}
 				if res.StatusCode != want {
@@ -437,8 +437,15 @@ func TestE2EBackupFlow(t *testing.T) {
 
 	exp := d.async(t, m, "/imagestore/export/", map[string]any{"installPath": ip2, "extFmt": "qcow2"})
 	mustSucceed(t, "export", exp)
-	url := exp["imgUrl"].(string)
+	// imgUrl is relative; the management node puts the image's name in
+	// front of its last segment, and both forms download.
+	rel := exp["imgUrl"].(string)
+	url := d.url + rel
 	got := download(t, url, "")
+	renamed := d.url + strings.Replace(rel, "/image-", "/centos%207-image-", 1)
+	if !bytes.Equal(download(t, renamed, ""), got) {
+		t.Fatal("the renamed export URL serves other bytes")
+	}
 	sum := md5.Sum(got)
 	if hex.EncodeToString(sum[:]) != exp["md5Sum"] {
 		t.Fatalf("md5 of download %x, reply %v", sum, exp["md5Sum"])
