@@ -55,7 +55,7 @@ var corpusWant = map[string]any{
 	"alias-zero-alloc-data": ErrFormat, "data-offset-huge": ErrFormat,
 
 	"compressed-past-eof": ErrFormat, "compressed-run-past-eof": ErrFormat,
-	"compressed-offset-2^56": ErrFormat, "compressed-aliases-l1": ErrFormat,
+	"compressed-offset-2^56": ErrFormat, "compressed-aliases-l1": ErrFormat, "compressed-run-shared": ErrFormat,
 	"compressed-bomb-zlib": errRead, "compressed-bomb-zstd": errRead,
 	"compressed-short-zlib": errRead, "compressed-garbage": errRead, "compressed-garbage-zstd": errRead,
 }

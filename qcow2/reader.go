@@ -1,9 +1,12 @@
 package qcow2
 
 import (
+	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 )
@@ -97,26 +100,50 @@ func readTable(r io.ReaderAt, off int64, n uint64) ([]uint64, error) {
 }
 
 // owners records every host cluster that must have exactly one owner
-// (header, tables, standard data clusters) and the clusters compressed data
-// touches (which may share among themselves, never with the former). Both
-// are flat slices sized by the tables, so the check is bounded by them.
+// (header, tables, standard data clusters) and the L2 entries of compressed
+// clusters (whose runs may share host clusters among themselves, never with
+// the former, and never start at the same byte). Both are flat slices of 8
+// bytes per allocated cluster, so the check is bounded by the tables.
 type owners struct {
 	excl []uint64
-	comp [][2]uint64 // inclusive host cluster ranges of compressed clusters
+	comp []uint64 // L2 entries of compressed clusters
 }
 
-func (o *owners) check() error {
-	sort.Slice(o.excl, func(i, j int) bool { return o.excl[i] < o.excl[j] })
+// check sorts both lists and refuses a host cluster owned twice, a
+// compressed run that starts where another does (qemu never shares
+// compressed data; qemu-img check calls such an image corrupt), compressed
+// data on a cluster owned otherwise, and compressed clusters that expand
+// beyond the decompression budget (see MaxCompressionRatio).
+func (o *owners) check(im *Image) error {
+	slices.Sort(o.excl)
 	for i := 1; i < len(o.excl); i++ {
 		if o.excl[i] == o.excl[i-1] {
 			return formatErr("cluster allocation", "host cluster %d is referenced twice", o.excl[i])
 		}
 	}
-	for _, c := range o.comp {
-		i := sort.Search(len(o.excl), func(i int) bool { return o.excl[i] >= c[0] })
-		if i < len(o.excl) && o.excl[i] <= c[1] {
-			return formatErr("compressed cluster", "host cluster %d holds compressed data and is also used as metadata or data", o.excl[i])
+	offMask := uint64(1)<<(62-(im.cb-8)) - 1
+	slices.SortFunc(o.comp, func(a, b uint64) int { return cmp.Compare(a&offMask, b&offMask) })
+	var covered, coveredEnd uint64 // distinct host bytes the compressed runs span
+	for i, e := range o.comp {
+		off, n := im.compressedRange(e)
+		end := min(off+n, uint64(im.size))
+		if i > 0 && o.comp[i-1]&offMask == off {
+			return formatErr("compressed cluster", "the compressed data at host offset %#x is referenced by more than one L2 entry (qemu never writes that; qemu-img check calls it corrupt)", off)
 		}
+		if end > coveredEnd {
+			covered += end - max(off, coveredEnd)
+			coveredEnd = end
+		}
+		first, last := off>>im.cb, (end-1)>>im.cb
+		j := sort.Search(len(o.excl), func(j int) bool { return o.excl[j] >= first })
+		if j < len(o.excl) && o.excl[j] <= last {
+			return formatErr("compressed cluster", "host cluster %d holds compressed data and is also used as metadata or data", o.excl[j])
+		}
+	}
+	out := uint64(len(o.comp)) << im.cb
+	if budget := decompressBudget(covered); out > budget {
+		return formatErr("compressed cluster", "%d compressed clusters inflate to %d bytes from %d bytes of compressed data, beyond the decompression budget of %d bytes (max(%d, %d × compressed bytes))",
+			len(o.comp), out, covered, budget, MinDecompressBudget, MaxCompressionRatio)
 	}
 	return nil
 }
@@ -124,20 +151,29 @@ func (o *owners) check() error {
 // hostCluster validates a table entry's cluster offset: aligned, below 2^56
 // and (when whole) inside the file.
 func (im *Image) hostCluster(field string, off uint64, whole bool) error {
+	if reason := im.clusterProblem(off, whole); reason != "" {
+		return formatErr(field, "%s", reason)
+	}
+	return nil
+}
+
+// clusterProblem is hostCluster's check without the error (and so without
+// an allocation per entry): "" when off is a valid cluster offset.
+func (im *Image) clusterProblem(off uint64, whole bool) string {
 	if off&uint64(im.cs-1) != 0 {
-		return formatErr(field, "offset %#x is not aligned to the cluster size %d", off, im.cs)
+		return fmt.Sprintf("offset %#x is not aligned to the cluster size %d", off, im.cs)
 	}
 	if off >= maxHostOffset {
-		return formatErr(field, "offset %#x is beyond 2^56", off)
+		return fmt.Sprintf("offset %#x is beyond 2^56", off)
 	}
 	end := off + 1
 	if whole {
 		end = off + uint64(im.cs)
 	}
 	if end > uint64(im.size) {
-		return formatErr(field, "cluster at %#x runs past the end of the file (%d bytes)", off, im.size)
+		return fmt.Sprintf("cluster at %#x runs past the end of the file (%d bytes)", off, im.size)
 	}
-	return nil
+	return ""
 }
 
 func (im *Image) loadTables() error {
@@ -185,10 +221,24 @@ func (im *Image) loadTables() error {
 
 	im.l2Index = make([]uint32, len(im.l1))
 	entries := uint64(1) << im.l2Bits
+	// The metadata budget is checked before any L2 table is read: the L1
+	// table says how many there are.
+	var tables uint64
 	for i, e := range im.l1 {
 		if e&l1Reserved != 0 {
 			return formatErr("L1 table", "entry %d (%#x) has reserved bits set", i, e)
 		}
+		if e&offsetMask != 0 {
+			tables++
+		}
+	}
+	if need, budget := tables<<im.cb, MetadataBudget(int64(h.size)); need > uint64(budget) {
+		return formatErr("L1 table", "%d L2 tables (%d bytes) exceed the metadata budget of %d bytes for virtual size %d (max(%d, virtual size / %d))",
+			tables, need, budget, h.size, MinMetadataBudget, metadataBudgetDivisor)
+	}
+	im.l2Tables = make([]uint64, 0, tables*entries)
+	buf := make([]byte, entries*8)
+	for i, e := range im.l1 {
 		off := e & offsetMask
 		if off == 0 {
 			continue
@@ -197,47 +247,67 @@ func (im *Image) loadTables() error {
 			return err
 		}
 		own.excl = append(own.excl, off>>im.cb)
-		t, err := readTable(im.r, int64(off), entries)
-		if err != nil {
+		if err := readFull(im.r, buf, int64(off)); err != nil {
 			return err
 		}
-		for j, e2 := range t {
-			if err := im.checkL2(&own, uint64(i)<<im.l2Bits+uint64(j), e2); err != nil {
+		base := uint64(len(im.l2Tables))
+		for j := uint64(0); j < entries; j++ {
+			e2 := binary.BigEndian.Uint64(buf[j*8:])
+			if err := im.checkL2(uint64(i)<<im.l2Bits+j, e2); err != nil {
 				return err
 			}
+			im.l2Tables = append(im.l2Tables, e2)
 		}
-		im.l2Tables = append(im.l2Tables, t...)
-		im.l2Index[i] = uint32(len(im.l2Tables) >> im.l2Bits)
+		im.l2Index[i] = uint32((base >> im.l2Bits) + 1)
 	}
-	if err := own.check(); err != nil {
+	// Owners are gathered after the tables are checked, into slices sized
+	// exactly (a growing slice would allocate several times its size).
+	var nData, nComp int
+	for _, e := range im.l2Tables {
+		switch {
+		case e&entryCompressed != 0:
+			nComp++
+		case e&offsetMask != 0:
+			nData++
+		}
+	}
+	own.excl = slices.Grow(own.excl, nData)
+	own.comp = make([]uint64, 0, nComp)
+	for _, e := range im.l2Tables {
+		switch {
+		case e&entryCompressed != 0:
+			own.comp = append(own.comp, e)
+		case e&offsetMask != 0:
+			own.excl = append(own.excl, (e&offsetMask)>>im.cb)
+		}
+	}
+	if err := own.check(im); err != nil {
 		return err
 	}
 	im.buildExtents()
 	return nil
 }
 
-// checkL2 validates one L2 entry of guest cluster gc and records its owner.
-func (im *Image) checkL2(own *owners, gc uint64, e uint64) error {
-	field := func() string { return fmt.Sprintf("L2 entry for guest cluster %d", gc) }
+// checkL2 validates one L2 entry of guest cluster gc (its owner is recorded
+// later).
+func (im *Image) checkL2(gc uint64, e uint64) error {
 	if e&entryCompressed != 0 {
 		off, n := im.compressedRange(e)
 		if off == 0 || off >= maxHostOffset {
-			return formatErr(field(), "compressed data offset %#x is invalid", off)
+			return formatErr(l2Field(gc), "compressed data offset %#x is invalid", off)
 		}
 		if off >= uint64(im.size) {
-			return formatErr(field(), "compressed data at %#x starts past the end of the file (%d bytes)", off, im.size)
+			return formatErr(l2Field(gc), "compressed data at %#x starts past the end of the file (%d bytes)", off, im.size)
 		}
 		// QEMU rounds the run up to whole 512-byte sectors, so the last
 		// compressed cluster may claim up to 511 bytes past EOF; no more.
 		if off+n > uint64(im.size)+511 {
-			return formatErr(field(), "compressed run %#x+%d runs past the end of the file (%d bytes)", off, n, im.size)
+			return formatErr(l2Field(gc), "compressed run %#x+%d runs past the end of the file (%d bytes)", off, n, im.size)
 		}
-		end := min(off+n, uint64(im.size))
-		own.comp = append(own.comp, [2]uint64{off >> im.cb, (end - 1) >> im.cb})
 		return nil
 	}
 	if e&l2Reserved != 0 {
-		return formatErr(field(), "entry %#x has reserved bits set", e)
+		return formatErr(l2Field(gc), "entry %#x has reserved bits set", e)
 	}
 	off := e & offsetMask
 	if off == 0 {
@@ -245,12 +315,13 @@ func (im *Image) checkL2(own *owners, gc uint64, e uint64) error {
 	}
 	// A data cluster's tail may lie past EOF (QEMU reads it as zeros); its
 	// start may not.
-	if err := im.hostCluster(field(), off, false); err != nil {
-		return err
+	if reason := im.clusterProblem(off, false); reason != "" {
+		return formatErr(l2Field(gc), "%s", reason)
 	}
-	own.excl = append(own.excl, off>>im.cb)
 	return nil
 }
+
+func l2Field(gc uint64) string { return fmt.Sprintf("L2 entry for guest cluster %d", gc) }
 
 // compressedRange decodes a compressed L2 entry: host offset and the length
 // of the sector-rounded run holding the compressed stream.

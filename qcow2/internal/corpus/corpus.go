@@ -240,6 +240,11 @@ func All() []Image {
 	add("compressed-aliases-l1", func(b img) img { b.l2(3, compressedEntry(cL1*CS+100, 0)); return b })
 	add("compressed-bomb-zlib", func(b img) img { return withCompressed(b, deflate(make([]byte, 256<<10))) })
 	add("compressed-bomb-zstd", func(b img) img { return withCompressed(zstdHeader(b), zstdFrame(make([]byte, 256<<10))) })
+	add("compressed-run-shared", func(b img) img {
+		b = withCompressed(b, deflate(bytes.Repeat([]byte{0x33}, CS)))
+		b.l2(4, compressedEntry(cSpare*CS, 0)) // a second entry on the same run
+		return b
+	})
 	add("compressed-short-zlib", func(b img) img { return withCompressed(b, deflate(make([]byte, 100))) })
 	add("compressed-garbage", func(b img) img { return withCompressed(b, bytes.Repeat([]byte{0xff, 0x00, 0x13}, 100)) })
 	add("compressed-garbage-zstd", func(b img) img {
