@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -43,6 +40,7 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	desc := fs.String("desc", "", "description stored with the image")
 	arch := fs.String("arch", "", "architecture stored with the image")
 	author := fs.String("author", "", "author stored with the image")
+	compress := fs.Bool("compress", false, "store the layer's compressible clusters zstd-compressed (qemu reads them in place); reads FILE twice")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return err
@@ -77,17 +75,16 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 		return usageErr("%v", err)
 	}
 
-	layer, err := normalizeFile(ctx, g, pos[0], backing, chain, *conc)
+	src, err := openSource(pos[0], chain)
 	if err != nil {
 		return err
 	}
-	defer layer.remove()
-
-	lim := ratelimit.New(bw.v)
-	sent, err := uploadLayer(ctx, g, c, ref.Name, layer, lim)
+	defer src.f.Close()
+	layer, err := pushLayer(ctx, g, c, ref.Name, src, qcow2.WriteOptions{BackingFile: backing, Compress: *compress}, *conc, ratelimit.New(bw.v))
 	if err != nil {
 		return err
 	}
+	sent := layer.sent
 	img := blobstore.Image{
 		Ref: ref, Blob: layer.digest, Created: time.Now().UTC().Truncate(time.Second),
 		Author: *author, Arch: *arch, Desc: *desc,
@@ -128,89 +125,107 @@ func parentChain(ctx context.Context, c *oci.Client, parent string) (blobstore.R
 	return pref, ri.Chain, blobstore.BackingName(ri.Top().Blob), nil
 }
 
-// localLayer is a canonical layer written to a temp file.
-type localLayer struct {
-	path        string
-	f           *os.File
-	digest      digest.Digest
-	size        int64
-	virtualSize int64
+// source is push's FILE: a qcow2 image (im set) or a raw disk.
+type source struct {
+	path  string
+	f     *os.File
+	size  int64 // file bytes
+	im    *qcow2.Image
+	vsize int64
 }
 
-func (l *localLayer) remove() {
-	l.f.Close()
-	os.Remove(l.path)
-}
-
-// normalizeFile re-encodes path (qcow2 or raw) as a canonical layer in a
-// temp file beside it (or in $TMPDIR when that directory is read-only),
-// hashing on the way: the digest must be known before the upload starts.
-//
-// With readers > 1, a qcow2 source's data clusters (DataRanges, in file
-// order) are read ahead by that many goroutines in 4 MiB pieces (at most
-// 2 × readers pieces in memory) for the writer's first pass, which helps
-// on storage that needs several requests in flight (NFS, Ceph, a busy
-// array). A raw source is read by the writer itself, holes skipped.
-func normalizeFile(ctx context.Context, g *globals, path, backing string, parentChain []blobstore.Image, readers int) (*localLayer, error) {
-	src, err := os.Open(path)
+// openSource opens path and checks it against the parent chain.
+func openSource(path string, parentChain []blobstore.Image) (*source, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	defer src.Close()
-	st, err := src.Stat()
+	s := &source{path: path, f: f}
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+		}
+	}()
+	st, err := f.Stat()
 	if err != nil {
 		return nil, err
 	}
 	if !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s: not a regular file", path)
 	}
-	im, err := qcow2.Open(src, st.Size())
-	raw := errors.Is(err, qcow2.ErrNotQcow2)
-	if err != nil && !raw {
+	s.size, s.vsize = st.Size(), st.Size()
+	im, err := qcow2.Open(f, st.Size())
+	switch {
+	case err == nil:
+		s.im, s.vsize = im, im.VirtualSize()
+	case !errors.Is(err, qcow2.ErrNotQcow2):
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	vsize := st.Size()
-	if !raw {
-		vsize = im.VirtualSize()
+	if n := len(parentChain); n > 0 && parentChain[n-1].VirtualSize != s.vsize {
+		return nil, fmt.Errorf("%s: virtual size %d differs from the parent's %d", path, s.vsize, parentChain[n-1].VirtualSize)
 	}
-	if n := len(parentChain); n > 0 && parentChain[n-1].VirtualSize != vsize {
-		return nil, fmt.Errorf("%s: virtual size %d differs from the parent's %d", path, vsize, parentChain[n-1].VirtualSize)
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".imagestore-push-*")
-	if err != nil {
-		if tmp, err = os.CreateTemp("", "imagestore-push-*"); err != nil {
-			return nil, err
-		}
-	}
-	l := &localLayer{path: tmp.Name(), f: tmp, virtualSize: vsize}
-	ok := false
-	defer func() {
-		if !ok {
-			l.remove()
-		}
-	}()
-	h := sha256.New()
-	bw := bufio.NewWriterSize(io.MultiWriter(tmp, h), 1<<20)
-	p := g.newProgress("normalize", 0)
-	opts := qcow2.WriteOptions{BackingFile: backing}
-	var n int64
-	if raw {
-		n, err = qcow2.NormalizeRaw(ctx, bw, src, vsize, opts)
-	} else {
-		n, err = normalizeQcow2(ctx, bw, src, st.Size(), im, opts, readers)
-	}
-	p.Add(n)
-	p.Done()
-	if err != nil {
-		return nil, fmt.Errorf("%s: normalize: %w", path, err)
-	}
-	if err := bw.Flush(); err != nil {
-		return nil, err
-	}
-	l.size = n
-	l.digest = digest.NewDigest(digest.SHA256, h)
 	ok = true
-	return l, nil
+	return s, nil
+}
+
+// pushed is a layer the store now holds.
+type pushed struct {
+	digest      digest.Digest
+	size        int64
+	virtualSize int64
+	sent        int64
+}
+
+// pushLayer streams src, re-encoded as a canonical layer, to the store in
+// one pass: the encoder writes into the upload as it reads, the digest is
+// computed on the way and named by the completing PUT, so nothing of the
+// layer is kept locally. After a cut the encoder runs again (it is
+// deterministic) and the upload resumes at the store's durable offset.
+//
+// Without compression the layout of a qcow2 FILE is guessed from its
+// allocation (AssumeNoZeroData), so FILE is read once; if it holds an all-zero data
+// cluster the guess fails and the push starts over with the writer's scan
+// pass. With compression the writer's scan pass reads FILE first, to learn
+// each compressed cluster's size (the tables come before the data), then
+// the write pass reads it again while uploading.
+//
+// With readers > 1, a qcow2 source's data clusters (DataRanges, in file
+// order) are read ahead by that many goroutines in 4 MiB pieces (at most
+// 2 × readers pieces in memory), which helps on storage that needs several
+// requests in flight (NFS, Ceph, a busy array). A raw source is read by
+// the writer itself, holes skipped.
+func pushLayer(ctx context.Context, g *globals, c *oci.Client, name string, src *source, opts qcow2.WriteOptions, readers int, lim *ratelimit.Limiter) (pushed, error) {
+	total := src.size
+	if src.im != nil {
+		total = src.im.AllocatedBytes()
+	}
+	p := g.newProgress("push", total)
+	defer p.Done()
+	var sent atomic.Int64
+	// A raw disk is full of zero clusters, so it always takes the scan pass.
+	opts.AssumeNoZeroData = !opts.Compress && src.im != nil
+	for {
+		produce := func(ctx context.Context, w io.Writer) (int64, error) {
+			w = ratelimit.Writer(ctx, w, lim)
+			if src.im == nil {
+				return qcow2.NormalizeRaw(ctx, w, src.f, src.vsize, opts)
+			}
+			return normalizeQcow2(ctx, w, src.f, src.size, src.im, opts, readers)
+		}
+		d, n, err := c.PushProduced(ctx, name, produce, oci.StreamOptions{Progress: func(n int64) {
+			sent.Add(n)
+			p.Add(n)
+		}})
+		if errors.Is(err, qcow2.ErrZeroData) && opts.AssumeNoZeroData {
+			opts.AssumeNoZeroData = false // the same layer, laid out by the scan pass
+			continue
+		}
+		if err != nil {
+			return pushed{sent: sent.Load()}, fmt.Errorf("%s: push: %w", src.path, err)
+		}
+		return pushed{digest: d, size: n, virtualSize: src.vsize, sent: sent.Load()}, nil
+	}
 }
 
 // normalizeQcow2 runs qcow2.Normalize on im, reading its data clusters
@@ -232,30 +247,4 @@ func normalizeQcow2(ctx context.Context, w io.Writer, src io.ReaderAt, size int6
 		return 0, err
 	}
 	return qcow2.Normalize(ctx, w, pim, opts)
-}
-
-// uploadLayer sends the layer unless the store has it already; returns the
-// bytes sent. PushBlob resumes a cut upload from the store's durable offset.
-func uploadLayer(ctx context.Context, g *globals, c *oci.Client, name string, l *localLayer, lim *ratelimit.Limiter) (int64, error) {
-	size, err := c.StatBlob(ctx, name, l.digest)
-	switch {
-	case err == nil && size == l.size:
-		return 0, nil
-	case err == nil || errors.Is(err, oci.ErrNotFound):
-	default:
-		return 0, fmt.Errorf("check blob %s: %w", l.digest, err)
-	}
-	p := g.newProgress("push", l.size)
-	defer p.Done()
-	// A layer is one upload session: the distribution protocol appends a
-	// session's chunks in order, so there is nothing to split across streams.
-	var sent atomic.Int64
-	err = c.PushBlob(ctx, name, l.digest, l.size, ratelimit.ReaderAt(ctx, l.f, lim), oci.PushOptions{Progress: func(n int64) {
-		sent.Add(n)
-		p.Add(n)
-	}})
-	if err != nil {
-		return sent.Load(), fmt.Errorf("upload %s: %w", l.digest, err)
-	}
-	return sent.Load(), nil
 }
