@@ -50,12 +50,13 @@ func fillRandom(rng *rand.Rand, b []byte) {
 	}
 }
 
-var (
-	levels   = []string{"INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR"}
-	services = []string{"nova-compute", "libvirtd", "sshd", "kernel", "systemd", "zstack-agent", "nginx", "mysqld"}
-	verbs    = []string{"GET", "POST", "PUT", "DELETE"}
-	paths    = []string{"/api/v1/vms", "/api/v1/volumes", "/health", "/metrics", "/api/v1/images", "/login"}
-	msgs     = []string{
+// fillText writes log lines into b (exactly len(b) bytes).
+func fillText(rng *rand.Rand, b []byte, t *int64) {
+	levels := []string{"INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR"}
+	services := []string{"nova-compute", "libvirtd", "sshd", "kernel", "systemd", "zstack-agent", "nginx", "mysqld"}
+	verbs := []string{"GET", "POST", "PUT", "DELETE"}
+	paths := []string{"/api/v1/vms", "/api/v1/volumes", "/health", "/metrics", "/api/v1/images", "/login"}
+	msgs := []string{
 		"connection from %d.%d.%d.%d port %d accepted",
 		"volume %08x attached to instance %08x",
 		"request completed in %d ms status=%d",
@@ -63,11 +64,7 @@ var (
 		"Started Session %d of user %s.",
 		"disk I/O latency %d us on vd%c",
 	}
-	users = []string{"root", "admin", "zstack", "backup", "www-data"}
-)
-
-// fillText writes log lines into b (exactly len(b) bytes).
-func fillText(rng *rand.Rand, b []byte, t *int64) {
+	users := []string{"root", "admin", "zstack", "backup", "www-data"}
 	pos := 0
 	for pos < len(b) {
 		*t += int64(rng.IntN(2000))
