@@ -19,7 +19,7 @@ import (
 	"imagestore/internal/lockedbuf"
 )
 
-var agentBin string
+var agentBin, cliBin, zstcliBin string
 
 // TestMain builds the real daemon once; tests run it as a subprocess.
 func TestMain(m *testing.M) {
@@ -29,6 +29,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	agentBin = filepath.Join(dir, "imagestore-agent")
+	// add's host-local index: never the machine's own.
+	os.Setenv("IMAGESTORE_STATE_DIR", filepath.Join(dir, "state"))
 	gobin, err := exec.LookPath("go")
 	if err != nil {
 		gobin = "/usr/local/go/bin/go"
@@ -36,6 +38,20 @@ func TestMain(m *testing.M) {
 	out, err := exec.Command(gobin, "build", "-o", agentBin, "imagestore/cmd/imagestore-agent").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building daemon: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	cliBin = filepath.Join(dir, "imagestore")
+	out, err = exec.Command(gobin, "build", "-o", cliBin, "imagestore/cmd/imagestore").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building the CLI: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	// Called through a symlink named zstcli, as the cloud installs it.
+	zstcliBin = filepath.Join(dir, "zstcli")
+	if err := os.Symlink(cliBin, zstcliBin); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
@@ -58,6 +74,12 @@ type store struct {
 // startStore runs the daemon on 127.0.0.1:0 ports with a fresh store.
 func startStore(t *testing.T, token string) *store {
 	t.Helper()
+	return startStoreWith(t, token, "")
+}
+
+// startStoreWith is startStore with extra YAML lines in the config (TLS).
+func startStoreWith(t *testing.T, token, extra string) *store {
+	t.Helper()
 	dir := t.TempDir()
 	cfg := fmt.Sprintf(`root: %s
 listen: 127.0.0.1:0
@@ -69,7 +91,7 @@ callbackMaxDelay: 100ms
 verifyInterval: 0s
 shutdownTimeout: 5s
 token: %q
-`, filepath.Join(dir, "store"), token)
+`, filepath.Join(dir, "store"), token) + extra
 	cfgPath := filepath.Join(dir, "agent.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -92,13 +114,16 @@ token: %q
 		for sc.Scan() {
 			line := sc.Bytes()
 			fmt.Fprintf(&s.logs, "%s\n", line)
-			var rec struct{ Msg, Addr string }
+			var rec struct{ Msg, Addr, Scheme string }
 			if json.Unmarshal(line, &rec) == nil {
+				if rec.Scheme == "" {
+					rec.Scheme = "http"
+				}
 				switch rec.Msg {
 				case "listening":
-					agentAddr <- rec.Addr
+					agentAddr <- rec.Scheme + "://" + rec.Addr
 				case "registry listening":
-					regAddr <- rec.Addr
+					regAddr <- rec.Scheme + "://" + rec.Addr
 				}
 			}
 		}
@@ -113,11 +138,11 @@ token: %q
 	})
 	for s.url == "" || s.agentURL == "" {
 		select {
-		case a := <-agentAddr:
-			s.agentURL = "http://" + a
-		case a := <-regAddr:
-			s.addr = a
-			s.url = "http://" + a
+		case u := <-agentAddr:
+			s.agentURL = u
+		case u := <-regAddr:
+			s.url = u
+			_, s.addr, _ = strings.Cut(u, "://")
 		case <-done:
 			t.Fatal("daemon exited before listening")
 		case <-time.After(60 * time.Second):
@@ -180,13 +205,25 @@ func (s *store) post(t *testing.T, path string, body any, hdr map[string]string)
 	return v
 }
 
-// cli runs the command in-process and returns stdout, stderr and the exit code.
+// cli runs the command in-process (as imagestore) and returns stdout,
+// stderr and the exit code.
 func cli(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	return runFace(t, faceImagestore, args...)
+}
+
+// zcli runs the command in-process as zstcli.
+func zcli(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	return runFace(t, faceZstcli, args...)
+}
+
+func runFace(t *testing.T, f face, args ...string) (string, string, int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var out, errb lockedbuf.Buffer
-	code := run(ctx, args, &out, &errb)
+	code := run(ctx, f, args, &out, &errb)
 	return out.String(), errb.String(), code
 }
 

@@ -32,7 +32,7 @@ func (r *remoteImage) Top() blobstore.Image { return r.Chain[len(r.Chain)-1] }
 // name:id argument, connect, and fetch its manifest and chain. The caller
 // closes the client's idle connections.
 func (g *globals) openImage(ctx context.Context, arg string) (*oci.Client, *remoteImage, error) {
-	ref, err := blobstore.ParseRef(arg)
+	ref, err := parseImageArg(arg)
 	if err != nil {
 		return nil, nil, usageErr("%v", err)
 	}
@@ -145,12 +145,23 @@ func cmdInfo(ctx context.Context, g *globals, args []string) error {
 	}
 	defer c.CloseIdleConnections()
 	in := infoOf(ri.Top())
+	if g.face == faceZstcli {
+		// The cloud sizes a volume for pull from size: the chain's stored
+		// bytes bound what a flattened pull writes.
+		in.Size = 0
+		for _, img := range ri.Chain {
+			in.Size += img.Size
+		}
+		if g.json {
+			return g.printJSONLine(in)
+		}
+	}
 	return g.printResult(in, func(w io.Writer) { printInfo(w, in) })
 }
 
 func cmdImages(ctx context.Context, g *globals, args []string) error {
 	fs := g.subFlags("images")
-	name := fs.String("name", "", "repository name (an image or volume uuid, or zsbak)")
+	name := fs.String("name", "", "repository name (an image or volume uuid, or zsbak); none = every image")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return err
@@ -158,31 +169,39 @@ func cmdImages(ctx context.Context, g *globals, args []string) error {
 	if len(pos) == 1 && *name == "" {
 		*name = pos[0]
 	} else if len(pos) != 0 {
+		return usageErr("images [-name NAME]")
+	}
+	if *name == "" && g.face == faceZstcli {
 		return usageErr("images -name NAME")
 	}
-	if err := blobstore.ValidateName(*name); err != nil {
-		return usageErr("-name: %v", err)
+	if *name != "" {
+		if err := blobstore.ValidateName(*name); err != nil {
+			return usageErr("-name: %v", err)
+		}
 	}
 	c, err := g.client()
 	if err != nil {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	tags, err := c.Tags(ctx, *name)
-	if err != nil && !errors.Is(err, oci.ErrNotFound) {
-		return err
-	}
-	reply := api.ListImagesReply{Infos: []api.ImageInfo{}}
-	for _, id := range tags {
-		ri, err := fetchImage(ctx, c, blobstore.Ref{Name: *name, ID: id})
-		if errors.Is(err, oci.ErrNotFound) {
-			continue // deleted while listing
+	names := []string{*name}
+	if *name == "" {
+		if names, err = c.Catalog(ctx); err != nil {
+			return err
 		}
+	}
+	infos := []api.ImageInfo{}
+	for _, n := range names {
+		got, err := listImages(ctx, c, n, 0)
 		if err != nil {
 			return err
 		}
-		reply.Infos = append(reply.Infos, infoOf(ri.Top()))
+		infos = append(infos, got...)
 	}
+	if g.face == faceZstcli {
+		return g.printJSONLine(infos) // a bare array, [] when empty
+	}
+	reply := api.ListImagesReply{Infos: infos}
 	return g.printResult(reply, func(w io.Writer) {
 		for _, in := range reply.Infos {
 			fmt.Fprintf(w, "%s:%s\t%s\t%d\t%d\t%s\n", in.Name, in.ID, in.Created.Format(time.RFC3339), in.Size, in.VirtualSize, in.Parent)

@@ -26,13 +26,28 @@ type progress struct {
 
 	running bool // a reporter goroutine was started (not -quiet)
 
+	// pct, when set (-progress FILE), gets this phase's share of the whole
+	// command: done/total mapped into lo..hi percent.
+	pct    *pctFile
+	lo, hi int
+
 	stop chan struct{}
 	wg   sync.WaitGroup
 	once sync.Once
 }
 
 func (g *globals) newProgress(label string, total int64) *progress {
-	p := &progress{label: label, start: time.Now(), w: g.stderr, stop: make(chan struct{})}
+	return g.newPhase(label, total, 0, 0)
+}
+
+// newPhase is newProgress for a phase that is lo..hi percent of the whole
+// command in the -progress file (lo == hi: the phase reports nothing there).
+func (g *globals) newPhase(label string, total int64, lo, hi int) *progress {
+	p := &progress{label: label, start: time.Now(), w: g.stderr, stop: make(chan struct{}), lo: lo, hi: hi}
+	if hi > lo {
+		p.pct = g.pct
+		_ = p.pct.report(lo)
+	}
 	p.total.Store(total)
 	if g.quiet {
 		return p
@@ -56,7 +71,15 @@ func (g *globals) newProgress(label string, total int64) *progress {
 }
 
 // Add counts n more bytes (negative after a resume rewinds).
-func (p *progress) Add(n int64) { p.done.Add(n) }
+func (p *progress) Add(n int64) {
+	done := p.done.Add(n)
+	if p.pct == nil {
+		return
+	}
+	if total := p.total.Load(); total > 0 && done > 0 {
+		_ = p.pct.report(p.lo + int(int64(p.hi-p.lo)*min(done, total)/total))
+	}
+}
 
 // SetTotal changes the expected total (0 = unknown).
 func (p *progress) SetTotal(n int64) { p.total.Store(n) }

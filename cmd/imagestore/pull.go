@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -40,12 +41,18 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	conc := fs.Int("concurrency", 4, "layers downloaded in parallel")
 	var bw byteFlag
 	fs.Var(&bw, "bwlimit", "download limit in bytes/s shared by all layers (suffixes K, M, G; 0 = none)")
+	if g.face == faceZstcli {
+		fs.Bool("shared", false, "the destination is shared storage (accepted)")
+	}
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 || *dst == "" {
 		return usageErr("pull -installpath DST name:id")
+	}
+	if strings.Contains(*dst, "://") {
+		return fmt.Errorf("-installpath %s: only local files can be written", *dst)
 	}
 	if *format != "qcow2" && *format != "raw" {
 		return usageErr("-format must be qcow2 or raw")
@@ -69,7 +76,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	for _, l := range ri.Manifest.Layers {
 		total += l.Size
 	}
-	p := g.newProgress("pull", total)
+	p := g.newPhase("pull", total, 0, 90)
 	lim := ratelimit.New(bw.v)
 	paths := make([]string, len(ri.Manifest.Layers))
 	grp, gctx := errgroup.WithContext(ctx)
@@ -105,11 +112,16 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
+	if g.face == faceZstcli {
+		if err := writeImf(*dst, infoOf(top)); err != nil {
+			return err
+		}
+	}
 	res := pullResult{Name: ri.Ref.Name, ID: ri.Ref.ID, InstallPath: *dst, Format: *format, VirtualSize: top.VirtualSize, Size: written, Layers: len(ri.Chain)}
 	if top.Format != "qcow2" {
 		res.Format = top.Format
 	}
-	return g.printResult(res, func(w io.Writer) {
+	return g.printOutcome(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s -> %s (%s, %d layers, %d bytes)\n", res.Name, res.ID, res.InstallPath, res.Format, res.Layers, res.Size)
 	})
 }

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -51,6 +53,21 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	if *conc < 1 {
 		return usageErr("-concurrency must be at least 1")
 	}
+	// The zstcli face: the identity add gave this file, else -imageUuid.
+	var added *indexEntry
+	if g.face == faceZstcli && *name == "" && *id == "" {
+		if added, err = g.addedAs(pos[0]); err != nil {
+			return err
+		}
+		if added != nil {
+			*name, *id = added.Name, added.ID
+			if *desc == "" {
+				*desc = added.Desc
+			}
+		} else {
+			*name = g.imageUUID
+		}
+	}
 	c, err := g.connect(ctx)
 	if err != nil {
 		return err
@@ -75,6 +92,13 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 		return usageErr("%v", err)
 	}
 
+	created := time.Now().UTC().Truncate(time.Second)
+	if added != nil {
+		created = added.Created
+		if done, err := alreadyPushed(ctx, c, added.Ref, added.Blobsum); done || err != nil {
+			return err // a repeated push of an added file: nothing to do
+		}
+	}
 	src, err := openSource(pos[0], chain)
 	if err != nil {
 		return err
@@ -86,7 +110,7 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	}
 	sent := layer.sent
 	img := blobstore.Image{
-		Ref: ref, Blob: layer.digest, Created: time.Now().UTC().Truncate(time.Second),
+		Ref: ref, Blob: layer.digest, Created: created,
 		Author: *author, Arch: *arch, Desc: *desc,
 		Size: layer.size, VirtualSize: layer.virtualSize, Format: "qcow2",
 	}
@@ -98,9 +122,43 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	}
 	res := pushResult{Name: ref.Name, ID: ref.ID, VirtualSize: img.VirtualSize, Size: img.Size,
 		Blobsum: img.Blob.String(), Parent: img.Parent, Sent: sent}
-	return g.printResult(res, func(w io.Writer) {
+	return g.printOutcome(res, func(w io.Writer) {
 		fmt.Fprintf(w, "%s:%s virtualsize=%d size=%d blobsum=%s\n", res.Name, res.ID, res.VirtualSize, res.Size, res.Blobsum)
 	})
+}
+
+// addedAs returns the host index's entry for file (nil when add never
+// saw it). A file changed since add keeps its name:id (the caller has
+// recorded it); stderr says so.
+func (g *globals) addedAs(file string) (*indexEntry, error) {
+	abs, err := canonicalPath(file)
+	if err != nil {
+		return nil, err
+	}
+	e, ok, err := hostIndex{dir: g.stateDir}.get(abs)
+	if err != nil || !ok {
+		return nil, err
+	}
+	if st, err := os.Stat(abs); err == nil && !e.sameFile(st) {
+		fmt.Fprintf(g.stderr, "%s: changed since add; pushing it as %s all the same\n", abs, e.Ref)
+	}
+	return &e, nil
+}
+
+// alreadyPushed reports whether the store holds ref with top layer d; ref
+// holding anything else is an error (records are immutable).
+func alreadyPushed(ctx context.Context, c *oci.Client, ref blobstore.Ref, d digest.Digest) (bool, error) {
+	ri, err := fetchImage(ctx, c, ref)
+	if errors.Is(err, oci.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if ri.Top().Blob != d {
+		return false, fmt.Errorf("image %s is on the store with other content (%s; this file was added as %s)", ref, ri.Top().Blob, d)
+	}
+	return true, nil
 }
 
 // parentChain resolves push's -parent (name:id; "" for a base): its ref,
@@ -200,7 +258,7 @@ func pushLayer(ctx context.Context, g *globals, c *oci.Client, name string, src 
 	if src.im != nil {
 		total = src.im.AllocatedBytes()
 	}
-	p := g.newProgress("push", total)
+	p := g.newPhase("push", total, 0, 99)
 	defer p.Done()
 	var sent atomic.Int64
 	// A raw disk is full of zero clusters, so it always takes the scan pass.
@@ -208,10 +266,7 @@ func pushLayer(ctx context.Context, g *globals, c *oci.Client, name string, src 
 	for {
 		produce := func(ctx context.Context, w io.Writer) (int64, error) {
 			w = ratelimit.Writer(ctx, w, lim)
-			if src.im == nil {
-				return qcow2.NormalizeRaw(ctx, w, src.f, src.vsize, opts)
-			}
-			return normalizeQcow2(ctx, w, src.f, src.size, src.im, opts, readers)
+			return src.encode(ctx, w, opts, readers)
 		}
 		d, n, err := c.PushProduced(ctx, name, produce, oci.StreamOptions{Progress: func(n int64) {
 			sent.Add(n)
@@ -226,6 +281,83 @@ func pushLayer(ctx context.Context, g *globals, c *oci.Client, name string, src 
 		}
 		return pushed{digest: d, size: n, virtualSize: src.vsize, sent: sent.Load()}, nil
 	}
+}
+
+// encode writes src as a canonical layer: a raw disk, a qcow2 layer, or,
+// for a qcow2 with a backing file pushed without a parent, the whole local
+// chain flattened (the host's own backing files, followed by name).
+func (src *source) encode(ctx context.Context, w io.Writer, opts qcow2.WriteOptions, readers int) (int64, error) {
+	switch {
+	case src.im == nil:
+		return qcow2.NormalizeRaw(ctx, w, src.f, src.vsize, opts)
+	case opts.BackingFile == "" && src.im.BackingFile() != "":
+		return flattenLocal(ctx, w, src.path, src.im, opts)
+	}
+	return normalizeQcow2(ctx, w, src.f, src.size, src.im, opts, readers)
+}
+
+// measured is what encoding a file as a layer gives.
+type measured struct {
+	digest      digest.Digest
+	size        int64
+	virtualSize int64
+}
+
+// measureFile encodes path as push would (nothing written, nothing sent):
+// add learns the size and digest the layer will have.
+func measureFile(ctx context.Context, path string) (measured, error) {
+	src, err := openSource(path, nil)
+	if err != nil {
+		return measured{}, err
+	}
+	defer src.f.Close()
+	h := sha256.New()
+	n, err := src.encode(ctx, h, qcow2.WriteOptions{}, 4)
+	if err != nil {
+		return measured{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return measured{digest: digest.NewDigest(digest.SHA256, h), size: n, virtualSize: src.vsize}, nil
+}
+
+// maxLocalChain bounds the backing files followed on the host.
+const maxLocalChain = 256
+
+// flattenLocal writes top and the backing files it names (relative names
+// from the referring file's directory; qcow2 only) as one standalone layer.
+func flattenLocal(ctx context.Context, w io.Writer, path string, top *qcow2.Image, opts qcow2.WriteOptions) (int64, error) {
+	layers := []*qcow2.Image{top}
+	cur, im := path, top
+	for im.BackingFile() != "" {
+		if len(layers) >= maxLocalChain {
+			return 0, fmt.Errorf("backing chain deeper than %d", maxLocalChain)
+		}
+		if f := im.BackingFormat(); f != "" && f != "qcow2" {
+			return 0, fmt.Errorf("backing file %s has format %q; only qcow2 chains are flattened", im.BackingFile(), f)
+		}
+		next := im.BackingFile()
+		if !filepath.IsAbs(next) {
+			next = filepath.Join(filepath.Dir(cur), next)
+		}
+		f, err := os.Open(next)
+		if err != nil {
+			return 0, fmt.Errorf("backing file: %w", err)
+		}
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return 0, err
+		}
+		if im, err = qcow2.Open(f, st.Size()); err != nil {
+			return 0, fmt.Errorf("backing file %s: %w", next, err)
+		}
+		layers = append(layers, im)
+		cur = next
+	}
+	chain, err := qcow2.NewChain(layers...)
+	if err != nil {
+		return 0, err
+	}
+	return qcow2.Flatten(ctx, w, chain, "qcow2", opts)
 }
 
 // normalizeQcow2 runs qcow2.Normalize on im, reading its data clusters

@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +15,7 @@ import (
 
 	"imagestore/agent/api"
 	"imagestore/internal/retry"
+	"imagestore/internal/tlsconf"
 	"imagestore/transfer/ratelimit"
 )
 
@@ -42,15 +41,11 @@ func (g *globals) agent() (*agentClient, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.Proxy = nil
 	if g.rootCA != "" {
-		b, err := os.ReadFile(g.rootCA)
+		tc, err := tlsconf.ClientFile(g.rootCA, g.serverName)
 		if err != nil {
 			return nil, fmt.Errorf("-rootca: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(b) {
-			return nil, errors.New("-rootca: no PEM certificate")
-		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		tr.TLSClientConfig = tc
 	}
 	return &agentClient{base: base, token: g.token, hc: &http.Client{Transport: tr, Timeout: 5 * time.Minute}}, nil
 }

@@ -26,6 +26,9 @@ type Options struct {
 	Addr string
 	// CA is a PEM bundle trusted for the peer's certificate (https).
 	CA []byte
+	// TLS, when set, is the https client configuration (internal/tlsconf
+	// builds one that verifies a fixed server name); CA is then ignored.
+	TLS *tls.Config
 	// Token is sent as "Authorization: Bearer <token>"; never logged.
 	Token string
 	// Compress enables zstd on the wire when the server offers it.
@@ -53,7 +56,7 @@ type Client struct {
 func New(opts Options) (*Client, error) {
 	addr := opts.Addr
 	if !strings.Contains(addr, "://") {
-		if len(opts.CA) > 0 {
+		if len(opts.CA) > 0 || opts.TLS != nil {
 			addr = "https://" + addr
 		} else {
 			addr = "http://" + addr
@@ -77,7 +80,10 @@ func New(opts Options) (*Client, error) {
 			WriteBufferSize:       256 << 10,
 			ReadBufferSize:        256 << 10,
 		}
-		if len(opts.CA) > 0 {
+		switch {
+		case opts.TLS != nil:
+			tr.TLSClientConfig = opts.TLS.Clone()
+		case len(opts.CA) > 0:
 			pool := x509.NewCertPool()
 			if !pool.AppendCertsFromPEM(opts.CA) {
 				return nil, errors.New("oci: CA holds no PEM certificate")

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
+	"strconv"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -107,4 +109,53 @@ func (c *Client) Tags(ctx context.Context, name string) ([]string, error) {
 		return nil, fmt.Errorf("oci: tags of %s: %w", name, err)
 	}
 	return tl.Tags, nil
+}
+
+// DeleteManifest deletes name:ref (the image record the manifest was
+// rendered from). A refusal (the image is another's parent) is an *Error
+// with the server's message.
+func (c *Client) DeleteManifest(ctx context.Context, name, ref string) error {
+	resp, err := c.do(ctx, http.MethodDelete, c.url("/v2/"+name+"/manifests/"+ref), nil, nil)
+	if err != nil {
+		return err
+	}
+	if err := expect(resp, http.StatusAccepted, http.StatusOK); err != nil {
+		return err
+	}
+	drain(resp)
+	return nil
+}
+
+// Catalog lists every repository (image name) of the registry, sorted,
+// asking for pages of catalogPage names.
+func (c *Client) Catalog(ctx context.Context) ([]string, error) {
+	const catalogPage = 1000
+	var all []string
+	last := ""
+	for {
+		q := url.Values{"n": {strconv.Itoa(catalogPage)}}
+		if last != "" {
+			q.Set("last", last)
+		}
+		resp, err := c.do(ctx, http.MethodGet, c.url("/v2/_catalog?"+q.Encode()), nil, nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := expect(resp, http.StatusOK); err != nil {
+			return nil, err
+		}
+		var page struct {
+			Repositories []string `json:"repositories"`
+		}
+		err = json.NewDecoder(io.LimitReader(resp.Body, MaxManifestSize)).Decode(&page)
+		drain(resp)
+		if err != nil {
+			return nil, fmt.Errorf("oci: catalog: %w", err)
+		}
+		all = append(all, page.Repositories...)
+		if len(page.Repositories) < catalogPage {
+			return all, nil
+		}
+		last = page.Repositories[len(page.Repositories)-1]
+	}
 }
