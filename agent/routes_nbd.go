@@ -21,7 +21,7 @@ func (a *Agent) newNBD() *nbdtarget.Service {
 	return nbdtarget.New(nbdtarget.Options{
 		Dir: filepath.Join(a.root, "nbd"), Config: a.cfg.NBD, HasToken: a.cfg.Token != "",
 		CertFile: a.cfg.TLS.Cert, KeyFile: a.cfg.TLS.Key,
-		Layers: a.layers, Logger: a.log,
+		Layers: a.layers, Uploads: a.uploads, Logger: a.log,
 	})
 }
 
@@ -31,8 +31,9 @@ func (a *Agent) releaseProcess(desc string) error {
 	return a.nbd.ReleaseForImport(context.Background(), desc)
 }
 
-// nbdTargetPath reports whether path is a released NBD target of this
-// agent, which import-backup reads although it is outside the upload dirs.
+// nbdTargetPath reports whether path names a released NBD target of this
+// agent (by its base name), whose private file import-backup reads
+// instead of the workspace entry.
 func (a *Agent) nbdTargetPath(path string) (string, bool) { return a.nbd.TargetPath(path) }
 
 func nbdKeyOf(s nbd.Server) api.NBDKey {
@@ -42,9 +43,10 @@ func nbdKeyOf(s nbd.Server) api.NBDKey {
 	return api.NBDKey{PSKIdentity: nbd.PSKIdentity, PSK: s.PSK}
 }
 
-// exportNBDImage creates empty qcow2 targets and serves each writable over
-// NBD for a KVM host's backup job. The targets expire with the
-// workspace's upload dir (or after expireHour).
+// exportNBDImage creates empty qcow2 targets, serves each writable over
+// NBD for a KVM host's backup job and puts each directly into the
+// workspace (see nbdtarget.Service.CreateTargets). The targets expire
+// with the workspace's upload dir (or after expireHour).
 func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 	var req api.ExportNBDImageRequest
 	err := decode(r, &req)
@@ -60,13 +62,12 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 		for i, s := range req.Sizes {
 			sizes[i] = int64(s)
 		}
-		g, err := a.nbd.CreateTargets(ctx, sizes, ttl)
+		g, err := a.nbd.CreateTargets(ctx, req.Workspace, sizes, ttl)
 		if err != nil {
 			return nil, err
 		}
-		rep := api.ExportNBDImageReply{NBDDescription: g.Description}
+		rep := api.ExportNBDImageReply{NBDDescription: g.Description, ImagePaths: g.Paths}
 		for _, s := range g.Servers {
-			rep.ImagePaths = append(rep.ImagePaths, s.Path)
 			rep.Ports = append(rep.Ports, s.Port)
 			rep.TLS = s.TLS
 			rep.NBDKey = nbdKeyOf(s) // one key for the group
@@ -76,10 +77,7 @@ func (a *Agent) exportNBDImage(w http.ResponseWriter, r *http.Request) {
 }
 
 // workspaceTTL is how long NBD targets for ws live: as long as the upload
-// dir ws is in, or expireHour hours when positive. The workspace only
-// sets this expiry: targets are created in <root>/nbd/targets, which hosts
-// cannot reach, so nobody can swap a target for a symlink between create
-// and serve.
+// dir ws is in, or expireHour hours when positive.
 func (a *Agent) workspaceTTL(ws string, expireHour int64) (time.Duration, error) {
 	_, updir, err := a.uploads.ConfineWorkspace(ws)
 	if err != nil {

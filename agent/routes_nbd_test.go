@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/config"
 	"imagestore/blobstore"
 	"imagestore/internal/testwait"
 	"imagestore/layer"
@@ -153,30 +154,42 @@ func TestRemoteTargetErrors(t *testing.T) {
 	e.fails(t, "/imagestore/remotetarget/delete-sync", map[string]any{}, "missing field targetUri")
 }
 
+// TestNBDTargetBackupThenImport follows a single-volume NBD backup as the
+// management node and a KVM host run it (PROTOCOL C3, C5): the targets are
+// entries directly in the workspace, the host writes over NBD (data, and
+// zeros over the parent's data with write -z), then swaps the workspace
+// entry for something else through its sshfs mount, and import-backup of
+// <uploadDir>/<basename(imagePaths[0])> with processToRelease stores what
+// was written over NBD: the zeros as zeros, not as "unchanged".
 func TestNBDTargetBackupThenImport(t *testing.T) {
 	t.Parallel()
-	r7requireTools(t, "qemu-img", "qemu-nbd")
-	e := newRestoreEnv(t, nil)
+	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
+	e := newRestoreEnv(t, func(c *config.Config) { c.NBD.ClientAuth = "none" })
+	const size = 4 << 20
+	files := r7makeChain(t, e.dir, size)
+	parent := e.importChain(t, "vol", files[0])[0]
 	up := e.uploadDir(t)
-	src := filepath.Join(e.dir, "src.raw")
-	r7writePattern(t, src, 6<<20, 3)
+	ws := filepath.Join(up, "vm-1")
+	if err := os.Mkdir(ws, 0o755); err != nil {
+		t.Fatal(err)
+	}
 
-	rep := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": up, "sizes": []any{6 << 20, 1 << 20}})
+	rep := e.ok(t, "/imagestore/exportnbdimage-sync", map[string]any{"workspace": ws, "sizes": []any{size, 1 << 20}})
 	desc, _ := rep["nbdDescription"].(string)
 	paths, _ := rep["imagePaths"].([]any)
 	ports, _ := rep["ports"].([]any)
-	if desc == "" || len(paths) != 2 || len(ports) != 2 {
+	if desc == "" || len(paths) != 2 || len(ports) != 2 || rep["tls"] != false || rep["psk"] != nil {
 		t.Fatalf("exportnbdimage reply %v", rep)
 	}
 	target := paths[0].(string)
 	port := r7itoa(int(r7num(ports[0])))
-	// Targets live in the agent's private dir, never in the host-writable
-	// upload dir (a host could swap them for symlinks there).
-	if want := filepath.Join(e.a.root, "nbd", "targets") + "/"; !strings.HasPrefix(target, want) {
-		t.Fatalf("target %s not in %s", target, want)
+	for _, p := range paths {
+		if filepath.Dir(p.(string)) != ws {
+			t.Fatalf("target %s not directly in the workspace %s", p, ws)
+		}
 	}
-	if entries, err := os.ReadDir(up); err != nil || len(entries) != 0 {
-		t.Fatalf("upload dir has %v (%v)", entries, err)
+	if fi, err := os.Lstat(target); err != nil || !fi.Mode().IsRegular() {
+		t.Fatalf("workspace entry %s: %v", target, err)
 	}
 	if _, ok := e.a.nbdTargetPath(target); ok {
 		t.Fatal("a served target counts as released")
@@ -184,31 +197,58 @@ func TestNBDTargetBackupThenImport(t *testing.T) {
 	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="target"} 2`) {
 		t.Fatalf("metrics lack the targets:\n%s", r7grepLines(m, "nbd"))
 	}
-	// A QEMU-style writer fills the target over NBD.
-	r7run(t, "qemu-img", "convert", "-n", "-O", "raw", src, "nbd://127.0.0.1:"+port)
+	// The host's backup job over plain NBD: new data, and zeros where the
+	// parent has data (0x11 in its first MiB).
+	nbdURL := "nbd://127.0.0.1:" + port
+	r7run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 2097152 65536", "-c", "write -z 0 524288", nbdURL)
+	// Through sshfs the host replaces the entry the management node will
+	// name; the agent must not read it.
+	single := filepath.Join(up, filepath.Base(target)) // <uploadDir>/<basename>, as the MN sends it
+	if err := os.Remove(target); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/etc/passwd", target); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(single, []byte("not the backup"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
-	res := e.call(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": target, "name": "vol", "processToRelease": desc})
+	res := e.call(t, "/imagestore/import-backup-sync", map[string]any{
+		"imgurl": single, "name": "vol", "parent": parent.InstallPath(), "processToRelease": desc, "concurrency": 4,
+	})
 	if !r7portClosed(port) {
 		t.Fatal("import-backup did not stop the target's server")
 	}
-	// The released target holds exactly what was written.
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", target, src)
 	if res["success"] != true {
 		t.Fatalf("import-backup: %v", res)
 	}
+	want := filepath.Join(e.dir, "want.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", files[0], want)
+	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 2097152 65536", "-c", "write -z 0 524288", want)
 	flat := filepath.Join(e.dir, "flat.raw")
 	r7flattenTo(t, e, res["installPath"].(string), flat)
-	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", flat, src)
-	// The second target of the group was released too and stays on disk.
-	if _, err := os.Stat(paths[1].(string)); err != nil {
-		t.Fatalf("released target removed: %v", err)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", flat, want)
+	// The stored layer records the zeros as zero clusters over the parent.
+	img, err := e.a.images.Lookup(context.Background(), "installPath", res["installPath"].(string))
+	if err != nil || img.Parent != parent.Ref.String() {
+		t.Fatalf("imported %+v %v", img, err)
 	}
-	if p, ok := e.a.nbdTargetPath("file://" + paths[1].(string)); !ok || p != paths[1].(string) {
-		t.Fatalf("released target not recognised: %q %v", p, ok)
+	lp, _ := e.store.BlobPath(img.Blob)
+	if m := r7run(t, "qemu-img", "map", "--output=json", "-f", "qcow2", lp); !strings.Contains(m, `"start": 0, "length": 524288, "depth": 0, "present": true, "zero": true, "data": false`) {
+		t.Fatalf("zero writes not recorded as zero clusters:\n%s", m)
 	}
-	if _, ok := e.a.nbdTargetPath(src); ok {
+	// The second target of the group was released too and resolves to
+	// the private file, not to the workspace entry.
+	p2, ok := e.a.nbdTargetPath("file://" + paths[1].(string))
+	if !ok || p2 == paths[1].(string) || !strings.HasPrefix(p2, filepath.Join(e.a.root, "nbd", "targets")+"/") {
+		t.Fatalf("released target not recognised: %q %v", p2, ok)
+	}
+	if _, ok := e.a.nbdTargetPath(files[0]); ok {
 		t.Fatal("an arbitrary file counts as a released target")
 	}
+	// Outside the upload dirs a target's name is refused.
+	e.fails(t, "/imagestore/import-backup-sync", map[string]any{"imgurl": filepath.Join(e.dir, filepath.Base(paths[1].(string))), "name": "vol"}, "escapes the upload dirs")
 	// Retrying the release (a retried import) is harmless.
 	if err := e.a.releaseProcess(desc); err != nil {
 		t.Fatal(err)
@@ -271,8 +311,8 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 	if c["cancelled"] != true {
 		t.Fatalf("cancel: %v", c)
 	}
-	if _, err := os.Stat(target); !os.IsNotExist(err) {
-		t.Fatalf("cancelled target still there: %v", err)
+	if _, err := os.Lstat(target); !os.IsNotExist(err) {
+		t.Fatalf("cancelled target still in the workspace: %v", err)
 	}
 	testwait.For(t, "cancelled server to stop", func() bool { return r7portClosed(port) })
 	if c := e.ok(t, "/imagestore/exportnbdimage/cancel-sync", map[string]any{"nbdDescription": rep["nbdDescription"]}); c["cancelled"] != false {
@@ -287,7 +327,7 @@ func TestNBDTargetsCancelExpireConfine(t *testing.T) {
 		t.Fatalf("target expired early: %v", err)
 	}
 	e.a.nbd.Expire(context.Background(), time.Now().Add(e.a.cfg.UploadDirExpiry+time.Hour))
-	if _, err := os.Stat(target); !os.IsNotExist(err) {
+	if _, err := os.Lstat(target); !os.IsNotExist(err) {
 		t.Fatalf("expired target still there: %v", err)
 	}
 }

@@ -164,6 +164,13 @@ func NewManager(opts Options) (*Manager, error) {
 			return nil, fmt.Errorf("nbd: %w", err)
 		}
 	}
+	// Overlays live only as long as their server; none runs yet.
+	if err := os.RemoveAll(m.overlayDir()); err != nil {
+		return nil, fmt.Errorf("nbd: %w", err)
+	}
+	if err := os.Mkdir(m.overlayDir(), 0o700); err != nil {
+		return nil, fmt.Errorf("nbd: %w", err)
+	}
 	// Only we may create or rename entries in the target dir.
 	if err := os.Chmod(opts.TargetDir, 0o700); err != nil {
 		return nil, fmt.Errorf("nbd: %w", err)
@@ -355,7 +362,9 @@ func (m *Manager) createQcow2(ctx context.Context, path string, size int64) erro
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("nbd: target %s already exists", path)
 	}
-	cmd := exec.CommandContext(ctx, m.qemuImg, "create", "-q", "-f", "qcow2", path, fmt.Sprint(size))
+	// compat=1.1 (qcow2 v3): a host's zero writes become zero clusters,
+	// which import keeps as zeros over the parent (v2 has no zero flag).
+	cmd := exec.CommandContext(ctx, m.qemuImg, "create", "-q", "-f", "qcow2", "-o", "compat=1.1", path, fmt.Sprint(size))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		_ = os.Remove(path)
 		return fmt.Errorf("nbd: qemu-img create %s: %w: %s", path, err, strings.TrimSpace(string(out)))
@@ -462,6 +471,48 @@ func (m *Manager) ServeReadOnly(ctx context.Context, path string, exportName str
 	return p.srv, nil
 }
 
+// overlayDir holds the copy-on-write overlays of ServeOverlay.
+func (m *Manager) overlayDir() string { return filepath.Join(m.opts.Dir, "overlays") }
+
+// ServeOverlay serves a fresh copy-on-write qcow2 overlay over backing (a
+// qcow2 chain top whose backing names resolve in place) writable under
+// exportName: a guest's writes and discards land in the overlay
+// (<Dir>/overlays/<id>.qcow2, private), while qemu-nbd opens backing and
+// its chain read-only, so they never change. Each call makes its own
+// overlay; it is removed once its server stops (Stop, Close, an
+// unexpected exit, or the next NewManager).
+func (m *Manager) ServeOverlay(ctx context.Context, backing, exportName string) (Server, error) {
+	if err := validExportName(exportName); err != nil {
+		return Server{}, err
+	}
+	abs, err := filepath.Abs(backing)
+	if err != nil {
+		return Server{}, fmt.Errorf("nbd: path: %w", err)
+	}
+	if fi, err := os.Stat(abs); err != nil {
+		return Server{}, fmt.Errorf("nbd: %w", err)
+	} else if !fi.Mode().IsRegular() {
+		return Server{}, fmt.Errorf("%w: %s is not a regular file", ErrInvalid, abs)
+	}
+	if err := m.checkOpen(); err != nil {
+		return Server{}, err
+	}
+	ovl := filepath.Join(m.overlayDir(), "ovl-"+newID()+".qcow2")
+	cmd := exec.CommandContext(ctx, m.qemuImg, "create", "-q", "-f", "qcow2", "-o", "compat=1.1",
+		"-b", abs, "-F", "qcow2", ovl)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		removeQuiet(ovl)
+		return Server{}, fmt.Errorf("nbd: qemu-img create overlay over %s: %w: %s", abs, err, strings.TrimSpace(string(out)))
+	}
+	p, err := m.start(ctx, startSpec{path: ovl, exportName: exportName, overlay: true, psk: m.newPSK()})
+	if err != nil {
+		removeQuiet(ovl)
+		return Server{}, err
+	}
+	m.log.Info("nbd overlay export serving", "id", p.srv.ID, "port", p.srv.Port, "export", exportName)
+	return p.srv, nil
+}
+
 // validExportName keeps names safe to put in an nbd:// URI path.
 func validExportName(name string) error {
 	if name == "" || len(name) > 255 {
@@ -501,12 +552,13 @@ func (m *Manager) List() []Server {
 	return out
 }
 
-// Count reports running servers for metrics.
+// Count reports running servers for metrics: writable targets, and
+// exports of stored chains (read-only or over an overlay).
 func (m *Manager) Count() (writable, readonly int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, p := range m.servers {
-		if p.srv.ReadOnly {
+		if p.srv.ReadOnly || p.overlay {
 			readonly++
 		} else {
 			writable++

@@ -26,6 +26,7 @@ type proc struct {
 	srv     Server
 	cmd     *exec.Cmd
 	target  bool // a file we created; removed on cancel and stale cleanup
+	overlay bool // a copy-on-write overlay we created; removed once the server stops
 	pidFile string
 	recFile string
 	pskDir  string // the server's tls-creds-psk dir; "" without a key
@@ -45,6 +46,7 @@ type startSpec struct {
 	exportName string
 	readOnly   bool
 	target     bool
+	overlay    bool
 	desc       string
 	expires    time.Time
 	psk        string // hex key clients must present; "" for none
@@ -65,6 +67,7 @@ func (m *Manager) start(ctx context.Context, spec startSpec) (*proc, error) {
 			Description: spec.desc, TLS: m.opts.TLSDir != "" || spec.psk != "", PSK: spec.psk,
 		},
 		target:  spec.target,
+		overlay: spec.overlay,
 		pidFile: filepath.Join(m.opts.Dir, id+".pid"),
 		recFile: filepath.Join(m.opts.Dir, id+".json"),
 		done:    make(chan struct{}),
@@ -138,9 +141,14 @@ func (m *Manager) serverArgs(p *proc, spec startSpec) ([]string, error) {
 		args = append(args, "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="+
 			strings.ReplaceAll(m.opts.TLSDir, ",", ",,"), "--tls-creds=tls0")
 	}
-	if spec.readOnly {
+	switch {
+	case spec.readOnly:
 		args = append(args, "--read-only", "--export-name="+spec.exportName)
-	} else {
+	case spec.overlay:
+		// A guest runs on it: its discards punch the overlay (backing
+		// files are opened read-only whatever the client sends).
+		args = append(args, "--cache=writeback", "--discard=unmap", "--export-name="+spec.exportName)
+	default:
 		// writeback: qemu-nbd flushes on a clean (SIGTERM) exit and on
 		// the client's NBD_CMD_FLUSH, which QEMU's backup job sends.
 		args = append(args, "--cache=writeback")
@@ -222,9 +230,13 @@ func (m *Manager) reap(p *proc) {
 		m.log.Error("qemu-nbd exited unexpectedly", "id", p.srv.ID, "port", p.srv.Port,
 			"path", p.srv.Path, "err", p.waitErr, "stderr", p.stderr.tail())
 		if !p.target {
-			// Nothing else will ever stop a read-only server's record.
+			// Nothing else will ever stop a read-only server's record,
+			// nor serve an overlay again.
 			removeQuiet(p.recFile)
 			removeQuiet(p.pidFile)
+			if p.overlay {
+				removeQuiet(p.srv.Path)
+			}
 		}
 	}
 }
@@ -256,6 +268,9 @@ func (m *Manager) stopProc(ctx context.Context, p *proc) error {
 	}
 	removeQuiet(p.recFile)
 	removeQuiet(p.pidFile)
+	if p.overlay {
+		removeQuiet(p.srv.Path)
+	}
 	m.mu.Lock()
 	unexpected := p.unexpected
 	m.mu.Unlock()

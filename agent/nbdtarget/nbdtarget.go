@@ -17,6 +17,7 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/agent/nbd"
+	"imagestore/agent/uploads"
 	"imagestore/layer"
 )
 
@@ -39,20 +40,25 @@ type Options struct {
 	// server requires x509 TLS: NBD must not be the plaintext way in.
 	CertFile, KeyFile string
 	Layers            *layer.Store // the store served from
-	Logger            *slog.Logger
+	// Uploads links each writable target into the workspace the request
+	// names (the upload dir a KVM host and the management node see).
+	Uploads *uploads.Uploads
+	Logger  *slog.Logger
 }
 
 // Service runs the agent's NBD servers. Without qemu-nbd (or with a
 // certificate QEMU cannot serve with) it still exists, and every call
 // fails with the reason (Err).
 type Service struct {
-	mgr    *nbd.Manager
-	err    error // why mgr is nil
-	layers *layer.Store
-	log    *slog.Logger
+	mgr     *nbd.Manager
+	err     error // why mgr is nil
+	layers  *layer.Store
+	uploads *uploads.Uploads
+	log     *slog.Logger
 
 	mu      sync.Mutex
-	remotes map[string]*remote // read-only servers, by server id
+	remotes map[string]*remote  // read-only servers, by server id
+	links   map[string][]string // workspace entries of target groups, by description
 }
 
 // remote is a read-only export of a stored chain; release lets GC free the
@@ -68,11 +74,11 @@ func New(opts Options) *Service {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Service{layers: opts.Layers, log: opts.Logger, remotes: map[string]*remote{}}
+	s := &Service{layers: opts.Layers, uploads: opts.Uploads, log: opts.Logger, remotes: map[string]*remote{}, links: map[string][]string{}}
 	psk := opts.Config.PSK(opts.HasToken)
 	lo, hi, err := opts.Config.Ports()
-	if err == nil && opts.Layers == nil {
-		err = errors.New("nbdtarget: Options.Layers is required")
+	if err == nil && (opts.Layers == nil || opts.Uploads == nil) {
+		err = errors.New("nbdtarget: Options.Layers and Options.Uploads are required")
 	}
 	tlsDir := ""
 	if err == nil && opts.CertFile != "" && !psk {
@@ -186,11 +192,30 @@ func (s *Service) Servers() []nbd.Server {
 	return m.List()
 }
 
-// Expire stops target groups past their expiry.
+// Expire stops target groups past their expiry and removes their
+// workspace entries.
 func (s *Service) Expire(ctx context.Context, now time.Time) {
-	if m, err := s.manager(); err == nil {
-		m.Expire(ctx, now)
+	m, err := s.manager()
+	if err != nil {
+		return
 	}
+	if m.Expire(ctx, now) == 0 {
+		return
+	}
+	live := map[string]bool{}
+	for _, srv := range m.List() {
+		live[srv.Description] = true
+	}
+	var gone []string
+	s.mu.Lock()
+	for desc, links := range s.links {
+		if !live[desc] {
+			gone = append(gone, links...)
+			delete(s.links, desc)
+		}
+	}
+	s.mu.Unlock()
+	s.removeLinks(gone)
 }
 
 // Close stops every server and releases the chains held.

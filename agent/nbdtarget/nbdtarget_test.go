@@ -3,6 +3,7 @@ package nbdtarget
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -18,7 +19,9 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/agent/jobs"
+	"imagestore/agent/uploads"
 	"imagestore/blobstore"
+	"imagestore/internal/testwait"
 	"imagestore/layer"
 	"imagestore/qcow2"
 )
@@ -89,7 +92,7 @@ func TestUnavailable(t *testing.T) {
 	if _, err := s.ServeChain(ctx, &p, blobstore.Image{Format: "qcow2"}, "h"); !errors.Is(err, s.err) || p.image != "" {
 		t.Fatalf("ServeChain: %v (image %q)", err, p.image)
 	}
-	if _, err := s.CreateTargets(ctx, []int64{1 << 20}, time.Hour); !errors.Is(err, s.err) {
+	if _, err := s.CreateTargets(ctx, t.TempDir(), []int64{1 << 20}, time.Hour); !errors.Is(err, s.err) {
 		t.Fatalf("CreateTargets: %v", err)
 	}
 	if _, err := s.CancelTargets(ctx, "nbd-x"); !errors.Is(err, s.err) {
@@ -150,7 +153,11 @@ func newService(t *testing.T) (*Service, *blobstore.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := New(Options{Dir: filepath.Join(root, "nbd"), Config: config.NBD{PortRange: fmt.Sprintf("%d-%d", base, base+100), Bind: "127.0.0.1"}, Layers: layers})
+	up, err := uploads.New(uploads.Options{Root: filepath.Join(root, "uploads"), Expiry: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(Options{Dir: filepath.Join(root, "nbd"), Config: config.NBD{PortRange: fmt.Sprintf("%d-%d", base, base+100), Bind: "127.0.0.1"}, Layers: layers, Uploads: up})
 	if err := s.Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -275,21 +282,73 @@ imagestore_agent_nbd_servers{kind="target"} %d
 `, remote, target)
 }
 
+// workspace allocates an upload dir and returns a directory inside it.
+func workspace(t *testing.T, s *Service) string {
+	t.Helper()
+	d, err := s.uploads.Alloc(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws := filepath.Join(d.Path, "vm")
+	if err := os.Mkdir(ws, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return ws
+}
+
 func TestTargetsReleaseAndCancel(t *testing.T) {
 	t.Parallel()
 	s, _ := newService(t)
 	ctx := context.Background()
-	g, err := s.CreateTargets(ctx, []int64{1 << 20, 2 << 20}, time.Hour)
+	ws := workspace(t, s)
+	sizes := []int64{3 << 20, 1 << 20, 2 << 20}
+	g, err := s.CreateTargets(ctx, ws, sizes, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(g.Description, "nbd-") || len(g.Servers) != 2 {
+	if !strings.HasPrefix(g.Description, "nbd-") || len(g.Servers) != 3 || len(g.Paths) != 3 {
 		t.Fatalf("targets %+v", g)
 	}
-	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(expectServers(2, 0))); err != nil {
+	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(expectServers(3, 0))); err != nil {
 		t.Fatal(err)
 	}
-	path := g.Servers[0].Path
+	seen := map[string]bool{}
+	for i, p := range g.Paths {
+		// Directly in the workspace, a unique name, the same file qemu-nbd
+		// serves from the private dir.
+		if filepath.Dir(p) != ws || seen[filepath.Base(p)] || !strings.Contains(filepath.Base(p), g.Description) {
+			t.Fatalf("imagePaths[%d] = %s (workspace %s, group %s)", i, p, ws, g.Description)
+		}
+		seen[filepath.Base(p)] = true
+		pub, err1 := os.Lstat(p)
+		priv, err2 := os.Lstat(g.Servers[i].Path)
+		if err1 != nil || err2 != nil || !pub.Mode().IsRegular() || !os.SameFile(pub, priv) {
+			t.Fatalf("workspace entry %s: %v %v", p, err1, err2)
+		}
+		// Ports in the order of the sizes: each serves a disk of its size.
+		out, err := exec.Command("qemu-img", "info", "--output=json", fmt.Sprintf("nbd://127.0.0.1:%d", g.Servers[i].Port)).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var info struct {
+			VirtualSize int64 `json:"virtual-size"`
+		}
+		if err := json.Unmarshal(out, &info); err != nil || info.VirtualSize != sizes[i] {
+			t.Fatalf("port %d serves %d bytes (%v), want %d", g.Servers[i].Port, info.VirtualSize, err, sizes[i])
+		}
+		// qcow2 v3: zero writes can be recorded as zero clusters.
+		f, err := os.Open(g.Servers[i].Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, _ := f.Stat()
+		im, err := qcow2.Open(f, fi.Size())
+		if err != nil || im.Version() != 3 {
+			t.Fatalf("target %s: %v, version %d", g.Servers[i].Path, err, im.Version())
+		}
+		f.Close()
+	}
+	path := g.Paths[0]
 	if _, ok := s.TargetPath(path); ok {
 		t.Fatal("a served target counts as released")
 	}
@@ -299,28 +358,37 @@ func TestTargetsReleaseAndCancel(t *testing.T) {
 	if !portClosed(g.Servers[0].Port) {
 		t.Fatal("release did not stop the server")
 	}
-	if p, ok := s.TargetPath("file://" + path); !ok || p != path {
-		t.Fatalf("released target: %q %v", p, ok)
+	// The workspace entry (or the upload dir's, as the management node
+	// names a single volume's) resolves to the private file.
+	for _, p := range []string{"file://" + path, path, filepath.Join(filepath.Dir(ws), filepath.Base(path))} {
+		if got, ok := s.TargetPath(p); !ok || got != g.Servers[0].Path {
+			t.Fatalf("released target %s: %q %v", p, got, ok)
+		}
+	}
+	if _, ok := s.TargetPath(filepath.Join(ws, "nbd-0123456789abcdef-0.qcow2")); ok {
+		t.Fatal("an unknown target name resolves")
 	}
 	if err := s.ReleaseForImport(ctx, g.Description); err != nil {
 		t.Fatalf("a retried release: %v", err)
 	}
 
-	g2, err := s.CreateTargets(ctx, []int64{1 << 20}, time.Hour)
+	g2, err := s.CreateTargets(ctx, ws, []int64{1 << 20}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if ok, err := s.CancelTargets(ctx, g2.Description); !ok || err != nil {
 		t.Fatalf("cancel: %v %v", ok, err)
 	}
-	if _, err := os.Stat(g2.Servers[0].Path); !os.IsNotExist(err) {
-		t.Fatalf("cancelled target kept: %v", err)
+	for _, p := range []string{g2.Servers[0].Path, g2.Paths[0]} {
+		if _, err := os.Lstat(p); !os.IsNotExist(err) {
+			t.Fatalf("cancelled target kept at %s: %v", p, err)
+		}
 	}
 	if ok, err := s.CancelTargets(ctx, g2.Description); ok || err != nil {
 		t.Fatalf("second cancel: %v %v", ok, err)
 	}
 
-	g3, err := s.CreateTargets(ctx, []int64{1 << 20}, time.Hour)
+	g3, err := s.CreateTargets(ctx, ws, []int64{1 << 20}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +397,16 @@ func TestTargetsReleaseAndCancel(t *testing.T) {
 		t.Fatalf("target expired early: %v", err)
 	}
 	s.Expire(ctx, time.Now().Add(2*time.Hour))
-	if _, err := os.Stat(g3.Servers[0].Path); !os.IsNotExist(err) {
-		t.Fatalf("expired target kept: %v", err)
+	for _, p := range []string{g3.Servers[0].Path, g3.Paths[0]} {
+		if _, err := os.Lstat(p); !os.IsNotExist(err) {
+			t.Fatalf("expired target kept at %s: %v", p, err)
+		}
 	}
+
+	// A workspace outside the upload dirs is refused, and nothing is left
+	// serving.
+	if _, err := s.CreateTargets(ctx, t.TempDir(), []int64{1 << 20}, time.Hour); err == nil || !strings.Contains(err.Error(), "not inside an upload dir") {
+		t.Fatalf("CreateTargets outside the upload dirs: %v", err)
+	}
+	testwait.For(t, "no writable server left", func() bool { w, _ := s.mgr.Count(); return w == 0 })
 }

@@ -15,18 +15,23 @@ import (
 	"imagestore/layer"
 )
 
-// Remote is a stored chain served read-only.
+// Remote is a stored chain served writable over its own copy-on-write
+// overlay (instant restore).
 type Remote struct {
 	URI         string // nbd://host:port/<export name>
 	InstallPath string
 	Server      nbd.Server
 }
 
-// ServeChain serves img's chain read-only over NBD, in place: qemu-nbd
-// opens the top layer's blob and follows the canonical relative backing
-// names through the blob directory. The chain's blobs are held so GC
-// cannot free them while served. Serving an already served image returns
-// the running server. host is the host name the URI carries.
+// ServeChain serves img's chain over NBD for a guest to run on (instant
+// restore): qemu-nbd serves a fresh copy-on-write qcow2 overlay of its
+// own whose backing is the top layer's blob, followed in place through
+// the canonical relative backing names. The guest's writes and discards
+// land in the overlay; the stored blobs are opened read-only and never
+// change. The chain's blobs are held so GC cannot free them while served.
+// Every call is a new export with its own overlay (two guests never share
+// one); DeleteRemotes stops it and removes the overlay. host is the host
+// name the URI carries.
 func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore.Image, host string) (Remote, error) {
 	m, err := s.manager()
 	if err != nil {
@@ -39,21 +44,7 @@ func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore
 	name := exportName(img)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	running := map[string]nbd.Server{}
-	for _, srv := range m.List() {
-		running[srv.ID] = srv
-	}
-	for id, rt := range s.remotes {
-		srv, ok := running[id]
-		if !ok { // the server died: forget it and serve anew
-			rt.release()
-			delete(s.remotes, id)
-			continue
-		}
-		if rt.installPath == img.InstallPath() {
-			return remoteOf(host, srv, rt.installPath), nil
-		}
-	}
+	s.forgetDead(m)
 	// qemu-nbd follows each layer's backing name blindly: the chain is
 	// held and checked (qcow2 only, each layer naming its parent's blob)
 	// before it is handed over.
@@ -69,7 +60,7 @@ func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore
 		release()
 		return Remote{}, err
 	}
-	srv, err := m.ServeReadOnly(ctx, path, name)
+	srv, err := m.ServeOverlay(ctx, path, name)
 	if err != nil {
 		release()
 		return Remote{}, err
@@ -78,12 +69,27 @@ func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore
 	return remoteOf(host, srv, img.InstallPath()), nil
 }
 
+// forgetDead releases the chains of exports whose server died (mu held).
+func (s *Service) forgetDead(m *nbd.Manager) {
+	running := map[string]bool{}
+	for _, srv := range m.List() {
+		running[srv.ID] = true
+	}
+	for id, rt := range s.remotes {
+		if !running[id] {
+			rt.release()
+			delete(s.remotes, id)
+		}
+	}
+}
+
 func remoteOf(host string, srv nbd.Server, installPath string) Remote {
 	return Remote{URI: uri(host, srv.Port, srv.ExportName), InstallPath: installPath, Server: srv}
 }
 
 // exportName names an image's export: its name and id when those are safe
-// in an NBD URI, else its id.
+// in an NBD URI (no / ? & # % + or spaces: the host parses the URI as a
+// URL query parameter), else its id.
 func exportName(img blobstore.Image) string {
 	ok := func(s string) bool {
 		for _, c := range s {
@@ -108,10 +114,11 @@ func uri(host string, port int, export string) string {
 	return "nbd://" + net.JoinHostPort(host, strconv.Itoa(port)) + "/" + export
 }
 
-// DeleteRemotes stops the read-only servers matching targetURI (by port
-// and export name; the host may be spelled differently; "" = any) and
-// installPath ("" = any), and releases their chains. It returns how many
-// running servers it stopped; servers that died meanwhile are forgotten.
+// DeleteRemotes stops the exports matching targetURI (by port and export
+// name; the host may be spelled differently; "" = any) and installPath
+// ("" = any), removes their overlays and releases their chains. It
+// returns how many running servers it stopped; servers that died
+// meanwhile are forgotten.
 func (s *Service) DeleteRemotes(ctx context.Context, targetURI, installPath string) (int, error) {
 	m, err := s.manager()
 	if err != nil {

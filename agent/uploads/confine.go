@@ -1,11 +1,14 @@
 package uploads
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // importRoots are the directories file imports may read from.
@@ -24,8 +27,10 @@ func (u *Uploads) releasedTarget(path string) (string, bool) {
 
 // Confine resolves imgurl (an absolute path or file://path) and checks,
 // after resolving symlinks, that it is a regular file inside an upload dir
-// or an allowed import root (or a released target). The path it returns
-// is only a name: read it through Open.
+// or an allowed import root. A path inside those whose name is a released
+// target's (see Options.ReleasedTarget) resolves to that target instead,
+// whatever the entry there holds. The path it returns is only a name:
+// read it through Open.
 func (u *Uploads) Confine(imgurl string) (string, error) {
 	p := imgurl
 	if rest, ok := strings.CutPrefix(imgurl, "file://"); ok {
@@ -36,13 +41,13 @@ func (u *Uploads) Confine(imgurl string) (string, error) {
 	if !filepath.IsAbs(p) {
 		return "", fmt.Errorf("imgurl %q: not an absolute path", imgurl)
 	}
-	if t, ok := u.releasedTarget(p); ok {
-		return t, nil
-	}
 	// Check the lexical path first (so ../ tricks are named as such), then
 	// the path with symlinks resolved (so a link cannot lead outside).
 	if u.confinedRoot(filepath.Clean(p), false) == "" {
 		return "", fmt.Errorf("imgurl %q escapes the upload dirs (%s) and the allowed import roots", imgurl, u.opts.Root)
+	}
+	if t, ok := u.releasedTarget(filepath.Clean(p)); ok {
+		return t, nil
 	}
 	real, err := filepath.EvalSymlinks(filepath.Clean(p))
 	if err != nil {
@@ -66,7 +71,7 @@ func (u *Uploads) Confine(imgurl string) (string, error) {
 // the open: the open goes through os.Root, which refuses to leave the
 // import root whatever the path holds by then.
 func (u *Uploads) Open(path string) (*os.File, error) {
-	if t, ok := u.releasedTarget(path); ok {
+	if t, ok := u.releasedTarget(path); ok && t == path {
 		// Released targets live where hosts cannot reach.
 		return openRegular(t, func(p string) (*os.File, error) {
 			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
@@ -164,4 +169,71 @@ func (u *Uploads) ConfineWorkspace(ws string) (dir, uploadDir string, err error)
 		return "", "", fmt.Errorf("workspace %q is not a directory", ws)
 	}
 	return real, filepath.Join(root, first), nil
+}
+
+// openWorkspace opens workspace ws (see ConfineWorkspace) through os.Root
+// over the uploads root, so a workspace a host swapped for a symlink
+// cannot lead outside the upload dirs.
+func (u *Uploads) openWorkspace(ws string) (*os.Root, *os.File, error) {
+	dir, _, err := u.ConfineWorkspace(ws)
+	if err != nil {
+		return nil, nil, err
+	}
+	root, err := filepath.EvalSymlinks(u.opts.Root)
+	if err != nil {
+		return nil, nil, err
+	}
+	rel, err := filepath.Rel(root, dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := r.OpenFile(rel, os.O_RDONLY|syscall.O_DIRECTORY, 0)
+	if err != nil {
+		r.Close()
+		return nil, nil, fmt.Errorf("workspace %q: %w", ws, err)
+	}
+	return r, d, nil
+}
+
+// LinkInto hard-links src, a file the agent made where hosts cannot
+// reach, into workspace ws (a directory inside an upload dir) under src's
+// base name, and returns that path (ws as given, joined with the name).
+// The link is made relative to the opened workspace (see openWorkspace),
+// and an existing entry of that name is an error, never replaced. What
+// the agent later reads is src itself, never the workspace entry, so a
+// host replacing the entry changes nothing the agent trusts.
+func (u *Uploads) LinkInto(ws, src string) (string, error) {
+	r, d, err := u.openWorkspace(ws)
+	if err != nil {
+		return "", err
+	}
+	defer r.Close()
+	defer d.Close()
+	name := filepath.Base(src)
+	if err := unix.Linkat(unix.AT_FDCWD, src, int(d.Fd()), name, 0); err != nil {
+		return "", fmt.Errorf("linking %s into workspace %s: %w", name, ws, err)
+	}
+	return filepath.Join(ws, name), nil
+}
+
+// RemoveLink removes an entry LinkInto made (path = workspace/name); an
+// entry already gone is not an error.
+func (u *Uploads) RemoveLink(path string) error {
+	r, d, err := u.openWorkspace(filepath.Dir(path))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	defer r.Close()
+	defer d.Close()
+	if err := unix.Unlinkat(int(d.Fd()), filepath.Base(path), 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("removing %s: %w", path, err)
+	}
+	return nil
 }

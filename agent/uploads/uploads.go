@@ -46,10 +46,11 @@ type Options struct {
 	AllowedRoots []string
 	// Expiry is an upload dir's lifetime when its request names none.
 	Expiry time.Duration
-	// ReleasedTarget reports whether path (an absolute path, possibly with
-	// file://) names a file the agent made itself outside the upload dirs
-	// and lets imports read (a released NBD target), and returns it
-	// cleaned. nil: there are none.
+	// ReleasedTarget reports whether path (an absolute, clean path) names,
+	// by its base name, a file the agent made itself outside the upload
+	// dirs and lets imports read (a released NBD target, linked into a
+	// workspace by LinkInto), and returns that file's path. nil: there
+	// are none.
 	ReleasedTarget func(path string) (string, bool)
 	// MaxChunk is the largest upload chunk a client may send (reported in
 	// every chunk reply).
