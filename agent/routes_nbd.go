@@ -110,7 +110,7 @@ func (a *Agent) cancelNBDImage(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// exportRemoteTarget serves a stored chain read-only over NBD (see
+// exportRemoteTarget serves a stored chain over NBD for instant restore (see
 // nbdtarget.Service.ServeChain).
 func (a *Agent) exportRemoteTarget(w http.ResponseWriter, r *http.Request) {
 	var req api.RemoteTargetRequest
@@ -145,7 +145,7 @@ func hostOnly(hostport string) string {
 	return strings.Trim(hostport, "[]")
 }
 
-// deleteRemoteTarget stops the read-only servers matching targetUri or
+// deleteRemoteTarget stops the exports matching targetUri or
 // installPath and releases their chains; no match gives deleted:0.
 func (a *Agent) deleteRemoteTarget(w http.ResponseWriter, r *http.Request) {
 	var req api.DeleteRemoteTargetRequest

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -56,27 +58,67 @@ func r7metricsText(t *testing.T, e *restoreEnv) string {
 	return string(b)
 }
 
+// TestRemoteTargetInstantRestore: the KVM host runs a VM read-write on
+// the export (PROTOCOL D3): the guest's writes and discards are accepted
+// and read back, the stored chain's blobs stay byte for byte the same,
+// and remotetarget/delete stops the server and removes the overlay.
 func TestRemoteTargetInstantRestore(t *testing.T) {
 	t.Parallel()
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
-	e := newRestoreEnv(t, nil)
+	e := newRestoreEnv(t, func(c *config.Config) { c.NBD.ClientAuth = "none" })
 	files := r7makeChain(t, e.dir, 8<<20)
 	imgs := e.importChain(t, "vol", files...)
 	top := imgs[2]
+	chainSums := func() map[string]string {
+		t.Helper()
+		out := map[string]string{}
+		for _, img := range imgs {
+			p, err := e.store.BlobPath(img.Blob)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[p] = fmt.Sprintf("%x", sha256.Sum256(b))
+		}
+		return out
+	}
+	before := chainSums()
 
 	rep := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "remoteTargetType": "NBD", "hostname": "127.0.0.1"})
 	uri, _ := rep["targetUri"].(string)
-	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") {
-		t.Fatalf("targetUri %q", uri)
+	pu, err := url.Parse(uri)
+	if err != nil || pu.Scheme != "nbd" || pu.Hostname() != "127.0.0.1" || pu.Port() == "" {
+		t.Fatalf("targetUri %q: %v", uri, err)
 	}
-	// Served in place: qemu-nbd follows the canonical ../hh/hex names.
+	export := strings.TrimPrefix(pu.Path, "/")
+	if export == "" || strings.ContainsAny(export, "/?&#%+ ") || rep["tls"] != false {
+		t.Fatalf("export name %q in %v", export, rep)
+	}
+	// The guest sees the stored chain.
 	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, files[2])
-	if again := e.ok(t, "/imagestore/export/remotetarget-sync", map[string]any{"installPath": top.InstallPath(), "hostname": "127.0.0.1"}); again["targetUri"] != uri {
-		t.Fatalf("second export: %v, want the running %s", again["targetUri"], uri)
-	}
 	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="remote"} 1`) {
 		t.Fatalf("metrics lack the remote server:\n%s", r7grepLines(m, "nbd"))
 	}
+	// The VM writes and discards (libvirt: driver discard='unmap'), and
+	// reads back its own writes.
+	r7run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x99 0 1048576", "-c", "discard 3145728 524288",
+		"-c", "write -z 6291456 65536", "-c", "flush", "-c", "read -P 0x99 0 1048576", "-c", "read -P 0 3145728 524288", uri)
+	want := filepath.Join(e.dir, "want.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", files[2], want)
+	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x99 0 1048576", "-c", "write -z 3145728 524288", "-c", "write -z 6291456 65536", want)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, want)
+	// The stored chain did not change: every blob hashes as before, and
+	// the image still reads as it was stored.
+	if after := chainSums(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Fatalf("stored blobs changed under guest writes:\n%v\n%v", before, after)
+	}
+	flat := filepath.Join(e.dir, "flat.raw")
+	r7flattenTo(t, e, top.InstallPath(), flat)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", flat, files[2])
+
 	// While served, GC cannot free the chain even once its records go.
 	ctx := context.Background()
 	if err := e.store.DeleteImage(ctx, top.Ref); err != nil {
@@ -88,18 +130,17 @@ func TestRemoteTargetInstantRestore(t *testing.T) {
 	if !e.store.Exists(top.Blob) {
 		t.Fatal("GC freed a served blob")
 	}
-	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, files[2])
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, want)
 
-	pu, err := url.Parse(uri)
-	if err != nil {
-		t.Fatal(err)
-	}
 	port := pu.Port()
 	del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri})
 	if r7num(del["deleted"]) != 1 {
 		t.Fatalf("delete: %v", del)
 	}
 	testwait.For(t, "server to stop", func() bool { return r7portClosed(port) })
+	if left, err := os.ReadDir(filepath.Join(e.a.root, "nbd", "overlays")); err != nil || len(left) != 0 {
+		t.Fatalf("overlay left after delete: %v %v", left, err)
+	}
 	if del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri}); r7num(del["deleted"]) != 0 {
 		t.Fatalf("second delete: %v", del)
 	}

@@ -23,7 +23,7 @@ func TestStaleCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, top := makeChain(t)
-	ro, err := old.ServeReadOnly(ctx, top, "top")
+	ro, err := old.ServeOverlay(ctx, top, "top")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,8 +55,11 @@ func TestStaleCleanup(t *testing.T) {
 	if _, err := os.Stat(top); err != nil {
 		t.Fatalf("read-only export's file removed: %v", err)
 	}
-	if left, _ := os.ReadDir(dir); len(left) != 1 || left[0].Name() != "targets" {
+	if left, _ := os.ReadDir(dir); len(left) != 2 || left[0].Name() != "overlays" || left[1].Name() != "targets" {
 		t.Fatalf("dir not clean: %v", left)
+	}
+	if left, _ := os.ReadDir(m.overlayDir()); len(left) != 0 {
+		t.Fatalf("stale overlay left: %v", left)
 	}
 	if left, _ := os.ReadDir(m.TargetDir()); len(left) != 0 {
 		t.Fatalf("target dir not clean: %v", left)
@@ -70,7 +73,7 @@ func TestStaleCleanup(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	// The new manager can use the whole range again.
-	s, err := m.ServeReadOnly(ctx, top, "top")
+	s, err := m.ServeOverlay(ctx, top, "top")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +88,7 @@ func TestUnexpectedExitIsNoticed(t *testing.T) {
 	m, logs := newTestManager(t, t.TempDir(), min, max)
 	ctx := context.Background()
 	_, top := makeChain(t)
-	s, err := m.ServeReadOnly(ctx, top, "top")
+	s, err := m.ServeOverlay(ctx, top, "top")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +128,7 @@ func TestConcurrentAndClose(t *testing.T) {
 			defer wg.Done()
 			var err error
 			if i%2 == 0 {
-				_, err = m.ServeReadOnly(ctx, top, fmt.Sprintf("e%d", i))
+				_, err = m.ServeOverlay(ctx, top, fmt.Sprintf("e%d", i))
 			} else {
 				_, _, err = m.CreateTargets(ctx, []int64{MiB}, time.Hour)
 			}
@@ -160,10 +163,13 @@ func TestConcurrentAndClose(t *testing.T) {
 	if entries, _ := os.ReadDir(m.TargetDir()); len(entries) != 0 {
 		t.Fatalf("Close left %d targets", len(entries))
 	}
-	if left, _ := os.ReadDir(m.opts.Dir); len(left) != 1 || left[0].Name() != "targets" {
+	if left, _ := os.ReadDir(m.opts.Dir); len(left) != 2 || left[0].Name() != "overlays" || left[1].Name() != "targets" {
 		t.Fatalf("Close left %v", left)
 	}
-	if _, err := m.ServeReadOnly(ctx, top, "x"); !errors.Is(err, ErrClosed) {
+	if left, _ := os.ReadDir(m.overlayDir()); len(left) != 0 {
+		t.Fatalf("Close left overlays %v", left)
+	}
+	if _, err := m.ServeOverlay(ctx, top, "x"); !errors.Is(err, ErrClosed) {
 		t.Fatalf("after Close: %v", err)
 	}
 }

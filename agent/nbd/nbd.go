@@ -1,7 +1,7 @@
 // Package nbd runs and tracks qemu-nbd servers for the agent: writable qcow2
 // targets a KVM host's QEMU backup job writes into (exportnbdimage), and
-// read-only exports of a stored chain served in place (export/remotetarget,
-// instant restore).
+// stored chains served over a private copy-on-write overlay a guest runs
+// on (export/remotetarget, instant restore).
 //
 // We own every qemu-nbd process (no --fork): the listening socket is bound
 // by us and handed over with systemd socket activation, so a port is either

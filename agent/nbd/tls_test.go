@@ -52,7 +52,7 @@ func TestTLS(t *testing.T) {
 	t.Cleanup(func() { _ = m.Close() })
 	ctx := context.Background()
 	_, top := makeChain(t)
-	ro, err := m.ServeReadOnly(ctx, top, "top")
+	ro, err := m.ServeOverlay(ctx, top, "top")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func TestPSK(t *testing.T) {
 	t.Cleanup(func() { _ = m.Close() })
 	ctx := context.Background()
 	_, top := makeChain(t)
-	ro, err := m.ServeReadOnly(ctx, top, "top")
+	ro, err := m.ServeOverlay(ctx, top, "top")
 	if err != nil {
 		t.Fatal(err)
 	}

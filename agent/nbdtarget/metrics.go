@@ -3,7 +3,7 @@ package nbdtarget
 import "github.com/prometheus/client_golang/prometheus"
 
 var descServers = prometheus.NewDesc("imagestore_agent_nbd_servers",
-	"Running qemu-nbd servers by kind: target (writable backup targets) or remote (read-only chain exports).", []string{"kind"}, nil)
+	"Running qemu-nbd servers by kind: target (writable backup targets) or remote (stored chain exports).", []string{"kind"}, nil)
 
 // Collector reports the running servers by kind at scrape time.
 func (s *Service) Collector() prometheus.Collector { return collector{s} }

@@ -1,6 +1,7 @@
 // Package nbdtarget serves disks over NBD for KVM hosts: writable qcow2
 // targets a host's backup job writes into (exportnbdimage), and stored
-// chains served read-only in place (remotetarget, instant restore). The
+// chains served over a private copy-on-write overlay (remotetarget,
+// instant restore: the guest writes, the stored blobs never change). The
 // qemu-nbd processes themselves are run by agent/nbd.
 package nbdtarget
 
@@ -57,11 +58,11 @@ type Service struct {
 	log     *slog.Logger
 
 	mu      sync.Mutex
-	remotes map[string]*remote  // read-only servers, by server id
+	remotes map[string]*remote  // exports of stored chains, by server id
 	links   map[string][]string // workspace entries of target groups, by description
 }
 
-// remote is a read-only export of a stored chain; release lets GC free the
+// remote is an export of a stored chain; release lets GC free the
 // chain's blobs again.
 type remote struct {
 	installPath string

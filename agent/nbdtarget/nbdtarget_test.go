@@ -237,12 +237,20 @@ func TestServeChainHoldsUntilDeleted(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "info", rt.URI).CombinedOutput(); err != nil || !strings.Contains(string(out), "1 MiB") {
 		t.Fatalf("qemu-img info %s: %v\n%s", rt.URI, err, out)
 	}
+	// Another restore of the same image is another export with its own
+	// overlay (two guests never share writes).
 	again, err := s.ServeChain(ctx, &p, top, "other-host")
-	if err != nil || again.Server.ID != rt.Server.ID || !strings.HasPrefix(again.URI, "nbd://other-host:") {
+	if err != nil || again.Server.ID == rt.Server.ID || again.Server.Path == rt.Server.Path || !strings.HasPrefix(again.URI, "nbd://other-host:") {
 		t.Fatalf("serving a served image again: %+v %v", again, err)
 	}
-	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(expectServers(0, 1))); err != nil {
+	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(expectServers(0, 2))); err != nil {
 		t.Fatal(err)
+	}
+	if n, err := s.DeleteRemotes(ctx, again.URI, ""); n != 1 || err != nil {
+		t.Fatalf("delete of the second export: %d %v", n, err)
+	}
+	if _, err := os.Stat(again.Server.Path); !os.IsNotExist(err) {
+		t.Fatalf("overlay kept after delete: %v", err)
 	}
 	// Held while served, even once the records are gone.
 	for _, img := range []blobstore.Image{top, base} {
@@ -275,7 +283,7 @@ func TestServeChainHoldsUntilDeleted(t *testing.T) {
 
 // expectServers is the exposition of the servers gauge.
 func expectServers(target, remote int) string {
-	return fmt.Sprintf(`# HELP imagestore_agent_nbd_servers Running qemu-nbd servers by kind: target (writable backup targets) or remote (read-only chain exports).
+	return fmt.Sprintf(`# HELP imagestore_agent_nbd_servers Running qemu-nbd servers by kind: target (writable backup targets) or remote (stored chain exports).
 # TYPE imagestore_agent_nbd_servers gauge
 imagestore_agent_nbd_servers{kind="remote"} %d
 imagestore_agent_nbd_servers{kind="target"} %d
