@@ -131,9 +131,10 @@ func TestConfine(t *testing.T) {
 	}
 	u, err := New(Options{
 		Root: filepath.Join(base, "uploads"), AllowedRoots: []string{allowed},
+		// Released targets are found by base name (the agent's hook maps
+		// a name in an upload dir to its private file).
 		ReleasedTarget: func(p string) (string, bool) {
-			p = strings.TrimPrefix(p, "file://")
-			return p, p == released
+			return released, filepath.Base(p) == filepath.Base(released)
 		},
 	})
 	if err != nil {
@@ -160,7 +161,10 @@ func TestConfine(t *testing.T) {
 		{inUpload, inUpload, ""},
 		{"file://" + inUpload, inUpload, ""},
 		{"file://" + inAllowed, inAllowed, ""},
-		{released, released, ""},
+		{filepath.Join(dir.Path, "t.qcow2"), released, ""}, // no such entry: the private file
+		{"file://" + filepath.Join(dir.Path, "sub", "t.qcow2"), released, ""},
+		{released, "", "escapes the upload dirs"},                          // named directly: outside
+		{filepath.Join(outside, "t.qcow2"), "", "escapes the upload dirs"}, // a target's name outside
 		{"http://h/x", "", "scheme http is not supported by import-backup"},
 		{"disk.qcow2", "", "not an absolute path"},
 		{dir.Path + "/../../outside/secret", "", "escapes the upload dirs"},
