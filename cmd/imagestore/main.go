@@ -111,7 +111,7 @@ type command struct {
 
 // commands lists the verbs, in the order usage prints them: one entry per verb.
 func commands() []command {
-	return []command{
+	return append([]command{
 		{"add", "add [-desc D] -file FILE", cmdAdd, faceZstcli},
 		{"push", "push [-concurrency N] [-parent name:id] [-bwlimit B/s] [-name NAME] [-id ID] FILE", cmdPush, faceBoth},
 		{"pull", "pull -installpath DST [-format qcow2|raw] [-bwlimit B/s] name:id", cmdPull, faceBoth},
@@ -119,12 +119,11 @@ func commands() []command {
 		{"images", "images [-name NAME]", cmdImages, faceBoth},
 		{"list", "list", cmdList, faceZstcli},
 		{"delete", "delete name:id", cmdDelete, faceImagestore},
-		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE]", cmdStopbak, faceZstcli},
 		{"upload", "upload -task TASKUUID [-bwlimit B/s] FILE", cmdUpload, faceImagestore},
 		{"pullfromhost", "pullfromhost -host H [-port N] -user U (-key-file F | -password-file F) [-fingerprint SHA256:...] -path P [-parent name:id] [-name N] [-volume-bwlimit B/s] [-network-bwlimit B/s] [-parallelism N]", cmdPullFromHost, faceImagestore},
 		{"db", "db backup|restore ...", cmdDB, faceImagestore},
 		{"completion", "completion bash", cmdCompletion, faceImagestore},
-	}
+	}, liveCommands()...)
 }
 
 // commandsOf is the verbs face offers.

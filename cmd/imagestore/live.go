@@ -1,0 +1,488 @@
+package main
+
+// The live-backup verbs of PROTOCOL.md §4.4 (Z7–Z10): backup, batbak,
+// battopbak, stopbak, plus bakconfirm (ours). They drive QEMU through
+// transfer/livebackup.
+//
+// Reaching the VM: -qmp-dir DIR (default $IMAGESTORE_QMP_DIR) names a
+// directory holding one QMP unix socket per VM, DIR/<VM>.qmp. The running
+// backup listens on DIR/<VM>.bak (the control socket), where stopbak
+// reaches it, since QEMU serves one client per QMP socket.
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"imagestore/transfer/livebackup"
+	"imagestore/transfer/qmp"
+)
+
+// liveFlags are the flags every live-backup verb shares.
+type liveFlags struct {
+	domain      string
+	qmpDir      string
+	pointInTime bool
+	oob         bool
+}
+
+func (g *globals) liveFlagSet(name string, lf *liveFlags) *flag.FlagSet {
+	fs := g.subFlags(name)
+	fs.StringVar(&lf.domain, "domain", "", "VM name (the libvirt domain name, i.e. the VM uuid)")
+	fs.StringVar(&lf.qmpDir, "qmp-dir", os.Getenv("IMAGESTORE_QMP_DIR"), "directory of the VMs' QMP sockets <dir>/<VM>.qmp (default $IMAGESTORE_QMP_DIR)")
+	fs.BoolVar(&lf.pointInTime, "point-in-time", false, "accepted: every backup is point-in-time (copy-before-write)")
+	fs.BoolVar(&lf.oob, "oob", false, "accepted and ignored (out of band; its meaning is not documented)")
+	return fs
+}
+
+func (lf *liveFlags) check() error {
+	if lf.domain == "" {
+		return usageErr("-domain is required")
+	}
+	if strings.ContainsAny(lf.domain, "/\x00") || lf.domain == "." || lf.domain == ".." {
+		return usageErr("bad -domain %q", lf.domain)
+	}
+	if lf.qmpDir == "" {
+		return errors.New("no way to reach the VM's monitor: set -qmp-dir or $IMAGESTORE_QMP_DIR " +
+			"(a directory holding <VM>.qmp sockets); the libvirt transport is not built in")
+	}
+	return nil
+}
+
+func (lf *liveFlags) qmpPath() string { return filepath.Join(lf.qmpDir, lf.domain+".qmp") }
+func (lf *liveFlags) ctlPath() string { return filepath.Join(lf.qmpDir, lf.domain+".bak") }
+
+// dialMonitor connects to the VM's QMP socket; wait bounds the greeting
+// (QEMU greets a second client only when the first leaves).
+func (lf *liveFlags) dialMonitor(ctx context.Context, wait time.Duration) (*qmp.Client, error) {
+	dctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	return qmp.Dial(dctx, lf.qmpPath(), qmp.Options{})
+}
+
+// runLive connects, starts the control socket, runs the engine over
+// drives and tidies up.
+func (g *globals) runLive(ctx context.Context, lf *liveFlags, drives []livebackup.Drive) ([]livebackup.Result, error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop, err := listenControl(ctx, lf.ctlPath(), drives, cancel)
+	if err != nil {
+		return nil, err
+	}
+	defer stop()
+	mon, err := lf.dialMonitor(ctx, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer mon.Close()
+	eng, err := livebackup.New(livebackup.Options{Monitor: mon, Progress: func(p int) { _ = g.pct.report(p) },
+		Logger: slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		return nil, err
+	}
+	res, err := eng.Backup(ctx, drives)
+	if err != nil {
+		if c := context.Cause(ctx); c != nil && ctx.Err() != nil {
+			return nil, c
+		}
+		return nil, err
+	}
+	for _, r := range res {
+		if r.FellBack != "" {
+			fmt.Fprintf(g.stderr, "imagestore: %s: full instead of incremental: %s\n", r.Node, r.FellBack)
+		}
+	}
+	return res, nil
+}
+
+// errStopped is the cause a stopbak gives the running backup.
+var errStopped = errors.New("backup stopped by stopbak")
+
+// listenControl serves the control socket of a running backup: a line
+// "stop" or "stop NODE" cancels it (when NODE is one of its drives); the
+// reply "stopped" is written once the engine has rolled back.
+func listenControl(ctx context.Context, path string, drives []livebackup.Drive, cancel context.CancelCauseFunc) (func(), error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("%w: another backup of this VM is running (%s)", livebackup.ErrBusy, path)
+	}
+	_ = os.Remove(path) // stale, from a process that died
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	finished := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				line, _ := bufio.NewReader(c).ReadString('\n')
+				f := strings.Fields(line)
+				if len(f) == 0 || f[0] != "stop" {
+					fmt.Fprintln(c, "error: unknown request")
+					return
+				}
+				match := len(f) == 1
+				for _, d := range drives {
+					if len(f) > 1 && d.Node == f[1] {
+						match = true
+					}
+				}
+				if !match {
+					fmt.Fprintln(c, "not running")
+					return
+				}
+				cancel(errStopped)
+				<-finished
+				fmt.Fprintln(c, "stopped")
+			}()
+		}
+	}()
+	return func() {
+		close(finished)
+		ln.Close()
+		wg.Wait()
+		_ = os.Remove(path)
+	}, nil
+}
+
+// parseTarget reads a -dest / -destdir value: a path or nbd://HOST:P1[,P2…].
+func parseNBD(s string) (host string, ports []int, ok bool, err error) {
+	rest, isNBD := strings.CutPrefix(s, "nbd://")
+	if !isNBD {
+		return "", nil, false, nil
+	}
+	i := strings.LastIndex(rest, ":")
+	if i <= 0 {
+		return "", nil, true, fmt.Errorf("bad NBD target %q (nbd://HOST:PORT[,PORT…])", s)
+	}
+	host = strings.Trim(rest[:i], "[]")
+	for _, p := range strings.Split(rest[i+1:], ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(p))
+		if err != nil || n <= 0 || n > 65535 {
+			return "", nil, true, fmt.Errorf("bad NBD port %q in %q", p, s)
+		}
+		ports = append(ports, n)
+	}
+	return host, ports, true, nil
+}
+
+func parseSpeed(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" || strings.EqualFold(s, "None") {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("bad speed %q (bytes per second, 0 = unlimited)", s)
+	}
+	return n, nil
+}
+
+// cmdBackup is Z7: one drive; prints the mode that ran.
+func cmdBackup(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	var bitmap, dest, drive, mode, speed string
+	fs := g.liveFlagSet("backup", &lf)
+	fs.StringVar(&bitmap, "bitmap", "", "dirty-bitmap name BM")
+	fs.StringVar(&dest, "dest", "", "target qcow2 file, or nbd://HOST:PORT")
+	fs.StringVar(&drive, "drive", "", "QEMU drive/node name")
+	fs.StringVar(&mode, "mode", "auto", "full, top or auto")
+	fs.StringVar(&speed, "speed", "0", "bytes per second, 0 = unlimited")
+	if pos, err := parseArgs(fs, args); err != nil {
+		return err
+	} else if len(pos) != 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	if bitmap == "" || dest == "" || drive == "" {
+		return usageErr("backup needs -bitmap, -dest and -drive")
+	}
+	m, err := livebackup.ParseMode(mode)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	sp, err := parseSpeed(speed)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	d := livebackup.Drive{Node: drive, Bitmap: bitmap, Mode: m, Speed: sp}
+	host, ports, isNBD, err := parseNBD(dest)
+	switch {
+	case err != nil:
+		return usageErr("%v", err)
+	case isNBD && len(ports) != 1:
+		return usageErr("-dest %s: one port expected", dest)
+	case isNBD:
+		d.Target = livebackup.Target{NBDHost: host, NBDPort: ports[0]}
+	default:
+		d.Target = livebackup.Target{File: dest}
+	}
+	res, err := g.runLive(ctx, &lf, []livebackup.Drive{d})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(g.stdout, res[0].Mode)
+	return nil
+}
+
+type batResult struct {
+	BackupFile string `json:"backupFile"`
+	Mode       string `json:"mode,omitempty"`
+}
+
+// destDrives assigns targets: a directory gets a fresh <32 hex>.qcow2 per
+// drive, nbd://H:P1,P2… gives the i-th drive the i-th port.
+func destDrives(destdir string, drives []livebackup.Drive) (map[string]string, error) {
+	names := map[string]string{}
+	host, ports, isNBD, err := parseNBD(destdir)
+	if err != nil {
+		return nil, usageErr("%v", err)
+	}
+	if isNBD {
+		if len(ports) != len(drives) {
+			return nil, usageErr("%d drives but %d NBD ports in %s", len(drives), len(ports), destdir)
+		}
+		for i := range drives {
+			drives[i].Target = livebackup.Target{NBDHost: host, NBDPort: ports[i]}
+			names[drives[i].Node] = ""
+		}
+		return names, nil
+	}
+	if st, err := os.Stat(destdir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("-destdir %s is not a directory", destdir)
+	}
+	for i := range drives {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		name := hex.EncodeToString(b[:]) + ".qcow2"
+		drives[i].Target = livebackup.Target{File: filepath.Join(destdir, name)}
+		names[drives[i].Node] = name
+	}
+	return names, nil
+}
+
+// cmdBatbak is Z8: every drive in one transaction.
+func cmdBatbak(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	var destdir, list string
+	fs := g.liveFlagSet("batbak", &lf)
+	fs.StringVar(&destdir, "destdir", "", "target directory, or nbd://HOST:P1,P2,…")
+	fs.StringVar(&list, "args", "", "BM,MODE,NODE,SPEED[:BM,MODE,NODE,SPEED…] (SPEED in bytes/s)")
+	if pos, err := parseArgs(fs, args); err != nil {
+		return err
+	} else if len(pos) != 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	if destdir == "" || list == "" {
+		return usageErr("batbak needs -destdir and -args")
+	}
+	var drives []livebackup.Drive
+	for _, tup := range strings.Split(list, ":") {
+		f := strings.Split(tup, ",")
+		if len(f) != 4 {
+			return usageErr("-args tuple %q: want BM,MODE,NODE,SPEED", tup)
+		}
+		m, err := livebackup.ParseMode(f[1])
+		if err != nil {
+			return usageErr("%v", err)
+		}
+		sp, err := parseSpeed(f[3])
+		if err != nil {
+			return usageErr("%v", err)
+		}
+		drives = append(drives, livebackup.Drive{Bitmap: f[0], Mode: m, Node: f[2], Speed: sp})
+	}
+	names, err := destDrives(destdir, drives)
+	if err != nil {
+		return err
+	}
+	res, err := g.runLive(ctx, &lf, drives)
+	if err != nil {
+		return err
+	}
+	out := map[string]batResult{}
+	for _, r := range res {
+		out[r.Node] = batResult{BackupFile: names[r.Node], Mode: string(r.Mode)}
+	}
+	return json.NewEncoder(g.stdout).Encode(out)
+}
+
+// cmdBattopbak is Z9: the top layer of each drive, no bitmap.
+func cmdBattopbak(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	var destdir, list string
+	fs := g.liveFlagSet("battopbak", &lf)
+	fs.StringVar(&destdir, "destdir", "", "target directory")
+	fs.StringVar(&list, "args", "", "NODE,SPEED[:NODE,SPEED…]")
+	if pos, err := parseArgs(fs, args); err != nil {
+		return err
+	} else if len(pos) != 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	if destdir == "" || list == "" {
+		return usageErr("battopbak needs -destdir and -args")
+	}
+	var drives []livebackup.Drive
+	for _, tup := range strings.Split(list, ":") {
+		f := strings.Split(tup, ",")
+		if len(f) != 2 {
+			return usageErr("-args tuple %q: want NODE,SPEED", tup)
+		}
+		sp, err := parseSpeed(f[1])
+		if err != nil {
+			return usageErr("%v", err)
+		}
+		drives = append(drives, livebackup.Drive{Node: f[0], Mode: livebackup.Shallow, Speed: sp})
+	}
+	if strings.HasPrefix(destdir, "nbd://") {
+		return usageErr("battopbak writes into a directory")
+	}
+	names, err := destDrives(destdir, drives)
+	if err != nil {
+		return err
+	}
+	res, err := g.runLive(ctx, &lf, drives)
+	if err != nil {
+		return err
+	}
+	out := map[string]batResult{}
+	for _, r := range res {
+		out[r.Node] = batResult{BackupFile: names[r.Node]}
+	}
+	return json.NewEncoder(g.stdout).Encode(out)
+}
+
+// cmdStopbak is Z10: stop the VM's running backup (all of it, or the call
+// that backs up -drive) and exit 0, also when nothing runs.
+func cmdStopbak(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	var drive string
+	fs := g.liveFlagSet("stopbak", &lf)
+	fs.StringVar(&drive, "drive", "", "stop only the backup of this drive")
+	fs.Bool("force", false, "True|False|None (accepted; jobs are always cancelled at once)")
+	fs.Bool("batbak", false, "accepted: the batch backup is stopped as a whole")
+	if pos, err := parseArgs(fs, args); err != nil {
+		return err
+	} else if len(pos) != 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	if lf.domain == "" {
+		return usageErr("-domain is required")
+	}
+	if lf.qmpDir == "" {
+		return nil // no monitor we could reach: nothing of ours runs
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	// A running backup holds the QMP socket; ask it through its control socket.
+	if c, err := net.DialTimeout("unix", lf.ctlPath(), 2*time.Second); err == nil {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(3 * time.Minute))
+		fmt.Fprintf(c, "stop %s\n", drive)
+		reply, _ := io.ReadAll(c)
+		if r := strings.TrimSpace(string(reply)); r != "stopped" && r != "not running" {
+			return fmt.Errorf("the running backup answered %q", r)
+		}
+		return nil
+	}
+	// Nothing listens: clean up jobs a dead backup left in QEMU, if any.
+	mon, err := lf.dialMonitor(ctx, 5*time.Second)
+	if err != nil {
+		fmt.Fprintf(g.stderr, "imagestore stopbak: %v; nothing to stop\n", err)
+		return nil
+	}
+	defer mon.Close()
+	eng, err := livebackup.New(livebackup.Options{Monitor: mon})
+	if err != nil {
+		return err
+	}
+	if _, err := eng.StopStray(ctx, drive); err != nil && !errors.Is(err, livebackup.ErrNoNode) {
+		return err
+	}
+	return nil
+}
+
+// cmdBakconfirm tells the engine the store holds the newest backup of
+// each listed drive, so the next incremental holds only what changed
+// since it (without it, incrementals also cover the backup before).
+func cmdBakconfirm(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	var list string
+	fs := g.liveFlagSet("bakconfirm", &lf)
+	fs.StringVar(&list, "args", "", "BM,NODE[:BM,NODE…]")
+	if pos, err := parseArgs(fs, args); err != nil {
+		return err
+	} else if len(pos) != 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	if list == "" {
+		return usageErr("bakconfirm needs -args")
+	}
+	mon, err := lf.dialMonitor(ctx, 30*time.Second)
+	if err != nil {
+		return err
+	}
+	defer mon.Close()
+	eng, err := livebackup.New(livebackup.Options{Monitor: mon})
+	if err != nil {
+		return err
+	}
+	for _, tup := range strings.Split(list, ":") {
+		f := strings.Split(tup, ",")
+		if len(f) != 2 {
+			return usageErr("-args tuple %q: want BM,NODE", tup)
+		}
+		if err := eng.Confirm(ctx, f[1], f[0]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// liveCommands are the live-backup verbs for the dispatch table.
+func liveCommands() []command {
+	return []command{
+		{"backup", "backup -bitmap BM -dest FILE|nbd://H:P -domain VM -drive NODE -mode full|top|auto [-speed B/s] [-point-in-time] [-oob] [-qmp-dir DIR]", cmdBackup, faceBoth},
+		{"batbak", "batbak -domain VM -destdir DIR|nbd://H:P1,P2,... -args BM,MODE,NODE,SPEED[:...] [-point-in-time] [-oob] [-qmp-dir DIR]", cmdBatbak, faceBoth},
+		{"battopbak", "battopbak -domain VM -destdir DIR -args NODE,SPEED[:NODE,SPEED...] [-qmp-dir DIR]", cmdBattopbak, faceBoth},
+		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE] [-qmp-dir DIR]", cmdStopbak, faceBoth},
+		{"bakconfirm", "bakconfirm -domain VM -args BM,NODE[:BM,NODE...] [-qmp-dir DIR]", cmdBakconfirm, faceBoth},
+	}
+}

@@ -1,0 +1,645 @@
+// Package livebackup takes live, point-in-time backups of a running VM's
+// disks through QEMU: one QMP transaction per call for every listed disk,
+// persistent dirty bitmaps as checkpoints, and incrementals that copy only
+// the clusters written since the last backup the store confirmed.
+//
+// Checkpoints. For the caller's bitmap BM the engine keeps persistent
+// bitmaps "BM.<seq>", all recording: BM.<k> holds every write since backup
+// k began. A backup adds a new one in its transaction; an incremental
+// copies from a temporary disabled copy of the base checkpoint, so no job
+// ever clears a checkpoint. A failed or cancelled backup removes what its
+// transaction added (no half bitmap) and leaves the rest as it was.
+// Confirm drops the checkpoints older than the newest once the store
+// holds the newest backup; without a confirmation the engine keeps the
+// newest Options.Keep checkpoints and bases an incremental on the oldest
+// of them, so an import that failed after the job succeeded loses no
+// change (the next incremental is a superset).
+package livebackup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"imagestore/transfer/qmp"
+)
+
+// Mode is a backup mode of PROTOCOL.md §4.4.
+type Mode string
+
+// The modes; Auto resolves to Incremental or Full.
+const (
+	Full        Mode = "full"
+	Top         Mode = "top"
+	Auto        Mode = "auto"
+	Incremental Mode = "incremental"
+	// Shallow is battopbak: the top layer only, no bitmap.
+	Shallow Mode = "shallow"
+)
+
+// ParseMode reads full, top or auto.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(strings.ToLower(strings.TrimSpace(s))); m {
+	case Full, Top, Auto:
+		return m, nil
+	case Incremental:
+		return Auto, nil
+	}
+	return "", fmt.Errorf("unknown backup mode %q (full, top or auto)", s)
+}
+
+// Target is where one disk's backup goes: a qcow2 file the engine creates
+// (File), or an NBD export that a store serves (NBDHost:NBDPort, default
+// export name).
+type Target struct {
+	File    string
+	NBDHost string
+	NBDPort int
+}
+
+func (t Target) String() string {
+	if t.File != "" {
+		return t.File
+	}
+	return "nbd://" + t.NBDHost + ":" + strconv.Itoa(t.NBDPort)
+}
+
+// Drive is one disk of a call.
+type Drive struct {
+	Node   string // the caller's NODE (node name, device or drive-<alias>)
+	Bitmap string // BM; empty for Shallow
+	Mode   Mode
+	Speed  int64 // bytes/s, 0 = unlimited
+	Target Target
+}
+
+// Result is what ran for one drive.
+type Result struct {
+	Node string
+	Mode Mode // Full, Top or Incremental (or Shallow)
+	// FellBack says why auto ran full ("" when it did not).
+	FellBack string
+	Target   Target
+}
+
+// Options configure an Engine.
+type Options struct {
+	Monitor qmp.Monitor
+	Logger  *slog.Logger
+	// Keep is how many checkpoints per bitmap survive without a
+	// confirmation (default 2: one failed import is covered).
+	Keep int
+	// Poll is the job polling interval (default 200ms).
+	Poll time.Duration
+	// Progress receives Σcurrent/Σtotal of the call's jobs in percent
+	// whenever it changes (optional).
+	Progress func(percent int)
+	// QemuImg is the qemu-img binary (default "qemu-img").
+	QemuImg string
+	// OnStart, if set, runs once the transaction has returned (the point
+	// in time of the backup).
+	OnStart func()
+}
+
+// Engine drives backups over one monitor. Backup calls must not overlap.
+type Engine struct {
+	o   Options
+	log *slog.Logger
+}
+
+// New checks o.
+func New(o Options) (*Engine, error) {
+	if o.Monitor == nil {
+		return nil, errors.New("livebackup: Options.Monitor is required")
+	}
+	if o.Keep <= 0 {
+		o.Keep = 2
+	}
+	if o.Poll <= 0 {
+		o.Poll = 200 * time.Millisecond
+	}
+	if o.QemuImg == "" {
+		o.QemuImg = "qemu-img"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Engine{o: o, log: o.Logger}, nil
+}
+
+// JobPrefix starts the id of every job the engine runs, so another
+// process (stopbak) recognises them in query-jobs.
+const JobPrefix = "zsbak-"
+
+// targetPrefix starts the node name of every target the engine adds.
+const targetPrefix = "zstgt"
+
+// ErrBusy means a job already uses the drive's bitmap or the drive.
+var ErrBusy = errors.New("a backup job already runs on this drive")
+
+// ErrJobFailed wraps a job's own error.
+var ErrJobFailed = errors.New("backup job failed")
+
+// plan is one drive resolved against QEMU.
+type plan struct {
+	Drive
+	node     nodeInfo
+	mode     Mode
+	fellBack string
+	base     string // incremental: checkpoint copied from
+	newCP    string // checkpoint the transaction adds ("" for Shallow)
+	tmp      string // temporary bitmap ("" unless incremental)
+	tgtNode  string
+	jobID    string
+	created  bool // the target file was created by us
+	added    bool // the target node was added
+	startedT bool // the transaction ran
+}
+
+// Backup backs up every drive at one point in time (one transaction) and
+// waits for the jobs. On any failure or when ctx ends, every job is
+// cancelled, targets are deleted and bitmaps are left as before the call.
+func (e *Engine) Backup(ctx context.Context, drives []Drive) ([]Result, error) {
+	if len(drives) == 0 {
+		return nil, errors.New("livebackup: no drives")
+	}
+	m := e.o.Monitor
+	plans := make([]*plan, len(drives))
+	seen := map[string]bool{}
+	for i, d := range drives {
+		p, err := e.resolve(ctx, i, d)
+		if err != nil {
+			return nil, err
+		}
+		if seen[p.node.NodeName] {
+			return nil, fmt.Errorf("drive %s listed twice", d.Node)
+		}
+		seen[p.node.NodeName] = true
+		plans[i] = p
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			e.abort(plans)
+		}
+	}()
+	for _, p := range plans {
+		if err := e.addTarget(ctx, p); err != nil {
+			return nil, err
+		}
+	}
+	var actions []map[string]any
+	for _, p := range plans {
+		actions = append(actions, p.actions()...)
+	}
+	after := m.LastSeq()
+	if err := m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil); err != nil {
+		return nil, fmt.Errorf("starting the backup: %w", err)
+	}
+	for _, p := range plans {
+		p.startedT = true
+	}
+	if e.o.OnStart != nil {
+		e.o.OnStart()
+	}
+	if err := e.wait(ctx, plans, after); err != nil {
+		return nil, err
+	}
+	// Success: dismiss the jobs, drop the targets and temporary bitmaps,
+	// then prune old checkpoints.
+	var res []Result
+	for _, p := range plans {
+		if err := e.finish(ctx, p); err != nil {
+			return nil, err
+		}
+		res = append(res, Result{Node: p.Node, Mode: p.mode, FellBack: p.fellBack, Target: p.Target})
+	}
+	ok = true
+	for _, p := range plans {
+		if p.Bitmap != "" {
+			if err := e.prune(ctx, p.node.NodeName, p.Bitmap, e.o.Keep); err != nil {
+				e.log.Warn("pruning old checkpoints", "node", p.node.NodeName, "err", err)
+			}
+		}
+	}
+	return res, nil
+}
+
+func (e *Engine) resolve(ctx context.Context, i int, d Drive) (*plan, error) {
+	n, err := resolveNode(ctx, e.o.Monitor, d.Node)
+	if err != nil {
+		return nil, err
+	}
+	if d.Target.File == "" && (d.Target.NBDHost == "" || d.Target.NBDPort <= 0) {
+		return nil, fmt.Errorf("drive %s: no target", d.Node)
+	}
+	if d.Speed < 0 {
+		return nil, fmt.Errorf("drive %s: negative speed %d", d.Node, d.Speed)
+	}
+	p := &plan{Drive: d, node: n, mode: d.Mode,
+		tgtNode: targetPrefix + strconv.Itoa(i), jobID: JobPrefix + n.NodeName}
+	for _, b := range n.Bitmaps {
+		if b.Busy {
+			return nil, fmt.Errorf("drive %s: bitmap %q is busy: %w", d.Node, b.Name, ErrBusy)
+		}
+	}
+	if d.Mode == Shallow {
+		return p, nil
+	}
+	if d.Bitmap == "" || strings.ContainsAny(d.Bitmap, " ,:") {
+		return nil, fmt.Errorf("drive %s: bad bitmap name %q", d.Node, d.Bitmap)
+	}
+	cps := checkpoints(n, d.Bitmap)
+	if hasBitmap(n, tempBitmap(d.Bitmap)) {
+		// Left by an engine that died mid-call: that call's checkpoint
+		// (the newest) never became a stored backup.
+		if len(cps) > 0 {
+			if err := removeBitmap(ctx, e.o.Monitor, n.NodeName, cps[len(cps)-1].Name); err != nil {
+				return nil, err
+			}
+			cps = cps[:len(cps)-1]
+		}
+		if err := removeBitmap(ctx, e.o.Monitor, n.NodeName, tempBitmap(d.Bitmap)); err != nil {
+			return nil, err
+		}
+	}
+	next := 1
+	if len(cps) > 0 {
+		next = cps[len(cps)-1].seq + 1
+	}
+	if d.Mode == Auto {
+		switch {
+		case len(cps) == 0:
+			p.mode, p.fellBack = Full, "no checkpoint for bitmap "+d.Bitmap
+		default:
+			for _, c := range cps {
+				if c.Inconsistent {
+					p.mode, p.fellBack = Full, "bitmap "+c.Name+" is inconsistent (QEMU stopped uncleanly)"
+				}
+			}
+			if p.mode == Auto {
+				p.mode = Incremental
+			}
+		}
+	}
+	if p.mode != Incremental {
+		// An inconsistent checkpoint can never be used again.
+		for _, c := range cps {
+			if c.Inconsistent {
+				if err := removeBitmap(ctx, e.o.Monitor, n.NodeName, c.Name); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	p.newCP = d.Bitmap + "." + strconv.Itoa(next)
+	// The temporary bitmap is the incremental's frozen copy of the base;
+	// in every mode it also marks, for StopStray, that this call added
+	// the newest checkpoint.
+	p.tmp = tempBitmap(d.Bitmap)
+	if p.mode == Incremental {
+		p.base = cps[0].Name
+	}
+	return p, nil
+}
+
+func (e *Engine) addTarget(ctx context.Context, p *plan) error {
+	m := e.o.Monitor
+	var spec map[string]any
+	if p.Target.File != "" {
+		if _, err := os.Stat(p.Target.File); err == nil {
+			return fmt.Errorf("target %s already exists", p.Target.File)
+		}
+		cmd := exec.CommandContext(ctx, e.o.QemuImg, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+			p.Target.File, strconv.FormatInt(p.node.Image.VirtualSize, 10))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("creating %s: %w: %s", p.Target.File, err, strings.TrimSpace(string(out)))
+		}
+		p.created = true
+		spec = map[string]any{"driver": "qcow2", "node-name": p.tgtNode, "backing": nil,
+			"file": map[string]any{"driver": "file", "filename": p.Target.File}}
+	} else {
+		spec = map[string]any{"driver": "nbd", "node-name": p.tgtNode,
+			"server": map[string]any{"type": "inet", "host": p.Target.NBDHost, "port": strconv.Itoa(p.Target.NBDPort)}}
+	}
+	if err := m.Execute(ctx, "blockdev-add", spec, nil); err != nil {
+		return fmt.Errorf("opening target %s: %w", p.Target, err)
+	}
+	p.added = true
+	return nil
+}
+
+// actions are the drive's part of the one transaction.
+func (p *plan) actions() []map[string]any {
+	node := p.node.NodeName
+	backup := map[string]any{"device": node, "target": p.tgtNode, "job-id": p.jobID,
+		"auto-dismiss": false, "auto-finalize": true}
+	if p.Speed > 0 {
+		backup["speed"] = p.Speed
+	}
+	var acts []map[string]any
+	if p.newCP != "" {
+		acts = append(acts, map[string]any{"type": "block-dirty-bitmap-add",
+			"data": map[string]any{"node": node, "name": p.newCP, "persistent": true}},
+			map[string]any{"type": "block-dirty-bitmap-add",
+				"data": map[string]any{"node": node, "name": p.tmp, "persistent": false, "disabled": true}})
+	}
+	switch p.mode {
+	case Full:
+		// Without a backing file, top copies the same data as full (the
+		// fresh target reads unallocated as zero) but the job, and so
+		// -speed, counts only allocated bytes.
+		backup["sync"] = "full"
+		if p.node.BackingFile == "" {
+			backup["sync"] = "top"
+		}
+	case Top, Shallow:
+		backup["sync"] = "top"
+	case Incremental:
+		acts = append(acts,
+			map[string]any{"type": "block-dirty-bitmap-merge",
+				"data": map[string]any{"node": node, "target": p.tmp, "bitmaps": []string{p.base}}})
+		backup["sync"] = "bitmap"
+		backup["bitmap"] = p.tmp
+		backup["bitmap-mode"] = "never"
+	}
+	return append(acts, map[string]any{"type": "blockdev-backup", "data": backup})
+}
+
+// wait polls the jobs (and wakes on their events) until all concluded;
+// the first failure or ctx's end is returned.
+func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
+	m := e.o.Monitor
+	mine := map[string]bool{}
+	for _, p := range plans {
+		mine[p.jobID] = true
+	}
+	last := -1
+	for {
+		jobs, err := queryJobs(ctx, m)
+		if err != nil {
+			return fmt.Errorf("watching the backup: %w", err)
+		}
+		var cur, tot int64
+		done, found := 0, 0
+		for _, j := range jobs {
+			if !mine[j.ID] {
+				continue
+			}
+			found++
+			cur += j.CurrentProgress
+			tot += j.TotalProgress
+			if j.Status == "concluded" || j.Status == "null" {
+				if j.Error != "" {
+					return fmt.Errorf("%w: %s: %s", ErrJobFailed, j.ID, j.Error)
+				}
+				done++
+			}
+		}
+		if found < len(plans) {
+			return fmt.Errorf("%w: %d of %d jobs vanished", ErrJobFailed, len(plans)-found, len(plans))
+		}
+		pct := 100
+		if tot > 0 {
+			pct = int(cur * 100 / tot)
+		}
+		if done < len(plans) && pct == 100 {
+			pct = 99
+		}
+		if e.o.Progress != nil && pct != last {
+			e.o.Progress(pct)
+			last = pct
+		}
+		if done == len(plans) {
+			return nil
+		}
+		wctx, cancel := context.WithTimeout(ctx, e.o.Poll)
+		ev, werr := m.WaitEvent(wctx, after, func(ev qmp.Event) bool {
+			return ev.Name == "JOB_STATUS_CHANGE" || ev.Name == "BLOCK_JOB_COMPLETED" || ev.Name == "BLOCK_JOB_CANCELLED"
+		})
+		cancel()
+		if werr == nil {
+			after = ev.Seq
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// finish tidies a drive whose job succeeded.
+func (e *Engine) finish(ctx context.Context, p *plan) error {
+	m := e.o.Monitor
+	if err := m.Execute(ctx, "job-dismiss", map[string]any{"id": p.jobID}, nil); err != nil {
+		return err
+	}
+	if err := m.Execute(ctx, "blockdev-del", map[string]any{"node-name": p.tgtNode}, nil); err != nil {
+		return err
+	}
+	p.added = false
+	if p.tmp != "" {
+		if err := removeBitmap(ctx, m, p.node.NodeName, p.tmp); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// abort undoes a call that failed or was cancelled: cancel the jobs, wait
+// for them, drop targets, temporary and new bitmaps, delete target files.
+func (e *Engine) abort(plans []*plan) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	m := e.o.Monitor
+	after := m.LastSeq()
+	for _, p := range plans {
+		if p.startedT {
+			err := m.Execute(ctx, "block-job-cancel", map[string]any{"device": p.jobID, "force": true}, nil)
+			if err != nil && !isClass(err, "DeviceNotActive") {
+				e.log.Warn("cancelling", "job", p.jobID, "err", err)
+			}
+		}
+	}
+	for _, p := range plans {
+		if p.startedT {
+			waitConcluded(ctx, m, p.jobID, after)
+			if err := m.Execute(ctx, "job-dismiss", map[string]any{"id": p.jobID}, nil); err != nil {
+				e.log.Debug("dismissing", "job", p.jobID, "err", err)
+			}
+		}
+		e.undo(ctx, p)
+	}
+}
+
+func (e *Engine) undo(ctx context.Context, p *plan) {
+	m := e.o.Monitor
+	if p.added {
+		if err := m.Execute(ctx, "blockdev-del", map[string]any{"node-name": p.tgtNode}, nil); err != nil {
+			e.log.Warn("removing target node", "node", p.tgtNode, "err", err)
+		}
+	}
+	if p.startedT {
+		for _, b := range []string{p.tmp, p.newCP} {
+			if b == "" {
+				continue
+			}
+			if err := removeBitmap(ctx, m, p.node.NodeName, b); err != nil && !isClass(err, "GenericError") {
+				e.log.Warn("removing bitmap", "bitmap", b, "err", err)
+			}
+		}
+	}
+	if p.created {
+		if err := os.Remove(p.Target.File); err != nil && !errors.Is(err, os.ErrNotExist) {
+			e.log.Warn("removing partial target", "file", p.Target.File, "err", err)
+		}
+	}
+}
+
+// waitConcluded waits until job id is concluded or gone.
+func waitConcluded(ctx context.Context, m qmp.Monitor, id string, after uint64) {
+	for ctx.Err() == nil {
+		jobs, err := queryJobs(ctx, m)
+		if err != nil {
+			return
+		}
+		running := false
+		for _, j := range jobs {
+			if j.ID == id && j.Status != "concluded" && j.Status != "null" {
+				running = true
+			}
+		}
+		if !running {
+			return
+		}
+		wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		if ev, err := m.WaitEvent(wctx, after, func(ev qmp.Event) bool { return ev.Name == "JOB_STATUS_CHANGE" }); err == nil {
+			after = ev.Seq
+		}
+		cancel()
+	}
+}
+
+// prune keeps the newest keep checkpoints of prefix on node.
+func (e *Engine) prune(ctx context.Context, node, prefix string, keep int) error {
+	n, err := resolveNode(ctx, e.o.Monitor, node)
+	if err != nil {
+		return err
+	}
+	cps := checkpoints(n, prefix)
+	for i := 0; i < len(cps)-keep; i++ {
+		if err := removeBitmap(ctx, e.o.Monitor, node, cps[i].Name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Confirm records that the store holds the newest backup of (node,
+// bitmap): the older checkpoints go, so the next incremental copies only
+// what changed since that backup.
+func (e *Engine) Confirm(ctx context.Context, node, bitmap string) error {
+	n, err := resolveNode(ctx, e.o.Monitor, node)
+	if err != nil {
+		return err
+	}
+	if len(checkpoints(n, bitmap)) == 0 {
+		return fmt.Errorf("drive %s has no checkpoint of bitmap %s", node, bitmap)
+	}
+	return e.prune(ctx, n.NodeName, bitmap, 1)
+}
+
+// Checkpoint is a checkpoint bitmap as QEMU reports it (for callers and
+// tests that inspect the bitmap state).
+type Checkpoint struct {
+	Name         string
+	Count        int64
+	Recording    bool
+	Inconsistent bool
+}
+
+// Checkpoints lists bitmap's checkpoints on node, oldest first.
+func (e *Engine) Checkpoints(ctx context.Context, node, bitmap string) ([]Checkpoint, error) {
+	n, err := resolveNode(ctx, e.o.Monitor, node)
+	if err != nil {
+		return nil, err
+	}
+	var out []Checkpoint
+	for _, c := range checkpoints(n, bitmap) {
+		out = append(out, Checkpoint{Name: c.Name, Count: c.Count, Recording: c.Recording, Inconsistent: c.Inconsistent})
+	}
+	return out, nil
+}
+
+// StopStray cancels backup jobs a dead engine left in QEMU (ids with
+// JobPrefix), or only the one of node when node is not empty, and removes
+// their targets and temporary bitmaps. It reports how many it stopped.
+func (e *Engine) StopStray(ctx context.Context, node string) (int, error) {
+	m := e.o.Monitor
+	jobs, err := queryJobs(ctx, m)
+	if err != nil {
+		return 0, err
+	}
+	want := ""
+	if node != "" {
+		n, err := resolveNode(ctx, m, node)
+		if err != nil {
+			return 0, err
+		}
+		want = JobPrefix + n.NodeName
+	}
+	after := m.LastSeq()
+	stopped := 0
+	for _, j := range jobs {
+		if !strings.HasPrefix(j.ID, JobPrefix) || (want != "" && j.ID != want) {
+			continue
+		}
+		if j.Status != "concluded" && j.Status != "null" {
+			err := m.Execute(ctx, "block-job-cancel", map[string]any{"device": j.ID, "force": true}, nil)
+			if err != nil && !isClass(err, "DeviceNotActive") {
+				return stopped, err
+			}
+			waitConcluded(ctx, m, j.ID, after)
+		}
+		if err := m.Execute(ctx, "job-dismiss", map[string]any{"id": j.ID}, nil); err != nil {
+			e.log.Debug("dismissing", "job", j.ID, "err", err)
+		}
+		stopped++
+	}
+	if stopped == 0 {
+		return 0, nil
+	}
+	nodes, err := namedNodes(ctx, m)
+	if err != nil {
+		return stopped, err
+	}
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, targetPrefix) {
+			if err := m.Execute(ctx, "blockdev-del", map[string]any{"node-name": n.NodeName}, nil); err != nil {
+				e.log.Warn("removing target node", "node", n.NodeName, "err", err)
+			}
+		}
+		for _, b := range n.Bitmaps {
+			prefix, ok := strings.CutSuffix(b.Name, ".tmp")
+			if !ok || b.Persistent {
+				continue
+			}
+			// The marker says the stopped call added the newest
+			// checkpoint of prefix: it goes too (no half bitmap).
+			if cps := checkpoints(n, prefix); len(cps) > 0 {
+				if err := removeBitmap(ctx, m, n.NodeName, cps[len(cps)-1].Name); err != nil {
+					return stopped, err
+				}
+			}
+			if err := removeBitmap(ctx, m, n.NodeName, b.Name); err != nil {
+				return stopped, err
+			}
+		}
+	}
+	return stopped, nil
+}

@@ -1,0 +1,308 @@
+package livebackup
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/qcow2/qemutest"
+	"imagestore/transfer/livebackup/vmtest"
+	"imagestore/transfer/qmp"
+)
+
+const (
+	mib    = int64(1 << 20)
+	diskSz = 64 * mib
+)
+
+// twoDisks starts a VM with libvirt-style names: disk 0 is an overlay on
+// a base holding 16 MiB, disk 1 has no backing file.
+func twoDisks(t *testing.T) *vmtest.VM {
+	qdir, err := os.MkdirTemp("", "lb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(qdir) })
+	return vmtest.Start(t, "vm", qdir,
+		vmtest.DiskSpec{Node: "libvirt-2-format", Device: "virtio-disk0", Size: diskSz, BaseData: 16 * mib},
+		vmtest.DiskSpec{Node: "libvirt-1-format", Device: "virtio-disk1", Size: diskSz})
+}
+
+func newEngine(t *testing.T, v *vmtest.VM, o Options) (*Engine, *qmp.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	mon, err := qmp.Dial(ctx, v.QMPPath(), qmp.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mon.Close() })
+	o.Monitor = mon
+	e, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, mon
+}
+
+func drives(dir, tag string, modes ...Mode) []Drive {
+	var ds []Drive
+	for i, m := range modes {
+		ds = append(ds, Drive{Node: []string{"drive-virtio-disk0", "drive-virtio-disk1"}[i], Bitmap: []string{"zsbitmap0", "zsbitmap1"}[i], Mode: m,
+			Target: Target{File: filepath.Join(dir, tag+"-"+[]string{"d0", "d1"}[i]+".qcow2")}})
+	}
+	return ds
+}
+
+// compareChain checks that top (with parent, "" for a full) reads exactly
+// as ref, the shadow copied at the backup instant.
+func compareChain(t *testing.T, top, parent, ref string) {
+	t.Helper()
+	if parent != "" {
+		qemutest.Run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-b", parent, "-F", "qcow2", top)
+	}
+	out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, ref).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s differs from %s: %v %s", top, ref, err, out)
+	}
+}
+
+// allocated is the data extents qemu-img map shows at depth 0 of f.
+func allocated(t *testing.T, f string) [][2]int64 {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "map", "--output=json", "-f", "qcow2", f).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ext []struct {
+		Start, Length, Depth int64
+		Present, Zero, Data  bool
+	}
+	if err := json.Unmarshal(out, &ext); err != nil {
+		t.Fatal(err)
+	}
+	var r [][2]int64
+	for _, e := range ext {
+		if e.Depth == 0 && e.Present {
+			if n := len(r); n > 0 && r[n-1][1] == e.Start {
+				r[n-1][1] += e.Length
+				continue
+			}
+			r = append(r, [2]int64{e.Start, e.Start + e.Length})
+		}
+	}
+	return r
+}
+
+func wantExtents(t *testing.T, f string, want ...[2]int64) {
+	t.Helper()
+	got := allocated(t, f)
+	if len(got) != len(want) {
+		t.Fatalf("%s holds %v, want exactly %v", filepath.Base(f), got, want)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("%s holds %v, want exactly %v", filepath.Base(f), got, want)
+		}
+	}
+}
+
+func names(cps []Checkpoint) string {
+	var s []string
+	for _, c := range cps {
+		s = append(s, c.Name)
+	}
+	return strings.Join(s, ",")
+}
+
+func TestFullThenIncrementalsTwoDisks(t *testing.T) {
+	t.Parallel()
+	v := twoDisks(t)
+	e, _ := newEngine(t, v, Options{})
+	ctx := context.Background()
+	out := t.TempDir()
+
+	v.Write(1, 8*mib, 2*mib, 0x21) // data on the backing-less disk before the full
+	res, err := e.Backup(ctx, drives(out, "full", Full, Auto))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Mode != Full || res[1].Mode != Full || res[1].FellBack == "" {
+		t.Fatalf("modes %+v", res)
+	}
+	ref0, ref1 := v.Snapshot(0, "f0"), v.Snapshot(1, "f1")
+	compareChain(t, filepath.Join(out, "full-d0.qcow2"), "", ref0)
+	compareChain(t, filepath.Join(out, "full-d1.qcow2"), "", ref1)
+	for i, bm := range []string{"zsbitmap0", "zsbitmap1"} {
+		cps, err := e.Checkpoints(ctx, []string{"drive-virtio-disk0", "drive-virtio-disk1"}[i], bm)
+		if err != nil || names(cps) != bm+".1" || !cps[0].Recording || cps[0].Count != 0 {
+			t.Fatalf("after the full: %+v %v", cps, err)
+		}
+	}
+	if err := e.Confirm(ctx, "drive-virtio-disk0", "zsbitmap0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Confirm(ctx, "drive-virtio-disk1", "zsbitmap1"); err != nil {
+		t.Fatal(err)
+	}
+
+	// Writes: data over the backing's range, a zeroed range over backing
+	// data, a fresh range on the other disk.
+	v.Write(0, 1*mib, 1*mib, 0x31)
+	v.Zero(0, 4*mib, 1*mib)
+	v.Write(1, 40*mib, 512<<10, 0x32)
+	res, err = e.Backup(ctx, drives(out, "inc1", Auto, Auto))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Mode != Incremental || res[1].Mode != Incremental {
+		t.Fatalf("modes %+v", res)
+	}
+	i10, i11 := v.Snapshot(0, "i10"), v.Snapshot(1, "i11")
+	wantExtents(t, filepath.Join(out, "inc1-d0.qcow2"), [2]int64{1 * mib, 2 * mib}, [2]int64{4 * mib, 5 * mib})
+	wantExtents(t, filepath.Join(out, "inc1-d1.qcow2"), [2]int64{40 * mib, 40*mib + 512<<10})
+	compareChain(t, filepath.Join(out, "inc1-d0.qcow2"), filepath.Join(out, "full-d0.qcow2"), i10)
+	compareChain(t, filepath.Join(out, "inc1-d1.qcow2"), filepath.Join(out, "full-d1.qcow2"), i11)
+
+	// Not confirmed yet: both checkpoints stay.
+	if cps, _ := e.Checkpoints(ctx, "drive-virtio-disk0", "zsbitmap0"); names(cps) != "zsbitmap0.1,zsbitmap0.2" {
+		t.Fatalf("before the confirmation: %+v", cps)
+	}
+	for _, d := range [][2]string{{"drive-virtio-disk0", "zsbitmap0"}, {"drive-virtio-disk1", "zsbitmap1"}} {
+		if err := e.Confirm(ctx, d[0], d[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if cps, _ := e.Checkpoints(ctx, "drive-virtio-disk0", "zsbitmap0"); names(cps) != "zsbitmap0.2" {
+		t.Fatalf("after the confirmation: %+v", cps)
+	}
+
+	v.Write(0, 30*mib, 64<<10, 0x41)
+	v.Write(1, 41*mib, 1*mib, 0x42)
+	if _, err := e.Backup(ctx, drives(out, "inc2", Auto, Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc2-d0.qcow2"), [2]int64{30 * mib, 30*mib + 64<<10})
+	wantExtents(t, filepath.Join(out, "inc2-d1.qcow2"), [2]int64{41 * mib, 42 * mib})
+	compareChain(t, filepath.Join(out, "inc2-d0.qcow2"), filepath.Join(out, "inc1-d0.qcow2"), v.Snapshot(0, "i20"))
+	compareChain(t, filepath.Join(out, "inc2-d1.qcow2"), filepath.Join(out, "inc1-d1.qcow2"), v.Snapshot(1, "i21"))
+
+	// Unconfirmed (the import failed): the next incremental also holds the
+	// previous one's clusters, so a chain on inc1 is still complete.
+	v.Write(0, 50*mib, 64<<10, 0x51)
+	if _, err := e.Backup(ctx, drives(out, "inc3", Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc3-d0.qcow2"), [2]int64{30 * mib, 30*mib + 64<<10}, [2]int64{50 * mib, 50*mib + 64<<10})
+	compareChain(t, filepath.Join(out, "inc3-d0.qcow2"), filepath.Join(out, "inc1-d0.qcow2"), v.Snapshot(0, "i30"))
+}
+
+func TestPointInTimeAcrossDisks(t *testing.T) {
+	t.Parallel()
+	v := twoDisks(t)
+	ctx := context.Background()
+	out := t.TempDir()
+	v.Write(1, 0, 16*mib, 0x61)
+	var r0, r1 string
+	e, _ := newEngine(t, v, Options{OnStart: func() {
+		// The backup instant: the references are what the disks hold now.
+		r0, r1 = v.Snapshot(0, "p0"), v.Snapshot(1, "p1")
+		v.AIOWrite(1, 15*mib, 64<<10, 0x62) // a range the full has not copied yet
+		v.AIOWrite(0, 2*mib, 128<<10, 0x63)
+	}})
+	ds := drives(out, "full", Full, Full)
+	ds[1].Speed = 8 * mib // 16 MiB: about two seconds, so the writes land mid-job
+	if _, err := e.Backup(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	v.AIOFlush(0)
+	v.AIOFlush(1)
+	compareChain(t, filepath.Join(out, "full-d0.qcow2"), "", r0)
+	compareChain(t, filepath.Join(out, "full-d1.qcow2"), "", r1)
+	for i, want := range []int64{128 << 10, 64 << 10} {
+		bms := v.Bitmaps(i)
+		if len(bms) != 1 || bms[0].Count != want {
+			t.Fatalf("disk %d bitmaps %+v, want one counting %d", i, bms, want)
+		}
+	}
+	if _, err := e.Backup(ctx, drives(out, "inc", Auto, Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc-d0.qcow2"), [2]int64{2 * mib, 2*mib + 128<<10})
+	wantExtents(t, filepath.Join(out, "inc-d1.qcow2"), [2]int64{15 * mib, 15*mib + 64<<10})
+	compareChain(t, filepath.Join(out, "inc-d1.qcow2"), filepath.Join(out, "full-d1.qcow2"), v.Snapshot(1, "q1"))
+}
+
+func TestCancelLeavesBitmapsAsBefore(t *testing.T) {
+	t.Parallel()
+	v := twoDisks(t)
+	out := t.TempDir()
+	v.Write(1, 0, 32*mib, 0x71)
+	ctx := context.Background()
+	var onStart func()
+	e, _ := newEngine(t, v, Options{OnStart: func() { onStart() }})
+
+	// A cancelled first full leaves no bitmap and no file.
+	cctx, cancel := context.WithCancel(ctx)
+	onStart = func() { time.AfterFunc(300*time.Millisecond, cancel) }
+	ds := drives(out, "c1", Full, Full)
+	ds[1].Speed = 4 * mib
+	if _, err := e.Backup(cctx, ds); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled full: %v", err)
+	}
+	for i := range 2 {
+		if bms := v.Bitmaps(i); len(bms) != 0 {
+			t.Fatalf("disk %d keeps %+v after a cancelled full", i, bms)
+		}
+	}
+	if ents, _ := os.ReadDir(out); len(ents) != 0 {
+		t.Fatalf("partial targets left: %v", ents)
+	}
+
+	onStart = func() {}
+	if _, err := e.Backup(ctx, drives(out, "full", Full, Full)); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range [][2]string{{"drive-virtio-disk0", "zsbitmap0"}, {"drive-virtio-disk1", "zsbitmap1"}} {
+		if err := e.Confirm(ctx, d[0], d[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A cancelled incremental: the checkpoints are as before and still
+	// record; writes made during the job are kept too.
+	v.Write(0, 3*mib, 1*mib, 0x72)
+	v.Write(1, 0, 16*mib, 0x73)
+	cctx, cancel = context.WithCancel(ctx)
+	onStart = func() {
+		v.AIOWrite(0, 9*mib, 64<<10, 0x74)
+		time.AfterFunc(300*time.Millisecond, cancel)
+	}
+	ds = drives(out, "c2", Auto, Auto)
+	ds[1].Speed = 4 * mib
+	if _, err := e.Backup(cctx, ds); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled incremental: %v", err)
+	}
+	v.AIOFlush(0)
+	for i, want := range []int64{mib + 64<<10, 16 * mib} {
+		bms := v.Bitmaps(i)
+		if len(bms) != 1 || !strings.HasSuffix(bms[0].Name, ".1") || !bms[0].Recording || bms[0].Count != want {
+			t.Fatalf("disk %d after the cancel: %+v, want .1 recording %d", i, bms, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(out, "c2-d0.qcow2")); !os.IsNotExist(err) {
+		t.Fatalf("partial target left: %v", err)
+	}
+	onStart = func() {}
+	if _, err := e.Backup(ctx, drives(out, "inc", Auto, Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc-d0.qcow2"), [2]int64{3 * mib, 4 * mib}, [2]int64{9 * mib, 9*mib + 64<<10})
+	compareChain(t, filepath.Join(out, "inc-d0.qcow2"), filepath.Join(out, "full-d0.qcow2"), v.Snapshot(0, "r0"))
+	compareChain(t, filepath.Join(out, "inc-d1.qcow2"), filepath.Join(out, "full-d1.qcow2"), v.Snapshot(1, "r1"))
+}
