@@ -60,12 +60,12 @@ type Monitor interface {
 
 // message is any line QEMU sends.
 type message struct {
-	ID       json.RawMessage `json:"id,omitempty"`
-	Return   json.RawMessage `json:"return,omitempty"`
-	Error    *Error          `json:"error,omitempty"`
-	Event    string          `json:"event,omitempty"`
-	Data     json.RawMessage `json:"data,omitempty"`
-	QMP      json.RawMessage `json:"QMP,omitempty"`
+	ID     json.RawMessage `json:"id,omitempty"`
+	Return json.RawMessage `json:"return,omitempty"`
+	Error  *Error          `json:"error,omitempty"`
+	Event  string          `json:"event,omitempty"`
+	Data   json.RawMessage `json:"data,omitempty"`
+	QMP    json.RawMessage `json:"QMP,omitempty"`
 }
 
 // decode parses one line QEMU sent. It is the one parser of bytes from
