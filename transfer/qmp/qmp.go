@@ -263,9 +263,9 @@ func (c *Client) Execute(ctx context.Context, command string, args, out any) err
 	c.wmu.Lock()
 	_, err = c.rwc.Write(append(b, '\n'))
 	c.wmu.Unlock()
-	if err != nil {
+	if err != nil { // the connection is unusable from now on
 		c.forget(id)
-		return fmt.Errorf("qmp %s: %w", command, err)
+		return fmt.Errorf("qmp %s: %w: %w", command, ErrClosed, err)
 	}
 	select {
 	case m, ok := <-ch:
