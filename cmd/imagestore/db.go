@@ -361,10 +361,12 @@ func fetchDump(ctx context.Context, g *globals, c *oci.Client, ri *remoteImage, 
 		return nil, err
 	}
 	defer os.Remove(tmp.Name())
-	tmp.Close()
 	p := g.newProgress("download", ri.Top().Size)
-	err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp.Name(), lim, p)
+	_, err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp, lim, p)
 	p.Done()
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
 	if err != nil {
 		if errors.Is(err, oci.ErrDigestInvalid) {
 			return nil, fmt.Errorf("%w: %v", ErrBackupCorrupt, err)

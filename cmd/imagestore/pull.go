@@ -11,16 +11,17 @@ import (
 	"hash"
 	"io"
 	"os"
-	"path/filepath"
+	"sort"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sync/errgroup"
 
 	"imagestore/qcow2"
 	"imagestore/transfer/oci"
+	"imagestore/transfer/parallel"
 	"imagestore/transfer/ratelimit"
 )
 
@@ -65,32 +66,14 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	defer c.CloseIdleConnections()
-	dir := filepath.Dir(*dst)
-	work, err := os.MkdirTemp(dir, ".imagestore-pull-*")
-	if err != nil {
-		return fmt.Errorf("installpath: %w", err)
-	}
-	defer os.RemoveAll(work)
 
 	var total int64
 	for _, l := range ri.Manifest.Layers {
 		total += l.Size
 	}
-	p := g.newPhase("pull", total, 0, 90)
+	p := g.newPhase("pull", total, 0, 99)
+	defer p.Done()
 	lim := ratelimit.New(bw.v)
-	paths := make([]string, len(ri.Manifest.Layers))
-	grp, gctx := errgroup.WithContext(ctx)
-	grp.SetLimit(*conc)
-	for i, l := range ri.Manifest.Layers {
-		paths[i] = filepath.Join(work, l.Digest.Encoded())
-		grp.Go(func() error { return downloadBlob(gctx, c, ri.Ref.Name, l, paths[i], lim, p) })
-	}
-	err = grp.Wait()
-	p.Done()
-	if err != nil {
-		return err
-	}
-
 	top := ri.Top()
 	var written int64
 	if top.Format != "qcow2" {
@@ -99,15 +82,10 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 			return fmt.Errorf("image %s: %s chain of %d layers cannot be pulled", ri.Ref, top.Format, len(ri.Chain))
 		}
 		written, err = fsutil.WriteFunc(*dst, 0o600, func(w io.Writer) (int64, error) {
-			f, err := os.Open(paths[0])
-			if err != nil {
-				return 0, err
-			}
-			defer f.Close()
-			return io.Copy(w, f)
+			return downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], w, lim, p)
 		})
 	} else {
-		written, err = flattenTo(ctx, g, ri, paths, *dst, *format)
+		written, err = flattenRemote(ctx, c, ri, *dst, *format, *conc, lim, p)
 	}
 	if err != nil {
 		return err
@@ -126,64 +104,147 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	})
 }
 
-// flattenTo opens the downloaded layers as a chain (in the records' order,
-// never by the backing names inside them) and writes it flattened.
-func flattenTo(ctx context.Context, g *globals, ri *remoteImage, paths []string, dst, format string) (int64, error) {
-	layers := make([]*qcow2.Image, len(paths))
-	for i := range paths {
-		f, err := os.Open(paths[i])
-		if err != nil {
-			return 0, err
+// Pull's range reads: 1 MiB pieces, and a lag that covers how far apart
+// the flatten's parallel readers can be (its workers + 2 guest chunks of
+// 4 MiB, each up to 4 MiB of pieces plus range boundaries).
+const (
+	pullPiece = 1 << 20
+	pullLag   = 24
+)
+
+// flattenRemote flattens the stored chain into dst while it arrives: the
+// layers are opened over range reads of their blobs (the reader fetches
+// only the tables), in the records' order (never by the backing names
+// inside them); the chain's read plan (qcow2.Chain.ReadPlan: the bytes of
+// each layer the flatten will read, in the order it reads them) is fetched
+// ahead by conc workers in 1 MiB pieces through one
+// parallel.Prefetcher, so memory is bounded by the window whatever the
+// chain's size or depth, and nothing is staged on disk. The output goes
+// through fsutil.WriteFunc: DST is untouched or complete. raw is written
+// sparse (zeros are holes; the file gets its full size).
+//
+// The store is trusted for the bytes it serves here as for the records:
+// a range cannot be checked against the layer's digest, so layers are not
+// hashed (each is parsed by our hardened reader, which bounds everything).
+func flattenRemote(ctx context.Context, c *oci.Client, ri *remoteImage, dst, format string, conc int, lim *ratelimit.Limiter, p *progress) (int64, error) {
+	opts := qcow2.WriteOptions{AssumeNoZeroData: true}
+	for {
+		n, err := flattenOnce(ctx, c, ri, dst, format, conc, lim, p, opts)
+		if errors.Is(err, qcow2.ErrZeroData) && opts.AssumeNoZeroData {
+			// A layer with an all-zero data cluster (not one we wrote):
+			// the writer's scan pass lays it out.
+			opts.AssumeNoZeroData = false
+			continue
 		}
-		defer f.Close()
-		im, err := qcow2.Open(f, ri.Chain[i].Size)
+		return n, err
+	}
+}
+
+func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, format string, conc int, lim *ratelimit.Limiter, p *progress, opts qcow2.WriteOptions) (int64, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	space := &layerSpace{}
+	for _, l := range ri.Manifest.Layers {
+		space.bases = append(space.bases, space.size)
+		space.readers = append(space.readers, c.BlobReaderAt(ctx, ri.Ref.Name, l.Digest, l.Size))
+		space.size += l.Size
+	}
+	var src io.ReaderAt = &countingReaderAt{r: space, add: p.Add}
+	src = ratelimit.ReaderAt(ctx, src, lim)
+	sw := &switchReaderAt{}
+	sw.r.Store(&src)
+	layers := make([]*qcow2.Image, len(ri.Chain))
+	for i, img := range ri.Chain {
+		l := ri.Manifest.Layers[i]
+		im, err := qcow2.Open(io.NewSectionReader(sw, space.bases[i], l.Size), l.Size)
 		if err != nil {
-			return 0, fmt.Errorf("layer %s of %s: %w", ri.Chain[i].Blob, ri.Chain[i].Ref, err)
+			return 0, fmt.Errorf("layer %s of %s: %w", img.Blob, img.Ref, err)
 		}
-		layers[len(paths)-1-i] = im // top first
+		layers[len(layers)-1-i] = im // top first
 	}
 	chain, err := qcow2.NewChain(layers...)
 	if err != nil {
 		return 0, err
 	}
-	p := g.newProgress("flatten", 0)
-	defer p.Done()
+	var ranges []parallel.Range
+	for _, r := range chain.ReadPlan() {
+		base := space.bases[len(layers)-1-r.Layer] // plan layers are top first
+		ranges = append(ranges, parallel.Range{Offset: base + r.Offset, Length: r.Length})
+	}
+	pf := parallel.NewPrefetcherLag(ctx, src, ranges, conc, pullPiece, pullLag)
+	defer pf.Close()
+	var data io.ReaderAt = pf
+	sw.r.Store(&data)
 	return fsutil.WriteFunc(dst, 0o600, func(w io.Writer) (int64, error) {
-		n, err := qcow2.Flatten(ctx, w, chain, format, qcow2.WriteOptions{})
-		p.Add(n)
-		return n, err
+		if format == "raw" {
+			// WriteFunc's writer is its temp *os.File.
+			return qcow2.FlattenRawSparse(ctx, w.(io.WriterAt), chain)
+		}
+		return qcow2.Flatten(ctx, w, chain, format, opts)
 	})
 }
 
-// downloadBlob fetches blob l into path, hashing as it writes; a cut
-// connection resumes with a Range request from the bytes already on disk
-// (the hash state carries over, so every byte is hashed once, in order).
-func downloadBlob(ctx context.Context, c *oci.Client, name string, l oci.Descriptor, path string, lim *ratelimit.Limiter, p *progress) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
+// layerSpace lays the chain's blobs end to end (base first), so one
+// prefetcher plans reads over all of them; no read crosses a blob's end
+// (each layer reads through its own section).
+type layerSpace struct {
+	bases   []int64
+	readers []io.ReaderAt
+	size    int64
+}
+
+func (s *layerSpace) ReadAt(p []byte, off int64) (int, error) {
+	i := sort.Search(len(s.bases), func(i int) bool { return s.bases[i] > off }) - 1
+	if i < 0 || off >= s.size {
+		return 0, io.EOF
 	}
-	defer f.Close()
+	return s.readers[i].ReadAt(p, off-s.bases[i])
+}
+
+// switchReaderAt reads through whichever reader was stored last: the
+// layers' tables are read directly, their data through the prefetcher
+// built from the plan the tables give.
+type switchReaderAt struct{ r atomic.Pointer[io.ReaderAt] }
+
+func (s *switchReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	return (*s.r.Load()).ReadAt(p, off)
+}
+
+type countingReaderAt struct {
+	r   io.ReaderAt
+	add func(int64)
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.add(int64(n))
+	return n, err
+}
+
+// downloadBlob streams blob l into w, hashing as it writes; a cut
+// connection resumes with a Range request from the bytes already written
+// (the hash state carries over, so every byte is hashed once, in order).
+func downloadBlob(ctx context.Context, c *oci.Client, name string, l oci.Descriptor, w io.Writer, lim *ratelimit.Limiter, p *progress) (int64, error) {
 	h := sha256.New()
 	var off int64
-	// Up to 6 resumes, 200 ms doubling to 1 s, each from the bytes on disk.
+	// Up to 6 resumes, 200 ms doubling to 1 s, each from the bytes written.
 	policy := retry.Policy{Attempts: 7, Initial: 200 * time.Millisecond, Max: time.Second, Jitter: 0.2, Retryable: retryable}
-	err = policy.Do(ctx, func(ctx context.Context, _ int) error {
-		return fetchFrom(ctx, c, name, l, f, h, &off, lim, p)
+	err := policy.Do(ctx, func(ctx context.Context, _ int) error {
+		return fetchFrom(ctx, c, name, l, w, h, &off, lim, p)
 	})
 	if ctx.Err() != nil {
-		return ctx.Err()
+		return off, ctx.Err()
 	}
 	if err != nil {
-		return fmt.Errorf("download %s: %w", l.Digest, err)
+		return off, fmt.Errorf("download %s: %w", l.Digest, err)
 	}
 	if got := digest.NewDigest(digest.SHA256, h); got != l.Digest {
-		return fmt.Errorf("download %s: %w: got %s", l.Digest, oci.ErrDigestInvalid, got)
+		return off, fmt.Errorf("download %s: %w: got %s", l.Digest, oci.ErrDigestInvalid, got)
 	}
-	return f.Sync()
+	return off, nil
 }
 
-func fetchFrom(ctx context.Context, c *oci.Client, name string, l oci.Descriptor, f *os.File, h hash.Hash, off *int64, lim *ratelimit.Limiter, p *progress) error {
+func fetchFrom(ctx context.Context, c *oci.Client, name string, l oci.Descriptor, f io.Writer, h hash.Hash, off *int64, lim *ratelimit.Limiter, p *progress) error {
 	if *off >= l.Size {
 		if *off > l.Size {
 			return fmt.Errorf("%w: blob longer than %d bytes", oci.ErrTooLarge, l.Size)

@@ -255,7 +255,10 @@ func TestPullCut(t *testing.T) {
 	}
 	qemutest.Compare(t, dst, raw)
 
-	p.CutAfter(1 << 20)
+	// Range reads resume from the bytes they got, so a cut after a few
+	// hundred bytes (inside the reply headers) is what keeps a pull from
+	// ever finishing.
+	p.CutAfter(300)
 	p.CutNext(-1)
 	bad := filepath.Join(out, "bad.qcow2")
 	if err := os.WriteFile(bad, []byte("old content"), 0o644); err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"math/rand/v2"
@@ -532,4 +533,63 @@ func TestPrefetcherConcurrentReaders(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// TestPrefetcherLagOutOfOrder: consumers taking consecutive pieces, as an
+// ordered pipeline does (four workers, results taken in order, at most six
+// pieces out at once), so reads arrive a few chunks out of plan order: all
+// are served from the fetched chunks (src is read once per planned byte),
+// and no more than the lag's budget of buffers is held.
+func TestPrefetcherLagOutOfOrder(t *testing.T) {
+	checkGoroutines(t)
+	const chunk, consumers, workers, lag, size = 64 << 10, 4, 3, 8, 8 << 20
+	s := newSrc(size, 9)
+	p := NewPrefetcherLag(context.Background(), s, []Range{{Offset: 0, Length: size}}, workers, chunk, lag)
+	defer p.Close()
+	type job struct {
+		off  int64
+		done chan error
+	}
+	tokens := make(chan struct{}, consumers+2)
+	jobs := make(chan *job)
+	order := make(chan *job, consumers+2)
+	go func() {
+		defer close(jobs)
+		defer close(order)
+		for off := int64(0); off < size; off += chunk {
+			tokens <- struct{}{}
+			j := &job{off: off, done: make(chan error, 1)}
+			order <- j
+			jobs <- j
+		}
+	}()
+	for range consumers {
+		go func() {
+			b := make([]byte, chunk/4)
+			for j := range jobs {
+				var err error
+				for o := j.off; o < j.off+chunk && err == nil; o += int64(len(b)) {
+					if _, err = p.ReadAt(b, o); err == nil && !bytes.Equal(b, s.data[o:o+int64(len(b))]) {
+						err = fmt.Errorf("wrong data at %d", o)
+					}
+				}
+				j.done <- err
+			}
+		}()
+	}
+	for j := range order {
+		if err := <-j.done; err != nil {
+			t.Fatal(err)
+		}
+		<-tokens
+	}
+	if got := s.bytes.Load(); got != size {
+		t.Errorf("src read %d bytes for an 8 MiB plan (reads fell outside the fetched chunks)", got)
+	}
+	p.mu.Lock()
+	maxLive := p.maxLive
+	p.mu.Unlock()
+	if maxLive > 2*workers+lag-2 {
+		t.Errorf("%d buffers held at once, want ≤ %d", maxLive, 2*workers+lag-2)
+	}
 }

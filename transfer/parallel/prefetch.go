@@ -13,16 +13,17 @@ import (
 // order, with bounded memory.
 //
 // The plan is split into chunks. Workers fetch chunks in order but only
-// inside a window of `ahead` (= 2 × workers) chunks starting at the oldest
-// chunk still held, and never hold more than `ahead` buffers. A chunk is
-// released once the consumer has read it to its end, or once the consumer
-// reads two chunks further on. Reads outside the plan, of released chunks,
+// inside a window of `ahead` (= 2 × workers + lag − 2) chunks starting at the
+// oldest chunk still held, and never hold more than `ahead` buffers. A chunk
+// is released once the consumer has read it to its end, or once the consumer
+// reads lag (NewPrefetcher: 2) chunks further on. Reads outside the plan, of released chunks,
 // or of chunks beyond the window go straight to src, so an out-of-order
 // consumer is never blocked on a chunk the workers are not allowed to fetch.
 type Prefetcher struct {
 	src    io.ReaderAt
 	pl     *plan
 	ahead  int
+	lag    int // a chunk lag chunks behind the consumer's read is released
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -52,7 +53,17 @@ var errClosed = fmt.Errorf("parallel: prefetcher: %w", fs.ErrClosed)
 // NewPrefetcher starts workers goroutines fetching ranges (in the order the
 // consumer will read them) in pieces of chunk bytes. Close must be called.
 func NewPrefetcher(ctx context.Context, src io.ReaderAt, ranges []Range, workers int, chunk int64) *Prefetcher {
+	return NewPrefetcherLag(ctx, src, ranges, workers, chunk, 2)
+}
+
+// NewPrefetcherLag is NewPrefetcher for a consumer whose reads arrive up to
+// a few chunks out of plan order (several goroutines taking consecutive
+// pieces): a chunk is released once a read lands lag chunks further on
+// (NewPrefetcher: 2), and the window and the buffer budget grow by lag
+// chunks (2 × workers + lag − 2 buffers at most).
+func NewPrefetcherLag(ctx context.Context, src io.ReaderAt, ranges []Range, workers int, chunk int64, lag int) *Prefetcher {
 	workers = max(workers, 1)
+	lag = max(lag, 2)
 	pl, err := newPlan(ranges, chunk)
 	if err != nil {
 		// An invalid plan prefetches nothing: every read goes to src.
@@ -60,7 +71,7 @@ func NewPrefetcher(ctx context.Context, src io.ReaderAt, ranges []Range, workers
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	p := &Prefetcher{
-		src: src, pl: pl, ahead: 2 * workers, ctx: cctx, cancel: cancel,
+		src: src, pl: pl, ahead: 2*workers + lag - 2, lag: lag, ctx: cctx, cancel: cancel,
 		held: make(map[int]*fetch), changed: make(chan struct{}),
 	}
 	// Wake everyone waiting on a state change when ctx ends.
@@ -227,17 +238,17 @@ func (p *Prefetcher) fromChunk(i int, r Range, b []byte, off int64) (int, error)
 		p.mu.Unlock()
 		return p.direct(b, off)
 	}
-	// The consumer has moved on to chunk i: what lies two chunks behind is
+	// The consumer has moved on to chunk i: what lies lag chunks behind is
 	// done with, fetched or not.
 	moved := false
 	for j := range p.held {
-		if j <= i-2 {
+		if j <= i-p.lag {
 			p.releaseLocked(j)
 			moved = true
 		}
 	}
-	if p.next < i-1 {
-		p.next = i - 1
+	if p.next < i-p.lag+1 {
+		p.next = i - p.lag + 1
 		moved = true
 	}
 	if moved {
