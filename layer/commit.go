@@ -66,7 +66,9 @@ const ingestBuffer = 1 << 20
 //     and the parent's blob for the whole call, so GC cannot free either
 //     whatever the store's commit grace;
 //  3. verify: a "qcow2" record's blob must pass the layer check against
-//     the parent (Check), then spec.Verify runs;
+//     the parent (Check); bytes from Reader must be canonical (a qcow2,
+//     CheckCanonical) or not a qcow2 at all (CheckFormat); then
+//     spec.Verify runs;
 //  4. record: the image record is written (blobstore.PutImage) and logged.
 //
 // Errors of Content, Reader and Verify come back as they are, so callers
@@ -87,6 +89,9 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 	} else {
 		l.Digest, l.Size, err = s.blobs.Put(ctx, spec.Reader, spec.Size, "")
 		l.VirtualSize = l.Size
+		if spec.Format == "qcow2" {
+			l.VirtualSize = 0 // from the layer's header, by checkNew
+		}
 	}
 	if err != nil {
 		return blobstore.Image{}, err
@@ -94,8 +99,19 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 	release := s.blobs.Hold(l.Digest)
 	defer release()
 	if spec.Format == "qcow2" {
-		if err := s.checkNew(ctx, spec.Record, l); err != nil {
+		if l.VirtualSize, err = s.checkNew(ctx, spec.Record, l); err != nil {
 			return blobstore.Image{}, err
+		}
+	}
+	// Content is our writer's output; bytes stored as they came must be
+	// what our writer would make of them (qcow2) or not be a qcow2 at all.
+	if spec.Reader != nil {
+		check := func() error { return CheckFormat(ctx, s.blobs, l.Digest, spec.Format) }
+		if spec.Format == "qcow2" {
+			check = func() error { return CheckCanonical(ctx, s.blobs, l.Digest) }
+		}
+		if err := check(); err != nil {
+			return blobstore.Image{}, fmt.Errorf("recording %s: %w", spec.Ref, err)
 		}
 	}
 	if spec.Verify != nil {
@@ -138,20 +154,22 @@ func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
 	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, nil
 }
 
-// checkNew checks a new qcow2 layer against the parent it is recorded on.
-func (s *Store) checkNew(ctx context.Context, rec Record, l Layer) error {
+// checkNew checks a new qcow2 layer against the parent it is recorded on
+// and returns its virtual size.
+func (s *Store) checkNew(ctx context.Context, rec Record, l Layer) (int64, error) {
 	img := blobstore.Image{Ref: rec.Ref, Blob: l.Digest, VirtualSize: l.VirtualSize, Format: "qcow2"}
 	parentSize := int64(-1)
 	if rec.Parent != nil && rec.Parent.Format == "qcow2" {
 		var err error
 		if parentSize, err = virtualSize(ctx, s.blobs, *rec.Parent); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	if _, err := checkLayer(ctx, s.blobs, img, rec.Parent, parentSize); err != nil {
-		return fmt.Errorf("%w: layer %s (%s): %w", ErrInvalid, img.Blob, img.Ref, err)
+	size, err := checkLayer(ctx, s.blobs, img, rec.Parent, parentSize)
+	if err != nil {
+		return 0, fmt.Errorf("%w: layer %s (%s): %w", ErrInvalid, img.Blob, img.Ref, err)
 	}
-	return nil
+	return size, nil
 }
 
 // record writes the image record of a committed, held blob.

@@ -406,3 +406,53 @@ func TestNewNeedsBlobs(t *testing.T) {
 		t.Fatal("New without Blobs succeeded")
 	}
 }
+
+// TestCommitReaderMustBeCanonical: bytes stored as they came are recorded
+// as qcow2 only if they are exactly our writer's output for their content,
+// and as anything else only if they are not a qcow2.
+func TestCommitReaderMustBeCanonical(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	base, _ := qemuChain(t)
+	qemuBytes, err := os.ReadFile(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var canon bytes.Buffer
+	if _, err := qcow2.Normalize(ctx, &canon, openFile(t, base), qcow2.WriteOptions{Compress: true}); err != nil {
+		t.Fatal(err)
+	}
+	patched := append(bytes.Clone(canon.Bytes()), make([]byte, 64<<10)...)
+	patched[63] = 1 // nb_snapshots = 1, the table at the appended cluster
+	off := uint64(canon.Len())
+	for i := 0; i < 8; i++ {
+		patched[64+i] = byte(off >> (56 - 8*i))
+	}
+	cases := []struct {
+		name, format string
+		data         []byte
+		want         error
+	}{
+		{"canonical qcow2", "qcow2", canon.Bytes(), nil},
+		{"qemu-img's qcow2", "qcow2", qemuBytes, layer.ErrNotCanonical},
+		{"canonical plus a snapshot table", "qcow2", patched, layer.ErrNotCanonical},
+		{"qcow2 recorded as raw", "raw", qemuBytes, layer.ErrFormat},
+		{"true raw", "raw", bytes.Repeat([]byte{1}, 4096), nil},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ref := blobstore.Ref{Name: "vol", ID: fmt.Sprint(i)}
+			_, err := ls.Commit(ctx, layer.Spec{
+				Record: layer.Record{Ref: ref, Format: tc.format},
+				Reader: bytes.NewReader(tc.data), Size: int64(len(tc.data)),
+			})
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Commit = %v, want %v", err, tc.want)
+			}
+			_, gerr := bs.GetImage(ctx, ref)
+			if (tc.want == nil) != (gerr == nil) {
+				t.Fatalf("record after %v: %v", err, gerr)
+			}
+		})
+	}
+}

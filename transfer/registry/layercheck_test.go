@@ -3,6 +3,7 @@ package registry_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -47,6 +48,30 @@ func qemuLayer(t *testing.T, size int64, backing, backingFmt string) []byte {
 	return b
 }
 
+// qemuBase is a plain qcow2 made by qemu-img: valid, but not canonical.
+func qemuBase(t *testing.T, size int64) []byte {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "b.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", p, fmt.Sprint(size)).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v: %s", err, out)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// withSnapshotTable appends a cluster of snapshot table to a canonical
+// layer and points the header at it (nb_snapshots 1): our reader ignores
+// snapshots, qemu parses them.
+func withSnapshotTable(layer []byte) []byte {
+	b := append(bytes.Clone(layer), bytes.Repeat([]byte{0xee}, 64<<10)...)
+	binary.BigEndian.PutUint32(b[60:], 1)
+	binary.BigEndian.PutUint64(b[64:], uint64(len(layer)))
+	return b
+}
+
 // TestManifestRefusesUncheckedBacking: a pushed qcow2 layer whose header
 // names anything but its recorded parent's blob (qemu would follow it when
 // serving the image over NBD) is refused, and nothing is recorded.
@@ -60,6 +85,8 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 		base   []byte // nil = the good base
 		child  []byte // nil = no child layer
 		accept bool
+		// baseFormat is the base record's format ("" = qcow2)
+		baseFormat string
 	}{
 		{name: "good chain", child: qcow2Layer(t, size, good), accept: true},
 		{name: "good base", accept: true},
@@ -70,6 +97,12 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 		{name: "child raw backing format", child: qemuLayer(t, size, good, "raw")},
 		{name: "child other size", child: qcow2Layer(t, 2*size, good)},
 		{name: "child not qcow2", child: bytes.Repeat([]byte("x"), 4096)},
+		// Readable by our reader, but not what our writer makes: qemu
+		// would parse what we skipped.
+		{name: "base made by qemu-img", base: qemuBase(t, size)},
+		{name: "base with a patched snapshot table", base: withSnapshotTable(base)},
+		{name: "qcow2 recorded as raw", base: qemuLayer(t, size, "/etc/passwd", "raw"), baseFormat: "raw"},
+		{name: "true raw base", base: bytes.Repeat([]byte{0x5a}, 4096), baseFormat: "raw", accept: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -94,6 +127,9 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 				}
 				img := blobstore.Image{Ref: blobstore.Ref{Name: "vol", ID: fmt.Sprintf("l%d", i)}, Blob: d,
 					Created: t0, Size: int64(len(l)), Format: "qcow2"}
+				if i == 0 && tc.baseFormat != "" {
+					img.Format, img.VirtualSize = tc.baseFormat, int64(len(l))
+				}
 				if i > 0 {
 					img.Parent = chain[i-1].Ref.String()
 				}

@@ -184,6 +184,21 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 	if err := layer.Check(ctx, st, c.Chain); err != nil {
 		return top, fmt.Errorf("%w: %w", oci.ErrManifestInvalid, err)
 	}
+	// A layer about to be recorded came as bytes from elsewhere: a qcow2
+	// must be exactly what our writer makes of its content (qemu opens it
+	// in place), anything else must not be a qcow2.
+	for _, img := range c.Chain {
+		if _, err := st.GetImage(ctx, img.Ref); err == nil {
+			continue
+		}
+		check := layer.CheckFormat(ctx, st, img.Blob, img.Format)
+		if img.Format == "qcow2" {
+			check = layer.CheckCanonical(ctx, st, img.Blob)
+		}
+		if check != nil {
+			return top, fmt.Errorf("%w: record %s: %w", oci.ErrManifestInvalid, img.Ref, check)
+		}
+	}
 	for _, img := range c.Chain {
 		have, err := st.GetImage(ctx, img.Ref)
 		if err == nil {
