@@ -85,6 +85,14 @@ func (u *Uploads) Open(path string) (*os.File, error) {
 		if !inside(rr, path) {
 			continue
 		}
+		if root == u.opts.Root {
+			// Only inside an upload dir proper: the os.Root is that dir.
+			first, ok := uploadDirOf(rr, path)
+			if !ok || !inUploadDir(rr, path) {
+				return nil, fmt.Errorf("%s is not inside an upload dir (%s/%s<hex>/)", path, u.opts.Root, DirPrefix)
+			}
+			rr = filepath.Join(rr, first)
+		}
 		rel, _ := filepath.Rel(rr, path)
 		r, err := os.OpenRoot(rr)
 		if err != nil {
@@ -115,6 +123,17 @@ func openRegular(name string, open func(string) (*os.File, error)) (*os.File, er
 		f.Close()
 		return nil, fmt.Errorf("%s: not a regular file", name)
 	}
+	// A hard link is the same file under another name (ln /etc/shadow
+	// <uploadDir>/s): the symlink defences cannot see it, the link count
+	// of the opened file can.
+	if st, ok := fi.Sys().(*syscall.Stat_t); !ok || st.Nlink != 1 {
+		f.Close()
+		n := uint64(0)
+		if ok {
+			n = uint64(st.Nlink)
+		}
+		return nil, fmt.Errorf("%s: has %d hard links; only a file with exactly one is imported", name, n)
+	}
 	return f, nil
 }
 
@@ -128,11 +147,39 @@ func (u *Uploads) confinedRoot(p string, resolve bool) string {
 				continue
 			}
 		}
-		if inside(rr, p) {
+		if inside(rr, p) && (root != u.opts.Root || inUploadDir(rr, p)) {
 			return root
 		}
 	}
 	return ""
+}
+
+// inUploadDir reports whether p (inside root, the uploads root) lies inside
+// one of its allocated upload dirs: the first component is a u-<hex>
+// directory. The rest of the uploads root (the u-<hex>.expires bookkeeping,
+// anything else) is the agent's, never a host's file to import.
+func inUploadDir(root, p string) bool {
+	first, ok := uploadDirOf(root, p)
+	if !ok {
+		return false
+	}
+	fi, err := os.Lstat(filepath.Join(root, first))
+	return err == nil && fi.IsDir() && inside(filepath.Join(root, first), p)
+}
+
+// uploadDirOf names the first component of p below root if it has the
+// upload dir form u-<hex>.
+func uploadDirOf(root, p string) (string, bool) {
+	rel, err := filepath.Rel(root, p)
+	if err != nil {
+		return "", false
+	}
+	first, _, _ := strings.Cut(rel, string(filepath.Separator))
+	hex, ok := strings.CutPrefix(first, DirPrefix)
+	if !ok || hex == "" || strings.Trim(hex, "0123456789abcdef") != "" {
+		return "", false
+	}
+	return first, true
 }
 
 // inside reports whether p lies strictly inside dir.

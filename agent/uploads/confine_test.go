@@ -23,7 +23,7 @@ func newTestUploads(t *testing.T) *Uploads {
 // upload root.
 func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	a := newTestUploads(t)
-	up := filepath.Join(a.Root(), "u1")
+	up := filepath.Join(a.Root(), DirPrefix+"01")
 	if err := os.MkdirAll(filepath.Join(up, "sub"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 	f.Close()
 
 	// Directories and paths outside every root are refused with a clear error.
-	if _, err := a.Open(up); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+	if _, err := a.Open(filepath.Join(up, "real")); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Fatalf("directory: got %v", err)
 	}
 	if _, err := a.Open("/etc/passwd"); err == nil || !strings.Contains(err.Error(), "escapes the upload dirs") {
@@ -90,7 +90,7 @@ func TestOpenImportPathRefusesSwappedSymlink(t *testing.T) {
 // A FIFO swapped in by the host must be refused, not block the open.
 func TestOpenImportPathRefusesFIFO(t *testing.T) {
 	a := newTestUploads(t)
-	up := filepath.Join(a.Root(), "u2")
+	up := filepath.Join(a.Root(), DirPrefix+"02")
 	if err := os.MkdirAll(up, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -154,6 +154,9 @@ func TestConfine(t *testing.T) {
 	inAllowed := write(filepath.Join(allowed, "disk.raw"))
 	secret := write(filepath.Join(outside, "secret"))
 	write(released)
+	if err := os.Mkdir(filepath.Join(dir.Path, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Symlink(secret, filepath.Join(dir.Path, "link")); err != nil {
 		t.Fatal(err)
 	}
@@ -169,10 +172,24 @@ func TestConfine(t *testing.T) {
 		{"disk.qcow2", "", "not an absolute path"},
 		{dir.Path + "/../../outside/secret", "", "escapes the upload dirs"},
 		{filepath.Join(dir.Path, "link"), "", "escapes the upload dirs"},
-		{dir.Path, "", "not a regular file"},
+		{dir.Path, "", "escapes the upload dirs"},
+		{filepath.Join(dir.Path, "sub"), "", "not a regular file"},
+		// The agent's bookkeeping beside the upload dirs is not importable.
+		{dir.Path + ".expires", "", "escapes the upload dirs"},
+		{write(filepath.Join(u.Root(), "stray")), "", "escapes the upload dirs"},
+		// A hard link to a file outside (ln /etc/shadow <dir>/s) is refused
+		// on the opened file.
+		{hardLink(t, secret, filepath.Join(dir.Path, "s")), "", "hard links"},
 		{filepath.Join(dir.Path, "missing"), "", "no such file"},
 	} {
 		got, err := u.Confine(tc.in)
+		if err == nil && tc.err != "" {
+			// Confine names a path; Open checks the opened file.
+			var f *os.File
+			if f, err = u.Open(got); err == nil {
+				f.Close()
+			}
+		}
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("Confine(%q) = %q, %v; want error %q", tc.in, got, err, tc.err)
@@ -189,4 +206,12 @@ func TestConfine(t *testing.T) {
 		}
 		f.Close()
 	}
+}
+
+func hardLink(t *testing.T, target, link string) string {
+	t.Helper()
+	if err := os.Link(target, link); err != nil {
+		t.Fatal(err)
+	}
+	return link
 }
