@@ -72,8 +72,9 @@ func (u *Uploads) Confine(imgurl string) (string, error) {
 // import root whatever the path holds by then.
 func (u *Uploads) Open(path string) (*os.File, error) {
 	if t, ok := u.releasedTarget(path); ok && t == path {
-		// Released targets live where hosts cannot reach.
-		return openRegular(t, func(p string) (*os.File, error) {
+		// Released targets live where hosts cannot reach (the entry in
+		// the workspace is our own hard link to them).
+		return openRegular(t, false, func(p string) (*os.File, error) {
 			return os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 		})
 	}
@@ -101,15 +102,16 @@ func (u *Uploads) Open(path string) (*os.File, error) {
 		defer r.Close()
 		// O_NONBLOCK: a FIFO swapped in by the host must not hang the open;
 		// openRegular then refuses it.
-		return openRegular(rel, func(name string) (*os.File, error) {
+		return openRegular(rel, true, func(name string) (*os.File, error) {
 			return r.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
 		})
 	}
 	return nil, fmt.Errorf("%s escapes the upload dirs (%s) and the allowed import roots", path, u.opts.Root)
 }
 
-// openRegular opens name with open and refuses anything but a regular file.
-func openRegular(name string, open func(string) (*os.File, error)) (*os.File, error) {
+// openRegular opens name with open and refuses anything but a regular file
+// (with singleLink, one whose link count is 1).
+func openRegular(name string, singleLink bool, open func(string) (*os.File, error)) (*os.File, error) {
 	f, err := open(name)
 	if err != nil {
 		return nil, err
@@ -126,7 +128,7 @@ func openRegular(name string, open func(string) (*os.File, error)) (*os.File, er
 	// A hard link is the same file under another name (ln /etc/shadow
 	// <uploadDir>/s): the symlink defences cannot see it, the link count
 	// of the opened file can.
-	if st, ok := fi.Sys().(*syscall.Stat_t); !ok || st.Nlink != 1 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); singleLink && (!ok || st.Nlink != 1) {
 		f.Close()
 		n := uint64(0)
 		if ok {
