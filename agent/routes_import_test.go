@@ -87,17 +87,20 @@ func (s *imageServer) add(t *testing.T, name, path string) string {
 	return s.URL + "/" + name
 }
 
-// storedPath is the blob path of an import reply's image.
-func storedPath(t *testing.T, e *restoreEnv, rep map[string]any) string {
+// storedPath is the blob path of an import reply's image, which must be
+// stored in format want ("qcow2" ones pass qemu-img check).
+func storedPath(t *testing.T, e *restoreEnv, rep map[string]any, want string) string {
 	t.Helper()
-	if rep["format"] != "qcow2" {
-		t.Fatalf("stored format %v", rep["format"])
+	if rep["format"] != want {
+		t.Fatalf("stored format %v, want %s", rep["format"], want)
 	}
 	p, err := e.store.BlobPath(digest.Digest(rep["blobsum"].(string)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	r7run(t, "qemu-img", "check", "-f", "qcow2", p)
+	if want == "qcow2" {
+		r7run(t, "qemu-img", "check", "-f", "qcow2", p)
+	}
 	return p
 }
 
@@ -122,8 +125,9 @@ func TestImportHTTPResumeAndFormats(t *testing.T) {
 	if cuts != 1 || len(ranges) == 0 || ranges[0] == "bytes=0-" {
 		t.Fatalf("cuts %d, ranges %v: the download did not resume", cuts, ranges)
 	}
-	p := storedPath(t, e, rep)
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", p, src)
+	// A raw disk is stored as it is: byte for byte the download.
+	p := storedPath(t, e, rep, "raw")
+	r7run(t, "cmp", p, src)
 	if r7num(rep["virtualsize"]) != 4<<20 || rep["name"] != "img" || r7num(rep["totalSize"]) <= 0 {
 		t.Fatalf("reply %v", rep)
 	}
@@ -137,13 +141,42 @@ func TestImportHTTPResumeAndFormats(t *testing.T) {
 	if rep["id"] != "0123456789abcdef" {
 		t.Fatalf("id %v", rep["id"])
 	}
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep), src)
+	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep, "qcow2"), src)
 
 	// file:// from an upload dir.
 	up := e.uploadDir(t)
 	r7run(t, "cp", qc, filepath.Join(up, "c.qcow2"))
 	rep = e.ok(t, "/imagestore/import-sync", map[string]any{"imgurl": "file://" + filepath.Join(up, "c.qcow2"), "name": "img"})
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep), src)
+	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep, "qcow2"), src)
+
+	// An ISO-9660 image is an "iso": stored, exported and served as it is.
+	r7requireTools(t, "genisoimage")
+	media := filepath.Join(e.dir, "media")
+	if err := os.MkdirAll(media, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r7run(t, "cp", src, filepath.Join(media, "disk.bin"))
+	iso := filepath.Join(e.dir, "media.iso")
+	r7run(t, "genisoimage", "-quiet", "-V", "MEDIA", "-o", iso, media)
+	rep = e.ok(t, "/imagestore/import-sync", map[string]any{"imgurl": srv.add(t, "m.iso", iso), "name": "img"})
+	r7run(t, "cmp", storedPath(t, e, rep, "iso"), iso)
+	isoBytes, _ := os.ReadFile(iso)
+	if r7num(rep["size"]) != int64(len(isoBytes)) || r7num(rep["virtualsize"]) != int64(len(isoBytes)) {
+		t.Fatalf("iso reply %v", rep)
+	}
+	exp := e.ok(t, "/imagestore/export-sync", map[string]any{"installPath": rep["installPath"], "extFmt": ""})
+	if !strings.HasSuffix(exp["imgUrl"].(string), ".iso") || exp["format"] != "iso" {
+		t.Fatalf("iso export %v", exp)
+	}
+	res, err := http.Get(e.srv.URL + exp["imgUrl"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if !bytes.Equal(got, isoBytes) {
+		t.Fatalf("exported iso differs: %d bytes", len(got))
+	}
 }
 
 func TestImportErrors(t *testing.T) {
@@ -242,7 +275,7 @@ func TestImportSFTP(t *testing.T) {
 	qc := filepath.Join(s.Dir, "src.qcow2")
 	r7run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, qc)
 	rep := e.ok(t, "/imagestore/import-sync", map[string]any{"imgurl": fmt.Sprintf("sftp://%s@127.0.0.1:%d%s", s.User, s.Port, qc), "name": "img"})
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep), src)
+	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep, "qcow2"), src)
 	e.fails(t, "/imagestore/import-sync", map[string]any{"imgurl": fmt.Sprintf("sftp://%s@127.0.0.1:%d%s", s.User, s.Port, s.Dir+"/missing"), "name": "img"}, "not exist")
 
 	// A host whose key is not in known_hosts is refused.
@@ -298,7 +331,7 @@ func TestImportUpload(t *testing.T) {
 	}
 	var rep map[string]any
 	_ = json.Unmarshal(info.Result, &rep)
-	r7run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "raw", storedPath(t, e, rep), src)
+	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", storedPath(t, e, rep, "raw"), src)
 }
 
 // A host that stalls in the middle of a chunk must not hold up the job's

@@ -9,6 +9,8 @@ import (
 	"io"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 )
@@ -34,8 +36,8 @@ type Record struct {
 }
 
 // Spec is one Commit: a Record and where its blob's bytes come from:
-// either Content (written into a fresh ingest) or Reader (opaque bytes
-// stored as they are).
+// Content (written into a fresh ingest), Reader (opaque bytes stored as
+// they are), or Blob (a blob already in the store, recorded as it is).
 type Spec struct {
 	Record
 	// Ingest names the ingest Content writes ("" = a random "layer-…").
@@ -48,6 +50,10 @@ type Spec struct {
 	// be Size. The record's virtual size is the byte size.
 	Reader io.Reader
 	Size   int64
+	// Blob is a committed blob recorded as it is, without a copy (a
+	// download that is already a raw disk or an ISO image); the caller
+	// holds it. The record's virtual size is the byte size.
+	Blob digest.Digest
 	// Verify, if set, runs on the committed blob, held, before the record
 	// is made: its error leaves the blob unrecorded (GC frees it).
 	Verify func(ctx context.Context, l Layer) error
@@ -60,8 +66,8 @@ const ingestBuffer = 1 << 20
 // import path does so:
 //
 //  1. ingest: the bytes go into the store (Content into an ingest that is
-//     committed with its size checked, or Reader through blobstore.Put);
-//     a failure removes the ingest;
+//     committed with its size checked, or Reader through blobstore.Put;
+//     a Blob is there already); a failure removes the ingest;
 //  2. hold: the new blob is held from its commit until the record exists,
 //     and the parent's blob for the whole call, so GC cannot free either
 //     whatever the store's commit grace;
@@ -75,8 +81,8 @@ const ingestBuffer = 1 << 20
 // branch on them (qcow2.ErrZeroData, say) and wrap them with their own
 // context.
 func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) {
-	if (spec.Content == nil) == (spec.Reader == nil) {
-		return blobstore.Image{}, errors.New("layer: commit needs exactly one of Content and Reader")
+	if n := btoi(spec.Content != nil) + btoi(spec.Reader != nil) + btoi(spec.Blob != ""); n != 1 {
+		return blobstore.Image{}, errors.New("layer: commit needs exactly one of Content, Reader and Blob")
 	}
 	if spec.Parent != nil {
 		release := s.blobs.Hold(spec.Parent.Blob)
@@ -84,9 +90,14 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 	}
 	var l Layer
 	var err error
-	if spec.Content != nil {
+	switch {
+	case spec.Content != nil:
 		l, err = s.ingest(ctx, spec)
-	} else {
+	case spec.Blob != "":
+		var bi blobstore.BlobInfo
+		bi, err = s.blobs.Stat(ctx, spec.Blob)
+		l = Layer{Digest: spec.Blob, Size: bi.Size, VirtualSize: bi.Size}
+	default:
 		l.Digest, l.Size, err = s.blobs.Put(ctx, spec.Reader, spec.Size, "")
 		l.VirtualSize = l.Size
 		if spec.Format == "qcow2" {
@@ -120,6 +131,13 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 		}
 	}
 	return s.record(ctx, spec.Record, l)
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // ingest writes spec.Content into a fresh ingest and commits it.

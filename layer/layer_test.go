@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"imagestore/blobstore"
 	"imagestore/layer"
 	"imagestore/qcow2"
@@ -213,6 +215,32 @@ func TestCommitOpaque(t *testing.T) {
 	})
 	if err != nil || img.Size != int64(len(data)) || img.Blob != verified.Digest {
 		t.Fatalf("opaque commit %+v, %v", img, err)
+	}
+}
+
+// TestCommitBlob: a blob already in the store is recorded as it is (no
+// copy); a "qcow2" record of one is still checked; a missing blob and
+// two sources at once are refused.
+func TestCommitBlob(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	iso := bytes.Repeat([]byte("CD001 media "), 4096)
+	d, n, err := bs.Put(ctx, bytes.NewReader(iso), int64(len(iso)), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "1"}, Format: "iso"}, Blob: d})
+	if err != nil || img.Blob != d || img.Size != n || img.VirtualSize != n || img.Format != "iso" {
+		t.Fatalf("commit of a stored blob: %+v %v", img, err)
+	}
+	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "2"}, Format: "qcow2"}, Blob: d}); !errors.Is(err, layer.ErrInvalid) {
+		t.Fatalf("a non-qcow2 blob recorded as qcow2: %v", err)
+	}
+	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "3"}, Format: "raw"}, Blob: digest.Digest("sha256:" + strings.Repeat("0", 64))}); !errors.Is(err, blobstore.ErrNotFound) {
+		t.Fatalf("a missing blob: %v", err)
+	}
+	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "4"}, Format: "raw"}, Blob: d, Reader: bytes.NewReader(iso)}); err == nil {
+		t.Fatal("two sources accepted")
 	}
 }
 

@@ -128,6 +128,20 @@ func sniffFormat(head []byte) string {
 	return "raw"
 }
 
+// isoMagic is the standard identifier of an ISO-9660 volume descriptor;
+// the first descriptor starts at 32 KiB (sector 16), after its type byte.
+const (
+	isoMagic       = "CD001"
+	isoMagicOffset = 32<<10 + 1
+)
+
+// isISO reports whether r holds an ISO-9660 volume descriptor at 32 KiB.
+func isISO(r io.ReaderAt) bool {
+	b := make([]byte, len(isoMagic))
+	n, _ := r.ReadAt(b, isoMagicOffset)
+	return n == len(b) && string(b) == isoMagic
+}
+
 // sniff reads the first bytes of r and names their format.
 func sniff(r io.ReaderAt) string {
 	head := make([]byte, 8)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 
 	"github.com/opencontainers/go-digest"
@@ -63,9 +62,11 @@ func redactURLError(err error) error {
 	return err
 }
 
-// ImportURL downloads an image into a blob ingest, then stores it as a
-// canonical standalone qcow2 layer: a qcow2 is normalized, a raw image
-// converted (all-zero clusters left unallocated).
+// ImportURL downloads an image into a blob ingest, then records it in
+// its true format: a qcow2 is normalized into a canonical standalone
+// layer; a raw disk or an ISO-9660 image is recorded as the downloaded
+// blob itself (format "raw" or "iso"), so pull and export deliver it as
+// what it is.
 func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress) (blobstore.Image, error) {
 	u, err := CheckSource(req.ImgURL)
 	if err != nil {
@@ -95,16 +96,14 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
 	}
 	defer b.Close()
-	content, format, err := canonical(b, size)
+	spec, err := canonical(b, d, size)
 	if err != nil {
 		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
 	}
-	p.SetImage("", "", format)
-	return s.commit(ctx, layer.Spec{
-		Record:  layer.Record{Ref: ref, Format: "qcow2", Arch: req.Arch, Desc: req.Desc},
-		Ingest:  ingest + "-canon",
-		Content: content,
-	}, size, func(err error) error { return fmt.Errorf("importing %s: %w", shown, err) })
+	p.SetImage("", "", spec.Format)
+	spec.Record = layer.Record{Ref: ref, Format: spec.Format, Arch: req.Arch, Desc: req.Desc}
+	spec.Ingest = ingest + "-canon"
+	return s.commit(ctx, spec, size, func(err error) error { return fmt.Errorf("importing %s: %w", shown, err) })
 }
 
 // download streams the URL's bytes into the ingest and commits them.
@@ -176,34 +175,32 @@ func (l *limitedWriter) checkSize(n int64) error {
 	return nil
 }
 
-// canonical names the downloaded blob's format and returns the content
-// of its canonical standalone qcow2 layer: a qcow2 normalized, a raw disk
-// converted.
-func canonical(b blobstore.Blob, size int64) (layer.Content, string, error) {
+// canonical names the downloaded blob d's true format and returns how it
+// is committed (Format set, Record otherwise empty): a qcow2 normalized
+// into a canonical standalone layer (Content); a raw disk or an ISO-9660
+// image recorded as it is (Blob).
+func canonical(b blobstore.Blob, d digest.Digest, size int64) (layer.Spec, error) {
 	format := sniff(b)
+	if format == "raw" && isISO(b) {
+		format = "iso"
+	}
 	switch format {
 	case "qcow2":
 		im, err := qcow2.Open(b, size)
 		if err != nil {
-			return nil, "", fmt.Errorf("imgurl is not a usable qcow2: %w", err)
+			return layer.Spec{}, fmt.Errorf("imgurl is not a usable qcow2: %w", err)
 		}
 		if err := layer.CheckParent(im, nil); err != nil {
-			return nil, "", err
+			return layer.Spec{}, err
 		}
-		return normalizeContent(layer.Normalize(im, nil, qcow2.WriteOptions{})), format, nil
+		return layer.Spec{Record: layer.Record{Format: format}, Content: normalizeContent(layer.Normalize(im, nil, qcow2.WriteOptions{}))}, nil
+	case "iso":
 	case "raw":
-	default:
-		return nil, "", fmt.Errorf("not a disk image: %s-compressed data (import a qcow2 or raw image)", format)
-	}
-	if size%512 != 0 {
-		return nil, "", fmt.Errorf("not a disk image: neither qcow2 nor a raw image (size %d is not a multiple of 512)", size)
-	}
-	raw := layer.NormalizeRaw(b, size)
-	return func(ctx context.Context, w io.Writer) (int64, error) {
-		n, err := raw(ctx, w)
-		if err != nil {
-			return n, fmt.Errorf("converting raw image: %w", err)
+		if size%512 != 0 {
+			return layer.Spec{}, fmt.Errorf("not a disk image: neither qcow2, ISO-9660 nor a raw disk (size %d is not a multiple of 512)", size)
 		}
-		return n, nil
-	}, format, nil
+	default:
+		return layer.Spec{}, fmt.Errorf("not a disk image: %s-compressed data (import a qcow2, raw or ISO image)", format)
+	}
+	return layer.Spec{Record: layer.Record{Format: format}, Blob: d}, nil
 }
