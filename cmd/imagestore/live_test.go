@@ -1,0 +1,214 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"imagestore/transfer/livebackup/vmtest"
+)
+
+const (
+	lbMiB  = int64(1 << 20)
+	lbDisk = 64 * lbMiB
+	lbVM   = "0a1b2c3d4e5f40718293a4b5c6d7e8f9"
+)
+
+// liveEnv is a VM with two disks (disk 0 on a backing file) and a store,
+// driven through the zstcli binary exactly as the KVM agent calls it.
+type liveEnv struct {
+	t    *testing.T
+	vm   *vmtest.VM
+	s    *store
+	prog string
+	env  []string
+	zst  string
+}
+
+func newLiveEnv(t *testing.T) *liveEnv {
+	t.Helper()
+	qdir, err := os.MkdirTemp("", "lb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(qdir) })
+	e := &liveEnv{t: t, s: startStore(t, "")}
+	e.vm = vmtest.Start(t, lbVM, qdir,
+		vmtest.DiskSpec{Node: "libvirt-2-format", Device: "virtio-disk0", Size: lbDisk, BaseData: 16 * lbMiB},
+		vmtest.DiskSpec{Node: "libvirt-1-format", Device: "virtio-disk1", Size: lbDisk})
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.prog = filepath.Join(t.TempDir(), "progress")
+	e.zst = zstcliBin + " -rootca " + ca
+	e.env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir)
+	return e
+}
+
+// zstcli runs one command line through a shell, as the agent does.
+func (e *liveEnv) zstcli(line string) (string, string, error) {
+	cmd := exec.Command("sh", "-c", e.zst+" "+line)
+	cmd.Env = e.env
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+func (e *liveEnv) zstcliOK(line string) string {
+	e.t.Helper()
+	out, errs, err := e.zstcli(line)
+	if err != nil {
+		e.t.Fatalf("zstcli %s: %v\nstdout: %s\nstderr: %s\nqemu: %s", line, err, out, errs, e.vm.Log.String())
+	}
+	return out
+}
+
+type batOut map[string]struct {
+	BackupFile string `json:"backupFile"`
+	Mode       string `json:"mode"`
+}
+
+func (e *liveEnv) batbak(dest, args string) batOut {
+	e.t.Helper()
+	out := e.zstcliOK(fmt.Sprintf("-progress %s batbak -domain %s -destdir %s -point-in-time  -args %s", e.prog, lbVM, dest, args))
+	var r batOut
+	if err := json.Unmarshal([]byte(out), &r); err != nil || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+		e.t.Fatalf("batbak stdout %q: %v", out, err)
+	}
+	return r
+}
+
+// imported is one backup in the store.
+type imported struct{ installPath, name, id string }
+
+func (e *liveEnv) importBackup(file, parent, release string) imported {
+	e.t.Helper()
+	body := map[string]any{"imgurl": file, "name": "vol", "parent": parent}
+	if release != "" {
+		body["processToRelease"] = release
+	}
+	r := e.s.post(e.t, "/imagestore/import-backup-sync/", body, nil)
+	return imported{r["installPath"].(string), r["name"].(string), r["id"].(string)}
+}
+
+// restoreEquals pulls the chain ending at im and compares it with ref.
+func (e *liveEnv) restoreEquals(im imported, ref string) {
+	e.t.Helper()
+	dst := filepath.Join(e.t.TempDir(), "restored.qcow2")
+	cliOK(e.t, "-url", e.s.url, "pull", "-installpath", dst, im.name+":"+im.id)
+	if out, err := exec.Command("qemu-img", "compare", "-F", "raw", dst, ref).CombinedOutput(); err != nil {
+		e.t.Fatalf("restored %s:%s differs from the disk at the backup instant: %v %s", im.name, im.id, err, out)
+	}
+}
+
+// depth0 is the extents a qcow2 file allocates (data or zero clusters).
+func depth0(t *testing.T, f string) [][2]int64 {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "map", "--output=json", "-f", "qcow2", f).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ext []struct {
+		Start, Length, Depth int64
+		Present              bool
+	}
+	if err := json.Unmarshal(out, &ext); err != nil {
+		t.Fatal(err)
+	}
+	var r [][2]int64
+	for _, x := range ext {
+		if x.Depth == 0 && x.Present {
+			if n := len(r); n > 0 && r[n-1][1] == x.Start {
+				r[n-1][1] += x.Length
+				continue
+			}
+			r = append(r, [2]int64{x.Start, x.Start + x.Length})
+		}
+	}
+	return r
+}
+
+func wantOnly(t *testing.T, f string, want ...[2]int64) {
+	t.Helper()
+	if got := depth0(t, f); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("%s holds %v, want only the changed clusters %v", filepath.Base(f), got, want)
+	}
+}
+
+func (e *liveEnv) progressLines() []string {
+	b, err := os.ReadFile(e.prog)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return strings.Fields(string(b))
+}
+
+const lbArgsAuto = "zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,0"
+
+func TestLiveBackupIntoDirectoryAndStore(t *testing.T) {
+	t.Parallel()
+	e := newLiveEnv(t)
+	vm := e.vm
+	up := e.s.post(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+
+	vm.Write(1, 8*lbMiB, 2*lbMiB, 0x21)
+	full := e.batbak(up, "zsbitmap0,full,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,0")
+	ref := []string{vm.Snapshot(0, "f0"), vm.Snapshot(1, "f1")}
+	if full["drive-virtio-disk0"].Mode != "full" || full["drive-virtio-disk1"].Mode != "full" || len(full) != 2 {
+		t.Fatalf("full: %+v", full)
+	}
+	if p := e.progressLines(); p[0] != "0" || p[len(p)-1] != "100" {
+		t.Fatalf("progress %v", p)
+	}
+	var chain [2]imported
+	for i, n := range []string{"drive-virtio-disk0", "drive-virtio-disk1"} {
+		chain[i] = e.importBackup(filepath.Join(up, full[n].BackupFile), "", "")
+		e.restoreEquals(chain[i], ref[i])
+	}
+	e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
+
+	// Incremental 1: batbak, one point in time for both disks.
+	vm.Write(0, 1*lbMiB, 1*lbMiB, 0x31)
+	vm.Zero(0, 4*lbMiB, 1*lbMiB) // over the backing file's data
+	vm.Write(1, 40*lbMiB, 512<<10, 0x32)
+	up2 := e.s.post(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+	inc := e.batbak(up2, lbArgsAuto)
+	ref = []string{vm.Snapshot(0, "a0"), vm.Snapshot(1, "a1")}
+	if inc["drive-virtio-disk0"].Mode != "incremental" || inc["drive-virtio-disk1"].Mode != "incremental" {
+		t.Fatalf("incremental: %+v", inc)
+	}
+	wantOnly(t, filepath.Join(up2, inc["drive-virtio-disk0"].BackupFile), [2]int64{1 * lbMiB, 2 * lbMiB}, [2]int64{4 * lbMiB, 5 * lbMiB})
+	wantOnly(t, filepath.Join(up2, inc["drive-virtio-disk1"].BackupFile), [2]int64{40 * lbMiB, 40*lbMiB + 512<<10})
+	for i, n := range []string{"drive-virtio-disk0", "drive-virtio-disk1"} {
+		chain[i] = e.importBackup(filepath.Join(up2, inc[n].BackupFile), chain[i].installPath, "")
+		e.restoreEquals(chain[i], ref[i])
+	}
+	e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
+
+	// Incremental 2: the single-volume verb (Z7), one call per disk.
+	vm.Write(0, 30*lbMiB, 64<<10, 0x41)
+	vm.Write(1, 41*lbMiB, 1*lbMiB, 0x42)
+	up3 := e.s.post(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+	want := [][2]int64{{30 * lbMiB, 30*lbMiB + 64<<10}, {41 * lbMiB, 42 * lbMiB}}
+	for i := range 2 {
+		dest := filepath.Join(up3, fmt.Sprintf("%032x.qcow2", i+1))
+		out := e.zstcliOK(fmt.Sprintf(`-progress %s backup -bitmap zsbitmap%d -dest %s -domain %s -drive "drive-virtio-disk%d" -mode auto -point-in-time -oob -speed 0`, e.prog, i, dest, lbVM, i))
+		if out != "incremental\n" {
+			t.Fatalf("backup printed %q", out)
+		}
+		r := vm.Snapshot(i, fmt.Sprintf("b%d", i))
+		wantOnly(t, dest, want[i])
+		chain[i] = e.importBackup(dest, chain[i].installPath, "")
+		e.restoreEquals(chain[i], r)
+	}
+	// Nothing runs: stopbak succeeds in every form the agent uses.
+	for _, l := range []string{"stopbak -domain " + lbVM, "stopbak -force=True -domain " + lbVM + " -batbak", "stopbak -force=None -domain " + lbVM + " -drive drive-virtio-disk0"} {
+		e.zstcliOK(l)
+	}
+}
