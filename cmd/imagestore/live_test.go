@@ -212,3 +212,61 @@ func TestLiveBackupIntoDirectoryAndStore(t *testing.T) {
 		e.zstcliOK(l)
 	}
 }
+
+// nbdTargets asks the store for one NBD target per disk (exportnbdimage).
+func (e *liveEnv) nbdTargets() (dest string, paths []string, desc string) {
+	e.t.Helper()
+	up := e.s.post(e.t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+	rep := e.s.post(e.t, "/imagestore/exportnbdimage-sync/", map[string]any{"workspace": up, "sizes": []any{lbDisk, lbDisk}}, nil)
+	ps, _ := rep["imagePaths"].([]any)
+	ports, _ := rep["ports"].([]any)
+	if len(ps) != 2 || len(ports) != 2 || rep["tls"] == true {
+		e.t.Fatalf("exportnbdimage: %v", rep)
+	}
+	for _, p := range ps {
+		paths = append(paths, p.(string))
+	}
+	return fmt.Sprintf("nbd://127.0.0.1:%d,%d", int(ports[0].(float64)), int(ports[1].(float64))), paths, rep["nbdDescription"].(string)
+}
+
+func TestLiveBackupIntoStoreNBDTargets(t *testing.T) {
+	t.Parallel()
+	e := newLiveEnv(t)
+	vm := e.vm
+	vm.Write(1, 8*lbMiB, 2*lbMiB, 0x21)
+
+	dest, paths, desc := e.nbdTargets()
+	full := e.batbak(dest, "zsbitmap0,full,drive-virtio-disk0,0:zsbitmap1,full,drive-virtio-disk1,0")
+	ref := []string{vm.Snapshot(0, "f0"), vm.Snapshot(1, "f1")}
+	for _, n := range []string{"drive-virtio-disk0", "drive-virtio-disk1"} {
+		if full[n].Mode != "full" || full[n].BackupFile != "" {
+			t.Fatalf("full over NBD: %+v", full)
+		}
+	}
+	var chain [2]imported
+	for i := range 2 {
+		chain[i] = e.importBackup(paths[i], "", desc)
+		e.restoreEquals(chain[i], ref[i])
+	}
+	e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
+
+	for round, w := range []struct{ off0, off1 int64 }{{2 * lbMiB, 50 * lbMiB}, {33 * lbMiB, 9 * lbMiB}} {
+		vm.Write(0, w.off0, 1*lbMiB, byte(0x51+round))
+		vm.Write(1, w.off1, 256<<10, byte(0x61+round))
+		dest, paths, desc := e.nbdTargets()
+		inc := e.batbak(dest, lbArgsAuto)
+		ref := []string{vm.Snapshot(0, fmt.Sprintf("n%d0", round)), vm.Snapshot(1, fmt.Sprintf("n%d1", round))}
+		if inc["drive-virtio-disk0"].Mode != "incremental" || inc["drive-virtio-disk1"].Mode != "incremental" {
+			t.Fatalf("round %d: %+v", round, inc)
+		}
+		for i := range 2 {
+			chain[i] = e.importBackup(paths[i], chain[i].installPath, desc)
+			e.restoreEquals(chain[i], ref[i])
+		}
+		// Only the dirty clusters reached the store's targets (read once
+		// the import has stopped their servers).
+		wantOnly(t, paths[0], [2]int64{w.off0, w.off0 + lbMiB})
+		wantOnly(t, paths[1], [2]int64{w.off1, w.off1 + 256<<10})
+		e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
+	}
+}
