@@ -29,7 +29,7 @@ check: deps lint test
 
 run: build
 	mkdir -p data
-	./$(BIN)/imagestore-agent -root ./data
+	./$(BIN)/imagestore-agent -profile imagestore -root ./data
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...

@@ -35,7 +35,7 @@ func newHTAgent(tb testing.TB, mod func(*config.Config)) (*Agent, *blobstore.Sto
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cfg := config.Default()
+	cfg := testConfig(tb)
 	cfg.Root = root
 	cfg.NBD.PortRange = ""
 	cfg.CallbackMaxDelay = 5 * time.Millisecond
@@ -384,4 +384,16 @@ func TestReplyBody(t *testing.T) {
 			}
 		})
 	}
+}
+
+// testConfig is the imagestore profile's defaults: the agent tests exercise
+// our own protections (token, NBD PSK, one tls block), which the zstack
+// profile turns off; a test of the zstack profile says so.
+func testConfig(tb testing.TB) config.Config {
+	tb.Helper()
+	cfg, err := config.Defaults(config.ProfileImagestore)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cfg
 }

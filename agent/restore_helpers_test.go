@@ -47,7 +47,7 @@ func newRestoreEnv(t *testing.T, mod func(*config.Config)) *restoreEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := config.Default()
+	cfg := testConfig(t)
 	cfg.Root = root
 	// A random slice of ports below the default ephemeral range (32768+),
 	// so outgoing connections of parallel tests do not take them; the NBD

@@ -20,7 +20,7 @@ import (
 func (a *Agent) newNBD() *nbdtarget.Service {
 	return nbdtarget.New(nbdtarget.Options{
 		Dir: filepath.Join(a.root, "nbd"), Config: a.cfg.NBD, HasToken: a.cfg.Token != "",
-		CertFile: a.cfg.TLS.Cert, KeyFile: a.cfg.TLS.Key,
+		CertFile: a.cfg.AgentListenerTLS().Cert, KeyFile: a.cfg.AgentListenerTLS().Key,
 		Layers: a.layers, Uploads: a.uploads, Logger: a.log,
 	})
 }

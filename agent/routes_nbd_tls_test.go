@@ -86,7 +86,7 @@ func TestNBDTokenWarning(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cfg := config.Default()
+		cfg := testConfig(t)
 		cfg.Root = root
 		cfg.Token = config.Secret(token)
 		cfg.NBD.Bind = "127.0.0.1"

@@ -19,7 +19,6 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
-	"imagestore/agent/config"
 	"imagestore/blobstore"
 	"imagestore/qcow2"
 	"imagestore/transfer/faultproxy"
@@ -47,7 +46,7 @@ func hpNewEnv(t *testing.T) *hpEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := config.Default()
+	cfg := testConfig(t)
 	cfg.Root = store.Root()
 	cfg.KnownHostsFile = srv.KnownHostsFile
 	a, err := New(cfg, store, nil)

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -20,10 +21,23 @@ import (
 // (applied by the binary). Every key is documented in docs/agent-protocol.md
 // and systemd/imagestore-agent.yaml.
 type Config struct {
+	// Profile picks the defaults every other key starts from: ProfileZStack
+	// (the shipped default: what a ZStack management node needs) or
+	// ProfileImagestore (our own: one TLS block for both ports, token and
+	// NBD PSK protections). It is read before the rest of the file.
+	Profile        string `yaml:"profile"`
 	Root           string `yaml:"root"`
 	Listen         string `yaml:"listen"`
 	RegistryListen string `yaml:"registryListen"`
-	TLS            TLS    `yaml:"tls"`
+	// TLS is the certificate of both ports, unless a port's own block
+	// (AgentTLS, RegistryTLS) says otherwise.
+	TLS         TLS         `yaml:"tls"`
+	AgentTLS    ListenerTLS `yaml:"agentTLS"`
+	RegistryTLS ListenerTLS `yaml:"registryTLS"`
+	// ServerName is the name our clients verify in a peer store's
+	// certificate (the /v1 ca field, zstore:// imports), whatever address
+	// they dial; "" verifies the dialled host.
+	ServerName string `yaml:"serverName"`
 	// Token is the bearer token every endpoint but /health requires; empty = no auth.
 	Token     Secret `yaml:"token"`
 	TokenFile string `yaml:"tokenFile"`
@@ -63,10 +77,54 @@ type Config struct {
 	Debug bool `yaml:"debug"`
 }
 
-// TLS enables HTTPS on the management port when both files are set.
+// TLS enables HTTPS when both files are set.
 type TLS struct {
 	Cert string `yaml:"cert"`
 	Key  string `yaml:"key"`
+}
+
+// Enabled reports whether the files are set.
+func (t TLS) Enabled() bool { return t.Cert != "" }
+
+// ListenerTLS is one port's own TLS: its certificate, or Plain to serve
+// plain HTTP whatever tls says. Neither set: the port uses tls.
+type ListenerTLS struct {
+	Cert  string `yaml:"cert"`
+	Key   string `yaml:"key"`
+	Plain bool   `yaml:"plain"`
+}
+
+// Profiles.
+const (
+	ProfileZStack     = "zstack"
+	ProfileImagestore = "imagestore"
+	// DefaultProfile is the profile used when none is configured.
+	DefaultProfile = ProfileZStack
+)
+
+// ZStack's deployment puts its store certificate and key here on every
+// backup storage host (PROTOCOL: deployment contract).
+const (
+	ZStackCertFile = "/var/lib/zstack/imagestorebackupstorage/package/certs/ca.pem"
+	ZStackKeyFile  = "/var/lib/zstack/imagestorebackupstorage/package/certs/privkey.pem"
+	// ZStackServerName is the only name in ZStack's store certificate.
+	ZStackServerName = "store.zstack.org"
+)
+
+// AgentListenerTLS is the certificate the agent port (listen) serves; zero = plain.
+func (c Config) AgentListenerTLS() TLS { return c.AgentTLS.effective(c.TLS) }
+
+// RegistryListenerTLS is the certificate the registry port serves; zero = plain.
+func (c Config) RegistryListenerTLS() TLS { return c.RegistryTLS.effective(c.TLS) }
+
+func (l ListenerTLS) effective(shared TLS) TLS {
+	switch {
+	case l.Plain:
+		return TLS{}
+	case l.Cert != "" || l.Key != "":
+		return TLS{Cert: l.Cert, Key: l.Key}
+	}
+	return shared
 }
 
 // NBD configures the qemu-nbd servers (exportnbdimage, export/remotetarget).
@@ -173,9 +231,26 @@ func ParseByteSize(s string) (ByteSize, error) {
 	return ByteSize(v), nil
 }
 
-// Default returns the configuration used when nothing is set.
+// Default returns the configuration used when nothing is set: the
+// DefaultProfile's.
 func Default() Config {
-	return Config{
+	c, _ := Defaults(DefaultProfile)
+	return c
+}
+
+// Defaults returns the defaults of profile ("" = DefaultProfile).
+//
+// zstack: the agent port plain, the registry port HTTPS with ZStack's
+// certificate (ZStackCertFile, ZStackKeyFile), peers verified as
+// store.zstack.org, NBD without client credentials (KVM hosts send none).
+// imagestore: both ports plain unless tls is set, peers verified by the
+// dialled host name, NBD PSK when a token is set.
+func Defaults(profile string) (Config, error) {
+	if profile == "" {
+		profile = DefaultProfile
+	}
+	c := Config{
+		Profile:           profile,
 		Root:              "./data",
 		Listen:            ":8001",
 		RegistryListen:    ":8000",
@@ -195,24 +270,64 @@ func Default() Config {
 		MaxBodyBytes:      1 << 20,
 		ShutdownTimeout:   30 * time.Second,
 	}
+	switch profile {
+	case ProfileZStack:
+		c.AgentTLS = ListenerTLS{Plain: true}
+		c.RegistryTLS = ListenerTLS{Cert: ZStackCertFile, Key: ZStackKeyFile}
+		c.ServerName = ZStackServerName
+		c.NBD.ClientAuth = "none"
+	case ProfileImagestore:
+	default:
+		return c, fmt.Errorf("profile: %q, want %s or %s", profile, ProfileZStack, ProfileImagestore)
+	}
+	return c, nil
 }
 
-// Load reads path (if non-empty) over the defaults, then applies the
-// environment. Unknown keys in the file are errors, so typos do not pass silently.
-func Load(path string) (Config, error) {
-	cfg := Default()
+// Load is LoadProfile(path, "").
+func Load(path string) (Config, error) { return LoadProfile(path, "") }
+
+// LoadProfile reads path (if non-empty) over the defaults of the profile,
+// then applies the environment. The profile is, first found: profile (the
+// -profile flag), IMAGESTORE_PROFILE, the file's profile key,
+// DefaultProfile. Unknown keys in the file are errors, so typos do not
+// pass silently.
+func LoadProfile(path, profile string) (Config, error) {
+	var body []byte
 	if path != "" {
-		f, err := os.Open(path)
+		b, err := os.ReadFile(path)
 		if err != nil {
-			return cfg, fmt.Errorf("config: %w", err)
+			return Config{}, fmt.Errorf("config: %w", err)
 		}
-		defer f.Close()
-		dec := yaml.NewDecoder(f)
+		body = b
+	}
+	if profile == "" {
+		profile, _ = os.LookupEnv("IMAGESTORE_PROFILE")
+	}
+	if profile == "" && len(body) > 0 {
+		var p struct {
+			Profile string `yaml:"profile"`
+		}
+		if err := yaml.Unmarshal(body, &p); err != nil {
+			return Config{}, fmt.Errorf("config %s: %w", path, err)
+		}
+		profile = p.Profile
+	}
+	cfg, err := Defaults(profile)
+	if err != nil {
+		return cfg, err
+	}
+	if len(body) > 0 {
+		dec := yaml.NewDecoder(bytes.NewReader(body))
 		dec.KnownFields(true)
 		// io.EOF: an empty file is a valid config.
 		if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
 			return cfg, fmt.Errorf("config %s: %w", path, err)
 		}
+	}
+	// The file's own profile key loses to the flag and the environment.
+	cfg.Profile = profile
+	if cfg.Profile == "" {
+		cfg.Profile = DefaultProfile
 	}
 	if err := cfg.ApplyEnv(os.LookupEnv); err != nil {
 		return cfg, err
@@ -237,6 +352,13 @@ func (c *Config) envVars() map[string]func(string) error {
 			return err
 		}
 	}
+	boolean := func(p *bool) func(string) error {
+		return func(v string) error {
+			b, err := strconv.ParseBool(v)
+			*p = b
+			return err
+		}
+	}
 	size := func(p *ByteSize) func(string) error {
 		return func(v string) error {
 			n, err := ParseByteSize(v)
@@ -245,11 +367,20 @@ func (c *Config) envVars() map[string]func(string) error {
 		}
 	}
 	return map[string]func(string) error{
-		"IMAGESTORE_ROOT":                  str(&c.Root),
-		"IMAGESTORE_LISTEN":                str(&c.Listen),
-		"IMAGESTORE_REGISTRY_LISTEN":       str(&c.RegistryListen),
-		"IMAGESTORE_TLS_CERT":              str(&c.TLS.Cert),
-		"IMAGESTORE_TLS_KEY":               str(&c.TLS.Key),
+		"IMAGESTORE_ROOT":               str(&c.Root),
+		"IMAGESTORE_LISTEN":             str(&c.Listen),
+		"IMAGESTORE_REGISTRY_LISTEN":    str(&c.RegistryListen),
+		"IMAGESTORE_TLS_CERT":           str(&c.TLS.Cert),
+		"IMAGESTORE_TLS_KEY":            str(&c.TLS.Key),
+		"IMAGESTORE_AGENT_TLS_CERT":     str(&c.AgentTLS.Cert),
+		"IMAGESTORE_AGENT_TLS_KEY":      str(&c.AgentTLS.Key),
+		"IMAGESTORE_AGENT_TLS_PLAIN":    boolean(&c.AgentTLS.Plain),
+		"IMAGESTORE_REGISTRY_TLS_CERT":  str(&c.RegistryTLS.Cert),
+		"IMAGESTORE_REGISTRY_TLS_KEY":   str(&c.RegistryTLS.Key),
+		"IMAGESTORE_REGISTRY_TLS_PLAIN": boolean(&c.RegistryTLS.Plain),
+		"IMAGESTORE_SERVER_NAME":        str(&c.ServerName),
+		// Read by LoadProfile before the defaults; listed so EnvNames has it.
+		"IMAGESTORE_PROFILE":               func(string) error { return nil },
 		"IMAGESTORE_TOKEN":                 func(v string) error { c.Token = Secret(v); return nil },
 		"IMAGESTORE_TOKEN_FILE":            str(&c.TokenFile),
 		"IMAGESTORE_QUOTA":                 size(&c.Quota),
@@ -321,8 +452,24 @@ func (c *Config) Validate() error {
 	if c.ParallelismDegree < 1 {
 		errs = append(errs, fmt.Errorf("parallelismDegree: %d, must be at least 1", c.ParallelismDegree))
 	}
+	switch c.Profile {
+	case "", ProfileZStack, ProfileImagestore:
+	default:
+		errs = append(errs, fmt.Errorf("profile: %q, want %s or %s", c.Profile, ProfileZStack, ProfileImagestore))
+	}
 	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
 		errs = append(errs, errors.New("tls: cert and key must be set together"))
+	}
+	for _, l := range []struct {
+		key string
+		t   ListenerTLS
+	}{{"agentTLS", c.AgentTLS}, {"registryTLS", c.RegistryTLS}} {
+		if (l.t.Cert == "") != (l.t.Key == "") {
+			errs = append(errs, fmt.Errorf("%s: cert and key must be set together", l.key))
+		}
+		if l.t.Plain && l.t.Cert != "" {
+			errs = append(errs, fmt.Errorf("%s: plain and cert are exclusive", l.key))
+		}
 	}
 	switch c.LogFormat {
 	case "text", "json":
@@ -358,6 +505,44 @@ func (c *Config) Validate() error {
 	}
 	if c.VerifySample < 0 || c.VerifySample > 1 {
 		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))
+	}
+	return errors.Join(errs...)
+}
+
+// CheckFiles checks that the certificate and key each port serves can be
+// read, naming the key that configures a missing one, so a daemon does not
+// start half-served.
+func (c Config) CheckFiles() error {
+	var errs []error
+	check := func(key, path string) {
+		if path == "" {
+			return
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			hint := ""
+			if c.Profile == ProfileZStack && (path == ZStackCertFile || path == ZStackKeyFile) {
+				hint = " (the zstack profile's default: the management node deploys its certificate there; " +
+					"to try the daemon without it use -profile imagestore)"
+			}
+			errs = append(errs, fmt.Errorf("%s: %w%s", key, err, hint))
+			return
+		}
+		f.Close()
+	}
+	agentKey, regKey := "tls", "tls"
+	if c.AgentTLS.Cert != "" {
+		agentKey = "agentTLS"
+	}
+	if c.RegistryTLS.Cert != "" {
+		regKey = "registryTLS"
+	}
+	a, r := c.AgentListenerTLS(), c.RegistryListenerTLS()
+	check(agentKey+".cert", a.Cert)
+	check(agentKey+".key", a.Key)
+	if r != a {
+		check(regKey+".cert", r.Cert)
+		check(regKey+".key", r.Key)
 	}
 	return errors.Join(errs...)
 }

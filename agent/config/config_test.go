@@ -430,3 +430,115 @@ func FuzzParseByteSize(f *testing.F) {
 		}
 	})
 }
+
+func TestProfiles(t *testing.T) {
+	clearEnv(t)
+	zs, err := Defaults(ProfileZStack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if Default().Profile != ProfileZStack || !reflect.DeepEqual(Default(), zs) {
+		t.Fatalf("the shipped default is not the zstack profile: %+v", Default())
+	}
+	if zs.AgentListenerTLS().Enabled() || zs.RegistryListenerTLS() != (TLS{Cert: ZStackCertFile, Key: ZStackKeyFile}) ||
+		zs.ServerName != "store.zstack.org" || zs.NBD.PSK(true) || zs.Token != "" || zs.Listen != ":8001" || zs.RegistryListen != ":8000" {
+		t.Fatalf("zstack profile: %+v", zs)
+	}
+	ours, err := Defaults(ProfileImagestore)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ours.AgentListenerTLS().Enabled() || ours.RegistryListenerTLS().Enabled() || ours.ServerName != "" || !ours.NBD.PSK(true) {
+		t.Fatalf("imagestore profile: %+v", ours)
+	}
+	ours.TLS = TLS{Cert: "c", Key: "k"}
+	if ours.AgentListenerTLS() != ours.TLS || ours.RegistryListenerTLS() != ours.TLS {
+		t.Fatal("tls does not cover both ports")
+	}
+	ours.AgentTLS.Plain = true
+	ours.RegistryTLS = ListenerTLS{Cert: "rc", Key: "rk"}
+	if ours.AgentListenerTLS().Enabled() || ours.RegistryListenerTLS() != (TLS{Cert: "rc", Key: "rk"}) {
+		t.Fatal("a port's own block does not win over tls")
+	}
+	if _, err := Defaults("zstore"); err == nil {
+		t.Fatal("unknown profile accepted")
+	}
+
+	// Which profile: flag > IMAGESTORE_PROFILE > the file's key > default;
+	// the file's other keys apply over the chosen profile's defaults.
+	path := writeConfigFile(t, "profile: imagestore\nserverName: peer.example\n")
+	for _, tc := range []struct {
+		name, flag, env, want string
+		psk                   bool
+	}{
+		{"file", "", "", ProfileImagestore, true},
+		{"env beats file", "", ProfileZStack, ProfileZStack, false},
+		{"flag beats env", ProfileImagestore, ProfileZStack, ProfileImagestore, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("IMAGESTORE_PROFILE", tc.env)
+			}
+			c, err := LoadProfile(path, tc.flag)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Profile != tc.want || c.NBD.PSK(true) != tc.psk || c.ServerName != "peer.example" {
+				t.Fatalf("%+v", c)
+			}
+		})
+	}
+	if c, err := Load(""); err != nil || c.Profile != ProfileZStack {
+		t.Fatalf("no file: %v %+v", err, c)
+	}
+	t.Setenv("IMAGESTORE_REGISTRY_TLS_PLAIN", "true")
+	t.Setenv("IMAGESTORE_REGISTRY_TLS_CERT", "")
+	t.Setenv("IMAGESTORE_REGISTRY_TLS_KEY", "")
+	if c, err := Load(""); err != nil || c.RegistryListenerTLS().Enabled() {
+		t.Fatalf("IMAGESTORE_REGISTRY_TLS_PLAIN: %v %+v", err, c)
+	}
+}
+
+func TestCheckFiles(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
+	for _, p := range []string{cert, key} {
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, _ := Defaults(ProfileImagestore)
+	c.RegistryTLS = ListenerTLS{Cert: cert, Key: key}
+	if err := c.CheckFiles(); err != nil {
+		t.Fatal(err)
+	}
+	c.TLS = TLS{Cert: filepath.Join(dir, "nope.pem"), Key: key}
+	if err := c.CheckFiles(); err == nil || !strings.Contains(err.Error(), "tls.cert: open "+filepath.Join(dir, "nope.pem")) {
+		t.Fatalf("missing tls.cert: %v", err)
+	}
+	zs, _ := Defaults(ProfileZStack)
+	err := zs.CheckFiles()
+	if _, statErr := os.Stat(ZStackCertFile); statErr == nil {
+		if err != nil && strings.Contains(err.Error(), "registryTLS.cert") {
+			t.Fatalf("certificate present but reported: %v", err)
+		}
+	} else if err == nil || !strings.Contains(err.Error(), "registryTLS.cert: open "+ZStackCertFile) ||
+		!strings.Contains(err.Error(), "-profile imagestore") {
+		t.Fatalf("zstack defaults without ZStack's certificate: %v", err)
+	}
+}
+
+// TestSampleConfigLoads: the annotated sample the package ships loads, and
+// its listener blocks are the zstack profile's defaults.
+func TestSampleConfigLoads(t *testing.T) {
+	clearEnv(t)
+	c, err := Load("../../systemd/imagestore-agent.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	zs := Default()
+	if err := c.Validate(); err != nil || c.Profile != ProfileZStack || c.AgentTLS != zs.AgentTLS ||
+		c.RegistryTLS != zs.RegistryTLS || c.ServerName != zs.ServerName || c.NBD != zs.NBD {
+		t.Fatalf("sample: %v %+v", err, c)
+	}
+}

@@ -69,6 +69,7 @@ type daemonOpts struct {
 	extra       string // more YAML
 	root        string // reuse a store (restart tests)
 	env         []string
+	profile     string // default imagestore: these tests exercise our own protections
 }
 
 func startDaemon(t *testing.T, o daemonOpts) *daemon {
@@ -80,7 +81,11 @@ func startDaemon(t *testing.T, o daemonOpts) *daemon {
 	if o.parallelism == 0 {
 		o.parallelism = 4
 	}
-	cfg := fmt.Sprintf(`root: %s
+	if o.profile == "" {
+		o.profile = "imagestore"
+	}
+	cfg := fmt.Sprintf(`profile: %s
+root: %s
 listen: 127.0.0.1:0
 registryListen: 127.0.0.1:0
 logFormat: json
@@ -94,7 +99,7 @@ verifyInterval: 0s
 shutdownTimeout: 20s
 debug: true
 token: %q
-%s`, o.root, o.parallelism, o.token, o.extra)
+%s`, o.profile, o.root, o.parallelism, o.token, o.extra)
 	cfgPath := filepath.Join(dir, "agent.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

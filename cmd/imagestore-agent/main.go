@@ -42,6 +42,7 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	var o options
 	fs.StringVar(&o.configPath, "config", "", "YAML configuration file")
 	fs.BoolVar(&o.printConfig, "print-config", false, "print the effective configuration (secrets redacted) and exit")
+	profile := fs.String("profile", "", "defaults to start from: zstack (the management node's contract; the default) or imagestore")
 	root := fs.String("root", "", "store root directory (default ./data)")
 	listen := fs.String("listen", "", "management protocol address (default :8001)")
 	regListen := fs.String("registry-listen", "", "registry address (default :8000)")
@@ -59,7 +60,7 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	if fs.NArg() > 0 {
 		return config.Config{}, o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	cfg, err := config.Load(o.configPath)
+	cfg, err := config.LoadProfile(o.configPath, *profile)
 	if err != nil {
 		return cfg, o, err
 	}
@@ -116,6 +117,10 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprint(os.Stdout, cfg.String())
 		return 0
 	}
+	if err := cfg.CheckFiles(); err != nil {
+		fmt.Fprintln(stderr, "imagestore-agent:", err)
+		return 2
+	}
 	logger, err := config.NewLogger(stderr, cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
@@ -132,8 +137,12 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	logger.Info("starting", "root", cfg.Root, "listen", cfg.Listen, "registryListen", cfg.RegistryListen,
-		"auth", cfg.Token != "", "tls", cfg.TLS.Cert != "", "parallelismDegree", cfg.ParallelismDegree)
+	logger.Info("starting", "profile", cfg.Profile, "root", cfg.Root, "listen", cfg.Listen, "registryListen", cfg.RegistryListen,
+		"auth", cfg.Token != "", "agentTLS", cfg.AgentListenerTLS().Enabled(), "registryTLS", cfg.RegistryListenerTLS().Enabled(),
+		"serverName", cfg.ServerName, "parallelismDegree", cfg.ParallelismDegree)
+	if cfg.Profile == config.ProfileZStack && cfg.Token != "" {
+		logger.Warn("a token is set in the zstack profile: the management node, KVM hosts and peer stores send none, so their calls will be refused")
+	}
 	if err := os.MkdirAll(cfg.Root, 0o750); err != nil {
 		return err
 	}
@@ -165,7 +174,7 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	go func() { defer wg.Done(); _ = a.Run(bg) }()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	logger.Info("listening", "addr", ln.Addr().String())
+	logger.Info("listening", "addr", ln.Addr().String(), "tls", srv.TLSConfig != nil)
 	if err := sdNotify("READY=1"); err != nil {
 		logger.Warn("systemd notify", "err", err)
 	}
@@ -196,8 +205,9 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	return nil
 }
 
-// managementServer listens on cfg.Listen, with TLS when cfg.TLS is set,
-// and returns the server for h and its listener.
+// managementServer listens on cfg.Listen, with TLS when the agent port has
+// a certificate (cfg.AgentListenerTLS), and returns the server for h and
+// its listener.
 func managementServer(cfg config.Config, h http.Handler, logger *slog.Logger) (*http.Server, net.Listener, error) {
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -209,16 +219,24 @@ func managementServer(cfg config.Config, h http.Handler, logger *slog.Logger) (*
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
-	if cfg.TLS.Cert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+	if t := cfg.AgentListenerTLS(); t.Enabled() {
+		srv.TLSConfig, err = serverTLS(t)
 		if err != nil {
 			ln.Close()
-			return nil, nil, fmt.Errorf("tls: %w", err)
+			return nil, nil, fmt.Errorf("agent port: %w", err)
 		}
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		ln = tls.NewListener(ln, srv.TLSConfig)
 	}
 	return srv, ln, nil
+}
+
+// serverTLS loads one port's certificate.
+func serverTLS(t config.TLS) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+	if err != nil {
+		return nil, fmt.Errorf("tls: %w", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 }
 
 // stopServing stops the HTTP server and the jobs, then the registry, each

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -20,8 +19,8 @@ import (
 )
 
 // startRegistry serves the registry port (transfer/registry): the OCI
-// distribution API under /v2 and replication under /v1, with the same TLS
-// certificate and token as the management port.
+// distribution API under /v2 and replication under /v1, with the registry
+// port's certificate (cfg.RegistryListenerTLS) and the agent's token.
 func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {
 	log := logger.With("component", "registry")
 	m := replicate.NewMetrics(reg)
@@ -35,6 +34,7 @@ func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Stor
 		WriteBandwidth: int64(rc.NetworkWriteBandwidth),
 		Retries:        rc.Retries,
 		Retention:      cfg.JobRetention,
+		PeerServerName: cfg.ServerName,
 		Metrics:        m,
 		Logger:         log,
 	})
@@ -58,14 +58,13 @@ func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Stor
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	scheme := "http"
-	if cfg.TLS.Cert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+	if t := cfg.RegistryListenerTLS(); t.Enabled() {
+		hs.TLSConfig, err = serverTLS(t)
 		if err != nil {
 			ln.Close()
 			eng.Close()
-			return nil, fmt.Errorf("tls: %w", err)
+			return nil, err
 		}
-		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		ln = tls.NewListener(ln, hs.TLSConfig)
 		scheme = "https"
 	}

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +15,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"imagestore/internal/tlsconf"
 )
 
 // Options configure a Client.
@@ -26,6 +26,10 @@ type Options struct {
 	Addr string
 	// CA is a PEM bundle trusted for the peer's certificate (https).
 	CA []byte
+	// ServerName is the name verified in the peer's certificate instead of
+	// the dialled host ("" = the dialled host): store.zstack.org for
+	// ZStack's certificate, which peers are dialled around by IP.
+	ServerName string
 	// TLS, when set, is the https client configuration (internal/tlsconf
 	// builds one that verifies a fixed server name); CA is then ignored.
 	TLS *tls.Config
@@ -84,11 +88,11 @@ func New(opts Options) (*Client, error) {
 		case opts.TLS != nil:
 			tr.TLSClientConfig = opts.TLS.Clone()
 		case len(opts.CA) > 0:
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(opts.CA) {
-				return nil, errors.New("oci: CA holds no PEM certificate")
+			tc, err := tlsconf.Client(opts.CA, opts.ServerName)
+			if err != nil {
+				return nil, fmt.Errorf("oci: %w", err)
 			}
-			tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+			tr.TLSClientConfig = tc
 		}
 		hc = &http.Client{Transport: tr}
 	}

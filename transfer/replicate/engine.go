@@ -45,6 +45,10 @@ type Options struct {
 	RetryDelay time.Duration
 	// Retention: finished tasks are forgotten after this (default 24h).
 	Retention time.Duration
+	// PeerServerName is the name verified in a peer's certificate when a
+	// request carries a ca ("" = the host of addr); store.zstack.org in
+	// the zstack profile.
+	PeerServerName string
 	// NoCompress disables zstd on the wire.
 	NoCompress bool
 	Metrics    *Metrics
@@ -239,7 +243,7 @@ func (e *Engine) client(req Request) (*oci.Client, error) {
 	if c := e.clients[key]; c != nil {
 		return c, nil
 	}
-	c, err := oci.New(oci.Options{Addr: req.Addr, CA: []byte(req.CA), Token: req.Token, Compress: !e.o.NoCompress})
+	c, err := oci.New(oci.Options{Addr: req.Addr, CA: []byte(req.CA), ServerName: e.o.PeerServerName, Token: req.Token, Compress: !e.o.NoCompress})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
