@@ -81,7 +81,13 @@ func startStore(t *testing.T, token string) *store {
 func startStoreWith(t *testing.T, token, extra string) *store {
 	t.Helper()
 	dir := t.TempDir()
-	cfg := fmt.Sprintf(`root: %s
+	// Our own profile unless extra names one: these tests exercise our
+	// protections (token, one tls block).
+	profile := "profile: imagestore\n"
+	if strings.Contains(extra, "profile:") {
+		profile = ""
+	}
+	cfg := profile + fmt.Sprintf(`root: %s
 listen: 127.0.0.1:0
 registryListen: 127.0.0.1:0
 logFormat: json
