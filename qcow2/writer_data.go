@@ -72,7 +72,7 @@ func (p *wrPlan) isZero(b []byte) bool {
 func wrNewEncoder() (*zstd.Encoder, error) {
 	return zstd.NewWriter(nil,
 		zstd.WithEncoderConcurrency(1),
-		zstd.WithEncoderLevel(zstd.SpeedDefault),
+		zstd.WithEncoderLevel(zstd.SpeedFastest),
 		zstd.WithEncoderCRC(false),
 		zstd.WithLowerEncoderMem(true))
 }

@@ -67,6 +67,7 @@ type store struct {
 	addr     string
 	agentURL string
 	token    string
+	root     string // the store's directory
 
 	logs lockedbuf.Buffer
 }
@@ -102,7 +103,7 @@ token: %q
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := &store{token: token}
+	s := &store{token: token, root: filepath.Join(dir, "store")}
 	cmd := exec.Command(agentBin, "-config", cfgPath)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

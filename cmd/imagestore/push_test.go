@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -14,6 +16,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/agent/api"
+	"imagestore/internal/testwait"
 	"imagestore/qcow2"
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/faultproxy"
@@ -368,5 +371,62 @@ func TestPushZeroDataCluster(t *testing.T) {
 		dst := filepath.Join(t.TempDir(), "out.qcow2")
 		cliOK(t, "-url", s.url, "-quiet", "pull", "-installpath", dst, res.Name+":"+res.ID)
 		qemutest.Compare(t, dst, f)
+	}
+}
+
+// TestCompressedChainInPlace: a base and a delta pushed with -compress are
+// stored as qcow2 with zstd-compressed clusters that the real qemu reads
+// in place: qemu-img check is clean on each blob, qemu-img compare of the
+// stored top (its backing file resolved by name inside the store) equals
+// the host's chain, and so does a read-only qemu-nbd serving the stored
+// top (what instant restore serves). Compression pays: the base is
+// stored smaller than plain.
+func TestCompressedChainInPlace(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	qemutest.Create(t, base, vsize, "")
+	// Text-like data compresses; a pattern of one byte per MiB too.
+	text := filepath.Join(dir, "text")
+	var b strings.Builder
+	for i := 0; b.Len() < 4<<20; i++ {
+		fmt.Fprintf(&b, "2026-12-07 01:%02d:%02d host-%d sshd[%d]: session %d opened for user backup\n", i/60%60, i%60, i%7, 1000+i%5000, i)
+	}
+	if err := os.WriteFile(text, []byte(b.String()[:4<<20]), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qemutest.IO(t, base, "write -s "+text+" 0 4M", "write -P 0x33 16M 1M")
+	top := filepath.Join(dir, "top.qcow2")
+	qemutest.Create(t, top, vsize, "", "-b", "base.qcow2", "-F", "qcow2")
+	qemutest.IO(t, top, "write -s "+text+" 2M 4M", "write -z 16M 64k")
+
+	var plain, rb, rt pushResult
+	cliJSON(t, &plain, "-url", s.url, "-quiet", "push", "-json", "-name", "plain", base)
+	cliJSON(t, &rb, "-url", s.url, "-quiet", "push", "-json", "-compress", "-name", "vol", base)
+	cliJSON(t, &rt, "-url", s.url, "-quiet", "push", "-json", "-compress", "-parent", rb.Name+":"+rb.ID, top)
+	if rb.Size*2 > plain.Size {
+		t.Fatalf("compressed base is %d bytes, plain %d", rb.Size, plain.Size)
+	}
+	blob := func(sum string) string {
+		hex := strings.TrimPrefix(sum, "sha256:")
+		return filepath.Join(s.root, "blobs", "sha256", hex[:2], hex)
+	}
+	for _, sum := range []string{rb.Blobsum, rt.Blobsum} {
+		qemutest.Check(t, blob(sum)) // fails on any corruption, leak or error
+		if info := qemutest.Info(t, blob(sum)); info["format-specific"].(map[string]any)["data"].(map[string]any)["compression-type"] != "zstd" {
+			t.Fatalf("stored layer is not zstd-compressed: %v", info["format-specific"])
+		}
+	}
+	qemutest.Compare(t, blob(rt.Blobsum), top)
+
+	sock := filepath.Join(dir, "nbd.sock")
+	nbd := exec.Command("qemu-nbd", "-r", "-f", "qcow2", "--persistent", "-k", sock, blob(rt.Blobsum))
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = nbd.Process.Kill(); _ = nbd.Wait() })
+	testwait.For(t, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	if out, err := qemutest.RunErr("qemu-img", "compare", "-f", "raw", "-F", "qcow2", "nbd+unix:///?socket="+sock, top); err != nil {
+		t.Fatalf("qemu-nbd over the stored chain differs: %v: %s", err, out)
 	}
 }
