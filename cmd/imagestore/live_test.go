@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"imagestore/transfer/livebackup/vmtest"
 )
@@ -269,4 +271,177 @@ func TestLiveBackupIntoStoreNBDTargets(t *testing.T) {
 		wantOnly(t, paths[1], [2]int64{w.off1, w.off1 + 256<<10})
 		e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
 	}
+}
+
+// bitmapNames lists disk i's named bitmaps as "name:count" (recording
+// ones only; the engine's checkpoints always record).
+func bitmapNames(t *testing.T, vm *vmtest.VM, i int) string {
+	t.Helper()
+	var s []string
+	for _, b := range vm.Bitmaps(i) {
+		if !b.Recording || !b.Persistent {
+			t.Fatalf("disk %d bitmap %+v: a checkpoint that does not record or is not persistent", i, b)
+		}
+		s = append(s, b.Name)
+	}
+	return strings.Join(s, ",")
+}
+
+// jobRunning waits until a backup job of ours runs in QEMU.
+func jobRunning(t *testing.T, vm *vmtest.VM) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		var jobs []struct{ ID, Status string }
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := vm.Monitor().Execute(ctx, "query-jobs", nil, &jobs)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, j := range jobs {
+			if strings.HasPrefix(j.ID, "zsbak-") && j.Status == "running" {
+				return
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("no backup job started")
+}
+
+func TestLiveBackupFaults(t *testing.T) {
+	t.Parallel()
+	e := newLiveEnv(t)
+	vm := e.vm
+	confirm := "bakconfirm -domain " + lbVM + " -args zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1"
+	newDir := func() string {
+		return e.s.post(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+	}
+	vm.Write(1, 0, 24*lbMiB, 0x21)
+	up := newDir()
+	full := e.batbak(up, "zsbitmap0,full,drive-virtio-disk0,0:zsbitmap1,full,drive-virtio-disk1,0")
+	var chain [2]imported
+	for i, n := range []string{"drive-virtio-disk0", "drive-virtio-disk1"} {
+		chain[i] = e.importBackup(filepath.Join(up, full[n].BackupFile), "", "")
+	}
+	e.zstcliOK(confirm)
+	// next runs an auto batbak into a fresh dir, imports it on the chain
+	// and checks the restore; want are the extents of each increment.
+	next := func(tag string, wantMode [2]string, want [2][][2]int64) {
+		t.Helper()
+		up := newDir()
+		out, errs, err := e.zstcli(fmt.Sprintf("batbak -domain %s -destdir %s -args %s", lbVM, up, lbArgsAuto))
+		if err != nil {
+			t.Fatalf("%s: %v %s", tag, err, errs)
+		}
+		var r batOut
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatal(err)
+		}
+		for i, n := range []string{"drive-virtio-disk0", "drive-virtio-disk1"} {
+			ref := vm.Snapshot(i, tag+n)
+			if r[n].Mode != wantMode[i] {
+				t.Fatalf("%s: %s ran %q, want %q (stderr %s)", tag, n, r[n].Mode, wantMode[i], errs)
+			}
+			f := filepath.Join(up, r[n].BackupFile)
+			if want[i] != nil {
+				wantOnly(t, f, want[i]...)
+			}
+			parent := chain[i].installPath
+			if r[n].Mode == "full" {
+				parent = ""
+			}
+			chain[i] = e.importBackup(f, parent, "")
+			e.restoreEquals(chain[i], ref)
+		}
+		e.zstcliOK(confirm)
+	}
+
+	// 1. stopbak cancels a running batbak: it fails, leaves no file, and
+	// the bitmaps are as before (still recording the writes).
+	vm.Write(0, 2*lbMiB, 1*lbMiB, 0x31)
+	vm.Write(1, 0, 16*lbMiB, 0x32)
+	up = newDir()
+	bat := exec.Command("sh", "-c", e.zst+fmt.Sprintf(" batbak -domain %s -destdir %s -args zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,2097152", lbVM, up))
+	bat.Env = e.env
+	var batErr strings.Builder
+	bat.Stderr = &batErr
+	if err := bat.Start(); err != nil {
+		t.Fatal(err)
+	}
+	jobRunning(t, vm)
+	e.zstcliOK("stopbak -force=True -domain " + lbVM + " -batbak")
+	if err := bat.Wait(); err == nil || !strings.Contains(batErr.String(), "stopped") {
+		t.Fatalf("a stopped batbak: %v, stderr %q", err, batErr.String())
+	}
+	if ents, _ := os.ReadDir(up); len(ents) != 0 {
+		t.Fatalf("stopped batbak left %v", ents)
+	}
+	if a, b := bitmapNames(t, vm, 0), bitmapNames(t, vm, 1); a != "zsbitmap0.1" || b != "zsbitmap1.1" {
+		t.Fatalf("after stopbak: %s / %s", a, b)
+	}
+	next("afterstop", [2]string{"incremental", "incremental"}, [2][][2]int64{{{2 * lbMiB, 3 * lbMiB}}, {{0, 16 * lbMiB}}})
+
+	// 2. The store's NBD server goes away mid-job: batbak fails, nothing
+	// is lost.
+	vm.Write(0, 6*lbMiB, 1*lbMiB, 0x41)
+	vm.Write(1, 0, 16*lbMiB, 0x42)
+	dest, _, desc := e.nbdTargets()
+	bat = exec.Command("sh", "-c", e.zst+fmt.Sprintf(" batbak -domain %s -destdir %s -args zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,2097152", lbVM, dest))
+	bat.Env = e.env
+	batErr.Reset()
+	bat.Stderr = &batErr
+	if err := bat.Start(); err != nil {
+		t.Fatal(err)
+	}
+	jobRunning(t, vm)
+	e.s.post(t, "/imagestore/exportnbdimage/cancel-sync/", map[string]any{"nbdDescription": desc}, nil)
+	if err := bat.Wait(); err == nil || batErr.Len() == 0 {
+		t.Fatalf("batbak with its NBD server gone: %v, stderr %q", err, batErr.String())
+	}
+	if a, b := bitmapNames(t, vm, 0), bitmapNames(t, vm, 1); a != "zsbitmap0.2" || b != "zsbitmap1.2" {
+		t.Fatalf("after the store died: %s / %s", a, b)
+	}
+	next("afterdeath", [2]string{"incremental", "incremental"}, [2][][2]int64{{{6 * lbMiB, 7 * lbMiB}}, {{0, 16 * lbMiB}}})
+
+	// 3. A failed import (no confirmation follows): the next incremental
+	// also carries the previous one's clusters, so it completes the chain
+	// on the last good backup.
+	vm.Write(0, 10*lbMiB, 64<<10, 0x51)
+	up = newDir()
+	e.zstcliOK(fmt.Sprintf("batbak -domain %s -destdir %s -args %s", lbVM, up, lbArgsAuto)) // never imported
+	vm.Write(0, 12*lbMiB, 64<<10, 0x52)
+	next("afterfailedimport", [2]string{"incremental", "incremental"}, [2][][2]int64{{{10 * lbMiB, 10*lbMiB + 64<<10}, {12 * lbMiB, 12*lbMiB + 64<<10}}, nil})
+
+	// 4. QEMU killed: persisted checkpoints come back inconsistent, auto
+	// runs full and says why.
+	vm.Quit()
+	vm.Restart() // a clean restart keeps the checkpoints
+	vm.Write(0, 20*lbMiB, 64<<10, 0x61)
+	next("afterrestart", [2]string{"incremental", "incremental"}, [2][][2]int64{{{20 * lbMiB, 20*lbMiB + 64<<10}}, nil})
+	vm.Quit()
+	vm.Restart()
+	vm.Write(1, 30*lbMiB, 64<<10, 0x71)
+	vm.Flush(1)
+	vm.Kill()
+	vm.Restart()
+	for i := range 2 {
+		for _, b := range vm.Bitmaps(i) {
+			if !b.Inconsistent {
+				t.Fatalf("disk %d after SIGKILL: %+v", i, b)
+			}
+		}
+	}
+	dest = filepath.Join(newDir(), "x.qcow2")
+	out, errs, err := e.zstcli(fmt.Sprintf("backup -bitmap zsbitmap1 -dest %s -domain %s -drive drive-virtio-disk1 -mode auto", dest, lbVM))
+	if err != nil || out != "full\n" || !strings.Contains(errs, "inconsistent") {
+		t.Fatalf("auto after SIGKILL: %v %q %q", err, out, errs)
+	}
+	chain[1] = e.importBackup(dest, "", "")
+	e.restoreEquals(chain[1], vm.Snapshot(1, "killfull"))
+	e.zstcliOK("bakconfirm -domain " + lbVM + " -args zsbitmap1,drive-virtio-disk1")
+	if b := bitmapNames(t, vm, 1); b != "zsbitmap1.1" {
+		t.Fatalf("after the full: %s", b)
+	}
+	next("afterkill", [2]string{"full", "incremental"}, [2][][2]int64{nil, {}})
 }

@@ -290,12 +290,20 @@ func (e *Engine) resolve(ctx context.Context, i int, d Drive) (*plan, error) {
 	}
 	if p.mode != Incremental {
 		// An inconsistent checkpoint can never be used again.
+		kept := cps[:0]
 		for _, c := range cps {
-			if c.Inconsistent {
-				if err := removeBitmap(ctx, e.o.Monitor, n.NodeName, c.Name); err != nil {
-					return nil, err
-				}
+			if !c.Inconsistent {
+				kept = append(kept, c)
+				continue
 			}
+			if err := removeBitmap(ctx, e.o.Monitor, n.NodeName, c.Name); err != nil {
+				return nil, err
+			}
+		}
+		cps = kept
+		next = 1
+		if len(cps) > 0 {
+			next = cps[len(cps)-1].seq + 1
 		}
 	}
 	p.newCP = d.Bitmap + "." + strconv.Itoa(next)

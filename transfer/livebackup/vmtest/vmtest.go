@@ -224,6 +224,13 @@ func (v *VM) io(disk int, cmd string) {
 	qemutest.Run(v.t, "qemu-io", "-f", "raw", "-c", cmd, d.Shadow)
 }
 
+// Flush makes the disk's writes durable (as a guest's flush would), so
+// they survive a SIGKILL.
+func (v *VM) Flush(disk int) {
+	v.t.Helper()
+	v.hmp(fmt.Sprintf("qemu-io -d %s/virtio-backend \"flush\"", v.Disks[disk].Device))
+}
+
 // Snapshot copies disk's shadow now: the reference for a backup taken at
 // this instant.
 func (v *VM) Snapshot(disk int, name string) string {
