@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"imagestore/agent/api"
+	"imagestore/agent/config"
 	"imagestore/agent/exports"
 	"imagestore/agent/jobs"
 	"imagestore/internal/redact"
@@ -42,6 +43,9 @@ type Route struct {
 	Handler HandlerFunc
 	// Methods allowed; default POST (and PUT, which some clients use).
 	Methods []string
+	// BodyLimit, when set, gives the largest request body this path takes
+	// (default: the maxBodyBytes setting). gc's keep list needs more.
+	BodyLimit func(config.Config) int64
 }
 
 type ctxKey string
@@ -49,7 +53,21 @@ type ctxKey string
 const (
 	ctxSyncMode = ctxKey("sync")
 	ctxRoute    = ctxKey("route")
+	ctxMeta     = ctxKey("meta")
 )
+
+// reqMeta is what decode learns about a request besides its type: the
+// management node's API id (threadContext.api), recorded on the job so
+// canceljob-sync and import/cancel can find it.
+type reqMeta struct{ api string }
+
+// threadContext is the part of every management-node command body the
+// agent records.
+type threadContext struct {
+	ThreadContext struct {
+		API string `json:"api"`
+	} `json:"threadContext"`
+}
 
 // routeKey normalises a path for lookup: no trailing slash.
 func routeKey(p string) string { return strings.TrimRight(p, "/") }
@@ -138,7 +156,13 @@ func decode(r *http.Request, v any) error {
 	}
 	if len(strings.TrimSpace(string(b))) > 0 {
 		if err := json.Unmarshal(b, v); err != nil {
-			return fmt.Errorf("bad JSON in request body: %w", err)
+			return fmt.Errorf("bad JSON in request body: %w", api.FieldError(err))
+		}
+		if m, ok := r.Context().Value(ctxMeta).(*reqMeta); ok {
+			var tc threadContext
+			if json.Unmarshal(b, &tc) == nil {
+				m.api = tc.ThreadContext.API
+			}
 		}
 	}
 	if vv, ok := v.(validator); ok {
@@ -159,9 +183,13 @@ type JobSpec struct {
 	Kind string
 	// Backup jobs share the parallelismDegree slots and queue FIFO beyond them.
 	Backup bool
-	// Err, when set, fails the request at once (e.g. bad JSON): inline and
-	// through the callback, so the management node is never left waiting.
+	// Err, when set, fails the request at once (e.g. bad JSON): through
+	// the callback (or inline for a -sync twin), so the management node is
+	// never left waiting.
 	Err error
+	// ImageUUID names the image the job is for, when the request says it
+	// (import/cancel matches it).
+	ImageUUID string
 }
 
 // async runs fn as a job: for an async route it answers 200 at once and
@@ -186,11 +214,6 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 			return
 		}
 	}
-	if syncMode && errors.Is(spec.Err, ErrTooLarge) {
-		// Answered like a sync route (413), not as a failed job with status 200.
-		replyDecodeErr(w, spec.Err)
-		return
-	}
 	if spec.Err != nil {
 		spec.Backup = false
 		err := spec.Err
@@ -203,8 +226,16 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 		}
 		return replyBody(v, nil), nil
 	}
-	job, started, err := a.jobs.Submit(jobs.Spec{ID: id, Kind: spec.Kind, Backup: spec.Backup, CallbackURL: cb}, run)
+	var apiID string
+	if m, ok := r.Context().Value(ctxMeta).(*reqMeta); ok {
+		apiID = m.api
+	}
+	job, started, err := a.jobs.Submit(jobs.Spec{
+		ID: id, Kind: spec.Kind, Backup: spec.Backup, CallbackURL: cb, API: apiID, ImageUUID: spec.ImageUUID,
+	}, run)
 	if err != nil {
+		// Only at shutdown: no job, so no callback will come; the
+		// management node treats a non-200 answer as the failure.
 		replyErr(w, http.StatusServiceUnavailable, err)
 		return
 	}
@@ -221,10 +252,10 @@ func (a *Agent) async(w http.ResponseWriter, r *http.Request, spec JobSpec, fn J
 		writeJSON(w, http.StatusOK, job.Info().Result)
 		return
 	}
-	if spec.Err != nil {
-		replyDecodeErr(w, spec.Err)
-		return
-	}
+	// The immediate answer is exactly 200 whatever the outcome: the
+	// management node treats any other status as a failure of its own and
+	// ignores the body; the result (a validation failure included) comes
+	// through the callback.
 	reply(w, nil)
 }
 
@@ -313,25 +344,37 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		replyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on %s (use %s)", r.Method, br.pattern, strings.Join(methods, " or ")))
 		return br.pattern
 	}
-	if r.ContentLength > a.cfg.MaxBodyBytes {
-		replyErr(w, http.StatusRequestEntityTooLarge, fmt.Errorf("%w: %d bytes, at most %d allowed", ErrTooLarge, r.ContentLength, a.cfg.MaxBodyBytes))
-		return br.pattern
+	limit := a.cfg.MaxBodyBytes
+	if br.BodyLimit != nil {
+		limit = br.BodyLimit(a.cfg)
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxBodyBytes)
+	if r.ContentLength > limit {
+		// Not read at all; the handler's decode reports it like any bad
+		// request (inline for sync paths, through the callback for async).
+		r.Body = tooLargeBody{err: fmt.Errorf("%w: %d bytes, at most %d allowed", ErrTooLarge, r.ContentLength, limit)}
+	} else {
+		r.Body = http.MaxBytesReader(w, r.Body, limit)
+	}
 	ctx := context.WithValue(r.Context(), ctxSyncMode, br.sync)
 	ctx = context.WithValue(ctx, ctxRoute, br.pattern)
+	ctx = context.WithValue(ctx, ctxMeta, &reqMeta{})
 	br.Handler(a, w, r.WithContext(ctx))
 	return br.pattern
 }
 
-// replyDecodeErr answers a decode failure of a sync route.
+// replyDecodeErr answers a decode failure of a sync route: status 200
+// with success:false, as every business error of a sync path (the
+// management node retries any other status and then reports only the
+// status code).
 func replyDecodeErr(w http.ResponseWriter, err error) {
-	if errors.Is(err, ErrTooLarge) {
-		replyErr(w, http.StatusRequestEntityTooLarge, err)
-		return
-	}
 	replyErr(w, http.StatusOK, err)
 }
+
+// tooLargeBody stands for a body whose declared length is over the limit.
+type tooLargeBody struct{ err error }
+
+func (b tooLargeBody) Read([]byte) (int, error) { return 0, b.err }
+func (b tooLargeBody) Close() error             { return nil }
 
 func (a *Agent) authorized(r *http.Request) bool {
 	if a.cfg.Token == "" {

@@ -221,32 +221,94 @@ func TestHTTPAsyncCallbackAndSyncTwin(t *testing.T) {
 	}
 }
 
+// cbSink is a management node's callback endpoint: it records every
+// callback by taskuuid, in arrival order.
+type cbSink struct {
+	srv *httptest.Server
+	mu  sync.Mutex
+	got map[string][]map[string]any
+}
+
+func newCBSink(t *testing.T) *cbSink {
+	t.Helper()
+	c := &cbSink{got: map[string][]map[string]any{}}
+	c.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var v map[string]any
+		_ = json.NewDecoder(r.Body).Decode(&v)
+		c.mu.Lock()
+		c.got[r.Header.Get("taskuuid")] = append(c.got[r.Header.Get("taskuuid")], v)
+		c.mu.Unlock()
+	}))
+	t.Cleanup(c.srv.Close)
+	return c
+}
+
+// wait returns the first callback of id.
+func (c *cbSink) wait(t *testing.T, id string) map[string]any {
+	t.Helper()
+	testwait.For(t, "callback "+id, func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.got[id]) > 0
+	})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.got[id][0]
+}
+
+func (c *cbSink) count(id string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.got[id])
+}
+
+// A body over the limit is a bad request like any other: 200 and
+// success:false inline on a sync path, 200 at once and the failure
+// through the callback on an async one.
 func TestHTTPBodyTooLarge(t *testing.T) {
 	t.Parallel()
 	const limit = 1 << 10
 	e := newHTEnv(t, func(c *config.Config) { c.MaxBodyBytes = limit })
+	cb := newCBSink(t)
 	big := `{"uuid":"` + strings.Repeat("a", 4*limit) + `"}`
 	for _, tc := range []struct {
 		name, path string
 		chunked    bool
-		hdr        map[string]string
+		task       string
 	}{
-		{"sync, length known", "/imagestore/connect/", false, nil},
-		{"sync, chunked", "/imagestore/connect/", true, nil},
-		{"async, length known", "/imagestore/ping/", false, map[string]string{"taskuuid": "big1"}},
-		{"async, chunked", "/imagestore/ping/", true, map[string]string{"taskuuid": "big2"}},
-		{"sync twin, length known", "/imagestore/ping-sync/", false, nil},
-		{"sync twin, chunked", "/imagestore/ping-sync/", true, nil},
+		{"sync, length known", "/imagestore/connect/", false, ""},
+		{"sync, chunked", "/imagestore/connect/", true, ""},
+		{"async, length known", "/imagestore/ping/", false, "big1"},
+		{"async, chunked", "/imagestore/ping/", true, "big2"},
+		{"sync twin, length known", "/imagestore/ping-sync/", false, ""},
+		{"sync twin, chunked", "/imagestore/ping-sync/", true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var body any = big
 			if tc.chunked {
 				body = onlyReader{strings.NewReader(big)}
 			}
-			r := e.do(t, http.MethodPost, tc.path, body, tc.hdr)
-			if r.code != http.StatusRequestEntityTooLarge || r.body["success"] != false ||
-				!strings.Contains(r.errMsg(), "request body too large") || !strings.Contains(r.errMsg(), "1024") {
+			var hdr map[string]string
+			if tc.task != "" {
+				hdr = map[string]string{"taskuuid": tc.task, "callbackurl": cb.srv.URL}
+			}
+			r := e.do(t, http.MethodPost, tc.path, body, hdr)
+			if r.code != http.StatusOK {
 				t.Fatalf("%d %.300s", r.code, r.raw)
+			}
+			res := r.body
+			if tc.task != "" {
+				if res["success"] != true {
+					t.Fatalf("async acknowledgement %.300s", r.raw)
+				}
+				res = cb.wait(t, tc.task)
+				if n := cb.count(tc.task); n != 1 {
+					t.Fatalf("%d callbacks for one taskuuid", n)
+				}
+			}
+			msg, _ := res["error"].(string)
+			if res["success"] != false || !strings.Contains(msg, "request body too large") || !strings.Contains(msg, "1024") {
+				t.Fatalf("%v", res)
 			}
 		})
 	}

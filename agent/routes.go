@@ -35,7 +35,7 @@ func routeTable() []Route {
 		{Path: api.PathImgInfo, Mode: Async, Handler: (*Agent).imgInfo},
 		{Path: api.PathImages, Mode: Sync, Handler: (*Agent).listImages},
 		{Path: api.PathDelete, Mode: Async, Handler: (*Agent).deleteImage},
-		{Path: api.PathGC, Mode: Async, Handler: (*Agent).gc},
+		{Path: api.PathGC, Mode: Async, Handler: (*Agent).gc, BodyLimit: gcBodyLimit},
 		{Path: api.PathGetImageHash, Mode: Async, Handler: (*Agent).imageHash},
 		{Path: api.PathTemplateCreate, Mode: Async, Handler: (*Agent).createTemplate},
 

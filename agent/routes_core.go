@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"imagestore/agent/api"
+	"imagestore/agent/config"
 	"imagestore/agent/jobs"
 )
 
@@ -33,27 +36,73 @@ func (a *Agent) connect(w http.ResponseWriter, r *http.Request) {
 	if prev != req.UUID {
 		a.log.Info("connected", "uuid", req.UUID, "previous", prev)
 	}
-	reply(w, api.ConnectReply{
+	rep := api.ConnectReply{
 		Capacity:    a.capacity(),
-		IPAddresses: hostIPs(),
-		StorageInfo: api.StorageInfo{Type: "localfs", URL: a.root},
+		IPAddresses: a.advertisedIPs(r),
+		StorageInfo: a.storageInfo(),
 		UUID:        req.UUID,
-	})
+	}
+	reply(w, rep)
 }
 
-// hostIPs lists the host's global unicast addresses.
-func hostIPs() []string {
-	out := []string{}
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return out
-	}
-	for _, ad := range addrs {
-		if ipn, ok := ad.(*net.IPNet); ok && ipn.IP.IsGlobalUnicast() {
-			out = append(out, ipn.IP.String())
+// advertisedIPs is connect's ipAddresses: the configured list, else the
+// host's global unicast IPv4 addresses (IPv6 too with connect.allowIPv6).
+// Never empty (the address the management node reached us on stands in)
+// and never an address containing "::", which breaks the management
+// node's extraips tag and so connect itself.
+func (a *Agent) advertisedIPs(r *http.Request) []string {
+	cc := a.cfg.Connect
+	var out []string
+	add := func(ip net.IP) {
+		if ip == nil || (ip.To4() == nil && !cc.AllowIPv6) || !config.TagSafe(ip.String()) {
+			return
+		}
+		if !slices.Contains(out, ip.String()) {
+			out = append(out, ip.String())
 		}
 	}
+	if len(cc.IPAddresses) > 0 {
+		for _, s := range cc.IPAddresses {
+			add(net.ParseIP(strings.TrimSpace(s)))
+		}
+	} else if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, ad := range addrs {
+			if ipn, ok := ad.(*net.IPNet); ok && ipn.IP.IsGlobalUnicast() {
+				add(ipn.IP)
+			}
+		}
+	}
+	if len(out) == 0 {
+		if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			if ta, ok := la.(*net.TCPAddr); ok {
+				add(ta.IP)
+			}
+		}
+	}
+	if len(out) == 0 {
+		out = append(out, "127.0.0.1")
+	}
 	return out
+}
+
+// storageInfo is connect's storageInfo: complete (type, url and options
+// all tag-safe) or absent.
+func (a *Agent) storageInfo() *api.StorageInfo {
+	cc := a.cfg.Connect
+	var si api.StorageInfo
+	switch cc.StorageInfo {
+	case "none":
+		return nil
+	case "nfs":
+		si = api.StorageInfo{Type: "nfs", URL: cc.StorageURL, Options: cc.StorageOptions}
+	default:
+		si = api.StorageInfo{Type: "sshfs", URL: a.root, Options: "defaults"}
+	}
+	if !config.TagSafe(si.Type) || !config.TagSafe(si.URL) || !config.TagSafe(si.Options) {
+		a.log.Warn("connect: storageInfo left out: a value is empty or contains \"::\"", "type", si.Type, "url", si.URL)
+		return nil
+	}
+	return &si
 }
 
 func (a *Agent) ping(w http.ResponseWriter, r *http.Request) {
@@ -134,7 +183,7 @@ func jobInfo(in jobs.Info) api.JobInfo {
 	return api.JobInfo{
 		ID: in.ID, Kind: in.Kind, Backup: in.Backup, State: api.JobState(in.State), Error: in.Error,
 		Done: in.Done, Total: in.Total, Created: in.Created, Started: in.Started, Ended: in.Ended,
-		ImageUUID: in.ImageUUID, InstallPath: in.InstallPath, Format: in.Format,
+		API: in.API, ImageUUID: in.ImageUUID, InstallPath: in.InstallPath, Format: in.Format,
 		CallbackURL: in.CallbackURL, Callback: api.CallbackStatus(in.Callback), Result: in.Result,
 	}
 }

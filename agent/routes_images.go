@@ -5,6 +5,7 @@ import (
 	"net/http"
 
 	"imagestore/agent/api"
+	"imagestore/agent/config"
 	"imagestore/agent/images"
 	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
@@ -133,8 +134,10 @@ func (a *Agent) listImages(w http.ResponseWriter, r *http.Request) {
 	reply(w, api.ListImagesReply{Infos: infos})
 }
 
-// deleteImage removes an image record (its blob is freed by the next gc);
-// deleting an absent image succeeds with deleted:false.
+// deleteImage removes an image record (its blob is freed by the next gc)
+// and answers the capacity after it. Deleting an absent image succeeds
+// with deleted:false; an image with children is marked deleted and
+// reclaimed once no live descendant needs it (deferred:true).
 func (a *Agent) deleteImage(w http.ResponseWriter, r *http.Request) {
 	var req api.InstallPathRequest
 	err := decode(r, &req)
@@ -143,33 +146,58 @@ func (a *Agent) deleteImage(w http.ResponseWriter, r *http.Request) {
 		ref, err = images.ParsePath("installPath", req.InstallPath)
 	}
 	a.async(w, r, JobSpec{Kind: "delete", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
-		deleted, err := a.images.Delete(ctx, ref)
+		res, err := a.images.Delete(ctx, ref)
 		if err != nil {
 			return nil, err
 		}
-		return api.DeleteReply{Capacity: a.capacity(), Deleted: deleted}, nil
+		return api.DeleteReply{Capacity: a.capacity(), Deleted: res.Deleted, Deferred: res.Deferred}, nil
 	})
 }
 
-// gc deletes image records not in imagesToKeep (nor their ancestors) and
-// frees unreferenced blobs. An absent or empty list keeps every image: an
-// empty list is far more likely a bug than a wish to delete everything.
+// gcBodyLimit is gc's body limit: the keep list names every image the
+// management node knows for this store.
+func gcBodyLimit(c config.Config) int64 { return max(c.GCMaxBodyBytes, c.MaxBodyBytes) }
+
+// gc deletes image records not in imagesToKeep (nor their ancestors, nor
+// what running jobs work on) and frees unreferenced blobs. Entries that
+// are not zstore:// install paths are skipped and reported. A list with
+// no usable entry keeps every image: an empty list is far more likely a
+// management node without records than a wish to delete everything.
 func (a *Agent) gc(w http.ResponseWriter, r *http.Request) {
 	var req api.GCRequest
 	err := decode(r, &req)
-	var keep []blobstore.Ref
-	if err == nil {
-		keep, err = images.ParseKeep(req.ImagesToKeep)
-	}
+	keep, skipped := images.ParseKeep(req.ImagesToKeep)
 	a.async(w, r, JobSpec{Kind: "gc", Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		rep := api.GCReply{Kept: len(keep), SkippedCount: len(skipped)}
+		for i, k := range skipped {
+			if i == api.MaxSkippedReported {
+				break
+			}
+			rep.Skipped = append(rep.Skipped, k.String())
+		}
+		if len(skipped) > 0 {
+			a.log.Warn("gc: keep-list entries skipped", "count", len(skipped), "entries", rep.Skipped)
+		}
+		if keep != nil {
+			// In-flight imports and uploads: what they write is not in the
+			// management node's list yet.
+			for _, in := range a.jobs.List() {
+				if in.State.Finished() || in.InstallPath == "" || in.ID == job.ID() {
+					continue
+				}
+				if ref, err := images.ParsePath("installPath", in.InstallPath); err == nil {
+					keep = append(keep, ref)
+				}
+			}
+		}
 		res, err := a.images.GC(ctx, keep)
 		if err != nil {
 			return nil, err
 		}
-		return api.GCReply{
-			Capacity: a.capacity(), Freed: res.BytesFreed, BlobsFreed: res.BlobsFreed,
-			ImagesRemoved: res.ImagesRemoved, IngestsRemoved: res.IngestsRemoved,
-		}, nil
+		rep.Capacity = a.capacity()
+		rep.Freed, rep.BlobsFreed = res.BytesFreed, res.BlobsFreed
+		rep.ImagesRemoved, rep.IngestsRemoved = res.ImagesRemoved, res.IngestsRemoved
+		return rep, nil
 	})
 }
 

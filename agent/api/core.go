@@ -1,7 +1,10 @@
 package api
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
 	"strings"
 )
@@ -20,6 +23,8 @@ type Reply struct {
 type Int int64
 
 // UnmarshalJSON accepts a number, a numeric string, null or "" (zero).
+// Its errors are *json.UnmarshalTypeError, so encoding/json adds the
+// field's name: "maxCapacity: 1e30 is out of range (…)".
 func (f *Int) UnmarshalJSON(b []byte) error {
 	s := strings.Trim(string(b), `"`)
 	if s == "" || s == "null" {
@@ -31,11 +36,29 @@ func (f *Int) UnmarshalJSON(b []byte) error {
 		return nil
 	}
 	v, err := strconv.ParseFloat(s, 64)
-	if err != nil || v != v || v > 1<<62 || v < -(1<<62) {
-		return fmt.Errorf("%s is not a number", b)
+	var ne *strconv.NumError
+	switch {
+	case err != nil && errors.As(err, &ne) && errors.Is(ne.Err, strconv.ErrRange),
+		err == nil && (v > 1<<62 || v < -(1<<62)):
+		return &json.UnmarshalTypeError{Value: fmt.Sprintf("%s is out of range (at most %d)", b, int64(1<<62)), Type: reflect.TypeFor[Int]()}
+	case err != nil || v != v:
+		return &json.UnmarshalTypeError{Value: fmt.Sprintf("%s is not a number", b), Type: reflect.TypeFor[Int]()}
 	}
 	*f = Int(v)
 	return nil
+}
+
+// FieldError rewrites encoding/json's type errors as "field <name>: …"
+// (the JSON name, dotted for nested fields); other errors pass unchanged.
+func FieldError(err error) error {
+	var te *json.UnmarshalTypeError
+	if !errors.As(err, &te) || te.Field == "" {
+		return err
+	}
+	if te.Type == reflect.TypeFor[Int]() {
+		return fmt.Errorf("field %s: %s", te.Field, te.Value)
+	}
+	return fmt.Errorf("field %s: a JSON %s cannot be %s", te.Field, te.Value, te.Type)
 }
 
 // missing is the error of an absent required field.
@@ -62,21 +85,23 @@ func (q *ConnectRequest) Validate() error {
 	return nil
 }
 
-// StorageInfo says how the store is reached.
+// StorageInfo says how KVM hosts write into upload dirs. The management
+// node stores it as a tag: every value is non-empty and has no "::".
 type StorageInfo struct {
-	Type    string `json:"type"` // "localfs"
-	URL     string `json:"url"`  // the store's root
-	Options string `json:"options"`
+	Type    string `json:"type"`    // "sshfs" or "nfs"
+	URL     string `json:"url"`     // the store's root (sshfs) or its NFS export
+	Options string `json:"options"` // mount options ("defaults" for sshfs)
 }
 
-// ConnectReply answers PathConnect.
+// ConnectReply answers PathConnect. IPAddresses is never empty and holds
+// no address containing "::"; StorageInfo is complete or absent.
 type ConnectReply struct {
 	Capacity
-	IPAddresses []string    `json:"ipAddresses"`
-	StorageInfo StorageInfo `json:"storageInfo"`
-	IORate      int64       `json:"ioRate"`
-	SupportFuse bool        `json:"supportFuse"`
-	UUID        string      `json:"uuid"`
+	IPAddresses []string     `json:"ipAddresses"`
+	StorageInfo *StorageInfo `json:"storageInfo,omitempty"`
+	IORate      int          `json:"ioRate"`
+	SupportFuse bool         `json:"supportFuse"`
+	UUID        string       `json:"uuid"`
 }
 
 // PingRequest is the body of PathPing (async).

@@ -152,16 +152,23 @@ type ListImagesReply struct {
 	Infos []ImageInfo `json:"infos"`
 }
 
-// DeleteReply answers delete.
+// DeleteReply answers delete: the store's capacity after it.
 type DeleteReply struct {
 	Capacity
-	Deleted bool `json:"deleted"` // false when the image was already gone
+	Deleted bool `json:"deleted"` // false when the image was already gone (or deferred)
+	// Deferred: the image has children; it is gone for the management node
+	// and reclaimed once no live descendant needs it.
+	Deferred bool `json:"deferred"`
 }
 
 // GCRequest is the body of gc.
 type GCRequest struct {
-	ImagesToKeep []string `json:"imagesToKeep"` // absent or empty: keep every image
+	ImagesToKeep []string `json:"imagesToKeep"` // absent, empty or no usable entry: keep every image
 }
+
+// MaxSkippedReported bounds how many skipped keep-list entries a gc reply
+// (and its log line) names; SkippedCount has them all.
+const MaxSkippedReported = 100
 
 // GCReply answers gc.
 type GCReply struct {
@@ -170,6 +177,13 @@ type GCReply struct {
 	BlobsFreed     int   `json:"blobsFreed"`
 	ImagesRemoved  int   `json:"imagesRemoved"`
 	IngestsRemoved int   `json:"ingestsRemoved"`
+	// Kept is how many keep-list entries were used.
+	Kept int `json:"kept"`
+	// Skipped names keep-list entries that are not zstore:// install
+	// paths or do not parse (at most MaxSkippedReported, each "imagesToKeep[i]
+	// "<entry>": why"); SkippedCount counts them all.
+	Skipped      []string `json:"skipped,omitempty"`
+	SkippedCount int      `json:"skippedCount"`
 }
 
 // ImageHashRequest is the body of getimagehash.

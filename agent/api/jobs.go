@@ -42,6 +42,7 @@ type JobInfo struct {
 	Created     time.Time       `json:"created"`
 	Started     *time.Time      `json:"started,omitempty"`
 	Ended       *time.Time      `json:"ended,omitempty"`
+	API         string          `json:"api,omitempty"` // threadContext.api of the request
 	ImageUUID   string          `json:"imageUuid,omitempty"`
 	InstallPath string          `json:"installPath,omitempty"`
 	Format      string          `json:"format,omitempty"`

@@ -75,6 +75,12 @@ type Config struct {
 	ExportExpiry time.Duration `yaml:"exportExpiry"`
 	// Debug enables diagnostic commands (/imagestore/debug/*).
 	Debug bool `yaml:"debug"`
+	// Connect is what connect reports (connect.go).
+	Connect Connect `yaml:"connect"`
+	// GCMaxBodyBytes limits gc's body, whose keep list names every image
+	// the management node knows (tens of MB); other paths keep MaxBodyBytes
+	// (gc never takes less than that either).
+	GCMaxBodyBytes int64 `yaml:"gcMaxBodyBytes"`
 }
 
 // TLS enables HTTPS when both files are set.
@@ -269,6 +275,8 @@ func Defaults(profile string) (Config, error) {
 		Replication:       Replication{MaxTasks: 4, Parallelism: 4, Retries: 1},
 		MaxBodyBytes:      1 << 20,
 		ShutdownTimeout:   30 * time.Second,
+		Connect:           Connect{StorageInfo: "sshfs"},
+		GCMaxBodyBytes:    64 << 20,
 	}
 	switch profile {
 	case ProfileZStack:
@@ -399,6 +407,10 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
 		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
 		"IMAGESTORE_EXPORT_EXPIRY":         dur(&c.ExportExpiry),
+		"IMAGESTORE_CONNECT_IP_ADDRESSES": func(v string) error {
+			c.Connect.IPAddresses = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' })
+			return nil
+		},
 		"IMAGESTORE_ALLOWED_IMPORT_ROOTS": func(v string) error {
 			c.AllowedImportRoots = filepath.SplitList(v)
 			return nil
@@ -502,6 +514,9 @@ func (c *Config) Validate() error {
 	case "", "auto", "psk", "none":
 	default:
 		errs = append(errs, fmt.Errorf("nbd.clientAuth: %q, want auto, psk or none", c.NBD.ClientAuth))
+	}
+	if err := c.Connect.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.VerifySample < 0 || c.VerifySample > 1 {
 		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))

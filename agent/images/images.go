@@ -15,6 +15,7 @@ import (
 	"hash"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,14 +30,18 @@ type Options struct {
 	Store *blobstore.Store
 	// GCFreed counts the bytes garbage collection frees; nil: not counted.
 	GCFreed prometheus.Counter
-	Logger  *slog.Logger
+	// DeletedDir holds the marks of images deleted while they had
+	// children (deleted.go); default <store root>/deleted.
+	DeletedDir string
+	Logger     *slog.Logger
 }
 
 // Service answers image reads of one store.
 type Service struct {
-	store   *blobstore.Store
-	gcFreed prometheus.Counter
-	log     *slog.Logger
+	store      *blobstore.Store
+	gcFreed    prometheus.Counter
+	deletedDir string
+	log        *slog.Logger
 }
 
 // New returns the service over opts.Store.
@@ -48,7 +53,11 @@ func New(opts Options) (*Service, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Service{store: opts.Store, gcFreed: opts.GCFreed, log: log}, nil
+	dir := opts.DeletedDir
+	if dir == "" {
+		dir = filepath.Join(opts.Store.Root(), "deleted")
+	}
+	return &Service{store: opts.Store, gcFreed: opts.GCFreed, deletedDir: dir, log: log}, nil
 }
 
 // DatabaseBackupName is the image name database backups are stored under.
@@ -95,17 +104,36 @@ func NewRef(installPath, name string, parent *blobstore.Image) (blobstore.Ref, e
 	return ref, nil
 }
 
-// ParseKeep parses gc's imagesToKeep list.
-func ParseKeep(paths []string) ([]blobstore.Ref, error) {
-	var keep []blobstore.Ref
+// Skipped is a keep-list entry GC could not use, and why.
+type Skipped struct {
+	Index  int
+	Entry  string
+	Reason string
+}
+
+func (k Skipped) String() string {
+	return fmt.Sprintf("imagesToKeep[%d] %q: %s", k.Index, k.Entry, k.Reason)
+}
+
+// ParseKeep parses gc's imagesToKeep list. The management node lists
+// every install path it knows for this store, including ones that are not
+// images here (a pending upload's http URL): entries that are not
+// zstore://name/id (or name:id), or do not parse, are skipped and
+// returned, never fatal. No usable entry gives nil: keep everything.
+func ParseKeep(paths []string) (keep []blobstore.Ref, skipped []Skipped) {
 	for i, p := range paths {
+		if j := strings.Index(p, "://"); j > 0 && !strings.HasPrefix(p, blobstore.InstallPathScheme) {
+			skipped = append(skipped, Skipped{Index: i, Entry: p, Reason: "not a zstore:// install path"})
+			continue
+		}
 		ref, err := ParsePath(fmt.Sprintf("imagesToKeep[%d]", i), p)
 		if err != nil {
-			return nil, err
+			skipped = append(skipped, Skipped{Index: i, Entry: p, Reason: err.Error()})
+			continue
 		}
 		keep = append(keep, ref)
 	}
-	return keep, nil
+	return keep, skipped
 }
 
 // Lookup parses an install path and loads the image, with errors that
@@ -116,6 +144,9 @@ func (s *Service) Lookup(ctx context.Context, field, path string) (blobstore.Ima
 		return blobstore.Image{}, err
 	}
 	img, err := s.store.GetImage(ctx, ref)
+	if err == nil && s.marked(ref) {
+		return blobstore.Image{}, fmt.Errorf("%s %s was deleted (its data stays only while incremental children need it)", field, path)
+	}
 	if errors.Is(err, blobstore.ErrNotFound) {
 		if field == "parent" {
 			return img, fmt.Errorf("parent %s not found in the store", path)
@@ -167,32 +198,66 @@ func (s *Service) List(ctx context.Context, name string) ([]blobstore.Info, erro
 	}
 	out := make([]blobstore.Info, 0, len(imgs))
 	for _, img := range imgs {
-		out = append(out, img.Info())
+		if !s.marked(img.Ref) {
+			out = append(out, img.Info())
+		}
 	}
 	return out, nil
 }
 
 // Delete removes an image record (its blob is freed by the next GC).
-// Deleting an absent image succeeds with deleted false, so a retried
-// delete is harmless; an image with children is refused.
-func (s *Service) Delete(ctx context.Context, ref blobstore.Ref) (deleted bool, err error) {
-	err = s.store.DeleteImage(ctx, ref)
+// Deleting an absent image succeeds with Deleted false, so a retried
+// delete is harmless. An image with children is marked deleted (Deferred)
+// and reclaimed once no live descendant needs it; deleting the last child
+// of marked ancestors reclaims them too.
+func (s *Service) Delete(ctx context.Context, ref blobstore.Ref) (DeleteResult, error) {
+	var res DeleteResult
+	err := s.store.DeleteImage(ctx, ref)
 	switch {
 	case errors.Is(err, blobstore.ErrNotFound):
-		return false, nil
+		s.unmark(ref)
+		return res, nil
+	case errors.Is(err, blobstore.ErrExists):
+		if err := s.mark(ref); err != nil {
+			return res, fmt.Errorf("marking %s deleted: %w", ref, err)
+		}
+		s.log.Info("image has children: marked deleted, reclaimed when none needs it", "image", ref.String())
+		res.Deferred = true
+		return res, nil
 	case err != nil:
-		return false, err
+		return res, err
 	}
+	s.unmark(ref)
 	s.log.Info("image deleted", "image", ref.String())
-	return true, nil
+	res.Deleted = true
+	res.Reclaimed, err = s.reclaim(ctx)
+	return res, err
 }
 
 // GC deletes image records not in keep (nor their ancestors) and frees
 // unreferenced blobs; an empty keep keeps every image (see blobstore.GC).
+// Marked deleted images that no kept image needs any more go too.
 func (s *Service) GC(ctx context.Context, keep []blobstore.Ref) (blobstore.GCResult, error) {
+	if _, err := s.reclaim(ctx); err != nil {
+		return blobstore.GCResult{}, err
+	}
 	res, err := s.store.GC(ctx, keep)
 	if err != nil {
 		return res, err
+	}
+	if refs, err := s.reclaim(ctx); err != nil {
+		return res, err
+	} else if len(refs) > 0 {
+		// Collecting records left marked ancestors childless: collect
+		// their blobs now too.
+		more, err := s.store.GC(ctx, keep)
+		if err != nil {
+			return res, err
+		}
+		res.BlobsFreed += more.BlobsFreed
+		res.BytesFreed += more.BytesFreed
+		res.IngestsRemoved += more.IngestsRemoved
+		res.ImagesRemoved += len(refs) + more.ImagesRemoved
 	}
 	if s.gcFreed != nil {
 		s.gcFreed.Add(float64(res.BytesFreed))

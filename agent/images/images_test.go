@@ -62,8 +62,16 @@ func TestParsePath(t *testing.T) {
 			t.Errorf("ParsePath(%q) = %v, %v; want %s", tc.in, ref, err, tc.want)
 		}
 	}
-	if _, err := ParseKeep([]string{"a:1", "bad"}); err == nil || !strings.Contains(err.Error(), "imagesToKeep[1]") {
-		t.Fatalf("ParseKeep: %v", err)
+	keep, skipped := ParseKeep([]string{"a:1", "bad", "http://h:8001/imagestore/upload/x/y", "zstore://b/2", "zstore://../x"})
+	if len(keep) != 2 || keep[0].String() != "a:1" || keep[1].String() != "b:2" {
+		t.Fatalf("ParseKeep kept %v", keep)
+	}
+	if len(skipped) != 3 || skipped[0].Index != 1 || skipped[1].Index != 2 || skipped[2].Index != 4 ||
+		!strings.Contains(skipped[1].String(), "not a zstore:// install path") || !strings.Contains(skipped[0].String(), `imagesToKeep[1] "bad"`) {
+		t.Fatalf("ParseKeep skipped %v", skipped)
+	}
+	if keep, _ := ParseKeep([]string{"ftp://x/y"}); keep != nil {
+		t.Fatalf("no usable entry must keep everything (nil), got %#v", keep)
 	}
 }
 
@@ -103,18 +111,79 @@ func TestReadsAndDelete(t *testing.T) {
 		t.Fatalf("sha1: %v", err)
 	}
 
-	if _, err := s.Delete(ctx, base.Ref); !errors.Is(err, blobstore.ErrExists) {
-		t.Fatalf("deleting a parent: %v", err)
+	if res, err := s.Delete(ctx, top.Ref); !res.Deleted || res.Deferred || err != nil {
+		t.Fatalf("delete: %+v %v", res, err)
 	}
-	if deleted, err := s.Delete(ctx, top.Ref); !deleted || err != nil {
-		t.Fatalf("delete: %v %v", deleted, err)
-	}
-	if deleted, err := s.Delete(ctx, top.Ref); deleted || err != nil {
-		t.Fatalf("second delete: %v %v, want false and no error", deleted, err)
+	if res, err := s.Delete(ctx, top.Ref); res.Deleted || err != nil {
+		t.Fatalf("second delete: %+v %v, want not deleted and no error", res, err)
 	}
 	res, err := s.GC(ctx, nil)
 	if err != nil || res.BlobsFreed != 1 {
 		t.Fatalf("gc %+v %v", res, err)
+	}
+	_ = base
+}
+
+// Deleting an image whose incremental children still need it marks it;
+// it disappears from lookups at once and is reclaimed with its last child.
+func TestDeleteWithChildren(t *testing.T) {
+	s, store := newService(t)
+	ctx := context.Background()
+	base := put(t, store, "vol", "1", "", "base bytes")
+	mid := put(t, store, "vol", "2", "vol:1", "mid bytes")
+	top := put(t, store, "vol", "3", "vol:2", "top bytes")
+
+	for _, r := range []blobstore.Image{base, mid} {
+		res, err := s.Delete(ctx, r.Ref)
+		if err != nil || res.Deleted || !res.Deferred {
+			t.Fatalf("delete %s with children: %+v %v", r.Ref, res, err)
+		}
+		if _, err := s.Info(ctx, r.InstallPath()); err == nil || !strings.Contains(err.Error(), "was deleted") {
+			t.Fatalf("info of a deleted parent: %v", err)
+		}
+	}
+	if list, _ := s.List(ctx, "vol"); len(list) != 1 || list[0].ID != "3" {
+		t.Fatalf("list shows deleted images: %+v", list)
+	}
+	// The child still reads its whole chain.
+	if chain, err := s.Chain(ctx, top.InstallPath()); err != nil || len(chain) != 3 {
+		t.Fatalf("chain of the live child: %d %v", len(chain), err)
+	}
+	// GC with the child kept keeps the marked ancestors.
+	if _, err := s.GC(ctx, []blobstore.Ref{top.Ref}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.GetImage(ctx, base.Ref); err != nil {
+		t.Fatalf("gc dropped an ancestor a live child needs: %v", err)
+	}
+	res, err := s.Delete(ctx, top.Ref)
+	if err != nil || !res.Deleted || len(res.Reclaimed) != 2 {
+		t.Fatalf("deleting the last child: %+v %v", res, err)
+	}
+	for _, r := range []blobstore.Image{base, mid, top} {
+		if _, err := store.GetImage(ctx, r.Ref); !errors.Is(err, blobstore.ErrNotFound) {
+			t.Fatalf("%s still recorded: %v", r.Ref, err)
+		}
+	}
+	gc, err := s.GC(ctx, nil)
+	if err != nil || gc.BlobsFreed != 3 {
+		t.Fatalf("gc after the reclaim: %+v %v", gc, err)
+	}
+	if refs, _ := s.markedRefs(); len(refs) != 0 {
+		t.Fatalf("marks left: %v", refs)
+	}
+	// A mark whose image GC removed is dropped too.
+	a := put(t, store, "w", "1", "", "a")
+	put(t, store, "w", "2", "w:1", "b")
+	if res, _ := s.Delete(ctx, a.Ref); !res.Deferred {
+		t.Fatal("not deferred")
+	}
+	keepOther := put(t, store, "z", "1", "", "z")
+	if _, err := s.GC(ctx, []blobstore.Ref{keepOther.Ref}); err != nil {
+		t.Fatal(err)
+	}
+	if refs, _ := s.markedRefs(); len(refs) != 0 {
+		t.Fatalf("marks left after gc removed their images: %v", refs)
 	}
 }
 

@@ -40,16 +40,19 @@ type CallbackStatus struct {
 
 // Info is the persisted and reported view of a job.
 type Info struct {
-	ID          string          `json:"id"` // the taskuuid
-	Kind        string          `json:"kind"`
-	Backup      bool            `json:"backup"` // counts against the parallelism
-	State       State           `json:"state"`
-	Error       string          `json:"error,omitempty"`
-	Done        int64           `json:"done"`  // bytes processed
-	Total       int64           `json:"total"` // bytes expected, 0 = unknown
-	Created     time.Time       `json:"created"`
-	Started     *time.Time      `json:"started,omitempty"`
-	Ended       *time.Time      `json:"ended,omitempty"`
+	ID      string     `json:"id"` // the taskuuid
+	Kind    string     `json:"kind"`
+	Backup  bool       `json:"backup"` // counts against the parallelism
+	State   State      `json:"state"`
+	Error   string     `json:"error,omitempty"`
+	Done    int64      `json:"done"`  // bytes processed
+	Total   int64      `json:"total"` // bytes expected, 0 = unknown
+	Created time.Time  `json:"created"`
+	Started *time.Time `json:"started,omitempty"`
+	Ended   *time.Time `json:"ended,omitempty"`
+	// API is the management node's API message id (threadContext.api of
+	// the request), which canceljob-sync and import/cancel match.
+	API         string          `json:"api,omitempty"`
 	ImageUUID   string          `json:"imageUuid,omitempty"`
 	InstallPath string          `json:"installPath,omitempty"`
 	Format      string          `json:"format,omitempty"`

@@ -46,6 +46,10 @@ type Spec struct {
 	// CallbackURL receives the result; "" = none. It may carry
 	// credentials: it is redacted in records, replies and logs.
 	CallbackURL string
+	// API is the management node's API id (threadContext.api); CancelAPI
+	// cancels by it. ImageUUID names the image the job works on, known
+	// before it starts (import/cancel matches it while the job waits).
+	API, ImageUUID string
 }
 
 // Manager runs jobs, one per taskuuid: it persists them in Dir, cancels,
@@ -144,6 +148,7 @@ func (m *Manager) Submit(spec Spec, fn RunFunc) (job *Job, started bool, err err
 	ctx, cancel := context.WithCancelCause(m.ctx)
 	j := &Job{done: make(chan struct{}), cancel: cancel, info: Info{
 		ID: id, Kind: spec.Kind, Backup: spec.Backup, State: Waiting, Created: time.Now(), CallbackURL: redact.URL(callbackURL),
+		API: spec.API, ImageUUID: spec.ImageUUID,
 	}, callback: callbackURL}
 	if err := m.persist(j); err != nil {
 		cancel(nil)
@@ -313,6 +318,29 @@ func (m *Manager) Cancel(id string) (Info, error) {
 	}
 	j.cancel(ErrCancelled)
 	return in, nil
+}
+
+// CancelWhere cancels every waiting or running job for which match is
+// true and returns them as they were before. Each cancelled job fails with
+// ErrCancelled through its own reply.
+func (m *Manager) CancelWhere(match func(Info) bool) []Info {
+	m.mu.Lock()
+	js := make([]*Job, 0, len(m.jobs))
+	for _, j := range m.jobs {
+		js = append(js, j)
+	}
+	m.mu.Unlock()
+	var out []Info
+	for _, j := range js {
+		in := j.Info()
+		if j.cancel == nil || in.State.Finished() || !match(in) {
+			continue
+		}
+		j.cancel(ErrCancelled)
+		out = append(out, in)
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
+	return out
 }
 
 // Prune forgets finished jobs that ended before cutoff and whose callback

@@ -90,7 +90,7 @@ func TestE2EErrors(t *testing.T) {
 	t.Run("body too large", func(t *testing.T) {
 		big := `{"uuid":"` + strings.Repeat("a", 2<<20) + `"}`
 		r := d.post(t, "/imagestore/connect/", big, nil)
-		if r.code != 413 || !strings.Contains(r.body["error"].(string), "too large") {
+		if r.code != 200 || r.body["success"] != false || !strings.Contains(r.body["error"].(string), "too large") {
 			t.Fatalf("%d %.200s", r.code, r.raw)
 		}
 	})
