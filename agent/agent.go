@@ -25,6 +25,7 @@ import (
 	"imagestore/agent/images"
 	"imagestore/agent/ingest"
 	"imagestore/agent/jobs"
+	"imagestore/agent/metadata"
 	"imagestore/agent/nbdtarget"
 	"imagestore/agent/uploads"
 	"imagestore/blobstore"
@@ -55,6 +56,7 @@ type Agent struct {
 	nbd     *nbdtarget.Service // NBD targets and remote targets
 
 	hostxfer *hostxfer.Service // transfers with KVM hosts over SSH
+	metadata *metadata.Service // the management node's image-metadata file
 }
 
 // agentState is persisted in <root>/agent.json.
@@ -90,6 +92,9 @@ func New(cfg config.Config, store *blobstore.Store, logger *slog.Logger) (*Agent
 	if a.exports, err = exports.New(exports.Options{
 		Root: filepath.Join(root, "exports"), Layers: a.layers, Expiry: cfg.ExportExpiry, Logger: logger,
 	}); err != nil {
+		return nil, err
+	}
+	if a.metadata, err = metadata.New(metadata.Options{Root: root, Logger: logger}); err != nil {
 		return nil, err
 	}
 	a.nbd = a.newNBD()

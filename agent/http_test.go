@@ -227,16 +227,20 @@ type cbSink struct {
 	srv *httptest.Server
 	mu  sync.Mutex
 	got map[string][]map[string]any
+	raw map[string][][]byte // the bodies as they came
 }
 
 func newCBSink(t *testing.T) *cbSink {
 	t.Helper()
-	c := &cbSink{got: map[string][]map[string]any{}}
+	c := &cbSink{got: map[string][]map[string]any{}, raw: map[string][][]byte{}}
 	c.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
 		var v map[string]any
-		_ = json.NewDecoder(r.Body).Decode(&v)
+		_ = json.Unmarshal(b, &v)
+		id := r.Header.Get("taskuuid")
 		c.mu.Lock()
-		c.got[r.Header.Get("taskuuid")] = append(c.got[r.Header.Get("taskuuid")], v)
+		c.got[id] = append(c.got[id], v)
+		c.raw[id] = append(c.raw[id], b)
 		c.mu.Unlock()
 	}))
 	t.Cleanup(c.srv.Close)

@@ -35,7 +35,7 @@ func routeTable() []Route {
 		{Path: api.PathImgInfo, Mode: Async, Handler: (*Agent).imgInfo},
 		{Path: api.PathImages, Mode: Sync, Handler: (*Agent).listImages},
 		{Path: api.PathDelete, Mode: Async, Handler: (*Agent).deleteImage},
-		{Path: api.PathGC, Mode: Async, Handler: (*Agent).gc, BodyLimit: gcBodyLimit},
+		{Path: api.PathGC, Mode: Async, Handler: (*Agent).gc, BodyLimit: largeBodyLimit},
 		{Path: api.PathGetImageHash, Mode: Async, Handler: (*Agent).imageHash},
 		{Path: api.PathTemplateCreate, Mode: Async, Handler: (*Agent).createTemplate},
 
@@ -52,5 +52,35 @@ func routeTable() []Route {
 		// Transfers with KVM hosts over SSH.
 		{Path: api.PathPullFromHost, Mode: Async, Handler: (*Agent).pullFromHost},
 		{Path: api.PathWriteToHost, Mode: Async, Handler: (*Agent).writeToHost},
+
+		// Cancelling the management node's jobs.
+		{Path: api.PathImportCancel, Mode: Async, Handler: (*Agent).importCancel},
+		{Path: api.PathCancelJob, Mode: Sync, Handler: (*Agent).cancelJob},
+
+		// Files on the store host.
+		{Path: api.PathGetLocalFileSize, Mode: Async, Handler: (*Agent).getLocalFileSize},
+		{Path: api.PathGetLocalCacheDir, Mode: Sync, Handler: (*Agent).getLocalCacheDir},
+
+		// Image metadata for disaster recovery (dump carries every image's inventory).
+		{Path: api.PathGenerateMetadataFile, Mode: Async, Handler: (*Agent).generateMetadataFile},
+		{Path: api.PathCheckMetadataFile, Mode: Async, Handler: (*Agent).checkMetadataFile},
+		{Path: api.PathDumpMetadata, Mode: Async, Handler: (*Agent).dumpMetadata, BodyLimit: largeBodyLimit},
+		{Path: api.PathGetMetadata, Mode: Async, Handler: (*Agent).getMetadata},
+		{Path: api.PathDeleteMetadata, Mode: Async, Handler: (*Agent).deleteMetadata},
+
+		// Not supported: a clear success:false, never a 404.
+		{Path: api.PathPackExportedImages, Mode: Async, Handler: notSupported(api.PathPackExportedImages)},
+		{Path: api.PathDeleteImagePackage, Mode: Async, Handler: notSupported(api.PathDeleteImagePackage)},
+		{Path: api.PathRemoteUpload, Mode: Async, Handler: notSupported(api.PathRemoteUpload)},
+		{Path: api.PathArchiveData, Mode: Async, Handler: notSupported(api.PathArchiveData)},
+		{Path: api.PathUnpackData, Mode: Async, Handler: notSupported(api.PathUnpackData)},
+		{Path: api.PathSyncData, Mode: Async, Handler: notSupported(api.PathSyncData)},
+		{Path: api.PathFileDownload, Mode: Async, Handler: notSupported(api.PathFileDownload)},
+		{Path: api.PathFileUpload, Mode: Async, Handler: notSupported(api.PathFileUpload)},
+		{Path: api.PathFileProgress, Mode: Sync, Handler: notSupported(api.PathFileProgress)},
+		{Path: api.PathFileCancel, Mode: Async, Handler: notSupported(api.PathFileCancel)},
+		{Path: api.PathFileUnzip, Mode: Async, Handler: notSupported(api.PathFileUnzip)},
+		{Path: api.PathFilesDelete, Mode: Async, Handler: notSupported(api.PathFilesDelete)},
+		{Path: api.PathUpgradeDeploy, Mode: Async, Handler: notSupported(api.PathUpgradeDeploy)},
 	}
 }

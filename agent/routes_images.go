@@ -68,7 +68,7 @@ func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		_, err = ingest.CheckSource(req.ImgURL)
 	}
-	a.async(w, r, JobSpec{Kind: "import", Backup: true, Err: err}, func(ctx context.Context, job *jobs.Job) (any, error) {
+	a.async(w, r, JobSpec{Kind: "import", Backup: true, Err: err, ImageUUID: firstNonEmpty(req.ImageUUID, req.Name)}, func(ctx context.Context, job *jobs.Job) (any, error) {
 		img, err := a.ingest.ImportURL(ctx, ingest.URLRequest{
 			Task: job.ID(), ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc,
 		}, job)
@@ -154,9 +154,9 @@ func (a *Agent) deleteImage(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// gcBodyLimit is gc's body limit: the keep list names every image the
-// management node knows for this store.
-func gcBodyLimit(c config.Config) int64 { return max(c.GCMaxBodyBytes, c.MaxBodyBytes) }
+// largeBodyLimit is the body limit of gc and dumpimagemetadatatofile,
+// whose bodies name every image the management node knows for this store.
+func largeBodyLimit(c config.Config) int64 { return max(c.MaxLargeBodyBytes, c.MaxBodyBytes) }
 
 // gc deletes image records not in imagesToKeep (nor their ancestors, nor
 // what running jobs work on) and frees unreferenced blobs. Entries that

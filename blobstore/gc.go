@@ -91,13 +91,24 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 				roots = append(roots, img.Ref)
 			}
 		}
+		// A keep list can name tens of thousands of images: unknown ones
+		// are counted and logged once, with a few examples.
+		var unknown []string
+		nUnknown := 0
+		defer func() {
+			if nUnknown > 0 {
+				s.log.Warn("gc: images to keep are not recorded", "count", nUnknown, "examples", unknown)
+			}
+		}()
 		for _, r := range roots {
 			chain, err := s.chain(ctx, r)
 			if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrParentNotFound) {
 				return nil, fmt.Errorf("blobstore: gc: chain of %s: %w", r, err)
 			}
 			if errors.Is(err, ErrNotFound) && len(chain) == 0 {
-				s.log.Warn("gc: image to keep is not recorded", "image", r.String())
+				if nUnknown++; len(unknown) < 10 {
+					unknown = append(unknown, r.String())
+				}
 			}
 			for _, img := range chain {
 				kept[img.Ref] = true

@@ -110,3 +110,40 @@ func (q *JobRequest) Validate() error {
 type JobReply struct {
 	Job JobInfo `json:"job"`
 }
+
+// ImportCancelRequest is the body of import/cancel: the import of
+// ImageUUID (or every job of the API CancellationAPIID) is cancelled.
+type ImportCancelRequest struct {
+	ImgURL            string `json:"imgurl"`
+	Name              string `json:"name"`
+	ImageUUID         string `json:"imageuuid"`
+	CancellationAPIID string `json:"cancellationApiId"`
+}
+
+// Validate checks that the request names something to cancel.
+func (q *ImportCancelRequest) Validate() error {
+	if q.ImageUUID == "" && q.CancellationAPIID == "" && q.Name == "" {
+		return missing("imageuuid")
+	}
+	return nil
+}
+
+// CancelJobRequest is the body of canceljob-sync.
+type CancelJobRequest struct {
+	CancellationAPIID string `json:"cancellationApiId"`
+}
+
+// Validate checks the required field.
+func (q *CancelJobRequest) Validate() error {
+	if q.CancellationAPIID == "" {
+		return missing("cancellationApiId")
+	}
+	return nil
+}
+
+// CancelReply answers import/cancel and canceljob-sync: the taskuuids of
+// the jobs cancelled (each reports its own failure). Nothing to cancel is
+// a success.
+type CancelReply struct {
+	Cancelled []string `json:"cancelled"`
+}

@@ -52,7 +52,42 @@ const (
 	// Transfers with KVM hosts over SSH (async).
 	PathPullFromHost = "/imagestore/pullfromhost/"
 	PathWriteToHost  = "/imagestore/writetohost/"
+
+	// Cancelling the management node's jobs (jobs.go).
+	PathImportCancel = "/imagestore/import/cancel/"  // async: ImportCancelRequest → CancelReply
+	PathCancelJob    = "/imagestore/canceljob-sync/" // sync only: CancelJobRequest → CancelReply
+
+	// Files on the store host (files.go).
+	PathGetLocalFileSize = "/imagestore/getlocalfilesize/"      // async: LocalFileSizeRequest → LocalFileSizeReply
+	PathGetLocalCacheDir = "/imagestore/getlocalcachedir-sync/" // sync only: LocalCacheDirRequest → LocalCacheDirReply
+
+	// Image metadata for disaster recovery (metadata.go; async, each with a -sync twin).
+	PathGenerateMetadataFile = "/imagestore/generateimagemetadatafile/"   // MetadataRequest → MetadataFileReply
+	PathCheckMetadataFile    = "/imagestore/checkimagemetadatafileexist/" // MetadataRequest → MetadataExistReply
+	PathDumpMetadata         = "/imagestore/dumpimagemetadatatofile/"     // DumpMetadataRequest → empty
+	PathGetMetadata          = "/imagestore/getimagesmetadata/"           // MetadataRequest → GetMetadataReply
+	PathDeleteMetadata       = "/imagestore/deleteimagesmetadata/"        // DeleteMetadataRequest → DeleteMetadataReply
+
+	// Paths the management node may call that imagestore does not
+	// implement: each answers success:false, "<path> is not supported by
+	// imagestore" (async ones through the callback), never 404.
+	PathPackExportedImages = "/imagestore/pack-exported-images/"
+	PathDeleteImagePackage = "/imagestore/delete-image-package"
+	PathRemoteUpload       = "/imagestore/remote/upload/"
+	PathArchiveData        = "/imagestore/archivedata/"
+	PathUnpackData         = "/imagestore/unpackdata/"
+	PathSyncData           = "/imagestore/syncdata/"
+	PathFileDownload       = "/imagestore/file/download"
+	PathFileUpload         = "/imagestore/file/upload"
+	PathFileProgress       = "/imagestore/file/progress" // sync
+	PathFileCancel         = "/imagestore/file/cancel"
+	PathFileUnzip          = "/imagestore/file/unzip"
+	PathFilesDelete        = "/imagestore/files/delete"
+	PathUpgradeDeploy      = "/imagestore/upgrade/deploy"
 )
+
+// NotSupported is the error of a path imagestore does not implement.
+func NotSupported(path string) string { return path + " is not supported by imagestore" }
 
 // SyncSuffix marks the inline twin of an async path.
 const SyncSuffix = "-sync"

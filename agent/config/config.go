@@ -77,10 +77,11 @@ type Config struct {
 	Debug bool `yaml:"debug"`
 	// Connect is what connect reports (connect.go).
 	Connect Connect `yaml:"connect"`
-	// GCMaxBodyBytes limits gc's body, whose keep list names every image
-	// the management node knows (tens of MB); other paths keep MaxBodyBytes
-	// (gc never takes less than that either).
-	GCMaxBodyBytes int64 `yaml:"gcMaxBodyBytes"`
+	// MaxLargeBodyBytes limits the bodies of gc (the keep list) and
+	// dumpimagemetadatatofile (every image's inventory), which name every
+	// image the management node knows (tens of MB); every other path keeps
+	// MaxBodyBytes (and these never take less than that).
+	MaxLargeBodyBytes int64 `yaml:"maxLargeBodyBytes"`
 }
 
 // TLS enables HTTPS when both files are set.
@@ -276,7 +277,7 @@ func Defaults(profile string) (Config, error) {
 		MaxBodyBytes:      1 << 20,
 		ShutdownTimeout:   30 * time.Second,
 		Connect:           Connect{StorageInfo: "sshfs"},
-		GCMaxBodyBytes:    64 << 20,
+		MaxLargeBodyBytes: 64 << 20,
 	}
 	switch profile {
 	case ProfileZStack:

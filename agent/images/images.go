@@ -126,9 +126,10 @@ func ParseKeep(paths []string) (keep []blobstore.Ref, skipped []Skipped) {
 			skipped = append(skipped, Skipped{Index: i, Entry: p, Reason: "not a zstore:// install path"})
 			continue
 		}
-		ref, err := ParsePath(fmt.Sprintf("imagesToKeep[%d]", i), p)
+		field := fmt.Sprintf("imagesToKeep[%d]", i)
+		ref, err := ParsePath(field, p)
 		if err != nil {
-			skipped = append(skipped, Skipped{Index: i, Entry: p, Reason: err.Error()})
+			skipped = append(skipped, Skipped{Index: i, Entry: p, Reason: strings.TrimPrefix(err.Error(), field+": ")})
 			continue
 		}
 		keep = append(keep, ref)

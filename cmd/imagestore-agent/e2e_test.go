@@ -470,12 +470,19 @@ func TestE2EBackupFlow(t *testing.T) {
 		t.Fatalf("export still served after delexp: %d", r)
 	}
 
-	// Refuse deleting the base while the delta exists, then delete both and gc.
-	if r := d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}); r["success"] != false {
+	// Deleting the base while the delta exists is deferred (the delta
+	// still reads it); deleting the delta then reclaims both, and a
+	// repeated delete of the base is a success.
+	if r := d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}); r["success"] != true || r["deferred"] != true || num(r["totalSize"]) <= 0 {
 		t.Fatalf("deleting a parent with children: %v", r)
 	}
+	if r := d.async(t, m, "/imagestore/imginfo/", map[string]any{"installPath": baseIP}); r["success"] != false {
+		t.Fatalf("a deleted parent is still visible: %v", r)
+	}
 	mustSucceed(t, "delete delta", d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": ip2}))
-	mustSucceed(t, "delete base", d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}))
+	if r := d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": baseIP}); r["success"] != true || r["deleted"] != false {
+		t.Fatalf("base not reclaimed with its last child: %v", r)
+	}
 	gc := d.async(t, m, "/imagestore/gc/", map[string]any{"imagesToKeep": []string{}})
 	mustSucceed(t, "gc", gc)
 	if num(gc["freed"]) < num(res["size"]) {
