@@ -194,7 +194,7 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 
 func loadGolden(t *testing.T) map[string]goldenFixture {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(goldenDir, "*.json"))
+	files, err := filepath.Glob(filepath.Join(goldenDir, "*.json")) // README.md is for readers
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no golden fixtures in %s: %v", goldenDir, err)
 	}
@@ -548,4 +548,23 @@ func (c *cbSink) rawOf(id string) []byte {
 		return nil
 	}
 	return c.raw[id][0]
+}
+
+// Every path of the route table answers with and without its trailing
+// slash (the management node sends several without one), and none is 404.
+func TestEveryPathBothForms(t *testing.T) {
+	t.Parallel()
+	e := newHTEnv(t, func(c *config.Config) { c.Debug = true })
+	for _, rt := range routeTable() {
+		for _, p := range []string{strings.TrimSuffix(rt.Path, "/"), strings.TrimSuffix(rt.Path, "/") + "/"} {
+			method := http.MethodPost
+			if len(rt.Methods) > 0 {
+				method = rt.Methods[0]
+			}
+			r := e.do(t, method, p, "{}", map[string]string{"taskuuid": "both-" + p})
+			if (r.code == http.StatusNotFound && strings.Contains(r.errMsg(), "unknown path")) || r.code == http.StatusMethodNotAllowed {
+				t.Errorf("%s %s: %d %s", method, p, r.code, r.raw)
+			}
+		}
+	}
 }
