@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Backups and restores from the host, in one run, beside the peers on the
+# same files: our CLI's push (full, then a 1 % delta) and pull -format raw
+# of the 2-layer chain against a local agent on loopback; the disk limit
+# (cat > f && sync); qemu-img convert; restic and borg from Debian (installed
+# if missing). Prints MB/s, ratios, stored bytes and peak RSS.
+#
+# The volume is shaped like a used VM disk (bench/cmd/mkvol): per 4 MiB,
+# 2 MiB random, 1 MiB log text, 1 MiB zeros; the delta rewrites 1 % of it
+# (1 MiB pieces spread evenly). Every full-backup and restore rate is over
+# the same byte count: the volume's qcow2 file (its allocated data).
+#
+# Usage: bench/hostpath.sh                 (2 GiB)
+#        SIZE_MB=8192 PEERS=0 bench/hostpath.sh   (our rows only: RSS at 8 GiB)
+#        COMPRESS=false bench/hostpath.sh  (our push without compression)
+#        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+SIZE_MB=${SIZE_MB:-2048}
+PEERS=${PEERS:-1}
+COMPRESS=${COMPRESS:-true}
+BOTH=${BOTH:-}
+DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hostpath-bench.XXXXXX")}
+AGENT_PID=
+cleanup() { [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+if [ "$PEERS" = 1 ] && ! { command -v restic && command -v borg; } >/dev/null; then
+  echo "installing restic and borgbackup"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q restic borgbackup >/dev/null
+fi
+go build -o "$DIR/mkvol" ./bench/cmd/mkvol
+go build -o "$DIR/imagestore" ./cmd/imagestore
+go build -o "$DIR/imagestore-agent" ./cmd/imagestore-agent
+
+# timed NAME CMD...: runs CMD, sets T_NAME (seconds) and M_NAME (peak RSS, MiB).
+timed() {
+  local name=$1; shift
+  /usr/bin/time -f '%e %M' -o "$DIR/time.out" "$@" >/dev/null
+  read -r t m < "$DIR/time.out"
+  printf -v "T_$name" '%s' "$t"; printf -v "M_$name" '%s' "$((m / 1024))"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
+
+echo "volume: $SIZE_MB MiB in $DIR"
+"$DIR/mkvol" -o "$DIR/vol.raw" -size "$SIZE_MB"
+qemu-img convert -f raw -O qcow2 "$DIR/vol.raw" "$DIR/vol.qcow2"
+cp --sparse=always "$DIR/vol.raw" "$DIR/vol2.raw"
+CHG=$(( SIZE_MB / 100 > 0 ? SIZE_MB / 100 : 1 ))
+"$DIR/mkvol" -o "$DIR/vol2.raw" -size "$SIZE_MB" -change "$CHG"
+qemu-img create -q -f qcow2 -b vol.qcow2 -F qcow2 "$DIR/delta.qcow2"
+CMDS=()
+STEP=$(( SIZE_MB / CHG ))
+for i in $(seq 0 $((CHG - 1))); do
+  dd if="$DIR/vol2.raw" of="$DIR/piece.$i" bs=1M skip=$((i * STEP)) count=1 status=none
+  CMDS+=(-c "write -s $DIR/piece.$i $((i * STEP))M 1M")
+done
+qemu-io -f qcow2 "${CMDS[@]}" "$DIR/delta.qcow2" >/dev/null
+rm -f "$DIR"/piece.*
+BYTES=$(stat -c %s "$DIR/vol.qcow2")
+sync; cat "$DIR"/vol.raw "$DIR"/vol2.raw "$DIR"/vol.qcow2 "$DIR"/delta.qcow2 >/dev/null
+
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+
+# --- disk limit: write the qcow2's bytes durably.
+t0=$(now); cat "$DIR/vol.qcow2" > "$DIR/disk.out" && sync; t1=$(now)
+T_disk=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; sync
+# --- qemu-img convert: a full copy, and the chain to raw.
+timed qconv qemu-img convert -f qcow2 -O qcow2 "$DIR/vol.qcow2" "$DIR/conv.qcow2"; rm -f "$DIR/conv.qcow2"
+timed qraw qemu-img convert -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
+
+# --- ours: a fresh store per mode.
+# ours MODE: full push, delta push, pull -format raw; sets P_*, stored bytes.
+ours() {
+  local mode=$1 store=$DIR/store-$1
+  mkdir -p "$store"
+  cat > "$DIR/agent.yaml" <<CFG
+profile: imagestore
+root: $store
+listen: 127.0.0.1:0
+registryListen: 127.0.0.1:0
+logFormat: json
+logLevel: info
+verifyInterval: 0s
+CFG
+  "$DIR/imagestore-agent" -config "$DIR/agent.yaml" 2>"$DIR/agent.log" &
+  AGENT_PID=$!
+  local url=
+  for _ in $(seq 100); do
+    url=$(sed -n 's/.*"msg":"registry listening".*"addr":"\([^"]*\)".*/\1/p' "$DIR/agent.log")
+    [ -n "$url" ] && break; sleep 0.1
+  done
+  [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
+  local cli=("$DIR/imagestore" -url "http://$url" -quiet)
+  timed push "${cli[@]}" push -compress="$mode" -name vol -id base "$DIR/vol.qcow2"
+  timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
+  sync
+  timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
+  cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+  rm -f "$DIR/pulled.raw"
+  AGENT_RSS=$(( $(awk '/VmHWM/ { print $2 }' "/proc/$AGENT_PID/status") / 1024 ))
+  kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=
+  STORED=$(du -sb "$store/blobs" | cut -f1)
+  rm -rf "$store"
+  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)"
+}
+MODES=("$COMPRESS")
+if [ -n "$BOTH" ]; then
+  if [ "$COMPRESS" = true ]; then MODES+=(false); else MODES+=(true); fi
+fi
+for m in "${MODES[@]}"; do ours "$m"; done
+
+# --- restic and borg (repository defaults; no encryption for borg).
+if [ "$PEERS" = 1 ]; then
+  export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$DIR/restic BORG_REPO=$DIR/borg BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+  restic init -q
+  cp --sparse=always "$DIR/vol.raw" "$DIR/vol.img"   # one path for both snapshots
+  timed rfull restic backup -q "$DIR/vol.img"
+  cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
+  timed rdelta restic backup -q "$DIR/vol.img"
+  timed rrest restic restore -q latest --target "$DIR/rrestore"
+  RESTIC_STORED=$(du -sb "$DIR/restic" | cut -f1); rm -rf "$DIR/rrestore" "$DIR/restic"
+  borg init --encryption=none >/dev/null
+  cp --sparse=always "$DIR/vol.raw" "$DIR/vol.img"
+  timed bfull borg create "::a" "$DIR/vol.img"
+  cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
+  timed bdelta borg create "::b" "$DIR/vol.img"
+  mkdir -p "$DIR/brestore"
+  timed brest sh -c "cd '$DIR/brestore' && borg extract '::b'"
+  BORG_STORED=$(du -sb "$DIR/borg" | cut -f1); rm -rf "$DIR/brestore" "$DIR/borg" "$DIR/vol.img"
+fi
+
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+echo
+echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit $(mbps "$BYTES" "$T_disk") MB/s"
+echo
+for m in "${MODES[@]}"; do
+  v=R_$m; read -r tp td tr st mp md mr ar la <<<"${!v}"
+  echo "### ours with push -compress=$m (load ${la} at the end)"
+  echo
+  echo "| step | ours | peers in the same run |"
+  echo "|---|---|---|"
+  peers=""
+  [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
+  echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
+  echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
+  echo "| restore the newest backup as raw | pull -format raw of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qraw" "$tr")× qemu-img convert) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qraw")$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
+  echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
+  echo
+done
