@@ -55,7 +55,7 @@ func regCall(t *testing.T, d *daemon, method, path string, body any) (int, http.
 
 type replTask struct {
 	Status     string `json:"status"`
-	LastOpTime string `json:"lastOpTime"`
+	LastOpTime int64  `json:"lastOpTime"`
 	BytesDone  int64  `json:"bytesDone"`
 	BytesTotal int64  `json:"bytesTotal"`
 	Error      string `json:"error"`
@@ -65,7 +65,7 @@ type replTask struct {
 func startRepl(t *testing.T, d *daemon, op string, body map[string]any) string {
 	t.Helper()
 	code, hdr, b := regCall(t, d, "POST", "/v1/"+op, body)
-	if code != 200 || hdr.Get("X-Sync-Task-ID") == "" {
+	if code != 200 && code != 202 || hdr.Get("X-Sync-Task-ID") == "" {
 		t.Fatalf("/v1/%s: %d %s", op, code, b)
 	}
 	return hdr.Get("X-Sync-Task-ID")

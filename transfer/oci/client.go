@@ -303,3 +303,19 @@ func addQuery(u, k, v string) string {
 	}
 	return u + sep + url.QueryEscape(k) + "=" + url.QueryEscape(v)
 }
+
+// PutJSON sends body (JSON) with PUT to path on the same server, with the
+// client's TLS and token: the side channel a store uses to tell its peer
+// about a replication task (/v1/tasks/<id>). Any 2xx is success.
+func (c *Client) PutJSON(ctx context.Context, path string, body []byte) error {
+	resp, err := c.do(ctx, http.MethodPut, c.url(path), bytes.NewReader(body), http.Header{"Content-Type": {"application/json"}})
+	if err != nil {
+		return err
+	}
+	defer drain(resp)
+	if resp.StatusCode/100 != 2 {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+		return fmt.Errorf("oci: PUT %s: %s: %s", path, resp.Status, bytes.TrimSpace(b))
+	}
+	return nil
+}

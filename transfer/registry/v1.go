@@ -4,30 +4,17 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"strings"
-	"time"
 
 	"imagestore/blobstore"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/replicate"
 )
 
-// TaskReply is the body of GET /v1/tasks/<id>.
-type TaskReply struct {
-	ID         string           `json:"id"`
-	Kind       string           `json:"kind"`
-	Name       string           `json:"name"`
-	ImageID    string           `json:"imageId"`
-	Status     replicate.Status `json:"status"`
-	LastOpTime time.Time        `json:"lastOpTime"`
-	BytesDone  int64            `json:"bytesDone"`
-	BytesTotal int64            `json:"bytesTotal"`
-	BlobsDone  int              `json:"blobsDone"`
-	BlobsTotal int              `json:"blobsTotal"`
-	Skipped    int              `json:"blobsSkipped"`
-	Error      string           `json:"error,omitempty"`
-}
+// TaskReply is the body of GET /v1/tasks/<id> (lastOpTime in epoch ms).
+type TaskReply = replicate.Wire
 
 type v1Error struct {
 	Success bool   `json:"success"`
@@ -82,25 +69,63 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		w.Header().Set("X-Sync-Task-ID", id)
-		writeJSON(w, http.StatusOK, struct {
+		status := http.StatusAccepted // a task started; poll /v1/tasks/<id>
+		if id == replicate.Existed {
+			status = http.StatusOK
+		}
+		writeJSON(w, status, struct {
 			Success bool   `json:"success"`
 			TaskID  string `json:"taskId"`
 		}{true, id})
 	case strings.HasPrefix(p, "/v1/tasks/"):
-		if r.Method != http.MethodGet {
-			w.Header().Set("Allow", "GET")
-			writeJSON(w, http.StatusMethodNotAllowed, v1Error{Error: "GET only"})
+		id := strings.TrimPrefix(p, "/v1/tasks/")
+		switch r.Method {
+		case http.MethodGet:
+		case http.MethodPut:
+			s.reportTask(w, r, id)
+			return
+		default:
+			w.Header().Set("Allow", "GET, PUT")
+			writeJSON(w, http.StatusMethodNotAllowed, v1Error{Error: "GET or PUT only"})
 			return
 		}
-		t, err := s.o.Engine.Task(strings.TrimPrefix(p, "/v1/tasks/"))
+		t, err := s.o.Engine.Task(id)
 		if err != nil {
 			writeJSON(w, http.StatusNotFound, v1Error{Error: err.Error()})
 			return
 		}
-		writeJSON(w, http.StatusOK, TaskReply{ID: t.ID, Kind: t.Kind, Name: t.Name, ImageID: t.ImageID, Status: t.Status,
-			LastOpTime: t.LastOpTime, BytesDone: t.BytesDone, BytesTotal: t.BytesTotal, BlobsDone: t.BlobsDone,
-			BlobsTotal: t.BlobsTotal, Skipped: t.Skipped, Error: t.Error})
+		writeJSON(w, http.StatusOK, t.Wire())
 	default:
 		writeJSON(w, http.StatusNotFound, v1Error{Error: "no such endpoint"})
 	}
+}
+
+// reportTask takes a peer's report of a task it runs with this store
+// (PUT /v1/tasks/<id>, body: the task as GET shows it), so the id answers
+// here too.
+func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
+	var rep replicate.Wire
+	if err := json.NewDecoder(io.LimitReader(r.Body, s.o.MaxBodyBytes)).Decode(&rep); err != nil {
+		writeJSON(w, http.StatusBadRequest, v1Error{Error: "bad request body: " + err.Error()})
+		return
+	}
+	if rep.ID != id {
+		writeJSON(w, http.StatusBadRequest, v1Error{Error: "body id " + rep.ID + " is not the path's " + id})
+		return
+	}
+	from, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		from = r.RemoteAddr
+	}
+	if err := s.o.Engine.Report(rep, from); err != nil {
+		status := http.StatusBadRequest
+		if errors.Is(err, replicate.ErrTaskConflict) {
+			status = http.StatusConflict
+		}
+		writeJSON(w, status, v1Error{Error: err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, struct {
+		Success bool `json:"success"`
+	}{true})
 }

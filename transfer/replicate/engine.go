@@ -9,7 +9,9 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,6 +51,13 @@ type Options struct {
 	// request carries a ca ("" = the host of addr); store.zstack.org in
 	// the zstack profile.
 	PeerServerName string
+	// ReportEvery is how often a running task reports its state to the
+	// peer it copies to or from, so the peer answers GET /v1/tasks/<id>
+	// too (default 5s; also at every state change).
+	ReportEvery time.Duration
+	// PeerStale: a peer-reported task not heard of for this long reads as
+	// failed (the store running it died; default 1m).
+	PeerStale time.Duration
 	// NoCompress disables zstd on the wire.
 	NoCompress bool
 	Metrics    *Metrics
@@ -121,6 +130,12 @@ func New(o Options) (*Engine, error) {
 	if o.Retention <= 0 {
 		o.Retention = 24 * time.Hour
 	}
+	if o.ReportEvery <= 0 {
+		o.ReportEvery = 5 * time.Second
+	}
+	if o.PeerStale <= 0 {
+		o.PeerStale = time.Minute
+	}
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(nil)
 	}
@@ -140,7 +155,9 @@ func New(o Options) (*Engine, error) {
 	}
 	now := time.Now()
 	for _, t := range old {
-		if !t.finished() {
+		// A peer's record is the peer's to finish: its next report (or
+		// PeerStale) decides.
+		if !t.finished() && t.Role != RolePeer {
 			t.Error = fmt.Sprintf("interrupted: the agent stopped while the task was %s; retry the %s", t.Status, t.Kind)
 			t.Status = StatusFailed
 			t.LastOpTime = now
@@ -151,7 +168,9 @@ func New(o Options) (*Engine, error) {
 		}
 		ts := &taskState{t: t, done: make(chan struct{})}
 		ts.bytesDone.Store(t.BytesDone)
-		close(ts.done)
+		if t.finished() {
+			close(ts.done)
+		}
 		e.tasks[t.ID] = ts
 	}
 	e.prune(now)
@@ -175,7 +194,8 @@ func (e *Engine) prune(now time.Time) {
 	defer e.mu.Unlock()
 	for id, ts := range e.tasks {
 		ts.mu.Lock()
-		old := ts.t.finished() && now.Sub(ts.t.LastOpTime) > e.o.Retention
+		old := ts.t.finished() && now.Sub(ts.t.LastOpTime) > e.o.Retention ||
+			ts.t.Role == RolePeer && now.Sub(ts.t.Heard) > e.o.Retention
 		ts.mu.Unlock()
 		if old {
 			delete(e.tasks, id)
@@ -192,7 +212,67 @@ func (e *Engine) Task(id string) (Task, error) {
 	if ts == nil {
 		return Task{}, fmt.Errorf("%w: %s", ErrTaskNotFound, id)
 	}
-	return ts.snapshot(), nil
+	t := ts.snapshot()
+	if t.Role == RolePeer && !t.finished() && time.Since(t.Heard) > e.o.PeerStale {
+		t.Status = StatusFailed
+		t.Error = fmt.Sprintf("the store running this task (%s) has not reported for %v", t.Addr, time.Since(t.Heard).Round(time.Second))
+	}
+	return t, nil
+}
+
+// ErrTaskConflict: a peer reported a task under the id of one this store runs.
+var ErrTaskConflict = errors.New("task id belongs to a task of this store")
+
+// Report records the state of a task the store at from runs with this
+// one (PUT /v1/tasks/<id>), so the id answers here too: the management
+// node polls either store. A finished record stays as it is.
+func (e *Engine) Report(w Wire, from string) error {
+	switch {
+	case !validTaskID(w.ID):
+		return fmt.Errorf("%w: task id %q", ErrBadRequest, w.ID)
+	case !validStatus(w.Status):
+		return fmt.Errorf("%w: status %q", ErrBadRequest, w.Status)
+	case w.Kind != "push" && w.Kind != "pull":
+		return fmt.Errorf("%w: kind %q", ErrBadRequest, w.Kind)
+	}
+	if err := (blobstore.Ref{Name: w.Name, ID: w.ImageID}).Validate(); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	now := time.Now()
+	e.prune(now)
+	e.mu.Lock()
+	ts := e.tasks[w.ID]
+	if ts == nil {
+		ts = &taskState{done: make(chan struct{}), t: Task{ID: w.ID, Kind: w.Kind, Name: w.Name, ImageID: w.ImageID,
+			Addr: from, Role: RolePeer, Created: now}}
+		e.tasks[w.ID] = ts
+	}
+	e.mu.Unlock()
+	ts.mu.Lock()
+	if ts.t.Role != RolePeer {
+		ts.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrTaskConflict, w.ID)
+	}
+	if ts.t.finished() {
+		ts.mu.Unlock()
+		return nil
+	}
+	if ts.t.Kind != w.Kind || ts.t.Name != w.Name || ts.t.ImageID != w.ImageID {
+		ts.mu.Unlock()
+		return fmt.Errorf("%w: task %s is %s of %s:%s", ErrBadRequest, w.ID, ts.t.Kind, ts.t.Name, ts.t.ImageID)
+	}
+	ts.t.Status, ts.t.Error, ts.t.Heard = w.Status, w.Error, now
+	ts.t.LastOpTime = now // our clock: the poller compares it with ours
+	ts.t.BytesTotal, ts.t.BlobsDone, ts.t.BlobsTotal, ts.t.Skipped = w.BytesTotal, w.BlobsDone, w.BlobsTotal, w.Skipped
+	ts.bytesDone.Store(w.BytesDone)
+	ts.t.BytesDone = w.BytesDone
+	t := ts.t
+	finished := t.finished()
+	ts.mu.Unlock()
+	if finished {
+		close(ts.done)
+	}
+	return saveTask(e.o.Dir, t)
 }
 
 func (ts *taskState) snapshot() Task {
@@ -271,22 +351,28 @@ func (e *Engine) Push(ctx context.Context, req Request) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return e.push(ctx, req, ref, c, "push")
+}
+
+// push starts a push of ref to c; kind is what the task reports ("pull"
+// for a pull that goes the other way).
+func (e *Engine) push(ctx context.Context, req Request, ref blobstore.Ref, c *oci.Client, kind string) (string, error) {
 	r, err := Render(ctx, e.st, ref, true)
 	if err != nil {
 		return "", err
 	}
 	if d, err := c.HeadManifest(ctx, ref.Name, ref.ID); err == nil && d.Digest == r.Digest {
-		e.m.Tasks.WithLabelValues("push", "existed").Inc()
+		e.m.Tasks.WithLabelValues(kind, "existed").Inc()
 		e.m.BlobsSkipped.Add(float64(len(r.Layers)))
 		return Existed, nil
-	} else if err != nil && errors.Is(err, oci.ErrUnauthorized) {
+	} else if err != nil && (errors.Is(err, oci.ErrUnauthorized) || untrusted(err)) {
 		return "", fmt.Errorf("peer %s: %w", req.Addr, err)
 	}
 	bw := req.NetworkWriteBandwidth
 	if bw == 0 {
 		bw = e.o.WriteBandwidth
 	}
-	return e.start("push", req, func(ctx context.Context, ts *taskState) error {
+	return e.start(kind, req, c, func(ctx context.Context, ts *taskState) error {
 		return e.pushOnce(ctx, ts, c, ref, ratelimit.New(bw))
 	})
 }
@@ -303,6 +389,17 @@ func (e *Engine) Pull(ctx context.Context, req Request) (string, error) {
 		return "", err
 	}
 	d, err := c.HeadManifest(ctx, ref.Name, ref.ID)
+	if errors.Is(err, oci.ErrNotFound) {
+		// The peer lacks it: if this store holds it, the copy goes the
+		// other way. The management node's image recovery posts pull to
+		// the store holding the image with addr = the one to recover it
+		// on, and polls that one (PROTOCOL §7.1); backup recovery posts
+		// it to the receiver. Either way the image ends up on both.
+		if _, rerr := Render(ctx, e.st, ref, true); rerr == nil {
+			e.log.Info("pull: the peer lacks the image and this store holds it; pushing it instead", "image", ref.String(), "peer", req.Addr)
+			return e.push(ctx, req, ref, c, "pull")
+		}
+	}
 	if err != nil {
 		return "", fmt.Errorf("peer %s: manifest %s: %w", req.Addr, ref, err)
 	}
@@ -315,7 +412,7 @@ func (e *Engine) Pull(ctx context.Context, req Request) (string, error) {
 	if bw == 0 {
 		bw = e.o.ReadBandwidth
 	}
-	return e.start("pull", req, func(ctx context.Context, ts *taskState) error {
+	return e.start("pull", req, c, func(ctx context.Context, ts *taskState) error {
 		return e.pullOnce(ctx, ts, c, ref, ratelimit.New(bw))
 	})
 }
@@ -326,7 +423,7 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (e *Engine) start(kind string, req Request, run func(context.Context, *taskState) error) (string, error) {
+func (e *Engine) start(kind string, req Request, peer *oci.Client, run func(context.Context, *taskState) error) (string, error) {
 	if e.ctx.Err() != nil {
 		return "", ErrClosed
 	}
@@ -342,13 +439,54 @@ func (e *Engine) start(kind string, req Request, run func(context.Context, *task
 	e.mu.Lock()
 	e.tasks[ts.t.ID] = ts
 	e.mu.Unlock()
+	// The peer learns the id before the caller does, so whichever store
+	// the management node polls answers.
+	e.report(peer, ts)
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
 		defer close(ts.done)
+		stop := make(chan struct{})
+		var hb sync.WaitGroup
+		hb.Add(1)
+		go func() {
+			defer hb.Done()
+			tick := time.NewTicker(e.o.ReportEvery)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					e.report(peer, ts)
+				}
+			}
+		}()
 		e.run(kind, ts, run)
+		close(stop)
+		hb.Wait()
+		e.report(peer, ts) // the final state
 	}()
 	return ts.t.ID, nil
+}
+
+// reportTimeout bounds one report to the peer.
+const reportTimeout = 10 * time.Second
+
+// report tells the peer the task's state (PUT /v1/tasks/<id>). A peer that
+// does not take it (an older store, a network cut) costs only that the id
+// does not answer there; the copy itself goes on.
+func (e *Engine) report(peer *oci.Client, ts *taskState) {
+	t := ts.snapshot()
+	b, err := json.Marshal(t.Wire())
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, reportTimeout)
+	defer cancel()
+	if err := peer.PutJSON(ctx, "/v1/tasks/"+t.ID, b); err != nil && e.ctx.Err() == nil {
+		e.log.Warn("replication task not reported to the peer; polling the peer for it will not find it", "task", t.ID, "peer", t.Addr, "err", err)
+	}
 }
 
 func (e *Engine) setStatus(ts *taskState, st Status, errMsg string) {
@@ -407,8 +545,18 @@ func (e *Engine) taskRetry(log *slog.Logger) retry.Policy {
 	}
 }
 
+// untrusted: the peer's certificate failed verification (wrong ca, or not
+// issued to the configured server name); no retry will change that.
+func untrusted(err error) bool {
+	var cv *tls.CertificateVerificationError
+	return errors.As(err, &cv)
+}
+
 // retryable: failures a later attempt may get past (network, peer restart).
 func retryable(err error) bool {
+	if untrusted(err) {
+		return false
+	}
 	for _, s := range []error{ErrSourceCorrupt, ErrConflict, ErrBadRequest, oci.ErrQuota, oci.ErrUnauthorized,
 		oci.ErrManifestInvalid, oci.ErrDigestInvalid, blobstore.ErrQuotaExceeded, blobstore.ErrNoSpace,
 		blobstore.ErrDigestMismatch, blobstore.ErrCorrupt, ErrIncomplete, oci.ErrTooLarge} {

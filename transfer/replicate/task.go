@@ -47,6 +47,64 @@ type Task struct {
 	BlobsDone  int       `json:"blobsDone"`
 	Skipped    int       `json:"blobsSkipped"`
 	Error      string    `json:"error,omitempty"`
+	// Role is "" for a task this store runs and RolePeer for the record
+	// of a task the store at Addr runs with this one (it reports its state
+	// here), so the id answers on both stores.
+	Role string `json:"role,omitempty"`
+	// Heard is when the running store last reported a RolePeer task.
+	Heard time.Time `json:"heard,omitzero"`
+}
+
+// RolePeer marks the record of a task another store runs with this one.
+const RolePeer = "peer"
+
+// Wire is a task as GET /v1/tasks/<id> answers it, and the body with which
+// the store running a task reports it to its peer (PUT /v1/tasks/<id>).
+// lastOpTime is epoch milliseconds: the management node reads a long.
+type Wire struct {
+	ID         string `json:"id"`
+	Kind       string `json:"kind"`
+	Name       string `json:"name"`
+	ImageID    string `json:"imageId"`
+	Status     Status `json:"status"`
+	LastOpTime int64  `json:"lastOpTime"`
+	BytesDone  int64  `json:"bytesDone"`
+	BytesTotal int64  `json:"bytesTotal"`
+	BlobsDone  int    `json:"blobsDone"`
+	BlobsTotal int    `json:"blobsTotal"`
+	Skipped    int    `json:"blobsSkipped"`
+	Role       string `json:"role,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// Wire is t as /v1/tasks shows it.
+func (t Task) Wire() Wire {
+	return Wire{ID: t.ID, Kind: t.Kind, Name: t.Name, ImageID: t.ImageID, Status: t.Status,
+		LastOpTime: t.LastOpTime.UnixMilli(), BytesDone: t.BytesDone, BytesTotal: t.BytesTotal,
+		BlobsDone: t.BlobsDone, BlobsTotal: t.BlobsTotal, Skipped: t.Skipped, Role: t.Role, Error: t.Error}
+}
+
+// validStatus: the four states, exactly (the management node maps the string).
+func validStatus(s Status) bool {
+	switch s {
+	case StatusWaiting, StatusRunning, StatusSuccess, StatusFailed:
+		return true
+	}
+	return false
+}
+
+// validTaskID: what a peer may name a task it reports: our ids are 24 hex
+// digits; accept the URL-safe alphabet, never "existed".
+func validTaskID(id string) bool {
+	if id == "" || len(id) > 64 || id == Existed {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') || id[0] == '.' {
+			return false
+		}
+	}
+	return true
 }
 
 func (t Task) finished() bool { return t.Status == StatusSuccess || t.Status == StatusFailed }

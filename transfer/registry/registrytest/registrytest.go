@@ -6,6 +6,7 @@ package registrytest
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/pem"
 	"log/slog"
 	"net/http"
@@ -33,6 +34,10 @@ type Options struct {
 	CommitGrace time.Duration
 	// TLS serves HTTPS with httptest's certificate (Node.CA is its PEM).
 	TLS bool
+	// Cert, if set, is the certificate HTTPS is served with instead
+	// (implies TLS; Node.CA is its leaf's PEM), e.g. ZStack's kind: one
+	// self-signed certificate named store.zstack.org on every store.
+	Cert *tls.Certificate
 	// Wrap, if set, wraps the registry's handler (fault injection).
 	Wrap func(http.Handler) http.Handler
 }
@@ -75,9 +80,14 @@ func Start(t testing.TB, opts Options) *Node {
 	if opts.Wrap != nil {
 		h = opts.Wrap(h)
 	}
-	if opts.TLS {
+	switch {
+	case opts.Cert != nil:
+		n.HTTP = httptest.NewUnstartedServer(h)
+		n.HTTP.TLS = &tls.Config{Certificates: []tls.Certificate{*opts.Cert}}
+		n.HTTP.StartTLS()
+	case opts.TLS:
 		n.HTTP = httptest.NewTLSServer(h)
-	} else {
+	default:
 		n.HTTP = httptest.NewServer(h)
 	}
 	// Registered last, so it runs first: no request is in flight when the
