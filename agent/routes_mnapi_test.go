@@ -272,3 +272,41 @@ func TestGCLargeKeepList(t *testing.T) {
 		t.Fatalf("gc over the limit: %v", res)
 	}
 }
+
+// gc while an import is receiving keeps what it has written, even though
+// the keep list cannot name it yet.
+func TestGCKeepsInFlightImport(t *testing.T) {
+	t.Parallel()
+	e := newHTEnv(t, nil)
+	srv := newImageServer(t)
+	cb := newCBSink(t)
+	const image = "1b2c3d4e5f60718293a4b5c6d7e8f9a0"
+	kept := goldenPut(t, e.store, "5f0c3e2ad9b84c7e9a1f6b2c3d4e5f60", "2c8f1e0d9b7a6c5d4e3f2a1b0c9d8e7f", "", "kept")
+	body := fmt.Sprintf(`{"imgurl":%q,"name":%q,"imageuuid":%q,"concurrency":4}`, srv.URL+"/slow", image, image)
+	if r := e.do(t, http.MethodPost, "/imagestore/import/", body, map[string]string{"taskuuid": "imp", "callbackurl": cb.srv.URL}); r.code != 200 {
+		t.Fatalf("import: %s", r.raw)
+	}
+	testwait.For(t, "import receiving", func() bool {
+		j, ok := e.a.jobs.Get("imp")
+		return ok && j.Info().Done > 0
+	})
+	ingests := func() int {
+		ents, _ := os.ReadDir(filepath.Join(e.a.root, "ingest"))
+		return len(ents)
+	}
+	before := ingests()
+	if before == 0 {
+		t.Fatal("the import has no ingest to protect")
+	}
+	gc := fmt.Sprintf(`{"imagesToKeep":[%q,"http://192.168.1.20:8001/imagestore/upload/x/y"]}`, kept.InstallPath())
+	if r := e.do(t, http.MethodPost, "/imagestore/gc-sync/", gc, nil); r.body["success"] != true || r.body["skippedCount"] != float64(1) {
+		t.Fatalf("gc: %s", r.raw)
+	}
+	if j, _ := e.a.jobs.Get("imp"); j.Info().State != "running" || ingests() != before {
+		t.Fatalf("gc disturbed the running import: %s, %d ingests (was %d)", j.Info().State, ingests(), before)
+	}
+	if _, err := e.a.jobs.Cancel("imp"); err != nil {
+		t.Fatal(err)
+	}
+	cb.wait(t, "imp")
+}
