@@ -2,9 +2,12 @@ package qcow2
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"math/rand"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -166,3 +169,38 @@ func TestMutatedCorpus(t *testing.T) {
 		}
 	}
 }
+
+// FuzzImportPath runs the whole import path over untrusted bytes: reader →
+// writer (Normalize, as an import does) → reader again. Whatever Open
+// accepts normalizes to an image our reader opens with the same guest view
+// size, and the whole path allocates at most a fixed ceiling plus a small
+// multiple of the input (the budgets of docs/qcow2.md).
+func FuzzImportPath(f *testing.F) {
+	addCorpusSeeds(f)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		im, err := Open(bytes.NewReader(b), int64(len(b)))
+		if err != nil {
+			return
+		}
+		var out countWriter
+		if _, err := Normalize(context.Background(), &out, im, WriteOptions{}); err != nil {
+			if !errors.Is(err, ErrFormat) {
+				t.Fatalf("normalize of an accepted image: %v", err)
+			}
+			return
+		}
+		runtime.ReadMemStats(&after)
+		// 64 MiB of decompressed clusters at most (the floor), the
+		// writer's 4 MiB chunks, and tables proportional to the input.
+		if d := after.TotalAlloc - before.TotalAlloc; d > 160<<20+64*uint64(len(b)) {
+			t.Fatalf("import path allocated %d bytes for a %d-byte input", d, len(b))
+		}
+	})
+}
+
+// countWriter discards and counts (the canonical layer is not kept).
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
