@@ -84,6 +84,9 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 	if n := btoi(spec.Content != nil) + btoi(spec.Reader != nil) + btoi(spec.Blob != ""); n != 1 {
 		return blobstore.Image{}, errors.New("layer: commit needs exactly one of Content, Reader and Blob")
 	}
+	if err := CheckNamespace(spec.Ref, spec.Parent); err != nil {
+		return blobstore.Image{}, err
+	}
 	if spec.Parent != nil {
 		release := s.blobs.Hold(spec.Parent.Blob)
 		defer release()

@@ -484,3 +484,42 @@ func TestCommitReaderMustBeCanonical(t *testing.T) {
 		})
 	}
 }
+
+// TestNamespaceRule: a parent is in the image's namespace, or (top mode) a
+// base image of another; no chain crosses into or out of zsbak; Commit
+// refuses the rest before storing anything.
+func TestNamespaceRule(t *testing.T) {
+	base := &blobstore.Image{Ref: blobstore.Ref{Name: "img-uuid", ID: "b"}}
+	delta := &blobstore.Image{Ref: blobstore.Ref{Name: "vol-base", ID: "d"}, Parent: "vol-base:b"}
+	baseVol := &blobstore.Image{Ref: blobstore.Ref{Name: "vol-base", ID: "b"}}
+	for _, tc := range []struct {
+		child  blobstore.Ref
+		parent *blobstore.Image
+		ok     bool
+	}{
+		{blobstore.Ref{Name: "vol", ID: "1"}, nil, true},
+		{blobstore.Ref{Name: "vol-base", ID: "2"}, delta, true},
+		{blobstore.Ref{Name: "vol", ID: "3"}, base, true}, // top mode
+		{blobstore.Ref{Name: "vol", ID: "4"}, delta, false},
+		{blobstore.Ref{Name: "zsbak", ID: "5"}, baseVol, false},
+		{blobstore.Ref{Name: "vol", ID: "6"}, &blobstore.Image{Ref: blobstore.Ref{Name: "zsbak", ID: "x"}}, false},
+	} {
+		err := layer.CheckNamespace(tc.child, tc.parent)
+		if (err == nil) != tc.ok || (err != nil && !errors.Is(err, layer.ErrNamespace)) {
+			t.Errorf("CheckNamespace(%s, %v) = %v, want ok=%v", tc.child, tc.parent, err, tc.ok)
+		}
+	}
+	ls, bs := newStore(t)
+	ctx := context.Background()
+	data := []byte("dump")
+	_, err := ls.Commit(ctx, layer.Spec{
+		Record: layer.Record{Ref: blobstore.Ref{Name: "zsbak", ID: "7"}, Parent: baseVol, Format: "raw"},
+		Reader: bytes.NewReader(data), Size: int64(len(data)),
+	})
+	if !errors.Is(err, layer.ErrNamespace) {
+		t.Fatalf("Commit into zsbak on vol-base: %v", err)
+	}
+	if bs.Exists(digest.FromBytes(data)) {
+		t.Fatal("refused commit stored its blob")
+	}
+}

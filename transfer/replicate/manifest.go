@@ -132,6 +132,13 @@ func Validate(m oci.Manifest, c Config, name, tag string) (blobstore.Ref, error)
 		if img.Parent != want {
 			return blobstore.Ref{}, fmt.Errorf("%w: record %s has parent %q, chain says %q", oci.ErrManifestInvalid, img.Ref, img.Parent, want)
 		}
+		// A manifest pushed to one repository creates records in another
+		// only as the namespace rule allows (a top-mode base image).
+		if i > 0 {
+			if err := layer.CheckNamespace(img.Ref, &c.Chain[i-1]); err != nil {
+				return blobstore.Ref{}, fmt.Errorf("%w: %w", oci.ErrManifestInvalid, err)
+			}
+		}
 	}
 	top := c.Chain[len(c.Chain)-1].Ref
 	if top.Name != name || (tag != "" && top.ID != tag) {
