@@ -193,3 +193,43 @@ func (s *Store) sweep(d digest.Digest, now time.Time) (bool, error) {
 	delete(s.commits, d)
 	return true, nil
 }
+
+// Discard removes blob d right away if nothing uses it: no hold and no
+// image record names it. It is for a blob a refused operation created
+// (Writer.Created), so a refusal leaves nothing behind for GC; it reports
+// whether the blob was removed.
+func (s *Store) Discard(ctx context.Context, d digest.Digest) (bool, error) {
+	if err := validateDigest(d); err != nil {
+		return false, err
+	}
+	imgs, err := s.listImages(ctx, "")
+	if err != nil {
+		return false, err
+	}
+	for _, img := range imgs {
+		if img.Blob == d {
+			return false, nil
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holds[d] > 0 {
+		return false, nil
+	}
+	p := s.blobPath(d)
+	fi, err := os.Lstat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("blobstore: discard: %w", err)
+	}
+	if err := os.Remove(p); err != nil {
+		return false, fmt.Errorf("blobstore: discard: %w", err)
+	}
+	s.used -= fi.Size()
+	s.blobs--
+	delete(s.commits, d)
+	_ = fsutil.SyncDir(filepath.Dir(p))
+	return true, nil
+}

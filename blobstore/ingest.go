@@ -57,6 +57,7 @@ type Writer struct {
 	// commitFailed: Commit failed and closed the ingest, resumable; a
 	// Cancel after it still removes the ingest (see Cancel).
 	commitFailed bool
+	created      bool // Commit stored new bytes
 }
 
 // errSyncFailed marks the error of a failed data fsync.
@@ -421,10 +422,12 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 		return "", err
 	}
 	dropCache(w.f, w.durable, w.off)
-	if err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off); err != nil {
+	created, err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off)
+	if err != nil {
 		w.closeAfterFailedCommit()
 		return "", err
 	}
+	w.created = created
 	w.done = true
 	// The blob is durable; the ingest directory is garbage from here on,
 	// and Open/GC would clean it after a crash.
@@ -433,6 +436,10 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	_ = fsutil.SyncDir(filepath.Join(w.s.root, dirIngest))
 	return d, nil
 }
+
+// Created reports whether the Writer's Commit stored new bytes (false:
+// the content was already stored, and may belong to others).
+func (w *Writer) Created() bool { return w.created }
 
 // closeAfterFailedCommit closes the ingest, keeping its last good
 // checkpoint for a retry, and lets a Cancel still remove it.
@@ -443,7 +450,7 @@ func (w *Writer) closeAfterFailedCommit() {
 
 // commitBlob renames the fsynced data file into place (or drops it if the
 // blob already exists) under s.mu, so GC's sweep cannot interleave.
-func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size int64) error {
+func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size int64) (created bool, err error) {
 	path := s.blobPath(d)
 	dir := filepath.Dir(path)
 	now := time.Now()
@@ -455,16 +462,16 @@ func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size in
 		s.commits[d] = now
 		s.used -= size
 		s.mu.Unlock()
-		return nil
+		return false, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		s.mu.Unlock()
-		return mapSpace(err, "blobstore: create blob dir")
+		return false, mapSpace(err, "blobstore: create blob dir")
 	}
 	_ = f.Chmod(0o444) // blobs are immutable
 	if err := os.Rename(dataPath, path); err != nil {
 		s.mu.Unlock()
-		return mapSpace(err, "blobstore: commit blob")
+		return false, mapSpace(err, "blobstore: commit blob")
 	}
 	// The mtime is the commit time CommitGrace counts from after a restart.
 	_ = os.Chtimes(path, now, now)
@@ -472,12 +479,12 @@ func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size in
 	s.blobs++
 	s.mu.Unlock()
 	if err := fsutil.SyncDir(dir); err != nil {
-		return fmt.Errorf("blobstore: sync blob dir: %w", err)
+		return true, fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
 	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
-		return fmt.Errorf("blobstore: sync blob dir: %w", err)
+		return true, fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // IngestOffset returns the durable offset a new Writer for ref would resume

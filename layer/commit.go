@@ -55,7 +55,8 @@ type Spec struct {
 	// holds it. The record's virtual size is the byte size.
 	Blob digest.Digest
 	// Verify, if set, runs on the committed blob, held, before the record
-	// is made: its error leaves the blob unrecorded (GC frees it).
+	// is made: its error leaves the blob unrecorded, and removed if this
+	// Commit created it and nothing else uses it.
 	Verify func(ctx context.Context, l Layer) error
 }
 
@@ -66,13 +67,14 @@ const ingestBuffer = 1 << 20
 // import path does so:
 //
 //  1. ingest: the bytes go into the store (Content into an ingest that is
-//     committed with its size checked, or Reader through blobstore.Put;
-//     a Blob is there already); a failure removes the ingest;
+//     committed with its size checked, Reader the same way as it comes;
+//     a Blob is there already); a failure removes the ingest, and a blob
+//     this Commit created and then refused is removed (blobstore.Discard);
 //  2. hold: the new blob is held from its commit until the record exists,
 //     and the parent's blob for the whole call, so GC cannot free either
 //     whatever the store's commit grace;
 //  3. verify: a "qcow2" record's blob must pass the layer check against
-//     the parent (Check); bytes from Reader must be canonical (a qcow2,
+//     the parent (Check); bytes from Reader or Blob must be canonical (a qcow2,
 //     CheckCanonical) or not a qcow2 at all (CheckFormat); then
 //     spec.Verify runs;
 //  4. record: the image record is written (blobstore.PutImage) and logged.
@@ -92,34 +94,56 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 		defer release()
 	}
 	var l Layer
+	var created bool
 	var err error
 	switch {
-	case spec.Content != nil:
-		l, err = s.ingest(ctx, spec)
 	case spec.Blob != "":
 		var bi blobstore.BlobInfo
 		bi, err = s.blobs.Stat(ctx, spec.Blob)
 		l = Layer{Digest: spec.Blob, Size: bi.Size, VirtualSize: bi.Size}
+	case spec.Reader != nil:
+		if err := s.quotaAllows(spec.Size); err != nil {
+			return blobstore.Image{}, err
+		}
+		spec.Content, spec.Progress = opaque(spec.Reader, spec.Size), nil
+		l, created, err = s.ingest(ctx, spec)
 	default:
-		l.Digest, l.Size, err = s.blobs.Put(ctx, spec.Reader, spec.Size, "")
+		l, created, err = s.ingest(ctx, spec)
+	}
+	if err != nil {
+		return blobstore.Image{}, err
+	}
+	if spec.Reader != nil || spec.Blob != "" {
 		l.VirtualSize = l.Size
 		if spec.Format == "qcow2" {
 			l.VirtualSize = 0 // from the layer's header, by checkNew
 		}
 	}
-	if err != nil {
-		return blobstore.Image{}, err
-	}
 	release := s.blobs.Hold(l.Digest)
-	defer release()
+	img, err := s.verifyAndRecord(ctx, spec, l)
+	release()
+	if err != nil && created {
+		// A refusal leaves no blob behind (unless something else uses it
+		// by now: Discard checks holds and records).
+		if _, derr := s.blobs.Discard(ctx, l.Digest); derr != nil {
+			s.log.Warn("discarding a refused blob", "blob", l.Digest, "err", derr)
+		}
+	}
+	return img, err
+}
+
+// verifyAndRecord runs Commit's checks on the held blob l and records it.
+func (s *Store) verifyAndRecord(ctx context.Context, spec Spec, l Layer) (blobstore.Image, error) {
+	var err error
 	if spec.Format == "qcow2" {
 		if l.VirtualSize, err = s.checkNew(ctx, spec.Record, l); err != nil {
 			return blobstore.Image{}, err
 		}
 	}
-	// Content is our writer's output; bytes stored as they came must be
-	// what our writer would make of them (qcow2) or not be a qcow2 at all.
-	if spec.Reader != nil {
+	// Content is our writer's output; bytes stored as they came (Reader,
+	// Blob) must be what our writer would make of them (qcow2) or not be a
+	// qcow2 at all.
+	if spec.Reader != nil || spec.Blob != "" {
 		check := func() error { return CheckFormat(ctx, s.blobs, l.Digest, spec.Format) }
 		if spec.Format == "qcow2" {
 			check = func() error { return CheckCanonical(ctx, s.blobs, l.Digest) }
@@ -143,15 +167,50 @@ func btoi(b bool) int {
 	return 0
 }
 
-// ingest writes spec.Content into a fresh ingest and commits it.
-func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
+// quotaAllows checks, before any byte is read, that size more bytes
+// (< 0: unknown) fit the store's quota.
+func (s *Store) quotaAllows(size int64) error {
+	if size < 0 {
+		return nil
+	}
+	c, err := s.blobs.Capacity()
+	if err != nil {
+		return err
+	}
+	if c.Quota > 0 && c.Used+size > c.Quota {
+		return fmt.Errorf("layer: %w: %d bytes in use + %d > quota %d", blobstore.ErrQuotaExceeded, c.Used, size, c.Quota)
+	}
+	return nil
+}
+
+// opaque is the Content of Reader bytes stored as they are: exactly size
+// bytes when size ≥ 0.
+func opaque(r io.Reader, size int64) Content {
+	return func(ctx context.Context, w io.Writer) (int64, error) {
+		if size >= 0 {
+			r = io.LimitReader(r, size+1) // one more, to see a too-long stream
+		}
+		n, err := io.Copy(w, r)
+		if err != nil {
+			return n, err
+		}
+		if size >= 0 && n != size {
+			return n, fmt.Errorf("%w: %d bytes, expected %d", blobstore.ErrSizeMismatch, n, size)
+		}
+		return n, nil
+	}
+}
+
+// ingest writes spec.Content into a fresh ingest and commits it; it
+// reports whether the blob is new (see blobstore.Writer.Created).
+func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, bool, error) {
 	ref := spec.Ingest
 	if ref == "" {
 		ref = "layer-" + randomHex(12)
 	}
 	w, err := s.blobs.Writer(ctx, ref)
 	if err != nil {
-		return Layer{}, err
+		return Layer{}, false, err
 	}
 	var out io.Writer = w
 	if spec.Progress != nil {
@@ -165,14 +224,14 @@ func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, error) {
 	}
 	if err != nil {
 		_ = w.Cancel()
-		return Layer{}, err
+		return Layer{}, false, err
 	}
 	d, err := w.Commit(ctx, cw.N, "")
 	if err != nil {
 		_ = w.Cancel()
-		return Layer{}, fmt.Errorf("committing layer: %w", err)
+		return Layer{}, false, fmt.Errorf("committing layer: %w", err)
 	}
-	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, nil
+	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, w.Created(), nil
 }
 
 // checkNew checks a new qcow2 layer against the parent it is recorded on

@@ -197,8 +197,11 @@ func TestCommitOpaque(t *testing.T) {
 	if !errors.Is(err, refused) {
 		t.Fatalf("want the Verify error, got %v", err)
 	}
-	if !bs.Exists(verified.Digest) || verified.Size != int64(len(data)) || verified.VirtualSize != verified.Size {
+	if verified.Size != int64(len(data)) || verified.VirtualSize != verified.Size {
 		t.Fatalf("verify saw %+v", verified)
+	}
+	if bs.Exists(verified.Digest) {
+		t.Fatal("a refused commit left its blob behind")
 	}
 	if _, err := bs.GetImage(ctx, ref); !errors.Is(err, blobstore.ErrNotFound) {
 		t.Fatalf("refused blob was recorded: %v", err)
@@ -480,6 +483,9 @@ func TestCommitReaderMustBeCanonical(t *testing.T) {
 			_, gerr := bs.GetImage(ctx, ref)
 			if (tc.want == nil) != (gerr == nil) {
 				t.Fatalf("record after %v: %v", err, gerr)
+			}
+			if tc.want != nil && bs.Exists(digest.FromBytes(tc.data)) {
+				t.Fatal("a refused commit left its blob behind")
 			}
 		})
 	}

@@ -86,6 +86,13 @@ func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, na
 		start := w.Offset()
 		ts.progress(start)
 		err = e.download(ctx, ts, c, name, l, w, lim)
+		if errors.Is(err, oci.ErrTooLarge) {
+			// The peer streams more than it declared: what it sent is
+			// worth nothing, so no ingest stays behind to resume.
+			_ = w.Cancel()
+			ts.progress(-w.Offset())
+			return retry.Permanent(fmt.Errorf("fetch blob %s: %w", l.Digest, err))
+		}
 		if err != nil {
 			w.Close()
 			ts.progress(-w.Offset())

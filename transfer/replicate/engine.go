@@ -705,5 +705,15 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 		return err
 	}
 	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
+	if errors.Is(err, oci.ErrManifestInvalid) || errors.Is(err, ErrConflict) {
+		// Refused: the blobs this pull brought are nobody's (Discard
+		// keeps any that a record or a hold uses by now).
+		release()
+		for _, l := range todo {
+			if _, derr := e.st.Discard(context.WithoutCancel(ctx), l.Digest); derr != nil {
+				e.log.Warn("discarding a refused pull's blob", "blob", l.Digest, "err", derr)
+			}
+		}
+	}
 	return err
 }
