@@ -350,6 +350,17 @@ func TestE2EManagementNodeFlow(t *testing.T) {
 	}
 	runTool(t, "qemu-img", "compare", "-F", "raw", exported, vol)
 
+	// Image recovery: the management node posts pull to the store holding
+	// the image (src) with addr = the store to recover it on (dst), and
+	// polls dst.
+	for _, p := range []string{top, fullPath} {
+		b.mnAsync(t, m, "/imagestore/delete/", withContext(t, map[string]any{"installPath": p, "uuid": bsUUID}))
+	}
+	a.v1Task(t, "pull", withContext(t, map[string]any{"addr": strings.TrimPrefix(b.reg, "https://"), "ca": string(zs.CertPEM()), "name": name, "id": inc["id"]}), b)
+	if got := b.chainOf(t, m, top); fmt.Sprint(got) != fmt.Sprint(chain) {
+		t.Fatalf("chain recovered on dst %v, want %v", got, chain)
+	}
+
 	// gc keeps the chain, delete reports the capacity.
 	gc := a.mnAsync(t, m, "/imagestore/gc/", withContext(t, map[string]any{"imagesToKeep": []string{top}}))
 	if _, ok := gc["freed"].(float64); !ok {
