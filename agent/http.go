@@ -392,5 +392,9 @@ func (a *Agent) health(w http.ResponseWriter, _ *http.Request) {
 		replyErr(w, http.StatusServiceUnavailable, fmt.Errorf("store: %w", err))
 		return
 	}
+	if err := a.nbd.Err(); err != nil { // qemu-img or qemu-nbd missing: no NBD, no restore
+		reply(w, api.HealthReply{Status: "degraded", Reasons: []string{err.Error()}})
+		return
+	}
 	reply(w, api.HealthReply{Status: "ok"})
 }

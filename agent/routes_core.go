@@ -71,6 +71,9 @@ func (a *Agent) advertisedIPs(r *http.Request) []string {
 				add(ipn.IP)
 			}
 		}
+	} else {
+		// A sandbox without AF_NETLINK (rtnetlink lists the addresses).
+		a.log.Error("connect: cannot list the host's addresses", "err", err)
 	}
 	if len(out) == 0 {
 		if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {

@@ -139,7 +139,10 @@ type DebugSleepRequest struct {
 	Backup bool `json:"backup"` // take a parallelismDegree slot
 }
 
-// HealthReply answers PathHealth.
+// HealthReply answers PathHealth: "ok", or "degraded" (HTTP 200: the
+// store serves, some features cannot) with the reasons, e.g. qemu-img or
+// qemu-nbd missing. A store that cannot answer is HTTP 503.
 type HealthReply struct {
-	Status string `json:"status"` // "ok"
+	Status  string   `json:"status"` // "ok" or "degraded"
+	Reasons []string `json:"reasons,omitempty"`
 }

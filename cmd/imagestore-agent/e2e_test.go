@@ -69,7 +69,8 @@ type daemonOpts struct {
 	extra       string // more YAML
 	root        string // reuse a store (restart tests)
 	env         []string
-	profile     string // default imagestore: these tests exercise our own protections
+	profile     string   // default imagestore: these tests exercise our own protections
+	wrap        []string // argv prefix the daemon runs under (a sandbox)
 }
 
 func startDaemon(t *testing.T, o daemonOpts) *daemon {
@@ -105,7 +106,8 @@ token: %q
 		t.Fatal(err)
 	}
 	d := &daemon{t: t, root: o.root, token: o.token, done: make(chan struct{})}
-	d.cmd = exec.Command(agentBin, "-config", cfgPath)
+	argv := append(append([]string{}, o.wrap...), agentBin, "-config", cfgPath)
+	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Env = append(os.Environ(), o.env...)
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
