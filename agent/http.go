@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -392,9 +393,25 @@ func (a *Agent) health(w http.ResponseWriter, _ *http.Request) {
 		replyErr(w, http.StatusServiceUnavailable, fmt.Errorf("store: %w", err))
 		return
 	}
-	if err := a.nbd.Err(); err != nil { // qemu-img or qemu-nbd missing: no NBD, no restore
-		reply(w, api.HealthReply{Status: "degraded", Reasons: []string{err.Error()}})
+	if reasons := a.missingTools(); len(reasons) > 0 {
+		reply(w, api.HealthReply{Status: "degraded", Reasons: reasons})
 		return
 	}
 	reply(w, api.HealthReply{Status: "ok"})
+}
+
+// missingTools names the external programs the agent needs and cannot
+// find (NBD targets, restores and remote targets run qemu-img and
+// qemu-nbd), and an NBD service that failed to start for that reason.
+func (a *Agent) missingTools() []string {
+	var out []string
+	for _, tool := range []string{"qemu-img", "qemu-nbd"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			out = append(out, fmt.Sprintf("%s not found (%v): NBD backups, exports and restores fail; install qemu-utils", tool, err))
+		}
+	}
+	if err := a.nbd.Err(); err != nil && errors.Is(err, exec.ErrNotFound) {
+		out = append(out, fmt.Sprintf("NBD unavailable until the agent restarts: %v", err))
+	}
+	return out
 }
