@@ -5,6 +5,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"imagestore/agent/jobs"
+	"imagestore/internal/version"
 )
 
 // metrics holds every collector the agent exports. They live on the agent's
@@ -20,7 +21,24 @@ type metrics struct {
 	httpDuration   *prometheus.HistogramVec // route
 }
 
+// buildInfo is imagestore_build_info: 1, labelled with what the binary was
+// built from (internal/version), so a fleet's versions show in one query.
+func buildInfo() prometheus.Collector {
+	in := version.Get()
+	modified := "false"
+	if in.Modified {
+		modified = "true"
+	}
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "imagestore_build_info",
+		Help: "Always 1; the labels say which build is running.",
+	}, []string{"version", "revision", "modified", "goversion"})
+	g.WithLabelValues(in.Version, in.Revision, modified, in.GoVersion).Set(1)
+	return g
+}
+
 func newMetrics(reg *prometheus.Registry, capacity func() (storeStats, bool)) *metrics {
+	reg.MustRegister(buildInfo())
 	m := &metrics{
 		jobs: jobs.NewMetrics(),
 		bytesIngested: prometheus.NewCounter(prometheus.CounterOpts{

@@ -24,6 +24,7 @@ import (
 	"imagestore/agent"
 	"imagestore/agent/config"
 	"imagestore/blobstore"
+	"imagestore/internal/version"
 )
 
 func main() {
@@ -32,8 +33,9 @@ func main() {
 
 // options are flags that override the configuration when given.
 type options struct {
-	configPath  string
-	printConfig bool
+	configPath   string
+	printConfig  bool
+	printVersion bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (config.Config, options, error) {
@@ -43,6 +45,7 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	fs.StringVar(&o.configPath, "config", "", "YAML configuration file")
 	fs.BoolVar(&o.printConfig, "print-config", false, "print the effective configuration (secrets redacted) and exit")
 	profile := fs.String("profile", "", "defaults to start from: zstack (the management node's contract; the default) or imagestore")
+	fs.BoolVar(&o.printVersion, "version", false, "print the version and exit")
 	root := fs.String("root", "", "store root directory (default ./data)")
 	listen := fs.String("listen", "", "management protocol address (default :8001)")
 	regListen := fs.String("registry-listen", "", "registry address (default :8000)")
@@ -56,6 +59,9 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	logFormat := fs.String("log-format", "", "text or json")
 	if err := fs.Parse(args); err != nil {
 		return config.Config{}, o, err
+	}
+	if o.printVersion {
+		return config.Config{}, o, nil
 	}
 	if fs.NArg() > 0 {
 		return config.Config{}, o, fmt.Errorf("unexpected arguments %q", fs.Args())
@@ -112,6 +118,10 @@ func run(args []string, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
 		return 2
+	}
+	if o.printVersion {
+		fmt.Fprintln(os.Stdout, "imagestore-agent", version.String())
+		return 0
 	}
 	if o.printConfig {
 		fmt.Fprint(os.Stdout, cfg.String())
