@@ -24,6 +24,17 @@ var fuzzPaths = []string{
 	"/imagestore/setquota-sync/",
 	"/imagestore/imginfo-sync/",
 	"/imagestore/installpath/allocate",
+	"/imagestore/gc-sync/",
+	"/imagestore/delete-sync/",
+	"/imagestore/canceljob-sync/",
+	"/imagestore/import/cancel-sync/",
+	"/imagestore/getlocalfilesize-sync/",
+	"/imagestore/getlocalcachedir-sync/",
+	"/imagestore/dumpimagemetadatatofile-sync/",
+	"/imagestore/deleteimagesmetadata-sync/",
+	"/imagestore/getimagesmetadata-sync/",
+	"/imagestore/file/progress",
+	"/imagestore/archivedata-sync/",
 }
 
 // FuzzDecodeRequest posts arbitrary bodies: the agent never panics and
@@ -32,7 +43,9 @@ func FuzzDecodeRequest(f *testing.F) {
 	for _, s := range []string{"", "{}", "null", "[]", `{"uuid":"x"}`, `{"uuid":`, `{"expireHour":"5"}`,
 		`{"expireHour":-1}`, `{"expireHour":1e300}`, `{"maxCapacity":"1GiB"}`, `{"maxCapacity":null}`,
 		`{"taskuuid":"\u0000"}`, `{"installPath":"zstore://../x"}`, `{"parent":"zstore://a/b"}`,
-		`{"name":"../../etc"}`, "\xff\xfe", `{"uuid":"a"}{"uuid":"b"}`, strings.Repeat("[", 10000)} {
+		`{"name":"../../etc"}`, `{"imagesToKeep":["zstore://a/b","http://x/y",7]}`, `{"imagesToKeep":"x"}`,
+		`{"imageMetaData":"{\"uuid\":\"a\"}\nx","dumpAllMetaData":false}`, `{"imageUuid":"a"}`,
+		`{"cancellationApiId":"a","threadContext":{"api":5}}`, `{"path":"/etc/passwd"}`, `{"path":"../x"}`, "\xff\xfe", `{"uuid":"a"}{"uuid":"b"}`, strings.Repeat("[", 10000)} {
 		for i := range fuzzPaths {
 			f.Add(uint8(i), []byte(s))
 		}
