@@ -306,3 +306,83 @@ func TestCancelLeavesBitmapsAsBefore(t *testing.T) {
 	compareChain(t, filepath.Join(out, "inc-d0.qcow2"), filepath.Join(out, "full-d0.qcow2"), v.Snapshot(0, "r0"))
 	compareChain(t, filepath.Join(out, "inc-d1.qcow2"), filepath.Join(out, "full-d1.qcow2"), v.Snapshot(1, "r1"))
 }
+
+// The job's rate over the middle 80 % of its bytes is the speed asked for
+// (bytes per second), within ±10 %. Progress is read through the VM's
+// second monitor while the engine holds the first.
+func TestSpeedLimitHolds(t *testing.T) {
+	t.Parallel()
+	v := twoDisks(t)
+	ctx := context.Background()
+	out := t.TempDir()
+	e, _ := newEngine(t, v, Options{})
+	if _, err := e.Backup(ctx, drives(out, "full", Full, Full)); err != nil {
+		t.Fatal(err)
+	}
+	v.Write(1, 0, 32*mib, 0x81)
+	const speed = float64(8 * mib)
+	type sample struct {
+		at       time.Time
+		cur, tot int64
+	}
+	var samples []sample
+	done, stop := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			var jobs []struct {
+				ID     string `json:"id"`
+				Status string `json:"status"`
+				Cur    int64  `json:"current-progress"`
+				Tot    int64  `json:"total-progress"`
+			}
+			if err := v.Monitor().Execute(ctx, "query-jobs", nil, &jobs); err != nil {
+				return
+			}
+			at := time.Now()
+			for _, j := range jobs {
+				if j.ID == JobPrefix+"libvirt-1-format" {
+					samples = append(samples, sample{at, j.Cur, j.Tot})
+					if j.Status == "concluded" {
+						return
+					}
+				}
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	ds := drives(out, "inc", Auto, Auto)[1:]
+	ds[0].Speed = int64(speed)
+	_, err := e.Backup(ctx, ds)
+	close(stop)
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lo, hi *sample
+	for i := range samples {
+		s := &samples[i]
+		if s.tot != 32*mib {
+			continue
+		}
+		if lo == nil && s.cur >= s.tot/10 {
+			lo = s
+		}
+		if hi == nil && s.cur >= s.tot*9/10 {
+			hi = s
+		}
+	}
+	if lo == nil || hi == nil || hi.at.Sub(lo.at) <= 0 {
+		t.Fatalf("too few samples: %d", len(samples))
+	}
+	rate := float64(hi.cur-lo.cur) / hi.at.Sub(lo.at).Seconds()
+	if rate < 0.9*speed || rate > 1.1*speed {
+		t.Fatalf("rate over the middle 80%%: %.0f B/s, limit %d B/s", rate, int64(speed))
+	}
+	t.Logf("rate over the middle 80%%: %.2f MiB/s (limit %.0f MiB/s, %d samples)", rate/float64(mib), speed/float64(mib), len(samples))
+}
