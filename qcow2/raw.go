@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 )
 
@@ -80,6 +81,8 @@ func rawFileExtents(f *os.File, size int64) ([]Extent, error) {
 // zeros), and the file is given its full size: by Truncate(VirtualSize) when
 // w has that method, else by writing the last sector even when it is zero.
 // It returns the bytes written to w. w must start empty (holes read as zero).
+// The chain is read by parallel workers in 4 MiB pieces (memory: workers + 2
+// pieces), so decompression and remote reads overlap; writes stay in order.
 func FlattenRawSparse(ctx context.Context, w io.WriterAt, c *Chain) (int64, error) {
 	if c == nil {
 		return 0, fmt.Errorf("qcow2: flatten: nil chain")
@@ -89,32 +92,82 @@ func FlattenRawSparse(ctx context.Context, w io.WriterAt, c *Chain) (int64, erro
 		return 0, fmt.Errorf("qcow2: flatten: %w", err)
 	}
 	vsize := c.VirtualSize()
-	buf := make([]byte, wrChunkBytes)
 	var written int64
 	put := func(b []byte, off int64) error {
 		n, err := w.WriteAt(b, off)
 		written += int64(n)
 		return err
 	}
-	var dataEnd int64 // end of the last Data extent written
-	for _, e := range ext {
-		if e.Kind != Data {
-			continue
+	// Pieces of the Data extents, read by parallel workers (decompression
+	// and remote reads overlap), written strictly in order by this goroutine.
+	type piece struct {
+		off  int64
+		buf  []byte
+		done chan error
+	}
+	workers := wrWorkers()
+	free := make(chan []byte, workers+2)
+	for range cap(free) {
+		free <- make([]byte, wrChunkBytes)
+	}
+	jobs := make(chan *piece)
+	order := make(chan *piece, cap(free))
+	g, gctx := errgroup.WithContext(ctx)
+	var dataEnd int64 // end of the last Data extent
+	g.Go(func() error {
+		defer close(order)
+		defer close(jobs)
+		for _, e := range ext {
+			if e.Kind != Data {
+				continue
+			}
+			for off := e.Offset; off < e.End(); {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				pc := &piece{off: off, buf: buf[:min(int64(len(buf)), e.End()-off)], done: make(chan error, 1)}
+				order <- pc // never blocks: at most cap(free) pieces exist
+				select {
+				case jobs <- pc:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+				off += int64(len(pc.buf))
+			}
+			dataEnd = e.End()
 		}
-		for off := e.Offset; off < e.End(); {
-			if err := ctx.Err(); err != nil {
-				return written, err
+		return nil
+	})
+	for range workers {
+		g.Go(func() error {
+			for pc := range jobs {
+				pc.done <- wrReadFull(c, pc.buf, pc.off)
 			}
-			b := buf[:min(int64(len(buf)), e.End()-off)]
-			if err := wrReadFull(c, b, off); err != nil {
-				return written, err
+			return nil
+		})
+	}
+	g.Go(func() error {
+		for pc := range order {
+			select {
+			case err := <-pc.done:
+				if err != nil {
+					return err
+				}
+			case <-gctx.Done():
+				return gctx.Err()
 			}
-			if err := put(b, off); err != nil {
-				return written, err
+			if err := put(pc.buf, pc.off); err != nil {
+				return err
 			}
-			off += int64(len(b))
+			free <- pc.buf[:cap(pc.buf)]
 		}
-		dataEnd = e.End()
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return written, err
 	}
 	if dataEnd == vsize {
 		return written, nil
