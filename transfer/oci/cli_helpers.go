@@ -130,7 +130,7 @@ func (c *Client) patchBytes(ctx context.Context, loc string, p []byte, off int64
 		return err
 	}
 	drain(resp)
-	end, err := ParseRangeEnd(resp.Header.Get("Range"))
+	end, err := UploadOffset(resp.Header)
 	if err != nil {
 		return err
 	}

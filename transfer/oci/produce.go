@@ -149,7 +149,7 @@ func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer
 	if perr != nil {
 		return "", n, perr // the server answered before the producer finished
 	}
-	end, err := ParseRangeEnd(resp.Header.Get("Range"))
+	end, err := UploadOffset(resp.Header)
 	if err != nil {
 		return "", n, err
 	}

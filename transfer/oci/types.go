@@ -33,7 +33,10 @@ const (
 	HeaderEncodings     = "Imagestore-Encodings"
 	HeaderContentDigest = "Docker-Content-Digest"
 	HeaderUploadUUID    = "Docker-Upload-UUID"
-	HeaderAPIVersion    = "Docker-Distribution-API-Version"
+	// HeaderUploadOffset is the exact byte count of an upload, beside the
+	// spec's Range (whose "0-0" is ambiguous for 0 and 1 bytes).
+	HeaderUploadOffset = "Imagestore-Upload-Offset"
+	HeaderAPIVersion   = "Docker-Distribution-API-Version"
 )
 
 // MaxManifestSize bounds a manifest or config blob read into memory.

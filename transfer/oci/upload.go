@@ -168,7 +168,7 @@ func (c *Client) uploadStatus(ctx context.Context, loc string) (int64, string, e
 		return 0, "", err
 	}
 	drain(resp)
-	off, err := ParseRangeEnd(resp.Header.Get("Range"))
+	off, err := UploadOffset(resp.Header)
 	if err != nil {
 		return 0, "", err
 	}
@@ -178,9 +178,25 @@ func (c *Client) uploadStatus(ctx context.Context, loc string) (int64, string, e
 	return off, loc, nil
 }
 
+// UploadOffset is an upload's next offset from a response: our server's
+// exact HeaderUploadOffset when present, else the Range header
+// (ParseRangeEnd). The spec's "Range: 0-0" means both "empty" and "one
+// byte"; HeaderUploadOffset tells them apart.
+func UploadOffset(h http.Header) (int64, error) {
+	if v := h.Get(HeaderUploadOffset); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("oci: bad %s %q", HeaderUploadOffset, v)
+		}
+		return n, nil
+	}
+	return ParseRangeEnd(h.Get("Range"))
+}
+
 // ParseRangeEnd turns an upload "Range: 0-<last>" header into the next
-// offset (last+1). Our server omits the header for an empty upload (the
-// spec's "0-0" would be ambiguous); "0--1" is accepted as empty too.
+// offset (last+1); no header or "0--1" is an empty upload. A lone "0-0"
+// is read as one byte (servers that send it for an empty upload too are
+// ambiguous; ours also sends HeaderUploadOffset).
 func ParseRangeEnd(h string) (int64, error) {
 	h = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(h), "bytes="))
 	if h == "" {
@@ -252,7 +268,7 @@ func (c *Client) patch(ctx context.Context, loc string, src io.ReaderAt, offset,
 		return err
 	}
 	drain(resp)
-	end, err := ParseRangeEnd(resp.Header.Get("Range"))
+	end, err := UploadOffset(resp.Header)
 	if err != nil {
 		return err
 	}

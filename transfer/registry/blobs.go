@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -43,7 +44,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 		methodNotAllowed(w, "GET, HEAD")
 		return
 	}
-	d, err := digest.Parse(ref)
+	d, err := parseDigest(ref)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
 		return
@@ -116,9 +117,10 @@ func validSessionID(id string) bool {
 func (s *Server) uploadHeaders(w http.ResponseWriter, name, id string, off int64) {
 	w.Header().Set("Location", "/v2/"+name+"/blobs/uploads/"+id)
 	w.Header().Set(oci.HeaderUploadUUID, id)
-	if off > 0 {
-		w.Header().Set("Range", fmt.Sprintf("0-%d", off-1))
-	} // an empty upload has no Range: the spec's "0-0" would claim one byte
+	// The distribution spec's form: "0-<last byte>", and "0-0" for an
+	// empty upload too (clients read it as "nothing yet" there).
+	w.Header().Set("Range", fmt.Sprintf("0-%d", max(off-1, 0)))
+	w.Header().Set(oci.HeaderUploadOffset, strconv.FormatInt(off, 10))
 }
 
 func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request, name, id string) {
@@ -170,7 +172,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string
 		// Blobs are global in the store: a mount succeeds iff we hold it.
 		// The client then pushes a manifest naming the blob without
 		// uploading it, so hold it (before looking) long enough for that.
-		if d, err := digest.Parse(m); err == nil && s.holdMounted(d) {
+		if d, err := parseDigest(m); err == nil && s.holdMounted(d) {
 			w.Header().Set("Location", "/v2/"+name+"/blobs/"+d.String())
 			w.Header().Set(oci.HeaderContentDigest, d.String())
 			w.WriteHeader(http.StatusCreated)
@@ -178,7 +180,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string
 		}
 	}
 	if ds := q.Get("digest"); ds != "" {
-		d, err := digest.Parse(ds)
+		d, err := parseDigest(ds)
 		if err != nil {
 			writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
 			return
@@ -225,7 +227,8 @@ func (s *Server) requestBody(r *http.Request, limit int64) (io.ReadCloser, error
 	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
 	case "", "identity":
 		if limit >= 0 {
-			return io.NopCloser(io.LimitReader(r.Body, limit)), nil
+			// More than declared fails (oci.ErrTooLarge), never truncated.
+			return &strictBody{r: io.LimitReader(r.Body, limit+1), left: limit}, nil
 		}
 		return r.Body, nil
 	case "zstd":
@@ -259,8 +262,31 @@ func (b *boundedBody) Read(p []byte) (int, error) {
 
 func (b *boundedBody) Close() error { b.zr.Close(); return nil }
 
-// parseContentRange reads "start-end" (inclusive), optionally "bytes " prefixed.
-func parseContentRange(h string) (start, end int64, ok bool) {
+// strictBody is an identity body bounded to its declared length: a byte
+// more is an error, not silently dropped.
+type strictBody struct {
+	r    io.Reader
+	left int64
+}
+
+func (b *strictBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	if b.left < 0 {
+		return n + int(b.left), fmt.Errorf("%w: the body is longer than its declared size", oci.ErrTooLarge)
+	}
+	return n, err
+}
+
+func (b *strictBody) Close() error { return nil }
+
+// errShortBody: a chunk's body ended before the length it declared.
+var errShortBody = errors.New("body shorter than declared")
+
+// parseContentRange reads "start-end" (inclusive), optionally "bytes "
+// prefixed, and returns the start and the length (end-start+1, 0 for
+// "n-(n-1)"). An end of 2^63-1 is refused: its length would overflow.
+func parseContentRange(h string) (start, length int64, ok bool) {
 	h = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(h), "bytes"))
 	h, _, _ = strings.Cut(h, "/")
 	a, b, found := strings.Cut(strings.TrimSpace(h), "-")
@@ -269,10 +295,42 @@ func parseContentRange(h string) (start, end int64, ok bool) {
 	}
 	s, err1 := strconv.ParseInt(a, 10, 64)
 	e, err2 := strconv.ParseInt(b, 10, 64)
-	if err1 != nil || err2 != nil || s < 0 || e < s-1 {
+	if err1 != nil || err2 != nil || s < 0 || e < s-1 || e == math.MaxInt64 {
 		return 0, 0, false
 	}
-	return s, e, true
+	return s, e - s + 1, true
+}
+
+// chunkLimit is the length a chunk declares: its Content-Range (which
+// must start at off and, for an identity body, agree with Content-Length),
+// else its Content-Length; -1 if neither. A mismatch answers 400 (or 416
+// for the start) and returns ok false.
+func (s *Server) chunkLimit(w http.ResponseWriter, r *http.Request, name, id string, off int64) (limit int64, ok bool) {
+	identity := r.Header.Get("Content-Encoding") == ""
+	cr := r.Header.Get("Content-Range")
+	if cr == "" {
+		if identity && r.ContentLength >= 0 {
+			return r.ContentLength, true
+		}
+		return -1, true
+	}
+	start, n, valid := parseContentRange(cr)
+	if !valid {
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, "bad Content-Range", cr)
+		return 0, false
+	}
+	if start != off {
+		s.uploadHeaders(w, name, id, off)
+		writeError(w, http.StatusRequestedRangeNotSatisfiable, oci.CodeRangeInvalid,
+			fmt.Sprintf("upload is at offset %d, chunk starts at %d", off, start), nil)
+		return 0, false
+	}
+	if identity && r.ContentLength >= 0 && r.ContentLength != n {
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid,
+			fmt.Sprintf("Content-Length %d does not match the %d bytes of Content-Range %s", r.ContentLength, n, cr), nil)
+		return 0, false
+	}
+	return n, true
 }
 
 func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id string) {
@@ -282,22 +340,9 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 		return
 	}
 	defer wr.Close()
-	limit := int64(-1)
-	if cr := r.Header.Get("Content-Range"); cr != "" {
-		start, end, ok := parseContentRange(cr)
-		if !ok {
-			writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, "bad Content-Range", cr)
-			return
-		}
-		if start != wr.Offset() {
-			s.uploadHeaders(w, name, id, wr.Offset())
-			writeError(w, http.StatusRequestedRangeNotSatisfiable, oci.CodeRangeInvalid,
-				fmt.Sprintf("upload is at offset %d, chunk starts at %d", wr.Offset(), start), nil)
-			return
-		}
-		limit = end - start + 1
-	} else if r.Header.Get("Content-Encoding") == "" && r.ContentLength >= 0 {
-		limit = r.ContentLength
+	limit, ok := s.chunkLimit(w, r, name, id, wr.Offset())
+	if !ok {
+		return
 	}
 	body, err := s.requestBody(r, limit)
 	if err != nil {
@@ -308,6 +353,19 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 	before := wr.Offset()
 	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
 	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
+	if err == nil && limit >= 0 && wr.Offset()-before != limit {
+		// A body shorter than it declared: what arrived stays, the Range
+		// header says where the upload is.
+		err = fmt.Errorf("%w: the body has %d bytes, the request declared %d", errShortBody, wr.Offset()-before, limit)
+	}
+	if errors.Is(err, errShortBody) {
+		off := wr.Offset()
+		if cerr := wr.Close(); cerr == nil {
+			s.uploadHeaders(w, name, id, off)
+		}
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+		return
+	}
 	if err != nil {
 		// What arrived stays in the ingest; Close checkpoints it so the
 		// client resumes from the durable offset (GET on the upload).
@@ -329,7 +387,7 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 }
 
 func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id string) {
-	d, err := digest.Parse(r.URL.Query().Get("digest"))
+	d, err := parseDigest(r.URL.Query().Get("digest"))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, "PUT needs ?digest=: "+err.Error(), nil)
 		return
@@ -339,17 +397,10 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
 	}
-	limit := int64(-1)
-	if cr := r.Header.Get("Content-Range"); cr != "" {
-		start, end, ok := parseContentRange(cr)
-		if !ok || start != wr.Offset() {
-			wr.Close()
-			writeError(w, http.StatusRequestedRangeNotSatisfiable, oci.CodeRangeInvalid, "chunk does not start at the upload offset", cr)
-			return
-		}
-		limit = end - start + 1
-	} else if r.ContentLength >= 0 && r.Header.Get("Content-Encoding") == "" {
-		limit = r.ContentLength
+	limit, ok := s.chunkLimit(w, r, name, id, wr.Offset())
+	if !ok {
+		wr.Close()
+		return
 	}
 	body, err := s.requestBody(r, limit)
 	if err != nil {
@@ -361,8 +412,15 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
 	body.Close()
 	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
+	if err == nil && limit >= 0 && wr.Offset()-before != limit {
+		err = fmt.Errorf("%w: the body has %d bytes, the request declared %d", errShortBody, wr.Offset()-before, limit)
+	}
 	if err != nil {
 		wr.Close()
+		if errors.Is(err, errShortBody) || errors.Is(err, oci.ErrTooLarge) {
+			writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+			return
+		}
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
 	}

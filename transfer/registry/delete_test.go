@@ -179,7 +179,8 @@ func TestDeleteManifestRefusals(t *testing.T) {
 		{"unknown repository", "/v2/nope/manifests/l0", http.StatusNotFound, oci.CodeManifestUnknown, ""},
 		{"unknown digest", "/v2/base/manifests/sha256:" + strings.Repeat("0", 64), http.StatusNotFound, oci.CodeManifestUnknown, ""},
 		{"digest of another repository's manifest", "/v2/vm/manifests/" + baseDigest.String(), http.StatusNotFound, oci.CodeManifestUnknown, ""},
-		{"bad reference", "/v2/base/manifests/sha256:xyz", http.StatusBadRequest, oci.CodeNameInvalid, ""},
+		{"bad digest", "/v2/base/manifests/sha256:xyz", http.StatusBadRequest, oci.CodeDigestInvalid, ""},
+		{"bad tag", "/v2/base/manifests/-bad!", http.StatusNotFound, oci.CodeManifestUnknown, ""},
 		{"blob", "/v2/base/blobs/" + base[0].Blob.String(), http.StatusMethodNotAllowed, oci.CodeUnsupported, "GC"},
 	}
 	for _, c := range cases {

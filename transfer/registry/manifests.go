@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -21,24 +22,92 @@ import (
 // HEAD offer only chains whose blobs are all present, DELETE finds damaged
 // ones too (rendering does not depend on it, so the digest is the same).
 func (s *Server) resolve(ctx context.Context, name, ref string, checkBlobs bool) (*replicate.Rendered, error) {
-	if d, err := digest.Parse(ref); err == nil {
-		imgs, err := s.st.ListImages(ctx, name)
+	if strings.Contains(ref, ":") { // tags never hold a colon
+		d, err := parseDigest(ref)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", errDigestInvalid, err)
 		}
-		for _, img := range imgs {
-			rd, err := replicate.Render(ctx, s.st, img.Ref, checkBlobs)
-			if err == nil && rd.Digest == d {
-				return rd, nil
-			}
-		}
-		return nil, fmt.Errorf("%w: no manifest %s in %s", blobstore.ErrNotFound, d, name)
+		return s.resolveDigest(ctx, name, d, checkBlobs)
 	}
 	ir := blobstore.Ref{Name: name, ID: ref}
 	if err := ir.Validate(); err != nil {
+		// A tag we could never have answered is simply unknown.
+		return nil, fmt.Errorf("%w: tag %q: %w", blobstore.ErrNotFound, ref, err)
+	}
+	rd, err := replicate.Render(ctx, s.st, ir, checkBlobs)
+	if err == nil {
+		s.rememberDigest(rd)
+	}
+	return rd, err
+}
+
+// errDigestInvalid: a manifest reference that is a malformed or
+// unsupported digest.
+var errDigestInvalid = errors.New("invalid digest")
+
+// resolveDigest finds the image of name whose manifest has digest d. Each
+// rendered manifest's digest is remembered (records are immutable), so a
+// lookup costs one render of the found chain, not a render of every
+// chain in the repository; a miss renders the repository's images from
+// one listing, in memory, and remembers them all.
+func (s *Server) resolveDigest(ctx context.Context, name string, d digest.Digest, checkBlobs bool) (*replicate.Rendered, error) {
+	if ref, ok := s.digestRef(d); ok && ref.Name == name {
+		if rd, err := replicate.Render(ctx, s.st, ref, checkBlobs); err == nil && rd.Digest == d {
+			return rd, nil
+		}
+	}
+	imgs, err := s.st.ListImages(ctx, name)
+	if err != nil {
 		return nil, err
 	}
-	return replicate.Render(ctx, s.st, ir, checkBlobs)
+	known := make(map[string]blobstore.Image, len(imgs))
+	for _, img := range imgs {
+		known[img.Ref.String()] = img
+	}
+	for _, img := range imgs {
+		base, ok := chainFrom(ctx, s.st, known, img)
+		if !ok {
+			continue
+		}
+		rd, err := replicate.RenderChain(img.Ref, base)
+		if err != nil {
+			continue
+		}
+		s.rememberDigest(rd)
+		if rd.Digest == d {
+			return replicate.Render(ctx, s.st, img.Ref, checkBlobs)
+		}
+	}
+	return nil, fmt.Errorf("%w: no manifest %s in %s", blobstore.ErrNotFound, d, name)
+}
+
+// chainFrom is img's chain, base first, from known records (filled from
+// the store for parents in other namespaces).
+func chainFrom(ctx context.Context, st *blobstore.Store, known map[string]blobstore.Image, img blobstore.Image) ([]blobstore.Image, bool) {
+	var top []blobstore.Image
+	for cur := img; ; {
+		top = append(top, cur)
+		if cur.Parent == "" {
+			break
+		}
+		if len(top) > blobstore.MaxChainDepth {
+			return nil, false
+		}
+		p, ok := known[cur.Parent]
+		if !ok {
+			r, err := blobstore.ParseRef(cur.Parent)
+			if err != nil {
+				return nil, false
+			}
+			if p, err = st.GetImage(ctx, r); err != nil {
+				return nil, false
+			}
+			known[cur.Parent] = p
+		}
+		cur = p
+	}
+	slices.Reverse(top)
+	return top, true
 }
 
 func (s *Server) serveManifest(w http.ResponseWriter, r *http.Request, name, ref string) {
@@ -46,6 +115,10 @@ func (s *Server) serveManifest(w http.ResponseWriter, r *http.Request, name, ref
 	case http.MethodGet, http.MethodHead:
 		rd, err := s.resolve(r.Context(), name, ref, true)
 		if err != nil {
+			if errors.Is(err, errDigestInvalid) {
+				writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+				return
+			}
 			if errors.Is(err, replicate.ErrIncomplete) {
 				// A chain with a quarantined or lost blob is not offered.
 				writeError(w, http.StatusNotFound, oci.CodeManifestUnknown, err.Error(), nil)
@@ -79,6 +152,10 @@ func (s *Server) serveManifest(w http.ResponseWriter, r *http.Request, name, ref
 func (s *Server) deleteManifest(w http.ResponseWriter, r *http.Request, name, ref string) {
 	ctx := r.Context()
 	rd, err := s.resolve(ctx, name, ref, false)
+	if errors.Is(err, errDigestInvalid) {
+		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+		return
+	}
 	if err != nil {
 		storeError(w, err, oci.CodeManifestUnknown)
 		return
@@ -129,7 +206,12 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, name, ref s
 	}
 	md := digest.FromBytes(body)
 	tag := ref
-	if d, err := digest.Parse(ref); err == nil {
+	if strings.Contains(ref, ":") {
+		d, err := parseDigest(ref)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, err.Error(), nil)
+			return
+		}
 		if d != md {
 			writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, "manifest does not match the digest it was pushed under", nil)
 			return
@@ -165,15 +247,39 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, name, ref s
 		storeError(w, err, oci.CodeManifestInvalid)
 		return
 	}
+	if tag == "" {
+		// Pushed under a digest: it must be the digest we will serve the
+		// records under, checked before anything is recorded.
+		if want, err := replicate.RenderChain(cfg.Chain[len(cfg.Chain)-1].Ref, cfg.Chain); err == nil && want.Digest != md {
+			writeError(w, http.StatusBadRequest, oci.CodeManifestInvalid,
+				fmt.Sprintf("this store serves these records as manifest %s, not %s: push under a tag, or push that manifest", want.Digest, md), nil)
+			return
+		}
+	}
 	top, err := replicate.Apply(ctx, s.st, m, cfg, name, tag)
 	if err != nil {
 		s.log.Warn("manifest refused", "repository", name, "ref", ref, "err", err)
 		storeError(w, err, oci.CodeManifestInvalid)
 		return
 	}
-	s.log.Info("image received", "image", top.String(), "layers", len(m.Layers))
-	w.Header().Set("Location", "/v2/"+name+"/manifests/"+md.String())
-	w.Header().Set(oci.HeaderContentDigest, md.String())
+	// We serve manifests rendered from the records, so the digest we
+	// answer is the rendered one: the one a GET returns. A client that
+	// pushed other bytes (another field order, spacing) under a tag gets
+	// that digest; one that pushed under a digest must have pushed them.
+	rd, err := replicate.Render(ctx, s.st, top, false)
+	if err != nil {
+		storeError(w, err, oci.CodeManifestInvalid)
+		return
+	}
+	s.rememberDigest(rd)
+	if tag == "" && rd.Digest != md {
+		writeError(w, http.StatusBadRequest, oci.CodeManifestInvalid,
+			fmt.Sprintf("the records are stored, but this store serves them as manifest %s: push under a tag, or push that manifest", rd.Digest), nil)
+		return
+	}
+	s.log.Info("image received", "image", top.String(), "layers", len(m.Layers), "manifest", rd.Digest.String())
+	w.Header().Set("Location", "/v2/"+name+"/manifests/"+rd.Digest.String())
+	w.Header().Set(oci.HeaderContentDigest, rd.Digest.String())
 	w.Header().Set("Content-Length", "0")
 	w.WriteHeader(http.StatusCreated)
 }

@@ -11,9 +11,11 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 
@@ -47,7 +49,8 @@ type Server struct {
 	m   *replicate.Metrics
 
 	mu      sync.Mutex
-	configs map[digest.Digest][]byte // rendered config blobs, served as blobs
+	configs map[digest.Digest][]byte        // rendered config blobs, served as blobs
+	digests map[digest.Digest]blobstore.Ref // rendered manifest → its image (a hint, checked on use)
 }
 
 // New builds a Server.
@@ -64,7 +67,27 @@ func New(o Options) (*Server, error) {
 	if o.MaxBodyBytes <= 0 {
 		o.MaxBodyBytes = 1 << 20
 	}
-	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}}, nil
+	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{}}, nil
+}
+
+// maxDigests bounds the manifest digest hints (a miss costs one scan of
+// the repository's records, in memory).
+const maxDigests = 1 << 16
+
+func (s *Server) rememberDigest(rd *replicate.Rendered) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.digests) >= maxDigests {
+		clear(s.digests)
+	}
+	s.digests[rd.Digest] = rd.Ref
+}
+
+func (s *Server) digestRef(d digest.Digest) (blobstore.Ref, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.digests[d]
+	return r, ok
 }
 
 // maxConfigs bounds the in-memory cache of rendered config blobs.
@@ -177,37 +200,71 @@ func storeError(w http.ResponseWriter, err error, notFoundCode string) {
 	}
 }
 
-// serveV2 routes /v2/<name>/{blobs,manifests,tags}/… Names are one path
-// component (blobstore.ValidateName), so the split is unambiguous; a
-// repository named "_catalog" is still reachable, as its paths are longer
-// than /v2/_catalog.
+// serveV2 routes /v2/<name>/{blobs,manifests,tags}/… A name may hold
+// "/" in the distribution grammar, so the route is found from the end
+// (the last blobs/manifests/tags segment that makes a whole route). Our
+// repositories are image namespaces, one path component
+// (blobstore.ValidateName): a grammatical multi-component name is unknown
+// to reads (NAME_UNKNOWN) and invalid for writes (NAME_INVALID).
 func (s *Server) serveV2(w http.ResponseWriter, r *http.Request) {
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v2/"), "/")
-	if len(parts) < 3 {
+	i := routeStart(parts)
+	if i < 1 {
 		writeError(w, http.StatusNotFound, oci.CodeNameInvalid, "unknown path", r.URL.Path)
 		return
 	}
-	name := parts[0]
+	name, rest := strings.Join(parts[:i], "/"), parts[i:]
+	if i > 1 {
+		if !repoGrammar.MatchString(name) {
+			writeError(w, http.StatusBadRequest, oci.CodeNameInvalid, "repository name does not follow the distribution grammar", name)
+			return
+		}
+		msg := "this store's repositories are image namespaces: one path component"
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			writeError(w, http.StatusNotFound, oci.CodeNameUnknown, msg, name)
+		} else {
+			writeError(w, http.StatusBadRequest, oci.CodeNameInvalid, msg, name)
+		}
+		return
+	}
 	if err := blobstore.ValidateName(name); err != nil {
 		writeError(w, http.StatusNotFound, oci.CodeNameInvalid, err.Error(), nil)
 		return
 	}
 	switch {
-	case parts[1] == "blobs" && parts[2] == "uploads" && len(parts) <= 4:
+	case rest[0] == "blobs" && rest[1] == "uploads":
 		id := ""
-		if len(parts) == 4 {
-			id = parts[3]
+		if len(rest) == 3 {
+			id = rest[2]
 		}
 		s.serveUpload(w, r, name, id)
-	case parts[1] == "blobs" && len(parts) == 3:
-		s.serveBlob(w, r, name, parts[2])
-	case parts[1] == "manifests" && len(parts) == 3:
-		s.serveManifest(w, r, name, parts[2])
-	case parts[1] == "tags" && parts[2] == "list" && len(parts) == 3:
-		s.serveTags(w, r, name)
+	case rest[0] == "blobs":
+		s.serveBlob(w, r, name, rest[1])
+	case rest[0] == "manifests":
+		s.serveManifest(w, r, name, rest[1])
 	default:
-		writeError(w, http.StatusNotFound, oci.CodeUnsupported, "unknown path", r.URL.Path)
+		s.serveTags(w, r, name)
 	}
+}
+
+// repoGrammar is the distribution spec's repository name grammar.
+var repoGrammar = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
+
+// routeStart is the index of the last segment of parts that begins a
+// whole route (blobs/<d>, blobs/uploads[/<id>], manifests/<ref>,
+// tags/list), or -1.
+func routeStart(parts []string) int {
+	for i := len(parts) - 2; i >= 1; i-- {
+		rest := parts[i:]
+		switch {
+		case rest[0] == "blobs" && rest[1] == "uploads" && len(rest) <= 3,
+			rest[0] == "blobs" && len(rest) == 2,
+			rest[0] == "manifests" && len(rest) == 2,
+			rest[0] == "tags" && rest[1] == "list" && len(rest) == 2:
+			return i
+		}
+	}
+	return -1
 }
 
 func methodNotAllowed(w http.ResponseWriter, allow string) {
@@ -224,4 +281,17 @@ func newSessionID() string {
 // zstdDecoder bounds a zstd request body: memory by the window, output by limit.
 func zstdDecoder(r io.Reader) (*zstd.Decoder, error) {
 	return zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(256<<20), zstd.WithDecoderMaxWindow(64<<20))
+}
+
+// parseDigest parses a digest the store can hold: sha256 only (a sha512
+// digest, valid elsewhere, is DIGEST_INVALID here).
+func parseDigest(s string) (digest.Digest, error) {
+	d, err := digest.Parse(s)
+	if err != nil {
+		return "", err
+	}
+	if d.Algorithm() != digest.SHA256 {
+		return "", fmt.Errorf("digest %s: only sha256 digests are supported", s)
+	}
+	return d, nil
 }

@@ -69,6 +69,12 @@ func layerMediaType(img blobstore.Image) string {
 	return oci.MediaTypeBlobLayer
 }
 
+// RenderChain renders ref's manifest from its chain's records, base
+// first (what Render reads from the store), for a caller that holds them.
+func RenderChain(ref blobstore.Ref, base []blobstore.Image) (*Rendered, error) {
+	return renderChain(ref, base)
+}
+
 func renderChain(ref blobstore.Ref, base []blobstore.Image) (*Rendered, error) {
 	cfg, err := json.Marshal(Config{Imagestore: ConfigVersion, Chain: base})
 	if err != nil {
