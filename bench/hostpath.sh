@@ -69,7 +69,11 @@ t0=$(now); cat "$DIR/vol.qcow2" > "$DIR/disk.out" && sync; t1=$(now)
 T_disk=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; sync
 # --- qemu-img convert: a full copy, and the chain to raw.
 timed qconv qemu-img convert -f qcow2 -O qcow2 "$DIR/vol.qcow2" "$DIR/conv.qcow2"; rm -f "$DIR/conv.qcow2"
+# qemu-img convert's default cache mode for its output is unsafe (no flush);
+# pull fsyncs DST before the rename, so the ratio is against -t writeback
+# (flushed at the end), the same durability; the unflushed rate is shown too.
 timed qraw qemu-img convert -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
+timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
 
 # --- ours: a fresh store per mode.
 # ours MODE: full push, delta push, pull -format raw; sets P_*, stored bytes.
@@ -146,7 +150,7 @@ for m in "${MODES[@]}"; do
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
   echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw | pull -format raw of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qraw" "$tr")× qemu-img convert) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qraw")$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| restore the newest backup as raw | pull -format raw of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qrawf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qrawf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
