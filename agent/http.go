@@ -317,6 +317,11 @@ func (a *Agent) dispatch(w http.ResponseWriter, r *http.Request) string {
 		a.serveExport(w, r)
 		return exports.URLPrefix + "{file}"
 	}
+	if strings.HasPrefix(r.URL.Path, api.PathUpload) && len(r.URL.Path) > len(api.PathUpload) {
+		// An upload URL is a capability too (see serveUploadSession).
+		a.serveUploadSession(w, r)
+		return api.PathUpload + "{imageUuid}/{session}"
+	}
 	if !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="imagestore"`)
 		replyErr(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token (send Authorization: Bearer <token>)"))

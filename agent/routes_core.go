@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -157,7 +158,11 @@ func (a *Agent) progress(w http.ResponseWriter, r *http.Request) {
 	reply(w, rep)
 }
 
-// progressReply is a job as progress reports it.
+// progressReply is a job as progress reports it (PROTOCOL note B3):
+// actualSize is the whole file's size as soon as it is known,
+// downloadSize the bytes received so far (where an upload resumes),
+// lastOpTime when bytes last arrived; once the job succeeded, size is the
+// image's virtual size and actualSize its stored size.
 func progressReply(in jobs.Info) api.ProgressReply {
 	pct := 0
 	if in.Total > 0 {
@@ -170,15 +175,24 @@ func progressReply(in jobs.Info) api.ProgressReply {
 	if in.Started != nil {
 		last = *in.Started
 	}
+	if in.LastOp.After(last) {
+		last = in.LastOp
+	}
 	if in.Ended != nil {
 		last = *in.Ended
 	}
-	return api.ProgressReply{
+	rep := api.ProgressReply{
 		Completed: in.State.Finished(), Progress: pct,
-		Size: in.Total, ActualSize: in.Done, DownloadSize: in.Done,
+		ActualSize: in.Total, DownloadSize: in.Done,
 		InstallPath: in.InstallPath, Format: in.Format,
 		LastOpTime: last.UnixMilli(), State: api.JobState(in.State), TaskUUID: in.ID,
 	}
+	var done api.ImportReply
+	if in.State == jobs.Succeeded && json.Unmarshal(in.Result, &done) == nil && done.InstallPath != "" {
+		rep.Size, rep.ActualSize = done.VirtualSize, done.Size
+		rep.InstallPath, rep.Format = done.InstallPath, done.Format
+	}
+	return rep
 }
 
 // jobInfo is a job as job/list, job/get and job/cancel report it.

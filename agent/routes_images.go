@@ -60,6 +60,11 @@ func (a *Agent) importDatabaseBackup(w http.ResponseWriter, r *http.Request, req
 	})
 }
 
+// ingestURLRequest is an import request for ingest.ImportURL, in job task.
+func ingestURLRequest(task string, req api.ImportRequest) ingest.URLRequest {
+	return ingest.URLRequest{Task: task, ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc}
+}
+
 // importURL downloads an image (http(s), sftp, file, or an upload stream
 // from the host CLI) and stores it as a canonical standalone layer.
 func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
@@ -68,10 +73,12 @@ func (a *Agent) importURL(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		_, err = ingest.CheckSource(req.ImgURL)
 	}
+	if err == nil && ingest.IsUploadSession(req.ImgURL, req.ImageUUID) {
+		a.importUploadSession(w, r, req)
+		return
+	}
 	a.async(w, r, JobSpec{Kind: "import", Backup: true, Err: err, ImageUUID: firstNonEmpty(req.ImageUUID, req.Name)}, func(ctx context.Context, job *jobs.Job) (any, error) {
-		img, err := a.ingest.ImportURL(ctx, ingest.URLRequest{
-			Task: job.ID(), ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc,
-		}, job)
+		img, err := a.ingest.ImportURL(ctx, ingestURLRequest(job.ID(), req), job)
 		if err != nil {
 			return nil, err
 		}

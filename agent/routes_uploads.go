@@ -1,12 +1,17 @@
 package agent
 
 import (
+	"context"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
 	"imagestore/agent/api"
+	"imagestore/agent/jobs"
 	"imagestore/agent/uploads"
 )
 
@@ -56,6 +61,11 @@ func (a *Agent) uploadChunk(w http.ResponseWriter, r *http.Request) {
 		Body:            r.Body,
 		SetReadDeadline: rc.SetReadDeadline,
 	})
+	writeChunkResult(w, res, err)
+}
+
+// writeChunkResult answers an upload chunk.
+func writeChunkResult(w http.ResponseWriter, res uploads.ChunkResult, err error) {
 	rep := api.UploadReply(res)
 	switch {
 	case errors.Is(err, uploads.ErrNoUpload):
@@ -69,4 +79,168 @@ func (a *Agent) uploadChunk(w http.ResponseWriter, r *http.Request) {
 	default:
 		reply(w, rep)
 	}
+}
+
+// uploadSessionKind is the job kind of a management-node upload:// import
+// receiving its bytes at its upload URL.
+const uploadSessionKind = "upload"
+
+// sessionWait bounds how long a chunk that arrives before its upload job
+// is ready to receive waits for it.
+const sessionWait = 10 * time.Second
+
+// serveUploadSession receives the bytes of a management-node upload://
+// import at its upload URL, PathUpload + <imageUuid>/<session>: the URL
+// is its own credential (the session is 128 random bits), like an export
+// URL, so the browser sends no bearer token. It takes a whole file in one
+// PUT or POST, or sequential chunks that state their offset
+// (Upload-Offset, Content-Range, or the Ceph agent's X-Slice-Offset) and
+// the total size (Upload-Length, Content-Range, X-Image-Size); a chunk at
+// another offset gets 409 with the offset to resume from.
+func (a *Agent) serveUploadSession(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Access-Control-Allow-Origin", "*")
+	switch r.Method {
+	case http.MethodOptions: // a browser's CORS preflight
+		h.Set("Access-Control-Allow-Methods", "PUT, POST, OPTIONS")
+		h.Set("Access-Control-Allow-Headers", "*")
+		h.Set("Access-Control-Max-Age", "600")
+		w.WriteHeader(http.StatusNoContent)
+		return
+	case http.MethodPut, http.MethodPost:
+	default:
+		h.Set("Allow", "PUT, POST, OPTIONS")
+		replyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on an upload URL (PUT or POST)", r.Method))
+		return
+	}
+	imageUUID, id, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathUpload), "/")
+	job, ok := a.jobs.Get(id)
+	if !isSessionID(id) || !ok || job.Info().Kind != uploadSessionKind || job.Info().ImageUUID != imageUUID {
+		replyErr(w, http.StatusNotFound, uploads.ErrNoUpload)
+		return
+	}
+	c, err := sessionChunk(r)
+	if err != nil {
+		replyErr(w, http.StatusBadRequest, err)
+		return
+	}
+	c.ID = id
+	c.SetReadDeadline = http.NewResponseController(w).SetReadDeadline
+	// The job registers its session as it starts: a first chunk may come
+	// before.
+	ctx, cancel := context.WithTimeout(r.Context(), sessionWait)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for waiting, _ := a.uploads.Receiving(id); !waiting; waiting, _ = a.uploads.Receiving(id) {
+		select {
+		case <-ctx.Done():
+			replyErr(w, http.StatusNotFound, fmt.Errorf("%w: upload %s is not receiving", uploads.ErrNoUpload, id))
+			return
+		case <-job.Done():
+			replyErr(w, http.StatusNotFound, fmt.Errorf("%w: upload %s is over", uploads.ErrNoUpload, id))
+			return
+		case <-tick.C:
+		}
+	}
+	res, err := a.uploads.Put(r.Context(), c)
+	writeChunkResult(w, res, err)
+}
+
+func isSessionID(s string) bool {
+	_, err := hex.DecodeString(s)
+	return len(s) == 32 && err == nil
+}
+
+// sessionChunk reads a chunk's offset, total size and completeness from
+// the headers of the upload forms serveUploadSession accepts. Without an
+// offset the body is the whole file.
+func sessionChunk(r *http.Request) (uploads.Chunk, error) {
+	c := uploads.Chunk{Length: r.ContentLength, Body: r.Body}
+	hdr := func(names ...string) string {
+		for _, n := range names {
+			if v := strings.TrimSpace(r.Header.Get(n)); v != "" {
+				return v
+			}
+		}
+		return ""
+	}
+	num := func(name, v string) (int64, error) {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return 0, fmt.Errorf("%w: header %s %q is not a byte count", uploads.ErrBadChunk, name, v)
+		}
+		return n, nil
+	}
+	var err error
+	if v := hdr(api.HeaderUploadLength, "X-Image-Size"); v != "" {
+		if c.Total, err = num("Upload-Length/X-Image-Size", v); err != nil {
+			return c, err
+		}
+	}
+	c.Offset = hdr(api.HeaderUploadOffset, "X-Slice-Offset")
+	if cr := r.Header.Get("Content-Range"); cr != "" && c.Offset == "" {
+		// bytes <first>-<last>/<total or *>
+		var first, last int64
+		var total string
+		if _, err := fmt.Sscanf(cr, "bytes %d-%d/%s", &first, &last, &total); err != nil || first < 0 || last < first {
+			return c, fmt.Errorf("%w: Content-Range %q", uploads.ErrBadChunk, cr)
+		}
+		c.Offset = strconv.FormatInt(first, 10)
+		if total != "*" {
+			if c.Total, err = num("Content-Range", total); err != nil {
+				return c, err
+			}
+		}
+	}
+	off := int64(0)
+	switch {
+	case c.Offset == "":
+		// One body with the whole file.
+		c.Offset, c.Complete = "0", true
+		if c.Total == 0 && c.Length > 0 {
+			c.Total = c.Length
+		}
+	default:
+		if off, err = num("offset", c.Offset); err != nil {
+			return c, err
+		}
+	}
+	if strings.EqualFold(r.Header.Get(api.HeaderUploadComplete), "true") ||
+		c.Total > 0 && c.Length >= 0 && off+c.Length == c.Total {
+		c.Complete = true
+	}
+	return c, nil
+}
+
+// importUploadSession answers a management-node upload:// import
+// (upload://<imageUuid>/<file>) at once, as the management node expects:
+// name, the upload URL in blobsum (absolute, built from the request's
+// Host), size 0 and capacity. The bytes then arrive at that URL
+// (serveUploadSession) for an upload job of their own, which the
+// management node follows through /imagestore/progress/ by imageUuid.
+func (a *Agent) importUploadSession(w http.ResponseWriter, r *http.Request, req api.ImportRequest) {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	base := scheme + "://" + r.Host
+	var apiID string // the upload job is what import/cancel and canceljob-sync stop
+	if m, ok := r.Context().Value(ctxMeta).(*reqMeta); ok {
+		apiID = m.api
+	}
+	a.async(w, r, JobSpec{Kind: "import"}, func(ctx context.Context, job *jobs.Job) (any, error) {
+		id := randomHex(16)
+		run := func(ctx context.Context, uj *jobs.Job) ([]byte, error) {
+			img, err := a.ingest.ImportURL(ctx, ingestURLRequest(id, req), uj)
+			if err != nil {
+				return nil, err
+			}
+			return replyBody(importReplyFor(img, a.capacity()), nil), nil
+		}
+		if _, _, err := a.jobs.Submit(jobs.Spec{ID: id, Kind: uploadSessionKind, API: apiID, ImageUUID: req.ImageUUID}, run); err != nil {
+			return nil, err
+		}
+		return api.ImportReply{Capacity: a.capacity(), Name: req.Name, Blobsum: base + api.PathUpload + req.ImageUUID + "/" + id}, nil
+	})
 }

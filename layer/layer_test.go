@@ -239,6 +239,14 @@ func TestCommitBlob(t *testing.T) {
 	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "2"}, Format: "qcow2"}, Blob: d}); !errors.Is(err, layer.ErrInvalid) {
 		t.Fatalf("a non-qcow2 blob recorded as qcow2: %v", err)
 	}
+	// A qcow2 blob is never recorded as something else (qemu would open it).
+	qd, _, err := bs.Put(ctx, bytes.NewReader(append([]byte("QFI\xfb"), make([]byte, 4092)...)), 4096, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "5"}, Format: "raw"}, Blob: qd}); err == nil {
+		t.Fatal("a qcow2 blob recorded as raw")
+	}
 	if _, err := ls.Commit(ctx, layer.Spec{Record: layer.Record{Ref: blobstore.Ref{Name: "img", ID: "3"}, Format: "raw"}, Blob: digest.Digest("sha256:" + strings.Repeat("0", 64))}); !errors.Is(err, blobstore.ErrNotFound) {
 		t.Fatalf("a missing blob: %v", err)
 	}

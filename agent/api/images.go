@@ -17,6 +17,7 @@ const (
 	HeaderTaskUUID       = "taskuuid"        // the upload:// import's taskuuid
 	HeaderUploadOffset   = "Upload-Offset"   // where the chunk starts: the bytes received so far
 	HeaderUploadComplete = "Upload-Complete" // "true" on the last chunk
+	HeaderUploadLength   = "Upload-Length"   // the whole upload's size (upload URLs of upload://<imageUuid>/<file>)
 )
 
 // ImageInfo is the protocol's image info.

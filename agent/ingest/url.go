@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strings"
 
 	"github.com/opencontainers/go-digest"
 
@@ -51,6 +52,15 @@ func CheckSource(imgurl string) (*url.URL, error) {
 		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redact.URL(u.String()), u.Scheme)
 	}
 	return u, nil
+}
+
+// IsUploadSession reports whether imgurl is the management node's form of
+// an upload:// import, upload://<imageUuid>/<file>, whose bytes arrive
+// later at an upload URL of their own; a bare upload://<name> is streamed
+// by the host CLI as chunks of the import's taskuuid.
+func IsUploadSession(imgurl, imageUUID string) bool {
+	u, err := url.Parse(imgurl)
+	return err == nil && u.Scheme == "upload" && imageUUID != "" && u.Host == imageUUID && strings.Trim(u.Path, "/") != ""
 }
 
 // redactURLError drops a *url.Error's URL, which may hold a password.

@@ -53,6 +53,7 @@ type Info struct {
 	// API is the management node's API message id (threadContext.api of
 	// the request), which canceljob-sync and import/cancel match.
 	API         string          `json:"api,omitempty"`
+	LastOp      time.Time       `json:"lastOp,omitzero"` // when bytes were last processed (Add)
 	ImageUUID   string          `json:"imageUuid,omitempty"`
 	InstallPath string          `json:"installPath,omitempty"`
 	Format      string          `json:"format,omitempty"`
@@ -68,6 +69,7 @@ type Job struct {
 	cancel    context.CancelCauseFunc
 	bytesDone atomic.Int64
 	bytesAll  atomic.Int64
+	lastOp    atomic.Int64 // unix milliseconds of the last Add
 
 	persistMu sync.Mutex // orders record writes
 	mu        sync.Mutex
@@ -87,8 +89,11 @@ func (j *Job) ID() string { return j.info.ID }
 // SetTotal sets the number of bytes the job expects to process.
 func (j *Job) SetTotal(n int64) { j.bytesAll.Store(n) }
 
-// Add records n more bytes processed.
-func (j *Job) Add(n int64) { j.bytesDone.Add(n) }
+// Add records n more bytes processed, now.
+func (j *Job) Add(n int64) {
+	j.bytesDone.Add(n)
+	j.lastOp.Store(time.Now().UnixMilli())
+}
 
 // SetImage names the image the job works on, for progress lookups.
 func (j *Job) SetImage(imageUUID, installPath, format string) {
@@ -112,6 +117,9 @@ func (j *Job) Info() Info {
 	in := j.info
 	in.Done = j.bytesDone.Load()
 	in.Total = j.bytesAll.Load()
+	if ms := j.lastOp.Load(); ms != 0 {
+		in.LastOp = time.UnixMilli(ms)
+	}
 	in.Result = append(json.RawMessage(nil), j.info.Result...)
 	return in
 }

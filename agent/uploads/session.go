@@ -141,7 +141,10 @@ type Chunk struct {
 	Offset   string
 	Length   int64 // the body's announced length (-1 unknown)
 	Complete bool  // the last chunk
-	Body     io.Reader
+	// Total is the whole upload's size when the client says it (0 =
+	// unknown); it becomes the job's progress total.
+	Total int64
+	Body  io.Reader
 	// SetReadDeadline bounds the next read of Body (the connection's read
 	// deadline): each read slides it by ChunkReadIdle, and ending the
 	// session forces it to now. nil: reads are not bounded.
@@ -210,6 +213,9 @@ func (u *Uploads) Put(ctx context.Context, c Chunk) (ChunkResult, error) {
 	s.last = time.Now()
 	s.busy = true
 	s.setDeadline = c.SetReadDeadline
+	if c.Total > 0 {
+		s.p.SetTotal(c.Total)
+	}
 	s.copying.Add(1)
 	s.mu.Unlock()
 
