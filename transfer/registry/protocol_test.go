@@ -216,3 +216,14 @@ func TestDigestLookupDeepChain(t *testing.T) {
 		}
 	}
 }
+
+// TestV1BodyTooLarge: a /v1 body over the limit is refused as too large,
+// not as a JSON error about where it was cut.
+func TestV1BodyTooLarge(t *testing.T) {
+	n := newNode(t, "")
+	body := []byte(`{"name":"` + strings.Repeat("x", 2<<20) + `"}`)
+	resp, b := do(t, http.MethodPost, n.HTTP.URL+"/v1/push", body, map[string]string{"Content-Type": "application/json"})
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || !strings.Contains(string(b), "too large") {
+		t.Fatalf("2 MiB /v1/push body: %d %s", resp.StatusCode, b)
+	}
+}

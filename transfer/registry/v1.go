@@ -3,7 +3,7 @@ package registry
 import (
 	"encoding/json"
 	"errors"
-	"io"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -40,9 +40,7 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		var req replicate.Request
-		dec := json.NewDecoder(io.LimitReader(r.Body, s.o.MaxBodyBytes))
-		if err := dec.Decode(&req); err != nil {
-			writeJSON(w, http.StatusBadRequest, v1Error{Error: "bad request body: " + err.Error()})
+		if !s.decodeV1(w, r, &req) {
 			return
 		}
 		var id string
@@ -105,8 +103,7 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 // here too.
 func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
 	var rep replicate.Wire
-	if err := json.NewDecoder(io.LimitReader(r.Body, s.o.MaxBodyBytes)).Decode(&rep); err != nil {
-		writeJSON(w, http.StatusBadRequest, v1Error{Error: "bad request body: " + err.Error()})
+	if !s.decodeV1(w, r, &rep) {
 		return
 	}
 	if rep.ID != id {
@@ -128,4 +125,21 @@ func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
 	writeJSON(w, http.StatusOK, struct {
 		Success bool `json:"success"`
 	}{true})
+}
+
+// decodeV1 decodes a /v1 JSON body of at most MaxBodyBytes into v; a
+// longer body is 413 "too large" (not a JSON error about where it was cut),
+// a malformed one 400.
+func (s *Server) decodeV1(w http.ResponseWriter, r *http.Request, v any) bool {
+	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, s.o.MaxBodyBytes)).Decode(v)
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeJSON(w, http.StatusRequestEntityTooLarge, v1Error{Error: fmt.Sprintf("request body too large: more than %d bytes", tooLarge.Limit)})
+		return false
+	case err != nil:
+		writeJSON(w, http.StatusBadRequest, v1Error{Error: "bad request body: " + err.Error()})
+		return false
+	}
+	return true
 }
