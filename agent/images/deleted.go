@@ -80,34 +80,73 @@ func (s *Service) markedRefs() ([]blobstore.Ref, error) {
 	return out, nil
 }
 
-// reclaim removes marked images nobody needs any more, repeating while a
-// removal frees another (a chain of marked ancestors goes in one call).
-func (s *Service) reclaim(ctx context.Context) ([]blobstore.Ref, error) {
+// reclaimUp removes ref and then its ancestors while each is marked and
+// has no children left (the walk a delete of a leaf makes).
+func (s *Service) reclaimUp(ctx context.Context, ref blobstore.Ref) ([]blobstore.Ref, error) {
 	var out []blobstore.Ref
-	for {
-		refs, err := s.markedRefs()
+	for ref.Name != "" && s.marked(ref) {
+		img, err := s.store.GetImage(ctx, ref)
+		if errors.Is(err, blobstore.ErrNotFound) {
+			s.unmark(ref) // GC removed it
+			return out, nil
+		}
 		if err != nil {
 			return out, err
 		}
-		progress := false
-		for _, r := range refs {
-			err := s.store.DeleteImage(ctx, r)
-			switch {
-			case err == nil:
-				out = append(out, r)
-				s.unmark(r)
-				progress = true
-				s.log.Info("deleted image reclaimed: no child needs it any more", "image", r.String())
-			case errors.Is(err, blobstore.ErrNotFound):
-				s.unmark(r) // GC removed it
-			case errors.Is(err, blobstore.ErrExists):
-				// Still has children.
-			default:
-				return out, fmt.Errorf("reclaiming deleted image %s: %w", r, err)
+		err = s.store.DeleteImage(ctx, ref)
+		switch {
+		case errors.Is(err, blobstore.ErrExists):
+			return out, nil // still needed
+		case errors.Is(err, blobstore.ErrNotFound):
+			s.unmark(ref)
+			return out, nil
+		case err != nil:
+			return out, fmt.Errorf("reclaiming deleted image %s: %w", ref, err)
+		}
+		s.unmark(ref)
+		s.log.Info("deleted image reclaimed: no child needs it any more", "image", ref.String())
+		out = append(out, ref)
+		ref = blobstore.Ref{}
+		if img.Parent != "" {
+			if ref, err = blobstore.ParseRef(img.Parent); err != nil {
+				return out, nil
 			}
 		}
-		if !progress {
-			return out, nil
+	}
+	return out, nil
+}
+
+// reclaim removes every marked image nobody needs any more (after GC
+// removed records): one listing finds the childless marks, and each
+// reclaims its marked ancestors.
+func (s *Service) reclaim(ctx context.Context) ([]blobstore.Ref, error) {
+	refs, err := s.markedRefs()
+	if err != nil || len(refs) == 0 {
+		return nil, err
+	}
+	all, err := s.store.ListImages(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	recorded, parents := map[blobstore.Ref]bool{}, map[string]bool{}
+	for _, img := range all {
+		recorded[img.Ref] = true
+		if img.Parent != "" {
+			parents[img.Parent] = true
 		}
 	}
+	var out []blobstore.Ref
+	for _, r := range refs {
+		switch {
+		case !recorded[r]:
+			s.unmark(r)
+		case !parents[r.String()]:
+			got, err := s.reclaimUp(ctx, r)
+			out = append(out, got...)
+			if err != nil {
+				return out, err
+			}
+		}
+	}
+	return out, nil
 }

@@ -213,7 +213,10 @@ func (s *Service) List(ctx context.Context, name string) ([]blobstore.Info, erro
 // of marked ancestors reclaims them too.
 func (s *Service) Delete(ctx context.Context, ref blobstore.Ref) (DeleteResult, error) {
 	var res DeleteResult
-	err := s.store.DeleteImage(ctx, ref)
+	img, err := s.store.GetImage(ctx, ref)
+	if err == nil {
+		err = s.store.DeleteImage(ctx, ref)
+	}
 	switch {
 	case errors.Is(err, blobstore.ErrNotFound):
 		s.unmark(ref)
@@ -231,7 +234,11 @@ func (s *Service) Delete(ctx context.Context, ref blobstore.Ref) (DeleteResult, 
 	s.unmark(ref)
 	s.log.Info("image deleted", "image", ref.String())
 	res.Deleted = true
-	res.Reclaimed, err = s.reclaim(ctx)
+	if img.Parent != "" {
+		if parent, perr := blobstore.ParseRef(img.Parent); perr == nil {
+			res.Reclaimed, err = s.reclaimUp(ctx, parent)
+		}
+	}
 	return res, err
 }
 
@@ -239,9 +246,6 @@ func (s *Service) Delete(ctx context.Context, ref blobstore.Ref) (DeleteResult, 
 // unreferenced blobs; an empty keep keeps every image (see blobstore.GC).
 // Marked deleted images that no kept image needs any more go too.
 func (s *Service) GC(ctx context.Context, keep []blobstore.Ref) (blobstore.GCResult, error) {
-	if _, err := s.reclaim(ctx); err != nil {
-		return blobstore.GCResult{}, err
-	}
 	res, err := s.store.GC(ctx, keep)
 	if err != nil {
 		return res, err
