@@ -1,0 +1,204 @@
+// Command livebench measures live backups for bench/livebackup.sh: a
+// running VM (QEMU under TCG, no guest OS) with one disk of -size MiB
+// holding -data MiB, backed up full and then after -change percent of the
+// data was rewritten, both through the imagestore CLI (batbak into a
+// directory), next to qemu-img convert of the same disk. Prints a table.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"imagestore/transfer/qmp"
+)
+
+const mib = 1 << 20
+
+func main() {
+	cli := flag.String("cli", "bin/imagestore", "the imagestore CLI")
+	dir := flag.String("dir", "", "work directory (empty: a temp dir)")
+	sizeMB := flag.Int64("size", 4096, "disk size in MiB")
+	dataMB := flag.Int64("data", 2048, "MiB of data on the disk (1 MiB pieces, every other MiB)")
+	change := flag.Float64("change", 1, "percent of the data rewritten before the incremental")
+	flag.Parse()
+	if err := run(*cli, *dir, *sizeMB, *dataMB, *change); err != nil {
+		fmt.Fprintln(os.Stderr, "livebench:", err)
+		os.Exit(1)
+	}
+}
+
+func sh(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// allocated is the bytes a file occupies on disk.
+func allocated(path string) int64 {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil {
+		return 0
+	}
+	return st.Blocks * 512
+}
+
+func timed(f func() error) (time.Duration, error) {
+	t0 := time.Now()
+	err := f()
+	return time.Since(t0), err
+}
+
+func run(cli, dir string, sizeMB, dataMB int64, change float64) error {
+	if dir == "" {
+		d, err := os.MkdirTemp("", "livebench")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	if dataMB*2 > sizeMB {
+		return fmt.Errorf("-data %d MiB does not fit every other MiB of -size %d MiB", dataMB, sizeMB)
+	}
+	// The disk: dataMB MiB of random bytes in 1 MiB pieces, every other MiB.
+	raw := filepath.Join(dir, "src.raw")
+	f, err := os.Create(raw)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(sizeMB * mib); err != nil {
+		return err
+	}
+	rng := rand.NewChaCha8([32]byte{1})
+	buf := make([]byte, mib)
+	for i := int64(0); i < dataMB; i++ {
+		_, _ = rng.Read(buf)
+		if _, err := f.WriteAt(buf, 2*i*mib); err != nil {
+			return err
+		}
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	disk := filepath.Join(dir, "disk.qcow2")
+	if err := sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk); err != nil {
+		return err
+	}
+	_ = os.Remove(raw)
+	// The copy limit: qemu-img convert of the same disk.
+	conv := filepath.Join(dir, "convert.qcow2")
+	tConv, err := timed(func() error { return sh("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", disk, conv) })
+	if err != nil {
+		return err
+	}
+	convBytes := allocated(conv)
+	_ = os.Remove(conv)
+
+	qdir := filepath.Join(dir, "qmp")
+	if err := os.Mkdir(qdir, 0o755); err != nil {
+		return err
+	}
+	own := filepath.Join(dir, "bench.qmp")
+	q := exec.Command("qemu-system-x86_64", "-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-S", "-m", "64",
+		"-qmp", "unix:"+filepath.Join(qdir, "vm.qmp")+",server=on,wait=off",
+		"-qmp", "unix:"+own+",server=on,wait=off",
+		"-blockdev", "driver=file,filename="+disk+",node-name=file0",
+		"-blockdev", "driver=qcow2,file=file0,node-name=disk0",
+		"-device", "virtio-blk-pci,drive=disk0,id=vd0")
+	qlog, err := os.Create(filepath.Join(dir, "qemu.log")) // qemu-io prints there
+	if err != nil {
+		return err
+	}
+	defer qlog.Close()
+	q.Stdout, q.Stderr = qlog, qlog
+	if err := q.Start(); err != nil {
+		return err
+	}
+	defer func() { _ = q.Process.Kill(); _ = q.Wait() }()
+	ctx := context.Background()
+	var mon *qmp.Client
+	for i := 0; ; i++ {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		mon, err = qmp.Dial(dctx, own, qmp.Options{})
+		cancel()
+		if err == nil {
+			break
+		}
+		if i > 200 {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	defer mon.Close()
+
+	batbak := func(dest, mode string) error {
+		if err := os.MkdirAll(dest, 0o755); err != nil {
+			return err
+		}
+		cmd := exec.Command(cli, "batbak", "-qmp-dir", qdir, "-domain", "vm", "-destdir", dest, "-args", "bm,"+mode+",disk0,0")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("batbak: %w: %s", err, out)
+		}
+		return nil
+	}
+	fullDir, incDir := filepath.Join(dir, "full"), filepath.Join(dir, "inc")
+	tFull, err := timed(func() error { return batbak(fullDir, "full") })
+	if err != nil {
+		return err
+	}
+	fullBytes := dirBytes(fullDir)
+	if out, err := exec.Command(cli, "bakconfirm", "-qmp-dir", qdir, "-domain", "vm", "-args", "bm,disk0").CombinedOutput(); err != nil {
+		return fmt.Errorf("bakconfirm: %w: %s", err, out)
+	}
+	// Rewrite change % of the data: 64 KiB pieces spread evenly over it.
+	pieces := int64(float64(dataMB*mib) * change / 100 / (64 << 10))
+	step := dataMB * 2 * mib / pieces / (64 << 10) * (64 << 10)
+	for i := range pieces {
+		cmd := fmt.Sprintf("qemu-io -d vd0/virtio-backend \"write -P 0x%02x %d 64k\"", 0x30+i%64, i*step)
+		if _, err := qmp.HMP(ctx, mon, cmd); err != nil {
+			return err
+		}
+	}
+	changed := pieces * 64 << 10
+	tInc, err := timed(func() error { return batbak(incDir, "auto") })
+	if err != nil {
+		return err
+	}
+	incBytes := dirBytes(incDir)
+
+	mb := func(b int64, d time.Duration) string { return fmt.Sprintf("%.1f", float64(b)/1e6/d.Seconds()) }
+	fmt.Printf("disk %d MiB, %d MiB of data; %d MiB changed (%.3g %%)\n\n", sizeMB, dataMB, changed/mib, change)
+	fmt.Printf("%-34s %10s %14s %10s\n", "", "wall s", "bytes", "MB/s")
+	fmt.Printf("%-34s %10.2f %14d %10s\n", "qemu-img convert (copy limit)", tConv.Seconds(), convBytes, mb(convBytes, tConv))
+	fmt.Printf("%-34s %10.2f %14d %10s\n", "batbak full", tFull.Seconds(), fullBytes, mb(fullBytes, tFull))
+	fmt.Printf("%-34s %10s %14d %10s\n", "changed bytes", "", changed, "")
+	fmt.Printf("%-34s %10.2f %14d %10s\n", "batbak incremental (auto)", tInc.Seconds(), incBytes, mb(incBytes, tInc))
+	fmt.Println()
+	fmt.Printf("full rate / convert rate:          %.2f  (target >= 0.8)\n",
+		(float64(fullBytes)/tFull.Seconds())/(float64(convBytes)/tConv.Seconds()))
+	fmt.Printf("incremental bytes / changed bytes: %.3f (target <= 1.1)\n", float64(incBytes)/float64(changed))
+	fmt.Printf("incremental time / full time:      %.3f (target <= 0.05)\n", tInc.Seconds()/tFull.Seconds())
+	return nil
+}
+
+// dirBytes is the allocated bytes of the files in dir.
+func dirBytes(dir string) int64 {
+	ents, _ := os.ReadDir(dir)
+	var n int64
+	for _, e := range ents {
+		n += allocated(filepath.Join(dir, e.Name()))
+	}
+	return n
+}
+
