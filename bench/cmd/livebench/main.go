@@ -201,4 +201,3 @@ func dirBytes(dir string) int64 {
 	}
 	return n
 }
-
