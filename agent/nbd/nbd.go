@@ -611,14 +611,18 @@ func (m *Manager) Close() error {
 	}
 	m.mu.Unlock()
 
+	// All at once, so closing takes one stop timeout at most, not one per
+	// server.
 	ctx := context.Background()
-	var errs []error
-	for _, g := range groups {
-		errs = append(errs, m.cancelGroup(ctx, g))
+	errs := make([]error, len(groups)+len(procs))
+	var wg sync.WaitGroup
+	for i, g := range groups {
+		wg.Go(func() { errs[i] = m.cancelGroup(ctx, g) })
 	}
-	for _, p := range procs {
-		errs = append(errs, m.stopProc(ctx, p))
+	for i, p := range procs {
+		wg.Go(func() { errs[len(groups)+i] = m.stopProc(ctx, p) })
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 

@@ -208,6 +208,11 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	stopServing(sctx, srv, a, regShutdown, logger)
 	cancelBg()
 	wg.Wait()
+	// A stopped agent leaves no process of its own: Close stops every
+	// qemu-nbd (NBD targets, remote targets; SIGTERM, then SIGKILL).
+	if err := a.Close(); err != nil {
+		logger.Warn("closing the agent", "err", err)
+	}
 	logger.Info("stopped")
 	if runErr != nil && !errors.Is(runErr, http.ErrServerClosed) {
 		return runErr
