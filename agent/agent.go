@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -31,6 +32,7 @@ import (
 	"imagestore/blobstore"
 	"imagestore/internal/fsutil"
 	"imagestore/layer"
+	"imagestore/transfer/replicate"
 )
 
 // Agent is the management-protocol server of one store.
@@ -56,6 +58,7 @@ type Agent struct {
 	nbd     *nbdtarget.Service // NBD targets and remote targets
 
 	hostxfer *hostxfer.Service // transfers with KVM hosts over SSH
+	pulls    *replicate.Engine // chains pulled from other stores for zstore:// imports
 	metadata *metadata.Service // the management node's image-metadata file
 }
 
@@ -230,6 +233,7 @@ func (a *Agent) Close() error {
 	err := a.jobs.Shutdown(ctx)
 	a.nbd.Close()
 	_ = a.hostxfer.Close() // after the jobs: a running host transfer holds pool connections
+	_ = a.pulls.Close()
 	return err
 }
 
@@ -257,6 +261,16 @@ func (a *Agent) newImageServices() error {
 	if err != nil {
 		return err
 	}
+	// zstore:// imports pull a chain from another store's registry as
+	// /v1/pull does (same checks, identity kept), with tasks of their own.
+	a.pulls, err = replicate.New(replicate.Options{
+		Store: a.store, Dir: filepath.Join(a.root, "imports", "tasks"), Parallelism: a.cfg.Replication.Parallelism,
+		Retries: a.cfg.Replication.Retries, Retention: a.cfg.JobRetention, PeerServerName: a.cfg.ServerName, Logger: a.log,
+	})
+	if err != nil {
+		return err
+	}
+	_, registryPort, _ := net.SplitHostPort(a.cfg.RegistryListen)
 	a.ingest, err = ingest.New(ingest.Options{
 		Store: a.store, Layers: a.layers, Images: a.images, Uploads: a.uploads,
 		MaxImportSize: int64(a.cfg.MaxImportSize), KnownHostsFile: a.cfg.KnownHostsFile, SSHKeyFile: a.cfg.SSHKeyFile,
@@ -264,8 +278,26 @@ func (a *Agent) newImageServices() error {
 		// and host transfers, and closed by Close.
 		OpenSFTP:       a.hostxfer.Pool().Open,
 		ReleaseProcess: a.releaseProcess, Ingested: a.m.bytesIngested, Logger: a.log,
+		PullChain: a.pullChain, RegistryPort: registryPort,
 	})
 	return err
+}
+
+// pullChain copies ref's chain from the store whose registry is at addr
+// and waits for it (see ingest.Options.PullChain).
+func (a *Agent) pullChain(ctx context.Context, addr, caPEM string, ref blobstore.Ref) error {
+	id, err := a.pulls.Pull(ctx, replicate.Request{Name: ref.Name, ID: ref.ID, Addr: addr, CA: caPEM})
+	if err != nil || id == replicate.Existed {
+		return err
+	}
+	t, err := a.pulls.Wait(ctx, id)
+	if err != nil {
+		return err
+	}
+	if t.Status != replicate.StatusSuccess {
+		return fmt.Errorf("pull %s: %s", t.Status, t.Error)
+	}
+	return nil
 }
 
 func randomHex(n int) string {

@@ -62,7 +62,7 @@ func (a *Agent) importDatabaseBackup(w http.ResponseWriter, r *http.Request, req
 
 // ingestURLRequest is an import request for ingest.ImportURL, in job task.
 func ingestURLRequest(task string, req api.ImportRequest) ingest.URLRequest {
-	return ingest.URLRequest{Task: task, ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc}
+	return ingest.URLRequest{Task: task, ImgURL: req.ImgURL, Name: req.Name, ImageUUID: req.ImageUUID, Arch: req.Arch, Desc: req.Desc, CACert: req.CACert}
 }
 
 // importURL downloads an image (http(s), sftp, file, or an upload stream

@@ -103,13 +103,16 @@ type ImportReply struct {
 
 // ImportRequest is the body of import (a download or an upload stream).
 type ImportRequest struct {
-	ImgURL      string `json:"imgurl"` // http(s)://, sftp://, file:// or upload://
+	ImgURL      string `json:"imgurl"` // http(s)://, sftp://, file://, upload:// or zstore://
 	Name        string `json:"name"`
 	Arch        string `json:"arch"`
 	Desc        string `json:"desc"`
 	Tag         string `json:"tag"`
 	ImageUUID   string `json:"imageuuid"`
 	Concurrency Int    `json:"concurrency"`
+	// CACert (zstore:// only) is the PEM the source store's certificate
+	// is verified against (name: the agent's serverName).
+	CACert string `json:"cacert"`
 }
 
 // Validate checks the required fields (the URL itself is the import's to check).

@@ -41,6 +41,14 @@ type Options struct {
 	// processToRelease (an NBD target group) before the file is read;
 	// nil: the field is ignored.
 	ReleaseProcess func(desc string) error
+	// PullChain copies the image ref and its ancestors, records and blobs,
+	// from the store whose registry is at addr (host:port), verifying its
+	// certificate against caPEM (the zstore:// import's cacert); nil: a
+	// zstore:// import of an image this store lacks fails.
+	PullChain func(ctx context.Context, addr, caPEM string, ref blobstore.Ref) error
+	// RegistryPort is the port of a peer's registry when a zstore:// URL
+	// names none (default "8000").
+	RegistryPort string
 	// HTTPClient downloads http(s) imports; default: no overall timeout
 	// (images are large), stalls caught by a one-minute response-header
 	// timeout and by the context.

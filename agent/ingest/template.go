@@ -17,9 +17,11 @@ import (
 type TemplateRequest struct {
 	Task        string // the job's id; names the ingest ("template-<task>")
 	InstallPath string // the backup (top of its chain)
-	Name        string // the template's image name (a new id is drawn)
+	Name        string // the template's image name
+	ID          string // the template's id ("" = a new one)
 	Format      string // "qcow2" (default) or "raw"
 	Compress    bool   // zstd-compressed clusters (qcow2 only)
+	Arch, Desc  string // the record's ("" = the backup's)
 }
 
 // CreateTemplate flattens a backup's chain (opened by layer.OpenChain:
@@ -36,7 +38,7 @@ func (s *Service) CreateTemplate(ctx context.Context, req TemplateRequest, p job
 		return blobstore.Image{}, fmt.Errorf("image %s has format %s; templates are made from qcow2 backups", img.Ref, img.Format)
 	}
 	format := firstNonEmpty(req.Format, "qcow2")
-	ref := blobstore.Ref{Name: req.Name, ID: images.NewID()}
+	ref := blobstore.Ref{Name: req.Name, ID: firstNonEmpty(req.ID, images.NewID())}
 	p.SetImage(req.Name, ref.InstallPath(), format)
 	c, closeChain, err := s.opts.Layers.OpenChain(ctx, img.Ref)
 	if err != nil {
@@ -51,7 +53,7 @@ func (s *Service) CreateTemplate(ctx context.Context, req TemplateRequest, p job
 		p.SetTotal(c.Stored)
 	}
 	return s.opts.Layers.Commit(ctx, layer.Spec{
-		Record: layer.Record{Ref: ref, Format: format, Arch: img.Arch, Author: img.Author, Desc: img.Desc},
+		Record: layer.Record{Ref: ref, Format: format, Arch: firstNonEmpty(req.Arch, img.Arch), Author: img.Author, Desc: firstNonEmpty(req.Desc, img.Desc)},
 		Ingest: "template-" + req.Task, Progress: p,
 		Content: func(ctx context.Context, w io.Writer) (int64, error) {
 			n, err := layer.Flatten(c, format, qcow2.WriteOptions{Compress: req.Compress})(ctx, w)

@@ -31,6 +31,7 @@ type URLRequest struct {
 	ImageUUID string // the image's id ("" = a new one)
 	Arch      string
 	Desc      string
+	CACert    string // zstore:// only: the PEM the source store's certificate is verified against
 }
 
 // CheckSource checks that imgurl is a URL import can fetch. The errors
@@ -46,10 +47,14 @@ func CheckSource(imgurl string) (*url.URL, error) {
 			return nil, fmt.Errorf("imgurl %s: no host", redact.URL(u.String()))
 		}
 	case "file", "upload":
+	case "zstore":
+		if _, err := ParseStoreURL(u); err != nil {
+			return nil, err
+		}
 	case "":
-		return nil, fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file or upload)", redact.URL(u.String()))
+		return nil, fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file, upload or zstore)", redact.URL(u.String()))
 	default:
-		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file or upload)", redact.URL(u.String()), u.Scheme)
+		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file, upload or zstore)", redact.URL(u.String()), u.Scheme)
 	}
 	return u, nil
 }
@@ -91,6 +96,9 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 		return blobstore.Image{}, fmt.Errorf("image %s already exists", ref)
 	}
 	p.SetImage(firstNonEmpty(req.ImageUUID, ref.ID), ref.InstallPath(), "")
+	if u.Scheme == "zstore" {
+		return s.importFromStore(ctx, req, ref, u, p)
+	}
 	shown := redact.URL(u.String())
 	s.log.Info("import started", "image", ref.String(), "url", shown)
 	ingest := "import-" + req.Task
