@@ -102,13 +102,22 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 	shown := redact.URL(u.String())
 	s.log.Info("import started", "image", ref.String(), "url", shown)
 	ingest := "import-" + req.Task
-	d, size, err := s.download(ctx, p, u, ingest, req.Task)
+	d, size, created, err := s.download(ctx, p, u, ingest, req.Task)
 	if err != nil {
 		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
 	}
-	// The downloaded blob is held until its canonical layer is recorded.
+	// The downloaded blob is held until its canonical layer is recorded;
+	// then, unless it is the record's blob, it is nobody's: a refusal or a
+	// normalized qcow2 leaves nothing behind for GC.
 	release := store.Hold(d)
-	defer release()
+	defer func() {
+		release()
+		if created {
+			if _, err := store.Discard(context.WithoutCancel(ctx), d); err != nil {
+				s.log.Warn("discarding a downloaded blob", "blob", d, "err", err)
+			}
+		}
+	}()
 	b, err := store.OpenBlob(ctx, d)
 	if err != nil {
 		return blobstore.Image{}, fmt.Errorf("importing %s: %w", shown, err)
@@ -126,10 +135,11 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 
 // download streams the URL's bytes into the ingest and commits them.
 // A failed or cancelled download removes the partial ingest.
-func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ingest, task string) (digest.Digest, int64, error) {
+// created says whether the blob is new (it may already have been stored).
+func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ingest, task string) (d digest.Digest, size int64, created bool, err error) {
 	w, err := s.opts.Store.Writer(ctx, ingest)
 	if err != nil {
-		return "", 0, err
+		return "", 0, false, err
 	}
 	ok := false
 	defer func() {
@@ -151,18 +161,18 @@ func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ing
 		err = fmt.Errorf("scheme %s is not supported", u.Scheme)
 	}
 	if err != nil {
-		return "", 0, err
+		return "", 0, false, err
 	}
-	size := w.Offset()
+	size = w.Offset()
 	if size == 0 {
-		return "", 0, errors.New("the image is empty")
+		return "", 0, false, errors.New("the image is empty")
 	}
-	d, err := w.Commit(ctx, size, "")
+	d, err = w.Commit(ctx, size, "")
 	if err != nil {
-		return "", 0, err
+		return "", 0, false, err
 	}
 	ok = true
-	return d, size, nil
+	return d, size, w.Created(), nil
 }
 
 // limitedWriter enforces MaxImportSize (0 = none) on the ingest; it is
