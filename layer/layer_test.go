@@ -537,3 +537,48 @@ func TestNamespaceRule(t *testing.T) {
 		t.Fatal("refused commit stored its blob")
 	}
 }
+
+// TestOurLayersAreCanonical: every way our writer makes a layer (Normalize
+// of a base and of a delta at several cluster sizes, with and without
+// zstd, the AssumeNoZeroData pass, Flatten, NormalizeRaw) passes
+// CheckCanonical, so a peer or a registry push of our own layers is never
+// refused by it.
+func TestOurLayersAreCanonical(t *testing.T) {
+	ctx := context.Background()
+	ls, bs := newStore(t)
+	basePath, deltaPath := qemuChain(t)
+	n := 0
+	commit := func(rec layer.Record, c layer.Content) blobstore.Image {
+		t.Helper()
+		n++
+		rec.Ref = blobstore.Ref{Name: "vol", ID: fmt.Sprint(n)}
+		rec.Format = "qcow2"
+		img, err := ls.Commit(ctx, layer.Spec{Record: rec, Content: c})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := layer.CheckCanonical(ctx, bs, img.Blob); err != nil {
+			t.Fatalf("layer %d (%s): %v", n, rec.Desc, err)
+		}
+		return img
+	}
+	var base blobstore.Image
+	for _, o := range []qcow2.WriteOptions{{}, {Compress: true}, {ClusterBits: 9}, {ClusterBits: 21, Compress: true}, {AssumeNoZeroData: true}} {
+		b := commit(layer.Record{Desc: fmt.Sprintf("base %+v", o)}, layer.Normalize(openFile(t, basePath), nil, o))
+		base = b
+		if o.ClusterBits > 16 {
+			continue // the delta's ranges are not whole 2 MiB clusters
+		}
+		commit(layer.Record{Desc: fmt.Sprintf("delta %+v", o), Parent: &b}, layer.Normalize(openFile(t, deltaPath), &b, o))
+	}
+	d := commit(layer.Record{Desc: "delta", Parent: &base}, layer.Normalize(openFile(t, deltaPath), &base, qcow2.WriteOptions{}))
+	c, closeChain, err := ls.OpenChain(ctx, d.Ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeChain()
+	commit(layer.Record{Desc: "flatten"}, layer.Flatten(c, "qcow2", qcow2.WriteOptions{}))
+	commit(layer.Record{Desc: "flatten zstd"}, layer.Flatten(c, "qcow2", qcow2.WriteOptions{Compress: true}))
+	raw := bytes.Repeat([]byte{0, 0, 1, 2}, 1<<18)
+	commit(layer.Record{Desc: "raw"}, layer.NormalizeRaw(bytes.NewReader(raw), int64(len(raw))))
+}
