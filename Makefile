@@ -2,7 +2,7 @@ GO ?= go
 BIN := bin
 export PATH := /usr/sbin:/usr/local/bin:$(PATH)
 
-.PHONY: all build test lint check deps run bench clean fuzz
+.PHONY: all build test lint check deps run bench clean fuzz deb
 
 all: build
 
@@ -34,5 +34,10 @@ run: build
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
+# deb builds dist/imagestore-agent_*.deb and dist/imagestore-client_*.deb
+# with plain dpkg-deb (see packaging/deb/build.sh).
+deb:
+	GO=$(GO) ./packaging/deb/build.sh
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) dist
