@@ -120,6 +120,11 @@ func cmdDB(ctx context.Context, g *globals, args []string) error {
 		return dbBackup(ctx, g, args[1:])
 	case "restore":
 		return dbRestore(ctx, g, args[1:])
+	case "-h", "-help", "--help":
+		fs := g.subFlags("db")
+		fmt.Fprintln(g.stderr, "usage: imagestore db backup|restore [flags] (db backup -h, db restore -h)")
+		fs.PrintDefaults()
+		return flag.ErrHelp
 	}
 	return usageErr("db: unknown subcommand %q (backup or restore)", args[0])
 }

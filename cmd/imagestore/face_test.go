@@ -120,3 +120,21 @@ func TestBashCompletion(t *testing.T) {
 		t.Fatalf("global flags for -ver: %q", got)
 	}
 }
+
+// TestHelpOfEveryVerb: -h of every verb of both faces exits 0 and prints
+// its flags (the flag package renders each default, the wrapped booleans'
+// included).
+func TestHelpOfEveryVerb(t *testing.T) {
+	for _, f := range []face{faceImagestore, faceZstcli} {
+		for _, c := range append(commandsOf(f), command{name: ""}) {
+			args := []string{"-h"}
+			if c.name != "" {
+				args = []string{c.name, "-h"}
+			}
+			out, errs, code := runFace(t, f, args...)
+			if code != 0 || out != "" || strings.Contains(errs, "panic") || !strings.Contains(errs, "-json") {
+				t.Errorf("%s %v: exit %d, stdout %q, stderr:\n%s", f, args, code, out, errs)
+			}
+		}
+	}
+}

@@ -16,6 +16,14 @@ type pyBool struct{ flag.Value }
 
 func (b pyBool) IsBoolFlag() bool { return true }
 
+// String also serves the zero pyBool the flag package makes to print defaults.
+func (b pyBool) String() string {
+	if b.Value == nil {
+		return "false"
+	}
+	return b.Value.String()
+}
+
 func (b pyBool) Set(s string) error {
 	if s == "None" || s == "none" {
 		s = "false"

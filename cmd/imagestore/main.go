@@ -178,9 +178,7 @@ func run(ctx context.Context, f face, args []string, stdout, stderr io.Writer) i
 	fs := flag.NewFlagSet(prog, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	g.register(fs)
-	if f == faceImagestore {
-		fs.BoolVar(&g.version, "version", false, "print the version and exit")
-	}
+	fs.BoolVar(&g.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		usage(stderr, f)
 		fs.PrintDefaults()
