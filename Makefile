@@ -2,7 +2,7 @@ GO ?= go
 BIN := bin
 export PATH := /usr/sbin:/usr/local/bin:$(PATH)
 
-.PHONY: all build test lint check deps run bench clean fuzz deb
+.PHONY: all build test lint check deps run bench clean fuzz deb zstack-store
 
 all: build
 
@@ -38,6 +38,11 @@ bench:
 # with plain dpkg-deb (see packaging/deb/build.sh).
 deb:
 	GO=$(GO) ./packaging/deb/build.sh
+
+# zstack-store builds dist/zstack-store.bin, the installer a ZStack management
+# node runs on backup storage and KVM hosts (docs/zstack-install.md).
+zstack-store:
+	GO=$(GO) ./packaging/zstack/build.sh
 
 clean:
 	rm -rf $(BIN) dist

@@ -36,6 +36,7 @@ type options struct {
 	configPath   string
 	printConfig  bool
 	printVersion bool
+	logFile      string // -logfile: run detached, logging to this file
 }
 
 func parseFlags(args []string, stderr io.Writer) (config.Config, options, error) {
@@ -46,6 +47,8 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	fs.BoolVar(&o.printConfig, "print-config", false, "print the effective configuration (secrets redacted) and exit")
 	profile := fs.String("profile", "", "defaults to start from: zstack (the management node's contract; the default) or imagestore")
 	fs.BoolVar(&o.printVersion, "version", false, "print the version and exit")
+	fs.StringVar(&o.configPath, "conf", "", "same as -config (the spelling zstack-ctl uses)")
+	fs.StringVar(&o.logFile, "logfile", "", "start in the background, detached, logging to this file, and return (as zstack-ctl expects of zstore)")
 	root := fs.String("root", "", "store root directory (default ./data)")
 	listen := fs.String("listen", "", "management protocol address (default :8001)")
 	regListen := fs.String("registry-listen", "", "registry address (default :8000)")
@@ -130,6 +133,13 @@ func run(args []string, stderr io.Writer) int {
 	if err := cfg.CheckFiles(); err != nil {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
 		return 2
+	}
+	if o.logFile != "" && os.Getenv(detachedEnv) == "" {
+		if err := detach(args, o.logFile); err != nil {
+			fmt.Fprintln(stderr, "imagestore-agent:", err)
+			return 1
+		}
+		return 0
 	}
 	logger, err := config.NewLogger(stderr, cfg)
 	if err != nil {
