@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"math"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -39,7 +40,8 @@ import (
 //	  "reply":   {"uuid": "String", …},        // field → Java type (goldenKinds); success/error implied
 //	  "success": true,                         // the outcome the test expects
 //	  "error":   "…",                          // with success false: a substring of error
-//	  "check":   "connect"                     // optional: a goldenChecks entry for values
+//	  "check":   "connect",                    // optional: a goldenChecks entry for values
+//	  "noTwin":  true                          // optional: skip the -sync twin (not repeatable)
 //	}
 //
 // Java types: long, int, boolean (primitives: must be present on
@@ -59,6 +61,9 @@ type goldenFixture struct {
 	Success bool              `json:"success"`
 	Error   string            `json:"error"`
 	Check   string            `json:"check"`
+	// NoTwin skips the -sync twin, for requests that cannot run twice
+	// (an import of the same image).
+	NoTwin bool `json:"noTwin"`
 	// Example is an illustrative reply for readers; not compared.
 	Example json.RawMessage `json:"example"`
 }
@@ -96,6 +101,54 @@ var goldenSetups = map[string]func(t *testing.T, e *goldenEnv) map[string]string
 			t.Fatal(err)
 		}
 		return map[string]string{"path": p}
+	},
+	// A raw disk on an HTTP server (import downloads it).
+	"httpimage": func(t *testing.T, e *goldenEnv) map[string]string {
+		srv := newImageServer(t)
+		srv.mu.Lock()
+		srv.files["/centos7.raw"] = bytes.Repeat([]byte{3}, 1<<20)
+		srv.mu.Unlock()
+		return map[string]string{"url": srv.URL + "/centos7.raw"}
+	},
+	// A qcow2 a KVM host wrote into an upload dir (a full backup).
+	"backupfile": func(t *testing.T, e *goldenEnv) map[string]string {
+		return map[string]string{"path": goldenBackupFile(t, e)}
+	},
+
+	// An upload dir (a workspace for NBD targets).
+	"uploaddir": func(t *testing.T, e *goldenEnv) map[string]string {
+		dir, err := e.a.uploads.Alloc(time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return map[string]string{"dir": dir.Path}
+	},
+	// Two NBD backup targets being served.
+	"nbdtargets": func(t *testing.T, e *goldenEnv) map[string]string {
+		dir, err := e.a.uploads.Alloc(time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := e.do(t, http.MethodPost, "/imagestore/exportnbdimage-sync/", `{"workspace":"`+dir.Path+`","sizes":[1048576,2097152]}`, nil)
+		if r.body["success"] != true {
+			t.Fatalf("exportnbdimage: %s", r.raw)
+		}
+		paths, _ := json.Marshal(r.body["imagePaths"])
+		ports, _ := json.Marshal(r.body["ports"])
+		return map[string]string{"imagePaths": string(paths), "ports": string(ports), "desc": r.body["nbdDescription"].(string)}
+	},
+	// A stored qcow2 backup (import-backup of a real qcow2).
+	"backup": func(t *testing.T, e *goldenEnv) map[string]string {
+		return map[string]string{"installPath": goldenBackup(t, e)}
+	},
+	// A backup served as an instant-restore target.
+	"remotetarget": func(t *testing.T, e *goldenEnv) map[string]string {
+		ip := goldenBackup(t, e)
+		r := e.do(t, http.MethodPost, "/imagestore/export/remotetarget-sync/", `{"installPath":"`+ip+`","remoteTargetType":"NBD","hostname":"127.0.0.1"}`, nil)
+		if r.body["success"] != true {
+			t.Fatalf("remotetarget: %s", r.raw)
+		}
+		return map[string]string{"targetUri": r.body["targetUri"].(string)}
 	},
 	// A metadata file holding one image's line.
 	"metadata": func(t *testing.T, e *goldenEnv) map[string]string {
@@ -178,6 +231,43 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 			}
 		}
 	},
+	"import": func(t *testing.T, reply map[string]json.RawMessage) {
+		goldenImport(t, reply, "1b2c3d4e5f60718293a4b5c6d7e8f9a0", "raw")
+	},
+	"import-backup": func(t *testing.T, reply map[string]json.RawMessage) {
+		goldenImport(t, reply, "5f0c3e2ad9b84c7e9a1f6b2c3d4e5f60", "qcow2")
+	},
+	// imgUrl is relative and ends in image-<token>.<ext> (the management
+	// node renames that last segment).
+	"export": func(t *testing.T, reply map[string]json.RawMessage) {
+		var u string
+		_ = json.Unmarshal(reply["imgUrl"], &u)
+		last := u[strings.LastIndex(u, "/")+1:]
+		if !strings.HasPrefix(u, "/") || strings.ContainsAny(u, "?#") || !strings.HasPrefix(last, "image-") || strings.Count(u, last) != 1 {
+			t.Errorf("imgUrl %q", u)
+		}
+	},
+	// Each target is directly inside the workspace, one port each.
+	"exportnbdimage": func(t *testing.T, reply map[string]json.RawMessage) {
+		var paths []string
+		var ports []int
+		_ = json.Unmarshal(reply["imagePaths"], &paths)
+		_ = json.Unmarshal(reply["ports"], &ports)
+		if len(paths) != 2 || len(ports) != 2 {
+			t.Fatalf("imagePaths %v ports %v, want one per size", paths, ports)
+		}
+		if filepath.Dir(paths[0]) != filepath.Dir(paths[1]) || !strings.HasPrefix(filepath.Base(filepath.Dir(paths[0])), "u-") {
+			t.Errorf("targets not directly in the workspace: %v", paths)
+		}
+	},
+	"targetUri": func(t *testing.T, reply map[string]json.RawMessage) {
+		var u string
+		_ = json.Unmarshal(reply["targetUri"], &u)
+		hostPort, export, ok := strings.Cut(strings.TrimPrefix(u, "nbd://"), "/")
+		if !strings.HasPrefix(u, "nbd://127.0.0.1:") || !ok || !strings.Contains(hostPort, ":") || export == "" || strings.ContainsAny(export, "/?&#%+ ") {
+			t.Errorf("targetUri %q", u)
+		}
+	},
 	"capacity": func(t *testing.T, reply map[string]json.RawMessage) {
 		var c struct{ TotalSize, FreeSize int64 }
 		_ = json.Unmarshal(append(append([]byte("{"), []byte(`"totalSize":`+string(reply["totalSize"])+`,"freeSize":`+string(reply["freeSize"]))...), '}'), &c)
@@ -190,6 +280,48 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 			t.Errorf("exist %s after generate", reply["exist"])
 		}
 	},
+}
+
+// goldenBackupFile writes a small qcow2 into a fresh upload dir.
+func goldenBackupFile(t *testing.T, e *goldenEnv) string {
+	t.Helper()
+	dir, err := e.a.uploads.Alloc(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir.Path, "3e9c0b7a5d1f4e2a8c6b4d2f0e1a3c5b.qcow2")
+	r7run(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "4M")
+	r7run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64k", p)
+	return p
+}
+
+// goldenBackup stores a real qcow2 backup and returns its install path.
+func goldenBackup(t *testing.T, e *goldenEnv) string {
+	t.Helper()
+	p := goldenBackupFile(t, e)
+	r := e.do(t, http.MethodPost, "/imagestore/import-backup-sync/", `{"imgurl":"`+p+`","name":"5f0c3e2ad9b84c7e9a1f6b2c3d4e5f60","concurrency":4}`, nil)
+	ip, _ := r.body["installPath"].(string)
+	if r.body["success"] != true || ip == "" {
+		t.Fatalf("import-backup: %s", r.raw)
+	}
+	return ip
+}
+
+// goldenImport checks an import reply's values: the request's name, an
+// id, the true format, real sizes.
+func goldenImport(t *testing.T, reply map[string]json.RawMessage, name, format string) {
+	t.Helper()
+	var r struct {
+		Name, ID, Format    string
+		Size                int64
+		VirtualSize         int64 `json:"virtualsize"`
+		TotalSize, FreeSize int64
+	}
+	raw, _ := json.Marshal(reply)
+	_ = json.Unmarshal(raw, &r)
+	if r.Name != name || r.ID == "" || r.Format != format || r.Size <= 0 || r.VirtualSize <= 0 || r.TotalSize <= 0 {
+		t.Errorf("import reply %+v, want name %s, format %s, real sizes", r, name, format)
+	}
 }
 
 func loadGolden(t *testing.T) map[string]goldenFixture {
@@ -236,7 +368,13 @@ func TestGoldenExchanges(t *testing.T) {
 		fx := fixtures[name]
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			e := &goldenEnv{htEnv: newHTEnv(t, func(c *config.Config) { c.Debug = true })}
+			e := &goldenEnv{htEnv: newHTEnv(t, func(c *config.Config) {
+				c.Debug = true
+				// NBD on a random slice of ports (see newRestoreEnv).
+				base := 12000 + rand.IntN(20000)
+				c.NBD.PortRange = fmt.Sprintf("%d-%d", base, base+200)
+				c.NBD.Bind = "127.0.0.1"
+			})}
 			e.root = e.a.root
 			vars := map[string]string{}
 			if fx.Setup != "" {
@@ -249,6 +387,8 @@ func TestGoldenExchanges(t *testing.T) {
 			vars["root"] = e.root // the store's url in the management node
 			body := string(fx.Request)
 			for k, v := range vars {
+				// "${raw:k}" (quotes included) takes v as JSON (a list, a number).
+				body = strings.ReplaceAll(body, `"${raw:`+k+`}"`, v)
 				body = strings.ReplaceAll(body, "${"+k+"}", v)
 			}
 			if strings.Contains(body, "${") {
@@ -271,6 +411,12 @@ func TestGoldenExchanges(t *testing.T) {
 			cb.wait(t, task)
 			goldenCheck(t, fx, cb.rawOf(task))
 			// The -sync twin answers the same inline.
+			if fx.NoTwin {
+				if n := cb.count(task); n != 1 {
+					t.Fatalf("%d callbacks for one taskuuid", n)
+				}
+				return
+			}
 			s := goldenPost(t, e, strings.TrimSuffix(fx.Path, "/")+"-sync/", body, nil)
 			if s.code != http.StatusOK {
 				t.Fatalf("-sync twin status %d: %s", s.code, s.raw)
