@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -309,4 +310,50 @@ func TestGCKeepsInFlightImport(t *testing.T) {
 		t.Fatal(err)
 	}
 	cb.wait(t, "imp")
+}
+
+// The image-metadata file through the management node's calls: written,
+// read back, one image replaced, one deleted; it lives under the store root.
+func TestImageMetadataFlow(t *testing.T) {
+	t.Parallel()
+	e := newHTEnv(t, nil)
+	root := e.a.root
+	call := func(path string, body map[string]any) map[string]any {
+		t.Helper()
+		b, _ := json.Marshal(body)
+		r := e.do(t, http.MethodPost, path, string(b), nil)
+		if r.code != 200 || r.body["success"] != true {
+			t.Fatalf("%s: %d %s", path, r.code, r.raw)
+		}
+		return r.body
+	}
+	if r := call("/imagestore/checkimagemetadatafileexist-sync/", map[string]any{"backupStoragePath": root}); r["exist"] != false {
+		t.Fatalf("exist before generate: %v", r)
+	}
+	if r := call("/imagestore/generateimagemetadatafile-sync/", map[string]any{"backupStoragePath": root}); r["backupStorageMetaFileName"] != "bs_file_info.json" {
+		t.Fatalf("generate: %v", r)
+	}
+	if r := call("/imagestore/checkimagemetadatafileexist-sync/", map[string]any{"backupStoragePath": root}); r["exist"] != true {
+		t.Fatalf("exist after generate: %v", r)
+	}
+	a := `{"uuid":"aaaa","name":"a","backupStorageRefs":[{"installPath":"zstore://aaaa/1"}]}`
+	b := `{"uuid":"bbbb","name":"b","backupStorageRefs":[{"installPath":"zstore://bbbb/1"}]}`
+	b2 := `{"uuid":"bbbb","name":"b2","backupStorageRefs":[{"installPath":"zstore://bbbb/1"}]}`
+	call("/imagestore/dumpimagemetadatatofile-sync/", map[string]any{"backupStoragePath": root, "imageMetaData": a + "\n" + b, "dumpAllMetaData": true})
+	call("/imagestore/dumpimagemetadatatofile-sync/", map[string]any{"backupStoragePath": root, "imageMetaData": b2, "dumpAllMetaData": false})
+	if r := call("/imagestore/getimagesmetadata-sync/", map[string]any{"backupStoragePath": root}); r["imagesMetaData"] != a+"\n"+b2+"\n" {
+		t.Fatalf("read back: %q", r["imagesMetaData"])
+	}
+	if r := call("/imagestore/deleteimagesmetadata-sync/", map[string]any{"imageUuid": "aaaa", "imageBackupStorageUuid": "bs", "backupStoragePath": root}); r["ret"] != float64(0) {
+		t.Fatalf("delete: %v", r)
+	}
+	got, err := os.ReadFile(filepath.Join(root, "bs_file_info.json"))
+	if err != nil || string(got) != b2+"\n" {
+		t.Fatalf("file after delete: %q %v", got, err)
+	}
+	// Missing imageUuid: a clear error.
+	r := e.do(t, http.MethodPost, "/imagestore/deleteimagesmetadata-sync/", `{"backupStoragePath":"/x"}`, nil)
+	if r.body["success"] != false || !strings.Contains(r.errMsg(), "imageUuid") {
+		t.Fatalf("delete without imageUuid: %s", r.raw)
+	}
 }
