@@ -27,7 +27,7 @@ var ErrFormat = errors.New("image format does not match its bytes")
 // zstd or not) into a hash and compares the digest. Our writer is
 // deterministic, so a layer we wrote passes, and any other byte (a patched
 // snapshot table, an extra header extension, another layout) fails with
-// ErrNotCanonical. It reads the whole layer once.
+// ErrNotCanonical. It reads the whole layer once (twice with zstd).
 func CheckCanonical(ctx context.Context, blobs *blobstore.Store, d digest.Digest) error {
 	b, err := blobs.OpenBlob(ctx, d)
 	if err != nil {
@@ -43,7 +43,11 @@ func CheckCanonical(ctx context.Context, blobs *blobstore.Store, d digest.Digest
 	for cs := im.ClusterSize(); cs > 1; cs >>= 1 {
 		cb++
 	}
-	opts := qcow2.WriteOptions{ClusterBits: cb, BackingFile: im.BackingFile(), Compress: info.FormatSpecific.Data.CompressionType == "zstd"}
+	compress := info.FormatSpecific.Data.CompressionType == "zstd"
+	// Our writer never stores an all-zero data cluster, so the one-pass
+	// write (AssumeNoZeroData) suffices: its ErrZeroData means the layer
+	// is not ours. (Not with zstd, where the writer needs its scan pass.)
+	opts := qcow2.WriteOptions{ClusterBits: cb, BackingFile: im.BackingFile(), Compress: compress, AssumeNoZeroData: !compress}
 	dg := digest.Canonical.Digester()
 	n, err := qcow2.Normalize(ctx, dg.Hash(), im, opts)
 	if err != nil {

@@ -571,6 +571,12 @@ func TestOurLayersAreCanonical(t *testing.T) {
 		}
 		commit(layer.Record{Desc: fmt.Sprintf("delta %+v", o), Parent: &b}, layer.Normalize(openFile(t, deltaPath), &b, o))
 	}
+	// A delta whose data clusters hold zeros (written, not discarded).
+	zeros := filepath.Join(t.TempDir(), "zeros.qcow2")
+	qemutest.Create(t, zeros, vsize, "", "-b", basePath, "-F", "qcow2")
+	qemutest.IO(t, zeros, "write -P 0 0 1M", "write -P 0x44 1M 64K")
+	commit(layer.Record{Desc: "zero data", Parent: &base}, layer.Normalize(openFile(t, zeros), &base, qcow2.WriteOptions{}))
+	commit(layer.Record{Desc: "zero data zstd", Parent: &base}, layer.Normalize(openFile(t, zeros), &base, qcow2.WriteOptions{Compress: true}))
 	d := commit(layer.Record{Desc: "delta", Parent: &base}, layer.Normalize(openFile(t, deltaPath), &base, qcow2.WriteOptions{}))
 	c, closeChain, err := ls.OpenChain(ctx, d.Ref)
 	if err != nil {
