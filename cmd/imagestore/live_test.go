@@ -209,6 +209,29 @@ func TestLiveBackupIntoDirectoryAndStore(t *testing.T) {
 		chain[i] = e.importBackup(dest, chain[i].installPath, "")
 		e.restoreEquals(chain[i], r)
 	}
+	// battopbak (Z9) and -mode top copy only the top layer of the disk on a
+	// backing file: its three writes, the zeroed range as zero clusters.
+	top := [][2]int64{{1 * lbMiB, 2 * lbMiB}, {4 * lbMiB, 5 * lbMiB}, {30 * lbMiB, 30*lbMiB + 64<<10}}
+	up4 := e.s.post(t, "/imagestore/allocuploaddir/", map[string]any{"expireHour": 1}, nil)["uploadDir"].(string)
+	out := e.zstcliOK(fmt.Sprintf("battopbak -domain %s -destdir %s -args drive-virtio-disk0,0", lbVM, up4))
+	var tb map[string]map[string]string
+	if err := json.Unmarshal([]byte(out), &tb); err != nil || len(tb) != 1 || len(tb["drive-virtio-disk0"]) != 1 {
+		t.Fatalf("battopbak stdout %q: %v", out, err)
+	}
+	r0 := vm.Snapshot(0, "top0")
+	tf := filepath.Join(up4, tb["drive-virtio-disk0"]["backupFile"])
+	wantOnly(t, tf, top...)
+	compareOnBase(t, tf, vm.Disks[0].Base, r0)
+	tf = filepath.Join(up4, "top.qcow2")
+	if out := e.zstcliOK(fmt.Sprintf("-progress %s backup -bitmap zsbitmap9 -dest %s -domain %s -drive drive-virtio-disk0 -mode top", e.prog, tf, lbVM)); out != "top\n" {
+		t.Fatalf("backup -mode top printed %q", out)
+	}
+	wantOnly(t, tf, top...)
+	compareOnBase(t, tf, vm.Disks[0].Base, r0)
+	if bms := bitmapNames(t, vm, 0); !strings.Contains(bms, "zsbitmap9.1") {
+		t.Fatalf("top mode added no checkpoint: %s", bms)
+	}
+
 	// Nothing runs: stopbak succeeds in every form the agent uses.
 	for _, l := range []string{"stopbak -domain " + lbVM, "stopbak -force=True -domain " + lbVM + " -batbak", "stopbak -force=None -domain " + lbVM + " -drive drive-virtio-disk0"} {
 		e.zstcliOK(l)
@@ -444,4 +467,15 @@ func TestLiveBackupFaults(t *testing.T) {
 		t.Fatalf("after the full: %s", b)
 	}
 	next("afterkill", [2]string{"full", "incremental"}, [2][][2]int64{nil, {}})
+}
+
+// compareOnBase checks that top, read over base, equals ref.
+func compareOnBase(t *testing.T, top, base, ref string) {
+	t.Helper()
+	if out, err := exec.Command("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", base, "-F", "qcow2", top).CombinedOutput(); err != nil {
+		t.Fatalf("rebase: %v %s", err, out)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, ref).CombinedOutput(); err != nil {
+		t.Fatalf("%s over its base differs from the disk: %v %s", top, err, out)
+	}
 }
