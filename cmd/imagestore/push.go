@@ -95,7 +95,12 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	created := time.Now().UTC().Truncate(time.Second)
 	if added != nil {
 		created = added.Created
-		if done, err := alreadyPushed(ctx, c, added.Ref, added.Blobsum); done || err != nil {
+		if added.Pulled {
+			_, err := fetchImage(ctx, c, added.Ref)
+			if err == nil || !errors.Is(err, oci.ErrNotFound) {
+				return err // the file was pulled as this image: nothing to send
+			}
+		} else if done, err := alreadyPushed(ctx, c, added.Ref, added.Blobsum); done || err != nil {
 			return err // a repeated push of an added file: nothing to do
 		}
 	}

@@ -70,21 +70,30 @@ func cmdAdd(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	m, err := measureFile(ctx, abs)
-	if err != nil {
-		return err
+	var e indexEntry
+	if in, ok := pulledAs(abs, st); ok && *name == "" && g.imageUUID == "" {
+		// A file this host pulled and has not changed since: it is that
+		// image already, and push has nothing to send.
+		e = indexEntry{Path: abs, Ref: blobstore.Ref{Name: in.Name, ID: in.ID}, Size: in.Size,
+			VirtualSize: in.VirtualSize, Created: in.Created, Desc: in.Desc, Pulled: true}
+	} else {
+		m, err := measureFile(ctx, abs)
+		if err != nil {
+			return err
+		}
+		e = indexEntry{
+			Path: abs, Ref: ref, Blobsum: m.digest, Size: m.size, VirtualSize: m.virtualSize,
+			Created: time.Now().UTC().Truncate(time.Second), Desc: *desc,
+		}
 	}
-	e := indexEntry{
-		Path: abs, Ref: ref, Blobsum: m.digest, Size: m.size, VirtualSize: m.virtualSize,
-		Created: time.Now().UTC().Truncate(time.Second), Desc: *desc,
-	}
+	ref = e.Ref
 	e.setIdentity(st)
 	ix := hostIndex{dir: g.stateDir}
 	if err := ix.put(e); err != nil {
 		return err
 	}
 	ix.prune(30 * 24 * time.Hour)
-	b, err := json.Marshal(addResult{Name: ref.Name, ID: ref.ID, VirtualSize: m.virtualSize, Size: m.size})
+	b, err := json.Marshal(addResult{Name: ref.Name, ID: ref.ID, VirtualSize: e.VirtualSize, Size: e.Size})
 	if err != nil {
 		return err
 	}
@@ -131,6 +140,9 @@ type indexEntry struct {
 	VirtualSize int64         `json:"virtualsize"`
 	Created     time.Time     `json:"created"`
 	Desc        string        `json:"desc,omitempty"`
+	// Pulled: the file is the image it was pulled as (its .imf matched);
+	// push only checks that the store still has it.
+	Pulled bool `json:"pulled,omitempty"`
 
 	// The file's identity when added: a later push of a changed file says so.
 	Dev     uint64 `json:"dev"`
@@ -219,21 +231,64 @@ func pyStem(p string) string {
 	return p[:len(p)-len(base)+i]
 }
 
+// imfFile is the .imf beside a pulled file: the image's info and, our
+// addition, the pulled file's size and mtime, so a later add of the
+// unchanged file can reuse the identity (PROTOCOL.md note Z1).
+type imfFile struct {
+	api.ImageInfo
+	Pulled *fileStamp `json:"pulled,omitempty"`
+}
+
+// fileStamp identifies a file's content cheaply: size and mtime.
+type fileStamp struct {
+	Bytes   int64 `json:"bytes"`
+	MtimeNs int64 `json:"mtimeNs"`
+}
+
+func stampOf(st os.FileInfo) *fileStamp {
+	return &fileStamp{Bytes: st.Size(), MtimeNs: st.ModTime().UnixNano()}
+}
+
 // writeImf writes <DST without extension>.imf and .imf2 beside a pulled
 // image: the image's info, which the cloud's tools read (desc of a
-// database backup) and keep beside cached images.
+// database backup) and keep beside cached images; .imf also says which
+// file it describes.
 func writeImf(dst string, in api.ImageInfo) error {
-	b, err := json.Marshal(in)
+	st, err := os.Stat(dst)
 	if err != nil {
 		return err
 	}
 	stem := pyStem(dst)
-	for _, ext := range []string{".imf", ".imf2"} {
-		if err := fsutil.WriteFile(stem+ext, append(b, '\n'), 0o644); err != nil {
+	for _, v := range []struct {
+		ext string
+		doc any
+	}{{".imf", imfFile{ImageInfo: in, Pulled: stampOf(st)}}, {".imf2", in}} {
+		b, err := json.Marshal(v.doc)
+		if err != nil {
+			return err
+		}
+		if err := fsutil.WriteFile(stem+v.ext, append(b, '\n'), 0o644); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// pulledAs returns the image a file was pulled as, when the .imf beside it
+// describes exactly this file (same size and mtime: unchanged since the pull).
+func pulledAs(path string, st os.FileInfo) (api.ImageInfo, bool) {
+	b, err := os.ReadFile(pyStem(path) + ".imf")
+	if err != nil {
+		return api.ImageInfo{}, false
+	}
+	var imf imfFile
+	if json.Unmarshal(b, &imf) != nil || imf.Pulled == nil || *imf.Pulled != *stampOf(st) {
+		return api.ImageInfo{}, false
+	}
+	if (blobstore.Ref{Name: imf.Name, ID: imf.ID}).Validate() != nil {
+		return api.ImageInfo{}, false
+	}
+	return imf.ImageInfo, true
 }
 
 // parseImageArg reads name:id, or the zstore://name/id install path.

@@ -135,6 +135,7 @@ func TestZstcliArgumentVectors(t *testing.T) {
 				t.Fatalf("add: %+v", added)
 			}
 			vars["{ref}"] = added.Name + ":" + added.ID
+			vars["{name1}"] = added.Name
 			vars["{zref}"] = "zstore://" + added.Name + "/" + added.ID
 		}},
 		{"Z2 push after add", `{zst} -url {url} push  -concurrency=2 {vol}`, 0, noStdout},
@@ -182,6 +183,27 @@ func TestZstcliArgumentVectors(t *testing.T) {
 				if err != nil || json.Unmarshal(b, &in) != nil || in.Name != added.Name || in.ID != added.ID {
 					t.Fatalf("%s: %s %v", f, b, err)
 				}
+			}
+		}},
+		{"add of a pulled, unchanged file reuses its identity", `{zst} -json add -file {pulled}/vol.qcow2`, 0, func(t *testing.T, stdout, _ string) {
+			var again addResult
+			lastJSONLine(t, stdout, &again)
+			if again != added {
+				t.Fatalf("add of the pulled file: %+v, want the pulled image %+v", again, added)
+			}
+		}},
+		{"its push sends nothing", `{zst} -url {url} push {pulled}/vol.qcow2`, 0, noStdout},
+		{"and records nothing new", `{zst} -url {url} -json images -name {name1}`, 0, func(t *testing.T, stdout, _ string) {
+			var infos []api.ImageInfo
+			if err := json.Unmarshal([]byte(stdout), &infos); err != nil || len(infos) != 1 {
+				t.Fatalf("images after pushing a pulled file: %q %v", stdout, err)
+			}
+		}},
+		{"a pulled file changed since is a new image", `touch -d '2001-01-01' {pulled}/vol.qcow2 && {zst} -json add -file {pulled}/vol.qcow2`, 0, func(t *testing.T, stdout, _ string) {
+			var other addResult
+			lastJSONLine(t, stdout, &other)
+			if other.Name == added.Name && other.ID == added.ID {
+				t.Fatalf("add of a changed pulled file reused %s:%s", other.Name, other.ID)
 			}
 		}},
 		{"Z3 pull without extension (MN, zstack-ctl)", `{zst} -url {url} -json pull -installpath {pulled}/zsdb {refU}`, 0, func(t *testing.T, stdout, _ string) {
