@@ -103,7 +103,7 @@ type ImportReply struct {
 
 // ImportRequest is the body of import (a download or an upload stream).
 type ImportRequest struct {
-	ImgURL      string `json:"imgurl"` // http(s)://, sftp://, file://, upload:// or zstore://
+	ImgURL      string `json:"imgurl"` // http(s)://, ftp://, sftp://, file://, upload:// or zstore://
 	Name        string `json:"name"`
 	Arch        string `json:"arch"`
 	Desc        string `json:"desc"`

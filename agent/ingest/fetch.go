@@ -16,6 +16,7 @@ import (
 	"imagestore/internal/ctxio"
 	"imagestore/internal/redact"
 	"imagestore/internal/retry"
+	"imagestore/transfer/ftp"
 	"imagestore/transfer/sshfs"
 )
 
@@ -93,6 +94,72 @@ func (s *Service) fetchHTTPOnce(ctx context.Context, p jobs.Progress, u *url.URL
 		p.SetTotal(total)
 	}
 	if _, err := io.Copy(w, jobs.Reader(p, res.Body)); err != nil {
+		return err
+	}
+	if total >= 0 && w.Offset() < total {
+		return io.ErrUnexpectedEOF
+	}
+	return nil
+}
+
+// fetchFTP downloads u into w over FTP (passive, binary). A cut transfer
+// continues from the bytes already ingested (REST) on a new connection,
+// paced by the Resume policy; a permanent reply (5xx: no such file, login
+// refused) is not retried.
+func (s *Service) fetchFTP(ctx context.Context, p jobs.Progress, u *url.URL, w *limitedWriter) error {
+	policy := s.opts.Resume
+	policy.Retryable = nil
+	policy.OnRetry = func(attempt int, err error, _ time.Duration) {
+		s.log.Warn("import download interrupted, resuming", "url", redact.URL(u.String()), "offset", w.Offset(), "attempt", attempt+1, "err", err)
+	}
+	permanent := func(ctx context.Context, err error) bool {
+		var re *ftp.ReplyError
+		return ctx.Err() != nil || errors.As(err, &re) && re.Permanent() || errors.Is(err, ErrImportTooLarge)
+	}
+	tries := 0
+	err := policy.Do(ctx, func(ctx context.Context, _ int) error {
+		tries++
+		err := s.fetchFTPOnce(ctx, p, u, w)
+		if err != nil && permanent(ctx, err) {
+			return retry.Permanent(err)
+		}
+		return err
+	})
+	if err == nil || permanent(ctx, err) {
+		return err
+	}
+	return fmt.Errorf("giving up after %d attempts: %w", tries, err)
+}
+
+// fetchFTPOnce logs in and reads the file from the ingest's offset to its end.
+func (s *Service) fetchFTPOnce(ctx context.Context, p jobs.Progress, u *url.URL, w *limitedWriter) error {
+	c, err := ftp.Dial(ctx, u, ftp.Options{})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	path := ftp.Path(u)
+	total, err := c.Size(ctx, path)
+	if err != nil {
+		total = -1 // SIZE is optional; RETR says whether the file exists
+	} else {
+		if err := w.checkSize(total); err != nil {
+			return err
+		}
+		p.SetTotal(total)
+		if w.Offset() >= total {
+			return nil
+		}
+	}
+	r, err := c.Retr(ctx, path, w.Offset())
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(w, jobs.Reader(p, r))
+	if cerr := r.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return err
 	}
 	if total >= 0 && w.Offset() < total {

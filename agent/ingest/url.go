@@ -23,7 +23,8 @@ var ErrImportTooLarge = errors.New("image larger than maxImportSize")
 // URLRequest is import: download an image into the store.
 type URLRequest struct {
 	Task string // the job's id; names the ingests ("import-<task>", "import-<task>-canon")
-	// ImgURL is http(s)://, sftp://user[:password]@host[:port]/path,
+	// ImgURL is http(s)://, ftp://[user[:password]@]host[:port]/path
+	// (anonymous without a user), sftp://user[:password]@host[:port]/path,
 	// file://path (confined like import-backup's) or upload://name (the
 	// host CLI streams the bytes as upload chunks for taskuuid Task).
 	ImgURL    string
@@ -42,7 +43,7 @@ func CheckSource(imgurl string) (*url.URL, error) {
 		return nil, fmt.Errorf("imgurl is not a URL: %w", redactURLError(err))
 	}
 	switch u.Scheme {
-	case "http", "https", "sftp":
+	case "http", "https", "ftp", "sftp":
 		if u.Host == "" {
 			return nil, fmt.Errorf("imgurl %s: no host", redact.URL(u.String()))
 		}
@@ -52,9 +53,9 @@ func CheckSource(imgurl string) (*url.URL, error) {
 			return nil, err
 		}
 	case "":
-		return nil, fmt.Errorf("imgurl %q: no scheme (http, https, sftp, file, upload or zstore)", redact.URL(u.String()))
+		return nil, fmt.Errorf("imgurl %q: no scheme (http, https, ftp, sftp, file, upload or zstore)", redact.URL(u.String()))
 	default:
-		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, sftp, file, upload or zstore)", redact.URL(u.String()), u.Scheme)
+		return nil, fmt.Errorf("imgurl %s: scheme %s is not supported (http, https, ftp, sftp, file, upload or zstore)", redact.URL(u.String()), u.Scheme)
 	}
 	return u, nil
 }
@@ -151,6 +152,8 @@ func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ing
 	switch u.Scheme {
 	case "http", "https":
 		err = s.fetchHTTP(ctx, p, u, lw)
+	case "ftp":
+		err = s.fetchFTP(ctx, p, u, lw)
 	case "sftp":
 		err = s.fetchSFTP(ctx, p, u, lw)
 	case "file":

@@ -1,0 +1,158 @@
+package ftp_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"imagestore/transfer/ftp"
+	"imagestore/transfer/ftp/ftptest"
+)
+
+func dial(t *testing.T, raw string) (*ftp.Conn, *url.URL) {
+	t.Helper()
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ftp.Dial(context.Background(), u, ftp.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, u
+}
+
+// TestDownloadFromVsftpd reads a file from a real vsftpd whole and from
+// an offset (a resumed download), sizes it, and gets a permanent error
+// for a missing file.
+func TestDownloadFromVsftpd(t *testing.T) {
+	t.Parallel()
+	srv := ftptest.Start(t)
+	data := bytes.Repeat([]byte("0123456789abcdef"), 100000)
+	if err := os.WriteFile(filepath.Join(srv.Dir, "disk.raw"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, u := dial(t, srv.URL("disk.raw"))
+	ctx := context.Background()
+	path := ftp.Path(u)
+	if path != "disk.raw" {
+		t.Fatalf("Path(%s) = %q: an ftp URL's path is relative to the login directory", u, path)
+	}
+	if n, err := c.Size(ctx, path); err != nil || n != int64(len(data)) {
+		t.Fatalf("Size = %d, %v", n, err)
+	}
+	for _, off := range []int64{0, 12345, int64(len(data)) - 1} {
+		r, err := c.Retr(ctx, path, off)
+		if err != nil {
+			t.Fatalf("Retr at %d: %v\n%s", off, err, srv.Log())
+		}
+		got, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Close(); err != nil {
+			t.Fatalf("end of transfer at %d: %v", off, err)
+		}
+		if !bytes.Equal(got, data[off:]) {
+			t.Fatalf("Retr at %d: %d bytes, want %d", off, len(got), len(data)-int(off))
+		}
+	}
+	_, err := c.Retr(ctx, "missing", 0)
+	var re *ftp.ReplyError
+	if !errors.As(err, &re) || !re.Permanent() {
+		t.Fatalf("missing file: %v", err)
+	}
+	if _, err := c.Size(ctx, "missing"); !errors.As(err, &re) {
+		t.Fatalf("Size of a missing file: %v", err)
+	}
+	// Logging in with a user the server refuses fails with its reply.
+	bad, _ := url.Parse("ftp://root:pw@" + srv.Addr + "/disk.raw")
+	if _, err := ftp.Dial(ctx, bad, ftp.Options{}); err == nil || strings.Contains(err.Error(), "pw") {
+		t.Fatalf("login as a refused user: %v", err)
+	}
+}
+
+func TestParsePassive(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		epsv bool
+		text string
+		port int
+	}{
+		{true, "Entering Extended Passive Mode (|||30031|)", 30031},
+		{true, "Entering Extended Passive Mode (!!!21!)", 21},
+		{true, "Entering Extended Passive Mode (|||0|)", 0},
+		{true, "Entering Extended Passive Mode (|1|127.0.0.1|30031|)", 0},
+		{true, "no parens", 0},
+		{false, "Entering Passive Mode (127,0,0,1,117,47).", 117*256 + 47},
+		{false, "Entering Passive Mode 10,0,0,1,4,1", 1025},
+		{false, "Entering Passive Mode (1,2,3,4,256,1)", 0},
+		{false, "Entering Passive Mode (1,2,3,4,5)", 0},
+	} {
+		parse := ftp.ParsePASV
+		if tc.epsv {
+			parse = ftp.ParseEPSV
+		}
+		p, err := parse(tc.text)
+		if tc.port == 0 {
+			if !errors.Is(err, ftp.ErrProtocol) {
+				t.Errorf("%q: %d %v, want ErrProtocol", tc.text, p, err)
+			}
+			continue
+		}
+		if err != nil || p != tc.port {
+			t.Errorf("%q: %d %v, want %d", tc.text, p, err, tc.port)
+		}
+	}
+}
+
+func TestReadReply(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		in   string
+		code int
+		text string
+		bad  bool
+	}{
+		{"220 hello\r\n", 220, "hello", false},
+		{"230-line one\r\n more\r\n230 done\r\n", 230, "line one\n more\ndone", false},
+		{"200\r\n", 200, "", false},
+		{"2x0 nope\r\n", 0, "", true},
+		{"099 low\r\n", 0, "", true},
+		{"220 no newline", 0, "", true},
+		{strings.Repeat("a", 5000) + "\r\n", 0, "", true},
+		{"220-" + strings.Repeat("x\r\n", 600), 0, "", true},
+	} {
+		code, text, err := ftp.ReadReply(bufio.NewReaderSize(strings.NewReader(tc.in), 4096))
+		if tc.bad != (err != nil) || code != tc.code || text != tc.text {
+			t.Errorf("%.30q: %d %q %v", tc.in, code, text, err)
+		}
+	}
+}
+
+// FuzzReply: any bytes from a server give a reply or an error, never a
+// panic, and a parsed passive port is a valid port.
+func FuzzReply(f *testing.F) {
+	for _, s := range []string{"220 hi\r\n", "230-a\r\n230 b\r\n", "227 Entering Passive Mode (1,2,3,4,5,6)\r\n", "229 (|||1|)\r\n"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_, text, err := ftp.ReadReply(bufio.NewReaderSize(bytes.NewReader(b), 4096))
+		if err != nil {
+			return
+		}
+		for _, parse := range []func(string) (int, error){ftp.ParsePASV, ftp.ParseEPSV} {
+			if p, err := parse(text); err == nil && (p <= 0 || p > 65535) {
+				t.Fatalf("port %d from %q", p, text)
+			}
+		}
+	})
+}
