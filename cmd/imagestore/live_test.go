@@ -393,6 +393,13 @@ func TestLiveBackupFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	jobRunning(t, vm)
+	// A second backup of the VM is refused while one runs; a stopbak for
+	// a drive the running one does not back up stops nothing.
+	if _, errs, err := e.zstcli(fmt.Sprintf("batbak -domain %s -destdir %s -args %s", lbVM, newDir(), lbArgsAuto)); err == nil || !strings.Contains(errs, "another backup of this VM is running") {
+		t.Fatalf("a second batbak: %v %q", err, errs)
+	}
+	e.zstcliOK("stopbak -force=False -domain " + lbVM + " -drive drive-virtio-disk7")
+	jobRunning(t, vm)
 	e.zstcliOK("stopbak -force=True -domain " + lbVM + " -batbak")
 	if err := bat.Wait(); err == nil || !strings.Contains(batErr.String(), "stopped") {
 		t.Fatalf("a stopped batbak: %v, stderr %q", err, batErr.String())

@@ -315,11 +315,13 @@ func TestSpeedLimitHolds(t *testing.T) {
 	v := twoDisks(t)
 	ctx := context.Background()
 	out := t.TempDir()
-	e, _ := newEngine(t, v, Options{})
+	var pcts []int // Progress runs on the Backup goroutine
+	e, _ := newEngine(t, v, Options{Progress: func(p int) { pcts = append(pcts, p) }})
 	if _, err := e.Backup(ctx, drives(out, "full", Full, Full)); err != nil {
 		t.Fatal(err)
 	}
 	v.Write(1, 0, 32*mib, 0x81)
+	pcts = nil
 	const speed = float64(8 * mib)
 	type sample struct {
 		at       time.Time
@@ -363,6 +365,16 @@ func TestSpeedLimitHolds(t *testing.T) {
 	<-done
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Progress: Σcurrent/Σtotal of the jobs, rising to 100, with steps
+	// in between for a four-second job.
+	if len(pcts) < 5 || pcts[len(pcts)-1] != 100 {
+		t.Fatalf("progress %v", pcts)
+	}
+	for i := 1; i < len(pcts); i++ {
+		if pcts[i] <= pcts[i-1] {
+			t.Fatalf("progress does not rise: %v", pcts)
+		}
 	}
 	var lo, hi *sample
 	for i := range samples {
