@@ -157,6 +157,12 @@ var goldenSetups = map[string]func(t *testing.T, e *goldenEnv) map[string]string
 		}
 		return nil
 	},
+	// Data paths (golden_data_test.go).
+	"peerstore":  goldenPeerStore,
+	"ftpimage":   goldenFTPImage,
+	"httpiso":    goldenHTTPISO,
+	"nbdwritten": goldenNBDWritten,
+	"uploading":  goldenUploading,
 	// A finished import job for image 1b2c…f9a0 (progress reads it).
 	"imported": func(t *testing.T, e *goldenEnv) map[string]string {
 		srv := newImageServer(t)
@@ -268,6 +274,15 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 			t.Errorf("targetUri %q", u)
 		}
 	},
+	// Data paths (golden_data_test.go).
+	"import-iso": func(t *testing.T, r map[string]json.RawMessage) {
+		goldenImport(t, r, "1b2c3d4e5f60718293a4b5c6d7e8f9a0", "iso")
+	},
+	"import-template": func(t *testing.T, r map[string]json.RawMessage) {
+		goldenImport(t, r, "1b2c3d4e5f60718293a4b5c6d7e8f9a0", "qcow2")
+	},
+	"upload-session": goldenUploadSession,
+	"uploading":      goldenUploadingProgress,
 	"capacity": func(t *testing.T, reply map[string]json.RawMessage) {
 		var c struct{ TotalSize, FreeSize int64 }
 		_ = json.Unmarshal(append(append([]byte("{"), []byte(`"totalSize":`+string(reply["totalSize"])+`,"freeSize":`+string(reply["freeSize"]))...), '}'), &c)
@@ -374,6 +389,7 @@ func TestGoldenExchanges(t *testing.T) {
 				base := 12000 + rand.IntN(20000)
 				c.NBD.PortRange = fmt.Sprintf("%d-%d", base, base+200)
 				c.NBD.Bind = "127.0.0.1"
+				c.ServerName = config.ZStackServerName // peers' certificates name only this
 			})}
 			e.root = e.a.root
 			vars := map[string]string{}
