@@ -12,14 +12,14 @@
 #
 # Usage: bench/hostpath.sh                 (2 GiB)
 #        SIZE_MB=8192 PEERS=0 bench/hostpath.sh   (our rows only: RSS at 8 GiB)
-#        COMPRESS=false bench/hostpath.sh  (our push without compression)
+#        COMPRESS=true bench/hostpath.sh   (our push with -compress)
 #        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 SIZE_MB=${SIZE_MB:-2048}
 PEERS=${PEERS:-1}
-COMPRESS=${COMPRESS:-true}
+COMPRESS=${COMPRESS:-false}   # the CLI default
 BOTH=${BOTH:-}
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hostpath-bench.XXXXXX")}
 AGENT_PID=

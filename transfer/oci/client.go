@@ -79,7 +79,10 @@ func New(opts Options) (*Client, error) {
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
 			TLSHandshakeTimeout:   10 * time.Second,
-			ResponseHeaderTimeout: 5 * time.Minute,
+			// A manifest PUT answers once the store has checked every new
+			// layer by encoding it again: minutes for a large compressed
+			// layer on a busy store (8 GiB took over 5 under load).
+			ResponseHeaderTimeout: 30 * time.Minute,
 			DisableCompression:    true,
 			WriteBufferSize:       256 << 10,
 			ReadBufferSize:        256 << 10,
