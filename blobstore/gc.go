@@ -91,28 +91,44 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 				roots = append(roots, img.Ref)
 			}
 		}
-		// A keep list can name tens of thousands of images: unknown ones
-		// are counted and logged once, with a few examples.
+		// A keep list can name tens of thousands of images: chains are
+		// walked over the records already listed (each record visited
+		// once), and unknown entries are counted and logged once, with a
+		// few examples.
+		byRef := make(map[Ref]Image, len(all))
+		for _, img := range all {
+			byRef[img.Ref] = img
+		}
 		var unknown []string
 		nUnknown := 0
-		defer func() {
-			if nUnknown > 0 {
-				s.log.Warn("gc: images to keep are not recorded", "count", nUnknown, "examples", unknown)
-			}
-		}()
 		for _, r := range roots {
-			chain, err := s.chain(ctx, r)
-			if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrParentNotFound) {
-				return nil, fmt.Errorf("blobstore: gc: chain of %s: %w", r, err)
+			if err := ctx.Err(); err != nil {
+				return nil, err
 			}
-			if errors.Is(err, ErrNotFound) && len(chain) == 0 {
+			if _, ok := byRef[r]; !ok {
 				if nUnknown++; len(unknown) < 10 {
 					unknown = append(unknown, r.String())
 				}
+				continue
 			}
-			for _, img := range chain {
-				kept[img.Ref] = true
+			for depth := 0; !kept[r] && depth <= MaxChainDepth; depth++ {
+				img, ok := byRef[r]
+				if !ok {
+					break // a missing parent: keep what is there
+				}
+				kept[r] = true
+				if img.Parent == "" {
+					break
+				}
+				p, err := ParseRef(img.Parent)
+				if err != nil {
+					break
+				}
+				r = p
 			}
+		}
+		if nUnknown > 0 {
+			s.log.Warn("gc: images to keep are not recorded", "count", nUnknown, "examples", unknown)
 		}
 		for _, img := range all {
 			if kept[img.Ref] {
