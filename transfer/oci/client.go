@@ -74,11 +74,11 @@ func New(opts Options) (*Client, error) {
 	hc := opts.HTTPClient
 	if hc == nil {
 		tr := &http.Transport{
-			Proxy:                 nil,
-			DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-			MaxIdleConnsPerHost:   64,
-			IdleConnTimeout:       90 * time.Second,
-			TLSHandshakeTimeout:   10 * time.Second,
+			Proxy:               nil,
+			DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+			TLSHandshakeTimeout: 10 * time.Second,
 			// A manifest PUT answers once the store has checked every new
 			// layer by encoding it again: minutes for a large compressed
 			// layer on a busy store (8 GiB took over 5 under load).
