@@ -198,7 +198,8 @@ func TestImportErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range []struct{ name, url, want string }{
-		{"ftp", "ftp://h/x.qcow2", "scheme ftp is not supported"},
+		{"gopher", "gopher://h/x.qcow2", "scheme gopher is not supported"},
+		{"ftp refused", "ftp://127.0.0.1:1/x.qcow2", "connection refused"},
 		{"no scheme", "/x.qcow2", "no scheme"},
 		{"no host", "http:///x", "no host"},
 		{"not found", srv.URL + "/missing", "HTTP 404"},
@@ -216,9 +217,11 @@ func TestImportErrors(t *testing.T) {
 	}
 	e.fails(t, "/imagestore/import-sync", map[string]any{"imgurl": "http://h/x"}, "missing field name")
 	// A password never appears in errors.
-	v := e.fails(t, "/imagestore/import-sync", map[string]any{"imgurl": "http://user:s3cret@127.0.0.1:1/x", "name": "img"}, "refused")
-	if strings.Contains(fmt.Sprint(v), "s3cret") {
-		t.Fatalf("password leaked: %v", v)
+	for _, u := range []string{"http://user:s3cret@127.0.0.1:1/x", "ftp://user:s3cret@127.0.0.1:1/x"} {
+		v := e.fails(t, "/imagestore/import-sync", map[string]any{"imgurl": u, "name": "img"}, "refused")
+		if strings.Contains(fmt.Sprint(v), "s3cret") {
+			t.Fatalf("password leaked: %v", v)
+		}
 	}
 	imgs, _ := e.store.ListImages(context.Background(), "")
 	if len(imgs) != 0 {
