@@ -62,8 +62,8 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 		return res, err
 	}
 	s.mu.Lock()
-	for d, t := range s.commits {
-		if now.Sub(t) >= s.opts.CommitGrace {
+	for d, m := range s.commits {
+		if now.Sub(m.at) >= s.opts.CommitGrace {
 			delete(s.commits, d)
 		}
 	}
@@ -161,13 +161,13 @@ func (s *Store) sweepUnmarked(ctx context.Context, live map[digest.Digest]bool, 
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		ok, err := s.sweep(bi.Digest, now)
+		n, ok, err := s.freeBlob(bi.Digest, now, Creation{})
 		if err != nil {
 			return err
 		}
 		if ok {
 			res.BlobsFreed++
-			res.BytesFreed += bi.Size
+			res.BytesFreed += n
 			dirs[filepath.Dir(s.blobPath(bi.Digest))] = true
 		}
 	}
@@ -179,73 +179,77 @@ func (s *Store) sweepUnmarked(ctx context.Context, live map[digest.Digest]bool, 
 	return nil
 }
 
-// sweep unlinks one unmarked blob unless it is held or recently committed.
-// It runs under s.mu, the same lock commitBlob renames under.
-func (s *Store) sweep(d digest.Digest, now time.Time) (bool, error) {
+// freeBlob unlinks blob d under s.mu, the lock commitBlob renames and
+// touches under, unless something may still use it: a hold, or a commit
+// less than CommitGrace ago (its latest in s.commits, else the file's
+// mtime, which survives a restart). own exempts one commit from the grace:
+// the one Discard's caller made, as long as it is still d's latest. The
+// caller holds imgMu and has checked that no record names d. It reports
+// the bytes freed and whether d was removed; the caller syncs the dir.
+func (s *Store) freeBlob(d digest.Digest, now time.Time, own Creation) (int64, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.holds[d] > 0 {
-		return false, nil
+		return 0, false, nil
 	}
-	if t, ok := s.commits[d]; ok && now.Sub(t) < s.opts.CommitGrace {
-		return false, nil
+	m, ok := s.commits[d]
+	mine := ok && own.seq != 0 && own.Digest == d && m.seq == own.seq
+	if ok && !mine && now.Sub(m.at) < s.opts.CommitGrace {
+		return 0, false, nil
 	}
 	p := s.blobPath(d)
 	fi, err := os.Lstat(p)
 	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
+		return 0, false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("blobstore: gc: %w", err)
+		return 0, false, fmt.Errorf("blobstore: free blob: %w", err)
 	}
-	if now.Sub(fi.ModTime()) < s.opts.CommitGrace {
-		return false, nil
+	if !mine && now.Sub(fi.ModTime()) < s.opts.CommitGrace {
+		return 0, false, nil
 	}
 	if err := os.Remove(p); err != nil {
-		return false, fmt.Errorf("blobstore: gc: %w", err)
+		return 0, false, fmt.Errorf("blobstore: free blob: %w", err)
 	}
 	s.used -= fi.Size()
 	s.blobs--
 	delete(s.commits, d)
-	return true, nil
+	return fi.Size(), true, nil
 }
 
-// Discard removes blob d right away if nothing uses it: no hold and no
-// image record names it. It is for a blob a refused operation created
-// (Writer.Created), so a refusal leaves nothing behind for GC; it reports
-// whether the blob was removed.
-func (s *Store) Discard(ctx context.Context, d digest.Digest) (bool, error) {
-	if err := validateDigest(d); err != nil {
+// Discard removes the blob a commit created (Writer.Creation) right away
+// if nothing uses it: no hold, no image record, and no commit of the same
+// bytes since (another writer's, whose record may be on its way). It is
+// for a blob a refused operation created, so a refusal leaves nothing
+// behind for GC; it reports whether the blob was removed. The zero
+// Creation (the bytes were already stored) discards nothing.
+func (s *Store) Discard(ctx context.Context, c Creation) (bool, error) {
+	if !c.Created() {
+		return false, nil
+	}
+	if err := validateDigest(c.Digest); err != nil {
 		return false, err
 	}
+	// Like GC: no record can start naming the blob between the listing
+	// and the unlink (PutImage takes imgMu too, before s.mu).
+	s.imgMu.RLock()
+	defer s.imgMu.RUnlock()
 	imgs, err := s.listImages(ctx, "")
 	if err != nil {
 		return false, err
 	}
 	for _, img := range imgs {
-		if img.Blob == d {
+		if img.Blob == c.Digest {
 			return false, nil
 		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.holds[d] > 0 {
-		return false, nil
+	if s.discardListed != nil {
+		s.discardListed()
 	}
-	p := s.blobPath(d)
-	fi, err := os.Lstat(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
+	_, ok, err := s.freeBlob(c.Digest, time.Now(), c)
+	if err != nil || !ok {
+		return false, err
 	}
-	if err != nil {
-		return false, fmt.Errorf("blobstore: discard: %w", err)
-	}
-	if err := os.Remove(p); err != nil {
-		return false, fmt.Errorf("blobstore: discard: %w", err)
-	}
-	s.used -= fi.Size()
-	s.blobs--
-	delete(s.commits, d)
-	_ = fsutil.SyncDir(filepath.Dir(p))
+	_ = fsutil.SyncDir(filepath.Dir(s.blobPath(c.Digest)))
 	return true, nil
 }

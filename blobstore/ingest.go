@@ -57,7 +57,7 @@ type Writer struct {
 	// commitFailed: Commit failed and closed the ingest, resumable; a
 	// Cancel after it still removes the ingest (see Cancel).
 	commitFailed bool
-	created      bool // Commit stored new bytes
+	creation     Creation // set by a Commit that stored new bytes
 }
 
 // errSyncFailed marks the error of a failed data fsync.
@@ -422,12 +422,12 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 		return "", err
 	}
 	dropCache(w.f, w.durable, w.off)
-	created, err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off)
+	creation, err := w.s.commitBlob(d, w.f, filepath.Join(w.dir, ingestData), w.off)
 	if err != nil {
 		w.closeAfterFailedCommit()
 		return "", err
 	}
-	w.created = created
+	w.creation = creation
 	w.done = true
 	// The blob is durable; the ingest directory is garbage from here on,
 	// and Open/GC would clean it after a crash.
@@ -437,9 +437,27 @@ func (w *Writer) Commit(ctx context.Context, size int64, expected digest.Digest)
 	return d, nil
 }
 
-// Created reports whether the Writer's Commit stored new bytes (false:
-// the content was already stored, and may belong to others).
-func (w *Writer) Created() bool { return w.created }
+// Creation identifies the Writer's Commit if it stored new bytes; it is
+// the zero Creation if the content was already stored (and may belong to
+// others) or Commit did not succeed. It is what Discard takes.
+func (w *Writer) Creation() Creation { return w.creation }
+
+// Creation identifies one commit that stored a new blob, so that Discard
+// can tell whether a later commit of the same bytes (by another writer,
+// whose record may be on its way) happened since.
+type Creation struct {
+	Digest digest.Digest
+	seq    uint64 // the store's commit number; 0 = nothing was created
+}
+
+// Created reports whether the commit stored new bytes.
+func (c Creation) Created() bool { return c.seq != 0 }
+
+// commitMark is the latest commit of a blob: when and which.
+type commitMark struct {
+	at  time.Time
+	seq uint64
+}
 
 // closeAfterFailedCommit closes the ingest, keeping its last good
 // checkpoint for a retry, and lets a Cancel still remove it.
@@ -449,42 +467,48 @@ func (w *Writer) closeAfterFailedCommit() {
 }
 
 // commitBlob renames the fsynced data file into place (or drops it if the
-// blob already exists) under s.mu, so GC's sweep cannot interleave.
-func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size int64) (created bool, err error) {
+// blob already exists) under s.mu, so GC's sweep cannot interleave. Either
+// way the commit becomes d's latest (s.commits), which CommitGrace and
+// Discard go by; it returns the zero Creation if the blob existed.
+func (s *Store) commitBlob(d digest.Digest, f *os.File, dataPath string, size int64) (Creation, error) {
 	path := s.blobPath(d)
 	dir := filepath.Dir(path)
 	now := time.Now()
 	s.mu.Lock()
+	s.seq++
+	mark := commitMark{at: now, seq: s.seq}
 	if _, err := os.Lstat(path); err == nil {
 		// Already stored: refresh its time so CommitGrace protects it from
-		// a GC that has not yet seen the image about to reference it.
+		// a GC that has not yet seen the image about to reference it, and
+		// so the creator's Discard leaves it alone.
 		_ = os.Chtimes(path, now, now)
-		s.commits[d] = now
+		s.commits[d] = mark
 		s.used -= size
 		s.mu.Unlock()
-		return false, nil
+		return Creation{}, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		s.mu.Unlock()
-		return false, mapSpace(err, "blobstore: create blob dir")
+		return Creation{}, mapSpace(err, "blobstore: create blob dir")
 	}
 	_ = f.Chmod(0o444) // blobs are immutable
 	if err := os.Rename(dataPath, path); err != nil {
 		s.mu.Unlock()
-		return false, mapSpace(err, "blobstore: commit blob")
+		return Creation{}, mapSpace(err, "blobstore: commit blob")
 	}
 	// The mtime is the commit time CommitGrace counts from after a restart.
 	_ = os.Chtimes(path, now, now)
-	s.commits[d] = now
+	s.commits[d] = mark
 	s.blobs++
 	s.mu.Unlock()
+	c := Creation{Digest: d, seq: mark.seq}
 	if err := fsutil.SyncDir(dir); err != nil {
-		return true, fmt.Errorf("blobstore: sync blob dir: %w", err)
+		return c, fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
 	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
-		return true, fmt.Errorf("blobstore: sync blob dir: %w", err)
+		return c, fmt.Errorf("blobstore: sync blob dir: %w", err)
 	}
-	return true, nil
+	return c, nil
 }
 
 // IngestOffset returns the durable offset a new Writer for ref would resume

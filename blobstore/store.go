@@ -66,7 +66,12 @@ type Store struct {
 	blobs   int
 	quota   int64
 	holds   map[digest.Digest]int
-	commits map[digest.Digest]time.Time // recent commits, for CommitGrace
+	commits map[digest.Digest]commitMark // recent commits, for CommitGrace
+	seq     uint64                       // numbers commits, for Creation
+
+	// discardListed runs in Discard after it listed the records, before
+	// it takes mu; tests use it to force an interleaving.
+	discardListed func()
 
 	checkpointEvery int64                // bytes between ingest checkpoints; tests lower it
 	copyBufs        sync.Pool            // Put's copy buffers
@@ -110,7 +115,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 		closed:  make(chan struct{}),
 		quota:   opts.Quota,
 		holds:   map[digest.Digest]int{},
-		commits: map[digest.Digest]time.Time{},
+		commits: map[digest.Digest]commitMark{},
 
 		checkpointEvery: opts.CheckpointEvery,
 		syncFile:        (*os.File).Sync,

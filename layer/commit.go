@@ -94,7 +94,7 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 		defer release()
 	}
 	var l Layer
-	var created bool
+	var created blobstore.Creation
 	var err error
 	switch {
 	case spec.Blob != "":
@@ -122,10 +122,10 @@ func (s *Store) Commit(ctx context.Context, spec Spec) (blobstore.Image, error) 
 	release := s.blobs.Hold(l.Digest)
 	img, err := s.verifyAndRecord(ctx, spec, l)
 	release()
-	if err != nil && created {
+	if err != nil && created.Created() {
 		// A refusal leaves no blob behind (unless something else uses it
-		// by now: Discard checks holds and records).
-		if _, derr := s.blobs.Discard(ctx, l.Digest); derr != nil {
+		// by now: Discard checks holds, records and later commits).
+		if _, derr := s.blobs.Discard(ctx, created); derr != nil {
 			s.log.Warn("discarding a refused blob", "blob", l.Digest, "err", derr)
 		}
 	}
@@ -202,15 +202,15 @@ func opaque(r io.Reader, size int64) Content {
 }
 
 // ingest writes spec.Content into a fresh ingest and commits it; it
-// reports whether the blob is new (see blobstore.Writer.Created).
-func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, bool, error) {
+// returns the commit's Creation (zero if the blob was already stored).
+func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, blobstore.Creation, error) {
 	ref := spec.Ingest
 	if ref == "" {
 		ref = "layer-" + randomHex(12)
 	}
 	w, err := s.blobs.Writer(ctx, ref)
 	if err != nil {
-		return Layer{}, false, err
+		return Layer{}, blobstore.Creation{}, err
 	}
 	var out io.Writer = w
 	if spec.Progress != nil {
@@ -224,14 +224,14 @@ func (s *Store) ingest(ctx context.Context, spec Spec) (Layer, bool, error) {
 	}
 	if err != nil {
 		_ = w.Cancel()
-		return Layer{}, false, err
+		return Layer{}, blobstore.Creation{}, err
 	}
 	d, err := w.Commit(ctx, cw.N, "")
 	if err != nil {
 		_ = w.Cancel()
-		return Layer{}, false, fmt.Errorf("committing layer: %w", err)
+		return Layer{}, blobstore.Creation{}, fmt.Errorf("committing layer: %w", err)
 	}
-	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, w.Created(), nil
+	return Layer{Digest: d, Size: cw.N, VirtualSize: vsize}, w.Creation(), nil
 }
 
 // checkNew checks a new qcow2 layer against the parent it is recorded on

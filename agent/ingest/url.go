@@ -113,8 +113,8 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 	release := store.Hold(d)
 	defer func() {
 		release()
-		if created {
-			if _, err := store.Discard(context.WithoutCancel(ctx), d); err != nil {
+		if created.Created() {
+			if _, err := store.Discard(context.WithoutCancel(ctx), created); err != nil {
 				s.log.Warn("discarding a downloaded blob", "blob", d, "err", err)
 			}
 		}
@@ -136,11 +136,11 @@ func (s *Service) ImportURL(ctx context.Context, req URLRequest, p jobs.Progress
 
 // download streams the URL's bytes into the ingest and commits them.
 // A failed or cancelled download removes the partial ingest.
-// created says whether the blob is new (it may already have been stored).
-func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ingest, task string) (d digest.Digest, size int64, created bool, err error) {
+// created identifies the commit if the blob is new (zero: it was already stored).
+func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ingest, task string) (d digest.Digest, size int64, created blobstore.Creation, err error) {
 	w, err := s.opts.Store.Writer(ctx, ingest)
 	if err != nil {
-		return "", 0, false, err
+		return "", 0, blobstore.Creation{}, err
 	}
 	ok := false
 	defer func() {
@@ -164,18 +164,18 @@ func (s *Service) download(ctx context.Context, p jobs.Progress, u *url.URL, ing
 		err = fmt.Errorf("scheme %s is not supported", u.Scheme)
 	}
 	if err != nil {
-		return "", 0, false, err
+		return "", 0, blobstore.Creation{}, err
 	}
 	size = w.Offset()
 	if size == 0 {
-		return "", 0, false, errors.New("the image is empty")
+		return "", 0, blobstore.Creation{}, errors.New("the image is empty")
 	}
 	d, err = w.Commit(ctx, size, "")
 	if err != nil {
-		return "", 0, false, err
+		return "", 0, blobstore.Creation{}, err
 	}
 	ok = true
-	return d, size, w.Created(), nil
+	return d, size, w.Creation(), nil
 }
 
 // limitedWriter enforces MaxImportSize (0 = none) on the ingest; it is

@@ -75,10 +75,12 @@ func (e *Engine) sendBlob(ctx context.Context, ts *taskState, c *oci.Client, nam
 
 // fetchBlob downloads one blob into a resumable ingest named after its
 // digest (a retry, even after a restart, continues where it stopped) and
-// commits it against the digest; a mismatch is fetched once more.
-func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) error {
+// commits it against the digest; a mismatch is fetched once more. It
+// returns the commit's Creation (zero if the blob was stored meanwhile).
+func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, name string, l oci.Descriptor, lim *ratelimit.Limiter) (blobstore.Creation, error) {
 	ingest := "pull-" + l.Digest.Encoded()
-	return onceMore().Do(ctx, func(ctx context.Context, attempt int) error {
+	var created blobstore.Creation
+	err := onceMore().Do(ctx, func(ctx context.Context, attempt int) error {
 		w, err := e.st.Writer(ctx, ingest)
 		if err != nil {
 			return retry.Permanent(fmt.Errorf("blob %s: %w", l.Digest, err))
@@ -102,6 +104,7 @@ func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, na
 		_, err = w.Commit(ctx, l.Size, l.Digest)
 		switch {
 		case err == nil:
+			created = w.Creation()
 			e.m.BlobsSent.Inc()
 			ts.blobDone()
 			return nil
@@ -113,6 +116,7 @@ func (e *Engine) fetchBlob(ctx context.Context, ts *taskState, c *oci.Client, na
 			return retry.Permanent(fmt.Errorf("blob %s: %w", l.Digest, err))
 		}
 	})
+	return created, err
 }
 
 // download copies the rest of blob l (from w's offset) into w, resuming

@@ -698,20 +698,24 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	ts.plan(total, len(todo), skipped)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(e.o.Parallelism)
-	for _, l := range todo {
-		g.Go(func() error { return e.fetchBlob(gctx, ts, c, ref.Name, l, lim) })
+	created := make([]blobstore.Creation, len(todo)) // one slot per goroutine
+	for i, l := range todo {
+		g.Go(func() (err error) {
+			created[i], err = e.fetchBlob(gctx, ts, c, ref.Name, l, lim)
+			return err
+		})
 	}
 	if err := g.Wait(); err != nil {
 		return err
 	}
 	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
 	if errors.Is(err, oci.ErrManifestInvalid) || errors.Is(err, ErrConflict) {
-		// Refused: the blobs this pull brought are nobody's (Discard
-		// keeps any that a record or a hold uses by now).
+		// Refused: the blobs this pull created are nobody's (Discard
+		// keeps any that a record, a hold or a later commit uses by now).
 		release()
-		for _, l := range todo {
-			if _, derr := e.st.Discard(context.WithoutCancel(ctx), l.Digest); derr != nil {
-				e.log.Warn("discarding a refused pull's blob", "blob", l.Digest, "err", derr)
+		for _, cr := range created {
+			if _, derr := e.st.Discard(context.WithoutCancel(ctx), cr); derr != nil {
+				e.log.Warn("discarding a refused pull's blob", "blob", cr.Digest, "err", derr)
 			}
 		}
 	}
