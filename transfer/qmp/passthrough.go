@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"strconv"
 	"sync"
 )
 
@@ -24,7 +23,6 @@ type Passthrough struct {
 	max int
 
 	mu      sync.Mutex
-	nextID  uint64
 	events  []Event
 	seq     uint64
 	changed chan struct{}
@@ -40,11 +38,10 @@ func NewPassthrough(t PassthroughTransport, o Options) *Passthrough {
 
 // Execute implements Monitor.
 func (p *Passthrough) Execute(ctx context.Context, command string, args, out any) error {
-	p.mu.Lock()
-	p.nextID++
-	id := "p" + strconv.FormatUint(p.nextID, 10)
-	p.mu.Unlock()
-	req := map[string]any{"execute": command, "id": id}
+	// No "id": the manager matches replies itself, and libvirt refuses a
+	// passthrough command that carries one ("Unable to append command
+	// 'id' string").
+	req := map[string]any{"execute": command}
 	if args != nil {
 		req["arguments"] = args
 	}
