@@ -150,6 +150,49 @@ var goldenSetups = map[string]func(t *testing.T, e *goldenEnv) map[string]string
 		}
 		return map[string]string{"targetUri": r.body["targetUri"].(string)}
 	},
+	// A package of one stored backup; the test ends checking it is gone.
+	"package": func(t *testing.T, e *goldenEnv) map[string]string {
+		ip := goldenBackup(t, e)
+		r := e.do(t, http.MethodPost, "/imagestore/pack-exported-images-sync/", `{"installPathList":["`+ip+`"],"packageName":"vm","packageFormat":"tar.gz"}`, nil)
+		u, _ := r.body["packageUrl"].(string)
+		if r.body["success"] != true || u == "" {
+			t.Fatalf("pack-exported-images: %s", r.raw)
+		}
+		if g := e.do(t, http.MethodGet, u, nil, nil); g.code != http.StatusOK {
+			t.Fatalf("GET %s: %d", u, g.code)
+		}
+		t.Cleanup(func() {
+			if g := e.do(t, http.MethodGet, u, nil, nil); g.code != http.StatusNotFound {
+				t.Errorf("GET %s after delete-image-package: %d, want 404", u, g.code)
+			}
+		})
+		return map[string]string{"packageUrl": u}
+	},
+	// A stored backup (0x5a in its first 64 KiB) and an empty 4 MiB NBD
+	// target; the test ends checking the target holds the backup.
+	"nbdsink": func(t *testing.T, e *goldenEnv) map[string]string {
+		r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
+		ip := goldenBackup(t, e)
+		dir, err := e.a.uploads.Alloc(time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := e.do(t, http.MethodPost, "/imagestore/exportnbdimage-sync/", `{"workspace":"`+dir.Path+`","sizes":[4194304]}`, nil)
+		if r.body["success"] != true {
+			t.Fatalf("exportnbdimage: %s", r.raw)
+		}
+		path := r.body["imagePaths"].([]any)[0].(string)
+		port := int(r.body["ports"].([]any)[0].(float64))
+		// Garbage first: the upload must write zeros too.
+		r7run(t, "qemu-io", "-f", "raw", "-c", "write -P 0xee 0 4M", fmt.Sprintf("nbd://127.0.0.1:%d", port))
+		t.Cleanup(func() {
+			out := r7run(t, "qemu-io", "-U", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 64k", "-c", "read -P 0 64k 4032k", path)
+			if strings.Contains(out, "fail") {
+				t.Errorf("NBD target does not hold the backup: %s", out)
+			}
+		})
+		return map[string]string{"installPath": ip, "targetUrl": fmt.Sprintf("nbd://127.0.0.1:%d", port)}
+	},
 	// A metadata file holding one image's line.
 	"metadata": func(t *testing.T, e *goldenEnv) map[string]string {
 		if err := e.a.metadata.Dump(`{"uuid":"1b2c3d4e5f60718293a4b5c6d7e8f9a0","name":"centos7","backupStorageRefs":[]}`, true); err != nil {
@@ -251,6 +294,20 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 		last := u[strings.LastIndex(u, "/")+1:]
 		if !strings.HasPrefix(u, "/") || strings.ContainsAny(u, "?#") || !strings.HasPrefix(last, "image-") || strings.Count(u, last) != 1 {
 			t.Errorf("imgUrl %q", u)
+		}
+	},
+	// packageUrl is relative, under /export/package/<token>/, and keeps
+	// the package's name (the management node does not rename it).
+	"package": func(t *testing.T, reply map[string]json.RawMessage) {
+		var u string
+		_ = json.Unmarshal(reply["packageUrl"], &u)
+		rest, ok := strings.CutPrefix(u, "/export/package/")
+		token, file, _ := strings.Cut(rest, "/")
+		if !ok || len(token) != 32 || file != "vm-3c2b1a0f.tar" || strings.ContainsAny(u, "?#") {
+			t.Errorf("packageUrl %q", u)
+		}
+		if string(reply["size"]) == "0" || len(string(reply["md5Sum"])) != 34 {
+			t.Errorf("size %s md5Sum %s", reply["size"], reply["md5Sum"])
 		}
 	},
 	// Each target is directly inside the workspace, one port each.

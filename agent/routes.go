@@ -42,6 +42,9 @@ func routeTable() []Route {
 		// Download exports.
 		{Path: api.PathExport, Mode: Async, Handler: (*Agent).export},
 		{Path: api.PathDelExport, Mode: Async, Handler: (*Agent).delExport},
+		{Path: api.PathPackExportedImages, Mode: Async, Handler: (*Agent).packExportedImages},
+		{Path: api.PathDeleteImagePackage, Mode: Async, Handler: (*Agent).deleteImagePackage},
+		{Path: api.PathRemoteUpload, Mode: Async, Handler: (*Agent).remoteUpload},
 
 		// NBD targets and read-only chains.
 		{Path: api.PathExportNBDImage, Mode: Async, Handler: (*Agent).exportNBDImage},
@@ -69,9 +72,6 @@ func routeTable() []Route {
 		{Path: api.PathDeleteMetadata, Mode: Async, Handler: (*Agent).deleteMetadata},
 
 		// Not supported: a clear success:false, never a 404.
-		{Path: api.PathPackExportedImages, Mode: Async, Handler: notSupported(api.PathPackExportedImages)},
-		{Path: api.PathDeleteImagePackage, Mode: Async, Handler: notSupported(api.PathDeleteImagePackage)},
-		{Path: api.PathRemoteUpload, Mode: Async, Handler: notSupported(api.PathRemoteUpload)},
 		{Path: api.PathArchiveData, Mode: Async, Handler: notSupported(api.PathArchiveData)},
 		{Path: api.PathUnpackData, Mode: Async, Handler: notSupported(api.PathUnpackData)},
 		{Path: api.PathSyncData, Mode: Async, Handler: notSupported(api.PathSyncData)},

@@ -64,6 +64,7 @@ func (a *Agent) delExport(w http.ResponseWriter, r *http.Request) {
 }
 
 // serveExport serves GET/HEAD /export/[<anything>-]image-<token>.<ext>
+// and /export/package/<token>/<file>
 // with Range support (see exports.Service.Resolve).
 func (a *Agent) serveExport(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {

@@ -64,6 +64,9 @@ type Meta struct {
 	MD5Sum      string    `json:"md5Sum"`
 	Size        int64     `json:"size"`
 	Created     time.Time `json:"created"` // when the export was ready; its expiry counts from here
+	// Package marks a package of exports (Pack): File is
+	// "<packageName>.<tar|tar.gz>", served under PackagePrefix.
+	Package bool `json:"package,omitempty"`
 }
 
 // Export is a complete export.
@@ -82,6 +85,9 @@ type Options struct {
 	Layers *layer.Store  // the store exported from
 	Expiry time.Duration // an export is removed this long after it was ready; 0 keeps it until Delete
 	Logger *slog.Logger
+	// QemuImg is the qemu-img binary WriteRemote runs (default "qemu-img"
+	// from PATH).
+	QemuImg string
 	// BeforeWrite, if set, runs before an export's data is written (tests
 	// hold an export mid-write with it).
 	BeforeWrite func(installPath string)
@@ -154,7 +160,7 @@ func (s *Service) Create(ctx context.Context, p jobs.Progress, img blobstore.Ima
 		return Export{}, err
 	}
 	for token, m := range existing {
-		if m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt {
+		if !m.Package && m.InstallPath == img.InstallPath() && m.ExtFmt == extFmt {
 			// The same URL again, with a full life from now.
 			err := s.renew(token, &m)
 			s.mu.Unlock()
@@ -304,11 +310,13 @@ func copyFile(ctx context.Context, src, dst string) error {
 	return err
 }
 
-// Selector picks exports to delete; empty fields match any.
+// Selector picks exports to delete; empty fields match any. Package
+// picks packages (Pack) instead of image exports.
 type Selector struct {
 	Token       string
 	InstallPath string
 	ExtFmt      string
+	Package     bool
 }
 
 // Delete removes the exports sel matches (revoking their URLs; a download
@@ -325,7 +333,8 @@ func (s *Service) Delete(ctx context.Context, sel Selector) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return n, err
 		}
-		match := (sel.Token == "" || token == sel.Token) &&
+		match := m.Package == sel.Package &&
+			(sel.Token == "" || token == sel.Token) &&
 			(sel.InstallPath == "" || m.InstallPath == sel.InstallPath) &&
 			(sel.ExtFmt == "" || m.ExtFmt == sel.ExtFmt)
 		if !match {
@@ -354,8 +363,16 @@ func TokenFromURL(u string) (string, error) {
 }
 
 // Resolve opens the export a download's (decoded) URL path names:
-// URLPrefix + [<anything>-]image-<token>.<ext>; see Open.
+// URLPrefix + [<anything>-]image-<token>.<ext>, or a package's
+// PackagePrefix + <token>/<file>; see Open.
 func (s *Service) Resolve(path string) (Meta, *os.File, error) {
+	if strings.HasPrefix(path, PackagePrefix) {
+		token, file, ok := parsePackagePath(path)
+		if !ok {
+			return Meta{}, nil, ErrNotFound
+		}
+		return s.Open(token, file)
+	}
 	if !strings.HasPrefix(path, URLPrefix) {
 		return Meta{}, nil, ErrNotFound
 	}
