@@ -4,10 +4,14 @@ package main
 // battopbak, stopbak, plus bakconfirm (ours). They drive QEMU through
 // transfer/livebackup.
 //
-// Reaching the VM: -qmp-dir DIR (default $IMAGESTORE_QMP_DIR) names a
-// directory holding one QMP unix socket per VM, DIR/<VM>.qmp. The running
-// backup listens on DIR/<VM>.bak (the control socket), where stopbak
-// reaches it, since QEMU serves one client per QMP socket.
+// Reaching the VM: when -qmp-dir DIR (default $IMAGESTORE_QMP_DIR) holds
+// a QMP unix socket DIR/<VM>.qmp, that socket; otherwise libvirt's QEMU
+// monitor passthrough for the domain named <VM>, through libvirtd's socket
+// (-libvirt-sock, default $IMAGESTORE_LIBVIRT_SOCK or the system one). The
+// running backup listens on <ctl>/<VM>.bak (the control socket), where
+// stopbak reaches it (QEMU serves one client per QMP socket, and the
+// running process is the one that can remove its targets); <ctl> is DIR
+// when -qmp-dir is set, else /run/imagestore.
 
 import (
 	"bufio"
@@ -30,12 +34,14 @@ import (
 
 	"imagestore/transfer/livebackup"
 	"imagestore/transfer/qmp"
+	"imagestore/transfer/qmp/libvirtqmp"
 )
 
 // liveFlags are the flags every live-backup verb shares.
 type liveFlags struct {
 	domain      string
 	qmpDir      string
+	libvirtSock string
 	pointInTime bool
 	oob         bool
 }
@@ -44,6 +50,11 @@ func (g *globals) liveFlagSet(name string, lf *liveFlags) *flag.FlagSet {
 	fs := g.subFlags(name)
 	fs.StringVar(&lf.domain, "domain", "", "VM name (the libvirt domain name, i.e. the VM uuid)")
 	fs.StringVar(&lf.qmpDir, "qmp-dir", os.Getenv("IMAGESTORE_QMP_DIR"), "directory of the VMs' QMP sockets <dir>/<VM>.qmp (default $IMAGESTORE_QMP_DIR)")
+	sock := os.Getenv("IMAGESTORE_LIBVIRT_SOCK")
+	if sock == "" {
+		sock = libvirtqmp.DefaultSocket
+	}
+	fs.StringVar(&lf.libvirtSock, "libvirt-sock", sock, "libvirtd's unix socket, used when -qmp-dir holds no <VM>.qmp (default $IMAGESTORE_LIBVIRT_SOCK or "+libvirtqmp.DefaultSocket+")")
 	fs.BoolVar(&lf.pointInTime, "point-in-time", false, "accepted: every backup is point-in-time (copy-before-write)")
 	fs.BoolVar(&lf.oob, "oob", false, "accepted and ignored (out of band; its meaning is not documented)")
 	return fs
@@ -56,22 +67,49 @@ func (lf *liveFlags) check() error {
 	if strings.ContainsAny(lf.domain, "/\x00") || lf.domain == "." || lf.domain == ".." {
 		return usageErr("bad -domain %q", lf.domain)
 	}
-	if lf.qmpDir == "" {
-		return errors.New("no way to reach the VM's monitor: set -qmp-dir or $IMAGESTORE_QMP_DIR " +
-			"(a directory holding <VM>.qmp sockets); the libvirt transport is not built in")
-	}
 	return nil
 }
 
-func (lf *liveFlags) qmpPath() string { return filepath.Join(lf.qmpDir, lf.domain+".qmp") }
-func (lf *liveFlags) ctlPath() string { return filepath.Join(lf.qmpDir, lf.domain+".bak") }
+// defaultCtlDir holds the control sockets when -qmp-dir is not set.
+const defaultCtlDir = "/run/imagestore"
 
-// dialMonitor connects to the VM's QMP socket; wait bounds the greeting
-// (QEMU greets a second client only when the first leaves).
-func (lf *liveFlags) dialMonitor(ctx context.Context, wait time.Duration) (*qmp.Client, error) {
+func (lf *liveFlags) qmpPath() string { return filepath.Join(lf.qmpDir, lf.domain+".qmp") }
+
+func (lf *liveFlags) ctlDir() string {
+	if lf.qmpDir != "" {
+		return lf.qmpDir
+	}
+	return defaultCtlDir
+}
+
+func (lf *liveFlags) ctlPath() string { return filepath.Join(lf.ctlDir(), lf.domain+".bak") }
+
+// viaQMPSocket says whether -qmp-dir holds a socket for the VM.
+func (lf *liveFlags) viaQMPSocket() bool {
+	if lf.qmpDir == "" {
+		return false
+	}
+	fi, err := os.Stat(lf.qmpPath())
+	return err == nil && fi.Mode().Type() == os.ModeSocket
+}
+
+// dialMonitor connects to the VM's monitor: its QMP socket when -qmp-dir
+// holds one, else libvirt. wait bounds the QMP greeting (QEMU greets a
+// second client only when the first leaves) or libvirt's connection.
+func (lf *liveFlags) dialMonitor(ctx context.Context, wait time.Duration) (qmp.Monitor, error) {
 	dctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	return qmp.Dial(dctx, lf.qmpPath(), qmp.Options{})
+	if lf.viaQMPSocket() {
+		return qmp.Dial(dctx, lf.qmpPath(), qmp.Options{})
+	}
+	m, err := libvirtqmp.Dial(dctx, libvirtqmp.Options{Socket: lf.libvirtSock, Domain: lf.domain})
+	if err != nil {
+		if lf.qmpDir != "" {
+			return nil, fmt.Errorf("no QMP socket %s, and through libvirt: %w", lf.qmpPath(), err)
+		}
+		return nil, err
+	}
+	return m, nil
 }
 
 // runLive connects, starts the control socket, runs the engine over
@@ -119,6 +157,9 @@ func listenControl(ctx context.Context, path string, drives []livebackup.Drive, 
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("%w: another backup of this VM is running (%s)", livebackup.ErrBusy, path)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	_ = os.Remove(path) // stale, from a process that died
 	ln, err := net.Listen("unix", path)
@@ -402,9 +443,6 @@ func cmdStopbak(ctx context.Context, g *globals, args []string) error {
 	if lf.domain == "" {
 		return usageErr("-domain is required")
 	}
-	if lf.qmpDir == "" {
-		return nil // no monitor we could reach: nothing of ours runs
-	}
 	if err := lf.check(); err != nil {
 		return err
 	}
@@ -479,10 +517,10 @@ func cmdBakconfirm(ctx context.Context, g *globals, args []string) error {
 // liveCommands are the live-backup verbs for the dispatch table.
 func liveCommands() []command {
 	return []command{
-		{"backup", "backup -bitmap BM -dest FILE|nbd://H:P -domain VM -drive NODE -mode full|top|auto [-speed B/s] [-point-in-time] [-oob] [-qmp-dir DIR]", cmdBackup, faceBoth},
-		{"batbak", "batbak -domain VM -destdir DIR|nbd://H:P1,P2,... -args BM,MODE,NODE,SPEED[:...] [-point-in-time] [-oob] [-qmp-dir DIR]", cmdBatbak, faceBoth},
-		{"battopbak", "battopbak -domain VM -destdir DIR -args NODE,SPEED[:NODE,SPEED...] [-qmp-dir DIR]", cmdBattopbak, faceBoth},
-		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE] [-qmp-dir DIR]", cmdStopbak, faceBoth},
-		{"bakconfirm", "bakconfirm -domain VM -args BM,NODE[:BM,NODE...] [-qmp-dir DIR]", cmdBakconfirm, faceBoth},
+		{"backup", "backup -bitmap BM -dest FILE|nbd://H:P -domain VM -drive NODE -mode full|top|auto [-speed B/s] [-point-in-time] [-oob] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBackup, faceBoth},
+		{"batbak", "batbak -domain VM -destdir DIR|nbd://H:P1,P2,... -args BM,MODE,NODE,SPEED[:...] [-point-in-time] [-oob] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBatbak, faceBoth},
+		{"battopbak", "battopbak -domain VM -destdir DIR -args NODE,SPEED[:NODE,SPEED...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBattopbak, faceBoth},
+		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdStopbak, faceBoth},
+		{"bakconfirm", "bakconfirm -domain VM -args BM,NODE[:BM,NODE...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBakconfirm, faceBoth},
 	}
 }

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"imagestore/transfer/qmp/libvirtqmp/libvirttest"
+)
+
+// TestLiveBackupThroughLibvirt runs a full then an incremental batbak
+// through the zstcli binary against a libvirt domain (a private libvirtd,
+// a transient TCG domain with two qcow2 disks), reached by name through
+// libvirt's monitor passthrough: -qmp-dir holds no socket for the VM.
+func TestLiveBackupThroughLibvirt(t *testing.T) {
+	const vm = "6f1e2d3c4b5a49788796a5b4c3d2e1f0"
+	d := libvirttest.StartDaemon(t)
+	dom := d.StartDomain(vm, lbDisk, lbDisk)
+	dom.Write(0, 0, 2*lbMiB, 0x11)
+	dom.Write(1, 4*lbMiB, lbMiB, 0x12)
+
+	qdir := t.TempDir() // no <VM>.qmp here: libvirt it is; the control socket goes here
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	prog := filepath.Join(t.TempDir(), "progress")
+	zstcli := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(zstcliBin, append([]string{"-rootca", ca, "-progress", prog}, args...)...)
+		cmd.Env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir, "IMAGESTORE_LIBVIRT_SOCK="+d.Socket)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("zstcli %v: %v\nstdout: %s\nstderr: %s", args, err, out.String(), errb.String())
+		}
+		return out.String()
+	}
+	batbak := func(dest, args string) batOut {
+		t.Helper()
+		out := zstcli("batbak", "-domain", vm, "-destdir", dest, "-point-in-time", "-args", args, "-libvirt-sock", d.Socket)
+		var r batOut
+		if err := json.Unmarshal([]byte(out), &r); err != nil || strings.Count(strings.TrimSpace(out), "\n") != 0 {
+			t.Fatalf("batbak stdout %q: %v", out, err)
+		}
+		return r
+	}
+	nodes := []string{"drive-virtio-disk0", "drive-virtio-disk1"}
+	has := func(f string, off, length int64, pattern byte) {
+		t.Helper()
+		out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", fmt.Sprintf("read -P 0x%02x %d %d", pattern, off, length), f).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "failed") {
+			t.Fatalf("%s lacks pattern 0x%02x at %d+%d: %v %s", filepath.Base(f), pattern, off, length, err, out)
+		}
+	}
+
+	d1 := t.TempDir()
+	full := batbak(d1, "zsbitmap0,full,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,0")
+	if len(full) != 2 || full[nodes[0]].Mode != "full" || full[nodes[1]].Mode != "full" {
+		t.Fatalf("full: %+v", full)
+	}
+	if b, err := os.ReadFile(prog); err != nil || !strings.HasSuffix(strings.TrimSpace(string(b)), "100") {
+		t.Fatalf("progress %q %v", b, err)
+	}
+	f0, f1 := filepath.Join(d1, full[nodes[0]].BackupFile), filepath.Join(d1, full[nodes[1]].BackupFile)
+	has(f0, 0, 2*lbMiB, 0x11)
+	has(f0, 2*lbMiB, lbMiB, 0)
+	has(f1, 4*lbMiB, lbMiB, 0x12)
+
+	// Written between the two backups: exactly what the incrementals hold.
+	dom.Write(0, 8*lbMiB, lbMiB, 0x21)
+	dom.Write(1, 32*lbMiB, 128<<10, 0x22)
+	dom.Write(1, 4*lbMiB, 64<<10, 0x23)
+
+	d2 := t.TempDir()
+	inc := batbak(d2, "zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,0")
+	if len(inc) != 2 || inc[nodes[0]].Mode != "incremental" || inc[nodes[1]].Mode != "incremental" {
+		t.Fatalf("incremental: %+v", inc)
+	}
+	i0, i1 := filepath.Join(d2, inc[nodes[0]].BackupFile), filepath.Join(d2, inc[nodes[1]].BackupFile)
+	wantOnly(t, i0, [2]int64{8 * lbMiB, 9 * lbMiB})
+	wantOnly(t, i1, [2]int64{4 * lbMiB, 4*lbMiB + 64<<10}, [2]int64{32 * lbMiB, 32*lbMiB + 128<<10})
+	has(i0, 8*lbMiB, lbMiB, 0x21)
+	has(i1, 32*lbMiB, 128<<10, 0x22)
+	has(i1, 4*lbMiB, 64<<10, 0x23)
+	if _, err := os.Stat(filepath.Join(qdir, vm+".bak")); !os.IsNotExist(err) {
+		t.Fatalf("the control socket was left behind: %v", err)
+	}
+
+	// bakconfirm keeps only the newest checkpoint; stopbak with nothing
+	// running finds no job of ours (socket from $IMAGESTORE_LIBVIRT_SOCK).
+	zstcli("bakconfirm", "-domain", vm, "-args", "zsbitmap0,drive-virtio-disk0:zsbitmap1,drive-virtio-disk1")
+	var bm []struct {
+		NodeName string `json:"node-name"`
+		Bitmaps  []struct {
+			Name string `json:"name"`
+		} `json:"dirty-bitmaps"`
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := dom.Monitor().Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &bm); err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, n := range bm {
+		for _, b := range n.Bitmaps {
+			names = append(names, b.Name)
+		}
+	}
+	if len(names) != 2 || !strings.HasPrefix(names[0], "zsbitmap") || !strings.HasPrefix(names[1], "zsbitmap") {
+		t.Fatalf("after bakconfirm, bitmaps %v, want one checkpoint per disk", names)
+	}
+	if out := zstcli("stopbak", "-domain", vm, "-batbak"); out != "" {
+		t.Fatalf("stopbak printed %q", out)
+	}
+	var jobs []json.RawMessage
+	if err := dom.Monitor().Execute(ctx, "query-jobs", nil, &jobs); err != nil || len(jobs) != 0 {
+		t.Fatalf("jobs left: %s %v", jobs, err)
+	}
+}
