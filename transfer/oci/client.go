@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -42,15 +43,32 @@ type Options struct {
 	// ResumeAttempts bounds how often one blob transfer resumes after a
 	// broken connection (default 6, with backoff up to ~10 s in total).
 	ResumeAttempts int
+	// HeaderTimeout bounds the wait for a response's headers (default
+	// 5 min); with HTTPClient it is that client's business.
+	HeaderTimeout time.Duration
+	// QuickTimeout bounds a whole request whose answer the server has at
+	// hand: HEAD of a manifest or blob, an upload's status, GET /v2/
+	// (default 1 min), so a peer that takes the connection and hangs costs
+	// that much per attempt.
+	QuickTimeout time.Duration
+	// ManifestTimeout bounds the wait for a manifest PUT's answer (default
+	// 30 min): our store answers only after it checked every new layer by
+	// encoding it again, minutes for a large compressed layer on a busy
+	// store (8 GiB took over 5 under load). Only that request gets it.
+	ManifestTimeout time.Duration
 }
 
 // Client talks to one registry. Safe for concurrent use.
 type Client struct {
-	base     *url.URL
-	hc       *http.Client
-	token    string
-	compress bool
-	resumes  int
+	base *url.URL
+	hc   *http.Client
+	// manifestHC is hc with ManifestTimeout for the response headers: it
+	// carries only manifest PUTs.
+	manifestHC *http.Client
+	quickTO    time.Duration
+	token      string
+	compress   bool
+	resumes    int
 
 	once       sync.Once
 	serverZstd bool
@@ -71,18 +89,24 @@ func New(opts Options) (*Client, error) {
 		return nil, fmt.Errorf("oci: bad registry address %q", opts.Addr)
 	}
 	u.Path = strings.TrimSuffix(u.Path, "/")
-	hc := opts.HTTPClient
+	if opts.HeaderTimeout <= 0 {
+		opts.HeaderTimeout = 5 * time.Minute
+	}
+	if opts.QuickTimeout <= 0 {
+		opts.QuickTimeout = time.Minute
+	}
+	if opts.ManifestTimeout <= 0 {
+		opts.ManifestTimeout = 30 * time.Minute
+	}
+	hc, manifestHC := opts.HTTPClient, opts.HTTPClient
 	if hc == nil {
 		tr := &http.Transport{
-			Proxy:               nil,
-			DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-			MaxIdleConnsPerHost: 64,
-			IdleConnTimeout:     90 * time.Second,
-			TLSHandshakeTimeout: 10 * time.Second,
-			// A manifest PUT answers once the store has checked every new
-			// layer by encoding it again: minutes for a large compressed
-			// layer on a busy store (8 GiB took over 5 under load).
-			ResponseHeaderTimeout: 30 * time.Minute,
+			Proxy:                 nil,
+			DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost:   64,
+			IdleConnTimeout:       90 * time.Second,
+			TLSHandshakeTimeout:   10 * time.Second,
+			ResponseHeaderTimeout: opts.HeaderTimeout,
 			DisableCompression:    true,
 			WriteBufferSize:       256 << 10,
 			ReadBufferSize:        256 << 10,
@@ -98,16 +122,24 @@ func New(opts Options) (*Client, error) {
 			tr.TLSClientConfig = tc
 		}
 		hc = &http.Client{Transport: tr}
+		// A transport of its own: ResponseHeaderTimeout is per transport,
+		// and no other request may wait that long.
+		mtr := tr.Clone()
+		mtr.ResponseHeaderTimeout = opts.ManifestTimeout
+		manifestHC = &http.Client{Transport: mtr}
 	}
 	n := opts.ResumeAttempts
 	if n <= 0 {
 		n = 6
 	}
-	return &Client{base: u, hc: hc, token: opts.Token, compress: opts.Compress, resumes: n}, nil
+	return &Client{base: u, hc: hc, manifestHC: manifestHC, quickTO: opts.QuickTimeout, token: opts.Token, compress: opts.Compress, resumes: n}, nil
 }
 
 // CloseIdleConnections releases pooled connections.
-func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
+func (c *Client) CloseIdleConnections() {
+	c.hc.CloseIdleConnections()
+	c.manifestHC.CloseIdleConnections()
+}
 
 func (c *Client) url(p string) string { return c.base.String() + p }
 
@@ -120,6 +152,23 @@ func (c *Client) resolve(loc string) (string, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, u string, body io.Reader, hdr http.Header) (*http.Response, error) {
+	return c.send(ctx, c.hc, method, u, body, hdr)
+}
+
+// errQuickTimeout is the cause of a quick request's deadline.
+type errQuickTimeout time.Duration
+
+func (e errQuickTimeout) Error() string {
+	return fmt.Sprintf("oci: no answer within %v", time.Duration(e))
+}
+
+// quick bounds a request whose answer the server has at hand
+// (QuickTimeout); the caller reads the response before it calls cancel.
+func (c *Client) quick(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, c.quickTO, errQuickTimeout(c.quickTO))
+}
+
+func (c *Client) send(ctx context.Context, hc *http.Client, method, u string, body io.Reader, hdr http.Header) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
 		return nil, err
@@ -130,7 +179,15 @@ func (c *Client) do(ctx context.Context, method, u string, body io.Reader, hdr h
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
-	return c.hc.Do(req)
+	resp, err := hc.Do(req)
+	if err != nil {
+		// Say why a deadline of ours ended it (Do reports only ctx.Err()).
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(err, cause) {
+			err = fmt.Errorf("%w: %w", err, cause)
+		}
+		return nil, err
+	}
+	return resp, nil
 }
 
 func drain(resp *http.Response) {
@@ -151,6 +208,8 @@ func expect(resp *http.Response, codes ...int) error {
 
 // Ping checks GET /v2/ (auth included) and learns which encodings the server takes.
 func (c *Client) Ping(ctx context.Context) error {
+	ctx, cancel := c.quick(ctx)
+	defer cancel()
 	resp, err := c.do(ctx, http.MethodGet, c.url("/v2/"), nil, nil)
 	if err != nil {
 		return err
@@ -168,6 +227,8 @@ func (c *Client) zstdOK(ctx context.Context) bool {
 		return false
 	}
 	c.once.Do(func() {
+		ctx, cancel := c.quick(ctx)
+		defer cancel()
 		resp, err := c.do(ctx, http.MethodGet, c.url("/v2/"), nil, nil)
 		if err != nil {
 			return
@@ -190,6 +251,8 @@ func hasToken(list, tok string) bool {
 
 // StatBlob returns the size of a blob the registry holds; ErrNotFound if none.
 func (c *Client) StatBlob(ctx context.Context, name string, d digest.Digest) (int64, error) {
+	ctx, cancel := c.quick(ctx)
+	defer cancel()
 	resp, err := c.do(ctx, http.MethodHead, c.url("/v2/"+name+"/blobs/"+d.String()), nil, nil)
 	if err != nil {
 		return 0, err

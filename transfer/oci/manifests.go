@@ -16,6 +16,8 @@ import (
 
 // HeadManifest returns the descriptor of a manifest; ErrNotFound if none.
 func (c *Client) HeadManifest(ctx context.Context, name, ref string) (Descriptor, error) {
+	ctx, cancel := c.quick(ctx)
+	defer cancel()
 	resp, err := c.do(ctx, http.MethodHead, c.url("/v2/"+name+"/manifests/"+ref), nil, http.Header{"Accept": {MediaTypeManifest}})
 	if err != nil {
 		return Descriptor{}, err
@@ -78,9 +80,11 @@ func (c *Client) FetchSmallBlob(ctx context.Context, name string, d digest.Diges
 	return b, nil
 }
 
-// PutManifest uploads a manifest under ref (a tag or its digest).
+// PutManifest uploads a manifest under ref (a tag or its digest). Its
+// answer may take up to ManifestTimeout (the store checks the new layers
+// first); every other request has HeaderTimeout.
 func (c *Client) PutManifest(ctx context.Context, name, ref, mediaType string, body []byte) (digest.Digest, error) {
-	resp, err := c.do(ctx, http.MethodPut, c.url("/v2/"+name+"/manifests/"+ref), bytes.NewReader(body), http.Header{"Content-Type": {mediaType}})
+	resp, err := c.send(ctx, c.manifestHC, http.MethodPut, c.url("/v2/"+name+"/manifests/"+ref), bytes.NewReader(body), http.Header{"Content-Type": {mediaType}})
 	if err != nil {
 		return "", err
 	}

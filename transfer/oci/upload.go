@@ -156,6 +156,8 @@ func (c *Client) cancelUpload(ctx context.Context, loc string) {
 
 // uploadStatus asks how many bytes of an upload the server holds durably.
 func (c *Client) uploadStatus(ctx context.Context, loc string) (int64, string, error) {
+	ctx, cancel := c.quick(ctx)
+	defer cancel()
 	u, err := c.resolve(loc)
 	if err != nil {
 		return 0, "", err
