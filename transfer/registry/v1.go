@@ -40,7 +40,7 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		var req replicate.Request
-		if !s.decodeV1(w, r, &req) {
+		if !s.decodeV1(w, r, s.o.MaxBodyBytes, &req) {
 			return
 		}
 		var id string
@@ -98,12 +98,17 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// maxReportBody bounds the body of a task report: a Wire with an error
+// text of replicate.MaxReportError bytes, JSON-escaped, fits many times.
+const maxReportBody = 64 << 10
+
 // reportTask takes a peer's report of a task it runs with this store
 // (PUT /v1/tasks/<id>, body: the task as GET shows it), so the id answers
-// here too.
+// here too. The reporter is the connection's host: only the host that
+// reported a task first may report it again (403 otherwise).
 func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
 	var rep replicate.Wire
-	if !s.decodeV1(w, r, &rep) {
+	if !s.decodeV1(w, r, min(s.o.MaxBodyBytes, maxReportBody), &rep) {
 		return
 	}
 	if rep.ID != id {
@@ -116,9 +121,15 @@ func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	if err := s.o.Engine.Report(rep, from); err != nil {
 		status := http.StatusBadRequest
-		if errors.Is(err, replicate.ErrTaskConflict) {
+		switch {
+		case errors.Is(err, replicate.ErrTaskConflict):
 			status = http.StatusConflict
+		case errors.Is(err, replicate.ErrNotReporter):
+			status = http.StatusForbidden
+		case !errors.Is(err, replicate.ErrBadRequest):
+			status = http.StatusInternalServerError // not persisted
 		}
+		s.log.Warn("task report refused", "task", id, "from", from, "err", err)
 		writeJSON(w, status, v1Error{Error: err.Error()})
 		return
 	}
@@ -127,11 +138,11 @@ func (s *Server) reportTask(w http.ResponseWriter, r *http.Request, id string) {
 	}{true})
 }
 
-// decodeV1 decodes a /v1 JSON body of at most MaxBodyBytes into v; a
+// decodeV1 decodes a /v1 JSON body of at most limit bytes into v; a
 // longer body is 413 "too large" (not a JSON error about where it was cut),
 // a malformed one 400.
-func (s *Server) decodeV1(w http.ResponseWriter, r *http.Request, v any) bool {
-	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, s.o.MaxBodyBytes)).Decode(v)
+func (s *Server) decodeV1(w http.ResponseWriter, r *http.Request, limit int64, v any) bool {
+	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit)).Decode(v)
 	var tooLarge *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooLarge):

@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +60,10 @@ type Options struct {
 	// PeerStale: a peer-reported task not heard of for this long reads as
 	// failed (the store running it died; default 1m).
 	PeerStale time.Duration
+	// MaxPeerTasks bounds the records of tasks peers report here (default
+	// 4096); a new one beyond it drops the one heard of longest ago. The
+	// report endpoint has no more authentication than the port it is on.
+	MaxPeerTasks int
 	// NoCompress disables zstd on the wire.
 	NoCompress bool
 	Metrics    *Metrics
@@ -136,6 +142,9 @@ func New(o Options) (*Engine, error) {
 	if o.PeerStale <= 0 {
 		o.PeerStale = time.Minute
 	}
+	if o.MaxPeerTasks <= 0 {
+		o.MaxPeerTasks = 4096
+	}
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(nil)
 	}
@@ -174,6 +183,9 @@ func New(o Options) (*Engine, error) {
 		e.tasks[t.ID] = ts
 	}
 	e.prune(now)
+	e.mu.Lock()
+	e.evictPeers(o.MaxPeerTasks)
+	e.mu.Unlock()
 	return e, nil
 }
 
@@ -220,12 +232,23 @@ func (e *Engine) Task(id string) (Task, error) {
 	return t, nil
 }
 
-// ErrTaskConflict: a peer reported a task under the id of one this store runs.
-var ErrTaskConflict = errors.New("task id belongs to a task of this store")
+// Errors of Report callers branch on.
+var (
+	// ErrTaskConflict: a peer reported a task under the id of one this store runs.
+	ErrTaskConflict = errors.New("task id belongs to a task of this store")
+	// ErrNotReporter: a report about a task another host reported first.
+	ErrNotReporter = errors.New("task is reported by another host")
+)
 
-// Report records the state of a task the store at from runs with this
-// one (PUT /v1/tasks/<id>), so the id answers here too: the management
-// node polls either store. A finished record stays as it is.
+// MaxReportError bounds the error text kept from a peer's report (bytes);
+// a longer one is cut.
+const MaxReportError = 4 << 10
+
+// Report records the state of a task the store at from (the reporting
+// connection's host) runs with this one (PUT /v1/tasks/<id>), so the id
+// answers here too: the management node polls either store. Only the host
+// that reported a task first may report it again; a finished record stays
+// as it is; a task this store runs is never touched.
 func (e *Engine) Report(w Wire, from string) error {
 	switch {
 	case !validTaskID(w.ID):
@@ -234,30 +257,41 @@ func (e *Engine) Report(w Wire, from string) error {
 		return fmt.Errorf("%w: status %q", ErrBadRequest, w.Status)
 	case w.Kind != "push" && w.Kind != "pull":
 		return fmt.Errorf("%w: kind %q", ErrBadRequest, w.Kind)
+	case from == "":
+		return fmt.Errorf("%w: no reporting host", ErrBadRequest)
+	case w.BytesDone < 0 || w.BytesTotal < 0 || w.BlobsDone < 0 || w.BlobsTotal < 0 || w.Skipped < 0:
+		return fmt.Errorf("%w: negative count", ErrBadRequest)
 	}
 	if err := (blobstore.Ref{Name: w.Name, ID: w.ImageID}).Validate(); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	if len(w.Error) > MaxReportError {
+		w.Error = strings.ToValidUTF8(w.Error[:MaxReportError], "") + " [cut]"
 	}
 	now := time.Now()
 	e.prune(now)
 	e.mu.Lock()
 	ts := e.tasks[w.ID]
 	if ts == nil {
+		e.evictPeers(e.o.MaxPeerTasks - 1)
 		ts = &taskState{done: make(chan struct{}), t: Task{ID: w.ID, Kind: w.Kind, Name: w.Name, ImageID: w.ImageID,
-			Addr: from, Role: RolePeer, Created: now}}
+			Addr: from, Role: RolePeer, Status: StatusWaiting, Created: now, LastOpTime: now, Heard: now}}
 		e.tasks[w.ID] = ts
 	}
 	e.mu.Unlock()
 	ts.mu.Lock()
-	if ts.t.Role != RolePeer {
+	switch {
+	case ts.t.Role != RolePeer:
 		ts.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrTaskConflict, w.ID)
-	}
-	if ts.t.finished() {
+	case ts.t.Addr != from:
+		addr := ts.t.Addr
+		ts.mu.Unlock()
+		return fmt.Errorf("%w: task %s is %s's, not %s's", ErrNotReporter, w.ID, addr, from)
+	case ts.t.finished():
 		ts.mu.Unlock()
 		return nil
-	}
-	if ts.t.Kind != w.Kind || ts.t.Name != w.Name || ts.t.ImageID != w.ImageID {
+	case ts.t.Kind != w.Kind || ts.t.Name != w.Name || ts.t.ImageID != w.ImageID:
 		ts.mu.Unlock()
 		return fmt.Errorf("%w: task %s is %s of %s:%s", ErrBadRequest, w.ID, ts.t.Kind, ts.t.Name, ts.t.ImageID)
 	}
@@ -273,6 +307,32 @@ func (e *Engine) Report(w Wire, from string) error {
 		close(ts.done)
 	}
 	return saveTask(e.o.Dir, t)
+}
+
+// evictPeers drops the peer records heard of longest ago until at most
+// keep remain (e.mu held). Tasks this store runs are never dropped.
+func (e *Engine) evictPeers(keep int) {
+	type rec struct {
+		id    string
+		heard time.Time
+	}
+	var peers []rec
+	for id, ts := range e.tasks {
+		ts.mu.Lock()
+		if ts.t.Role == RolePeer {
+			peers = append(peers, rec{id, ts.t.Heard})
+		}
+		ts.mu.Unlock()
+	}
+	if len(peers) <= keep {
+		return
+	}
+	slices.SortFunc(peers, func(a, b rec) int { return a.heard.Compare(b.heard) })
+	for _, p := range peers[:len(peers)-max(keep, 0)] {
+		delete(e.tasks, p.id)
+		os.Remove(taskPath(e.o.Dir, p.id))
+	}
+	e.log.Warn("peer-reported task records over the limit; dropped the oldest", "dropped", len(peers)-max(keep, 0), "limit", e.o.MaxPeerTasks)
 }
 
 func (ts *taskState) snapshot() Task {

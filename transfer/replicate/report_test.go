@@ -3,9 +3,13 @@ package replicate_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"imagestore/blobstore"
 	"imagestore/internal/testwait"
@@ -46,6 +50,16 @@ func TestReport(t *testing.T) {
 		})
 	}
 
+	// Only the host that reported a task first may report it again.
+	hijack := ok
+	hijack.Status = replicate.StatusSuccess
+	if err := e.Report(hijack, "10.0.0.2"); !errors.Is(err, replicate.ErrNotReporter) {
+		t.Fatalf("report from another host: %v", err)
+	}
+	if task, _ := e.Task("abc123"); task.Status != replicate.StatusRunning || task.Addr != "10.0.0.1" {
+		t.Fatalf("another host's report changed the record: %+v", task)
+	}
+
 	// A peer cannot overwrite a task this store runs.
 	st := n.Store
 	addImage(t, st, blobstore.Ref{Name: "v", ID: "own"}, "", 1024)
@@ -58,8 +72,14 @@ func TestReport(t *testing.T) {
 	}
 	clash := ok
 	clash.ID = own
-	if err := e.Report(clash, "10.0.0.1"); !errors.Is(err, replicate.ErrTaskConflict) {
-		t.Fatalf("report over our own task: %v", err)
+	for _, from := range []string{"10.0.0.1", "127.0.0.1", ""} {
+		if err := e.Report(clash, from); !errors.Is(err, replicate.ErrTaskConflict) && from != "" ||
+			from == "" && !errors.Is(err, replicate.ErrBadRequest) {
+			t.Fatalf("report from %q over our own task: %v", from, err)
+		}
+	}
+	if task, err := e.Task(own); err != nil || task.Role != "" {
+		t.Fatalf("our own task after the reports: %+v %v", task, err)
 	}
 	// The peer we pushed to knows the id as a peer record.
 	if pt, err := peer.Engine.Wait(ctx, own); err != nil || pt.Role != replicate.RolePeer || pt.Status != replicate.StatusSuccess {
@@ -87,6 +107,97 @@ func TestReport(t *testing.T) {
 	}
 	if task, _ = e.Task("abc123"); task.Status != replicate.StatusSuccess {
 		t.Fatalf("finished record changed: %+v", task)
+	}
+	// Nor may another host report over a finished one.
+	if err := e.Report(again, "10.0.0.2"); !errors.Is(err, replicate.ErrNotReporter) {
+		t.Fatalf("report from another host over a finished record: %v", err)
+	}
+}
+
+// TestReportBounds: a peer's report keeps at most MaxReportError bytes of
+// error text, and the peer records are capped (the oldest heard go first;
+// tasks this store runs are never dropped), on disk too.
+func TestReportBounds(t *testing.T) {
+	const limit = 3
+	n := registrytest.Start(t, registrytest.Options{Engine: &replicate.Options{MaxPeerTasks: limit}})
+	e := n.Engine
+
+	long := replicate.Wire{ID: "long", Kind: "pull", Name: "v", ImageID: "i", Status: replicate.StatusFailed, Error: strings.Repeat("é", 1<<20)}
+	if err := e.Report(long, "h"); err != nil {
+		t.Fatal(err)
+	}
+	task, err := e.Task("long")
+	if err != nil || len(task.Error) > replicate.MaxReportError+16 || !strings.HasPrefix(task.Error, "éé") || !utf8.ValidString(task.Error) {
+		t.Fatalf("error text kept: %d bytes, valid UTF-8 %v, %v", len(task.Error), utf8.ValidString(task.Error), err)
+	}
+	if fi, err := os.Stat(filepath.Join(n.Root, "registry", "tasks", "long.json")); err != nil || fi.Size() > 2*replicate.MaxReportError {
+		t.Fatalf("record on disk: %v %v", fi, err)
+	}
+
+	// One task of our own, then more peer records than the limit.
+	addImage(t, n.Store, blobstore.Ref{Name: "v", ID: "own"}, "", 1024)
+	peer := newNode(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	own, err := e.Push(ctx, replicate.Request{Name: "v", ID: "own", Addr: peer.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := []string{"long"}
+	for i := range limit + 2 {
+		id := fmt.Sprintf("p%d", i)
+		ids = append(ids, id)
+		if err := e.Report(replicate.Wire{ID: id, Kind: "push", Name: "v", ImageID: "i", Status: replicate.StatusRunning}, "h"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Report(replicate.Wire{ID: "last", Kind: "push", Name: "v", ImageID: "i", Status: replicate.StatusRunning}, "h"); err != nil {
+		t.Fatal(err)
+	}
+	// Reports in order: long p0 p1 p2 p3 p4 last. Kept: the newest three.
+	want := map[string]bool{"long": false, "p0": false, "p1": false, "p2": false, "p3": true, "p4": true, "last": true}
+	for id, kept := range want {
+		_, err := e.Task(id)
+		_, ferr := os.Stat(filepath.Join(n.Root, "registry", "tasks", id+".json"))
+		if kept != (err == nil) || kept != (ferr == nil) {
+			t.Errorf("record %s: kept %v, want %v (task: %v, file: %v)", id, err == nil, kept, err, ferr)
+		}
+	}
+	if task, err := e.Task(own); err != nil || task.Role != "" {
+		t.Fatalf("our own task was dropped: %+v %v", task, err)
+	}
+}
+
+// TestPeerRecordsCappedAtStart: records left on disk beyond MaxPeerTasks
+// (a lower limit than before) are dropped at start, the oldest heard first.
+func TestPeerRecordsCappedAtStart(t *testing.T) {
+	dir := t.TempDir()
+	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	e, err := replicate.New(replicate.Options{Store: st, Dir: dir + "/tasks"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		if err := e.Report(replicate.Wire{ID: id, Kind: "pull", Name: "v", ImageID: "i", Status: replicate.StatusRunning}, "h"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.Close()
+	e, err = replicate.New(replicate.Options{Store: st, Dir: dir + "/tasks", MaxPeerTasks: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for id, kept := range map[string]bool{"a": false, "b": true, "c": true} {
+		_, err := e.Task(id)
+		_, ferr := os.Stat(filepath.Join(dir, "tasks", id+".json"))
+		if kept != (err == nil) || kept != (ferr == nil) {
+			t.Errorf("record %s: kept %v, want %v (task: %v, file: %v)", id, err == nil, kept, err, ferr)
+		}
 	}
 }
 
