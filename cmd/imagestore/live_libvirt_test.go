@@ -119,6 +119,14 @@ func TestLiveBackupThroughLibvirt(t *testing.T) {
 	if out := zstcli("stopbak", "-domain", vm, "-batbak"); out != "" {
 		t.Fatalf("stopbak printed %q", out)
 	}
+
+	// A VM libvirtd does not know: the error names both ways tried.
+	cmd := exec.Command(zstcliBin, "-rootca", ca, "bakconfirm", "-domain", "00000000000000000000000000000000", "-args", "zsbitmap0,drive-virtio-disk0")
+	cmd.Env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir, "IMAGESTORE_LIBVIRT_SOCK="+d.Socket)
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "no QMP socket") || !strings.Contains(string(out), "no such domain") {
+		t.Fatalf("unknown VM: %v %s", err, out)
+	}
+
 	var jobs []json.RawMessage
 	if err := dom.Monitor().Execute(ctx, "query-jobs", nil, &jobs); err != nil || len(jobs) != 0 {
 		t.Fatalf("jobs left: %s %v", jobs, err)
