@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -175,6 +176,40 @@ func TestZStackInstaller(t *testing.T) {
 	if o, code := sh(t, nil, initScript+" status"); code != 0 {
 		t.Fatalf("status while running: exit %d: %s", code, o)
 	}
+
+	// A redeploy while the daemon runs: the installer renames the new
+	// zstore over the running one (its /proc/<pid>/exe turns "… (deleted)"),
+	// then the playbook runs stop && start. The old daemon must go and the
+	// new binary serve; then the same with restart.
+	zstore := filepath.Join(b, "zstore")
+	pidFile := filepath.Join(root, "var/run/zstore.pid")
+	for _, verb := range []string{"stop && " + initScript + " start", "restart"} {
+		old := daemonPID(t, pidFile, zstore)
+		if o, code := sh(t, env, "bash "+bin+" /zstack_bs "+quota); code != 0 {
+			t.Fatalf("reinstall while running: exit %d: %s", code, o)
+		}
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", old)); exe != zstore+" (deleted)" {
+			t.Fatalf("after the reinstall the old daemon's exe is %q, want %q", exe, zstore+" (deleted)")
+		}
+		if o, code := sh(t, nil, initScript+" status"); code != 0 || !strings.Contains(o, strconv.Itoa(old)) {
+			t.Fatalf("status after the reinstall does not find the old daemon %d: exit %d: %s", old, code, o)
+		}
+		if o, code := sh(t, run, initScript+" "+verb); code != 0 {
+			t.Fatalf("%s after the reinstall: exit %d: %s", verb, code, o)
+		}
+		if _, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", old)); err == nil {
+			t.Fatalf("%s left the old daemon %d running", verb, old)
+		}
+		if pid := daemonPID(t, pidFile, zstore); pid == old {
+			t.Fatalf("%s: the pid file still names the old daemon %d", verb, old)
+		}
+		if h := health(); !strings.Contains(h, `"status":"ok"`) {
+			t.Fatalf("/health after %s: %s", verb, h)
+		}
+		if n := installedDaemons(t, zstore); len(n) != 1 {
+			t.Fatalf("after %s, daemons of this install: %v, want one", verb, n)
+		}
+	}
 	if o, code := sh(t, nil, initScript+" stop"); code != 0 {
 		t.Fatalf("stop: exit %d: %s", code, o)
 	}
@@ -202,4 +237,49 @@ func TestZStackInstaller(t *testing.T) {
 	if o, code := sh(t, nil, initScript+" stop && "+initScript+" stop"); code != 0 {
 		t.Fatalf("stop twice: exit %d: %s", code, o)
 	}
+}
+
+// daemonPID is the pid in pidFile, checked to be a live process running
+// the installed zstore itself (the same file, not a replaced one).
+func daemonPID(t *testing.T, pidFile, zstore string) int {
+	t.Helper()
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatalf("the daemon wrote no pid file: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("pid file %q: %v", b, err)
+	}
+	exe := fmt.Sprintf("/proc/%d/exe", pid)
+	running, err := os.Stat(exe)
+	if err != nil {
+		t.Fatalf("the pid file names %d, which does not run: %v", pid, err)
+	}
+	installed, err := os.Stat(zstore)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(running, installed) {
+		link, _ := os.Readlink(exe)
+		t.Fatalf("daemon %d runs %q, not the installed %s", pid, link, zstore)
+	}
+	return pid
+}
+
+// installedDaemons lists the live processes running zstore, or a zstore
+// since replaced ("… (deleted)").
+func installedDaemons(t *testing.T, zstore string) []string {
+	t.Helper()
+	exes, err := filepath.Glob("/proc/[0-9]*/exe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range exes {
+		if l, err := os.Readlink(e); err == nil && (l == zstore || l == zstore+" (deleted)") {
+			out = append(out, e+" -> "+l)
+		}
+	}
+	return out
 }

@@ -70,6 +70,10 @@ type Config struct {
 	MaxBodyBytes int64 `yaml:"maxBodyBytes"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests.
 	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+	// PIDFile, when set, receives the daemon's pid once both ports listen,
+	// and is removed at exit (if it still holds that pid). Init scripts
+	// find the daemon by it, even after an install replaced its executable.
+	PIDFile string `yaml:"pidFile"`
 	// ExportExpiry, when positive, removes an export (and so revokes its
 	// URL) this long after it was made; 0 keeps exports until delexp.
 	ExportExpiry time.Duration `yaml:"exportExpiry"`
@@ -408,6 +412,7 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
 		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
 		"IMAGESTORE_EXPORT_EXPIRY":         dur(&c.ExportExpiry),
+		"IMAGESTORE_PID_FILE":              str(&c.PIDFile),
 		"IMAGESTORE_CONNECT_IP_ADDRESSES": func(v string) error {
 			c.Connect.IPAddresses = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' })
 			return nil

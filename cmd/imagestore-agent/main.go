@@ -187,6 +187,15 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 		ln.Close()
 		return fmt.Errorf("registry: %w", err)
 	}
+	if cfg.PIDFile != "" {
+		if err := writePIDFile(cfg.PIDFile); err != nil {
+			ln.Close()
+			_ = regShutdown(context.Background())
+			return err
+		}
+		// Removed when serve returns: after the agent and its qemu-nbd servers stopped.
+		defer removePIDFile(cfg.PIDFile, logger)
+	}
 
 	bg, cancelBg := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

@@ -12,6 +12,7 @@ D=${D%/}
 BIN=$D/usr/local/zstack/imagestore/bin
 CERTS=$D/var/lib/zstack/imagestorebackupstorage/package/certs
 LOG=$D/var/log/zstack/zstack-store/zstore.log
+PIDFILE=$D/var/run/zstore.pid
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -31,7 +32,10 @@ fi
 root=$1
 quota=$2
 
-# A running daemon keeps its executable; replace it by rename.
+# A running daemon keeps its executable; replace it by rename. The old
+# daemon's /proc/<pid>/exe then reads "…/zstore (deleted)": the init script
+# finds it by the pid file and by that form, so the playbook's stop && start
+# replaces it.
 install -m 0755 "$tmp/zstore" "$BIN/zstore.new" && mv -f "$BIN/zstore.new" "$BIN/zstore"
 install -d -m 0755 "$D$root" "$D$root/registry" "$(dirname "$LOG")"
 cat >"$BIN/zstore.yaml.new" <<YAML
@@ -44,9 +48,10 @@ quota: $quota
 registryTLS:
   cert: $CERTS/ca.pem
   key: $CERTS/privkey.pem
+pidFile: $PIDFILE
 YAML
 mv -f "$BIN/zstore.yaml.new" "$BIN/zstore.yaml"
-sed -e "s|@BIN@|$BIN|" -e "s|@LOG@|$LOG|" "$tmp/zstack-imagestorebackupstorage" >"$BIN/zstack-imagestorebackupstorage"
+sed -e "s|@BIN@|$BIN|" -e "s|@LOG@|$LOG|" -e "s|@PIDFILE@|$PIDFILE|" "$tmp/zstack-imagestorebackupstorage" >"$BIN/zstack-imagestorebackupstorage"
 chmod 0755 "$BIN/zstack-imagestorebackupstorage"
 echo "imagestore server installed: $BIN/zstore ($("$BIN/zstore" -version)), store $D$root, quota $quota"
 exit 0
