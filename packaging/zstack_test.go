@@ -210,6 +210,15 @@ func TestZStackInstaller(t *testing.T) {
 			t.Fatalf("after %s, daemons of this install: %v, want one", verb, n)
 		}
 	}
+	// A second daemon (here in the foreground) cannot bind the ports and
+	// exits without taking over the pid file.
+	first := daemonPID(t, pidFile, zstore)
+	if o, code := sh(t, run, zstore+" -conf "+filepath.Join(b, "zstore.yaml")); code == 0 {
+		t.Fatalf("a second daemon on the same ports exited 0: %s", o)
+	}
+	if pid := daemonPID(t, pidFile, zstore); pid != first {
+		t.Fatalf("a second daemon that could not bind left pid %d in the pid file, want %d", pid, first)
+	}
 	if o, code := sh(t, nil, initScript+" stop"); code != 0 {
 		t.Fatalf("stop: exit %d: %s", code, o)
 	}
