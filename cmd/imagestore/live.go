@@ -127,7 +127,12 @@ func (g *globals) runLive(ctx context.Context, lf *liveFlags, drives []livebacku
 		return nil, err
 	}
 	defer mon.Close()
-	eng, err := livebackup.New(livebackup.Options{Monitor: mon, Progress: func(p int) { _ = g.pct.report(p) },
+	eng, err := livebackup.New(livebackup.Options{Monitor: mon, Progress: func(p int) {
+		_ = g.pct.report(p)
+		if g.onLivePct != nil {
+			g.onLivePct(p)
+		}
+	},
 		Logger: slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
 		return nil, err
@@ -521,6 +526,7 @@ func liveCommands() []command {
 		{"batbak", "batbak -domain VM -destdir DIR|nbd://H:P1,P2,... -args BM,MODE,NODE,SPEED[:...] [-point-in-time] [-oob] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBatbak, faceBoth},
 		{"battopbak", "battopbak -domain VM -destdir DIR -args NODE,SPEED[:NODE,SPEED...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBattopbak, faceBoth},
 		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdStopbak, faceBoth},
+		{"vm", "vm backup -domain VM [-store AGENT-URL] [-full] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdVM, faceImagestore},
 		{"bakconfirm", "bakconfirm -domain VM -args BM,NODE[:BM,NODE...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBakconfirm, faceBoth},
 	}
 }

@@ -82,6 +82,8 @@ type globals struct {
 	tty *bool
 	// stateDir holds the host-local index of add (default hostStateDir).
 	stateDir string
+	// onLivePct, when set, also receives the live-backup engine's percentages.
+	onLivePct func(int)
 }
 
 func (g *globals) register(fs *flag.FlagSet) {
