@@ -19,6 +19,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/url"
@@ -63,6 +64,11 @@ func cmdVM(ctx context.Context, g *globals, args []string) error {
 	switch args[0] {
 	case "backup":
 		return vmBackupCmd(ctx, g, args[1:])
+	case "-h", "-help", "--help":
+		fs := g.subFlags("vm")
+		fmt.Fprintln(g.stderr, "usage: imagestore vm backup [flags] (vm backup -h)")
+		fs.PrintDefaults()
+		return flag.ErrHelp
 	default:
 		return usageErr("unknown vm command %q (want backup)", args[0])
 	}
