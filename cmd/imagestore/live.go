@@ -526,7 +526,7 @@ func liveCommands() []command {
 		{"batbak", "batbak -domain VM -destdir DIR|nbd://H:P1,P2,... -args BM,MODE,NODE,SPEED[:...] [-point-in-time] [-oob] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBatbak, faceBoth},
 		{"battopbak", "battopbak -domain VM -destdir DIR -args NODE,SPEED[:NODE,SPEED...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBattopbak, faceBoth},
 		{"stopbak", "stopbak [-force=B] -domain VM [-batbak] [-drive NODE] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdStopbak, faceBoth},
-		{"vm", "vm backup -domain VM [-store AGENT-URL] [-full] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdVM, faceImagestore},
+		{"vm", "vm backup -domain VM [-store AGENT-URL] [-full] | vm restore -domain VM name:id[,name:id...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdVM, faceImagestore},
 		{"bakconfirm", "bakconfirm -domain VM -args BM,NODE[:BM,NODE...] [-qmp-dir DIR] [-libvirt-sock PATH]", cmdBakconfirm, faceBoth},
 	}
 }

@@ -22,8 +22,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -31,6 +33,7 @@ import (
 	"imagestore/agent/api"
 	"imagestore/internal/fsutil"
 	"imagestore/transfer/livebackup"
+	"imagestore/transfer/ratelimit"
 )
 
 // vmBitmap names the checkpoints vm backup keeps on each disk.
@@ -38,9 +41,11 @@ const vmBitmap = "imagestore-vm"
 
 // vmDisk is one disk of the VM as QEMU reports it.
 type vmDisk struct {
-	Key  string // the guest device id (e.g. virtio-disk0), else the node name
-	Node string // the format node
-	Size int64  // virtual size, bytes
+	Key    string // the guest device id (e.g. virtio-disk0), else the node name
+	Node   string // the format node
+	Size   int64  // virtual size, bytes
+	File   string // the image file QEMU runs the disk on
+	Format string // its format (qcow2, raw)
 }
 
 // vmState is the host-local state file of one VM.
@@ -55,22 +60,26 @@ type vmBackup struct {
 	Name        string `json:"name"`
 	ID          string `json:"id"`
 	InstallPath string `json:"installPath"`
+	File        string `json:"file,omitempty"`   // the disk's image file (vm restore writes it)
+	Format      string `json:"format,omitempty"` // its format
 }
 
 func cmdVM(ctx context.Context, g *globals, args []string) error {
 	if len(args) == 0 {
-		return usageErr("vm backup ...")
+		return usageErr("vm backup|restore ...")
 	}
 	switch args[0] {
 	case "backup":
 		return vmBackupCmd(ctx, g, args[1:])
+	case "restore":
+		return vmRestoreCmd(ctx, g, args[1:])
 	case "-h", "-help", "--help":
 		fs := g.subFlags("vm")
-		fmt.Fprintln(g.stderr, "usage: imagestore vm backup [flags] (vm backup -h)")
+		fmt.Fprintln(g.stderr, "usage: imagestore vm backup|restore [flags] (vm backup -h, vm restore -h)")
 		fs.PrintDefaults()
 		return flag.ErrHelp
 	default:
-		return usageErr("unknown vm command %q (want backup)", args[0])
+		return usageErr("unknown vm command %q (want backup or restore)", args[0])
 	}
 }
 
@@ -120,6 +129,8 @@ func vmDisks(ctx context.Context, lf *liveFlags) ([]vmDisk, error) {
 		Qdev     string `json:"qdev"`
 		Inserted *struct {
 			NodeName string `json:"node-name"`
+			File     string `json:"file"`
+			Drv      string `json:"drv"`
 			RO       bool   `json:"ro"`
 			Image    struct {
 				VirtualSize int64 `json:"virtual-size"`
@@ -140,7 +151,8 @@ func vmDisks(ctx context.Context, lf *liveFlags) ([]vmDisk, error) {
 		} else if b.Qdev != "" && !strings.HasPrefix(b.Qdev, "/") {
 			key = b.Qdev
 		}
-		disks = append(disks, vmDisk{Key: key, Node: b.Inserted.NodeName, Size: b.Inserted.Image.VirtualSize})
+		disks = append(disks, vmDisk{Key: key, Node: b.Inserted.NodeName, Size: b.Inserted.Image.VirtualSize,
+			File: b.Inserted.File, Format: b.Inserted.Drv})
 	}
 	if len(disks) == 0 {
 		return nil, fmt.Errorf("VM %s has no writable disk", lf.domain)
@@ -241,7 +253,8 @@ func vmBackupCmd(ctx context.Context, g *globals, args []string) error {
 		if err := a.callSync(ctx, api.SyncPath(api.PathImportBackup), q, &rep); err != nil {
 			return fmt.Errorf("disk %s: import-backup: %w (the next backup still covers it)", d.Key, err)
 		}
-		b := vmBackup{Disk: d.Key, Mode: string(res[i].Mode), Name: rep.Name, ID: rep.ID, InstallPath: rep.InstallPath}
+		b := vmBackup{Disk: d.Key, Mode: string(res[i].Mode), Name: rep.Name, ID: rep.ID, InstallPath: rep.InstallPath,
+			File: d.File, Format: d.Format}
 		st.Disks[d.Key] = b
 		if err := g.saveVMState(lf.domain, st); err != nil {
 			return fmt.Errorf("disk %s imported as %s:%s, but the state file: %w", d.Key, b.Name, b.ID, err)
@@ -275,4 +288,118 @@ func vmConfirm(ctx context.Context, lf *liveFlags, node string) error {
 // vmImageName names a disk's chain in the store: <VM>-<disk>.
 func vmImageName(domain, key string) string {
 	return domain + "-" + key
+}
+
+// vmRestoreCmd writes chosen backups back onto a stopped VM's disks: each
+// name:id names a chain vm backup made (the state file maps it to its
+// disk and the disk's image file); the chain is pulled flattened, in the
+// disk's format, and atomically replaces the file.
+func vmRestoreCmd(ctx context.Context, g *globals, args []string) error {
+	var lf liveFlags
+	fs := g.liveFlagSet("vm restore", &lf)
+	conc := fs.Int("concurrency", 4, "layers downloaded in parallel")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usageErr("vm restore -domain VM name:id[,name:id...]")
+	}
+	if err := lf.check(); err != nil {
+		return err
+	}
+	st, err := g.loadVMState(lf.domain)
+	if err != nil {
+		return err
+	}
+	type job struct {
+		ref  string
+		disk vmBackup
+	}
+	var jobs []job
+	seen := map[string]bool{}
+	for _, ref := range strings.Split(pos[0], ",") {
+		name, _, _ := strings.Cut(ref, ":")
+		var found *vmBackup
+		for _, b := range st.Disks {
+			if b.Name == name {
+				found = &b
+			}
+		}
+		if found == nil {
+			return fmt.Errorf("%s: not a backup of a disk of VM %s (state file %s)", ref, lf.domain, g.vmStatePath(lf.domain))
+		}
+		if found.File == "" || (found.Format != "qcow2" && found.Format != "raw") {
+			return fmt.Errorf("%s: disk %s has no image file of a format we write (qcow2, raw) in the state file", ref, found.Disk)
+		}
+		if seen[found.Disk] {
+			return usageErr("two backups of disk %s", found.Disk)
+		}
+		seen[found.Disk] = true
+		jobs = append(jobs, job{ref, *found})
+	}
+	for _, j := range jobs { // all checked before any is written
+		if err := vmStopped(ctx, &lf, j.disk.File); err != nil {
+			return err
+		}
+	}
+	var out []pullResult
+	for _, j := range jobs {
+		c, ri, err := g.openImage(ctx, j.ref)
+		if err != nil {
+			return err
+		}
+		if ri.Top().Format != "qcow2" {
+			c.CloseIdleConnections()
+			return fmt.Errorf("%s is a %s image, not a disk backup", j.ref, ri.Top().Format)
+		}
+		var total int64
+		for _, l := range ri.Manifest.Layers {
+			total += l.Size
+		}
+		p := g.newProgress("restore "+j.disk.Disk, total)
+		n, err := flattenRemote(ctx, c, ri, j.disk.File, j.disk.Format, *conc, ratelimit.New(0), p)
+		p.Done()
+		c.CloseIdleConnections()
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", j.disk.Disk, err)
+		}
+		out = append(out, pullResult{Name: ri.Ref.Name, ID: ri.Ref.ID, InstallPath: j.disk.File, Format: j.disk.Format,
+			VirtualSize: ri.Top().VirtualSize, Size: n, Layers: len(ri.Chain)})
+	}
+	return g.printResult(out, func(w io.Writer) {
+		for _, r := range out {
+			fmt.Fprintf(w, "%s:%s -> %s (%s, %d layers)\n", r.Name, r.ID, r.InstallPath, r.Format, r.Layers)
+		}
+	})
+}
+
+// errVMRunning: vm restore refuses a VM that runs.
+var errVMRunning = errors.New("the VM is running: stop it before restoring its disks")
+
+// vmStopped checks that nothing runs the VM: its monitor does not answer
+// (within a few seconds), no backup of it runs (control socket), and no
+// process holds QEMU's lock on the disk's image file.
+func vmStopped(ctx context.Context, lf *liveFlags, file string) error {
+	if c, err := net.DialTimeout("unix", lf.ctlPath(), time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("%w (a backup of it runs)", errVMRunning)
+	}
+	if mon, err := lf.dialMonitor(ctx, 5*time.Second); err == nil {
+		mon.Close()
+		return errVMRunning
+	}
+	if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
+		return nil // nothing uses a file that is not there
+	}
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "--output=json", file).CombinedOutput()
+	switch {
+	case errors.Is(err, exec.ErrNotFound):
+		return fmt.Errorf("qemu-img is needed to check the disk is not in use: %w", err)
+	case err != nil && strings.Contains(string(out), "lock"):
+		return fmt.Errorf("%w (%s is in use: %s)", errVMRunning, file, strings.TrimSpace(string(out)))
+	case err != nil:
+		return fmt.Errorf("qemu-img info %s: %v: %s", file, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }

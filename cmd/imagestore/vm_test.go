@@ -49,6 +49,7 @@ func TestVMBackupOneCommand(t *testing.T) {
 	vm.Write(1, 8*lbMiB, 2*lbMiB, 0x21)
 	full := e.vmBackupJSON(state)
 	ref := []string{vm.Snapshot(0, "f0"), vm.Snapshot(1, "f1")}
+	fullRef := ref
 	if len(full) != 2 {
 		t.Fatalf("full: %+v", full)
 	}
@@ -100,5 +101,36 @@ func TestVMBackupOneCommand(t *testing.T) {
 			t.Fatalf("-full disk %d: %+v", i, b)
 		}
 		e.restoreEquals(imported{b.InstallPath, b.Name, b.ID}, ref[i])
+	}
+
+	// vm restore: refused while the VM runs; on the stopped VM, the first
+	// full backups replace both disks' files.
+	restore := func(refs string) (string, string, error) {
+		cmd := exec.Command(cliBin, "-url", e.s.url, "vm", "restore", "-domain", lbVM, refs)
+		cmd.Env = append(e.env, "IMAGESTORE_STATE_DIR="+state)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		return out.String(), errb.String(), err
+	}
+	refs := full[0].Name + ":" + full[0].ID + "," + full[1].Name + ":" + full[1].ID
+	if out, errs, err := restore(refs); err == nil || !strings.Contains(errs, "the VM is running") {
+		t.Fatalf("restore of a running VM: %v %q %q", err, out, errs)
+	}
+	if _, errs, err := restore("nosuch:0123"); err == nil || !strings.Contains(errs, "not a backup of a disk") {
+		t.Fatalf("restore of an unknown image: %v %q", err, errs)
+	}
+	vm.Quit()
+	out, errs, err = restore(refs)
+	if err != nil || strings.Count(out, "\n") != 2 {
+		t.Fatalf("restore: %v %q %q", err, out, errs)
+	}
+	for i, d := range vm.Disks {
+		if o, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", d.File, fullRef[i]).CombinedOutput(); err != nil {
+			t.Fatalf("disk %d after restore differs from its full backup: %v %s", i, err, o)
+		}
+		if o, err := exec.Command("qemu-img", "check", d.File).CombinedOutput(); err != nil {
+			t.Fatalf("disk %d after restore: %v %s", i, err, o)
+		}
 	}
 }
