@@ -339,7 +339,16 @@ var goldenChecks = map[string]func(t *testing.T, reply map[string]json.RawMessag
 		goldenImport(t, r, "1b2c3d4e5f60718293a4b5c6d7e8f9a0", "qcow2")
 	},
 	"upload-session": goldenUploadSession,
-	"uploading":      goldenUploadingProgress,
+	// import/cancel by imageuuid stopped the upload job of an upload://
+	// import (bytes half received), not nothing.
+	"cancelled-one": func(t *testing.T, reply map[string]json.RawMessage) {
+		var ids []string
+		_ = json.Unmarshal(reply["cancelled"], &ids)
+		if len(ids) != 1 || ids[0] == "" {
+			t.Errorf("cancelled %s, want the one upload job", reply["cancelled"])
+		}
+	},
+	"uploading": goldenUploadingProgress,
 	"capacity": func(t *testing.T, reply map[string]json.RawMessage) {
 		var c struct{ TotalSize, FreeSize int64 }
 		_ = json.Unmarshal(append(append([]byte("{"), []byte(`"totalSize":`+string(reply["totalSize"])+`,"freeSize":`+string(reply["freeSize"]))...), '}'), &c)

@@ -38,8 +38,9 @@ func (a *Agent) cancelJobs(ctx context.Context, self string, match func(jobs.Inf
 	return rep
 }
 
-// importCancel cancels the running import of imageuuid, and every job of
-// the API cancellationApiId. Nothing to cancel is a success.
+// importCancel cancels the running import of imageuuid (an import job, or
+// the upload job of an upload:// import receiving its bytes), and every
+// job of the API cancellationApiId. Nothing to cancel is a success.
 func (a *Agent) importCancel(w http.ResponseWriter, r *http.Request) {
 	var req api.ImportCancelRequest
 	err := decode(r, &req)
@@ -50,7 +51,7 @@ func (a *Agent) importCancel(w http.ResponseWriter, r *http.Request) {
 		}
 		return a.cancelJobs(ctx, job.ID(), func(in jobs.Info) bool {
 			return (req.CancellationAPIID != "" && in.API == req.CancellationAPIID) ||
-				(image != "" && in.Kind == "import" && in.ImageUUID == image)
+				(image != "" && (in.Kind == "import" || in.Kind == uploadSessionKind) && in.ImageUUID == image)
 		}), nil
 	})
 }

@@ -279,3 +279,74 @@ func TestImportUploadSession(t *testing.T) {
 		t.Fatalf("iso progress %+v", ip)
 	}
 }
+
+// TestImportCancelUploadSession: import/cancel by imageuuid alone stops an
+// upload:// import whose bytes are still arriving at its upload URL (the
+// upload job, not the import request's job that answered at once): the
+// reply names the cancelled job, progress reports it cancelled, and the
+// next chunk is refused.
+func TestImportCancelUploadSession(t *testing.T) {
+	t.Parallel()
+	e := newHTEnv(t, nil)
+	cb := newCallbackSink(t)
+	const imageUUID = "1b2c3d4e5f60718293a4b5c6d7e8f9a0"
+	body := `{"imgurl":"upload://` + imageUUID + `/centos7.qcow2","name":"` + imageUUID + `","arch":"amd64","imageuuid":"` + imageUUID + `","concurrency":4}`
+	if r := e.do(t, http.MethodPost, "/imagestore/import/", body, map[string]string{"taskuuid": "upl1", "callbackurl": cb.URL}); r.code != 200 {
+		t.Fatalf("import: %s", r.raw)
+	}
+	var rep mnImportReply
+	if err := json.Unmarshal(cb.wait(t, "upl1"), &rep); err != nil || !rep.Success {
+		t.Fatalf("import callback %+v %v", rep, err)
+	}
+	u, err := url.Parse(rep.Blobsum)
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(from, n, total int) int {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPut, e.srv.URL+u.Path, strings.NewReader(strings.Repeat("x", n)))
+		req.Header.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", from, from+n-1, total))
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	if code := put(0, 1<<20, 3<<20); code != 200 {
+		t.Fatalf("first chunk: %d", code)
+	}
+	var uploadJob string
+	for _, in := range e.a.jobs.List() {
+		if in.Kind == uploadSessionKind && in.ImageUUID == imageUUID {
+			uploadJob = in.ID
+		}
+	}
+	if uploadJob == "" {
+		t.Fatal("no upload job for the image")
+	}
+
+	r := e.do(t, http.MethodPost, "/imagestore/import/cancel-sync/", `{"imageuuid":"`+imageUUID+`","name":"`+imageUUID+`"}`, nil)
+	if r.code != 200 || r.body["success"] != true || fmt.Sprint(r.body["cancelled"]) != "["+uploadJob+"]" {
+		t.Fatalf("import/cancel: %s, want the upload job %s cancelled", r.raw, uploadJob)
+	}
+	j, ok := e.a.jobs.Get(uploadJob)
+	if !ok {
+		t.Fatal("upload job gone")
+	}
+	select {
+	case <-j.Done():
+	default:
+		t.Fatal("import/cancel answered before the upload job ended")
+	}
+	if st := j.Info().State; st != "cancelled" {
+		t.Fatalf("upload job state %q, want cancelled", st)
+	}
+	p := e.do(t, http.MethodPost, "/imagestore/progress/", `{"imageUuid":"`+imageUUID+`"}`, nil)
+	if p.body["success"] != false || !strings.Contains(p.errMsg(), "cancelled") {
+		t.Fatalf("progress after cancel: %s", p.raw)
+	}
+	if code := put(1<<20, 1<<20, 3<<20); code != http.StatusNotFound {
+		t.Fatalf("chunk after cancel: %d, want 404", code)
+	}
+}
