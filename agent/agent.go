@@ -50,6 +50,11 @@ type Agent struct {
 	stateMu sync.Mutex
 	state   agentState
 
+	// sessions maps the secret token of each open upload URL to its
+	// upload job's id (not secret: it is logged and reported).
+	sessMu   sync.Mutex
+	sessions map[string]string
+
 	layers  *layer.Store       // stored layers and chains
 	uploads *uploads.Uploads   // upload dirs, confined file access, upload sessions
 	images  *images.Service    // image reads, delete, gc

@@ -180,6 +180,9 @@ func (a *Agent) gc(w http.ResponseWriter, r *http.Request) {
 			if i == api.MaxSkippedReported {
 				break
 			}
+			// A pending upload's URL holds its session token, the
+			// upload's only credential: never log or echo it.
+			k.Entry = redactUploadURL(k.Entry)
 			rep.Skipped = append(rep.Skipped, k.String())
 		}
 		if len(skipped) > 0 {

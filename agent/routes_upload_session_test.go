@@ -2,9 +2,11 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"imagestore/agent/config"
+	"imagestore/blobstore"
 	"imagestore/internal/testwait"
 )
 
@@ -348,5 +351,109 @@ func TestImportCancelUploadSession(t *testing.T) {
 	}
 	if code := put(1<<20, 1<<20, 3<<20); code != http.StatusNotFound {
 		t.Fatalf("chunk after cancel: %d, want 404", code)
+	}
+}
+
+// lockedBuffer is a log sink safe for the agent's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestUploadSessionTokenSecret: the token in an upload URL is the upload's
+// only credential, so it is never the job's id (logged, listed, reported
+// by progress), and gc, which the management node sends pending upload
+// URLs to keep, neither logs nor echoes it.
+func TestUploadSessionTokenSecret(t *testing.T) {
+	t.Parallel()
+	logs := &lockedBuffer{}
+	root := t.TempDir()
+	store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t)
+	cfg.Root = root
+	cfg.NBD.PortRange = ""
+	cfg.CallbackMaxDelay = 5 * time.Millisecond
+	a, err := New(cfg, store, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := a.Close(); err != nil {
+			t.Errorf("agent close: %v", err)
+		}
+		_ = store.Close()
+	})
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(srv.Close)
+	e := &htEnv{a: a, store: store, srv: srv, token: string(cfg.Token)}
+	cb := newCallbackSink(t)
+
+	const imageUUID = "1b2c3d4e5f60718293a4b5c6d7e8f9a0"
+	body := `{"imgurl":"upload://` + imageUUID + `/centos7.qcow2","name":"` + imageUUID + `","arch":"amd64","imageuuid":"` + imageUUID + `","concurrency":4}`
+	if r := e.do(t, http.MethodPost, "/imagestore/import/", body, map[string]string{"taskuuid": "upl1", "callbackurl": cb.URL}); r.code != 200 {
+		t.Fatalf("import: %s", r.raw)
+	}
+	var rep mnImportReply
+	if err := json.Unmarshal(cb.wait(t, "upl1"), &rep); err != nil || !rep.Success {
+		t.Fatalf("import callback %+v %v", rep, err)
+	}
+	u, err := url.Parse(rep.Blobsum)
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := u.Path[strings.LastIndex(u.Path, "/")+1:]
+	if !isSessionToken(token) {
+		t.Fatalf("upload URL %s ends in %q, not a 128-bit token", rep.Blobsum, token)
+	}
+	req, _ := http.NewRequest(http.MethodPut, srv.URL+u.Path, strings.NewReader(strings.Repeat("x", 1<<20)))
+	req.Header.Set("Content-Range", fmt.Sprintf("bytes 0-%d/%d", 1<<20-1, 3<<20))
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("chunk at the upload URL: %d", res.StatusCode)
+	}
+
+	list := e.do(t, http.MethodPost, "/imagestore/job/list/", `{}`, nil)
+	var uploadJob string
+	for _, in := range a.jobs.List() {
+		if in.Kind == uploadSessionKind {
+			uploadJob = in.ID
+		}
+	}
+	prog := e.do(t, http.MethodPost, "/imagestore/progress/", `{"imageUuid":"`+imageUUID+`"}`, nil)
+	if uploadJob == "" || prog.body["success"] != true || prog.body["taskuuid"] != uploadJob {
+		t.Fatalf("progress %s, want upload job %q", prog.raw, uploadJob)
+	}
+	gc := e.do(t, http.MethodPost, "/imagestore/gc-sync/", fmt.Sprintf(`{"imagesToKeep":[%q]}`, rep.Blobsum), nil)
+	if gc.body["success"] != true || gc.body["skippedCount"] != float64(1) || !strings.Contains(gc.raw, "/imagestore/upload/"+imageUUID+"/redacted-") {
+		t.Fatalf("gc: %s, want the upload URL skipped with its token redacted", gc.raw)
+	}
+	if !strings.Contains(logs.String(), "keep-list entries skipped") {
+		t.Fatalf("gc logged no skipped entry:\n%s", logs.String())
+	}
+	for what, s := range map[string]string{
+		"upload job id": uploadJob, "job/list": list.raw, "progress": prog.raw, "gc reply": gc.raw, "logs": logs.String(),
+	} {
+		if strings.Contains(s, token) {
+			t.Errorf("%s holds the upload token %s:\n%s", what, token, s)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"imagestore/agent/api"
 	"imagestore/agent/jobs"
 	"imagestore/agent/uploads"
+	"imagestore/internal/redact"
 )
 
 // Handlers of the host-writable boundary (agent/uploads): upload dirs,
@@ -90,8 +92,9 @@ const uploadSessionKind = "upload"
 const sessionWait = 10 * time.Second
 
 // serveUploadSession receives the bytes of a management-node upload://
-// import at its upload URL, PathUpload + <imageUuid>/<session>: the URL
-// is its own credential (the session is 128 random bits), like an export
+// import at its upload URL, PathUpload + <imageUuid>/<token>: the URL
+// is its own credential (the token is 128 random bits, known only to the
+// URL and a.sessions, never the job's id), like an export
 // URL, so the browser sends no bearer token. It takes a whole file in one
 // PUT or POST, or sequential chunks that state their offset
 // (Upload-Offset, Content-Range, or the Ceph agent's X-Slice-Offset) and
@@ -113,9 +116,13 @@ func (a *Agent) serveUploadSession(w http.ResponseWriter, r *http.Request) {
 		replyErr(w, http.StatusMethodNotAllowed, fmt.Errorf("method %s not allowed on an upload URL (PUT or POST)", r.Method))
 		return
 	}
-	imageUUID, id, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathUpload), "/")
-	job, ok := a.jobs.Get(id)
-	if !isSessionID(id) || !ok || job.Info().Kind != uploadSessionKind || job.Info().ImageUUID != imageUUID {
+	imageUUID, token, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, api.PathUpload), "/")
+	id, ok := a.sessionJob(token)
+	var job *jobs.Job
+	if ok {
+		job, ok = a.jobs.Get(id)
+	}
+	if !ok || job.Info().Kind != uploadSessionKind || job.Info().ImageUUID != imageUUID {
 		replyErr(w, http.StatusNotFound, uploads.ErrNoUpload)
 		return
 	}
@@ -147,9 +154,55 @@ func (a *Agent) serveUploadSession(w http.ResponseWriter, r *http.Request) {
 	writeChunkResult(w, res, err)
 }
 
-func isSessionID(s string) bool {
+func isSessionToken(s string) bool {
 	_, err := hex.DecodeString(s)
 	return len(s) == 32 && err == nil
+}
+
+// sessionJob returns the id of the upload job whose upload URL holds token.
+func (a *Agent) sessionJob(token string) (string, bool) {
+	if !isSessionToken(token) {
+		return "", false
+	}
+	a.sessMu.Lock()
+	defer a.sessMu.Unlock()
+	id, ok := a.sessions[token]
+	return id, ok
+}
+
+// openSession records an upload URL's token for its upload job; the
+// returned func forgets it.
+func (a *Agent) openSession(token, id string) (forget func()) {
+	a.sessMu.Lock()
+	defer a.sessMu.Unlock()
+	if a.sessions == nil {
+		a.sessions = map[string]string{}
+	}
+	a.sessions[token] = id
+	return func() {
+		a.sessMu.Lock()
+		defer a.sessMu.Unlock()
+		delete(a.sessions, token)
+	}
+}
+
+// redactUploadURL hides the secret token of an upload URL
+// (<base>/imagestore/upload/<imageUuid>/<token>) in s, and what
+// redact.URL strips from any URL; other strings are returned as they are.
+func redactUploadURL(s string) string {
+	if !strings.Contains(s, "://") {
+		return s
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return redact.URL(s)
+	}
+	if rest, ok := strings.CutPrefix(u.Path, api.PathUpload); ok {
+		if image, token, ok := strings.Cut(rest, "/"); ok {
+			u.Path, u.RawPath = api.PathUpload+image+"/"+redact.Token(token), ""
+		}
+	}
+	return redact.URL(u.String())
 }
 
 // sessionChunk reads a chunk's offset, total size and completeness from
@@ -230,7 +283,10 @@ func (a *Agent) importUploadSession(w http.ResponseWriter, r *http.Request, req 
 		apiID = m.api
 	}
 	a.async(w, r, JobSpec{Kind: "import"}, func(ctx context.Context, job *jobs.Job) (any, error) {
-		id := randomHex(16)
+		// The upload URL's token is its only credential; the job's id,
+		// which logs, job/list and progress show, is another random value.
+		token, id := randomHex(16), "upload-"+randomHex(16)
+		forget := a.openSession(token, id)
 		run := func(ctx context.Context, uj *jobs.Job) ([]byte, error) {
 			img, err := a.ingest.ImportURL(ctx, ingestURLRequest(id, req), uj)
 			if err != nil {
@@ -238,9 +294,12 @@ func (a *Agent) importUploadSession(w http.ResponseWriter, r *http.Request, req 
 			}
 			return replyBody(importReplyFor(img, a.capacity()), nil), nil
 		}
-		if _, _, err := a.jobs.Submit(jobs.Spec{ID: id, Kind: uploadSessionKind, API: apiID, ImageUUID: req.ImageUUID}, run); err != nil {
+		uj, _, err := a.jobs.Submit(jobs.Spec{ID: id, Kind: uploadSessionKind, API: apiID, ImageUUID: req.ImageUUID}, run)
+		if err != nil {
+			forget()
 			return nil, err
 		}
-		return api.ImportReply{Capacity: a.capacity(), Name: req.Name, Blobsum: base + api.PathUpload + req.ImageUUID + "/" + id}, nil
+		go func() { <-uj.Done(); forget() }()
+		return api.ImportReply{Capacity: a.capacity(), Name: req.Name, Blobsum: base + api.PathUpload + req.ImageUUID + "/" + token}, nil
 	})
 }

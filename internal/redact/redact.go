@@ -2,7 +2,11 @@
 // recorded, reported or logged.
 package redact
 
-import "net/url"
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"net/url"
+)
 
 // URL strips what may be secret from a URL (userinfo, query, fragment)
 // for records, replies and logs. An unparseable URL is not echoed at all.
@@ -18,4 +22,15 @@ func URL(raw string) string {
 	u.RawQuery, u.ForceQuery = "", false
 	u.Fragment, u.RawFragment = "", ""
 	return u.String()
+}
+
+// Token replaces a secret token (e.g. the one an upload URL holds) with a
+// short fingerprint that tells tokens apart in logs but cannot be used in
+// their place: "redacted-" and the first 8 hex digits of its SHA-256.
+func Token(tok string) string {
+	if tok == "" {
+		return ""
+	}
+	h := sha256.Sum256([]byte(tok))
+	return "redacted-" + hex.EncodeToString(h[:4])
 }

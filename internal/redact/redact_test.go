@@ -14,3 +14,20 @@ func TestURL(t *testing.T) {
 		}
 	}
 }
+
+func TestToken(t *testing.T) {
+	const tok = "0f9e8d7c6b5a49382716a5b4c3d2e1f0"
+	got := Token(tok)
+	if got == "" || got == tok || len(got) != len("redacted-")+8 || got[:9] != "redacted-" {
+		t.Fatalf("Token(%q) = %q", tok, got)
+	}
+	if Token(tok) != got {
+		t.Fatal("Token is not stable: logs could not tell sessions apart")
+	}
+	if Token(tok[:31]+"1") == got {
+		t.Fatal("two tokens give one fingerprint")
+	}
+	if Token("") != "" {
+		t.Fatalf("Token(\"\") = %q", Token(""))
+	}
+}
