@@ -32,6 +32,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"imagestore/transfer/livebackup"
 	"imagestore/transfer/qmp"
 	"imagestore/transfer/qmp/libvirtqmp"
@@ -158,17 +160,29 @@ var errStopped = errors.New("backup stopped by stopbak")
 // listenControl serves the control socket of a running backup: a line
 // "stop" or "stop NODE" cancels it (when NODE is one of its drives); the
 // reply "stopped" is written once the engine has rolled back.
+//
+// One backup of a VM at a time: path+".lock" is flocked for the backup's
+// life (the kernel drops the lock when the process dies, so a stale socket
+// is only ever removed by the lock's holder). The socket is mode 0600:
+// whoever can connect can stop the backup.
 func listenControl(ctx context.Context, path string, drives []livebackup.Drive, cancel context.CancelCauseFunc) (func(), error) {
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("%w: another backup of this VM is running (%s)", livebackup.ErrBusy, path)
-	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
-	_ = os.Remove(path) // stale, from a process that died
-	ln, err := net.Listen("unix", path)
+	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
+		return nil, fmt.Errorf("control lock: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: another backup of this VM is running (%s)", livebackup.ErrBusy, path)
+		}
+		return nil, fmt.Errorf("control lock %s.lock: %w", path, err)
+	}
+	ln, err := listenPrivate(path)
+	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	finished := make(chan struct{})
@@ -213,7 +227,36 @@ func listenControl(ctx context.Context, path string, drives []livebackup.Drive, 
 		ln.Close()
 		wg.Wait()
 		_ = os.Remove(path)
+		lock.Close() // releases the flock; the lock file stays (removing it would race)
 	}, nil
+}
+
+// listenPrivate listens on a unix socket at path that only its owner can
+// connect to: the socket is made in a fresh 0700 directory beside path,
+// set to 0600 and renamed into place, so it is never reachable with the
+// umask's mode. A socket already at path (left by a holder of the lock
+// that died) is replaced.
+func listenPrivate(path string) (net.Listener, error) {
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".bak-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "s")
+	ln, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, err
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false) // the caller removes path
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
 }
 
 // parseTarget reads a -dest / -destdir value: a path or nbd://HOST:P1[,P2…].
