@@ -444,33 +444,6 @@ func (m *Manager) cancelGroup(ctx context.Context, g *group) error {
 	return errors.Join(errs...)
 }
 
-// ServeReadOnly serves an existing qcow2 file (a chain top whose backing
-// files resolve in place) read-only under exportName. The file is neither
-// copied nor modified.
-func (m *Manager) ServeReadOnly(ctx context.Context, path string, exportName string) (Server, error) {
-	if err := validExportName(exportName); err != nil {
-		return Server{}, err
-	}
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return Server{}, fmt.Errorf("nbd: path: %w", err)
-	}
-	if fi, err := os.Stat(abs); err != nil {
-		return Server{}, fmt.Errorf("nbd: %w", err)
-	} else if !fi.Mode().IsRegular() {
-		return Server{}, fmt.Errorf("%w: %s is not a regular file", ErrInvalid, abs)
-	}
-	if err := m.checkOpen(); err != nil {
-		return Server{}, err
-	}
-	p, err := m.start(ctx, startSpec{path: abs, exportName: exportName, readOnly: true, psk: m.newPSK()})
-	if err != nil {
-		return Server{}, err
-	}
-	m.log.Info("nbd read-only export serving", "id", p.srv.ID, "port", p.srv.Port, "export", exportName)
-	return p.srv, nil
-}
-
 // overlayDir holds the copy-on-write overlays of ServeOverlay.
 func (m *Manager) overlayDir() string { return filepath.Join(m.opts.Dir, "overlays") }
 

@@ -381,7 +381,7 @@ func TestPortExhaustion(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "f.qcow2")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", file, "1M")
 	if _, err := m.ServeOverlay(ctx, file, "f"); !errors.Is(err, ErrNoPort) {
-		t.Fatalf("ServeReadOnly with full range: %v", err)
+		t.Fatalf("ServeOverlay with full range: %v, want ErrNoPort", err)
 	}
 }
 
