@@ -172,7 +172,10 @@ func (c *Conn) Retr(ctx context.Context, path string, offset int64) (io.ReadClos
 	if code/100 != 1 {
 		return fail(&ReplyError{code, text})
 	}
-	return &reader{c: c, data: data, ctx: ctx}, nil
+	// ctx ends a read blocked on the data connection at once, not after
+	// Timeout: the AfterFunc above stops when Retr returns.
+	stopData := context.AfterFunc(ctx, func() { _ = data.SetDeadline(time.Now()) })
+	return &reader{c: c, data: data, ctx: ctx, stop: stopData}, nil
 }
 
 // reader is a RETR in progress.
@@ -180,23 +183,32 @@ type reader struct {
 	c    *Conn
 	data net.Conn
 	ctx  context.Context
+	stop func() bool // unties ctx from data
 	eof  bool
 }
 
 func (r *reader) Read(p []byte) (int, error) {
+	_ = r.data.SetReadDeadline(time.Now().Add(r.c.opts.Timeout))
+	// Checked after the deadline is set: a ctx that ended before has its
+	// AfterFunc's deadline overwritten, so it must be seen here.
 	if err := r.ctx.Err(); err != nil {
 		return 0, err
 	}
-	_ = r.data.SetReadDeadline(time.Now().Add(r.c.opts.Timeout))
 	n, err := r.data.Read(p)
 	if err == io.EOF {
 		r.eof = true
+	}
+	if err != nil && err != io.EOF {
+		if cerr := r.ctx.Err(); cerr != nil {
+			return n, cerr
+		}
 	}
 	return n, err
 }
 
 // Close ends the transfer; after a complete read it checks the 226.
 func (r *reader) Close() error {
+	r.stop()
 	r.data.Close()
 	if !r.eof {
 		return nil

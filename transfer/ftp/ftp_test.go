@@ -5,13 +5,18 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 
+	"imagestore/internal/testwait"
 	"imagestore/transfer/ftp"
 	"imagestore/transfer/ftp/ftptest"
 )
@@ -155,4 +160,110 @@ func FuzzReply(f *testing.F) {
 			}
 		}
 	})
+}
+
+// stalledServer is an FTP server that logs anyone in and answers RETR
+// with 150, then opens the data connection and never sends a byte: a
+// server stuck mid-transfer. accepted is closed when the data connection
+// is up.
+func stalledServer(t *testing.T) (addr string, accepted <-chan struct{}) {
+	t.Helper()
+	ctl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctl.Close(); data.Close() })
+	up := make(chan struct{})
+	go func() {
+		c, err := ctl.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		var held net.Conn
+		defer func() {
+			if held != nil {
+				held.Close()
+			}
+		}()
+		fmt.Fprint(c, "220 stalled\r\n")
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			switch verb, _, _ := strings.Cut(strings.TrimSpace(line), " "); verb {
+			case "USER":
+				fmt.Fprint(c, "230 in\r\n")
+			case "TYPE":
+				fmt.Fprint(c, "200 binary\r\n")
+			case "EPSV":
+				fmt.Fprintf(c, "229 passive (|||%d|)\r\n", data.Addr().(*net.TCPAddr).Port)
+			case "RETR":
+				fmt.Fprint(c, "150 sending\r\n")
+				if held, err = data.Accept(); err != nil {
+					return
+				}
+				close(up)
+			case "QUIT":
+				fmt.Fprint(c, "221 bye\r\n")
+				return
+			default:
+				fmt.Fprint(c, "502 no\r\n")
+			}
+		}
+	}()
+	return ctl.Addr().String(), up
+}
+
+// TestRetrCancelStopsStalledRead: cancelling the context of a RETR ends
+// a read blocked on a data connection that gets no bytes at once, with
+// the context's error, not after the (hour-long) read timeout.
+func TestRetrCancelStopsStalledRead(t *testing.T) {
+	t.Parallel()
+	addr, accepted := stalledServer(t)
+	u, _ := url.Parse("ftp://" + addr + "/disk.raw")
+	c, err := ftp.Dial(context.Background(), u, ftp.Options{Timeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, err := c.Retr(ctx, ftp.Path(u), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	<-accepted
+	done := make(chan error, 1)
+	go func() {
+		_, err := r.Read(make([]byte, 4096))
+		done <- err
+	}()
+	// Cancel once the read is parked on the socket, so it is the blocked
+	// read that must see ctx end (not the check before reading).
+	testwait.For(t, "the read to block on the data connection", func() bool {
+		buf := make([]byte, 1<<20)
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "[IO wait") && strings.Contains(g, "ftp.(*reader).Read") {
+				return true
+			}
+		}
+		return false
+	})
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("read after cancel: %v, want context.Canceled", err)
+		}
+	case <-time.After(2 * time.Minute): // only a watchdog: the bug waits an hour
+		t.Fatal("cancel did not reach the read blocked on the data connection")
+	}
 }
