@@ -230,12 +230,17 @@ func vmBackupCmd(ctx context.Context, g *globals, args []string) error {
 			last = n
 		}
 	}
+	// release stops the NBD servers and removes the targets not imported
+	// (best effort: they expire with the upload dir anyway).
+	release := func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		_ = a.callSync(cctx, api.SyncPath(api.PathExportNBDImageCancel), api.CancelNBDImageRequest{NBDDescription: nbd.NBDDescription}, &api.Reply{})
+	}
 	res, err := g.runLive(ctx, &lf, drives)
 	p.Done()
 	if err != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		_ = a.callSync(cctx, api.SyncPath(api.PathExportNBDImageCancel), api.CancelNBDImageRequest{NBDDescription: nbd.NBDDescription}, &api.Reply{})
-		cancel()
+		release()
 		return err
 	}
 
@@ -251,6 +256,7 @@ func vmBackupCmd(ctx context.Context, g *globals, args []string) error {
 		}
 		var rep api.ImportReply
 		if err := a.callSync(ctx, api.SyncPath(api.PathImportBackup), q, &rep); err != nil {
+			release()
 			return fmt.Errorf("disk %s: import-backup: %w (the next backup still covers it)", d.Key, err)
 		}
 		b := vmBackup{Disk: d.Key, Mode: string(res[i].Mode), Name: rep.Name, ID: rep.ID, InstallPath: rep.InstallPath,

@@ -94,6 +94,27 @@ func TestVMBackupOneCommand(t *testing.T) {
 			t.Fatalf("disk %s checkpoints after the import: %s", d, bms)
 		}
 	}
+	// A failed import (the store is over its quota): nothing is confirmed
+	// and the state keeps the last good backups, so the next incremental
+	// also carries the lost one's clusters.
+	vm.Write(0, 10*lbMiB, 64<<10, 0x41)
+	e.s.post(t, "/imagestore/setquota-sync/", map[string]any{"maxCapacity": 1}, nil)
+	if out, errs, err := e.vmBackup(state); err == nil || !strings.Contains(errs, "import-backup") {
+		t.Fatalf("vm backup into a full store: %v %q %q", err, out, errs)
+	}
+	e.s.post(t, "/imagestore/setquota-sync/", map[string]any{"maxCapacity": 0}, nil)
+	vm.Write(0, 12*lbMiB, 64<<10, 0x42)
+	after := e.vmBackupJSON(state)
+	ref = []string{vm.Snapshot(0, "q0"), vm.Snapshot(1, "q1")}
+	for i, b := range after {
+		if b.Mode != "incremental" || e.chainLen(b.InstallPath) != 3 {
+			t.Fatalf("after the failed import, disk %d: %+v", i, b)
+		}
+		e.restoreEquals(imported{b.InstallPath, b.Name, b.ID}, ref[i])
+		if bms := bitmapNames(t, vm, i); bms != vmBitmap+".4" {
+			t.Fatalf("disk %d checkpoints after the failed import and the next backup: %s", i, bms)
+		}
+	}
 	// -full ignores the checkpoints: a new chain of length 1.
 	again := e.vmBackupJSON(state, "-full")
 	for i, b := range again {
