@@ -377,62 +377,50 @@ func destDrives(destdir string, drives []livebackup.Drive) (map[string]string, e
 	return names, nil
 }
 
+// batchVerb is what batbak and battopbak differ in: the -args tuple,
+// whether NBD targets are allowed and whether the output names the mode.
+type batchVerb struct {
+	name, destHelp, argsHelp string
+	arity                    int
+	nbd, printMode           bool
+	drive                    func(f []string) (livebackup.Drive, error)
+}
+
 // cmdBatbak is Z8: every drive in one transaction.
 func cmdBatbak(ctx context.Context, g *globals, args []string) error {
-	var lf liveFlags
-	var destdir, list string
-	fs := g.liveFlagSet("batbak", &lf)
-	fs.StringVar(&destdir, "destdir", "", "target directory, or nbd://HOST:P1,P2,…")
-	fs.StringVar(&list, "args", "", "BM,MODE,NODE,SPEED[:BM,MODE,NODE,SPEED…] (SPEED in bytes/s)")
-	if pos, err := parseArgs(fs, args); err != nil {
-		return err
-	} else if len(pos) != 0 {
-		return usageErr("unexpected argument %q", pos[0])
-	}
-	if err := lf.check(); err != nil {
-		return err
-	}
-	if destdir == "" || list == "" {
-		return usageErr("batbak needs -destdir and -args")
-	}
-	var drives []livebackup.Drive
-	for _, tup := range strings.Split(list, ":") {
-		f := strings.Split(tup, ",")
-		if len(f) != 4 {
-			return usageErr("-args tuple %q: want BM,MODE,NODE,SPEED", tup)
-		}
-		m, err := livebackup.ParseMode(f[1])
-		if err != nil {
-			return usageErr("%v", err)
-		}
-		sp, err := parseSpeed(f[3])
-		if err != nil {
-			return usageErr("%v", err)
-		}
-		drives = append(drives, livebackup.Drive{Bitmap: f[0], Mode: m, Node: f[2], Speed: sp})
-	}
-	names, err := destDrives(destdir, drives)
-	if err != nil {
-		return err
-	}
-	res, err := g.runLive(ctx, &lf, drives)
-	if err != nil {
-		return err
-	}
-	out := map[string]batResult{}
-	for _, r := range res {
-		out[r.Node] = batResult{BackupFile: names[r.Node], Mode: string(r.Mode)}
-	}
-	return json.NewEncoder(g.stdout).Encode(out)
+	return g.runBatch(ctx, args, batchVerb{
+		name: "batbak", destHelp: "target directory, or nbd://HOST:P1,P2,…",
+		argsHelp: "BM,MODE,NODE,SPEED", arity: 4, nbd: true, printMode: true,
+		drive: func(f []string) (livebackup.Drive, error) {
+			m, err := livebackup.ParseMode(f[1])
+			if err != nil {
+				return livebackup.Drive{}, err
+			}
+			sp, err := parseSpeed(f[3])
+			return livebackup.Drive{Bitmap: f[0], Mode: m, Node: f[2], Speed: sp}, err
+		},
+	})
 }
 
 // cmdBattopbak is Z9: the top layer of each drive, no bitmap.
 func cmdBattopbak(ctx context.Context, g *globals, args []string) error {
+	return g.runBatch(ctx, args, batchVerb{
+		name: "battopbak", destHelp: "target directory", argsHelp: "NODE,SPEED", arity: 2,
+		drive: func(f []string) (livebackup.Drive, error) {
+			sp, err := parseSpeed(f[1])
+			return livebackup.Drive{Node: f[0], Mode: livebackup.Shallow, Speed: sp}, err
+		},
+	})
+}
+
+// runBatch parses a batch verb's flags and -args tuples, backs up every
+// drive in one transaction and prints {"<NODE>": {"backupFile", "mode"}}.
+func (g *globals) runBatch(ctx context.Context, args []string, v batchVerb) error {
 	var lf liveFlags
 	var destdir, list string
-	fs := g.liveFlagSet("battopbak", &lf)
-	fs.StringVar(&destdir, "destdir", "", "target directory")
-	fs.StringVar(&list, "args", "", "NODE,SPEED[:NODE,SPEED…]")
+	fs := g.liveFlagSet(v.name, &lf)
+	fs.StringVar(&destdir, "destdir", "", v.destHelp)
+	fs.StringVar(&list, "args", "", v.argsHelp+"[:"+v.argsHelp+"…] (SPEED in bytes/s)")
 	if pos, err := parseArgs(fs, args); err != nil {
 		return err
 	} else if len(pos) != 0 {
@@ -442,22 +430,22 @@ func cmdBattopbak(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	if destdir == "" || list == "" {
-		return usageErr("battopbak needs -destdir and -args")
+		return usageErr("%s needs -destdir and -args", v.name)
 	}
 	var drives []livebackup.Drive
 	for _, tup := range strings.Split(list, ":") {
 		f := strings.Split(tup, ",")
-		if len(f) != 2 {
-			return usageErr("-args tuple %q: want NODE,SPEED", tup)
+		if len(f) != v.arity {
+			return usageErr("-args tuple %q: want %s", tup, v.argsHelp)
 		}
-		sp, err := parseSpeed(f[1])
+		d, err := v.drive(f)
 		if err != nil {
 			return usageErr("%v", err)
 		}
-		drives = append(drives, livebackup.Drive{Node: f[0], Mode: livebackup.Shallow, Speed: sp})
+		drives = append(drives, d)
 	}
-	if strings.HasPrefix(destdir, "nbd://") {
-		return usageErr("battopbak writes into a directory")
+	if !v.nbd && strings.HasPrefix(destdir, "nbd://") {
+		return usageErr("%s writes into a directory", v.name)
 	}
 	names, err := destDrives(destdir, drives)
 	if err != nil {
@@ -469,7 +457,11 @@ func cmdBattopbak(ctx context.Context, g *globals, args []string) error {
 	}
 	out := map[string]batResult{}
 	for _, r := range res {
-		out[r.Node] = batResult{BackupFile: names[r.Node]}
+		b := batResult{BackupFile: names[r.Node]}
+		if v.printMode {
+			b.Mode = string(r.Mode)
+		}
+		out[r.Node] = b
 	}
 	return json.NewEncoder(g.stdout).Encode(out)
 }
