@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"sync"
 )
 
 // Passthrough is a monitor reached through a manager that owns the QMP
@@ -19,21 +18,13 @@ type PassthroughTransport interface {
 // Passthrough is a Monitor over a PassthroughTransport, with the same
 // event log as Client.
 type Passthrough struct {
-	t   PassthroughTransport
-	max int
-
-	mu      sync.Mutex
-	events  []Event
-	seq     uint64
-	changed chan struct{}
+	t      PassthroughTransport
+	events *eventLog
 }
 
 // NewPassthrough wraps t. Feed the manager's QEMU events to Deliver.
 func NewPassthrough(t PassthroughTransport, o Options) *Passthrough {
-	if o.EventLog <= 0 {
-		o.EventLog = 4096
-	}
-	return &Passthrough{t: t, max: o.EventLog, changed: make(chan struct{})}
+	return &Passthrough{t: t, events: newEventLog(o.EventLog)}
 }
 
 // Execute implements Monitor.
@@ -74,44 +65,16 @@ func (p *Passthrough) Deliver(raw []byte) error {
 	if err := json.Unmarshal(raw, &ev); err != nil {
 		return fmt.Errorf("qmp: bad event: %w", err)
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.seq++
-	ev.Seq = p.seq
-	p.events = append(p.events, ev)
-	if len(p.events) > p.max {
-		p.events = append(p.events[:0:0], p.events[len(p.events)-p.max:]...)
-	}
-	close(p.changed)
-	p.changed = make(chan struct{})
+	p.events.add(ev)
 	return nil
 }
 
 // LastSeq implements Monitor.
-func (p *Passthrough) LastSeq() uint64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.seq
-}
+func (p *Passthrough) LastSeq() uint64 { return p.events.lastSeq() }
 
 // WaitEvent implements Monitor.
 func (p *Passthrough) WaitEvent(ctx context.Context, after uint64, match func(Event) bool) (Event, error) {
-	for {
-		p.mu.Lock()
-		for _, ev := range p.events {
-			if ev.Seq > after && match(ev) {
-				p.mu.Unlock()
-				return ev, nil
-			}
-		}
-		ch := p.changed
-		p.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return Event{}, ctx.Err()
-		}
-	}
+	return p.events.wait(ctx, after, match)
 }
 
 // Close closes the transport.

@@ -98,19 +98,16 @@ type Options struct {
 
 // Client is one QMP connection. Safe for concurrent use.
 type Client struct {
-	rwc io.ReadWriteCloser
-	log *slog.Logger
-	max int
+	rwc    io.ReadWriteCloser
+	log    *slog.Logger
+	events *eventLog
 
 	wmu sync.Mutex // serialises writes
 
 	mu      sync.Mutex
 	nextID  uint64
 	pending map[string]chan message
-	events  []Event
-	seq     uint64
-	changed chan struct{} // closed and replaced on every event
-	err     error         // set once the reader stops
+	err     error // set once the reader stops
 	done    chan struct{}
 }
 
@@ -133,14 +130,11 @@ func Dial(ctx context.Context, path string, o Options) (*Client, error) {
 // New runs the protocol over an open connection: greeting, then
 // qmp_capabilities.
 func New(ctx context.Context, rwc io.ReadWriteCloser, o Options) (*Client, error) {
-	if o.EventLog <= 0 {
-		o.EventLog = 4096
-	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	c := &Client{rwc: rwc, log: o.Logger, max: o.EventLog, pending: map[string]chan message{},
-		changed: make(chan struct{}), done: make(chan struct{})}
+	c := &Client{rwc: rwc, log: o.Logger, events: newEventLog(o.EventLog), pending: map[string]chan message{},
+		done: make(chan struct{})}
 	br := bufio.NewReaderSize(rwc, 64<<10)
 	greet := make(chan error, 1)
 	go func() {
@@ -200,31 +194,23 @@ func (c *Client) read(br *bufio.Reader) {
 		close(ch)
 		delete(c.pending, id)
 	}
-	close(c.changed)
-	c.changed = make(chan struct{})
+	c.events.close(c.err)
 	c.mu.Unlock()
 	close(c.done)
 }
 
 func (c *Client) dispatch(m message, line []byte) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	if m.Event != "" {
 		var ev Event
 		if err := json.Unmarshal(line, &ev); err != nil {
 			c.log.Warn("qmp: bad event", "err", err)
 			return
 		}
-		c.seq++
-		ev.Seq = c.seq
-		c.events = append(c.events, ev)
-		if len(c.events) > c.max {
-			c.events = append(c.events[:0:0], c.events[len(c.events)-c.max:]...)
-		}
-		close(c.changed)
-		c.changed = make(chan struct{})
+		c.events.add(ev)
 		return
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var id string
 	if json.Unmarshal(m.ID, &id) != nil {
 		c.log.Warn("qmp: reply with an id we never sent", "id", string(m.ID))
@@ -303,50 +289,15 @@ func (c *Client) closedErr() error {
 }
 
 // LastSeq is the number of the newest event received.
-func (c *Client) LastSeq() uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.seq
-}
+func (c *Client) LastSeq() uint64 { return c.events.lastSeq() }
 
 // WaitEvent implements Monitor.
 func (c *Client) WaitEvent(ctx context.Context, after uint64, match func(Event) bool) (Event, error) {
-	for {
-		c.mu.Lock()
-		for _, ev := range c.events {
-			if ev.Seq > after && match(ev) {
-				c.mu.Unlock()
-				return ev, nil
-			}
-		}
-		if n := len(c.events); n > 0 {
-			after = max(after, c.events[n-1].Seq)
-		}
-		ch, err := c.changed, c.err
-		c.mu.Unlock()
-		if err != nil {
-			return Event{}, err
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return Event{}, ctx.Err()
-		}
-	}
+	return c.events.wait(ctx, after, match)
 }
 
 // Events returns the logged events with Seq > after.
-func (c *Client) Events(after uint64) []Event {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var out []Event
-	for _, ev := range c.events {
-		if ev.Seq > after {
-			out = append(out, ev)
-		}
-	}
-	return out
-}
+func (c *Client) Events(after uint64) []Event { return c.events.since(after) }
 
 // Close drops the connection.
 func (c *Client) Close() error {
