@@ -67,18 +67,9 @@ func (c *Client) PushStream(ctx context.Context, name string, r io.Reader, opts 
 		}
 	}
 	d := digest.NewDigest(digest.SHA256, h)
-	u, err := c.resolve(loc)
-	if err != nil {
+	if err := c.finishUpload(ctx, loc, d); err != nil {
 		return "", off, err
 	}
-	resp, err := c.do(ctx, http.MethodPut, addQuery(u, "digest", d.String()), http.NoBody, nil)
-	if err != nil {
-		return "", off, err
-	}
-	if err := expect(resp, http.StatusCreated); err != nil {
-		return "", off, err
-	}
-	drain(resp)
 	return d, off, nil
 }
 

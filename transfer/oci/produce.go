@@ -56,18 +56,11 @@ func (c *Client) PushProduced(ctx context.Context, name string, produce Producer
 	err = c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
 		tries++
 		if attempt > 0 {
-			off, nloc, serr := c.uploadStatus(ctx, loc)
-			switch {
-			case serr == nil:
-				loc = nloc
-			case errors.Is(serr, ErrNotFound):
-				if nloc, serr = c.startUpload(ctx, name); serr != nil {
-					return serr
-				}
-				loc, off = nloc, 0
-			default:
+			nloc, off, serr := c.resync(ctx, name, loc)
+			if serr != nil {
 				return serr
 			}
+			loc = nloc
 			progress(off - sent)
 			sent, offset = off, off
 		}
@@ -82,18 +75,9 @@ func (c *Client) PushProduced(ctx context.Context, name string, produce Producer
 		}
 		return "", size, c.resumeErr(ctx, "oci: streamed upload", tries, err)
 	}
-	u, err := c.resolve(loc)
-	if err != nil {
+	if err := c.finishUpload(ctx, loc, d); err != nil {
 		return "", size, err
 	}
-	resp, err := c.do(ctx, http.MethodPut, addQuery(u, "digest", d.String()), http.NoBody, nil)
-	if err != nil {
-		return "", size, err
-	}
-	if err := expect(resp, http.StatusCreated); err != nil {
-		return "", size, err
-	}
-	drain(resp)
 	return d, size, nil
 }
 

@@ -56,20 +56,11 @@ func (c *Client) PushBlob(ctx context.Context, name string, d digest.Digest, siz
 	err = c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
 		tries++
 		if attempt > 0 {
-			// Learn the server's durable offset and go on from there.
-			off, nloc, serr := c.uploadStatus(ctx, loc)
-			switch {
-			case serr == nil:
-				loc = nloc
-			case errors.Is(serr, ErrNotFound):
-				// The session is gone (expired or the peer lost it): start over.
-				if nloc, serr = c.startUpload(ctx, name); serr != nil {
-					return serr
-				}
-				loc, off = nloc, 0
-			default:
+			nloc, off, serr := c.resync(ctx, name, loc)
+			if serr != nil {
 				return serr // peer still unreachable; counts as an attempt
 			}
+			loc = nloc
 			progress(off - sent)
 			sent = off
 			offset = off
@@ -83,12 +74,28 @@ func (c *Client) PushBlob(ctx context.Context, name string, d digest.Digest, siz
 		c.cancelUpload(ctx, loc)
 		return fmt.Errorf("%w: %s hashes to %s", ErrSourceDigest, d, got)
 	}
+	return c.finishUpload(ctx, loc, d)
+}
+
+// resync is how an interrupted upload goes on: the server's durable offset
+// and location, or a new session at offset 0 when the server lost the old
+// one (expired, or the peer restarted without it).
+func (c *Client) resync(ctx context.Context, name, loc string) (string, int64, error) {
+	off, nloc, err := c.uploadStatus(ctx, loc)
+	if errors.Is(err, ErrNotFound) {
+		nloc, err = c.startUpload(ctx, name)
+		return nloc, 0, err
+	}
+	return nloc, off, err
+}
+
+// finishUpload closes the upload at loc as blob d (the final PUT).
+func (c *Client) finishUpload(ctx context.Context, loc string, d digest.Digest) error {
 	u, err := c.resolve(loc)
 	if err != nil {
 		return err
 	}
-	u = addQuery(u, "digest", d.String())
-	resp, err := c.do(ctx, http.MethodPut, u, http.NoBody, nil)
+	resp, err := c.do(ctx, http.MethodPut, addQuery(u, "digest", d.String()), http.NoBody, nil)
 	if err != nil {
 		return err
 	}
