@@ -54,8 +54,12 @@ type Config struct {
 	CallbackTimeout time.Duration `yaml:"callbackTimeout"`
 	VerifyInterval  time.Duration `yaml:"verifyInterval"`
 	// VerifySample is the fraction of blobs each periodic scrub reads (0 or 1 = all).
-	VerifySample float64       `yaml:"verifySample"`
-	GCGrace      time.Duration `yaml:"gcGrace"`
+	VerifySample float64 `yaml:"verifySample"`
+	// GCGrace: GC never frees a blob committed less than this ago (the
+	// commit grace); 0 = the storage type's default (DefaultGCGrace).
+	GCGrace time.Duration `yaml:"gcGrace"`
+	// Storage is where blobs and image records live (storage.go).
+	Storage Storage `yaml:"storage"`
 	// AllowedImportRoots lists directories besides <root>/uploads that
 	// import-backup may read file:// URLs from.
 	AllowedImportRoots []string `yaml:"allowedImportRoots"`
@@ -275,7 +279,7 @@ func Defaults(profile string) (Config, error) {
 		CallbackTimeout:   30 * time.Second,
 		VerifyInterval:    24 * time.Hour,
 		VerifySample:      1,
-		GCGrace:           10 * time.Minute,
+		GCGrace:           DefaultLocalGCGrace,
 		NBD:               NBD{PortRange: "10800-10899", Bind: "0.0.0.0", ClientAuth: "auto"},
 		Replication:       Replication{MaxTasks: 4, Parallelism: 4, Retries: 1},
 		MaxBodyBytes:      1 << 20,
@@ -329,6 +333,9 @@ func LoadProfile(path, profile string) (Config, error) {
 	if err != nil {
 		return cfg, err
 	}
+	// 0 until the file or the environment sets it: then the storage
+	// type's default.
+	cfg.GCGrace = 0
 	if len(body) > 0 {
 		dec := yaml.NewDecoder(bytes.NewReader(body))
 		dec.KnownFields(true)
@@ -344,6 +351,9 @@ func LoadProfile(path, profile string) (Config, error) {
 	}
 	if err := cfg.ApplyEnv(os.LookupEnv); err != nil {
 		return cfg, err
+	}
+	if cfg.GCGrace == 0 {
+		cfg.GCGrace = DefaultGCGrace(cfg.Storage.Type)
 	}
 	return cfg, nil
 }
@@ -393,26 +403,36 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_REGISTRY_TLS_PLAIN": boolean(&c.RegistryTLS.Plain),
 		"IMAGESTORE_SERVER_NAME":        str(&c.ServerName),
 		// Read by LoadProfile before the defaults; listed so EnvNames has it.
-		"IMAGESTORE_PROFILE":               func(string) error { return nil },
-		"IMAGESTORE_TOKEN":                 func(v string) error { c.Token = Secret(v); return nil },
-		"IMAGESTORE_TOKEN_FILE":            str(&c.TokenFile),
-		"IMAGESTORE_QUOTA":                 size(&c.Quota),
-		"IMAGESTORE_PARALLELISM_DEGREE":    num(&c.ParallelismDegree),
-		"IMAGESTORE_UPLOAD_DIR_EXPIRY":     dur(&c.UploadDirExpiry),
-		"IMAGESTORE_LOG_LEVEL":             str(&c.LogLevel),
-		"IMAGESTORE_LOG_FORMAT":            str(&c.LogFormat),
-		"IMAGESTORE_JOB_RETENTION":         dur(&c.JobRetention),
-		"IMAGESTORE_CALLBACK_RETRIES":      num(&c.CallbackRetries),
-		"IMAGESTORE_CALLBACK_MAX_DELAY":    dur(&c.CallbackMaxDelay),
-		"IMAGESTORE_VERIFY_INTERVAL":       dur(&c.VerifyInterval),
-		"IMAGESTORE_GC_GRACE":              dur(&c.GCGrace),
-		"IMAGESTORE_KNOWN_HOSTS_FILE":      str(&c.KnownHostsFile),
-		"IMAGESTORE_NBD_PORT_RANGE":        str(&c.NBD.PortRange),
-		"IMAGESTORE_NBD_BIND":              str(&c.NBD.Bind),
-		"IMAGESTORE_NBD_CLIENT_AUTH":       str(&c.NBD.ClientAuth),
-		"IMAGESTORE_REPLICATION_MAX_TASKS": num(&c.Replication.MaxTasks),
-		"IMAGESTORE_EXPORT_EXPIRY":         dur(&c.ExportExpiry),
-		"IMAGESTORE_PID_FILE":              str(&c.PIDFile),
+		"IMAGESTORE_PROFILE":                  func(string) error { return nil },
+		"IMAGESTORE_TOKEN":                    func(v string) error { c.Token = Secret(v); return nil },
+		"IMAGESTORE_TOKEN_FILE":               str(&c.TokenFile),
+		"IMAGESTORE_QUOTA":                    size(&c.Quota),
+		"IMAGESTORE_PARALLELISM_DEGREE":       num(&c.ParallelismDegree),
+		"IMAGESTORE_UPLOAD_DIR_EXPIRY":        dur(&c.UploadDirExpiry),
+		"IMAGESTORE_LOG_LEVEL":                str(&c.LogLevel),
+		"IMAGESTORE_LOG_FORMAT":               str(&c.LogFormat),
+		"IMAGESTORE_JOB_RETENTION":            dur(&c.JobRetention),
+		"IMAGESTORE_CALLBACK_RETRIES":         num(&c.CallbackRetries),
+		"IMAGESTORE_CALLBACK_MAX_DELAY":       dur(&c.CallbackMaxDelay),
+		"IMAGESTORE_VERIFY_INTERVAL":          dur(&c.VerifyInterval),
+		"IMAGESTORE_GC_GRACE":                 dur(&c.GCGrace),
+		"IMAGESTORE_KNOWN_HOSTS_FILE":         str(&c.KnownHostsFile),
+		"IMAGESTORE_NBD_PORT_RANGE":           str(&c.NBD.PortRange),
+		"IMAGESTORE_NBD_BIND":                 str(&c.NBD.Bind),
+		"IMAGESTORE_NBD_CLIENT_AUTH":          str(&c.NBD.ClientAuth),
+		"IMAGESTORE_REPLICATION_MAX_TASKS":    num(&c.Replication.MaxTasks),
+		"IMAGESTORE_EXPORT_EXPIRY":            dur(&c.ExportExpiry),
+		"IMAGESTORE_PID_FILE":                 str(&c.PIDFile),
+		"IMAGESTORE_STORAGE_TYPE":             str(&c.Storage.Type),
+		"IMAGESTORE_STORAGE_ENDPOINT":         str(&c.Storage.Endpoint),
+		"IMAGESTORE_STORAGE_BUCKET":           str(&c.Storage.Bucket),
+		"IMAGESTORE_STORAGE_PREFIX":           str(&c.Storage.Prefix),
+		"IMAGESTORE_STORAGE_REGION":           str(&c.Storage.Region),
+		"IMAGESTORE_STORAGE_PATH_STYLE":       boolean(&c.Storage.PathStyle),
+		"IMAGESTORE_STORAGE_CREDENTIALS_FILE": str(&c.Storage.CredentialsFile),
+		"IMAGESTORE_STORAGE_CA_FILE":          str(&c.Storage.CAFile),
+		"IMAGESTORE_STORAGE_PART_SIZE":        size(&c.Storage.PartSize),
+		"IMAGESTORE_STORAGE_CACHE_BYTES":      size(&c.Storage.CacheBytes),
 		"IMAGESTORE_CONNECT_IP_ADDRESSES": func(v string) error {
 			c.Connect.IPAddresses = strings.FieldsFunc(v, func(r rune) bool { return r == ',' || r == ' ' })
 			return nil
@@ -527,12 +547,18 @@ func (c *Config) Validate() error {
 	if c.VerifySample < 0 || c.VerifySample > 1 {
 		errs = append(errs, fmt.Errorf("verifySample: %v, want 0..1", c.VerifySample))
 	}
+	if c.GCGrace < 0 {
+		errs = append(errs, fmt.Errorf("gcGrace: %v, must not be negative", c.GCGrace))
+	}
+	if err := c.Storage.validate(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
 // CheckFiles checks that the certificate and key each port serves can be
-// read, naming the key that configures a missing one, so a daemon does not
-// start half-served.
+// read, and that storage.caFile holds certificates, naming the key that
+// configures a missing one, so a daemon does not start half-served.
 func (c Config) CheckFiles() error {
 	var errs []error
 	check := func(key, path string) {
@@ -564,6 +590,9 @@ func (c Config) CheckFiles() error {
 	if r != a {
 		check(regKey+".cert", r.Cert)
 		check(regKey+".key", r.Key)
+	}
+	if err := c.Storage.checkFiles(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -13,11 +13,12 @@ import (
 	"imagestore/agent/config"
 )
 
-// clearAgentEnv unsets the IMAGESTORE_* variables so the host's cannot leak in.
+// clearAgentEnv unsets the IMAGESTORE_* variables and S3 keys so the host's cannot leak in.
 func clearAgentEnv(t *testing.T) {
 	t.Helper()
 	c := config.Default()
-	for _, n := range c.EnvNames() {
+	names := append(c.EnvNames(), config.EnvS3AccessKey, config.EnvS3SecretKey, config.EnvAWSAccessKey, config.EnvAWSSecretKey)
+	for _, n := range names {
 		if _, ok := os.LookupEnv(n); ok {
 			t.Setenv(n, "")
 			os.Unsetenv(n)
@@ -71,6 +72,17 @@ func TestParseFlagsPrecedence(t *testing.T) {
 
 func TestParseFlagsErrors(t *testing.T) {
 	clearAgentEnv(t)
+	dir := t.TempDir()
+	noBucket := filepath.Join(dir, "nobucket.yaml")
+	noKeys := filepath.Join(dir, "nokeys.yaml")
+	for p, body := range map[string]string{
+		noBucket: "profile: imagestore\nstorage:\n  type: s3\n  endpoint: http://127.0.0.1:7480\n",
+		noKeys:   "profile: imagestore\nstorage:\n  type: s3\n  endpoint: http://127.0.0.1:7480\n  bucket: b\n",
+	} {
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -84,6 +96,8 @@ func TestParseFlagsErrors(t *testing.T) {
 		{"unknown flag", []string{"-nope"}, "flag provided but not defined"},
 		{"missing config", []string{"-config", "/nonexistent/agent.yaml"}, "no such file"},
 		{"empty token file", []string{"-token-file", os.DevNull}, "is empty"},
+		{"s3 without bucket", []string{"-config", noBucket}, "storage.bucket: empty"},
+		{"s3 without keys", []string{"-config", noKeys}, "storage credentials: type s3 needs an access key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := parseFlags(tc.args, io.Discard)
@@ -107,5 +121,22 @@ func TestPrintConfigRedacts(t *testing.T) {
 	if strings.Contains(string(out), "super-secret-xyz") || !strings.Contains(string(out), "token: <redacted>") ||
 		!strings.Contains(string(out), "parallelismDegree: 6") {
 		t.Fatalf("print-config:\n%s", out)
+	}
+
+	// S3 keys from the environment: resolved, never printed.
+	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(cfgPath, []byte("profile: imagestore\nstorage:\n  type: s3\n  endpoint: http://127.0.0.1:7480\n  bucket: b\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const ak, sk = "AKIDPRINTCONFIG0001", "secret-key-print-config-0001"
+	cmd = exec.Command(agentBin, "-print-config", "-config", cfgPath)
+	cmd.Env = append(os.Environ(), config.EnvAWSAccessKey+"="+ak, config.EnvAWSSecretKey+"="+sk)
+	out, err = cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if strings.Contains(string(out), ak) || strings.Contains(string(out), sk) || !strings.Contains(string(out), "type: s3") ||
+		!strings.Contains(string(out), "gcGrace: 24h0m0s") {
+		t.Fatalf("print-config of an s3 store:\n%s", out)
 	}
 }

@@ -110,7 +110,10 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	if err := cfg.ResolveToken(); err != nil {
 		return cfg, o, err
 	}
-	return cfg, o, cfg.Validate()
+	if err := cfg.Validate(); err != nil {
+		return cfg, o, err
+	}
+	return cfg, o, cfg.ResolveStorageCredentials(os.LookupEnv)
 }
 
 func run(args []string, stderr io.Writer) int {
@@ -132,6 +135,12 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if err := cfg.CheckFiles(); err != nil {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
+		return 2
+	}
+	if cfg.Storage.IsS3() {
+		// The configuration is in place before the backend: refuse rather
+		// than silently keep the blobs on local disk.
+		fmt.Fprintln(stderr, "imagestore-agent: storage.type s3: this build has no S3 backend yet")
 		return 2
 	}
 	if o.logFile != "" && os.Getenv(detachedEnv) == "" {
