@@ -37,18 +37,6 @@ func writeCreds(t *testing.T, body string, mode os.FileMode) string {
 	return p
 }
 
-// clearS3Env unsets the credential variables ResolveStorageCredentials
-// reads, so the machine's own cannot leak in.
-func clearS3Env(t *testing.T) {
-	t.Helper()
-	for _, n := range []string{EnvS3AccessKey, EnvS3SecretKey, EnvAWSAccessKey, EnvAWSSecretKey} {
-		if _, ok := os.LookupEnv(n); ok {
-			t.Setenv(n, "")
-			os.Unsetenv(n)
-		}
-	}
-}
-
 // TestStorageLoad: the storage section and its IMAGESTORE_STORAGE_*
 // overrides load; gcGrace defaults by storage type unless set.
 func TestStorageLoad(t *testing.T) {
