@@ -409,6 +409,9 @@ func TestChainPolicy(t *testing.T) {
 		if _, _, err := ls.OpenChain(ctx, tc.ref); !errors.Is(err, tc.want) {
 			t.Errorf("OpenChain %s: want %v, got %v", tc.ref, tc.want, err)
 		}
+		if _, _, err := ls.OpenChainUnverified(ctx, tc.ref); !errors.Is(err, tc.want) {
+			t.Errorf("OpenChainUnverified %s: want %v, got %v", tc.ref, tc.want, err)
+		}
 	}
 
 	// Check takes chains base first, before they are recorded (replication).
@@ -432,6 +435,16 @@ func TestChainPolicy(t *testing.T) {
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// OpenChainUnverified does not read blobs whole (instant restore):
+	// it opens the chain, and the periodic verify is what finds the flip.
+	c, closeChain, err := ls.OpenChainUnverified(ctx, delta.Ref)
+	if err != nil {
+		t.Fatalf("OpenChainUnverified of a chain with a flipped data byte: %v", err)
+	}
+	if c.VirtualSize() != vsize || len(c.Images) != 2 {
+		t.Errorf("OpenChainUnverified: virtual size %d, %d images", c.VirtualSize(), len(c.Images))
+	}
+	closeChain()
 	if _, _, err := ls.OpenChain(ctx, delta.Ref); !errors.Is(err, blobstore.ErrCorrupt) {
 		t.Fatalf("corrupt base: want ErrCorrupt, got %v", err)
 	}

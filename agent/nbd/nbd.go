@@ -467,22 +467,45 @@ func (m *Manager) ServeOverlay(ctx context.Context, backing, exportName string) 
 	} else if !fi.Mode().IsRegular() {
 		return Server{}, fmt.Errorf("%w: %s is not a regular file", ErrInvalid, abs)
 	}
+	return m.serveOverlay(ctx, exportName, abs, "-b", abs, "-F", "qcow2")
+}
+
+// ServeOverlayNBD is ServeOverlay over a raw NBD export instead of a
+// file: backingURI is nbd+unix:///<export>?socket=<path> (the agent's own
+// chain server, transfer/nbdserve, serving a stored chain's guest view
+// read through our qcow2 reader), size its virtual size. The overlay is
+// created without opening the backing (qemu-img create -u); qemu-nbd
+// connects to it when it starts and keeps the connection while it runs,
+// so the backing server must outlive the returned server.
+func (m *Manager) ServeOverlayNBD(ctx context.Context, backingURI string, size int64, exportName string) (Server, error) {
+	if err := validExportName(exportName); err != nil {
+		return Server{}, err
+	}
+	if !strings.HasPrefix(backingURI, "nbd+unix:///") || !strings.Contains(backingURI, "?socket=/") || size <= 0 {
+		return Server{}, fmt.Errorf("%w: overlay backing %q of size %d (want nbd+unix:///<export>?socket=<absolute path>)", ErrInvalid, backingURI, size)
+	}
+	return m.serveOverlay(ctx, exportName, backingURI, "-u", "-b", backingURI, "-F", "raw", "-o", fmt.Sprintf("size=%d", size))
+}
+
+// serveOverlay creates a fresh overlay with qemu-img create's backing
+// arguments and serves it under exportName.
+func (m *Manager) serveOverlay(ctx context.Context, exportName, backing string, backingArgs ...string) (Server, error) {
 	if err := m.checkOpen(); err != nil {
 		return Server{}, err
 	}
 	ovl := filepath.Join(m.overlayDir(), "ovl-"+newID()+".qcow2")
-	cmd := exec.CommandContext(ctx, m.qemuImg, "create", "-q", "-f", "qcow2", "-o", "compat=1.1",
-		"-b", abs, "-F", "qcow2", ovl)
+	args := append([]string{"create", "-q", "-f", "qcow2", "-o", "compat=1.1"}, backingArgs...)
+	cmd := exec.CommandContext(ctx, m.qemuImg, append(args, ovl)...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		removeQuiet(ovl)
-		return Server{}, fmt.Errorf("nbd: qemu-img create overlay over %s: %w: %s", abs, err, strings.TrimSpace(string(out)))
+		return Server{}, fmt.Errorf("nbd: qemu-img create overlay over %s: %w: %s", backing, err, strings.TrimSpace(string(out)))
 	}
 	p, err := m.start(ctx, startSpec{path: ovl, exportName: exportName, overlay: true, psk: m.newPSK()})
 	if err != nil {
 		removeQuiet(ovl)
 		return Server{}, err
 	}
-	m.log.Info("nbd overlay export serving", "id", p.srv.ID, "port", p.srv.Port, "export", exportName)
+	m.log.Info("nbd overlay export serving", "id", p.srv.ID, "port", p.srv.Port, "export", exportName, "backing", backing)
 	return p.srv, nil
 }
 

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"imagestore/internal/lockedbuf"
+	"imagestore/qcow2"
+	"imagestore/transfer/nbdserve"
 )
 
 const MiB = 1 << 20
@@ -452,4 +454,76 @@ func TestExpire(t *testing.T) {
 	if n := m.Expire(ctx, now.Add(100*365*24*time.Hour)); n != 0 {
 		t.Fatalf("Expire of a never-expiring group = %d", n)
 	}
+}
+
+// TestServeOverlayNBD: the overlay's backing is our own NBD server
+// (transfer/nbdserve) serving the chain's guest view, not a file: the
+// guest sees the chain, its writes land in the overlay, the chain's files
+// never change, and Stop removes the overlay and hangs up on the server.
+func TestServeOverlayNBD(t *testing.T) {
+	min, max := freeRange(t, 2)
+	m, _ := newTestManager(t, t.TempDir(), min, max)
+	dir, top := makeChain(t)
+	ctx := context.Background()
+	before := map[string]string{}
+	var layers []*qcow2.Image
+	for _, f := range []string{"top.qcow2", "mid.qcow2", "base.qcow2"} {
+		before[f] = fileState(t, filepath.Join(dir, f))
+		fh, err := os.Open(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fh.Close()
+		fi, _ := fh.Stat()
+		im, err := qcow2.Open(fh, fi.Size())
+		if err != nil {
+			t.Fatal(err)
+		}
+		layers = append(layers, im)
+	}
+	chain, err := qcow2.NewChain(layers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := nbdserve.New(nbdserve.Options{Export: nbdserve.Export{Name: "chain", Size: chain.VirtualSize(), Data: chain, Extents: chain.Extents}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := srv.ListenUnix(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+
+	for _, bad := range []string{"nbd://127.0.0.1:1/x", "/etc/passwd", "json:{}"} {
+		if _, err := m.ServeOverlayNBD(ctx, bad, chain.VirtualSize(), "x"); !errors.Is(err, ErrInvalid) {
+			t.Errorf("backing %q: want ErrInvalid, got %v", bad, err)
+		}
+	}
+	s, err := m.ServeOverlayNBD(ctx, l.URI(), chain.VirtualSize(), "chain-top")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(s.Path) != m.overlayDir() || s.ExportName != "chain-top" {
+		t.Fatalf("server %+v", s)
+	}
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", nbdURI(s), top)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x77 0 65536", "-c", "discard 131072 65536", "-c", "read -P 0x77 0 65536",
+		"-c", "read -P 0 131072 65536", "-c", "read -P 0x32 7M 1M", nbdURI(s))
+	if err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "qcow2", nbdURI(s), top).Run(); err == nil {
+		t.Fatal("the guest's writes are not visible")
+	}
+	if err := m.Stop(ctx, s.ID); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(m.overlayDir()); len(left) != 0 {
+		t.Fatalf("overlays left after Stop: %v", left)
+	}
+	for f, st := range before {
+		if got := fileState(t, filepath.Join(dir, f)); got != st {
+			t.Fatalf("%s changed: %s -> %s", f, st, got)
+		}
+	}
+	// The chain server still serves the unchanged chain.
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", l.URI(), top)
 }
