@@ -2,11 +2,7 @@ package blobstore
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -39,25 +35,14 @@ func validateDigest(d digest.Digest) error {
 	return nil
 }
 
-func (s *Store) blobPath(d digest.Digest) string {
-	h := d.Encoded()
-	return filepath.Join(s.root, dirBlobs, "sha256", h[:2], h)
-}
-
 // BlobPath returns the absolute path of a committed blob, for tools such as
-// qemu-img that read it in place. Treat the file as read-only.
+// qemu-img that read it in place. Treat the file as read-only. A backend
+// without files (S3) gives ErrNoLocalPath: read the blob with OpenBlob.
 func (s *Store) BlobPath(d digest.Digest) (string, error) {
 	if err := validateDigest(d); err != nil {
 		return "", err
 	}
-	p := s.blobPath(d)
-	if _, err := os.Lstat(p); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("%w: blob %s", ErrNotFound, d)
-		}
-		return "", fmt.Errorf("blobstore: %w", err)
-	}
-	return p, nil
+	return s.backend.BlobPath(d)
 }
 
 // BackingName is the qcow2 backing file name a layer uses for its parent
@@ -87,13 +72,6 @@ func DigestFromBackingName(name string) (digest.Digest, error) {
 	return d, nil
 }
 
-type blobFile struct {
-	*os.File
-	size int64
-}
-
-func (b blobFile) Size() int64 { return b.size }
-
 // OpenBlob opens a committed blob for random reads.
 func (s *Store) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) {
 	if err := ctx.Err(); err != nil {
@@ -102,19 +80,7 @@ func (s *Store) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) {
 	if err := validateDigest(d); err != nil {
 		return nil, err
 	}
-	f, err := os.Open(s.blobPath(d))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%w: blob %s", ErrNotFound, d)
-		}
-		return nil, fmt.Errorf("blobstore: %w", err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("blobstore: %w", err)
-	}
-	return blobFile{File: f, size: fi.Size()}, nil
+	return s.backend.OpenBlob(ctx, d)
 }
 
 // Stat describes a committed blob.
@@ -125,14 +91,7 @@ func (s *Store) Stat(ctx context.Context, d digest.Digest) (BlobInfo, error) {
 	if err := validateDigest(d); err != nil {
 		return BlobInfo{}, err
 	}
-	fi, err := os.Lstat(s.blobPath(d))
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return BlobInfo{}, fmt.Errorf("%w: blob %s", ErrNotFound, d)
-		}
-		return BlobInfo{}, fmt.Errorf("blobstore: %w", err)
-	}
-	return BlobInfo{Digest: d, Size: fi.Size(), ModTime: fi.ModTime()}, nil
+	return s.backend.StatBlob(ctx, d)
 }
 
 // Exists reports whether a blob is committed; a malformed digest is not.
@@ -140,7 +99,7 @@ func (s *Store) Exists(d digest.Digest) bool {
 	if validateDigest(d) != nil {
 		return false
 	}
-	_, err := os.Lstat(s.blobPath(d))
+	_, err := s.backend.StatBlob(context.Background(), d)
 	return err == nil
 }
 
@@ -171,38 +130,5 @@ func (s *Store) Hold(ds ...digest.Digest) (release func()) {
 // WalkBlobs calls fn for every committed blob, in digest order. Entries
 // that are not well-formed blob names are skipped.
 func (s *Store) WalkBlobs(ctx context.Context, fn func(BlobInfo) error) error {
-	base := filepath.Join(s.root, dirBlobs, "sha256")
-	dirs, err := os.ReadDir(base)
-	if err != nil {
-		return fmt.Errorf("blobstore: list blobs: %w", err)
-	}
-	for _, dd := range dirs {
-		if !dd.IsDir() || len(dd.Name()) != 2 {
-			continue
-		}
-		ents, err := os.ReadDir(filepath.Join(base, dd.Name()))
-		if err != nil {
-			return fmt.Errorf("blobstore: list blobs: %w", err)
-		}
-		for _, e := range ents {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			d := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
-			if validateDigest(d) != nil || e.Name()[:2] != dd.Name() || !e.Type().IsRegular() {
-				continue
-			}
-			fi, err := e.Info()
-			if err != nil {
-				if errors.Is(err, fs.ErrNotExist) {
-					continue // swept meanwhile
-				}
-				return fmt.Errorf("blobstore: %w", err)
-			}
-			if err := fn(BlobInfo{Digest: d, Size: fi.Size(), ModTime: fi.ModTime()}); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
+	return s.backend.WalkBlobs(ctx, fn)
 }

@@ -29,7 +29,7 @@ func TestFullDisk(t *testing.T) {
 	})
 	ctx := context.Background()
 	s := openStore(t, mnt)
-	s.checkpointEvery = 1 << 20
+	localOf(s).checkpointEvery = 1 << 20
 	keep := mustPut(t, s, content(60, 3<<20))
 	cases := []struct {
 		name string
@@ -100,7 +100,7 @@ func TestFullDisk(t *testing.T) {
 // TestMemoryFlat: ingest allocates a fixed amount whatever the blob size.
 func TestMemoryFlat(t *testing.T) {
 	s := newStore(t)
-	s.checkpointEvery = 8 << 20
+	localOf(s).checkpointEvery = 8 << 20
 	ctx := context.Background()
 	alloc := func(size int64) uint64 {
 		var a, b runtime.MemStats

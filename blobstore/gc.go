@@ -1,14 +1,9 @@
 package blobstore
 
 import (
-	"imagestore/internal/fsutil"
-
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -42,14 +37,14 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 	s.imgMu.Lock()
 	defer s.imgMu.Unlock()
 
-	n, freed, err := s.cleanIngests(ctx, false)
+	n, freed, err := s.backend.SweepIngests(ctx, time.Now().Add(-s.opts.IngestExpiry))
 	res.IngestsRemoved = n
 	s.release(freed)
 	if err != nil {
 		return res, err
 	}
 
-	all, err := s.listImages(ctx, "")
+	all, err := s.listImageRecords(ctx, "")
 	if err != nil {
 		return res, err
 	}
@@ -77,7 +72,7 @@ func (s *Store) GC(ctx context.Context, keep []Ref) (GCResult, error) {
 
 // mark returns the blobs of the records GC keeps, deleting the records it
 // does not keep (with a keep list; see GC).
-func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time, res *GCResult) (map[digest.Digest]bool, error) {
+func (s *Store) mark(ctx context.Context, all []imageRecord, keep []Ref, now time.Time, res *GCResult) (map[digest.Digest]bool, error) {
 	live := map[digest.Digest]bool{}
 	if keep == nil {
 		for _, img := range all {
@@ -87,7 +82,7 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 		kept := map[Ref]bool{}
 		roots := append([]Ref(nil), keep...)
 		for _, img := range all {
-			if fi, err := os.Stat(s.imagePath(img.Ref)); err == nil && now.Sub(fi.ModTime()) < s.opts.CommitGrace {
+			if now.Sub(img.modTime) < s.opts.CommitGrace {
 				roots = append(roots, img.Ref)
 			}
 		}
@@ -97,7 +92,7 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 		// few examples.
 		byRef := make(map[Ref]Image, len(all))
 		for _, img := range all {
-			byRef[img.Ref] = img
+			byRef[img.Ref] = img.Image
 		}
 		var unknown []string
 		nUnknown := 0
@@ -135,7 +130,7 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 				live[img.Blob] = true
 				continue
 			}
-			if err := s.removeRecord(img.Ref); err != nil {
+			if err := s.removeRecord(ctx, img.Ref); err != nil {
 				return nil, err
 			}
 			res.ImagesRemoved++
@@ -144,8 +139,7 @@ func (s *Store) mark(ctx context.Context, all []Image, keep []Ref, now time.Time
 	return live, nil
 }
 
-// sweepUnmarked frees every blob not in live that sweep may free, then
-// makes the unlinks durable.
+// sweepUnmarked frees every blob not in live that sweep may free.
 func (s *Store) sweepUnmarked(ctx context.Context, live map[digest.Digest]bool, now time.Time, res *GCResult) error {
 	var candidates []BlobInfo
 	if err := s.WalkBlobs(ctx, func(bi BlobInfo) error {
@@ -156,37 +150,30 @@ func (s *Store) sweepUnmarked(ctx context.Context, live map[digest.Digest]bool, 
 	}); err != nil {
 		return err
 	}
-	dirs := map[string]bool{}
 	for _, bi := range candidates {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		n, ok, err := s.freeBlob(bi.Digest, now, Creation{})
+		n, ok, err := s.freeBlob(ctx, bi.Digest, now, Creation{})
 		if err != nil {
 			return err
 		}
 		if ok {
 			res.BlobsFreed++
 			res.BytesFreed += n
-			dirs[filepath.Dir(s.blobPath(bi.Digest))] = true
-		}
-	}
-	for d := range dirs {
-		if err := fsutil.SyncDir(d); err != nil {
-			return fmt.Errorf("blobstore: gc: %w", err)
 		}
 	}
 	return nil
 }
 
-// freeBlob unlinks blob d under s.mu, the lock commitBlob renames and
-// touches under, unless something may still use it: a hold, or a commit
-// less than CommitGrace ago (its latest in s.commits, else the file's
-// mtime, which survives a restart). own exempts one commit from the grace:
-// the one Discard's caller made, as long as it is still d's latest. The
-// caller holds imgMu and has checked that no record names d. It reports
-// the bytes freed and whether d was removed; the caller syncs the dir.
-func (s *Store) freeBlob(d digest.Digest, now time.Time, own Creation) (int64, bool, error) {
+// freeBlob deletes blob d under s.mu unless something may still use it: a
+// hold (a Writer holds d while its backend commits it), or a commit less
+// than CommitGrace ago (its latest in s.commits, else the blob's ModTime,
+// which survives a restart). own exempts one commit from the grace: the
+// one Discard's caller made, as long as it is still d's latest. The caller
+// holds imgMu and has checked that no record names d. It reports the
+// bytes freed and whether d was removed.
+func (s *Store) freeBlob(ctx context.Context, d digest.Digest, now time.Time, own Creation) (int64, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.holds[d] > 0 {
@@ -197,24 +184,26 @@ func (s *Store) freeBlob(d digest.Digest, now time.Time, own Creation) (int64, b
 	if ok && !mine && now.Sub(m.at) < s.opts.CommitGrace {
 		return 0, false, nil
 	}
-	p := s.blobPath(d)
-	fi, err := os.Lstat(p)
-	if errors.Is(err, fs.ErrNotExist) {
+	bi, err := s.backend.StatBlob(ctx, d)
+	if errors.Is(err, ErrNotFound) {
 		return 0, false, nil
 	}
 	if err != nil {
 		return 0, false, fmt.Errorf("blobstore: free blob: %w", err)
 	}
-	if !mine && now.Sub(fi.ModTime()) < s.opts.CommitGrace {
+	if !mine && now.Sub(bi.ModTime) < s.opts.CommitGrace {
 		return 0, false, nil
 	}
-	if err := os.Remove(p); err != nil {
+	if err := s.backend.DeleteBlob(ctx, d); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return 0, false, nil
+		}
 		return 0, false, fmt.Errorf("blobstore: free blob: %w", err)
 	}
-	s.used -= fi.Size()
+	s.used -= bi.Size
 	s.blobs--
 	delete(s.commits, d)
-	return fi.Size(), true, nil
+	return bi.Size, true, nil
 }
 
 // Discard removes the blob a commit created (Writer.Creation) right away
@@ -246,10 +235,9 @@ func (s *Store) Discard(ctx context.Context, c Creation) (bool, error) {
 	if s.discardListed != nil {
 		s.discardListed()
 	}
-	_, ok, err := s.freeBlob(c.Digest, time.Now(), c)
+	_, ok, err := s.freeBlob(ctx, c.Digest, time.Now(), c)
 	if err != nil || !ok {
 		return false, err
 	}
-	_ = fsutil.SyncDir(filepath.Dir(s.blobPath(c.Digest)))
 	return true, nil
 }

@@ -61,7 +61,7 @@ func TestGC(t *testing.T) {
 			paths = append(paths, p)
 		}
 		for _, r := range []string{"vol:base", "vol:inc", "other:x"} {
-			paths = append(paths, s.imagePath(ref(r)))
+			paths = append(paths, imageFile(s, ref(r)))
 		}
 		age(t, s, paths...)
 		f.heldRelease = s.Hold(f.held)
@@ -134,7 +134,7 @@ func TestGC(t *testing.T) {
 func TestGCRacesIngest(t *testing.T) {
 	ctx := context.Background()
 	s := newStore(t, func(o *Options) { o.CommitGrace = time.Minute })
-	s.checkpointEvery = 64 << 10
+	localOf(s).checkpointEvery = 64 << 10
 	// Old garbage GC is allowed to free meanwhile.
 	var garbage []string
 	for i := range 20 {

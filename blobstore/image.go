@@ -1,15 +1,10 @@
 package blobstore
 
 import (
-	"imagestore/internal/fsutil"
-
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -89,25 +84,24 @@ func parseImageRecord(b []byte) (Image, error) {
 	return img, nil
 }
 
-func (s *Store) imagePath(r Ref) string {
-	return filepath.Join(s.root, dirImages, r.Name, r.ID+".json")
-}
+// imageKey is the record key of image r: images/<name>/<id>.
+func imageKey(r Ref) string { return dirImages + "/" + r.Name + "/" + r.ID }
 
 // readImage loads one record; the caller has validated r.
-func (s *Store) readImage(r Ref) (Image, error) {
-	b, err := os.ReadFile(s.imagePath(r))
+func (s *Store) readImage(ctx context.Context, r Ref) (Image, error) {
+	b, err := s.backend.GetRecord(ctx, imageKey(r))
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
+		if errors.Is(err, ErrNotFound) {
 			return Image{}, fmt.Errorf("%w: image %s", ErrNotFound, r)
 		}
 		return Image{}, fmt.Errorf("blobstore: %w", err)
 	}
 	img, err := parseImageRecord(b)
 	if err != nil {
-		return Image{}, fmt.Errorf("blobstore: %s: %w", s.imagePath(r), err)
+		return Image{}, fmt.Errorf("blobstore: record %s: %w", imageKey(r), err)
 	}
 	if img.Ref != r {
-		return Image{}, fmt.Errorf("blobstore: %s: record names %s", s.imagePath(r), img.Ref)
+		return Image{}, fmt.Errorf("blobstore: record %s names %s", imageKey(r), img.Ref)
 	}
 	return img, nil
 }
@@ -156,7 +150,13 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 			return fmt.Errorf("blobstore: put image %s: %w: would be %d deep, at most %d", img.Ref, ErrChainTooDeep, len(chain)+1, MaxChainDepth)
 		}
 	}
-	if old, err := s.readImage(img.Ref); err == nil {
+	// An existing record (a retry, or one a store sharing the backend
+	// wrote meanwhile: PutRecord is create-only) must be identical.
+	same := func() error {
+		old, err := s.readImage(ctx, img.Ref)
+		if err != nil {
+			return fmt.Errorf("blobstore: put image %s: %w", img.Ref, err)
+		}
 		if !createdGiven {
 			img.Created = old.Created
 		}
@@ -165,19 +165,18 @@ func (s *Store) PutImage(ctx context.Context, img Image) error {
 		}
 		return fmt.Errorf("blobstore: put image: %w: %s with different content", ErrExists, img.Ref)
 	}
+	if _, err := s.readImage(ctx, img.Ref); err == nil {
+		return same()
+	}
 	b, err := json.MarshalIndent(img, "", "  ")
 	if err != nil {
 		return fmt.Errorf("blobstore: put image: %w", err)
 	}
-	dir := filepath.Dir(s.imagePath(img.Ref))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return mapSpace(err, "blobstore: put image")
-	}
-	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
-		return fmt.Errorf("blobstore: put image: %w", err)
-	}
-	if err := fsutil.WriteFile(s.imagePath(img.Ref), b, 0o600); err != nil {
-		return mapSpace(err, "blobstore: put image "+img.Ref.String())
+	if err := s.backend.PutRecord(ctx, imageKey(img.Ref), b); err != nil {
+		if errors.Is(err, ErrExists) {
+			return same()
+		}
+		return fmt.Errorf("blobstore: put image %s: %w", img.Ref, err)
 	}
 	return nil
 }
@@ -198,7 +197,7 @@ func (s *Store) GetImage(ctx context.Context, r Ref) (Image, error) {
 	}
 	s.imgMu.RLock()
 	defer s.imgMu.RUnlock()
-	return s.readImage(r)
+	return s.readImage(ctx, r)
 }
 
 // ListImages returns the records under name ("" = all), sorted by Created
@@ -215,46 +214,48 @@ func (s *Store) ListImages(ctx context.Context, name string) ([]Image, error) {
 }
 
 func (s *Store) listImages(ctx context.Context, name string) ([]Image, error) {
-	var names []string
-	if name != "" {
-		names = []string{name}
-	} else {
-		ents, err := os.ReadDir(filepath.Join(s.root, dirImages))
-		if err != nil {
-			return nil, fmt.Errorf("blobstore: list images: %w", err)
-		}
-		for _, e := range ents {
-			if e.IsDir() && ValidateName(e.Name()) == nil {
-				names = append(names, e.Name())
-			}
-		}
+	recs, err := s.listImageRecords(ctx, name)
+	if err != nil {
+		return nil, err
 	}
-	var out []Image
-	for _, n := range names {
-		ents, err := os.ReadDir(filepath.Join(s.root, dirImages, n))
-		if errors.Is(err, fs.ErrNotExist) {
+	out := make([]Image, len(recs))
+	for i, r := range recs {
+		out[i] = r.Image
+	}
+	return out, nil
+}
+
+// imageRecord is an image with the time its record was written.
+type imageRecord struct {
+	Image
+	modTime time.Time
+}
+
+// listImageRecords reads the records under name ("" = all), sorted by
+// Created then ID then name.
+func (s *Store) listImageRecords(ctx context.Context, name string) ([]imageRecord, error) {
+	prefix := dirImages + "/"
+	if name != "" {
+		prefix += name + "/"
+	}
+	infos, err := s.backend.ListRecords(ctx, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("blobstore: list images: %w", err)
+	}
+	var out []imageRecord
+	for _, ri := range infos {
+		r, ok := imageRefOfKey(ri.Key)
+		if !ok {
 			continue
 		}
+		img, err := s.readImage(ctx, r)
 		if err != nil {
-			return nil, fmt.Errorf("blobstore: list images: %w", err)
+			if errors.Is(err, ErrNotFound) {
+				continue
+			}
+			return nil, err
 		}
-		for _, e := range ents {
-			if err := ctx.Err(); err != nil {
-				return nil, err
-			}
-			id, ok := strings.CutSuffix(e.Name(), ".json")
-			if !ok || ValidateName(id) != nil {
-				continue // temp files start with a dot
-			}
-			img, err := s.readImage(Ref{Name: n, ID: id})
-			if err != nil {
-				if errors.Is(err, ErrNotFound) {
-					continue
-				}
-				return nil, err
-			}
-			out = append(out, img)
-		}
+		out = append(out, imageRecord{Image: img, modTime: ri.ModTime})
 	}
 	sort.Slice(out, func(i, j int) bool {
 		a, b := out[i], out[j]
@@ -267,6 +268,20 @@ func (s *Store) listImages(ctx context.Context, name string) ([]Image, error) {
 		return a.Name < b.Name
 	})
 	return out, nil
+}
+
+// imageRefOfKey parses images/<name>/<id>.
+func imageRefOfKey(key string) (Ref, bool) {
+	rest, ok := strings.CutPrefix(key, dirImages+"/")
+	if !ok {
+		return Ref{}, false
+	}
+	name, id, ok := strings.Cut(rest, "/")
+	if !ok {
+		return Ref{}, false
+	}
+	r := Ref{Name: name, ID: id}
+	return r, r.Validate() == nil
 }
 
 // Chain returns r and its ancestors, top first.
@@ -300,7 +315,7 @@ func (s *Store) chain(ctx context.Context, r Ref) ([]Image, error) {
 			return out, fmt.Errorf("%w: more than %d images", ErrChainTooDeep, MaxChainDepth)
 		}
 		seen[cur] = true
-		img, err := s.readImage(cur)
+		img, err := s.readImage(ctx, cur)
 		if err != nil {
 			if errors.Is(err, ErrNotFound) && len(out) > 0 {
 				return out, fmt.Errorf("%w: %s (parent of %s)", ErrParentNotFound, cur, out[len(out)-1].Ref)
@@ -350,7 +365,7 @@ func (s *Store) DeleteImage(ctx context.Context, r Ref) error {
 	}
 	s.imgMu.Lock()
 	defer s.imgMu.Unlock()
-	if _, err := s.readImage(r); err != nil && errors.Is(err, ErrNotFound) {
+	if _, err := s.readImage(ctx, r); err != nil && errors.Is(err, ErrNotFound) {
 		return fmt.Errorf("blobstore: delete image: %w", err)
 	}
 	kids, err := s.children(ctx, r)
@@ -364,60 +379,28 @@ func (s *Store) DeleteImage(ctx context.Context, r Ref) error {
 		}
 		return fmt.Errorf("blobstore: delete image %s: %w: has children %s", r, ErrExists, strings.Join(names, ", "))
 	}
-	return s.removeRecord(r)
+	return s.removeRecord(ctx, r)
 }
 
-func (s *Store) removeRecord(r Ref) error {
-	p := s.imagePath(r)
-	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+func (s *Store) removeRecord(ctx context.Context, r Ref) error {
+	if err := s.backend.DeleteRecord(ctx, imageKey(r)); err != nil {
 		return fmt.Errorf("blobstore: delete image %s: %w", r, err)
-	}
-	if err := fsutil.SyncDir(filepath.Dir(p)); err != nil {
-		return fmt.Errorf("blobstore: delete image %s: %w", r, err)
-	}
-	// Drop the name's directory once empty (fails harmlessly otherwise).
-	if os.Remove(filepath.Dir(p)) == nil {
-		_ = fsutil.SyncDir(filepath.Join(s.root, dirImages))
 	}
 	return nil
 }
 
-func (s *Store) countImages() (int, error) {
+func (s *Store) countImages(ctx context.Context) (int, error) {
 	s.imgMu.RLock()
 	defer s.imgMu.RUnlock()
-	n := 0
-	ents, err := os.ReadDir(filepath.Join(s.root, dirImages))
+	infos, err := s.backend.ListRecords(ctx, dirImages+"/")
 	if err != nil {
 		return 0, fmt.Errorf("blobstore: list images: %w", err)
 	}
-	for _, e := range ents {
-		sub, _ := os.ReadDir(filepath.Join(s.root, dirImages, e.Name()))
-		for _, f := range sub {
-			if strings.HasSuffix(f.Name(), ".json") && !strings.HasPrefix(f.Name(), ".") {
-				n++
-			}
+	n := 0
+	for _, ri := range infos {
+		if _, ok := imageRefOfKey(ri.Key); ok {
+			n++
 		}
 	}
 	return n, nil
-}
-
-// cleanImageTemps removes temp files a crash left behind in images/.
-func (s *Store) cleanImageTemps() {
-	base := filepath.Join(s.root, dirImages)
-	ents, _ := os.ReadDir(base)
-	for _, e := range ents {
-		sub, _ := os.ReadDir(filepath.Join(base, e.Name()))
-		for _, f := range sub {
-			if strings.HasPrefix(f.Name(), ".") && strings.Contains(f.Name(), ".tmp-") {
-				os.Remove(filepath.Join(base, e.Name(), f.Name()))
-			}
-		}
-	}
-	if sub, _ := os.ReadDir(s.root); sub != nil {
-		for _, f := range sub {
-			if strings.HasPrefix(f.Name(), "."+fileSettings+".tmp-") {
-				os.Remove(filepath.Join(s.root, f.Name()))
-			}
-		}
-	}
 }

@@ -77,7 +77,7 @@ func writeRecord(t *testing.T, s *Store, img Image) {
 	t.Helper()
 	b, _ := json.Marshal(img)
 	os.MkdirAll(filepath.Join(s.Root(), dirImages, img.Name), 0o755)
-	if err := os.WriteFile(s.imagePath(img.Ref), b, 0o644); err != nil {
+	if err := os.WriteFile(imageFile(s, img.Ref), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -114,7 +114,7 @@ func TestChainLimits(t *testing.T) {
 	}
 	// A record naming another ref than its path is refused.
 	writeRecord(t, s, Image{Ref: ref("liar:x"), Blob: blob})
-	os.Rename(s.imagePath(ref("liar:x")), filepath.Join(s.Root(), dirImages, "liar", "y.json"))
+	os.Rename(imageFile(s, ref("liar:x")), filepath.Join(s.Root(), dirImages, "liar", "y.json"))
 	if _, err := s.GetImage(ctx, ref("liar:y")); err == nil {
 		t.Fatal("record with a foreign ref accepted")
 	}

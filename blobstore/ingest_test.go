@@ -165,7 +165,7 @@ func TestResume(t *testing.T) {
 		t.Run(fmt.Sprintf("at=%d/clean=%v/reopen=%v", tc.at, tc.clean, tc.reopen), func(t *testing.T) {
 			root := t.TempDir()
 			s := openStore(t, root)
-			s.checkpointEvery = ckpt
+			localOf(s).checkpointEvery = ckpt
 			ctx := context.Background()
 			w, err := s.Writer(ctx, "vol-1")
 			if err != nil {
@@ -185,9 +185,10 @@ func TestResume(t *testing.T) {
 					t.Fatal(err)
 				}
 			} else {
-				w.waitCheckpoint()
-				w.f.Close() // killed: no final checkpoint
-				wantOff = w.durable
+				li := w.in.(*localIngest)
+				li.waitCheckpoint()
+				li.f.Close() // killed: no final checkpoint
+				wantOff = li.durable
 				if tc.garbage {
 					f, _ := os.OpenFile(filepath.Join(root, dirIngest, "vol-1", ingestData), os.O_WRONLY|os.O_APPEND, 0)
 					f.Write([]byte("garbage that was never checkpointed"))
@@ -196,7 +197,7 @@ func TestResume(t *testing.T) {
 			}
 			if tc.reopen {
 				s = openStore(t, root)
-				s.checkpointEvery = ckpt
+				localOf(s).checkpointEvery = ckpt
 			}
 			off, err := s.IngestOffset("vol-1")
 			if err != nil || off != wantOff {
@@ -241,7 +242,7 @@ func TestResumeBadState(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			root := t.TempDir()
 			s := openStore(t, root)
-			s.checkpointEvery = 1024
+			localOf(s).checkpointEvery = 1024
 			ctx := context.Background()
 			data := content(4, 5000)
 			w, _ := s.Writer(ctx, "x")
@@ -449,7 +450,7 @@ func TestIngestDropsPageCache(t *testing.T) {
 	}
 
 	s := openStore(t, filepath.Join(root, "store"))
-	s.checkpointEvery = 1 << 20
+	localOf(s).checkpointEvery = 1 << 20
 	w, err := s.Writer(context.Background(), "dropcache")
 	if err != nil {
 		t.Fatal(err)
@@ -460,20 +461,20 @@ func TestIngestDropsPageCache(t *testing.T) {
 		}
 	}
 	// Mid-ingest: the checkpoints so far have dropped the first MiB.
-	if err := w.waitCheckpoint(); err != nil {
+	if err := w.in.(*localIngest).waitCheckpoint(); err != nil {
 		t.Fatal(err)
 	}
-	if res, _ := residentPages(t, filepath.Join(w.dir, ingestData)); res > (len(data)-(1<<20))/os.Getpagesize() {
+	if res, _ := residentPages(t, filepath.Join(w.in.(*localIngest).dir, ingestData)); res > (len(data)-(1<<20))/os.Getpagesize() {
 		t.Errorf("mid-ingest: %d pages resident, want the checkpointed MiB dropped", res)
 	}
 	d, err := w.Commit(context.Background(), int64(len(data)), "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res, total := residentPages(t, s.blobPath(d)); res > 1 {
+	if res, total := residentPages(t, localOf(s).blobPath(d)); res > 1 {
 		t.Errorf("committed blob: %d of %d pages still cached, want them dropped", res, total)
 	}
-	got, err := os.ReadFile(s.blobPath(d))
+	got, err := os.ReadFile(localOf(s).blobPath(d))
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("blob content after dropping its pages: equal=%v err=%v", bytes.Equal(got, data), err)
 	}
@@ -485,9 +486,9 @@ func TestIngestDropsPageCache(t *testing.T) {
 // new Writer resumes from the last good checkpoint to a correct blob.
 func TestIngestSyncFailureIsSticky(t *testing.T) {
 	s := newStore(t)
-	s.checkpointEvery = 1 << 20
+	localOf(s).checkpointEvery = 1 << 20
 	var syncs atomic.Int32
-	s.syncFile = func(f *os.File) error {
+	localOf(s).syncFile = func(f *os.File) error {
 		if syncs.Add(1) == 2 {
 			return syscall.EIO // the second checkpoint's fsync
 		}
@@ -527,14 +528,14 @@ func TestIngestSyncFailureIsSticky(t *testing.T) {
 	if err := w2.Cancel(); err != nil {
 		t.Fatalf("Cancel after a failed Commit: %v", err)
 	}
-	if _, err := os.Stat(s.ingestDir("syncfail2")); !os.IsNotExist(err) {
+	if _, err := os.Stat(localOf(s).ingestDir("syncfail2")); !os.IsNotExist(err) {
 		t.Fatalf("ingest still on disk after Cancel of a failed Commit: %v", err)
 	}
 	if s.used != usedBefore {
 		t.Fatalf("used %d after Cancel, want %d as before the ingest", s.used, usedBefore)
 	}
 
-	s.syncFile = (*os.File).Sync
+	localOf(s).syncFile = (*os.File).Sync
 	w, err = s.Writer(context.Background(), "syncfail")
 	if err != nil {
 		t.Fatal(err)
@@ -549,7 +550,7 @@ func TestIngestSyncFailureIsSticky(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := os.ReadFile(s.blobPath(d))
+	got, err := os.ReadFile(localOf(s).blobPath(d))
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("blob after resume: equal=%v err=%v", bytes.Equal(got, data), err)
 	}

@@ -40,13 +40,13 @@ func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected diges
 	for {
 		if err := ctx.Err(); err != nil {
 			w.Cancel()
-			return "", w.off, err
+			return "", w.Offset(), err
 		}
 		n, rerr := io.ReadFull(r, buf)
 		if n > 0 {
 			if _, err := w.Write(buf[:n]); err != nil {
 				w.Cancel()
-				return "", w.off, err
+				return "", w.Offset(), err
 			}
 		}
 		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
@@ -54,10 +54,10 @@ func (s *Store) Put(ctx context.Context, r io.Reader, size int64, expected diges
 		}
 		if rerr != nil {
 			w.Cancel()
-			return "", w.off, fmt.Errorf("blobstore: put: read: %w", rerr)
+			return "", w.Offset(), fmt.Errorf("blobstore: put: read: %w", rerr)
 		}
 	}
-	n := w.off
+	n := w.Offset()
 	d, err := w.Commit(ctx, size, expected)
 	if err != nil {
 		return "", n, err

@@ -1,17 +1,16 @@
-// Package blobstore is a content-addressed blob store on a local filesystem:
-// resumable, crash-safe ingest of sha256-named blobs, image records that
-// chain blobs into backup chains, mark-and-sweep GC, scrubbing and a quota.
-// See docs/blobstore.md for the layout and the crash-safety argument.
+// Package blobstore is a content-addressed blob store: resumable,
+// crash-safe ingest of sha256-named blobs, image records that chain blobs
+// into backup chains, mark-and-sweep GC, scrubbing and a quota. The Store
+// keeps the rules; a Backend keeps the bytes (the local filesystem by
+// default, or S3 via package blobstore/s3). See docs/blobstore.md for the
+// layout and the crash-safety argument.
 package blobstore
 
 import (
-	"imagestore/internal/fsutil"
-
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,17 +18,23 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 )
 
 // Options configure a Store.
 type Options struct {
-	Root         string
+	// Root is the local state directory: the blobs themselves with the
+	// default backend; with another backend the agent still keeps its
+	// uploads, workspaces and caches there.
+	Root string
+	// Backend keeps the bytes; nil = the local filesystem at Root
+	// (NewLocal with Root, CheckpointEvery and Logger). The Store owns
+	// it: Close closes it.
+	Backend      Backend
 	Quota        int64         // bytes; 0 = none; overridden by SetQuota (persisted)
 	IngestExpiry time.Duration // abandoned ingests older than this are removed (default 24h)
 	CommitGrace  time.Duration // GC never frees a blob committed less than this ago (default 10m)
 	// CheckpointEvery is how many bytes an ingest Writer writes between
-	// durable checkpoints (default 32 MiB): what a crash can cost to resend.
+	// durable checkpoints with the default backend (LocalOptions).
 	CheckpointEvery int64
 	Logger          *slog.Logger
 }
@@ -37,22 +42,17 @@ type Options struct {
 const (
 	defaultIngestExpiry = 24 * time.Hour
 	defaultCommitGrace  = 10 * time.Minute
-	defaultCheckpoint   = 32 << 20
-	dirBlobs            = "blobs"
-	dirIngest           = "ingest"
-	dirImages           = "images"
-	dirQuarantine       = "quarantine"
-	fileSettings        = "store.json"
 )
 
-// Store is a blob store rooted at one directory. It is safe for concurrent
-// use; one process should own a root at a time (ingests are additionally
-// protected across processes by flock).
+// Store is a blob store with its local state directory. It is safe for
+// concurrent use; one process should own a root at a time (ingests are
+// additionally protected across processes by flock on local disk).
 type Store struct {
-	root   string
-	opts   Options
-	log    *slog.Logger
-	closed chan struct{}
+	root    string
+	opts    Options
+	log     *slog.Logger
+	closed  chan struct{}
+	backend Backend
 
 	// imgMu serialises image record changes against GC's mark and sweep, so
 	// a record written during GC cannot point at a blob being swept.
@@ -73,17 +73,16 @@ type Store struct {
 	// it takes mu; tests use it to force an interleaving.
 	discardListed func()
 
-	checkpointEvery int64                // bytes between ingest checkpoints; tests lower it
-	copyBufs        sync.Pool            // Put's copy buffers
-	syncFile        func(*os.File) error // fsyncs ingest data; tests make it fail
+	copyBufs sync.Pool // Put's and Verify's copy buffers
 }
 
 type settings struct {
 	Quota int64 `json:"quota"`
 }
 
-// Open opens (creating if needed) the store at opts.Root, removes expired
-// ingests and leftover temp files, and computes the space in use.
+// Open opens the store: the backend (creating the local one at opts.Root
+// if opts.Backend is nil), its settings; it removes expired ingests and
+// computes the space in use.
 func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.Root == "" {
 		return nil, fmt.Errorf("blobstore: empty root")
@@ -98,9 +97,6 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if opts.CommitGrace <= 0 {
 		opts.CommitGrace = defaultCommitGrace
 	}
-	if opts.CheckpointEvery <= 0 {
-		opts.CheckpointEvery = defaultCheckpoint
-	}
 	if opts.Quota < 0 {
 		return nil, fmt.Errorf("blobstore: negative quota %d", opts.Quota)
 	}
@@ -108,51 +104,60 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	be := opts.Backend
+	if be == nil {
+		l, err := NewLocal(LocalOptions{Root: root, CheckpointEvery: opts.CheckpointEvery, Logger: logger})
+		if err != nil {
+			return nil, err
+		}
+		be = l
+	} else if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, mapSpace(err, "blobstore: create root")
+	}
 	s := &Store{
 		root:    root,
 		opts:    opts,
 		log:     logger.With("component", "blobstore"),
 		closed:  make(chan struct{}),
+		backend: be,
 		quota:   opts.Quota,
 		holds:   map[digest.Digest]int{},
 		commits: map[digest.Digest]commitMark{},
-
-		checkpointEvery: opts.CheckpointEvery,
-		syncFile:        (*os.File).Sync,
 	}
 	s.copyBufs.New = func() any { b := make([]byte, copyBufSize); return &b }
-	for _, d := range []string{"", dirBlobs, filepath.Join(dirBlobs, "sha256"), dirIngest, dirImages, dirQuarantine} {
-		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
-			return nil, mapSpace(err, "blobstore: create layout")
-		}
-	}
-	if b, err := os.ReadFile(filepath.Join(root, fileSettings)); err == nil {
-		var st settings
-		if err := json.Unmarshal(b, &st); err != nil {
-			return nil, fmt.Errorf("blobstore: %s: %w", fileSettings, err)
-		}
-		if st.Quota < 0 {
-			return nil, fmt.Errorf("blobstore: %s: negative quota %d", fileSettings, st.Quota)
-		}
-		s.quota = st.Quota
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("blobstore: %w", err)
-	}
-	if _, _, err := s.cleanIngests(ctx, true); err != nil {
+	fail := func(err error) (*Store, error) {
+		be.Close()
 		return nil, err
 	}
-	s.cleanImageTemps()
+	if b, err := be.ReadSettings(ctx); err == nil {
+		var st settings
+		if err := json.Unmarshal(b, &st); err != nil {
+			return fail(fmt.Errorf("blobstore: %s: %w", fileSettings, err))
+		}
+		if st.Quota < 0 {
+			return fail(fmt.Errorf("blobstore: %s: negative quota %d", fileSettings, st.Quota))
+		}
+		s.quota = st.Quota
+	} else if !errors.Is(err, ErrNotFound) {
+		return fail(fmt.Errorf("blobstore: %w", err))
+	}
+	if _, _, err := be.SweepIngests(ctx, time.Now().Add(-opts.IngestExpiry)); err != nil {
+		return fail(err)
+	}
 	var used int64
 	var n int
-	if err := s.WalkBlobs(ctx, func(bi BlobInfo) error {
+	if err := be.WalkBlobs(ctx, func(bi BlobInfo) error {
 		used += bi.Size
 		n++
 		return nil
 	}); err != nil {
-		return nil, err
+		return fail(err)
 	}
-	used += s.ingestBytes()
-	s.used, s.blobs = used, n
+	ib, err := be.IngestBytes(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	s.used, s.blobs = used+ib, n
 	return s, nil
 }
 
@@ -160,42 +165,47 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 func (s *Store) Close() error {
 	select {
 	case <-s.closed:
+		return nil
 	default:
 		close(s.closed)
 	}
-	return nil
+	return s.backend.Close()
 }
 
-// Root returns the absolute root directory.
+// Root returns the absolute local state directory.
 func (s *Store) Root() string { return s.root }
 
-// Capacity reports the filesystem's size and free space (statfs) next to
-// the bytes the store uses and its quota.
+// Backend returns the store's backend.
+func (s *Store) Backend() Backend { return s.backend }
+
+// Capacity reports the medium's size and free space next to the bytes the
+// store uses and its quota. On local disk Total and Free are statfs's; a
+// backend without a size (S3) reports Unbounded with Total = Free = 0, and
+// then only the quota bounds the store.
 type Capacity struct {
 	Total, Free, Used, Quota int64
 	Blobs, Images            int
+	Unbounded                bool
 }
 
 // Capacity returns the current capacity figures.
 func (s *Store) Capacity() (Capacity, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(s.root, &st); err != nil {
-		return Capacity{}, fmt.Errorf("blobstore: statfs %s: %w", s.root, err)
+	ctx := context.Background()
+	bc, err := s.backend.Capacity(ctx)
+	if err != nil {
+		return Capacity{}, err
 	}
-	imgs, err := s.countImages()
+	imgs, err := s.countImages(ctx)
 	if err != nil {
 		return Capacity{}, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Capacity{
-		Total:  int64(st.Blocks) * int64(st.Bsize),
-		Free:   int64(st.Bavail) * int64(st.Bsize),
-		Used:   s.used,
-		Quota:  s.quota,
-		Blobs:  s.blobs,
-		Images: imgs,
-	}, nil
+	c := Capacity{Used: s.used, Quota: s.quota, Blobs: s.blobs, Images: imgs, Unbounded: !bc.Known}
+	if bc.Known {
+		c.Total, c.Free = bc.Total, bc.Free
+	}
+	return c, nil
 }
 
 // SetQuota sets and persists the quota (0 = none). Lowering it below the
@@ -207,8 +217,8 @@ func (s *Store) SetQuota(q int64) error {
 	b, _ := json.Marshal(settings{Quota: q})
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := fsutil.WriteFile(filepath.Join(s.root, fileSettings), b, 0o600); err != nil {
-		return mapSpace(err, "blobstore: save quota")
+	if err := s.backend.WriteSettings(context.Background(), b); err != nil {
+		return fmt.Errorf("blobstore: save quota: %w", err)
 	}
 	s.quota = q
 	return nil

@@ -1,17 +1,12 @@
 package blobstore
 
 import (
-	"imagestore/internal/fsutil"
-
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -20,7 +15,7 @@ import (
 // CorruptBlob describes a blob that failed verification.
 type CorruptBlob struct {
 	Digest         digest.Digest
-	QuarantinePath string // "" if it could not be read at all
+	QuarantinePath string // where it went (a path, or a key on S3); "" if not moved
 	Images         []Ref  // images whose chain includes the blob
 	Err            error
 }
@@ -86,14 +81,15 @@ func (s *Store) verifyBlob(ctx context.Context, d digest.Digest) (*CorruptBlob, 
 	if err := validateDigest(d); err != nil {
 		return nil, 0, err
 	}
-	f, err := os.Open(s.blobPath(d))
+	b, err := s.backend.OpenBlob(ctx, d)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, 0, fmt.Errorf("%w: blob %s", ErrNotFound, d)
+		if errors.Is(err, ErrNotFound) {
+			return nil, 0, err
 		}
 		return nil, 0, fmt.Errorf("blobstore: verify %s: %w", d, err)
 	}
-	defer f.Close()
+	defer b.Close()
+	f := io.NewSectionReader(b, 0, b.Size())
 	h := sha256.New()
 	bp := s.copyBufs.Get().(*[]byte)
 	defer s.copyBufs.Put(bp)
@@ -111,7 +107,7 @@ func (s *Store) verifyBlob(ctx context.Context, d digest.Digest) (*CorruptBlob, 
 		return nil, n, nil
 	}
 	cb := &CorruptBlob{Digest: d}
-	qp, qerr := s.quarantine(d)
+	qp, qerr := s.quarantine(ctx, d)
 	cb.QuarantinePath = qp
 	cb.Images = s.imagesUsing(ctx, d)
 	names := make([]string, len(cb.Images))
@@ -136,23 +132,21 @@ type readerFunc func([]byte) (int, error)
 
 func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 
-func (s *Store) quarantine(d digest.Digest) (string, error) {
-	dst := filepath.Join(s.root, dirQuarantine, d.Encoded())
+func (s *Store) quarantine(ctx context.Context, d digest.Digest) (string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	fi, err := os.Lstat(s.blobPath(d))
+	bi, err := s.backend.StatBlob(ctx, d)
 	if err != nil {
 		return "", err
 	}
-	if err := os.Rename(s.blobPath(d), dst); err != nil {
+	where, err := s.backend.QuarantineBlob(ctx, d)
+	if err != nil {
 		return "", err
 	}
-	s.used -= fi.Size()
+	s.used -= bi.Size
 	s.blobs--
 	delete(s.commits, d)
-	_ = fsutil.SyncDir(filepath.Dir(s.blobPath(d)))
-	_ = fsutil.SyncDir(filepath.Dir(dst))
-	return dst, nil
+	return where, nil
 }
 
 // imagesUsing lists the images whose chain contains a layer with blob d.

@@ -14,27 +14,35 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// cleanIngests removes ingests idle for longer than IngestExpiry that no
-// Writer holds. At Open (no Writer of ours can exist yet) it also removes
-// directories without a data file: leftovers of a commit or of a Writer
-// killed before it created its file. It returns how many it removed and
-// their bytes.
-func (s *Store) cleanIngests(ctx context.Context, atOpen bool) (int, int64, error) {
-	base := filepath.Join(s.root, dirIngest)
+// SweepIngests implements Backend: it removes ingests idle since before
+// idleSince that no Ingest holds (flock on data, across processes too).
+func (l *Local) SweepIngests(ctx context.Context, idleSince time.Time) (int, int64, error) {
+	return l.sweepIngests(ctx, idleSince, false)
+}
+
+// removeOrphanIngests removes ingest directories without a data file:
+// leftovers of a commit or of an Ingest killed before it created its file.
+// Only NewLocal calls it, when no Ingest of ours can exist yet.
+func (l *Local) removeOrphanIngests() error {
+	_, _, err := l.sweepIngests(context.Background(), time.Time{}, true)
+	return err
+}
+
+func (l *Local) sweepIngests(ctx context.Context, idleSince time.Time, orphans bool) (int, int64, error) {
+	base := filepath.Join(l.root, dirIngest)
 	ents, err := os.ReadDir(base)
 	if err != nil {
 		return 0, 0, fmt.Errorf("blobstore: list ingests: %w", err)
 	}
 	removed, freed := 0, int64(0)
-	now := time.Now()
 	for _, e := range ents {
 		if err := ctx.Err(); err != nil {
 			return removed, freed, err
 		}
 		dir := filepath.Join(base, e.Name())
 		_, serr := os.Lstat(filepath.Join(dir, ingestData))
-		orphan := atOpen && errors.Is(serr, fs.ErrNotExist)
-		if !orphan && now.Sub(lastActivity(dir)) < s.opts.IngestExpiry {
+		orphan := orphans && errors.Is(serr, fs.ErrNotExist)
+		if !orphan && !lastActivity(dir).Before(idleSince) {
 			continue
 		}
 		f, err := os.OpenFile(filepath.Join(dir, ingestData), os.O_RDWR, 0)
@@ -57,7 +65,7 @@ func (s *Store) cleanIngests(ctx context.Context, atOpen bool) (int, int64, erro
 		if rerr != nil {
 			return removed, freed, fmt.Errorf("blobstore: remove expired ingest: %w", rerr)
 		}
-		s.log.Info("removed abandoned ingest", "ref", e.Name(), "bytes", size)
+		l.log.Info("removed abandoned ingest", "ref", e.Name(), "bytes", size)
 		removed++
 		freed += size
 	}
@@ -77,13 +85,17 @@ func lastActivity(dir string) time.Time {
 	return t
 }
 
-func (s *Store) ingestBytes() int64 {
+// IngestBytes implements Backend: the sizes of the ingests' data files.
+func (l *Local) IngestBytes(ctx context.Context) (int64, error) {
 	var n int64
-	ents, _ := os.ReadDir(filepath.Join(s.root, dirIngest))
+	ents, err := os.ReadDir(filepath.Join(l.root, dirIngest))
+	if err != nil {
+		return 0, fmt.Errorf("blobstore: list ingests: %w", err)
+	}
 	for _, e := range ents {
-		if fi, err := os.Stat(filepath.Join(s.root, dirIngest, e.Name(), ingestData)); err == nil {
+		if fi, err := os.Stat(filepath.Join(l.root, dirIngest, e.Name(), ingestData)); err == nil {
 			n += fi.Size()
 		}
 	}
-	return n
+	return n, nil
 }
