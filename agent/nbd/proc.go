@@ -149,9 +149,14 @@ func (m *Manager) serverArgs(p *proc, spec startSpec) ([]string, error) {
 		// files are opened read-only whatever the client sends).
 		args = append(args, "--cache=writeback", "--discard=unmap", "--export-name="+spec.exportName)
 	default:
-		// writeback: qemu-nbd flushes on a clean (SIGTERM) exit and on
-		// the client's NBD_CMD_FLUSH, which QEMU's backup job sends.
-		args = append(args, "--cache=writeback")
+		// A backup target: scratch until the import copies it into a
+		// blob (which is made durable there). unsafe drops the
+		// fdatasyncs qcow2 would otherwise run each time new clusters'
+		// metadata depends on a refcount update, and the client's
+		// flushes, which made the host's backup wait on this disk's
+		// write-back; a clean (SIGTERM) exit still writes the qcow2
+		// metadata out before the import reads the file.
+		args = append(args, "--cache=unsafe")
 	}
 	return append(args, spec.path), nil
 }

@@ -516,7 +516,8 @@ func cmdStopbak(ctx context.Context, g *globals, args []string) error {
 
 // cmdBakconfirm tells the engine the store holds the newest backup of
 // each listed drive, so the next incremental holds only what changed
-// since it (without it, incrementals also cover the backup before).
+// since it (without it, incrementals hold every write since the last
+// confirmed backup, or the first).
 func cmdBakconfirm(ctx context.Context, g *globals, args []string) error {
 	var lf liveFlags
 	var list string

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/transfer/qmp"
 	"imagestore/transfer/qmp/libvirtqmp/libvirttest"
 )
 
@@ -120,6 +121,100 @@ func TestLiveBackupThroughLibvirt(t *testing.T) {
 		t.Fatalf("stopbak printed %q", out)
 	}
 
+	// stopbak through libvirt while a batch backup runs (disk 1 limited
+	// to 2 MiB/s, so it is still copying): the backup fails and leaves no
+	// file; the checkpoints are what they were, still recording, with no
+	// temporary bitmap and no target node left (LIVE-BACKUP.md §4.5/§4.6);
+	// the next backup holds every write since the confirmed one.
+	dom.Write(0, 2*lbMiB, lbMiB, 0x31)
+	dom.Write(1, 0, 16*lbMiB, 0x32)
+	before := libvirtBitmaps(t, dom.Monitor())
+	// Twice: stopbak asks the running batbak (its control socket), which
+	// rolls back through the passthrough; then a batbak killed mid-job
+	// leaves its job in QEMU and stopbak cleans up through libvirt itself.
+	for _, kill := range []bool{false, true} {
+		d3 := t.TempDir()
+		bat := exec.Command(zstcliBin, "-rootca", ca, "batbak", "-domain", vm, "-destdir", d3,
+			"-args", "zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,2097152")
+		bat.Env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir, "IMAGESTORE_LIBVIRT_SOCK="+d.Socket)
+		var batErr strings.Builder
+		bat.Stderr = &batErr
+		if err := bat.Start(); err != nil {
+			t.Fatal(err)
+		}
+		jobRunning(t, dom.Monitor())
+		if kill {
+			if err := bat.Process.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			_ = bat.Wait()
+		}
+		zstcli("stopbak", "-force=True", "-domain", vm, "-batbak")
+		if !kill {
+			if err := bat.Wait(); err == nil || !strings.Contains(batErr.String(), "stopped") {
+				t.Fatalf("a stopped batbak: %v, stderr %q", err, batErr.String())
+			}
+			if ents, _ := os.ReadDir(d3); len(ents) != 0 {
+				t.Fatalf("stopped batbak left %v", ents)
+			}
+		}
+		after := libvirtBitmaps(t, dom.Monitor())
+		if len(after) != 2 || fmt.Sprint(names2(after)) != fmt.Sprint(names2(before)) {
+			t.Fatalf("kill=%v: after stopbak, bitmaps %+v, want the checkpoints of before %+v", kill, after, before)
+		}
+		for _, b := range after {
+			if !b.Recording || !b.Persistent || b.Busy || b.Inconsistent {
+				t.Fatalf("kill=%v: after stopbak: %+v", kill, b)
+			}
+			want := lbMiB // disk 0's 1 MiB, disk 1's 16 MiB
+			if strings.HasPrefix(b.Name, "zsbitmap1.") {
+				want = 16 * lbMiB
+			}
+			if b.Count != want {
+				t.Fatalf("kill=%v: after stopbak %s counts %d, want the %d bytes written since the confirmed backup", kill, b.Name, b.Count, want)
+			}
+		}
+		var jobsLeft []json.RawMessage
+		if err := dom.Monitor().Execute(ctx, "query-jobs", nil, &jobsLeft); err != nil || len(jobsLeft) != 0 {
+			t.Fatalf("kill=%v: jobs left after stopbak: %s %v", kill, jobsLeft, err)
+		}
+	}
+	d4 := t.TempDir()
+	inc2 := batbak(d4, "zsbitmap0,auto,drive-virtio-disk0,0:zsbitmap1,auto,drive-virtio-disk1,0")
+	if inc2[nodes[0]].Mode != "incremental" || inc2[nodes[1]].Mode != "incremental" {
+		t.Fatalf("after stopbak: %+v", inc2)
+	}
+	j0, j1 := filepath.Join(d4, inc2[nodes[0]].BackupFile), filepath.Join(d4, inc2[nodes[1]].BackupFile)
+	wantOnly(t, j0, [2]int64{2 * lbMiB, 3 * lbMiB})
+	wantOnly(t, j1, [2]int64{0, 16 * lbMiB})
+	// The chain full ← inc ← inc2 equals a raw shadow of every write.
+	sh := t.TempDir()
+	shadows := [2]string{filepath.Join(sh, "d0.raw"), filepath.Join(sh, "d1.raw")}
+	for i, ws := range [2][]string{
+		{"write -P 0x11 0 2M", "write -P 0x21 8M 1M", "write -P 0x31 2M 1M"},
+		{"write -P 0x12 4M 1M", "write -P 0x22 32M 128k", "write -P 0x23 4M 64k", "write -P 0x32 0 16M"},
+	} {
+		f, err := os.Create(shadows[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(lbDisk); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		for _, w := range ws {
+			if out, err := exec.Command("qemu-io", "-f", "raw", "-c", w, shadows[i]).CombinedOutput(); err != nil {
+				t.Fatalf("shadow: %v %s", err, out)
+			}
+		}
+	}
+	for i, c := range [][3]string{{f0, i0, j0}, {f1, i1, j1}} {
+		if out, err := exec.Command("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", c[0], "-F", "qcow2", c[1]).CombinedOutput(); err != nil {
+			t.Fatalf("rebase: %v %s", err, out)
+		}
+		compareOnBase(t, c[2], c[1], shadows[i])
+	}
+
 	// A VM libvirtd does not know: the error names both ways tried.
 	cmd := exec.Command(zstcliBin, "-rootca", ca, "bakconfirm", "-domain", "00000000000000000000000000000000", "-args", "zsbitmap0,drive-virtio-disk0")
 	cmd.Env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir, "IMAGESTORE_LIBVIRT_SOCK="+d.Socket)
@@ -131,4 +226,51 @@ func TestLiveBackupThroughLibvirt(t *testing.T) {
 	if err := dom.Monitor().Execute(ctx, "query-jobs", nil, &jobs); err != nil || len(jobs) != 0 {
 		t.Fatalf("jobs left: %s %v", jobs, err)
 	}
+}
+
+// lbBitmap is a named bitmap of a libvirt domain's node.
+type lbBitmap struct {
+	Node         string
+	Name         string `json:"name"`
+	Count        int64  `json:"count"`
+	Recording    bool   `json:"recording"`
+	Busy         bool   `json:"busy"`
+	Persistent   bool   `json:"persistent"`
+	Inconsistent bool   `json:"inconsistent"`
+}
+
+// libvirtBitmaps lists every named bitmap of the domain, and fails the
+// test on a node the engine added (a target left behind).
+func libvirtBitmaps(t *testing.T, m qmp.Monitor) []lbBitmap {
+	t.Helper()
+	var nodes []struct {
+		NodeName string     `json:"node-name"`
+		Bitmaps  []lbBitmap `json:"dirty-bitmaps"`
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+		t.Fatal(err)
+	}
+	var out []lbBitmap
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, "zstgt") {
+			t.Fatalf("target node %s left", n.NodeName)
+		}
+		for _, b := range n.Bitmaps {
+			if b.Name != "" {
+				b.Node = n.NodeName
+				out = append(out, b)
+			}
+		}
+	}
+	return out
+}
+
+func names2(bs []lbBitmap) []string {
+	var s []string
+	for _, b := range bs {
+		s = append(s, b.Node+"/"+b.Name)
+	}
+	return s
 }

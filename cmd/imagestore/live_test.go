@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"imagestore/transfer/livebackup/vmtest"
+	"imagestore/transfer/qmp"
 )
 
 const (
@@ -311,13 +312,13 @@ func bitmapNames(t *testing.T, vm *vmtest.VM, i int) string {
 }
 
 // jobRunning waits until a backup job of ours runs in QEMU.
-func jobRunning(t *testing.T, vm *vmtest.VM) {
+func jobRunning(t *testing.T, m qmp.Monitor) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		var jobs []struct{ ID, Status string }
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err := vm.Monitor().Execute(ctx, "query-jobs", nil, &jobs)
+		err := m.Execute(ctx, "query-jobs", nil, &jobs)
 		cancel()
 		if err != nil {
 			t.Fatal(err)
@@ -392,14 +393,14 @@ func TestLiveBackupFaults(t *testing.T) {
 	if err := bat.Start(); err != nil {
 		t.Fatal(err)
 	}
-	jobRunning(t, vm)
+	jobRunning(t, vm.Monitor())
 	// A second backup of the VM is refused while one runs; a stopbak for
 	// a drive the running one does not back up stops nothing.
 	if _, errs, err := e.zstcli(fmt.Sprintf("batbak -domain %s -destdir %s -args %s", lbVM, newDir(), lbArgsAuto)); err == nil || !strings.Contains(errs, "another backup of this VM is running") {
 		t.Fatalf("a second batbak: %v %q", err, errs)
 	}
 	e.zstcliOK("stopbak -force=False -domain " + lbVM + " -drive drive-virtio-disk7")
-	jobRunning(t, vm)
+	jobRunning(t, vm.Monitor())
 	e.zstcliOK("stopbak -force=True -domain " + lbVM + " -batbak")
 	if err := bat.Wait(); err == nil || !strings.Contains(batErr.String(), "stopped") {
 		t.Fatalf("a stopped batbak: %v, stderr %q", err, batErr.String())
@@ -424,7 +425,7 @@ func TestLiveBackupFaults(t *testing.T) {
 	if err := bat.Start(); err != nil {
 		t.Fatal(err)
 	}
-	jobRunning(t, vm)
+	jobRunning(t, vm.Monitor())
 	e.s.post(t, "/imagestore/exportnbdimage/cancel-sync/", map[string]any{"nbdDescription": desc}, nil)
 	if err := bat.Wait(); err == nil || batErr.Len() == 0 {
 		t.Fatalf("batbak with its NBD server gone: %v, stderr %q", err, batErr.String())

@@ -9,11 +9,16 @@
 // copies from a temporary disabled copy of the base checkpoint, so no job
 // ever clears a checkpoint. A failed or cancelled backup removes what its
 // transaction added (no half bitmap) and leaves the rest as it was.
-// Confirm drops the checkpoints older than the newest once the store
-// holds the newest backup; without a confirmation the engine keeps the
-// newest Options.Keep checkpoints and bases an incremental on the oldest
-// of them, so an import that failed after the job succeeded loses no
-// change (the next incremental is a superset).
+//
+// The base is the oldest checkpoint: the one of the last backup the store
+// confirmed (Confirm), or, before any confirmation, the first. Only
+// Confirm moves it (to the newest). Without confirmations (the cloud's
+// flow: the host exits before the store imports, and nothing tells it
+// later how the import went) every incremental holds all writes since the
+// base, so however many imports fail in a row, the next incremental on the
+// last good backup is complete; the price is that unconfirmed incrementals
+// grow (each repeats the ones before it). A backup keeps only the base and
+// the newest checkpoint: one in between can never become the base.
 package livebackup
 
 import (
@@ -92,9 +97,6 @@ type Result struct {
 type Options struct {
 	Monitor qmp.Monitor
 	Logger  *slog.Logger
-	// Keep is how many checkpoints per bitmap survive without a
-	// confirmation (default 2: one failed import is covered).
-	Keep int
 	// Poll is the job polling interval (default 200ms).
 	Poll time.Duration
 	// Progress receives Σcurrent/Σtotal of the call's jobs in percent
@@ -117,9 +119,6 @@ type Engine struct {
 func New(o Options) (*Engine, error) {
 	if o.Monitor == nil {
 		return nil, errors.New("livebackup: Options.Monitor is required")
-	}
-	if o.Keep <= 0 {
-		o.Keep = 2
 	}
 	if o.Poll <= 0 {
 		o.Poll = 200 * time.Millisecond
@@ -223,7 +222,7 @@ func (e *Engine) Backup(ctx context.Context, drives []Drive) ([]Result, error) {
 	ok = true
 	for _, p := range plans {
 		if p.Bitmap != "" {
-			if err := e.prune(ctx, p.node.NodeName, p.Bitmap, e.o.Keep); err != nil {
+			if err := e.prune(ctx, p.node.NodeName, p.Bitmap, false); err != nil {
 				e.log.Warn("pruning old checkpoints", "node", p.node.NodeName, "err", err)
 			}
 		}
@@ -330,8 +329,15 @@ func (e *Engine) addTarget(ctx context.Context, p *plan) error {
 			return fmt.Errorf("creating %s: %w: %s", p.Target.File, err, strings.TrimSpace(string(out)))
 		}
 		p.created = true
-		spec = map[string]any{"driver": "qcow2", "node-name": p.tgtNode, "backing": nil,
-			"file": map[string]any{"driver": "file", "filename": p.Target.File}}
+		// No flushes: qcow2 would otherwise fdatasync the target each
+		// time new clusters' metadata depends on a refcount update, so
+		// the copy waits on the disk's write-back (like qemu-img
+		// convert's default cache, which is what a copy costs). The
+		// target is scratch until the store imports it, and the import
+		// writes the durable copy (docs/live-backup.md, "Speed").
+		noFlush := map[string]any{"no-flush": true}
+		spec = map[string]any{"driver": "qcow2", "node-name": p.tgtNode, "backing": nil, "cache": noFlush,
+			"file": map[string]any{"driver": "file", "filename": p.Target.File, "cache": noFlush}}
 	} else {
 		spec = map[string]any{"driver": "nbd", "node-name": p.tgtNode,
 			"server": map[string]any{"type": "inet", "host": p.Target.NBDHost, "port": strconv.Itoa(p.Target.NBDPort)}}
@@ -350,6 +356,16 @@ func (p *plan) actions() []map[string]any {
 		"auto-dismiss": false, "auto-finalize": true}
 	if p.Speed > 0 {
 		backup["speed"] = p.Speed
+	}
+	if p.Target.File != "" {
+		// copy_file_range from the disk's file into the target's: the
+		// kernel copies (or shares extents) without a pass through
+		// QEMU's buffers, about half of QEMU's CPU per byte. Where the
+		// two files cannot (another file system, FUSE, compressed
+		// clusters), QEMU falls back to read and write by itself.
+		// Chunks stay at 1 MiB, the read-and-write size: larger ones
+		// (up to 16 MiB) would make a -speed limit come in bursts.
+		backup["x-perf"] = map[string]any{"use-copy-range": true, "max-chunk": 1 << 20}
 	}
 	var acts []map[string]any
 	if p.newCP != "" {
@@ -533,14 +549,20 @@ func waitConcluded(ctx context.Context, m qmp.Monitor, id string, after uint64) 
 	}
 }
 
-// prune keeps the newest keep checkpoints of prefix on node.
-func (e *Engine) prune(ctx context.Context, node, prefix string, keep int) error {
+// prune drops the checkpoints of prefix on node between the base (the
+// oldest) and the newest; confirmed drops the base too, so the newest
+// becomes the base.
+func (e *Engine) prune(ctx context.Context, node, prefix string, confirmed bool) error {
 	n, err := resolveNode(ctx, e.o.Monitor, node)
 	if err != nil {
 		return err
 	}
 	cps := checkpoints(n, prefix)
-	for i := 0; i < len(cps)-keep; i++ {
+	first := 1
+	if confirmed {
+		first = 0
+	}
+	for i := first; i < len(cps)-1; i++ {
 		if err := removeBitmap(ctx, e.o.Monitor, node, cps[i].Name); err != nil {
 			return err
 		}
@@ -549,8 +571,8 @@ func (e *Engine) prune(ctx context.Context, node, prefix string, keep int) error
 }
 
 // Confirm records that the store holds the newest backup of (node,
-// bitmap): the older checkpoints go, so the next incremental copies only
-// what changed since that backup.
+// bitmap): its checkpoint becomes the base and the older ones go, so the
+// next incremental copies only what changed since that backup.
 func (e *Engine) Confirm(ctx context.Context, node, bitmap string) error {
 	n, err := resolveNode(ctx, e.o.Monitor, node)
 	if err != nil {
@@ -559,7 +581,7 @@ func (e *Engine) Confirm(ctx context.Context, node, bitmap string) error {
 	if len(checkpoints(n, bitmap)) == 0 {
 		return fmt.Errorf("drive %s has no checkpoint of bitmap %s", node, bitmap)
 	}
-	return e.prune(ctx, n.NodeName, bitmap, 1)
+	return e.prune(ctx, n.NodeName, bitmap, true)
 }
 
 // Checkpoint is a checkpoint bitmap as QEMU reports it (for callers and

@@ -201,6 +201,44 @@ func TestFullThenIncrementalsTwoDisks(t *testing.T) {
 	}
 	wantExtents(t, filepath.Join(out, "inc3-d0.qcow2"), [2]int64{30 * mib, 30*mib + 64<<10}, [2]int64{50 * mib, 50*mib + 64<<10})
 	compareChain(t, filepath.Join(out, "inc3-d0.qcow2"), filepath.Join(out, "inc1-d0.qcow2"), v.Snapshot(0, "i30"))
+
+	// A second failed import in a row, then an unconfirmed full (its
+	// import may fail too): the base stays inc1's checkpoint, so the next
+	// incremental still completes a chain on inc1. Only base and newest
+	// checkpoint are kept.
+	v.Write(0, 60*mib, 64<<10, 0x61)
+	if _, err := e.Backup(ctx, drives(out, "inc4", Auto)); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := e.Backup(ctx, drives(out, "full5", Full)); err != nil || res[0].Mode != Full {
+		t.Fatalf("full: %+v %v", res, err)
+	}
+	if cps, _ := e.Checkpoints(ctx, "drive-virtio-disk0", "zsbitmap0"); names(cps) != "zsbitmap0.2,zsbitmap0.6" {
+		t.Fatalf("unconfirmed: %+v", cps)
+	}
+	v.Write(0, 62*mib, 64<<10, 0x62)
+	if _, err := e.Backup(ctx, drives(out, "inc6", Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc6-d0.qcow2"), [2]int64{30 * mib, 30*mib + 64<<10}, [2]int64{50 * mib, 50*mib + 64<<10},
+		[2]int64{60 * mib, 60*mib + 64<<10}, [2]int64{62 * mib, 62*mib + 64<<10})
+	i60 := v.Snapshot(0, "i60")
+	compareChain(t, filepath.Join(out, "inc6-d0.qcow2"), filepath.Join(out, "inc1-d0.qcow2"), i60)
+
+	// Confirmed: the newest becomes the base, the next incremental holds
+	// only what changed since.
+	if err := e.Confirm(ctx, "drive-virtio-disk0", "zsbitmap0"); err != nil {
+		t.Fatal(err)
+	}
+	if cps, _ := e.Checkpoints(ctx, "drive-virtio-disk0", "zsbitmap0"); names(cps) != "zsbitmap0.7" {
+		t.Fatalf("after the confirmation: %+v", cps)
+	}
+	v.Write(0, 63*mib, 64<<10, 0x63)
+	if _, err := e.Backup(ctx, drives(out, "inc7", Auto)); err != nil {
+		t.Fatal(err)
+	}
+	wantExtents(t, filepath.Join(out, "inc7-d0.qcow2"), [2]int64{63 * mib, 63*mib + 64<<10})
+	compareChain(t, filepath.Join(out, "inc7-d0.qcow2"), filepath.Join(out, "inc6-d0.qcow2"), v.Snapshot(0, "i70"))
 }
 
 func TestPointInTimeAcrossDisks(t *testing.T) {

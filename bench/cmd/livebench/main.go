@@ -36,11 +36,18 @@ func main() {
 }
 
 func sh(name string, args ...string) error {
-	out, err := exec.Command(name, args...).CombinedOutput()
+	_, err := shCPU(name, args...)
+	return err
+}
+
+// shCPU runs a command and returns its CPU time.
+func shCPU(name string, args ...string) (time.Duration, error) {
+	c := exec.Command(name, args...)
+	out, err := c.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, out)
+		return 0, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, out)
 	}
-	return nil
+	return childCPU(c), nil
 }
 
 // allocated is the bytes a file occupies on disk.
@@ -56,6 +63,36 @@ func timed(f func() error) (time.Duration, error) {
 	t0 := time.Now()
 	err := f()
 	return time.Since(t0), err
+}
+
+// procCPU is the user+system CPU time pid has used so far (from
+// /proc/<pid>/stat, in clock ticks of 1/100 s).
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0
+	}
+	var u, k int64
+	fmt.Sscan(f[11], &u)
+	fmt.Sscan(f[12], &k)
+	return time.Duration(u+k) * 10 * time.Millisecond
+}
+
+// childCPU is the user+system CPU time of a finished command.
+func childCPU(c *exec.Cmd) time.Duration {
+	if c.ProcessState == nil {
+		return 0
+	}
+	return c.ProcessState.UserTime() + c.ProcessState.SystemTime()
 }
 
 func run(cli, dir string, sizeMB, dataMB int64, change float64) error {
@@ -97,7 +134,11 @@ func run(cli, dir string, sizeMB, dataMB int64, change float64) error {
 	_ = os.Remove(raw)
 	// The copy limit: qemu-img convert of the same disk.
 	conv := filepath.Join(dir, "convert.qcow2")
-	tConv, err := timed(func() error { return sh("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", disk, conv) })
+	var cpuConv time.Duration
+	tConv, err := timed(func() (err error) {
+		cpuConv, err = shCPU("qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", disk, conv)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -141,23 +182,31 @@ func run(cli, dir string, sizeMB, dataMB int64, change float64) error {
 	}
 	defer mon.Close()
 
+	// cpu is the CPU time of QEMU and of the CLI during the last batbak.
+	var cpu struct{ qemu, cli time.Duration }
 	batbak := func(dest, mode string) error {
 		if err := os.MkdirAll(dest, 0o755); err != nil {
 			return err
 		}
+		q0 := procCPU(q.Process.Pid)
 		cmd := exec.Command(cli, "batbak", "-qmp-dir", qdir, "-domain", "vm", "-destdir", dest, "-args", "bm,"+mode+",disk0,0")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("batbak: %w: %s", err, out)
 		}
+		cpu.qemu, cpu.cli = procCPU(q.Process.Pid)-q0, childCPU(cmd)
 		return nil
 	}
 	fullDir, incDir := filepath.Join(dir, "full"), filepath.Join(dir, "inc")
+	q0 := procCPU(q.Process.Pid)
+	time.Sleep(2 * time.Second)
+	idle := (procCPU(q.Process.Pid) - q0) / 2 // QEMU's own CPU per second while idle
 	tFull, err := timed(func() error { return batbak(fullDir, "full") })
 	if err != nil {
 		return err
 	}
 	fullBytes := dirBytes(fullDir)
+	cpuFull := cpu
 	if out, err := exec.Command(cli, "bakconfirm", "-qmp-dir", qdir, "-domain", "vm", "-args", "bm,disk0").CombinedOutput(); err != nil {
 		return fmt.Errorf("bakconfirm: %w: %s", err, out)
 	}
@@ -176,17 +225,41 @@ func run(cli, dir string, sizeMB, dataMB int64, change float64) error {
 		return err
 	}
 	incBytes := dirBytes(incDir)
+	cpuInc := cpu
 
 	mb := func(b int64, d time.Duration) string { return fmt.Sprintf("%.1f", float64(b)/1e6/d.Seconds()) }
 	fmt.Printf("disk %d MiB, %d MiB of data; %d MiB changed (%.3g %%)\n\n", sizeMB, dataMB, changed/mib, change)
-	fmt.Printf("%-34s %10s %14s %10s\n", "", "wall s", "bytes", "MB/s")
-	fmt.Printf("%-34s %10.2f %14d %10s\n", "qemu-img convert (copy limit)", tConv.Seconds(), convBytes, mb(convBytes, tConv))
-	fmt.Printf("%-34s %10.2f %14d %10s\n", "batbak full", tFull.Seconds(), fullBytes, mb(fullBytes, tFull))
-	fmt.Printf("%-34s %10s %14d %10s\n", "changed bytes", "", changed, "")
-	fmt.Printf("%-34s %10.2f %14d %10s\n", "batbak incremental (auto)", tInc.Seconds(), incBytes, mb(incBytes, tInc))
+	// CPU seconds per GiB moved: QEMU (less its idle rate over the
+	// same wall time) plus the CLI; qemu-img convert is one process.
+	perGiB := func(c time.Duration, b int64) string {
+		if b == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", c.Seconds()/(float64(b)/(1<<30)))
+	}
+	busy := func(c struct{ qemu, cli time.Duration }, wall time.Duration) time.Duration {
+		q := c.qemu - time.Duration(float64(idle)*wall.Seconds())
+		if q < 0 {
+			q = 0
+		}
+		return q + c.cli
+	}
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Printf("load average: %s", load)
+	fmt.Printf("QEMU idle: %.3f CPU-s per s (subtracted below)\n\n", idle.Seconds())
+	fmt.Printf("%-30s %8s %14s %9s %9s %9s %9s\n", "", "wall s", "bytes", "MB/s", "QEMU cpu", "CLI cpu", "cpu-s/GiB")
+	fmt.Printf("%-30s %8.2f %14d %9s %9s %9.2f %9s\n", "qemu-img convert (copy limit)", tConv.Seconds(), convBytes, mb(convBytes, tConv),
+		"-", cpuConv.Seconds(), perGiB(cpuConv, convBytes))
+	fmt.Printf("%-30s %8.2f %14d %9s %9.2f %9.2f %9s\n", "batbak full", tFull.Seconds(), fullBytes, mb(fullBytes, tFull),
+		cpuFull.qemu.Seconds(), cpuFull.cli.Seconds(), perGiB(busy(cpuFull, tFull), fullBytes))
+	fmt.Printf("%-30s %8s %14d\n", "changed bytes", "", changed)
+	fmt.Printf("%-30s %8.2f %14d %9s %9.2f %9.2f %9s\n", "batbak incremental (auto)", tInc.Seconds(), incBytes, mb(incBytes, tInc),
+		cpuInc.qemu.Seconds(), cpuInc.cli.Seconds(), perGiB(busy(cpuInc, tInc), incBytes))
 	fmt.Println()
 	fmt.Printf("full rate / convert rate:          %.2f  (target >= 0.8)\n",
 		(float64(fullBytes)/tFull.Seconds())/(float64(convBytes)/tConv.Seconds()))
+	fmt.Printf("full cpu-s/GiB / convert cpu-s/GiB: %.2f\n",
+		(busy(cpuFull, tFull).Seconds()/float64(fullBytes))/(cpuConv.Seconds()/float64(convBytes)))
 	fmt.Printf("incremental bytes / changed bytes: %.3f (target <= 1.1)\n", float64(incBytes)/float64(changed))
 	fmt.Printf("incremental time / full time:      %.3f (target <= 0.05)\n", tInc.Seconds()/tFull.Seconds())
 	return nil
