@@ -9,6 +9,9 @@
 # 2 MiB random, 1 MiB log text, 1 MiB zeros; the delta rewrites 1 % of it
 # (1 MiB pieces spread evenly). Every full-backup and restore rate is over
 # the same byte count: the volume's qcow2 file (its allocated data).
+# CPU is counted too, as CPU-seconds (user + sys) per GiB of that file, for
+# the CLI (its rusage) and the agent (/proc/<pid>/stat before and after the
+# step): wall-clock rates on a shared machine are noisy, CPU is not.
 #
 # Usage: bench/hostpath.sh                 (2 GiB)
 #        SIZE_MB=8192 PEERS=0 bench/hostpath.sh   (our rows only: RSS at 8 GiB)
@@ -34,13 +37,19 @@ go build -o "$DIR/mkvol" ./bench/cmd/mkvol
 go build -o "$DIR/imagestore" ./cmd/imagestore
 go build -o "$DIR/imagestore-agent" ./cmd/imagestore-agent
 
-# timed NAME CMD...: runs CMD, sets T_NAME (seconds) and M_NAME (peak RSS, MiB).
+# timed NAME CMD...: runs CMD, sets T_NAME (seconds), M_NAME (peak RSS, MiB)
+# and C_NAME (CPU seconds, user + sys, of CMD and its children).
 timed() {
   local name=$1; shift
-  /usr/bin/time -f '%e %M' -o "$DIR/time.out" "$@" >/dev/null
-  read -r t m < "$DIR/time.out"
+  /usr/bin/time -f '%e %M %U %S' -o "$DIR/time.out" "$@" >/dev/null
+  read -r t m u s < "$DIR/time.out"
   printf -v "T_$name" '%s' "$t"; printf -v "M_$name" '%s' "$((m / 1024))"
+  printf -v "C_$name" '%s' "$(awk -v u="$u" -v s="$s" 'BEGIN { printf "%.2f", u + s }')"
 }
+# cpu_of PID: the process's CPU seconds so far (utime + stime).
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# per_gib SECONDS: SECONDS per GiB of the qcow2's bytes.
+per_gib() { awk -v s="$1" -v b="$BYTES" 'BEGIN { printf "%.2f", s / (b / 1073741824) }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
 
@@ -97,11 +106,15 @@ CFG
     [ -n "$url" ] && break; sleep 0.1
   done
   [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
-  local cli=("$DIR/imagestore" -url "http://$url" -quiet)
+  local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3
+  a0=$(cpu_of "$AGENT_PID")
   timed push "${cli[@]}" push -compress="$mode" -name vol -id base "$DIR/vol.qcow2"
+  a1=$(cpu_of "$AGENT_PID")
   timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
   sync
+  a2=$(cpu_of "$AGENT_PID")
   timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
+  a3=$(cpu_of "$AGENT_PID")
   cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
   rm -f "$DIR/pulled.raw"
   AGENT_RSS=$(( $(awk '/VmHWM/ { print $2 }' "/proc/$AGENT_PID/status") / 1024 ))
@@ -109,6 +122,7 @@ CFG
   STORED=$(du -sb "$store/blobs" | cut -f1)
   rm -rf "$store"
   printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)"
+  printf -v "CPU_$mode" '%s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$a2")" "$C_pull" "$(sub "$a2" "$a3")"
 }
 MODES=("$COMPRESS")
 if [ -n "$BOTH" ]; then
@@ -153,5 +167,15 @@ for m in "${MODES[@]}"; do
   echo "| restore the newest backup as raw | pull -format raw of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qrawf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qrawf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
+  echo
+  v=CPU_$m; read -r cp ap cd ad cr ar2 <<<"${!v}"
+  echo "CPU seconds per GiB of the qcow2 (user + sys), CLI + agent:"
+  echo
+  echo "| step | CLI | agent | total |"
+  echo "|---|---|---|---|"
+  echo "| full push | $(per_gib "$cp") | $(per_gib "$ap") | $(per_gib "$(awk -v a="$cp" -v b="$ap" 'BEGIN { print a + b }')") |"
+  echo "| delta push (s, not per GiB) | $cd | $ad | $(awk -v a="$cd" -v b="$ad" 'BEGIN { printf "%.2f", a + b }') |"
+  echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
+  echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed) | $(per_gib "$C_qconv") / $(per_gib "$C_qrawf") | | |"
   echo
 done

@@ -24,14 +24,7 @@ func Normalize(ctx context.Context, w io.Writer, src *Image, opts WriteOptions) 
 		return 0, fmt.Errorf("qcow2: normalize: %w", err)
 	}
 	vsize := src.VirtualSize()
-	if opts.ClusterBits == 0 && opts.BackingFile != "" {
-		cb := wrDefaultClusterBits
-		for cb > wrMinClusterBits && !wrAligned(ext, int64(1)<<cb, vsize) {
-			cb--
-		}
-		opts.ClusterBits = cb
-	}
-	return Write(ctx, w, vsize, ext, src, opts)
+	return Write(ctx, w, vsize, ext, src, normalizeOptions(ext, vsize, opts))
 }
 
 // wrAligned reports whether every boundary between an Unallocated range and

@@ -1,0 +1,194 @@
+package qcow2
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// ErrNotNormalized: the bytes of an image are not what Normalize writes
+// for its content with the given options.
+var ErrNotNormalized = errors.New("qcow2: image is not in the writer's canonical form")
+
+// canonProbe is how many leading bytes of a data cluster CheckNormalized
+// reads to learn that it is not all zeros; only a cluster that starts
+// with that many zeros is read whole.
+const canonProbe = 4096
+
+// CheckNormalized reports whether r, the size bytes src was opened from,
+// is byte for byte what Normalize(ctx, w, src, opts) writes; if not, the
+// error wraps ErrNotNormalized. It gives the same verdict as re-encoding
+// and comparing, at a fraction of the reads:
+//
+// Without compression the writer's output is its metadata (header, L1,
+// refcounts, L2 tables), then the plain data clusters, in guest order.
+// The metadata is computed (the layout needs only which data clusters are
+// all zeros, learnt from their first bytes) and compared with r's. Once
+// it is equal, src's own L2 tables are the canonical ones, so each data
+// cluster src reads is read from exactly the host offset the writer puts
+// it at: the data area equals the writer's by construction and is not
+// read again (but for the zeros past the virtual size in a last, partial
+// cluster, which src never reads).
+//
+// With compression every cluster's stored form depends on its bytes (is
+// zstd's frame of it short enough, and which frame), so the layer is
+// re-encoded and compared with r, byte for byte.
+func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64, opts WriteOptions) error {
+	if src == nil {
+		return fmt.Errorf("qcow2: check: nil image")
+	}
+	ext, err := src.Extents()
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrNotNormalized, err)
+	}
+	vsize := src.VirtualSize()
+	opts = normalizeOptions(ext, vsize, opts)
+	opts.AssumeNoZeroData = false
+	cw := &compareWriter{r: r, size: size}
+	if opts.Compress {
+		n, err := Write(ctx, cw, vsize, ext, src, opts)
+		if err != nil {
+			return err
+		}
+		if n != size {
+			return fmt.Errorf("%w: %d bytes re-encode to %d", ErrNotNormalized, size, n)
+		}
+		return nil
+	}
+	p, err := wrNewPlan(vsize, ext, opts)
+	if err != nil {
+		return err
+	}
+	if err := p.probeZeros(ctx, src); err != nil {
+		return err
+	}
+	if err := p.layout(); err != nil {
+		return err
+	}
+	if want := p.hostClusters * p.cs; size != want {
+		return fmt.Errorf("%w: %d bytes, the canonical form of this content has %d", ErrNotNormalized, size, want)
+	}
+	bw := bufio.NewWriterSize(cw, wrBufBytes)
+	if err := p.writeMetadata(ctx, bw); err != nil {
+		return err
+	}
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	// Without compressed clusters the data area is the plain clusters,
+	// back to back, up to the end: nothing is padded.
+	if cw.pos != p.dataOff || p.dataOff+p.nPlain*p.cs != size {
+		return fmt.Errorf("qcow2: check: internal error: metadata ends at %d (planned %d), %d plain clusters, %d bytes", cw.pos, p.dataOff, p.nPlain, size)
+	}
+	return p.checkTail(src, r)
+}
+
+// checkTail: the one part of a plain data cluster src does not read is
+// what lies past the virtual size in the last cluster; the writer fills
+// it with zeros.
+func (p *wrPlan) checkTail(src *Image, r io.ReaderAt) error {
+	tail := p.vsize & (p.cs - 1)
+	if tail == 0 {
+		return nil
+	}
+	gc := p.vsize >> p.cb
+	e := src.entry(gc)
+	host := int64(e & offsetMask)
+	if host == 0 || e&entryCompressed != 0 {
+		return nil // not stored plain: nothing of it is in the data area
+	}
+	b := make([]byte, p.cs-tail)
+	if _, err := r.ReadAt(b, host+tail); err != nil {
+		return fmt.Errorf("qcow2: check: reading at %d: %w", host+tail, err)
+	}
+	if !p.isZero(b) {
+		return fmt.Errorf("%w: bytes past the virtual size in [%d, %d) are not zeros", ErrNotNormalized, host+tail, host+p.cs)
+	}
+	return nil
+}
+
+// normalizeOptions is the cluster size Normalize picks when opts leaves
+// it to the layer's ranges (see Normalize).
+func normalizeOptions(ext []Extent, vsize int64, opts WriteOptions) WriteOptions {
+	if opts.ClusterBits == 0 && opts.BackingFile != "" {
+		cb := wrDefaultClusterBits
+		for cb > wrMinClusterBits && !wrAligned(ext, int64(1)<<cb, vsize) {
+			cb--
+		}
+		opts.ClusterBits = cb
+	}
+	return opts
+}
+
+// probeZeros is the scan pass without compression: each data cluster is
+// stored plain unless it is all zeros. A cluster whose first canonProbe
+// bytes are not all zeros is not; only the others are read whole.
+func (p *wrPlan) probeZeros(ctx context.Context, data io.ReaderAt) error {
+	p.sizes = make([]uint32, p.nData)
+	buf := make([]byte, p.cs)
+	probe := min(int64(canonProbe), p.cs)
+	for _, r := range p.runs {
+		if r.class != wrClassData {
+			continue
+		}
+		for gc := r.start; gc < r.end; gc++ {
+			if (gc-r.start)%1024 == 0 {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+			}
+			head := buf[:probe]
+			if err := p.fill(head, gc*p.cs, data); err != nil {
+				return err
+			}
+			if p.isZero(head) {
+				if err := p.fill(buf, gc*p.cs, data); err != nil {
+					return err
+				}
+				if p.isZero(buf) {
+					continue // size 0: left out
+				}
+			}
+			p.sizes[r.dataIdx+gc-r.start] = uint32(p.cs)
+			p.nPlain++
+		}
+	}
+	return nil
+}
+
+// compareWriter compares what is written with r from offset 0 on; the
+// first difference (or a byte past size) is ErrNotNormalized.
+type compareWriter struct {
+	r    io.ReaderAt
+	size int64
+	pos  int64
+	buf  []byte
+}
+
+func (c *compareWriter) Write(p []byte) (int, error) {
+	for done := 0; done < len(p); {
+		n := min(len(p)-done, wrBufBytes)
+		if c.pos+int64(n) > c.size {
+			return done, fmt.Errorf("%w: the canonical form is longer than %d bytes", ErrNotNormalized, c.size)
+		}
+		if cap(c.buf) < n {
+			c.buf = make([]byte, wrBufBytes)
+		}
+		b := c.buf[:n]
+		if m, err := c.r.ReadAt(b, c.pos); m < n {
+			if err == nil || errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return done, fmt.Errorf("qcow2: check: reading at %d: %w", c.pos+int64(m), err)
+		}
+		if !bytes.Equal(b, p[done:done+n]) {
+			return done, fmt.Errorf("%w: bytes differ in [%d, %d)", ErrNotNormalized, c.pos, c.pos+int64(n))
+		}
+		c.pos += int64(n)
+		done += n
+	}
+	return len(p), nil
+}
