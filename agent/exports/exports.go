@@ -275,8 +275,13 @@ func parseName(path string) (token, file string, ok bool) {
 // link exports img's blob as is at dst and hashes it into h. The blob is
 // immutable, so a hard link is a safe zero-copy export; across
 // filesystems it is copied.
+// On a store without local blob paths (S3) the blob is streamed into dst
+// from OpenBlob and hashed on the way.
 func (s *Service) link(ctx context.Context, p jobs.Progress, img blobstore.Image, dst string, h io.Writer) (int64, error) {
 	src, err := s.layers.Blobs().BlobPath(img.Blob)
+	if errors.Is(err, blobstore.ErrNoLocalPath) {
+		return s.copyBlob(ctx, p, img, dst, h)
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -296,6 +301,24 @@ func (s *Service) link(ctx context.Context, p jobs.Progress, img blobstore.Image
 	}
 	p.SetTotal(fi.Size())
 	return io.Copy(h, jobs.Reader(p, ctxio.Reader(ctx, f)))
+}
+
+// copyBlob writes img's blob, read through OpenBlob, to dst and into h.
+func (s *Service) copyBlob(ctx context.Context, p jobs.Progress, img blobstore.Image, dst string, h io.Writer) (int64, error) {
+	b, err := s.layers.Blobs().OpenBlob(ctx, img.Blob)
+	if err != nil {
+		return 0, err
+	}
+	defer b.Close()
+	p.SetTotal(b.Size())
+	return fsutil.WriteFunc(dst, 0o644, func(w io.Writer) (int64, error) {
+		r := jobs.Reader(p, ctxio.Reader(ctx, io.NewSectionReader(b, 0, b.Size())))
+		n, err := io.Copy(io.MultiWriter(w, h), r)
+		if err == nil && n != b.Size() {
+			err = fmt.Errorf("blob %s: copied %d of %d bytes", img.Blob, n, b.Size())
+		}
+		return n, err
+	})
 }
 
 func copyFile(ctx context.Context, src, dst string) error {

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
+	"imagestore/blobstore/blobstoretest"
 	"imagestore/layer"
 	"imagestore/qcow2"
 )
@@ -25,17 +27,30 @@ import (
 type env struct {
 	store *blobstore.Store
 	root  string
+	paths bool // the store's BlobPath works
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvPaths(t, true) }
+
+// newEnvPaths is newEnv; without paths the store's BlobPath answers
+// blobstore.ErrNoLocalPath, as a store on S3 does.
+func newEnvPaths(t *testing.T, paths bool) *env {
 	t.Helper()
 	dir := t.TempDir()
-	st, err := blobstore.Open(context.Background(), blobstore.Options{Root: dir})
+	opts := blobstore.Options{Root: dir}
+	if !paths {
+		local, err := blobstore.NewLocal(blobstore.LocalOptions{Root: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Backend = blobstoretest.NoPaths(local)
+	}
+	st, err := blobstore.Open(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = st.Close() })
-	return &env{store: st, root: filepath.Join(dir, "exports")}
+	return &env{store: st, root: filepath.Join(dir, "exports"), paths: paths}
 }
 
 func (e *env) service(t *testing.T, mod func(*Options)) *Service {
@@ -149,6 +164,54 @@ func TestCreateOpaqueBlob(t *testing.T) {
 	}
 	if _, err := s.Create(context.Background(), jobs.Nop{}, img, "raw"); err == nil {
 		t.Fatal("an opaque blob exported as raw")
+	}
+}
+
+// TestNativeExportWithoutPaths: exports of blobs as they are (an opaque
+// blob, a raw image, a standalone qcow2) are the same bytes, hash and
+// progress whether the blob is linked from its file or streamed from a
+// store without local paths.
+func TestNativeExportWithoutPaths(t *testing.T) {
+	t.Parallel()
+	guest := make([]byte, 1<<20)
+	for i := range 300 << 10 {
+		guest[i] = byte(i%249) | 1
+	}
+	blobs := []struct {
+		data   []byte
+		format string
+	}{
+		{[]byte("an opaque database dump"), "gzip"},
+		{bytes.Repeat([]byte("raw disk "), 20000), "raw"},
+		{qcowLayer(t, guest, "", [2]int64{0, 320 << 10}), "qcow2"},
+	}
+	got := map[bool][]Meta{}
+	for _, paths := range []bool{true, false} {
+		e := newEnvPaths(t, paths)
+		s := e.service(t, nil)
+		for i, b := range blobs {
+			img := e.put(t, blobstore.Ref{Name: "n", ID: fmt.Sprint(i)}, "", b.data, b.format)
+			if _, err := e.store.BlobPath(img.Blob); (err == nil) != paths || (!paths && !errors.Is(err, blobstore.ErrNoLocalPath)) {
+				t.Fatalf("paths=%v: BlobPath: %v", paths, err)
+			}
+			var p recorder
+			exp, err := s.Create(context.Background(), &p, img, "")
+			if err != nil {
+				t.Fatalf("paths=%v, %s: %v", paths, b.format, err)
+			}
+			if data := readExport(t, s, exp); !bytes.Equal(data, b.data) || exp.MD5Sum != md5hex(b.data) || exp.Size != int64(len(b.data)) {
+				t.Fatalf("paths=%v, %s: export of %d bytes, meta %+v", paths, b.format, len(data), exp.Meta)
+			}
+			if p.total.Load() != int64(len(b.data)) || p.done.Load() != int64(len(b.data)) {
+				t.Fatalf("paths=%v, %s: progress %d of %d", paths, b.format, p.done.Load(), p.total.Load())
+			}
+			got[paths] = append(got[paths], Meta{ExtFmt: exp.ExtFmt, MD5Sum: exp.MD5Sum, Size: exp.Size})
+		}
+	}
+	for i := range blobs {
+		if got[true][i] != got[false][i] {
+			t.Errorf("%s: with paths %+v, without %+v", blobs[i].format, got[true][i], got[false][i])
+		}
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/internal/redact"
+	"imagestore/transfer/nbdserve"
 )
 
 // RemoteTarget is where WriteRemote writes an image.
@@ -36,7 +37,11 @@ const maxRemoteConcurrency = 16
 // qcow2 image's chain is opened through layer.Store.OpenChain (held
 // against GC, checked, every layer's digest verified) and read by
 // qemu-img in place; a raw or ISO image's blob is verified and held the
-// same way. The target must be at least the image's virtual size.
+// same way. On a store without local blob paths (S3) qemu-img reads the
+// same guest view from our own NBD server (transfer/nbdserve) on a
+// private unix socket instead: the chain through our qcow2 reader, a raw
+// or ISO blob as it is. The target must be at least the image's virtual
+// size.
 func (s *Service) WriteRemote(ctx context.Context, p jobs.Progress, img blobstore.Image, t RemoteTarget) error {
 	target, err := nbdTarget(t.URL)
 	if err != nil {
@@ -44,14 +49,16 @@ func (s *Service) WriteRemote(ctx context.Context, p jobs.Progress, img blobstor
 	}
 	p.SetImage("", img.InstallPath(), img.Format)
 	var srcFmt string
+	var export nbdserve.Export // what the no-path route serves
 	switch img.Format {
 	case "qcow2":
-		_, closeChain, err := s.layers.OpenChain(ctx, img.Ref)
+		chain, closeChain, err := s.layers.OpenChain(ctx, img.Ref)
 		if err != nil {
 			return err
 		}
 		defer closeChain()
 		srcFmt = "qcow2"
+		export = nbdserve.Export{Size: chain.VirtualSize(), Data: chain, Extents: chain.Extents}
 	case "raw", "iso":
 		release := s.layers.Blobs().Hold(img.Blob)
 		defer release()
@@ -63,7 +70,28 @@ func (s *Service) WriteRemote(ctx context.Context, p jobs.Progress, img blobstor
 		return fmt.Errorf("image %s has format %s; only qcow2, raw and iso images can be written to a remote target", img.Ref, img.Format)
 	}
 	src, err := s.layers.Blobs().BlobPath(img.Blob)
-	if err != nil {
+	if errors.Is(err, blobstore.ErrNoLocalPath) {
+		if export.Data == nil {
+			b, err := s.layers.Blobs().OpenBlob(ctx, img.Blob)
+			if err != nil {
+				return err
+			}
+			defer b.Close()
+			export = nbdserve.Export{Size: b.Size(), Data: b}
+		}
+		export.Name = "image"
+		srv, err := nbdserve.New(nbdserve.Options{Export: export, Logger: s.log.With("image", img.Ref.String())})
+		if err != nil {
+			return err
+		}
+		// A private 0700 dir under $TMPDIR; removed when the write ends.
+		l, err := srv.ListenUnix(ctx, "")
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		src, srcFmt = l.URI(), "raw"
+	} else if err != nil {
 		return err
 	}
 	m := min(max(t.Concurrency, 1), maxRemoteConcurrency)

@@ -56,9 +56,20 @@ func serveNBD(t *testing.T, file, format string) string {
 	return fmt.Sprintf("nbd://127.0.0.1:%d/tgt", port)
 }
 
+// TestWriteRemoteNBD runs twice: qemu-img reading the blobs in place,
+// and (a store without local paths) reading the same guest view from our
+// own NBD server; the targets must come out the same.
 func TestWriteRemoteNBD(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
+	for _, paths := range []bool{true, false} {
+		t.Run(fmt.Sprintf("paths=%v", paths), func(t *testing.T) {
+			t.Parallel()
+			testWriteRemote(t, newEnvPaths(t, paths))
+		})
+	}
+}
+
+func testWriteRemote(t *testing.T, e *env) {
 	s := e.service(t, nil)
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -74,6 +85,9 @@ func TestWriteRemoteNBD(t *testing.T) {
 	top := e.put(t, blobstore.Ref{Name: "vol", ID: "top"}, base.Ref.String(),
 		qcowLayer(t, guest, blobstore.BackingName(base.Blob), [2]int64{384 << 10, 128 << 10}, [2]int64{2 << 20, 64 << 10}), "qcow2")
 	top.VirtualSize = size
+	if _, err := e.store.BlobPath(top.Blob); (err == nil) != e.paths || (!e.paths && !errors.Is(err, blobstore.ErrNoLocalPath)) {
+		t.Fatalf("paths=%v: BlobPath: %v", e.paths, err)
+	}
 	want := filepath.Join(dir, "want.raw")
 	if err := os.WriteFile(want, guest, 0o600); err != nil {
 		t.Fatal(err)

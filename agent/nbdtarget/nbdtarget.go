@@ -52,7 +52,8 @@ type Options struct {
 // fails with the reason (Err).
 type Service struct {
 	mgr     *nbd.Manager
-	err     error // why mgr is nil
+	err     error  // why mgr is nil
+	dir     string // Options.Dir
 	layers  *layer.Store
 	uploads *uploads.Uploads
 	log     *slog.Logger
@@ -75,7 +76,7 @@ func New(opts Options) *Service {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Service{layers: opts.Layers, uploads: opts.Uploads, log: opts.Logger, remotes: map[string]*remote{}, links: map[string][]string{}}
+	s := &Service{dir: opts.Dir, layers: opts.Layers, uploads: opts.Uploads, log: opts.Logger, remotes: map[string]*remote{}, links: map[string][]string{}}
 	psk := opts.Config.PSK(opts.HasToken)
 	lo, hi, err := opts.Config.Ports()
 	if err == nil && (opts.Layers == nil || opts.Uploads == nil) {
@@ -85,6 +86,13 @@ func New(opts Options) *Service {
 	if err == nil && opts.CertFile != "" && !psk {
 		tlsDir = filepath.Join(opts.Dir, "tls")
 		err = prepareTLS(tlsDir, opts.CertFile, opts.KeyFile)
+	}
+	if err == nil {
+		// The chain servers' sockets (a store without local paths) die
+		// with the agent; a previous run's are stale.
+		if err = os.RemoveAll(s.chainDir()); err == nil {
+			err = os.MkdirAll(s.chainDir(), 0o700)
+		}
 	}
 	if err == nil {
 		s.mgr, err = nbd.NewManager(nbd.Options{

@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"imagestore/agent/jobs"
 	"imagestore/agent/nbd"
 	"imagestore/blobstore"
 	"imagestore/layer"
+	"imagestore/transfer/nbdserve"
 )
 
 // Remote is a stored chain served writable over its own copy-on-write
@@ -56,6 +59,16 @@ func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore
 		return Remote{}, err
 	}
 	path, err := s.layers.Blobs().BlobPath(img.Blob)
+	if errors.Is(err, blobstore.ErrNoLocalPath) {
+		// No file to hand qemu-nbd (S3): our own chain server instead.
+		srv, stop, err := s.serveOverChainServer(ctx, m, img, name)
+		if err != nil {
+			release()
+			return Remote{}, err
+		}
+		s.remotes[srv.ID] = &remote{installPath: img.InstallPath(), release: func() { stop(); release() }}
+		return remoteOf(host, srv, img.InstallPath()), nil
+	}
 	if err != nil {
 		release()
 		return Remote{}, err
@@ -67,6 +80,55 @@ func (s *Service) ServeChain(ctx context.Context, p jobs.Progress, img blobstore
 	}
 	s.remotes[srv.ID] = &remote{installPath: img.InstallPath(), release: release}
 	return remoteOf(host, srv, img.InstallPath()), nil
+}
+
+// chainDir holds the unix sockets of the chain servers (0700, private).
+func (s *Service) chainDir() string { return filepath.Join(s.dir, "chains") }
+
+// serveOverChainServer serves img's chain for a store without local
+// paths: the chain is opened through our own qcow2 reader (ranged reads
+// of the blobs, nothing read whole first, so a guest can boot within
+// seconds whatever the chain's size) and served read-only by a
+// transfer/nbdserve server on a private unix socket; qemu-nbd serves a
+// fresh overlay backed by that socket. qemu never parses a stored byte:
+// it sees the raw guest view our reader produces, and its overlay is its
+// own. stop closes the chain server and the chain; call it once the
+// qemu-nbd server has stopped.
+func (s *Service) serveOverChainServer(ctx context.Context, m *nbd.Manager, img blobstore.Image, name string) (nbd.Server, func(), error) {
+	start := time.Now()
+	chain, closeChain, err := s.layers.OpenChainUnverified(ctx, img.Ref)
+	if err != nil {
+		return nbd.Server{}, nil, fmt.Errorf("opening the chain of %s: %w", img.Ref, err)
+	}
+	cs, err := nbdserve.New(nbdserve.Options{
+		Export: nbdserve.Export{Name: "chain", Size: chain.VirtualSize(), Data: chain, Extents: chain.Extents},
+		Logger: s.log.With("image", img.Ref.String()),
+	})
+	if err != nil {
+		closeChain()
+		return nbd.Server{}, nil, err
+	}
+	// The server lives as long as the export, not the request.
+	l, err := cs.ListenUnix(context.WithoutCancel(ctx), s.chainDir())
+	if err != nil {
+		closeChain()
+		return nbd.Server{}, nil, err
+	}
+	stop := func() {
+		if err := l.Close(); err != nil {
+			s.log.Warn("closing the chain server", "image", img.Ref.String(), "err", err)
+		}
+		closeChain()
+	}
+	srv, err := m.ServeOverlayNBD(ctx, l.URI(), chain.VirtualSize(), name)
+	if err != nil {
+		stop()
+		return nbd.Server{}, nil, err
+	}
+	s.log.Info("chain served through our own reader (no local blob paths)", "image", img.Ref.String(),
+		"layers", len(chain.Images), "virtualSize", chain.VirtualSize(), "socket", l.Socket, "port", srv.Port,
+		"startMs", time.Since(start).Milliseconds())
+	return srv, stop, nil
 }
 
 // forgetDead releases the chains of exports whose server died (mu held).

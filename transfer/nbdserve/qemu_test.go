@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -248,5 +249,53 @@ func TestRawExport(t *testing.T) {
 	out := qemutest.Run(t, "qemu-img", "map", "-f", "raw", "--output=json", l.URI())
 	if !bytes.Contains(out, []byte(`"data": true`)) || bytes.Contains(out, []byte(`"data": false`)) {
 		t.Fatalf("qemu-img map of a raw export: %s", out)
+	}
+}
+
+// BenchmarkConvert: qemu-img convert of a 256 MiB fully allocated qcow2
+// image to raw, reading the file in place ("file") or its guest view
+// through our reader and this server ("nbdserve"), -m 8 both.
+func BenchmarkConvert(b *testing.B) {
+	const size = 256 << 20
+	dir := b.TempDir()
+	img := filepath.Join(dir, "img.qcow2")
+	qemutest.Create(b, img, size, "")
+	var cmds []string
+	for off := int64(0); off < size; off += 16 << 20 {
+		cmds = append(cmds, "write -P "+strconv.Itoa(int(off>>20)%251+1)+" "+strconv.FormatInt(off, 10)+" 16M")
+	}
+	qemutest.IO(b, img, cmds...)
+	f, err := os.Open(img)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	im, err := qcow2.Open(f, fi.Size())
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := qcow2.NewChain(im)
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, err := New(Options{Export: Export{Name: "img", Size: c.VirtualSize(), Data: c, Extents: c.Extents}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	l, err := s.ListenUnix(context.Background(), dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	out := filepath.Join(dir, "out.raw")
+	for _, src := range []struct{ name, fmt, path string }{{"file", "qcow2", img}, {"nbdserve", "raw", l.URI()}} {
+		b.Run(src.name, func(b *testing.B) {
+			b.SetBytes(size)
+			for b.Loop() {
+				qemutest.Run(b, "qemu-img", "convert", "-m", "8", "-f", src.fmt, "-O", "raw", src.path, out)
+				_ = os.Remove(out)
+			}
+		})
 	}
 }
