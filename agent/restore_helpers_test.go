@@ -18,6 +18,7 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/blobstore"
+	"imagestore/blobstore/blobstoretest"
 )
 
 // restoreEnv is an agent over a fresh store, served by httptest.
@@ -42,8 +43,23 @@ func r7requireTools(t *testing.T, tools ...string) {
 
 func newRestoreEnv(t *testing.T, mod func(*config.Config)) *restoreEnv {
 	t.Helper()
+	return newRestoreEnvPaths(t, mod, true)
+}
+
+// newRestoreEnvPaths is newRestoreEnv; without paths the store's BlobPath
+// answers blobstore.ErrNoLocalPath, as a store on S3 does.
+func newRestoreEnvPaths(t *testing.T, mod func(*config.Config), paths bool) *restoreEnv {
+	t.Helper()
 	root := t.TempDir()
-	store, err := blobstore.Open(context.Background(), blobstore.Options{Root: root, CommitGrace: time.Nanosecond})
+	opts := blobstore.Options{Root: root, CommitGrace: time.Nanosecond}
+	if !paths {
+		local, err := blobstore.NewLocal(blobstore.LocalOptions{Root: root})
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Backend = blobstoretest.NoPaths(local)
+	}
+	store, err := blobstore.Open(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"imagestore/agent/config"
+	"imagestore/agent/jobs"
 	"imagestore/blobstore"
 	"imagestore/internal/testwait"
 	"imagestore/layer"
@@ -62,10 +64,22 @@ func r7metricsText(t *testing.T, e *restoreEnv) string {
 // the export (PROTOCOL D3): the guest's writes and discards are accepted
 // and read back, the stored chain's blobs stay byte for byte the same,
 // and remotetarget/delete stops the server and removes the overlay.
+//
+// It runs twice: qemu-nbd reading the blobs in place, and, on a store
+// without local blob paths (S3), over the agent's own chain server.
 func TestRemoteTargetInstantRestore(t *testing.T) {
 	t.Parallel()
+	for _, paths := range []bool{true, false} {
+		t.Run(fmt.Sprintf("paths=%v", paths), func(t *testing.T) {
+			t.Parallel()
+			testRemoteTargetInstantRestore(t, paths)
+		})
+	}
+}
+
+func testRemoteTargetInstantRestore(t *testing.T, paths bool) {
 	r7requireTools(t, "qemu-img", "qemu-io", "qemu-nbd")
-	e := newRestoreEnv(t, func(c *config.Config) { c.NBD.ClientAuth = "none" })
+	e := newRestoreEnvPaths(t, func(c *config.Config) { c.NBD.ClientAuth = "none" }, paths)
 	files := r7makeChain(t, e.dir, 8<<20)
 	imgs := e.importChain(t, "vol", files...)
 	top := imgs[2]
@@ -73,17 +87,26 @@ func TestRemoteTargetInstantRestore(t *testing.T) {
 		t.Helper()
 		out := map[string]string{}
 		for _, img := range imgs {
-			p, err := e.store.BlobPath(img.Blob)
+			b, err := e.store.OpenBlob(context.Background(), img.Blob)
 			if err != nil {
 				t.Fatal(err)
 			}
-			b, err := os.ReadFile(p)
-			if err != nil {
+			h := sha256.New()
+			if _, err := io.Copy(h, io.NewSectionReader(b, 0, b.Size())); err != nil {
 				t.Fatal(err)
 			}
-			out[p] = fmt.Sprintf("%x", sha256.Sum256(b))
+			_ = b.Close()
+			out[img.Blob.String()] = fmt.Sprintf("%x", h.Sum(nil))
 		}
 		return out
+	}
+	chainSockets := func() []os.DirEntry {
+		t.Helper()
+		ents, err := os.ReadDir(filepath.Join(e.a.root, "nbd", "chains"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ents
 	}
 	before := chainSums()
 
@@ -99,6 +122,9 @@ func TestRemoteTargetInstantRestore(t *testing.T) {
 	}
 	// The guest sees the stored chain.
 	r7run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, files[2])
+	if n := len(chainSockets()); n != map[bool]int{true: 0, false: 1}[paths] {
+		t.Fatalf("paths=%v: %d chain servers", paths, n)
+	}
 	if m := r7metricsText(t, e); !strings.Contains(m, `imagestore_agent_nbd_servers{kind="remote"} 1`) {
 		t.Fatalf("metrics lack the remote server:\n%s", r7grepLines(m, "nbd"))
 	}
@@ -140,6 +166,9 @@ func TestRemoteTargetInstantRestore(t *testing.T) {
 	testwait.For(t, "server to stop", func() bool { return r7portClosed(port) })
 	if left, err := os.ReadDir(filepath.Join(e.a.root, "nbd", "overlays")); err != nil || len(left) != 0 {
 		t.Fatalf("overlay left after delete: %v %v", left, err)
+	}
+	if left := chainSockets(); len(left) != 0 {
+		t.Fatalf("chain server left after delete: %v", left)
 	}
 	if del := e.ok(t, "/imagestore/remotetarget/delete-sync", map[string]any{"targetUri": uri}); r7num(del["deleted"]) != 0 {
 		t.Fatalf("second delete: %v", del)
@@ -304,6 +333,20 @@ func r7flattenTo(t *testing.T, e *restoreEnv, installPath, dst string) {
 		t.Fatal(err)
 	}
 	p, err := e.store.BlobPath(img.Blob)
+	if errors.Is(err, blobstore.ErrNoLocalPath) {
+		// No file for qemu-img: the agent's own raw export of the image.
+		exp, err := e.a.exports.Create(context.Background(), jobs.Nop{}, img, "raw")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, f, err := e.a.exports.Open(exp.Token, exp.File)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		r7run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", f.Name(), dst)
+		return
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -264,10 +264,12 @@ func socketDir(dir string) (string, error) {
 	return d, err
 }
 
-// uriSafe: characters an nbd+unix URI's socket parameter carries as they are.
+// uriSafe: characters an nbd+unix URI's socket parameter carries as they
+// are (qemu splits the query at '&' and a parameter at its first '=', and
+// unescapes '%').
 func uriSafe(p string) bool {
 	for _, c := range p {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("/._-", c)) {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("/._-=:@~", c)) {
 			return false
 		}
 	}

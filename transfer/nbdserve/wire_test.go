@@ -6,6 +6,9 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -280,6 +283,48 @@ func TestDescriptors(t *testing.T) {
 				if got[i] != tc.want[i] {
 					t.Fatalf("got %v, want %v", got, tc.want)
 				}
+			}
+		})
+	}
+}
+
+// TestSocketDir: the socket goes under the given dir when its path fits a
+// unix socket address and an NBD URI as it is, else under os.TempDir().
+func TestSocketDir(t *testing.T) {
+	base := t.TempDir()
+	for _, tc := range []struct {
+		name  string
+		dir   string
+		under bool
+	}{
+		{"plain", filepath.Join(base, "run"), true},
+		{"equals sign", filepath.Join(base, "a=b"), true},
+		{"ampersand", filepath.Join(base, "a&b"), false},
+		{"space", filepath.Join(base, "a b"), false},
+		{"too long", filepath.Join(base, strings.Repeat("d", 100)), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.MkdirAll(tc.dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			s, err := New(Options{Export: testExport()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, err := s.ListenUnix(context.Background(), tc.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			parent := filepath.Dir(filepath.Dir(l.Socket))
+			if (parent == tc.dir) != tc.under || (!tc.under && parent != filepath.Clean(os.TempDir())) {
+				t.Fatalf("socket %s for dir %s", l.Socket, tc.dir)
+			}
+			if fi, err := os.Stat(filepath.Dir(l.Socket)); err != nil || fi.Mode().Perm() != 0o700 {
+				t.Fatalf("socket dir: %v %v", fi, err)
+			}
+			if len(l.Socket) > maxSocketPath || !strings.HasSuffix(l.URI(), "?socket="+l.Socket) {
+				t.Fatalf("socket %s, URI %s", l.Socket, l.URI())
 			}
 		})
 	}
