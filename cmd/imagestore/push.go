@@ -42,6 +42,7 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	desc := fs.String("desc", "", "description stored with the image")
 	arch := fs.String("arch", "", "architecture stored with the image")
 	author := fs.String("author", "", "author stored with the image")
+	mount := fs.Bool("mount", true, "when the last push of this unchanged FILE made a layer with these options, ask the store for it first and send nothing if it has it")
 	compress := fs.Bool("compress", false, "store the layer's compressible clusters zstd-compressed (qemu reads them in place); reads FILE twice")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
@@ -109,9 +110,23 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	defer src.f.Close()
-	layer, err := pushLayer(ctx, g, c, ref.Name, src, qcow2.WriteOptions{BackingFile: backing, Compress: *compress}, *conc, ratelimit.New(bw.v))
-	if err != nil {
-		return err
+	opts := qcow2.WriteOptions{BackingFile: backing, Compress: *compress}
+	cache, key, fid, at, cacheable := sourceCache(g, src, opts)
+	var layer pushed
+	if *mount {
+		if layer, err = mountKnown(ctx, c, ref.Name, src, added, opts, cache, key, fid, cacheable); err != nil {
+			return err
+		}
+	}
+	if layer.digest == "" {
+		if layer, err = pushLayer(ctx, g, c, ref.Name, src, opts, *conc, ratelimit.New(bw.v)); err != nil {
+			return err
+		}
+		if cacheable {
+			if err := cache.put(key, fid, at, layer.digest, layer.size); err != nil {
+				fmt.Fprintf(g.stderr, "%v (the next push of this file sends it again)\n", err)
+			}
+		}
 	}
 	sent := layer.sent
 	img := blobstore.Image{
@@ -230,6 +245,56 @@ func openSource(path string, parentChain []blobstore.Image) (*source, error) {
 	}
 	ok = true
 	return s, nil
+}
+
+// sourceCache is the push cache's key for src under opts and the file's
+// identity now; cacheable is false for a qcow2 whose local backing files
+// are flattened into the layer (their changes would not show in FILE's
+// identity) and when FILE cannot be identified.
+func sourceCache(g *globals, src *source, opts qcow2.WriteOptions) (pushCache, pushCacheKey, fileID, time.Time, bool) {
+	cache := pushCache{dir: g.stateDir}
+	if src.im != nil && opts.BackingFile == "" && src.im.BackingFile() != "" {
+		return cache, pushCacheKey{}, fileID{}, time.Time{}, false
+	}
+	abs, err := canonicalPath(src.path)
+	if err != nil {
+		return cache, pushCacheKey{}, fileID{}, time.Time{}, false
+	}
+	id, at, err := statID(src.f)
+	if err != nil {
+		return cache, pushCacheKey{}, fileID{}, time.Time{}, false
+	}
+	return cache, pushCacheKey{Path: abs, Backing: opts.BackingFile, Compress: opts.Compress}, id, at, true
+}
+
+// mountKnown looks for a layer of src the store may already hold: the one
+// the push cache recorded for this unchanged file and these options, or
+// the one add measured (a base layer without -compress, the file unchanged
+// since). If the store has it (a mount, which also keeps it from GC until
+// the manifest names it), the returned layer is it and nothing is read or
+// sent; else the returned layer is empty and the caller pushes.
+func mountKnown(ctx context.Context, c *oci.Client, name string, src *source, added *indexEntry, opts qcow2.WriteOptions, cache pushCache, key pushCacheKey, id fileID, cacheable bool) (pushed, error) {
+	var d digest.Digest
+	var size int64
+	if cacheable {
+		d, size, _ = cache.get(key, id)
+	}
+	if d == "" && added != nil && !added.Pulled && added.Blobsum != "" && opts.BackingFile == "" && !opts.Compress {
+		if st, err := src.f.Stat(); err == nil && added.sameFile(st) {
+			d, size = added.Blobsum, added.Size
+		}
+	}
+	if d == "" {
+		return pushed{}, nil
+	}
+	ok, err := c.MountBlob(ctx, name, d)
+	if ctx.Err() != nil {
+		return pushed{}, ctx.Err()
+	}
+	if err != nil || !ok {
+		return pushed{}, nil // the push sends it
+	}
+	return pushed{digest: d, size: size, virtualSize: src.vsize}, nil
 }
 
 // pushed is a layer the store now holds.

@@ -90,9 +90,10 @@ func TestPushPullChain(t *testing.T) {
 	}
 
 	// Pushing the same delta again gives the same layer: the encoder is
-	// deterministic (the bytes stream again; the digest is learnt at the end).
+	// deterministic (the bytes stream again, -mount=false; the digest is
+	// learnt at the end).
 	var again pushResult
-	cliJSON(t, &again, append(append([]string{}, g...), "push", "-json", "-name", name, "-id", "again", "-parent", refs[2], files[3])...)
+	cliJSON(t, &again, append(append([]string{}, g...), "push", "-json", "-mount=false", "-name", name, "-id", "again", "-parent", refs[2], files[3])...)
 	if again.Blobsum != sums[3] || again.Sent != again.Size {
 		t.Fatalf("re-push: %+v, first push's blobsum %s", again, sums[3])
 	}
@@ -428,5 +429,67 @@ func TestCompressedChainInPlace(t *testing.T) {
 	testwait.For(t, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
 	if out, err := qemutest.RunErr("qemu-img", "compare", "-f", "raw", "-F", "qcow2", "nbd+unix:///?socket="+sock, top); err != nil {
 		t.Fatalf("qemu-nbd over the stored chain differs: %v: %s", err, out)
+	}
+}
+
+// TestRepushMounts: a push of a file the last push already sent (same
+// file, unchanged, same options) sends nothing when the store has the
+// layer; a changed file, other options or a store without the layer get
+// the bytes.
+func TestRepushMounts(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	f := filepath.Join(dir, "disk.raw")
+	b := bytes.Repeat([]byte("imagestore"), 4<<20/10+1)
+	if err := os.WriteFile(f, b[:4<<20], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Only a file that had not changed for a while is remembered.
+	time.Sleep(pushCacheSettle + 100*time.Millisecond)
+	push := func(s *store, args ...string) pushResult {
+		t.Helper()
+		var res pushResult
+		cliJSON(t, &res, append(append([]string{"-url", s.url, "-quiet", "push", "-json"}, args...), f)...)
+		return res
+	}
+	first := push(s, "-name", "vol", "-id", "a")
+	if first.Sent != first.Size || first.Size == 0 {
+		t.Fatalf("first push: %+v", first)
+	}
+	before := s.received(t)
+	again := push(s, "-name", "vol2", "-id", "b")
+	if again.Sent != 0 || again.Blobsum != first.Blobsum || again.Size != first.Size {
+		t.Fatalf("repush of an unchanged file: %+v, first %+v", again, first)
+	}
+	// Only the small config blob (the records) is uploaded.
+	if got := s.received(t); got-before > 4096 {
+		t.Fatalf("the store received %d bytes for a layer it had", got-before)
+	}
+	dst := filepath.Join(dir, "out.raw")
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-format", "raw", "-installpath", dst, "vol2:b")
+	if got, err := os.ReadFile(dst); err != nil || !bytes.Equal(got, b[:4<<20]) {
+		t.Fatalf("pull of the mounted layer differs from the file (%v)", err)
+	}
+	if c := push(s, "-name", "vol", "-id", "c", "-compress"); c.Sent != c.Size {
+		t.Fatalf("other options: %+v", c)
+	}
+	if c := push(s, "-name", "vol", "-id", "e", "-mount=false"); c.Sent != c.Size || c.Blobsum != first.Blobsum {
+		t.Fatalf("-mount=false: %+v", c)
+	}
+	if other := push(startStore(t, ""), "-name", "vol", "-id", "a"); other.Sent != other.Size {
+		t.Fatalf("a store without the layer: %+v", other)
+	}
+	// A write changes the file's ctime: the remembered layer is not used.
+	fh, err := os.OpenFile(f, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fh.WriteAt([]byte("X"), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	fh.Close()
+	changed := push(s, "-name", "vol", "-id", "d")
+	if changed.Sent != changed.Size || changed.Blobsum == first.Blobsum {
+		t.Fatalf("push of a changed file: %+v, first %+v", changed, first)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"imagestore/internal/retry"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -133,6 +134,36 @@ func (c *Client) resumeErr(ctx context.Context, what string, tries int, err erro
 		return fmt.Errorf("%s: giving up after %d resumes: %w", what, tries-1, err)
 	}
 	return err
+}
+
+// MountBlob asks the registry to link blob d into repository name without
+// sending it (a cross-repository mount from name itself): true when the
+// registry has it (ours then keeps it from GC long enough for a manifest
+// naming it to follow), false when it has not, the upload session a
+// registry opens instead being cancelled.
+func (c *Client) MountBlob(ctx context.Context, name string, d digest.Digest) (bool, error) {
+	if err := d.Validate(); err != nil {
+		return false, err
+	}
+	ctx, cancel := c.quick(ctx)
+	defer cancel()
+	u := c.url("/v2/" + name + "/blobs/uploads/?mount=" + url.QueryEscape(d.String()) + "&from=" + url.QueryEscape(name))
+	resp, err := c.do(ctx, http.MethodPost, u, http.NoBody, nil)
+	if err != nil {
+		return false, err
+	}
+	switch resp.StatusCode {
+	case http.StatusCreated:
+		drain(resp)
+		return true, nil
+	case http.StatusAccepted:
+		drain(resp)
+		if loc := resp.Header.Get("Location"); loc != "" {
+			c.cancelUpload(ctx, loc)
+		}
+		return false, nil
+	}
+	return false, expect(resp, http.StatusCreated, http.StatusAccepted)
 }
 
 func (c *Client) startUpload(ctx context.Context, name string) (string, error) {
