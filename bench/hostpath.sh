@@ -26,6 +26,7 @@ COMPRESS=${COMPRESS:-false}   # the CLI default
 BOTH=${BOTH:-}
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hostpath-bench.XXXXXX")}
 AGENT_PID=
+export IMAGESTORE_STATE_DIR=$DIR/state   # the CLI's push cache: never the machine's own
 cleanup() { [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT
 

@@ -367,7 +367,7 @@ func fetchDump(ctx context.Context, g *globals, c *oci.Client, ri *remoteImage, 
 	}
 	defer os.Remove(tmp.Name())
 	p := g.newProgress("download", ri.Top().Size)
-	_, err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp, lim, p)
+	_, err = downloadBlob(ctx, c, ri.Ref.Name, ri.Manifest.Layers[0], tmp, lim, p.Add)
 	p.Done()
 	if cerr := tmp.Close(); err == nil {
 		err = cerr

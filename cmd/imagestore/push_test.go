@@ -493,3 +493,50 @@ func TestRepushMounts(t *testing.T) {
 		t.Fatalf("push of a changed file: %+v, first %+v", changed, first)
 	}
 }
+
+// TestPullVerify: a layer damaged at rest on the store fails a pull (by
+// default every layer is checked against its digest) and leaves DST as it
+// was; -verify=false trusts the store and writes what it serves.
+func TestPullVerify(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	f := filepath.Join(dir, "disk.raw")
+	b := bytes.Repeat([]byte{7, 1, 2, 3}, 1<<20)
+	if err := os.WriteFile(f, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var res pushResult
+	cliJSON(t, &res, "-url", s.url, "-quiet", "push", "-json", "-name", "vol", "-id", "a", f)
+	dst := filepath.Join(dir, "out.raw")
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-format", "raw", "-installpath", dst, "vol:a")
+	if got, _ := os.ReadFile(dst); !bytes.Equal(got, b) {
+		t.Fatal("pull differs from the pushed file")
+	}
+	// Damage the last byte of the layer (plain data: the reader cannot tell).
+	d := digest.Digest(res.Blobsum)
+	blob := filepath.Join(s.root, "blobs", "sha256", d.Encoded()[:2], d.Encoded())
+	raw, err := os.ReadFile(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw[len(raw)-1] ^= 0xff
+	if err := os.Chmod(blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(blob, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, errs, code := cli(t, "-url", s.url, "-quiet", "pull", "-format", "raw", "-installpath", dst, "vol:a"); code == 0 || !strings.Contains(errs, "verify") {
+		t.Fatalf("pull of a damaged layer: exit %d, %s", code, errs)
+	}
+	if got, _ := os.ReadFile(dst); !bytes.Equal(got, b) {
+		t.Fatal("a failed pull changed DST")
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".*")); len(left) != 0 {
+		t.Fatalf("pull left temp files: %v", left)
+	}
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-verify=false", "-format", "raw", "-installpath", dst, "vol:a")
+	if got, _ := os.ReadFile(dst); bytes.Equal(got, b) || len(got) != len(b) {
+		t.Fatal("-verify=false: want the damaged layer's content")
+	}
+}

@@ -364,7 +364,7 @@ func vmRestoreCmd(ctx context.Context, g *globals, args []string) error {
 			total += l.Size
 		}
 		p := g.newProgress("restore "+j.disk.Disk, total)
-		n, err := flattenRemote(ctx, c, ri, j.disk.File, j.disk.Format, *conc, ratelimit.New(0), p)
+		n, err := flattenRemote(ctx, c, ri, j.disk.File, j.disk.Format, *conc, ratelimit.New(0), p, true)
 		p.Done()
 		c.CloseIdleConnections()
 		if err != nil {
