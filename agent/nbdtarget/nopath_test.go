@@ -244,14 +244,17 @@ func TestChainServerEndsWithQemuNBD(t *testing.T) {
 	}
 }
 
-// TestInstantRestoreStartsAtOnce: an 8 GiB chain on a store without
+// TestInstantRestoreStartsAtOnce: an 8 GiB (and a 1 TiB) chain on a store without
 // local paths answers reads as soon as ServeChain returns; nothing is
 // read whole first. The figures (next to the in-place route of a store
 // with paths) are printed, not asserted.
 func TestInstantRestoreStartsAtOnce(t *testing.T) {
 	t.Parallel()
-	const size = 8 << 30
-	for _, paths := range []bool{false, true} {
+	for _, tc := range []struct {
+		size  int64
+		paths bool
+	}{{8 << 30, false}, {8 << 30, true}, {1 << 40, false}} {
+		size, paths := tc.size, tc.paths
 		var s *Service
 		var st *blobstore.Store
 		if paths {
@@ -276,8 +279,8 @@ func TestInstantRestoreStartsAtOnce(t *testing.T) {
 		if socks := sockets(t, s); len(socks) != map[bool]int{true: 0, false: 1}[paths] {
 			t.Fatalf("paths=%v: chain server sockets %v", paths, socks)
 		}
-		t.Logf("8 GiB virtual chain (2 layers, %d + %d blob bytes), local paths %v: ServeChain returned after %v, first reads done after %v",
-			base.Size, top.Size, paths, served.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+		t.Logf("%d GiB virtual chain (2 layers, %d + %d blob bytes), local paths %v: ServeChain returned after %v, first reads done after %v",
+			size>>30, base.Size, top.Size, paths, served.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
 	}
 }
 
