@@ -2,7 +2,6 @@ package blobstore
 
 import (
 	"context"
-	"os"
 	"testing"
 	"time"
 )
@@ -131,36 +130,5 @@ func TestDiscard(t *testing.T) {
 				b.Close()
 			}
 		})
-	}
-}
-
-// TestDiscardNotCreated checks that a Writer whose bytes were already
-// stored gets the zero Creation, which discards nothing, and that a
-// Creation whose blob another commit refreshed discards nothing even once
-// nobody holds or records it.
-func TestDiscardNotCreated(t *testing.T) {
-	ctx := context.Background()
-	s := newStore(t)
-	data := content(61, 3000)
-	a := commitBytes(t, s, "a", data)
-	b := commitBytes(t, s, "b", data)
-	if b.Created() || b != (Creation{}) {
-		t.Fatalf("second commit: Creation %+v, want the zero one", b)
-	}
-	for _, c := range []Creation{b, a} {
-		removed, err := s.Discard(ctx, c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if removed {
-			t.Fatalf("Discard(%+v) removed the blob", c)
-		}
-	}
-	p, err := s.BlobPath(a.Digest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(p); err != nil {
-		t.Fatal(err)
 	}
 }

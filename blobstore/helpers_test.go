@@ -92,16 +92,5 @@ func bytesReader(b []byte) io.Reader { return &bytesR{b: b} }
 
 func marshalJSON(v any) ([]byte, error) { return json.Marshal(v) }
 
-func digestFromString(s string) digest.Digest { return digest.Digest(s) }
-
 // localOf returns the store's local backend, for the tests about its layout.
 func localOf(s *Store) *Local { return s.backend.(*Local) }
-
-// imageFile is the local file of image r's record.
-func imageFile(s *Store, r Ref) string {
-	p, err := localOf(s).recordPath(imageKey(r))
-	if err != nil {
-		panic(err)
-	}
-	return p
-}

@@ -8,118 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 	"unsafe"
 
-	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 )
-
-func TestCommit(t *testing.T) {
-	data := content(1, 100_000)
-	good := digestOf(data)
-	cases := []struct {
-		name     string
-		size     int64
-		expected digest.Digest
-		wantErr  error
-		removed  bool // ingest gone after the failure
-	}{
-		{"exact", int64(len(data)), good, nil, true},
-		{"unknown size", -1, good, nil, true},
-		{"no expected digest", int64(len(data)), "", nil, true},
-		{"digest mismatch", int64(len(data)), digestOf([]byte("other")), ErrDigestMismatch, true},
-		{"size too small", int64(len(data)) - 1, good, ErrSizeMismatch, true},
-		{"size too large", int64(len(data)) + 1, good, ErrSizeMismatch, true},
-		{"malformed digest", int64(len(data)), "sha256:../../etc/passwd", ErrInvalidName, false},
-		{"unsupported algorithm", int64(len(data)), digest.Digest("sha512:" + strings.Repeat("a", 128)), ErrInvalidName, false},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			s := newStore(t)
-			ctx := context.Background()
-			w, err := s.Writer(ctx, "ref1")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := w.Write(data); err != nil {
-				t.Fatal(err)
-			}
-			d, err := w.Commit(ctx, tc.size, tc.expected)
-			if !errors.Is(err, tc.wantErr) {
-				t.Fatalf("Commit err = %v, want %v", err, tc.wantErr)
-			}
-			_, offErr := s.IngestOffset("ref1")
-			if gone := errors.Is(offErr, ErrNotFound); gone != tc.removed {
-				t.Fatalf("ingest removed = %v, want %v (%v)", gone, tc.removed, offErr)
-			}
-			if tc.wantErr != nil {
-				if n := countBlobs(t, s); n != 0 {
-					t.Fatalf("%d blobs after failed commit", n)
-				}
-				if !tc.removed {
-					w.Cancel()
-				}
-				if c, _ := s.Capacity(); c.Used != 0 {
-					t.Fatalf("Used = %d after failed commit, want 0", c.Used)
-				}
-				return
-			}
-			if d != good {
-				t.Fatalf("digest %s, want %s", d, good)
-			}
-			p, err := s.BlobPath(d)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, _ := os.ReadFile(p)
-			if string(got) != string(data) {
-				t.Fatal("blob content differs")
-			}
-			if c, _ := s.Capacity(); c.Used != int64(len(data)) || c.Blobs != 1 {
-				t.Fatalf("capacity %+v", c)
-			}
-		})
-	}
-}
-
-func TestDuplicateConcurrentIngest(t *testing.T) {
-	s := newStore(t)
-	data := content(2, 3<<20)
-	want := digestOf(data)
-	const n = 8
-	var wg sync.WaitGroup
-	errs := make([]error, n)
-	ds := make([]digest.Digest, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ds[i], _, errs[i] = s.Put(context.Background(), bytesReader(data), int64(len(data)), want)
-		}()
-	}
-	wg.Wait()
-	for i := range n {
-		if errs[i] != nil || ds[i] != want {
-			t.Fatalf("put %d: %s, %v", i, ds[i], errs[i])
-		}
-	}
-	if c := countBlobs(t, s); c != 1 {
-		t.Fatalf("%d blobs, want 1", c)
-	}
-	c, _ := s.Capacity()
-	if c.Used != int64(len(data)) || c.Blobs != 1 {
-		t.Fatalf("capacity %+v, want used %d", c, len(data))
-	}
-	ents, _ := os.ReadDir(filepath.Join(s.Root(), dirIngest))
-	if len(ents) != 0 {
-		t.Fatalf("%d ingests left", len(ents))
-	}
-}
 
 func TestLocked(t *testing.T) {
 	s := newStore(t)
@@ -275,82 +171,6 @@ func rewriteState(dir string, f func(*ingestState)) {
 	b, _ = marshalJSON(st)
 	os.WriteFile(filepath.Join(dir, ingestStateFile), b, 0o644)
 }
-
-func TestCancel(t *testing.T) {
-	s := newStore(t)
-	ctx := context.Background()
-	w, _ := s.Writer(ctx, "c")
-	w.Write(content(5, 1000))
-	if err := w.Cancel(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.IngestOffset("c"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("IngestOffset after cancel: %v", err)
-	}
-	if _, err := w.Write([]byte("x")); err == nil {
-		t.Fatal("write after cancel succeeded")
-	}
-	if c, _ := s.Capacity(); c.Used != 0 {
-		t.Fatalf("Used = %d", c.Used)
-	}
-}
-
-func TestQuota(t *testing.T) {
-	ctx := context.Background()
-	root := t.TempDir()
-	s := openStore(t, root, func(o *Options) { o.Quota = 1 << 30 })
-	if err := s.SetQuota(10_000); err != nil {
-		t.Fatal(err)
-	}
-	mustPut(t, s, content(6, 6000))
-	cases := []struct {
-		name string
-		run  func() error
-	}{
-		{"write past quota", func() error {
-			w, _ := s.Writer(ctx, "q")
-			defer w.Cancel()
-			if _, err := w.Write(content(7, 3000)); err != nil {
-				return fmt.Errorf("first write should fit: %w", err)
-			}
-			n, err := w.Write(content(8, 2000))
-			if n != 0 || w.Offset() != 3000 {
-				return fmt.Errorf("wrote %d (offset %d) despite quota", n, w.Offset())
-			}
-			return err
-		}},
-		{"put of known size fails before reading", func() error {
-			_, _, err := s.Put(ctx, failingReader{}, 5000, "")
-			return err
-		}},
-		{"put of unknown size", func() error {
-			_, _, err := s.Put(ctx, bytesReader(content(9, 5000)), -1, "")
-			return err
-		}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			if err := tc.run(); !errors.Is(err, ErrQuotaExceeded) {
-				t.Fatalf("err = %v, want ErrQuotaExceeded", err)
-			}
-			if c, _ := s.Capacity(); c.Used != 6000 {
-				t.Fatalf("Used = %d, want 6000", c.Used)
-			}
-		})
-	}
-	// Persisted, and overrides Options.Quota.
-	s2 := openStore(t, root, func(o *Options) { o.Quota = 1 << 30 })
-	if c, _ := s2.Capacity(); c.Quota != 10_000 || c.Used != 6000 {
-		t.Fatalf("after reopen: %+v", c)
-	}
-	if err := s2.SetQuota(-1); err == nil {
-		t.Fatal("negative quota accepted")
-	}
-}
-
-type failingReader struct{}
-
-func (failingReader) Read([]byte) (int, error) { return 0, errors.New("must not be read") }
 
 func TestExpiredIngests(t *testing.T) {
 	root := t.TempDir()
