@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,6 +21,31 @@ type daemon struct {
 	out  string        // its stdout+stderr file
 	done chan struct{} // closed when it has exited
 	err  error         // its exit status, once done
+}
+
+// spawnReq asks the spawner thread to start cmd.
+type spawnReq struct {
+	cmd *exec.Cmd
+	err chan error
+}
+
+// newSpawner starts the goroutine that starts every daemon, locked to its OS
+// thread until the cluster stops. The parent-death signal fires when the
+// thread that forked a child exits, not the process: Go ends a thread when a
+// goroutine locked to it returns (as namespace-switching code does), so a
+// daemon forked from an ordinary goroutine could be killed by an unrelated
+// goroutine's exit later on the same thread. This thread runs nothing else.
+func newSpawner() chan spawnReq {
+	ch := make(chan spawnReq)
+	go func() {
+		runtime.LockOSThread()
+		for req := range ch {
+			req.err <- req.cmd.Start()
+		}
+		// Still locked: the thread ends with the goroutine, after every
+		// daemon it forked has been stopped.
+	}()
+	return ch
 }
 
 // startDaemon starts bin as the Ceph name (mon.a, osd.0, ...). Its stdout and
@@ -51,7 +77,9 @@ func (c *Cluster) startDaemon(name, bin string, args ...string) error {
 	cmd.Env = append(os.Environ(), "CEPH_CONF="+c.conf, "CEPH_ARGS=")
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	req := spawnReq{cmd: cmd, err: make(chan error, 1)}
+	c.spawn <- req
+	if err := <-req.err; err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
 	d := &daemon{name: name, cmd: cmd, out: outPath, done: make(chan struct{})}
@@ -115,7 +143,12 @@ func (c *Cluster) stopAll(gentle bool) {
 	for _, d := range c.daemons {
 		ds = append(ds, d)
 	}
+	spawn := c.spawn
+	c.spawn = nil
 	c.mu.Unlock()
+	if spawn != nil {
+		defer close(spawn)
+	}
 	for _, d := range ds {
 		if gentle {
 			_ = d.cmd.Process.Signal(syscall.SIGTERM)

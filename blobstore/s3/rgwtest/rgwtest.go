@@ -52,6 +52,10 @@ const KeepEnv = "IMAGESTORE_TEST_RGW_KEEP"
 // backend's tests use this one).
 const Region = "us-east-1"
 
+// errPortTaken marks a daemon that exited because its port was taken
+// (EADDRINUSE, exit status 98).
+var errPortTaken = errors.New("port taken")
+
 // Options configure Start. The zero value is what tests want.
 type Options struct {
 	// Store is the OSD's object store: "memstore" (default) or "bluestore".
@@ -85,6 +89,7 @@ type Cluster struct {
 
 	mu      sync.Mutex
 	daemons map[string]*daemon // by Ceph name: mon.a, mgr.x, osd.0, client.rgw.a
+	spawn   chan spawnReq      // to the thread that starts daemons
 	closed  bool
 }
 
@@ -125,22 +130,28 @@ func Start(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 			return nil, fmt.Errorf("rgwtest: %s not installed (.ci/deps installs ceph-mon ceph-osd ceph-mgr radosgw): %w", bin, err)
 		}
 	}
-	for _, d := range []string{"run", "log", "crash", "mon/ceph-a", "mgr/ceph-x", "rgw", "osd"} {
-		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
-			return nil, err
-		}
-	}
 	c := &Cluster{
-		Region:  Region,
-		Dir:     dir,
-		opts:    opts,
-		conf:    filepath.Join(dir, "ceph.conf"),
-		daemons: map[string]*daemon{},
+		Region: Region,
+		Dir:    dir,
+		opts:   opts,
+		conf:   filepath.Join(dir, "ceph.conf"),
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
-	if err := c.bringUp(ctx); err != nil {
+	// Ports are free when picked but another process may bind one before our
+	// daemon does: then the daemon exits saying so, and we start over.
+	for attempt := 1; ; attempt++ {
+		err := c.bringUp(ctx)
+		if err == nil {
+			break
+		}
 		c.stopAll(false)
+		if attempt < 3 && ctx.Err() == nil && errors.Is(err, errPortTaken) {
+			if c.opts.Logf != nil {
+				c.opts.Logf("rgwtest: a port was taken, starting over: %v", err)
+			}
+			continue
+		}
 		return nil, fmt.Errorf("rgwtest: bring-up in %s: %w", dir, err)
 	}
 	return c, nil
@@ -152,8 +163,12 @@ func (c *Cluster) logf(start time.Time, format string, args ...any) {
 	}
 }
 
+// bringUp starts a cluster in an emptied Dir.
 func (c *Cluster) bringUp(ctx context.Context) error {
 	start := time.Now()
+	if err := c.resetDir(); err != nil {
+		return err
+	}
 	ports, err := freePorts(3)
 	if err != nil {
 		return err
@@ -274,6 +289,31 @@ func (c *Cluster) bringUp(ctx context.Context) error {
 		return err
 	}
 	c.logf(start, "S3 user can list buckets")
+	return nil
+}
+
+// resetDir empties Dir (it may hold a failed attempt) and makes the tree the
+// daemons expect; it also makes a new spawner, as stopAll ends the old one.
+func (c *Cluster) resetDir() error {
+	ents, err := os.ReadDir(c.Dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, e := range ents {
+		if err := os.RemoveAll(c.path(e.Name())); err != nil {
+			return err
+		}
+	}
+	for _, d := range []string{"run", "log", "crash", "mon/ceph-a", "mgr/ceph-x", "rgw", "osd"} {
+		if err := os.MkdirAll(c.path(d), 0o700); err != nil {
+			return err
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.daemons = map[string]*daemon{}
+	c.closed = false
+	c.spawn = newSpawner()
 	return nil
 }
 
@@ -560,7 +600,13 @@ func (c *Cluster) waitFor(ctx context.Context, what, logName string, check func(
 		if d := c.daemon(logName); d != nil {
 			select {
 			case <-d.done:
-				return fmt.Errorf("%s exited (%v) while waiting for %s%s%s", logName, d.err, what, d.outTail(), c.logTail(logName))
+				out, log := d.outTail(), c.logTail(logName)
+				err := fmt.Errorf("%s exited (%v) while waiting for %s%s%s", logName, d.err, what, out, log)
+				var exit *exec.ExitError
+				if (errors.As(d.err, &exit) && exit.ExitCode() == 98) || strings.Contains(out+log, "Address already in use") {
+					err = fmt.Errorf("%w: %w", errPortTaken, err)
+				}
+				return err
 			default:
 			}
 		}
