@@ -146,13 +146,28 @@ func (a *Agent) storeStats() (storeStats, bool) {
 	return storeStats{Total: c.Total, Used: c.Used, Free: c.Free, Quota: c.Quota, Blobs: c.Blobs, Images: c.Images}, true
 }
 
+// UnboundedCapacity is the totalSize a store without a size of its own (a
+// bucket) reports when no quota bounds it: the management node sends no
+// backup to a store whose free space is 0, and a bucket has no figure to
+// report (README, "Storing on S3").
+const UnboundedCapacity = 1 << 50 // 1 PiB
+
 // capacity reports totalSize/freeSize. With a quota, the store's space is
-// the quota: free is what the quota still allows (bounded by the disk).
+// the quota: free is what the quota still allows (bounded by the disk). A
+// store without a size (S3) reports the quota, else UnboundedCapacity, less
+// what it holds.
 func (a *Agent) capacity() api.Capacity {
 	c, err := a.store.Capacity()
 	if err != nil {
 		a.log.Warn("store capacity", "err", err)
 		return api.Capacity{}
+	}
+	if c.Unbounded {
+		total := int64(UnboundedCapacity)
+		if c.Quota > 0 {
+			total = c.Quota
+		}
+		return api.Capacity{TotalSize: total, FreeSize: max(total-c.Used, 0)}
 	}
 	if c.Quota > 0 {
 		free := max(c.Quota-c.Used, 0)
