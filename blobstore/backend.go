@@ -48,7 +48,8 @@ type Backend interface {
 	// stops the walk and is returned.
 	WalkBlobs(ctx context.Context, fn func(BlobInfo) error) error
 	// DeleteBlob removes committed blob d (ErrNotFound if absent). Once it
-	// returns the removal is durable.
+	// returns the removal is durable. ErrInUse: the backend saw a commit
+	// of the same content in flight that relies on d, and kept it.
 	DeleteBlob(ctx context.Context, d digest.Digest) error
 	// QuarantineBlob moves blob d out of the blobs (it stops being served
 	// and walked) to a place an operator can inspect, returned as a path

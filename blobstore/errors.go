@@ -20,6 +20,9 @@ var (
 	ErrLocked         = errors.New("ingest is in use by another writer")
 	ErrCorrupt        = errors.New("blob is corrupt")
 	ErrChainTooDeep   = errors.New("image chain too deep")
+	// ErrInUse: a backend refused to delete a blob that a commit in flight
+	// relies on (on S3, possibly another agent's); GC leaves it for later.
+	ErrInUse = errors.New("blob is in use by a commit in flight")
 )
 
 // mapSpace turns ENOSPC/EDQUOT from the filesystem into ErrNoSpace, keeping

@@ -195,7 +195,7 @@ func (s *Store) freeBlob(ctx context.Context, d digest.Digest, now time.Time, ow
 		return 0, false, nil
 	}
 	if err := s.backend.DeleteBlob(ctx, d); err != nil {
-		if errors.Is(err, ErrNotFound) {
+		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrInUse) {
 			return 0, false, nil
 		}
 		return 0, false, fmt.Errorf("blobstore: free blob: %w", err)

@@ -5,6 +5,7 @@ package redact
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"log/slog"
 	"net/url"
 )
 
@@ -34,3 +35,27 @@ func Token(tok string) string {
 	h := sha256.Sum256([]byte(tok))
 	return "redacted-" + hex.EncodeToString(h[:4])
 }
+
+// Secret is a string that never prints: fmt, %#v, JSON and slog all show
+// "<redacted>" (or "" when empty). Call Reveal where the value is needed.
+type Secret string
+
+// String redacts the value.
+func (s Secret) String() string {
+	if s == "" {
+		return ""
+	}
+	return "<redacted>"
+}
+
+// GoString redacts the value for %#v.
+func (s Secret) GoString() string { return s.String() }
+
+// MarshalText redacts the value (JSON, YAML and other text encoders).
+func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// LogValue redacts the value in structured logs.
+func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
+
+// Reveal returns the secret itself, for the one place that must use it.
+func (s Secret) Reveal() string { return string(s) }

@@ -1,6 +1,13 @@
 package redact
 
-import "testing"
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+)
 
 func TestURL(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
@@ -29,5 +36,30 @@ func TestToken(t *testing.T) {
 	}
 	if Token("") != "" {
 		t.Fatalf("Token(\"\") = %q", Token(""))
+	}
+}
+
+func TestSecretNeverPrints(t *testing.T) {
+	s := Secret("hunter2-very-secret")
+	var buf bytes.Buffer
+	logger := slog.New(slog.NewJSONHandler(&buf, nil))
+	logger.Info("x", "key", s, "struct", struct{ K Secret }{s})
+	j, err := json.Marshal(struct{ K Secret }{s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, out := range []string{fmt.Sprint(s), fmt.Sprintf("%v %s %#v %+v", s, s, s, struct{ K Secret }{s}), string(j), buf.String()} {
+		if strings.Contains(out, "hunter2") {
+			t.Errorf("secret printed: %s", out)
+		}
+		if !strings.Contains(out, "<redacted>") && !strings.Contains(out, `\u003credacted\u003e`) {
+			t.Errorf("no redaction mark in %s", out)
+		}
+	}
+	if s.Reveal() != "hunter2-very-secret" {
+		t.Error("Reveal lost the value")
+	}
+	if Secret("").String() != "" {
+		t.Error("empty secret should print empty")
 	}
 }
