@@ -107,7 +107,7 @@ CFG
     [ -n "$url" ] && break; sleep 0.1
   done
   [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
-  local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3
+  local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3 a4
   a0=$(cpu_of "$AGENT_PID")
   timed push "${cli[@]}" push -compress="$mode" -name vol -id base "$DIR/vol.qcow2"
   a1=$(cpu_of "$AGENT_PID")
@@ -117,13 +117,17 @@ CFG
   timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
   a3=$(cpu_of "$AGENT_PID")
   cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+  rm -f "$DIR/pulled.raw"; sync
+  timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
+  a4=$(cpu_of "$AGENT_PID")
+  cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
   rm -f "$DIR/pulled.raw"
   AGENT_RSS=$(( $(awk '/VmHWM/ { print $2 }' "/proc/$AGENT_PID/status") / 1024 ))
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=
   STORED=$(du -sb "$store/blobs" | cut -f1)
   rm -rf "$store"
-  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)"
-  printf -v "CPU_$mode" '%s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$a2")" "$C_pull" "$(sub "$a2" "$a3")"
+  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)" "$T_pulln"
+  printf -v "CPU_$mode" '%s %s %s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$a2")" "$C_pull" "$(sub "$a2" "$a3")" "$C_pulln" "$(sub "$a3" "$a4")"
 }
 MODES=("$COMPRESS")
 if [ -n "$BOTH" ]; then
@@ -156,7 +160,7 @@ echo
 echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit $(mbps "$BYTES" "$T_disk") MB/s"
 echo
 for m in "${MODES[@]}"; do
-  v=R_$m; read -r tp td tr st mp md mr ar la <<<"${!v}"
+  v=R_$m; read -r tp td tr st mp md mr ar la trn <<<"${!v}"
   echo "### ours with push -compress=$m (load ${la} at the end)"
   echo
   echo "| step | ours | peers in the same run |"
@@ -165,11 +169,12 @@ for m in "${MODES[@]}"; do
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
   echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw | pull -format raw of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qrawf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qrawf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| restore the newest backup as raw | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qrawf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qrawf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| the same restore with pull -verify=false | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$T_qrawf" "$trn")× qemu-img convert -t writeback) | |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
-  v=CPU_$m; read -r cp ap cd ad cr ar2 <<<"${!v}"
+  v=CPU_$m; read -r cp ap cd ad cr ar2 crn arn <<<"${!v}"
   echo "CPU seconds per GiB of the qcow2 (user + sys), CLI + agent:"
   echo
   echo "| step | CLI | agent | total |"
@@ -177,6 +182,7 @@ for m in "${MODES[@]}"; do
   echo "| full push | $(per_gib "$cp") | $(per_gib "$ap") | $(per_gib "$(awk -v a="$cp" -v b="$ap" 'BEGIN { print a + b }')") |"
   echo "| delta push (s, not per GiB) | $cd | $ad | $(awk -v a="$cd" -v b="$ad" 'BEGIN { printf "%.2f", a + b }') |"
   echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
+  echo "| pull -format raw -verify=false | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
   echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed) | $(per_gib "$C_qconv") / $(per_gib "$C_qrawf") | | |"
   echo
 done

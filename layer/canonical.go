@@ -29,7 +29,10 @@ var ErrFormat = errors.New("image format does not match its bytes")
 // with ErrNotCanonical. Without zstd it reads the layer's metadata and the
 // first bytes of each data cluster (the data cannot differ once the
 // metadata is equal); with zstd it re-encodes the layer and compares.
-func CheckCanonical(ctx context.Context, blobs *blobstore.Store, d digest.Digest) error {
+// zeros, if not nil, is a record of which of the blob's blocks are zeros
+// made as its bytes were written (ZeroBlocks): the data clusters it knows
+// are not read at all.
+func CheckCanonical(ctx context.Context, blobs *blobstore.Store, d digest.Digest, zeros qcow2.ZeroMap) error {
 	b, err := blobs.OpenBlob(ctx, d)
 	if err != nil {
 		return err
@@ -46,7 +49,7 @@ func CheckCanonical(ctx context.Context, blobs *blobstore.Store, d digest.Digest
 	}
 	compress := info.FormatSpecific.Data.CompressionType == "zstd"
 	opts := qcow2.WriteOptions{ClusterBits: cb, BackingFile: im.BackingFile(), Compress: compress}
-	if err := qcow2.CheckNormalized(ctx, im, b, b.Size(), opts); err != nil {
+	if err := qcow2.CheckNormalized(ctx, im, b, b.Size(), opts, zeros); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}

@@ -146,7 +146,7 @@ func (s *Store) verifyAndRecord(ctx context.Context, spec Spec, l Layer) (blobst
 	if spec.Reader != nil || spec.Blob != "" {
 		check := func() error { return CheckFormat(ctx, s.blobs, l.Digest, spec.Format) }
 		if spec.Format == "qcow2" {
-			check = func() error { return CheckCanonical(ctx, s.blobs, l.Digest) }
+			check = func() error { return CheckCanonical(ctx, s.blobs, l.Digest, nil) }
 		}
 		if err := check(); err != nil {
 			return blobstore.Image{}, fmt.Errorf("recording %s: %w", spec.Ref, err)

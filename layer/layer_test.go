@@ -570,7 +570,7 @@ func TestOurLayersAreCanonical(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := layer.CheckCanonical(ctx, bs, img.Blob); err != nil {
+		if err := layer.CheckCanonical(ctx, bs, img.Blob, nil); err != nil {
 			t.Fatalf("layer %d (%s): %v", n, rec.Desc, err)
 		}
 		return img

@@ -18,6 +18,13 @@ var ErrNotNormalized = errors.New("qcow2: image is not in the writer's canonical
 // with that many zeros is read whole.
 const canonProbe = 4096
 
+// ZeroMap knows, from a record made while an image's bytes were written,
+// whether host bytes [off, off+n) are all zeros; known is false when it
+// cannot tell.
+type ZeroMap interface {
+	AllZero(off, n int64) (zero, known bool)
+}
+
 // CheckNormalized reports whether r, the size bytes src was opened from,
 // is byte for byte what Normalize(ctx, w, src, opts) writes; if not, the
 // error wraps ErrNotNormalized. It gives the same verdict as re-encoding
@@ -31,12 +38,14 @@ const canonProbe = 4096
 // cluster src reads is read from exactly the host offset the writer puts
 // it at: the data area equals the writer's by construction and is not
 // read again (but for the zeros past the virtual size in a last, partial
-// cluster, which src never reads).
+// cluster, which src never reads). zeros, if not nil, answers whether a
+// data cluster is all zeros without reading it (a cluster it does not
+// know is read).
 //
 // With compression every cluster's stored form depends on its bytes (is
 // zstd's frame of it short enough, and which frame), so the layer is
 // re-encoded and compared with r, byte for byte.
-func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64, opts WriteOptions) error {
+func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64, opts WriteOptions, zeros ZeroMap) error {
 	if src == nil {
 		return fmt.Errorf("qcow2: check: nil image")
 	}
@@ -62,7 +71,7 @@ func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64,
 	if err != nil {
 		return err
 	}
-	if err := p.probeZeros(ctx, src); err != nil {
+	if err := p.probeZeros(ctx, src, zeros); err != nil {
 		return err
 	}
 	if err := p.layout(); err != nil {
@@ -124,9 +133,11 @@ func normalizeOptions(ext []Extent, vsize int64, opts WriteOptions) WriteOptions
 }
 
 // probeZeros is the scan pass without compression: each data cluster is
-// stored plain unless it is all zeros. A cluster whose first canonProbe
-// bytes are not all zeros is not; only the others are read whole.
-func (p *wrPlan) probeZeros(ctx context.Context, data io.ReaderAt) error {
+// stored plain unless it is all zeros. zeros answers for the clusters src
+// stores plain where it knows their host bytes; of the others, a cluster
+// whose first canonProbe bytes are not all zeros is not; only the rest are
+// read whole.
+func (p *wrPlan) probeZeros(ctx context.Context, src *Image, zeros ZeroMap) error {
 	p.sizes = make([]uint32, p.nData)
 	buf := make([]byte, p.cs)
 	probe := min(int64(canonProbe), p.cs)
@@ -140,12 +151,21 @@ func (p *wrPlan) probeZeros(ctx context.Context, data io.ReaderAt) error {
 					return err
 				}
 			}
+			if zeros != nil {
+				if zero, known := p.hostZeros(src, zeros, gc); known {
+					if !zero {
+						p.sizes[r.dataIdx+gc-r.start] = uint32(p.cs)
+						p.nPlain++
+					}
+					continue
+				}
+			}
 			head := buf[:probe]
-			if err := p.fill(head, gc*p.cs, data); err != nil {
+			if err := p.fill(head, gc*p.cs, src); err != nil {
 				return err
 			}
 			if p.isZero(head) {
-				if err := p.fill(buf, gc*p.cs, data); err != nil {
+				if err := p.fill(buf, gc*p.cs, src); err != nil {
 					return err
 				}
 				if p.isZero(buf) {
@@ -157,6 +177,18 @@ func (p *wrPlan) probeZeros(ctx context.Context, data io.ReaderAt) error {
 		}
 	}
 	return nil
+}
+
+// hostZeros asks zeros whether guest cluster gc reads as all zeros: for a
+// cluster src stores plain, whose guest bytes (those before the virtual
+// size) are its host bytes from the L2 entry's offset on.
+func (p *wrPlan) hostZeros(src *Image, zeros ZeroMap, gc int64) (zero, known bool) {
+	e := src.entry(gc)
+	host := int64(e & offsetMask)
+	if e&entryCompressed != 0 || e&entryZero != 0 || host == 0 || src.cs != p.cs {
+		return false, false
+	}
+	return zeros.AllZero(host, min(p.cs, p.vsize-gc*p.cs))
 }
 
 // compareWriter compares what is written with r from offset 0 on; the

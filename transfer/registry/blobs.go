@@ -15,6 +15,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/blobstore"
+	"imagestore/layer"
 	"imagestore/transfer/oci"
 )
 
@@ -160,6 +161,7 @@ func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request, name, id st
 			storeError(w, err, oci.CodeBlobUploadUnknown)
 			return
 		}
+		s.dropZeros(id)
 		w.WriteHeader(http.StatusNoContent)
 	default:
 		methodNotAllowed(w, "GET, PATCH, PUT, DELETE")
@@ -194,13 +196,15 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string
 		if r.Header.Get("Content-Encoding") != "" {
 			size = -1
 		}
-		got, n, err := s.st.Put(r.Context(), body, size, d)
+		z := &layer.ZeroBlocks{}
+		got, n, err := s.st.Put(r.Context(), io.TeeReader(body, z), size, d)
 		body.Close()
 		s.m.ReceivedBytes.Add(float64(n))
 		if err != nil {
 			storeError(w, err, oci.CodeBlobUploadUnknown)
 			return
 		}
+		s.keepBlobZeros(got, z, n)
 		w.Header().Set("Location", "/v2/"+name+"/blobs/"+got.String())
 		w.Header().Set(oci.HeaderContentDigest, got.String())
 		w.WriteHeader(http.StatusCreated)
@@ -351,7 +355,7 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 	}
 	defer body.Close()
 	before := wr.Offset()
-	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
+	_, err = io.CopyBuffer(recordingWriter{w: wr, z: s.zerosFor(id, before)}, body, make([]byte, 1<<20))
 	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
 	if err == nil && limit >= 0 && wr.Offset()-before != limit {
 		// A body shorter than it declared: what arrived stays, the Range
@@ -371,6 +375,7 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 		// client resumes from the durable offset (GET on the upload).
 		if errors.Is(err, oci.ErrTooLarge) {
 			wr.Cancel()
+			s.dropZeros(id)
 			writeError(w, http.StatusBadRequest, oci.CodeSizeInvalid, err.Error(), nil)
 			return
 		}
@@ -409,7 +414,7 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 		return
 	}
 	before := wr.Offset()
-	_, err = io.CopyBuffer(wr, body, make([]byte, 1<<20))
+	_, err = io.CopyBuffer(recordingWriter{w: wr, z: s.zerosFor(id, before)}, body, make([]byte, 1<<20))
 	body.Close()
 	s.m.ReceivedBytes.Add(float64(wr.Offset() - before))
 	if err == nil && limit >= 0 && wr.Offset()-before != limit {
@@ -426,12 +431,15 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 	}
 	// Commit verifies the digest; on a mismatch the ingest is removed, so
 	// nothing of it is stored and the client must upload again.
+	size := wr.Offset()
 	got, err := wr.Commit(r.Context(), -1, d)
 	if err != nil {
 		wr.Close()
+		s.dropZeros(id)
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
 	}
+	s.committedZeros(id, got, size)
 	w.Header().Set("Location", "/v2/"+name+"/blobs/"+got.String())
 	w.Header().Set(oci.HeaderContentDigest, got.String())
 	w.Header().Set("Content-Length", "0")

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -167,6 +168,75 @@ func TestManifestRefusesUncheckedBacking(t *testing.T) {
 			}
 			if len(imgs) != 0 {
 				t.Fatalf("refused manifest left records: %v", imgs)
+			}
+		})
+	}
+}
+
+// TestManifestCheckUsesUploadRecord: the canonical check of a layer pushed
+// just before its manifest takes which data clusters are all zeros from the
+// record the upload made, not from the stored bytes (so it does not read
+// the layer back); once the manifest is recorded the record is gone, and
+// a later manifest's check reads the blob. Shown with a data cluster
+// zeroed on disk after the upload: a layer with an all-zero data cluster is
+// not our writer's, which only a read can see.
+func TestManifestCheckUsesUploadRecord(t *testing.T) {
+	const size = 1 << 20
+	src := randBytes(t, size)
+	var lb bytes.Buffer
+	if _, err := qcow2.Write(context.Background(), &lb, size, []qcow2.Extent{{Offset: 0, Length: size, Kind: qcow2.Data}},
+		bytes.NewReader(src), qcow2.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	l := lb.Bytes()
+	for _, mode := range []string{"session", "monolithic"} {
+		t.Run(mode, func(t *testing.T) {
+			n := newNode(t, "")
+			ctx := context.Background()
+			c := n.Client(t, "", false)
+			d := digest.FromBytes(l)
+			if mode == "session" {
+				got, _, err := c.PushProduced(ctx, "vol", func(ctx context.Context, w io.Writer) (int64, error) {
+					k, err := w.Write(l)
+					return int64(k), err
+				}, oci.StreamOptions{})
+				if err != nil || got != d {
+					t.Fatalf("push: %s %v", got, err)
+				}
+			} else if err := c.PutBlob(ctx, "vol", d, l); err != nil {
+				t.Fatal(err)
+			}
+			// The last data cluster, zeroed on disk behind the store's back.
+			p, err := n.Store.BlobPath(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			onDisk := bytes.Clone(l)
+			clear(onDisk[len(onDisk)-64<<10:])
+			if err := os.Chmod(p, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, onDisk, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			put := func(id string) (*http.Response, []byte) {
+				img := blobstore.Image{Ref: blobstore.Ref{Name: "vol", ID: id}, Blob: d,
+					Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), Size: int64(len(l)), VirtualSize: size, Format: "qcow2"}
+				cfg, _ := json.Marshal(replicate.Config{Imagestore: replicate.ConfigVersion, Chain: []blobstore.Image{img}})
+				m := oci.Manifest{SchemaVersion: 2, MediaType: oci.MediaTypeManifest,
+					Config: oci.Descriptor{MediaType: oci.MediaTypeConfig, Digest: digest.FromBytes(cfg), Size: int64(len(cfg))},
+					Layers: []oci.Descriptor{{MediaType: oci.MediaTypeQcow2Layer, Digest: d, Size: int64(len(l))}}}
+				if err := c.PutBlob(ctx, "vol", m.Config.Digest, cfg); err != nil {
+					t.Fatal(err)
+				}
+				mb, _ := json.Marshal(m)
+				return do(t, http.MethodPut, n.HTTP.URL+"/v2/vol/manifests/"+id, mb, map[string]string{"Content-Type": oci.MediaTypeManifest})
+			}
+			if resp, body := put("a"); resp.StatusCode != http.StatusCreated {
+				t.Fatalf("manifest after the upload: %d %s (the check read the blob instead of the upload's record)", resp.StatusCode, body)
+			}
+			if resp, body := put("b"); resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "canonical") {
+				t.Fatalf("a later manifest: %d %s (want the check to read the blob and refuse it)", resp.StatusCode, body)
 			}
 		})
 	}

@@ -256,12 +256,17 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, name, ref s
 			return
 		}
 	}
-	top, err := replicate.Apply(ctx, s.st, m, cfg, name, tag)
+	top, err := replicate.Apply(ctx, s.st, m, cfg, name, tag, s.blobZerosOf)
 	if err != nil {
 		s.log.Warn("manifest refused", "repository", name, "ref", ref, "err", err)
 		storeError(w, err, oci.CodeManifestInvalid)
 		return
 	}
+	layers := make([]digest.Digest, len(m.Layers))
+	for i, l := range m.Layers {
+		layers[i] = l.Digest
+	}
+	s.forgetBlobZeros(layers)
 	// We serve manifests rendered from the records, so the digest we
 	// answer is the rendered one: the one a GET returns. A client that
 	// pushed other bytes (another field order, spacing) under a tag gets

@@ -23,6 +23,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/blobstore"
+	"imagestore/layer"
 	"imagestore/transfer/oci"
 	"imagestore/transfer/replicate"
 )
@@ -51,6 +52,10 @@ type Server struct {
 	mu      sync.Mutex
 	configs map[digest.Digest][]byte        // rendered config blobs, served as blobs
 	digests map[digest.Digest]blobstore.Ref // rendered manifest → its image (a hint, checked on use)
+
+	zmu         sync.Mutex
+	uploadZeros map[string]*uploadZeros             // upload id → its zero-block record (zeros.go)
+	blobZeros   map[digest.Digest]*layer.ZeroBlocks // committed blob → its record, until its manifest
 }
 
 // New builds a Server.
@@ -67,7 +72,8 @@ func New(o Options) (*Server, error) {
 	if o.MaxBodyBytes <= 0 {
 		o.MaxBodyBytes = 1 << 20
 	}
-	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{}}, nil
+	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{},
+		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}}, nil
 }
 
 // maxDigests bounds the manifest digest hints (a miss costs one scan of

@@ -768,7 +768,7 @@ func (e *Engine) pullOnce(ctx context.Context, ts *taskState, c *oci.Client, ref
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID)
+	_, err = Apply(ctx, e.st, m, cfg, ref.Name, ref.ID, nil)
 	if errors.Is(err, oci.ErrManifestInvalid) || errors.Is(err, ErrConflict) {
 		// Refused: the blobs this pull created are nobody's (Discard
 		// keeps any that a record, a hold or a later commit uses by now).

@@ -12,6 +12,7 @@ import (
 
 	"imagestore/blobstore"
 	"imagestore/layer"
+	"imagestore/qcow2"
 	"imagestore/transfer/oci"
 )
 
@@ -176,8 +177,10 @@ func ReadSmallBlob(ctx context.Context, st *blobstore.Store, d digest.Digest, ma
 // Apply records the chain a manifest describes: every layer blob must be
 // present with its size, then missing records are created parents first,
 // the top one last, so the store never shows an image whose chain is
-// incomplete. Existing records must match (ErrConflict otherwise).
-func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, name, tag string) (blobstore.Ref, error) {
+// incomplete. Existing records must match (ErrConflict otherwise). zeros,
+// if not nil, gives for a layer blob the record of its zero blocks made
+// while it was uploaded (nil if none), so its check need not read it.
+func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, name, tag string, zeros func(digest.Digest) qcow2.ZeroMap) (blobstore.Ref, error) {
 	top, err := Validate(m, c, name, tag)
 	if err != nil {
 		return top, err
@@ -206,7 +209,7 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 		}
 		check := layer.CheckFormat(ctx, st, img.Blob, img.Format)
 		if img.Format == "qcow2" {
-			check = layer.CheckCanonical(ctx, st, img.Blob)
+			check = layer.CheckCanonical(ctx, st, img.Blob, zerosOf(zeros, img.Blob))
 		}
 		if check != nil {
 			return top, fmt.Errorf("%w: record %s: %w", oci.ErrManifestInvalid, img.Ref, check)
@@ -229,4 +232,11 @@ func Apply(ctx context.Context, st *blobstore.Store, m oci.Manifest, c Config, n
 		}
 	}
 	return top, nil
+}
+
+func zerosOf(zeros func(digest.Digest) qcow2.ZeroMap, d digest.Digest) qcow2.ZeroMap {
+	if zeros == nil {
+		return nil
+	}
+	return zeros(d)
 }
