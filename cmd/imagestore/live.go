@@ -114,6 +114,26 @@ func (lf *liveFlags) dialMonitor(ctx context.Context, wait time.Duration) (qmp.M
 	return m, nil
 }
 
+// qemuOwner is the user QEMU runs as, to whom the target files go (QEMU
+// opens them): the QMP socket's peer, or the DAC label libvirt gave the
+// domain. nil when it cannot be told (the files then stay ours).
+func (lf *liveFlags) qemuOwner(ctx context.Context, mon qmp.Monitor, log *slog.Logger) *livebackup.Owner {
+	var uid, gid int
+	var err error
+	if c, ok := mon.(*qmp.Client); ok {
+		uid, gid, err = c.PeerCred()
+	} else {
+		cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		uid, gid, err = libvirtqmp.QEMUUser(cctx, libvirtqmp.Options{Socket: lf.libvirtSock, Domain: lf.domain})
+	}
+	if err != nil {
+		log.Warn("cannot tell which user QEMU runs as; target files stay ours", "err", err)
+		return nil
+	}
+	return &livebackup.Owner{UID: uid, GID: gid}
+}
+
 // runLive connects, starts the control socket, runs the engine over
 // drives and tidies up.
 func (g *globals) runLive(ctx context.Context, lf *liveFlags, drives []livebackup.Drive) ([]livebackup.Result, error) {
@@ -129,13 +149,15 @@ func (g *globals) runLive(ctx context.Context, lf *liveFlags, drives []livebacku
 		return nil, err
 	}
 	defer mon.Close()
+	log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	eng, err := livebackup.New(livebackup.Options{Monitor: mon, Progress: func(p int) {
 		_ = g.pct.report(p)
 		if g.onLivePct != nil {
 			g.onLivePct(p)
 		}
 	},
-		Logger: slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+		TargetOwner: lf.qemuOwner(ctx, mon, log),
+		Logger:      log})
 	if err != nil {
 		return nil, err
 	}

@@ -6,12 +6,16 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"imagestore/transfer/qmp"
+	"imagestore/transfer/qmp/libvirtqmp"
 	"imagestore/transfer/qmp/libvirtqmp/libvirttest"
 )
 
@@ -273,4 +277,91 @@ func names2(bs []lbBitmap) []string {
 		s = append(s, b.Node+"/"+b.Name)
 	}
 	return s
+}
+
+// TestLiveBackupLibvirtQEMUNotRoot: with QEMU running as libvirt-qemu
+// (libvirt's default, not ZStack's root), the target files the CLI (root)
+// creates in a directory are given to QEMU's user, so QEMU can open them;
+// a full and an incremental work and hold the data.
+func TestLiveBackupLibvirtQEMUNotRoot(t *testing.T) {
+	// Parallel: its libvirtd probes QEMU's capabilities as the other user
+	// for about a minute, mostly waiting; the other tests run meanwhile.
+	t.Parallel()
+	const vm = "7a6b5c4d3e2f41908f7e6d5c4b3a2910"
+	u, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		t.Fatalf("the libvirt-qemu user (package libvirt-daemon-system): %v", err)
+	}
+	g, err := user.LookupGroupId(u.Gid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := libvirttest.StartDaemonWith(t, libvirttest.DaemonOptions{QEMUUser: u.Username, QEMUGroup: g.Name})
+	dom := d.StartDomain(vm, lbDisk)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	uid, gid, err := libvirtqmp.QEMUUser(ctx, libvirtqmp.Options{Socket: d.Socket, Domain: vm})
+	if err != nil || strconv.Itoa(uid) != u.Uid || strconv.Itoa(gid) != u.Gid {
+		t.Fatalf("QEMU runs as %d:%d (%v), want %s:%s", uid, gid, err, u.Uid, u.Gid)
+	}
+	dom.Write(0, 0, 2*lbMiB, 0x51)
+
+	// A directory QEMU's user can reach (a test's temp dir is 0700).
+	dest, err := os.MkdirTemp("", "lbnr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dest) })
+	if err := os.Chmod(dest, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	batbak := func(dir, args string) batOut {
+		t.Helper()
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(zstcliBin, "-rootca", ca, "batbak", "-domain", vm, "-destdir", dir, "-args", args)
+		cmd.Env = append(os.Environ(), "IMAGESTORE_LIBVIRT_SOCK="+d.Socket, "IMAGESTORE_QMP_DIR="+dest)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("batbak: %v\nstderr: %s", err, errb.String())
+		}
+		var r batOut
+		if err := json.Unmarshal([]byte(out.String()), &r); err != nil {
+			t.Fatalf("batbak stdout %q: %v", out.String(), err)
+		}
+		return r
+	}
+	check := func(f string, off, length int64, pattern byte) {
+		t.Helper()
+		st, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sys := st.Sys().(*syscall.Stat_t); strconv.Itoa(int(sys.Uid)) != u.Uid || strconv.Itoa(int(sys.Gid)) != u.Gid {
+			t.Fatalf("%s is owned by %d:%d, want QEMU's %s:%s", f, sys.Uid, sys.Gid, u.Uid, u.Gid)
+		}
+		out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", fmt.Sprintf("read -P 0x%02x %d %d", pattern, off, length), f).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "failed") {
+			t.Fatalf("%s lacks pattern 0x%02x at %d+%d: %v %s", filepath.Base(f), pattern, off, length, err, out)
+		}
+	}
+	full := batbak(filepath.Join(dest, "full"), "zsbitmap0,full,drive-virtio-disk0,0")
+	if full["drive-virtio-disk0"].Mode != "full" {
+		t.Fatalf("full: %+v", full)
+	}
+	check(filepath.Join(dest, "full", full["drive-virtio-disk0"].BackupFile), 0, 2*lbMiB, 0x51)
+	dom.Write(0, 8*lbMiB, lbMiB, 0x52)
+	inc := batbak(filepath.Join(dest, "inc"), "zsbitmap0,auto,drive-virtio-disk0,0")
+	if inc["drive-virtio-disk0"].Mode != "incremental" {
+		t.Fatalf("incremental: %+v", inc)
+	}
+	f := filepath.Join(dest, "inc", inc["drive-virtio-disk0"].BackupFile)
+	check(f, 8*lbMiB, lbMiB, 0x52)
+	wantOnly(t, f, [2]int64{8 * lbMiB, 9 * lbMiB})
 }

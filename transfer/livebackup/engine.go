@@ -105,7 +105,14 @@ type Options struct {
 	// OnStart, if set, runs once the transaction has returned (the point
 	// in time of the backup).
 	OnStart func()
+	// TargetOwner, if set, is the user QEMU runs as: target files the
+	// engine creates are given to it (QEMU opens them itself), when it
+	// is not the user the engine runs as.
+	TargetOwner *Owner
 }
+
+// Owner is a user and group id.
+type Owner struct{ UID, GID int }
 
 // Engine drives backups over one monitor. Backup calls must not overlap.
 type Engine struct {
@@ -315,7 +322,7 @@ func (e *Engine) addTarget(ctx context.Context, p *plan) error {
 	m := e.o.Monitor
 	var spec map[string]any
 	if p.Target.File != "" {
-		if err := createTarget(ctx, p.Target.File, p.node.Image.VirtualSize); err != nil {
+		if err := createTarget(ctx, p.Target.File, p.node.Image.VirtualSize, e.o.TargetOwner); err != nil {
 			return err
 		}
 		p.created = true
@@ -340,15 +347,22 @@ func (e *Engine) addTarget(ctx context.Context, p *plan) error {
 }
 
 // createTarget writes an empty qcow2 (v3, 64 KiB clusters, no backing)
-// of the disk's virtual size at path, which must not exist yet. Our own
-// writer, not qemu-img create: starting qemu-img was most of a small
-// incremental's time.
-func createTarget(ctx context.Context, path string, virtualSize int64) error {
+// of the disk's virtual size at path, which must not exist yet, owned by
+// owner when that is not us. Our own writer, not qemu-img create:
+// starting qemu-img was most of a small incremental's time.
+func createTarget(ctx context.Context, path string, virtualSize int64, owner *Owner) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return fmt.Errorf("creating target: %w", err)
 	}
-	_, err = qcow2.Write(ctx, f, (virtualSize+511)&^511, nil, nil, qcow2.WriteOptions{})
+	if owner != nil && (owner.UID != os.Geteuid() || owner.GID != os.Getegid()) {
+		if err = f.Chown(owner.UID, owner.GID); err != nil {
+			err = fmt.Errorf("giving it to QEMU's user %d:%d: %w", owner.UID, owner.GID, err)
+		}
+	}
+	if err == nil {
+		_, err = qcow2.Write(ctx, f, (virtualSize+511)&^511, nil, nil, qcow2.WriteOptions{})
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}

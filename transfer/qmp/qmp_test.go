@@ -41,6 +41,11 @@ func TestClientAgainstQEMU(t *testing.T) {
 	c := dial(t, v)
 	ctx := context.Background()
 
+	// QEMU runs as we do here.
+	if uid, gid, err := c.PeerCred(); err != nil || uid != os.Geteuid() || gid != os.Getegid() {
+		t.Fatalf("PeerCred %d:%d %v, want %d:%d", uid, gid, err, os.Geteuid(), os.Getegid())
+	}
+
 	// A reply far over 64 KiB on one line.
 	var schema []json.RawMessage
 	if err := c.Execute(ctx, "query-qmp-schema", nil, &schema); err != nil {

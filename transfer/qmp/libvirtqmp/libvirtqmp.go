@@ -13,9 +13,11 @@ package libvirtqmp
 import (
 	"context"
 	"encoding/json"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -195,4 +197,70 @@ func callKeep(ctx context.Context, f func() error) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// QEMUUser is the user and group libvirt runs the domain's QEMU as: the
+// DAC security label of the running domain's XML ("+UID:+GID"), what
+// qemu.conf's user/group resolved to.
+func QEMUUser(ctx context.Context, o Options) (uid, gid int, err error) {
+	if o.Socket == "" {
+		o.Socket = DefaultSocket
+	}
+	if o.URI == "" {
+		o.URI = DefaultURI
+	}
+	timeout := 15 * time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(o.Socket), dialers.WithLocalTimeout(timeout)))
+	if err := call(ctx, l, func() error { return l.ConnectToURI(libvirt.ConnectURI(o.URI)) }); err != nil {
+		return 0, 0, fmt.Errorf("libvirt: connecting to %s (%s): %w", o.Socket, o.URI, err)
+	}
+	defer l.Disconnect()
+	var desc string
+	err = call(ctx, l, func() error {
+		dom, err := l.DomainLookupByName(o.Domain)
+		if err != nil {
+			return err
+		}
+		desc, err = l.DomainGetXMLDesc(dom, 0)
+		return err
+	})
+	if err != nil {
+		if libvirt.IsNotFound(err) {
+			return 0, 0, fmt.Errorf("libvirt: domain %q: %w", o.Domain, ErrNoDomain)
+		}
+		return 0, 0, fmt.Errorf("libvirt: domain %q: %w", o.Domain, err)
+	}
+	return dacLabel(desc)
+}
+
+// dacLabel reads the DAC seclabel "+UID:+GID" from a domain's XML.
+func dacLabel(domainXML string) (uid, gid int, err error) {
+	var d struct {
+		Seclabels []struct {
+			Model string `xml:"model,attr"`
+			Label string `xml:"label"`
+		} `xml:"seclabel"`
+	}
+	if err := xml.Unmarshal([]byte(domainXML), &d); err != nil {
+		return 0, 0, fmt.Errorf("libvirt: domain XML: %w", err)
+	}
+	for _, l := range d.Seclabels {
+		if l.Model != "dac" {
+			continue
+		}
+		u, g, ok := strings.Cut(strings.TrimSpace(l.Label), ":")
+		if !ok {
+			break
+		}
+		ui, uerr := strconv.Atoi(strings.TrimPrefix(u, "+"))
+		gi, gerr := strconv.Atoi(strings.TrimPrefix(g, "+"))
+		if uerr != nil || gerr != nil || ui < 0 || gi < 0 {
+			break
+		}
+		return ui, gi, nil
+	}
+	return 0, 0, errors.New("libvirt: the domain XML has no numeric DAC label")
 }

@@ -53,6 +53,20 @@ group = "root"
 dynamic_ownership = 0
 `
 
+// qemuConfAs runs QEMU as another user; libvirt gives it the disk images
+// (dynamic ownership) and gives them back when the domain ends.
+const qemuConfAs = `user = "%s"
+group = "%s"
+dynamic_ownership = 1
+`
+
+// DaemonOptions shape a Daemon.
+type DaemonOptions struct {
+	// QEMUUser and QEMUGroup are whom libvirt runs QEMU as (default root,
+	// as on ZStack hosts).
+	QEMUUser, QEMUGroup string
+}
+
 // Daemon is a private libvirtd.
 type Daemon struct {
 	Dir    string // its private tree
@@ -62,6 +76,12 @@ type Daemon struct {
 
 // StartDaemon starts virtlogd and libvirtd; they stop when the test ends.
 func StartDaemon(t testing.TB) *Daemon {
+	t.Helper()
+	return StartDaemonWith(t, DaemonOptions{})
+}
+
+// StartDaemonWith is StartDaemon with options.
+func StartDaemonWith(t testing.TB, o DaemonOptions) *Daemon {
 	t.Helper()
 	// The programs a Daemon needs; a missing one fails the test.
 	for _, p := range []string{"libvirtd", "virtlogd", "unshare", "mount", "qemu-system-x86_64", "qemu-img", "qemu-io"} {
@@ -83,7 +103,15 @@ func StartDaemon(t testing.TB) *Daemon {
 			t.Fatal(err)
 		}
 	}
-	for n, c := range map[string]string{"etc/libvirtd.conf": libvirtdConf, "etc/qemu.conf": qemuConf} {
+	qconf := qemuConf
+	if o.QEMUUser != "" {
+		// QEMU must reach the disks and the tests' files under dir.
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		qconf = fmt.Sprintf(qemuConfAs, o.QEMUUser, o.QEMUGroup)
+	}
+	for n, c := range map[string]string{"etc/libvirtd.conf": libvirtdConf, "etc/qemu.conf": qconf} {
 		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o644); err != nil {
 			t.Fatal(err)
 		}
