@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -485,5 +488,58 @@ func compareOnBase(t *testing.T, top, base, ref string) {
 	}
 	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", top, ref).CombinedOutput(); err != nil {
 		t.Fatalf("%s over its base differs from the disk: %v %s", top, err, out)
+	}
+}
+
+// TestLiveBackupQMPQEMUNotRoot: QEMU reached through its own QMP socket
+// runs as libvirt-qemu (-runas: it drops to that user after opening its
+// disks and sockets); the target file the CLI (root) creates is given to
+// that user, so QEMU can open it, and the full equals the disk.
+func TestLiveBackupQMPQEMUNotRoot(t *testing.T) {
+	t.Parallel()
+	u, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		t.Fatalf("the libvirt-qemu user (package libvirt-daemon-system): %v", err)
+	}
+	qdir, err := os.MkdirTemp("", "lbnr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(qdir) })
+	if err := os.Chmod(qdir, 0o755); err != nil { // QEMU's user reaches the target dir below
+		t.Fatal(err)
+	}
+	vm := vmtest.StartAs(t, u.Username, lbVM, qdir,
+		vmtest.DiskSpec{Node: "libvirt-1-format", Device: "virtio-disk0", Size: lbDisk})
+	vm.Write(0, 4*lbMiB, 2*lbMiB, 0x61)
+	dest := filepath.Join(qdir, "dest")
+	if err := os.Mkdir(dest, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(zstcliBin, "-rootca", ca, "batbak", "-domain", lbVM, "-destdir", dest, "-args", "zsbitmap0,full,drive-virtio-disk0,0")
+	cmd.Env = append(os.Environ(), "IMAGESTORE_QMP_DIR="+qdir)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("batbak: %v\nstderr: %s", err, errb.String())
+	}
+	var r batOut
+	if err := json.Unmarshal([]byte(out.String()), &r); err != nil || r["drive-virtio-disk0"].Mode != "full" {
+		t.Fatalf("batbak stdout %q: %v", out.String(), err)
+	}
+	f := filepath.Join(dest, r["drive-virtio-disk0"].BackupFile)
+	st, err := os.Stat(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sys := st.Sys().(*syscall.Stat_t); strconv.Itoa(int(sys.Uid)) != u.Uid || strconv.Itoa(int(sys.Gid)) != u.Gid {
+		t.Fatalf("%s is owned by %d:%d, want QEMU's %s:%s", f, sys.Uid, sys.Gid, u.Uid, u.Gid)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", f, vm.Snapshot(0, "full")).CombinedOutput(); err != nil {
+		t.Fatalf("the full differs from the disk: %v %s", err, out)
 	}
 }

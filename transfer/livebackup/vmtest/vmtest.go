@@ -45,21 +45,29 @@ type VM struct {
 	QMPDir string // holds <Name>.qmp, the socket the engine uses
 	Disks  []*Disk
 
-	t    testing.TB
-	cmd  *exec.Cmd
-	done chan struct{}
-	mon  *qmp.Client
-	Log  lockedbuf.Buffer
+	t     testing.TB
+	runAs string // QEMU's -runas user ("" = as the test)
+	cmd   *exec.Cmd
+	done  chan struct{}
+	mon   *qmp.Client
+	Log   lockedbuf.Buffer
 }
 
 // Start creates the disks and starts QEMU; it stops when the test ends.
 func Start(t testing.TB, name, qmpDir string, disks ...DiskSpec) *VM {
 	t.Helper()
+	return StartAs(t, "", name, qmpDir, disks...)
+}
+
+// StartAs is Start with QEMU dropping to user (-runas) once it has opened
+// its disks and sockets; "" runs it as the test.
+func StartAs(t testing.TB, user, name, qmpDir string, disks ...DiskSpec) *VM {
+	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Fatalf("qemu-system-x86_64 is required (apt-get install qemu-system-x86): %v", err)
 	}
 	dir := t.TempDir()
-	v := &VM{Name: name, Dir: dir, QMPDir: qmpDir, t: t}
+	v := &VM{Name: name, Dir: dir, QMPDir: qmpDir, t: t, runAs: user}
 	for i, s := range disks {
 		d := &Disk{DiskSpec: s, File: filepath.Join(dir, fmt.Sprintf("disk%d.qcow2", i)),
 			Shadow: filepath.Join(dir, fmt.Sprintf("shadow%d.raw", i))}
@@ -96,6 +104,9 @@ func (v *VM) start() {
 			"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file%d", d.File, i),
 			"-blockdev", fmt.Sprintf("driver=qcow2,file=file%d,node-name=%s", i, d.Node),
 			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=%s", d.Node, d.Device))
+	}
+	if v.runAs != "" {
+		args = append(args, "-runas", v.runAs)
 	}
 	_ = os.Remove(v.QMPPath())
 	_ = os.Remove(v.harnessSock())
