@@ -179,6 +179,43 @@ func testResume(t *testing.T, e *env) {
 	}
 }
 
+// testEmptyIngest: an ingest opened and closed with nothing written is
+// there to resume, at 0 (the registry opens one per upload session before
+// the first byte arrives, and checks it with IngestOffset), and a later
+// Writer fills and commits it.
+func testEmptyIngest(t *testing.T, e *env) {
+	s := e.open(t)
+	ctx := context.Background()
+	w, err := s.Writer(ctx, "empty")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if off, err := s.IngestOffset("empty"); off != 0 || err != nil {
+		t.Fatalf("IngestOffset of an empty ingest = %d, %v; want 0, nil", off, err)
+	}
+	w, err = s.Writer(ctx, "empty")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Offset() != 0 {
+		t.Fatalf("resumed an empty ingest at %d", w.Offset())
+	}
+	data := content(9, 5000)
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	d, err := w.Commit(ctx, int64(len(data)), digestOf(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readBlob(t, s, d), data) {
+		t.Fatal("blob content differs")
+	}
+}
+
 func testCancel(t *testing.T, e *env) {
 	s := e.open(t)
 	ctx := context.Background()

@@ -41,6 +41,7 @@ func Run(t *testing.T, h Harness) {
 		{"DuplicateConcurrentIngest", testDuplicateConcurrentIngest},
 		{"Resume", testResume},
 		{"Cancel", testCancel},
+		{"EmptyIngest", testEmptyIngest},
 		{"Quota", testQuota},
 		{"ExpiredIngests", testExpiredIngests},
 		{"PutImageValidation", testPutImageValidation},

@@ -113,6 +113,7 @@ type Writer struct {
 	tailSaved   int64     // leading bytes of buf stored in the tail object
 	tailEnd     int64     // the offset naming that tail object (0: none)
 	resumed     int64     // offset the Writer started from
+	stateSaved  bool      // the ref's state object exists (read at resume, or written since)
 
 	err    error // sticky: after a failed part nothing more is accepted
 	closed bool
@@ -181,6 +182,7 @@ func (w *Writer) resume(ctx context.Context) error {
 		}
 	}
 	w.uploadID, w.parts, w.durable, w.durableHash, w.h = st.UploadID, st.Parts, st.Offset, st.SHA256, h
+	w.stateSaved = true
 	if st.Tail > 0 {
 		tail, _, err := b.getLimited(ctx, b.tailKey(w.ref, st.Offset+st.Tail), st.Tail)
 		sum := sha256.Sum256(tail)
@@ -220,6 +222,7 @@ func (w *Writer) fresh(ctx context.Context, uploadID string) error {
 		return err
 	}
 	w.uploadID, w.parts, w.durable, w.durableHash, w.buf, w.tailSaved, w.tailEnd = "", nil, 0, nil, nil, 0, 0
+	w.stateSaved = false
 	w.h = blobstore.NewIngestHash()
 	return nil
 }
@@ -348,8 +351,11 @@ func (w *Writer) saveState(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = w.b.putCond(ctx, w.b.ingestKey(w.ref, ingestState), raw, false, "")
-	return err
+	if _, err = w.b.putCond(ctx, w.b.ingestKey(w.ref, ingestState), raw, false, ""); err != nil {
+		return err
+	}
+	w.stateSaved = true
+	return nil
 }
 
 // Close keeps the ingest resumable: bytes after the last part are saved as
@@ -361,7 +367,16 @@ func (w *Writer) Close() error {
 	}
 	w.closed = true
 	defer w.b.release(w.ref)
-	if w.err != nil || int64(len(w.buf)) == w.tailSaved {
+	if w.err != nil {
+		return nil
+	}
+	if int64(len(w.buf)) == w.tailSaved {
+		if !w.stateSaved {
+			// Opened and closed with nothing written (the registry's
+			// upload session before its first byte): it must still be
+			// there to resume, at 0, as on local disk.
+			return w.saveState(w.ctx)
+		}
 		return nil
 	}
 	end := w.Offset()

@@ -200,3 +200,37 @@ func TestDedupCommitRacesForeignGC(t *testing.T) {
 		})
 	}
 }
+
+// TestEmptyIngestResumes: an ingest opened and closed before its first
+// byte (the registry's upload session at POST) is there at offset 0, as on
+// local disk, and the next Writer fills and commits it.
+func TestEmptyIngestResumes(t *testing.T) {
+	b, _, _ := newBackend(t)
+	s := openStore(t, b, time.Hour)
+	ctx := t.Context()
+	w, err := s.Writer(ctx, "upload-empty")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if off, err := s.IngestOffset("upload-empty"); off != 0 || err != nil {
+		t.Fatalf("IngestOffset = %d, %v; want 0, nil", off, err)
+	}
+	data := randBytes(7, 3000)
+	w, err = s.Writer(ctx, "upload-empty")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	d, err := w.Commit(ctx, int64(len(data)), digest.FromBytes(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, b, d); !bytes.Equal(got, data) {
+		t.Fatal("committed blob differs")
+	}
+}
