@@ -13,7 +13,6 @@ import (
 	"os"
 	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -126,23 +125,16 @@ const (
 // sparse (zeros are holes; the file gets its full size).
 //
 // A range cannot be checked against the layer's digest. With verify, each
-// layer's blob is also read whole, in order, and hashed (verifyLayers),
-// concurrently with the flatten, and DST is replaced only once every layer
-// hashed to its digest: a blob damaged at rest on the store fails the pull.
+// layer's bytes are hashed in order as the flatten reads them, and what it
+// does not read (a base's clusters a delta overrides) is read for the hash
+// afterwards (layerHasher); DST is replaced only once every layer hashed
+// to its digest: a blob damaged at rest on the store fails the pull.
 // Without, the store is trusted for the bytes as for the records (each
 // layer is still parsed by our hardened reader, which bounds everything).
 func flattenRemote(ctx context.Context, c *oci.Client, ri *remoteImage, dst, format string, conc int, lim *ratelimit.Limiter, p *progress, verify bool) (int64, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	check := func() error { return nil }
-	if verify {
-		res := make(chan error, 1)
-		go func() { res <- verifyLayers(ctx, c, ri, lim) }()
-		check = sync.OnceValue(func() error { return <-res })
-	}
 	opts := qcow2.WriteOptions{AssumeNoZeroData: true}
 	for {
-		n, err := flattenOnce(ctx, c, ri, dst, format, conc, lim, p, opts, check)
+		n, err := flattenOnce(ctx, c, ri, dst, format, conc, lim, p, opts, verify)
 		if errors.Is(err, qcow2.ErrZeroData) && opts.AssumeNoZeroData {
 			// A layer with an all-zero data cluster (not one we wrote):
 			// the writer's scan pass lays it out.
@@ -153,39 +145,31 @@ func flattenRemote(ctx context.Context, c *oci.Client, ri *remoteImage, dst, for
 	}
 }
 
-// verifyLayers reads each distinct layer of ri whole, in order, and checks
-// its digest. It reads by ranges (identity encoding: on the store's side a
-// zstd stream would cost more CPU than the hash), 4 MiB a request.
-func verifyLayers(ctx context.Context, c *oci.Client, ri *remoteImage, lim *ratelimit.Limiter) error {
-	seen := map[digest.Digest]bool{}
-	buf := make([]byte, 4<<20)
-	for _, l := range ri.Manifest.Layers {
-		if seen[l.Digest] {
-			continue
-		}
-		seen[l.Digest] = true
-		r := ratelimit.ReaderAt(ctx, c.BlobReaderAt(ctx, ri.Ref.Name, l.Digest, l.Size), lim)
-		h := sha256.New()
-		if _, err := io.CopyBuffer(h, io.NewSectionReader(r, 0, l.Size), buf); err != nil {
-			return fmt.Errorf("verify %s: %w", l.Digest, err)
-		}
-		if got := digest.NewDigest(digest.SHA256, h); got != l.Digest {
-			return fmt.Errorf("verify %s: %w: got %s", l.Digest, oci.ErrDigestInvalid, got)
-		}
-	}
-	return nil
-}
-
-// flattenOnce writes the chain into DST's temp file; check (the layers'
-// verification) must pass before the temp file replaces DST.
-func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, format string, conc int, lim *ratelimit.Limiter, p *progress, opts qcow2.WriteOptions, check func() error) (int64, error) {
+// flattenOnce writes the chain into DST's temp file; with verify, every
+// layer must hash to its digest before the temp file replaces DST.
+func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, format string, conc int, lim *ratelimit.Limiter, p *progress, opts qcow2.WriteOptions, verify bool) (int64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	space := &layerSpace{}
+	var hashers []*layerHasher
 	for _, l := range ri.Manifest.Layers {
 		space.bases = append(space.bases, space.size)
-		space.readers = append(space.readers, c.BlobReaderAt(ctx, ri.Ref.Name, l.Digest, l.Size))
+		var r io.ReaderAt = c.BlobReaderAt(ctx, ri.Ref.Name, l.Digest, l.Size)
+		if verify {
+			h := newLayerHasher(r, ratelimit.ReaderAt(ctx, r, lim), l.Digest, l.Size)
+			hashers = append(hashers, h)
+			r = h
+		}
+		space.readers = append(space.readers, r)
 		space.size += l.Size
+	}
+	check := func() error {
+		for _, h := range hashers {
+			if err := h.Finish(ctx); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	var src io.ReaderAt = &countingReaderAt{r: space, add: p.Add}
 	src = ratelimit.ReaderAt(ctx, src, lim)
@@ -205,9 +189,14 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 		return 0, err
 	}
 	var ranges []parallel.Range
+	perLayer := make([][]parallel.Range, len(layers))
 	for _, r := range chain.ReadPlan() {
-		base := space.bases[len(layers)-1-r.Layer] // plan layers are top first
-		ranges = append(ranges, parallel.Range{Offset: base + r.Offset, Length: r.Length})
+		i := len(layers) - 1 - r.Layer // plan layers are top first
+		ranges = append(ranges, parallel.Range{Offset: space.bases[i] + r.Offset, Length: r.Length})
+		perLayer[i] = append(perLayer[i], parallel.Range{Offset: r.Offset, Length: r.Length})
+	}
+	for i, h := range hashers {
+		h.setPlan(perLayer[i])
 	}
 	pf := parallel.NewPrefetcherLag(ctx, src, ranges, conc, pullPiece, pullLag)
 	defer pf.Close()
