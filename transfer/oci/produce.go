@@ -145,7 +145,9 @@ func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer
 }
 
 // skipWriter hashes every byte, drops the first skip of them and passes
-// the rest on.
+// the rest on. A large write is hashed on a goroutine of its own while it
+// is passed on (the pipe's reader sends it meanwhile), so the hash and the
+// send of the same bytes overlap instead of taking turns.
 type skipWriter struct {
 	w        io.Writer
 	skip     int64
@@ -155,12 +157,21 @@ type skipWriter struct {
 }
 
 func (s *skipWriter) Write(p []byte) (int, error) {
-	s.h.Write(p)
 	s.n += int64(len(p))
 	q := p
 	if s.skip > 0 {
 		k := min(s.skip, int64(len(q)))
 		q, s.skip = q[k:], s.skip-k
+	}
+	if len(q) < overlapHash {
+		s.h.Write(p)
+	} else {
+		hashed := make(chan struct{})
+		go func() {
+			s.h.Write(p)
+			close(hashed)
+		}()
+		defer func() { <-hashed }() // p is the caller's again only once hashed
 	}
 	if len(q) == 0 {
 		return len(p), nil
@@ -172,3 +183,6 @@ func (s *skipWriter) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// overlapHash is the smallest write skipWriter hashes beside the send.
+const overlapHash = 256 << 10
