@@ -279,10 +279,12 @@ func mountKnown(ctx context.Context, c *oci.Client, name string, src *source, ad
 	if cacheable {
 		d, size, _ = cache.get(key, id)
 	}
-	if d == "" && added != nil && !added.Pulled && added.Blobsum != "" && opts.BackingFile == "" && !opts.Compress {
-		if st, err := src.f.Stat(); err == nil && added.sameFile(st) {
-			d, size = added.Blobsum, added.Size
-		}
+	// add measured FILE flattened with its local backing files (which
+	// FILE's identity does not cover), and its identity with ctime only
+	// when the file had settled: the same rules as the push cache.
+	if d == "" && added != nil && !added.Pulled && added.Blobsum != "" && opts.BackingFile == "" && !opts.Compress &&
+		cacheable && added.File != nil && *added.File == id && (src.im == nil || src.im.BackingFile() == "") {
+		d, size = added.Blobsum, added.Size
 	}
 	if d == "" {
 		return pushed{}, nil

@@ -540,3 +540,91 @@ func TestPullVerify(t *testing.T) {
 		t.Fatal("-verify=false: want the damaged layer's content")
 	}
 }
+
+// TestAddedMountFollowsBacking: add measures a qcow2 with local backing
+// files as the flattened chain, so an unchanged FILE over a changed
+// backing file is other content; the zstcli push must send it, not mount
+// the layer add measured (which the store holds from an earlier push).
+func TestAddedMountFollowsBacking(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	qemutest.Create(t, base, 8<<20, "")
+	qemutest.IO(t, base, "write -P 0x11 0 2M")
+	vol := filepath.Join(dir, "vol.qcow2")
+	qemutest.Create(t, vol, 8<<20, "", "-b", "base.qcow2", "-F", "qcow2")
+	qemutest.IO(t, vol, "write -P 0x22 4M 1M")
+
+	var added addResult
+	out, errs, code := zcli(t, "-json", "add", "-file", vol)
+	if code != 0 {
+		t.Fatalf("add: exit %d: %s", code, errs)
+	}
+	lastJSONLine(t, out, &added)
+	// The store gets the layer add measured under another name.
+	var first pushResult
+	cliJSON(t, &first, "-url", s.url, "-quiet", "push", "-json", "-mount=false", "-name", "other", "-id", "x", vol)
+
+	// The backing file changes; vol itself does not.
+	qemutest.IO(t, base, "write -P 0x33 0 1M")
+	var now pushResult
+	cliJSON(t, &now, "-url", s.url, "-quiet", "push", "-json", "-mount=false", "-name", "other", "-id", "y", vol)
+	if now.Blobsum == first.Blobsum {
+		t.Fatal("the flattened chain did not change with its backing file")
+	}
+	if _, errs, code := zcli(t, "-url", s.url, "push", vol); code != 0 {
+		t.Fatalf("zstcli push: exit %d: %s", code, errs)
+	}
+	var info api.ImageInfo
+	cliJSON(t, &info, "-url", s.url, "-json", "info", added.Name+":"+added.ID)
+	if info.Blobsum != now.Blobsum {
+		t.Fatalf("zstcli push recorded layer %s (what add measured: %v), the file's chain is now %s",
+			info.Blobsum, info.Blobsum == first.Blobsum, now.Blobsum)
+	}
+}
+
+// TestAddedMountSeesCtime: a write after add whose mtime is put back
+// (cp -p, rsync -t onto the same inode) leaves size, inode and mtime as
+// add saw them; only ctime shows it, so the zstcli push must send the
+// file, not mount the layer add measured.
+func TestAddedMountSeesCtime(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	f := filepath.Join(dir, "disk.raw")
+	if err := os.WriteFile(f, bytes.Repeat([]byte("imagestore"), 1<<20/10+1)[:1<<20], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(pushCacheSettle + 100*time.Millisecond) // a file add may trust
+	var added addResult
+	out, errs, code := zcli(t, "-json", "add", "-file", f)
+	if code != 0 {
+		t.Fatalf("add: exit %d: %s", code, errs)
+	}
+	lastJSONLine(t, out, &added)
+	var first pushResult
+	cliJSON(t, &first, "-url", s.url, "-quiet", "push", "-json", "-mount=false", "-name", "other", "-id", "x", f)
+
+	st, err := os.Stat(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fh, err := os.OpenFile(f, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fh.WriteAt([]byte("X"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	fh.Close()
+	if err := os.Chtimes(f, st.ModTime(), st.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if _, errs, code := zcli(t, "-url", s.url, "push", f); code != 0 {
+		t.Fatalf("zstcli push: exit %d: %s", code, errs)
+	}
+	var info api.ImageInfo
+	cliJSON(t, &info, "-url", s.url, "-json", "info", added.Name+":"+added.ID)
+	if info.Blobsum == first.Blobsum {
+		t.Fatalf("zstcli push of a changed file recorded the layer add measured (%s)", info.Blobsum)
+	}
+}

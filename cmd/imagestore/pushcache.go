@@ -47,12 +47,21 @@ func statID(f *os.File) (fileID, time.Time, error) {
 	if err != nil {
 		return fileID{}, now, err
 	}
-	sys, ok := st.Sys().(*syscall.Stat_t)
+	id, ok := fileIDOf(st)
 	if !ok {
 		return fileID{}, now, errors.New("no stat_t")
 	}
+	return id, now, nil
+}
+
+// fileIDOf is the identity st describes.
+func fileIDOf(st os.FileInfo) (fileID, bool) {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, false
+	}
 	return fileID{Dev: uint64(sys.Dev), Ino: sys.Ino, Size: st.Size(), MtimeNs: st.ModTime().UnixNano(),
-		CtimeNs: time.Unix(sys.Ctim.Unix()).UnixNano()}, now, nil
+		CtimeNs: time.Unix(sys.Ctim.Unix()).UnixNano()}, true
 }
 
 // settled reports whether a file with identity id, stat'ed at at, had

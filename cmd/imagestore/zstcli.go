@@ -66,6 +66,7 @@ func cmdAdd(ctx context.Context, g *globals, args []string) error {
 	if err := ref.Validate(); err != nil {
 		return usageErr("%v", err)
 	}
+	at := time.Now()
 	st, err := os.Stat(abs)
 	if err != nil {
 		return err
@@ -88,6 +89,11 @@ func cmdAdd(ctx context.Context, g *globals, args []string) error {
 	}
 	ref = e.Ref
 	e.setIdentity(st)
+	if id, ok := fileIDOf(st); ok && id.settled(at) {
+		// push may mount the measured layer only for a file whose
+		// identity would show any write since (see pushCache).
+		e.File = &id
+	}
 	ix := hostIndex{dir: g.stateDir}
 	if err := ix.put(e); err != nil {
 		return err
@@ -149,6 +155,9 @@ type indexEntry struct {
 	Ino     uint64 `json:"ino"`
 	Bytes   int64  `json:"bytes"`
 	MtimeNs int64  `json:"mtimeNs"`
+	// File is the identity push's mount of the measured layer needs
+	// (with ctime), set when the file had settled before add looked.
+	File *fileID `json:"file,omitempty"`
 }
 
 func (e *indexEntry) setIdentity(st os.FileInfo) {
