@@ -157,6 +157,7 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 		var r io.ReaderAt = c.BlobReaderAt(ctx, ri.Ref.Name, l.Digest, l.Size)
 		if verify {
 			h := newLayerHasher(r, ratelimit.ReaderAt(ctx, r, lim), l.Digest, l.Size)
+			defer h.Close()
 			hashers = append(hashers, h)
 			r = h
 		}

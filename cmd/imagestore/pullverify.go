@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -27,7 +28,9 @@ import (
 // range that no planned read covers (a base's clusters a delta overrides,
 // tables our reader skips) are read for the hash at once instead of
 // waiting. Finish reads what is left and checks the digest. Safe for
-// concurrent ReadAt.
+// concurrent ReadAt. The hashing itself runs on a goroutine of its own,
+// fed copies in order, so the readers (the prefetcher's workers) do not
+// wait for it; Close ends it when Finish is not called.
 type layerHasher struct {
 	r    io.ReaderAt // the blob, by ranges
 	gaps io.ReaderAt // the same, for the hasher's own reads (rate-limited)
@@ -35,8 +38,11 @@ type layerHasher struct {
 	size int64
 
 	mu     sync.Mutex
-	h      hash.Hash
-	hashed int64
+	h      hash.Hash        // written by the hashing goroutine only
+	q      chan []byte      // to the hashing goroutine, in blob order
+	hdone  chan struct{}    // closed when it has hashed all q held
+	closed bool             // q is closed
+	hashed int64            // bytes sent to q
 	ahead  map[int64][]byte // ranges past hashed, by offset
 	nAhead int64
 	plan   []parallel.Range // the reads to come, by offset (nil: not known yet)
@@ -47,7 +53,38 @@ type layerHasher struct {
 const maxAhead = 32 << 20
 
 func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHasher {
-	return &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{}}
+	l := &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{},
+		q: make(chan []byte, 8), hdone: make(chan struct{})}
+	go func() {
+		defer close(l.hdone)
+		for b := range l.q {
+			l.h.Write(b)
+		}
+	}()
+	return l
+}
+
+// emit hands the next bytes of the blob to the hashing goroutine; b is
+// copied unless owned (a buffer nobody else holds).
+func (l *layerHasher) emit(b []byte, owned bool) {
+	if l.closed || len(b) == 0 {
+		return
+	}
+	if !owned {
+		b = bytes.Clone(b)
+	}
+	l.q <- b
+}
+
+// Close ends the hashing goroutine (after Finish, or instead of it).
+func (l *layerHasher) Close() {
+	l.mu.Lock()
+	if !l.closed {
+		l.closed = true
+		close(l.q)
+	}
+	l.mu.Unlock()
+	<-l.hdone
 }
 
 func (l *layerHasher) ReadAt(p []byte, off int64) (int, error) {
@@ -67,7 +104,7 @@ func (l *layerHasher) observe(b []byte, off int64) {
 		return
 	}
 	if off <= l.hashed {
-		l.h.Write(b[l.hashed-off:])
+		l.emit(b[l.hashed-off:], false)
 		l.hashed = end
 		l.drain()
 		l.skipUnplanned()
@@ -83,7 +120,7 @@ func (l *layerHasher) observe(b []byte, off int64) {
 			return
 		}
 		if end > l.hashed {
-			l.h.Write(b[l.hashed-off:])
+			l.emit(b[l.hashed-off:], false)
 			l.hashed = end
 		}
 		l.drain()
@@ -141,7 +178,7 @@ func (l *layerHasher) drain() {
 				continue
 			}
 			if end > l.hashed {
-				l.h.Write(b[l.hashed-off:])
+				l.emit(b[l.hashed-off:], true)
 				l.hashed = end
 			}
 			delete(l.ahead, off)
@@ -154,22 +191,22 @@ func (l *layerHasher) drain() {
 // fill hashes the blob's bytes from the prefix up to to, reading them
 // (kept ranges are used as the prefix reaches them).
 func (l *layerHasher) fill(to int64) error {
-	buf := make([]byte, 4<<20)
 	for l.hashed < to {
-		n := min(int64(len(buf)), to-l.hashed)
+		n := min(4<<20, to-l.hashed)
 		for off := range l.ahead { // stop at the next kept range
 			if off > l.hashed && off < l.hashed+n {
 				n = off - l.hashed
 			}
 		}
-		k, err := l.gaps.ReadAt(buf[:n], l.hashed)
+		buf := make([]byte, n)
+		k, err := l.gaps.ReadAt(buf, l.hashed)
 		if int64(k) < n {
 			if err == nil || errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
 			return err
 		}
-		l.h.Write(buf[:n])
+		l.emit(buf, true)
 		l.hashed += n
 		l.drain()
 	}
@@ -179,15 +216,21 @@ func (l *layerHasher) fill(to int64) error {
 // Finish reads what was not read, and checks the digest.
 func (l *layerHasher) Finish(ctx context.Context) error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if err := ctx.Err(); err != nil {
+		l.mu.Unlock()
 		return err
+	}
+	if l.err == nil && l.closed {
+		l.err = errors.New("hasher closed")
 	}
 	if l.err == nil {
 		l.err = l.fill(l.size)
 	}
-	if l.err != nil {
-		return fmt.Errorf("verify %s: %w", l.d, l.err)
+	err := l.err
+	l.mu.Unlock()
+	l.Close()
+	if err != nil {
+		return fmt.Errorf("verify %s: %w", l.d, err)
 	}
 	if got := digest.NewDigest(digest.SHA256, l.h); got != l.d {
 		return fmt.Errorf("verify %s: %w: got %s", l.d, oci.ErrDigestInvalid, got)
