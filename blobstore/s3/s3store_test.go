@@ -456,15 +456,21 @@ func TestSweepAbortsAbandoned(t *testing.T) {
 			defer w.Cancel()
 		}
 	}
-	// An upload with no state at all (a crash before the first state).
+	// An upload with no state at all (a crash before the first state),
+	// and the multipart copy of a blob over CopyObject's limit that a
+	// crash interrupted (an upload at the blob's own key).
 	key := b.ingestKey("nostate", ingestData)
 	if _, err := b.cli.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &key}); err != nil {
+		t.Fatal(err)
+	}
+	copyKey := b.blobKey(strings.Repeat("ab", 32))
+	if _, err := b.cli.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &copyKey}); err != nil {
 		t.Fatal(err)
 	}
 	if n, _, err := b.Sweep(ctx); err != nil || n != 0 {
 		t.Fatalf("Sweep of young ingests removed %d, %v", n, err)
 	}
-	if u := uploads(t, b); len(u) != 3 {
+	if u := uploads(t, b); len(u) != 4 {
 		t.Fatalf("uploads after a no-op sweep: %v", u)
 	}
 	clock = func() time.Time { return now.Add(2 * time.Hour) }

@@ -95,7 +95,39 @@ func (b *Backend) SweepIngests(ctx context.Context, idleSince time.Time) (int, i
 		removed++
 		freed += n
 	}
+	if err := b.sweepCopies(ctx, idleSince); err != nil && firstErr == nil {
+		firstErr = err
+	}
 	return removed, freed, firstErr
+}
+
+// sweepCopies aborts the multipart uploads at blob keys initiated before
+// idleSince: the server-side copies of blobs over copyLimit (a commit or
+// a renewal) that a crash interrupted. Never completed, they are no
+// visible blob, but their parts hold the copied bytes until aborted.
+func (b *Backend) sweepCopies(ctx context.Context, idleSince time.Time) error {
+	type upload struct{ key, id string }
+	var old []upload
+	err := b.listUploads(ctx, b.prefix+dirBlobs, func(u types.MultipartUpload) error {
+		if aws.ToTime(u.Initiated).Before(idleSince) {
+			old = append(old, upload{aws.ToString(u.Key), aws.ToString(u.UploadId)})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	var first error
+	for _, u := range old {
+		if err := b.abort(ctx, u.key, u.id); err != nil {
+			if first == nil {
+				first = err
+			}
+			continue
+		}
+		b.log.Info("aborted an abandoned blob copy", "key", u.key, "upload", u.id)
+	}
+	return first
 }
 
 // Sweep is SweepIngests with the backend's IngestExpiry and clock.
