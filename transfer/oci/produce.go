@@ -109,7 +109,7 @@ func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer
 		pw.Close()
 	}()
 	hdr := http.Header{"Content-Type": {"application/octet-stream"}}
-	resp, err := c.do(ctx, http.MethodPatch, u, pr, hdr)
+	resp, err := c.do(ctx, http.MethodPatch, u, pipeBody{pr}, hdr)
 	// The request is over either way: stop the producer (a Write into the
 	// closed pipe fails) and wait, so its state is ours again.
 	pr.CloseWithError(errBodyStopped)
@@ -186,3 +186,33 @@ func (s *skipWriter) Write(p []byte) (int, error) {
 
 // overlapHash is the smallest write skipWriter hashes beside the send.
 const overlapHash = 256 << 10
+
+// pipeBody is the produced body as the HTTP transport reads it: the pipe,
+// copied out in up to 1 MiB pieces (WriterTo) rather than the transport's
+// 32 KiB, so each of the producer's 1 MiB writes goes out as one chunk and
+// one write to the connection (and the store reads it in few reads).
+type pipeBody struct{ r *io.PipeReader }
+
+func (b pipeBody) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b pipeBody) Close() error               { return b.r.Close() }
+
+func (b pipeBody) WriteTo(w io.Writer) (int64, error) {
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		k, err := b.r.Read(buf)
+		if k > 0 {
+			m, werr := w.Write(buf[:k])
+			n += int64(m)
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+}
