@@ -45,7 +45,7 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := rgw.Run(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -58,6 +58,7 @@ type daemon struct {
 	url   string
 	root  string
 	token string
+	s3    *bucketStore // nil: the store is on local disk under root
 	done  chan struct{}
 
 	logs lockedbuf.Buffer
@@ -69,8 +70,9 @@ type daemonOpts struct {
 	extra       string // more YAML
 	root        string // reuse a store (restart tests)
 	env         []string
-	profile     string   // default imagestore: these tests exercise our own protections
-	wrap        []string // argv prefix the daemon runs under (a sandbox)
+	profile     string       // default imagestore: these tests exercise our own protections
+	wrap        []string     // argv prefix the daemon runs under (a sandbox)
+	s3          *bucketStore // keep the store in this bucket (storage.type s3); nil = under root
 }
 
 func startDaemon(t *testing.T, o daemonOpts) *daemon {
@@ -101,11 +103,15 @@ shutdownTimeout: 20s
 debug: true
 token: %q
 %s`, o.profile, o.root, o.parallelism, o.token, o.extra)
+	if o.s3 != nil {
+		cfg += "\n" + o.s3.yaml()
+		o.env = append(append([]string{}, o.env...), o.s3.env()...)
+	}
 	cfgPath := filepath.Join(dir, "agent.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, root: o.root, token: o.token, done: make(chan struct{})}
+	d := &daemon{t: t, root: o.root, token: o.token, s3: o.s3, done: make(chan struct{})}
 	argv := append(append([]string{}, o.wrap...), agentBin, "-config", cfgPath)
 	d.cmd = exec.Command(argv[0], argv[1:]...)
 	d.cmd.Env = append(os.Environ(), o.env...)
@@ -373,11 +379,17 @@ func TestE2EAuth(t *testing.T) {
 }
 
 // TestE2EBackupFlow is the management node's backup flow against the built
-// daemon: connect, ping, import a base and a delta, chain, info, hash,
-// export, delete, gc. One function because each call uses what the previous
-// one returned.
+// daemon, with the store on local disk and on S3: connect, ping, import a
+// base and a delta, chain, info, hash, export, delete, gc. One function
+// because each call uses what the previous one returned.
 func TestE2EBackupFlow(t *testing.T) {
-	d := startDaemon(t, daemonOpts{})
+	for _, kind := range []storageKind{onDisk, onS3} {
+		t.Run(string(kind), func(t *testing.T) { testBackupFlow(t, kind) })
+	}
+}
+
+func testBackupFlow(t *testing.T, kind storageKind) {
+	d := startDaemon(t, daemonOpts{s3: storeFor(t, kind)})
 	m := newMgmt(t)
 	work := t.TempDir()
 
@@ -424,6 +436,7 @@ func TestE2EBackupFlow(t *testing.T) {
 	if num(res["virtualsize"]) != 8<<20 || num(res["size"]) <= 0 {
 		t.Fatalf("import reply sizes: %v", res)
 	}
+	checkWhereBlobsAre(t, d, 2)
 
 	chain := d.async(t, m, "/imagestore/imgchain/", map[string]any{"installPath": ip2})
 	mustSucceed(t, "imgchain", chain)

@@ -24,6 +24,8 @@ import (
 	"imagestore/agent"
 	"imagestore/agent/config"
 	"imagestore/blobstore"
+	s3store "imagestore/blobstore/s3"
+	"imagestore/internal/redact"
 	"imagestore/internal/version"
 )
 
@@ -137,12 +139,6 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "imagestore-agent:", err)
 		return 2
 	}
-	if cfg.Storage.IsS3() {
-		// The configuration is in place before the backend: refuse rather
-		// than silently keep the blobs on local disk.
-		fmt.Fprintln(stderr, "imagestore-agent: storage.type s3: this build has no S3 backend yet")
-		return 2
-	}
 	if o.logFile != "" && os.Getenv(detachedEnv) == "" {
 		if err := detach(args, o.logFile); err != nil {
 			fmt.Fprintln(stderr, "imagestore-agent:", err)
@@ -157,9 +153,59 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if err := serve(cfg, logger); err != nil {
 		logger.Error("exiting", "err", err)
+		var se *storageError
+		if errors.As(err, &se) {
+			// On stderr too, in plain words, like the other start errors.
+			fmt.Fprintln(stderr, "imagestore-agent:", err)
+			return 2
+		}
 		return 1
 	}
 	return 0
+}
+
+// storageError: the configured storage cannot be used (an S3 endpoint that
+// does not answer, keys it refuses, a bucket that does not exist): a
+// configuration problem, exit 2 like the others.
+type storageError struct{ err error }
+
+func (e *storageError) Error() string { return e.err.Error() }
+func (e *storageError) Unwrap() error { return e.err }
+
+// openStore opens the blob store where cfg.Storage says: under cfg.Root,
+// or in an S3 bucket (checked at once: reachable, keys accepted, bucket
+// present).
+func openStore(ctx context.Context, cfg config.Config, logger *slog.Logger) (*blobstore.Store, error) {
+	opts := blobstore.Options{Root: cfg.Root, Quota: int64(cfg.Quota), CommitGrace: cfg.GCGrace, Logger: logger}
+	if cfg.Storage.IsS3() {
+		st := cfg.Storage
+		be, err := s3store.New(ctx, s3store.Options{
+			Endpoint:   st.Endpoint,
+			Bucket:     st.Bucket,
+			Prefix:     st.Prefix,
+			Region:     st.Region,
+			PathStyle:  st.PathStyle,
+			AccessKey:  redact.Secret(st.AccessKey),
+			SecretKey:  redact.Secret(st.SecretKey),
+			CAFile:     st.CAFile,
+			PartSize:   int64(st.PartSize),
+			CacheBytes: int64(st.CacheBytes),
+			Logger:     logger,
+		})
+		if err != nil {
+			return nil, &storageError{fmt.Errorf("storage: s3 bucket %q at %s (keys from %s): %w",
+				st.Bucket, redact.URL(st.Endpoint), st.CredentialSource(), err)}
+		}
+		opts.Backend = be
+	}
+	store, err := blobstore.Open(ctx, opts)
+	if err != nil {
+		if opts.Backend != nil {
+			_ = opts.Backend.Close()
+		}
+		return nil, fmt.Errorf("opening store: %w", err)
+	}
+	return store, nil
 }
 
 func serve(cfg config.Config, logger *slog.Logger) error {
@@ -168,18 +214,24 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 
 	logger.Info("starting", "profile", cfg.Profile, "root", cfg.Root, "listen", cfg.Listen, "registryListen", cfg.RegistryListen,
 		"auth", cfg.Token != "", "agentTLS", cfg.AgentListenerTLS().Enabled(), "registryTLS", cfg.RegistryListenerTLS().Enabled(),
-		"serverName", cfg.ServerName, "parallelismDegree", cfg.ParallelismDegree)
+		"serverName", cfg.ServerName, "parallelismDegree", cfg.ParallelismDegree, "gcGrace", cfg.GCGrace)
+	if st := cfg.Storage; st.IsS3() {
+		logger.Info("storage", "type", st.Type, "endpoint", redact.URL(st.Endpoint), "bucket", st.Bucket, "prefix", st.Prefix,
+			"pathStyle", st.PathStyle, "keys", st.CredentialSource(), "caFile", st.CAFile)
+		if cfg.GCGrace < config.DefaultS3GCGrace {
+			logger.Warn("gcGrace is shorter than the default for a bucket: if other agents share this bucket and prefix, GC here may free a blob another agent committed and has not recorded yet",
+				"gcGrace", cfg.GCGrace, "default", config.DefaultS3GCGrace)
+		}
+	}
 	if cfg.Profile == config.ProfileZStack && cfg.Token != "" {
 		logger.Warn("a token is set in the zstack profile: the management node, KVM hosts and peer stores send none, so their calls will be refused")
 	}
 	if err := os.MkdirAll(cfg.Root, 0o750); err != nil {
 		return err
 	}
-	store, err := blobstore.Open(ctx, blobstore.Options{
-		Root: cfg.Root, Quota: int64(cfg.Quota), CommitGrace: cfg.GCGrace, Logger: logger,
-	})
+	store, err := openStore(ctx, cfg, logger)
 	if err != nil {
-		return fmt.Errorf("opening store: %w", err)
+		return err
 	}
 	defer store.Close()
 

@@ -32,10 +32,10 @@ type mnStore struct {
 
 // startMNStore runs the real daemon as a ZStack backup storage: the default
 // (zstack) profile, :8001 plain, :8000 HTTPS with certFile/keyFile, no
-// token, plain NBD on its own port range.
-func startMNStore(t *testing.T, certFile, keyFile, ports string) *mnStore {
+// token, plain NBD on its own port range, the store in bs (nil: on disk).
+func startMNStore(t *testing.T, certFile, keyFile, ports string, bs *bucketStore) *mnStore {
 	t.Helper()
-	d := startDaemon(t, daemonOpts{profile: "zstack", extra: fmt.Sprintf(`registryTLS:
+	d := startDaemon(t, daemonOpts{profile: "zstack", s3: bs, extra: fmt.Sprintf(`registryTLS:
   cert: %s
   key: %s
 nbd:
@@ -228,13 +228,13 @@ func kvmBackup(t *testing.T, s *mnStore, m *mgmt, vol, name, parent string, size
 	return res
 }
 
-// blobHashes hashes the stored blob files of a chain ("name:id@blobsum").
-func blobHashes(t *testing.T, root string, chain []string) map[string]string {
+// blobHashes hashes the stored blobs of a chain ("name:id@blobsum").
+func (d *daemon) blobHashes(t *testing.T, chain []string) map[string]string {
 	t.Helper()
 	out := map[string]string{}
 	for _, c := range chain {
 		sum := c[strings.LastIndex(c, "@")+1:]
-		out[sum] = sha256File(t, blobFile(root, sum))
+		out[sum] = d.blobSHA(t, sum)
 	}
 	return out
 }
@@ -247,8 +247,25 @@ func blobHashes(t *testing.T, root string, chain []string) map[string]string {
 // image recovery), a template by zstore:// import, gc and delete. Every
 // request is shaped as the management node sends it, callbacks go to a
 // stand-in for it. One function because each step works on what the steps
-// before stored.
+// before stored. It runs with both stores on local disk, and with the first
+// on S3 (so replication runs between a bucket and a disk, both ways).
 func TestE2EManagementNodeFlow(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		a, b   storageKind
+		aPorts string
+		bPorts string
+	}{
+		{"local", onDisk, onDisk, "31800-31849", "31850-31899"},
+		{"s3", onS3, onDisk, "31900-31949", "31950-31999"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			testManagementNodeFlow(t, storeFor(t, tc.a), storeFor(t, tc.b), tc.aPorts, tc.bPorts)
+		})
+	}
+}
+
+func testManagementNodeFlow(t *testing.T, aStore, bStore *bucketStore, aPorts, bPorts string) {
 	for _, tool := range []string{"qemu-img", "qemu-io", "qemu-nbd"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s not installed (.ci/deps installs it): %v", tool, err)
@@ -256,8 +273,8 @@ func TestE2EManagementNodeFlow(t *testing.T) {
 	}
 	zs := testcert.SelfSigned(t, tlsconf.DefaultServerName) // the one certificate ZStack gives every store
 	certFile, keyFile := zs.WriteFiles(t)
-	a := startMNStore(t, certFile, keyFile, "31800-31849")
-	b := startMNStore(t, certFile, keyFile, "31850-31899")
+	a := startMNStore(t, certFile, keyFile, aPorts, aStore)
+	b := startMNStore(t, certFile, keyFile, bPorts, bStore)
 	m := newMgmt(t)
 	bsUUID := hex32(t)
 	work := t.TempDir()
@@ -316,7 +333,7 @@ func TestE2EManagementNodeFlow(t *testing.T) {
 
 	// remotetarget: the host runs the VM on the chain; the guest writes,
 	// the stored blobs stay the same.
-	before := blobHashes(t, a.root, chain)
+	before := a.blobHashes(t, chain)
 	rt := a.mnAsync(t, m, "/imagestore/export/remotetarget/", withContext(t, map[string]any{"installPath": top, "remoteTargetType": "NBD", "hostname": "127.0.0.1"}))
 	uri, _ := rt["targetUri"].(string)
 	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") {
@@ -324,7 +341,7 @@ func TestE2EManagementNodeFlow(t *testing.T) {
 	}
 	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", uri, vol)
 	runTool(t, "qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1048576", "-c", "flush", "-c", "read -P 0x77 0 1048576", uri)
-	if after := blobHashes(t, a.root, chain); fmt.Sprint(after) != fmt.Sprint(before) {
+	if after := a.blobHashes(t, chain); fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Fatalf("guest writes changed stored blobs:\n%v\n%v", before, after)
 	}
 	a.mnAsync(t, m, "/imagestore/remotetarget/delete/", map[string]any{"targetUri": uri})

@@ -1,13 +1,10 @@
 package main
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -104,20 +101,6 @@ func blobFile(root, blobsum string) string {
 	return filepath.Join(root, "blobs", "sha256", hexd[:2], hexd)
 }
 
-func sha256File(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return "sha256:" + hex.EncodeToString(h.Sum(nil))
-}
-
 // tags lists a daemon's registry tags of a repository (none = empty).
 func tags(t *testing.T, d *daemon, name string) []string {
 	t.Helper()
@@ -189,13 +172,22 @@ func (lm *layerMaker) name() string {
 
 // TestE2EReplication replicates a 10-layer chain between two stores: a
 // push, a no-op re-push, an incremental push. One function because each step
-// starts from the state the step before left on both stores.
+// starts from the state the step before left on both stores. It runs with
+// every store on local disk, and with A and B on S3 (C stays on disk), so
+// B's kill -9 mid-push and its quota happen on a bucket.
 func TestE2EReplication(t *testing.T) {
+	for _, kind := range []storageKind{onDisk, onS3} {
+		t.Run(string(kind), func(t *testing.T) { testReplication(t, kind) })
+	}
+}
+
+func testReplication(t *testing.T, kind storageKind) {
 	const token = "repl-token"
-	a := startDaemon(t, daemonOpts{token: token})
+	aOpts := daemonOpts{token: token, s3: storeFor(t, kind)}
+	a := startDaemon(t, aOpts)
 	bPort := freePortClosed(t)
 	bRoot := filepath.Join(t.TempDir(), "b-store")
-	bOpts := daemonOpts{token: token, root: bRoot, env: []string{"IMAGESTORE_REGISTRY_LISTEN=" + bPort}}
+	bOpts := daemonOpts{token: token, root: bRoot, env: []string{"IMAGESTORE_REGISTRY_LISTEN=" + bPort}, s3: storeFor(t, kind)}
 	b := startDaemon(t, bOpts)
 	c := startDaemon(t, daemonOpts{token: token})
 	m := newMgmt(t)
@@ -214,7 +206,7 @@ func TestE2EReplication(t *testing.T) {
 	if rt := waitTask(t, a, startRepl(t, a, "push", toB)); rt.Status != "success" || rt.BytesDone != rt.BytesTotal || rt.BytesTotal <= 0 {
 		t.Fatalf("push A→B: %+v", rt)
 	}
-	runTool(t, "qemu-img", "compare", "-q", lm.prev, blobFile(bRoot, blobs[9]))
+	runTool(t, "qemu-img", "compare", "-q", lm.prev, b.blobCopy(t, blobs[9]))
 	if got := completeListing(t, b, name); len(got) != 10 {
 		t.Fatalf("B lists %v", got)
 	}
@@ -242,19 +234,16 @@ func TestE2EReplication(t *testing.T) {
 	// A byte flips in one of A's blobs: a push to C fails naming it, C
 	// lists nothing; a pull from B repairs A.
 	bad := blobs[3]
-	p := blobFile(a.root, bad)
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
+	a.corruptBlob(t, bad, 4096)
+	if a.s3 != nil {
+		// A's read cache holds chunks of blobs it read (immutable once
+		// committed); a change behind its back shows once they are evicted,
+		// or, as here, after a restart.
+		a.stop(syscall.SIGTERM)
+		aOpts.root = a.root
+		a = startDaemon(t, aOpts)
+		lm.d = a
 	}
-	f, err := os.OpenFile(p, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var one [1]byte
-	f.ReadAt(one[:], 4096)
-	one[0] ^= 0xff
-	f.WriteAt(one[:], 4096)
-	f.Close()
 	toC := map[string]any{"name": name, "id": id11, "addr": regAddr(t, c), "token": token}
 	if rt := waitTask(t, a, startRepl(t, a, "push", toC)); rt.Status != "failed" || !strings.Contains(rt.Error, bad) {
 		t.Fatalf("push of a corrupt chain: %+v", rt)
@@ -265,7 +254,7 @@ func TestE2EReplication(t *testing.T) {
 	if rt := waitTask(t, a, startRepl(t, a, "pull", toB)); rt.Status != "success" {
 		t.Fatalf("repairing pull on A: %+v", rt)
 	}
-	if got := sha256File(t, blobFile(a.root, bad)); got != bad {
+	if got := a.blobSHA(t, bad); got != bad {
 		t.Fatalf("A's repaired blob hashes to %s", got)
 	}
 
@@ -273,7 +262,7 @@ func TestE2EReplication(t *testing.T) {
 	if rt := waitTask(t, c, startRepl(t, c, "pull", map[string]any{"name": name, "id": id11, "addr": regAddr(t, b), "token": token})); rt.Status != "success" {
 		t.Fatalf("pull B→C: %+v", rt)
 	}
-	runTool(t, "qemu-img", "compare", "-q", src11, blobFile(c.root, sha256Of(t, c, name, id11)))
+	runTool(t, "qemu-img", "compare", "-q", src11, c.blobCopy(t, sha256Of(t, c, name, id11)))
 
 	// kill -9 B in the middle of a push, restart it on the same port.
 	_, id12, _, _ := lm.add("write -P 0x99 8M 32M")
@@ -303,7 +292,7 @@ func TestE2EReplication(t *testing.T) {
 	if rt.Status != "success" {
 		t.Fatalf("push after B's restart: %+v", rt)
 	}
-	runTool(t, "qemu-img", "compare", "-q", src12, blobFile(bRoot, sha256Of(t, b, name, id12)))
+	runTool(t, "qemu-img", "compare", "-q", src12, b.blobCopy(t, sha256Of(t, b, name, id12)))
 
 	// B's quota fills: a clean failure, no partial chain listed.
 	mustSucceed(t, "setquota", b.async(t, m, "/imagestore/setquota/", map[string]any{"maxCapacity": 1}))

@@ -86,12 +86,19 @@ func (m *mariadb) mustQuery(t *testing.T, sql string) string {
 	return out
 }
 
-// TestDBBackupRestore backs up a real MariaDB database through the agent,
-// restores it and compares checksums, then tries a corrupt backup and a
-// failing mysqldump. One function because the later cases reuse the server
-// and the backup the first one made.
+// TestDBBackupRestore backs up a real MariaDB database through the agent
+// (the store on local disk, and on S3), restores it and compares
+// checksums, then tries a corrupt backup and a failing mysqldump. One
+// function because the later cases reuse the server and the backup the
+// first one made.
 func TestDBBackupRestore(t *testing.T) {
-	s := startStore(t, "tok")
+	for _, kind := range storageKinds {
+		t.Run(kind, func(t *testing.T) { testDBBackupRestore(t, kind) })
+	}
+}
+
+func testDBBackupRestore(t *testing.T, kind string) {
+	s := startStoreOn(t, "tok", kind)
 	m := startMariaDB(t)
 	tmp := t.TempDir()
 	t.Setenv("TMPDIR", tmp) // to see that the defaults file is removed

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"imagestore/agent/config"
+	"imagestore/blobstore/s3/rgwtest"
 	"imagestore/internal/lockedbuf"
 )
 
@@ -55,7 +57,7 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := rgw.Run(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -78,8 +80,36 @@ func startStore(t *testing.T, token string) *store {
 	return startStoreWith(t, token, "")
 }
 
+// rgw is this test process's one Ceph RGW cluster, started by the first
+// test that keeps a store on S3 (TestMain closes it).
+var rgw rgwtest.Shared
+
+// storageKinds are where the flows that store bytes keep the store: on
+// local disk and in an S3 bucket (storage.type s3).
+var storageKinds = []string{"local", "s3"}
+
+// startStoreOn is startStore with the store kept where kind says: under
+// its root ("local"), or in a fresh bucket of the test cluster ("s3"),
+// with the keys in the environment as an operator would give them.
+func startStoreOn(t *testing.T, token, kind string) *store {
+	t.Helper()
+	if kind != "s3" {
+		return startStore(t, token)
+	}
+	c := rgw.Get(t)
+	storage := fmt.Sprintf("storage:\n  type: s3\n  endpoint: %s\n  bucket: %s\n  prefix: store\n  region: %s\n  pathStyle: true\n",
+		c.Endpoint, c.TestBucket(t), c.Region)
+	return startStoreEnv(t, token, storage, []string{config.EnvS3AccessKey + "=" + c.AccessKey, config.EnvS3SecretKey + "=" + c.SecretKey})
+}
+
 // startStoreWith is startStore with extra YAML lines in the config (TLS).
 func startStoreWith(t *testing.T, token, extra string) *store {
+	t.Helper()
+	return startStoreEnv(t, token, extra, nil)
+}
+
+// startStoreEnv is startStoreWith with more environment for the daemon.
+func startStoreEnv(t *testing.T, token, extra string, env []string) *store {
 	t.Helper()
 	dir := t.TempDir()
 	// Our own profile unless extra names one: these tests exercise our
@@ -105,6 +135,7 @@ token: %q
 	}
 	s := &store{token: token, root: filepath.Join(dir, "store")}
 	cmd := exec.Command(agentBin, "-config", cfgPath)
+	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

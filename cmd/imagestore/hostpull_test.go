@@ -13,10 +13,16 @@ import (
 )
 
 // TestPullFromHost drives the real daemon through the CLI: a base and two
-// deltas on a real sshd are pulled into the store, and the pulled top
-// equals the host's chain.
+// deltas on a real sshd are pulled into the store (on local disk, and on
+// S3), and the pulled top equals the host's chain.
 func TestPullFromHost(t *testing.T) {
-	s := startStore(t, "tok")
+	for _, kind := range storageKinds {
+		t.Run(kind, func(t *testing.T) { testPullFromHost(t, kind) })
+	}
+}
+
+func testPullFromHost(t *testing.T, kind string) {
+	s := startStoreOn(t, "tok", kind)
 	srv := sshtest.Start(t)
 	files := chainFixture(t)
 	dir := t.TempDir()

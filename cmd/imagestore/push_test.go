@@ -46,8 +46,16 @@ func chainFixture(t *testing.T) []string {
 	return files
 }
 
+// TestPushPullChain pushes a 4-layer chain and pulls each top back, with
+// the store on local disk and on S3.
 func TestPushPullChain(t *testing.T) {
-	s := startStore(t, "s3cret")
+	for _, kind := range storageKinds {
+		t.Run(kind, func(t *testing.T) { testPushPullChain(t, kind) })
+	}
+}
+
+func testPushPullChain(t *testing.T, kind string) {
+	s := startStoreOn(t, "s3cret", kind)
 	files := chainFixture(t)
 	g := []string{"-url", s.url, "-token", s.token, "-quiet"}
 	name := "vol-1"
