@@ -186,17 +186,24 @@ func (b *Backend) QuarantineBlob(ctx context.Context, d digest.Digest) (string, 
 
 // OpenBlob opens a committed blob for ranged reads through the cache.
 func (b *Backend) OpenBlob(ctx context.Context, d digest.Digest) (blobstore.Blob, error) {
-	o, err := b.StatBlob(ctx, d)
+	h, err := blobHex(d)
 	if err != nil {
 		return nil, err
 	}
-	h, _ := blobHex(d)
+	key := b.blobKey(h)
+	o, err := b.head(ctx, key)
+	if err != nil {
+		if errors.Is(err, blobstore.ErrNotFound) {
+			return nil, fmt.Errorf("%w: blob %s", blobstore.ErrNotFound, d)
+		}
+		return nil, err
+	}
 	// A Blob outlives the call that opened it (an instant-restore export
 	// lives as long as the export, not the request), as an open file
 	// does: its reads keep ctx's values but not its cancellation, and end
 	// with Close.
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	return &blob{b: b, ctx: rctx, cancel: cancel, d: d, key: b.blobKey(h), size: o.Size}, nil
+	return &blob{b: b, ctx: rctx, cancel: cancel, d: d, etag: o.ETag, key: key, size: o.Size}, nil
 }
 
 // blob reads ranges of one object. ReadAt goes through the chunk cache.
@@ -205,6 +212,7 @@ type blob struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	d      digest.Digest
+	etag   string // the object's version when opened: cached chunks are per version
 	key    string
 	size   int64
 }
@@ -234,7 +242,11 @@ func (o *blob) ReadAt(p []byte, off int64) (int, error) {
 	}
 	var n int
 	var err error
-	if o.b.cache == nil {
+	// Reads of a chunk or more (a scrub, a stream, a guest's large read)
+	// go straight to the server and are not cached: they would only evict
+	// the small reads worth keeping (qcow2 headers and tables, clusters),
+	// and a scrub must see the stored bytes, not a cached copy.
+	if o.b.cache == nil || int64(want) >= o.b.opts.CacheChunk {
 		n, err = o.b.getRange(o.ctx, o.key, off, p)
 	} else {
 		n, err = o.readCached(p, off)
@@ -251,7 +263,7 @@ func (o *blob) readCached(p []byte, off int64) (int, error) {
 	for n < len(p) {
 		pos := off + int64(n)
 		idx := pos / cs
-		chunk, err := o.b.cache.get(chunkKey{o.d, idx}, func() ([]byte, error) {
+		chunk, err := o.b.cache.get(chunkKey{o.d, o.etag, idx}, func() ([]byte, error) {
 			start := idx * cs
 			buf := make([]byte, min(cs, o.size-start))
 			k, err := o.b.getRange(o.ctx, o.key, start, buf)

@@ -23,8 +23,9 @@ type chunkCache struct {
 }
 
 type chunkKey struct {
-	d   digest.Digest
-	idx int64
+	d    digest.Digest
+	etag string // a blob rewritten behind our back (repaired, corrupted) is another blob to the cache
+	idx  int64
 }
 
 type cacheEntry struct {

@@ -202,7 +202,7 @@ func (w *Writer) resume(ctx context.Context) error {
 
 // fresh restarts the ingest from zero: it aborts every multipart upload
 // at the ref's data key (abandoned by a crash before the first state, or
-// no longer trusted) and removes the ref's objects.
+// no longer trusted), removes the ref's objects and writes a state at 0.
 func (w *Writer) fresh(ctx context.Context, uploadID string) error {
 	b := w.b
 	key := b.ingestKey(w.ref, ingestData)
@@ -224,7 +224,9 @@ func (w *Writer) fresh(ctx context.Context, uploadID string) error {
 	w.uploadID, w.parts, w.durable, w.durableHash, w.buf, w.tailSaved, w.tailEnd = "", nil, 0, nil, nil, 0, 0
 	w.stateSaved = false
 	w.h = blobstore.NewIngestHash()
-	return nil
+	// The ingest exists from now on (IngestOffset finds it at 0), as a
+	// local ingest's directory does.
+	return w.saveState(ctx)
 }
 
 // Offset is the number of bytes the ingest holds (resumed + written).

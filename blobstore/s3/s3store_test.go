@@ -556,13 +556,24 @@ func TestReadCache(t *testing.T) {
 	if size > 3<<20 {
 		t.Fatalf("cache holds %d bytes over its cap", size)
 	}
-	// A full read walks every chunk; the cap still holds.
+	// Small reads over the whole blob: the cap still holds.
+	for off := int64(0); off < int64(len(data)); off += int64(len(p)) {
+		n, err := bl.ReadAt(p, off)
+		if (err != nil && err != io.EOF) || !bytes.Equal(p[:n], data[off:off+int64(n)]) {
+			t.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
+		}
+	}
+	if size, _, _ := b.cache.stats(); size > 3<<20 {
+		t.Fatalf("cache holds %d bytes over its cap", size)
+	}
+	// A read of a chunk or more bypasses the cache.
+	_, _, missesBefore := b.cache.stats()
 	all := make([]byte, len(data))
 	if n, err := bl.ReadAt(all, 0); err != nil || n != len(data) || !bytes.Equal(all, data) {
 		t.Fatalf("full ReadAt = %d, %v", n, err)
 	}
-	if size, _, _ := b.cache.stats(); size > 3<<20 {
-		t.Fatalf("cache holds %d bytes over its cap", size)
+	if _, _, m := b.cache.stats(); m != missesBefore {
+		t.Fatalf("a large read went through the cache (%d misses, was %d)", m, missesBefore)
 	}
 }
 
