@@ -59,8 +59,12 @@ func Open(r io.ReaderAt, size int64) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	buf := make([]byte, min(size, cs))
-	if err := readFull(r, buf, 0); err != nil {
+	// The rest of the first cluster, after the bytes already read: each
+	// byte is read once, so a caller checking what it reads (pull
+	// -verify) checks the header that is parsed.
+	buf := make([]byte, max(min(size, cs), int64(len(first))))
+	n := copy(buf, first)
+	if err := readFull(r, buf[n:], int64(n)); err != nil {
 		return nil, err
 	}
 	h, err := parseHeader(buf, size)

@@ -40,7 +40,7 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	dst := fs.String("installpath", "", "destination file (written atomically)")
 	format := fs.String("format", "qcow2", "output format: qcow2 or raw (qcow2 chains only)")
 	conc := fs.Int("concurrency", 4, "layers downloaded in parallel")
-	verify := fs.Bool("verify", true, "check every layer against its digest (each blob is also read whole and hashed, beside the flatten's range reads); DST is replaced only if all match")
+	verify := fs.Bool("verify", true, "check every layer against its digest (the bytes the flatten reads are hashed in order, what it skips is read for the hash); DST is replaced only if all match")
 	var bw byteFlag
 	fs.Var(&bw, "bwlimit", "download limit in bytes/s shared by all layers (suffixes K, M, G; 0 = none)")
 	if g.face == faceZstcli {
