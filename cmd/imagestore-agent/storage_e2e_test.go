@@ -237,7 +237,8 @@ func TestE2ES3Start(t *testing.T) {
 }
 
 // TestE2ES3TwoAgentsOneBucket: two daemons on one bucket and prefix share
-// one store: what one imports the other lists, exports and deletes.
+// one store: what one imports the other lists, exports and deletes; their
+// logs never show the keys.
 func TestE2ES3TwoAgentsOneBucket(t *testing.T) {
 	bs := newBucketStore(t)
 	a := startDaemon(t, daemonOpts{s3: bs})
@@ -269,6 +270,13 @@ func TestE2ES3TwoAgentsOneBucket(t *testing.T) {
 	mustSucceed(t, "delete on B", b.async(t, m, "/imagestore/delete/", map[string]any{"installPath": ip}))
 	if r := a.async(t, m, "/imagestore/imginfo/", map[string]any{"installPath": ip}); r["success"] != false {
 		t.Fatalf("A still sees the image B deleted: %v", r)
+	}
+	// The keys reach neither log (debug level), which names where they came from.
+	for _, d := range []*daemon{a, b} {
+		if l := d.log(); strings.Contains(l, bs.c.SecretKey) || strings.Contains(l, bs.c.AccessKey) ||
+			!strings.Contains(l, `"keys":"environment `+config.EnvS3AccessKey+"/"+config.EnvS3SecretKey+`"`) {
+			t.Fatalf("daemon log shows a key, or not where the keys came from:\n%s", l)
+		}
 	}
 	mustSucceed(t, "gc on A", a.async(t, m, "/imagestore/gc/", map[string]any{"imagesToKeep": []string{}}))
 	deadline := time.Now().Add(waitLong)
