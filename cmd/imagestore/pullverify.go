@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -40,6 +39,7 @@ type layerHasher struct {
 	mu     sync.Mutex
 	h      hash.Hash        // written by the hashing goroutine only
 	q      chan []byte      // to the hashing goroutine, in blob order
+	free   chan []byte      // buffers it is done with, for emit's copies
 	hdone  chan struct{}    // closed when it has hashed all q held
 	closed bool             // q is closed
 	hashed int64            // bytes sent to q
@@ -54,24 +54,37 @@ const maxAhead = 32 << 20
 
 func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHasher {
 	l := &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{},
-		q: make(chan []byte, 8), hdone: make(chan struct{})}
+		q: make(chan []byte, 8), free: make(chan []byte, 10), hdone: make(chan struct{})}
 	go func() {
 		defer close(l.hdone)
 		for b := range l.q {
 			l.h.Write(b)
+			select {
+			case l.free <- b[:cap(b)]:
+			default:
+			}
 		}
 	}()
 	return l
 }
 
 // emit hands the next bytes of the blob to the hashing goroutine; b is
-// copied unless owned (a buffer nobody else holds).
+// copied (into a buffer the goroutine is done with, when one is free)
+// unless owned (a buffer nobody else holds).
 func (l *layerHasher) emit(b []byte, owned bool) {
 	if l.closed || len(b) == 0 {
 		return
 	}
 	if !owned {
-		b = bytes.Clone(b)
+		var buf []byte
+		select {
+		case buf = <-l.free:
+		default:
+		}
+		if cap(buf) < len(b) {
+			buf = make([]byte, len(b))
+		}
+		b = append(buf[:0], b...)
 	}
 	l.q <- b
 }
