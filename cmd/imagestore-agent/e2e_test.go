@@ -380,7 +380,7 @@ func TestE2EAuth(t *testing.T) {
 
 // TestE2EBackupFlow is the management node's backup flow against the built
 // daemon, with the store on local disk and on S3: connect, ping, import a
-// base and a delta, chain, info, hash, export, delete, gc. One function
+// base and a delta, chain, info, hash, export, a template, delete, gc. One function
 // because each call uses what the previous one returned.
 func TestE2EBackupFlow(t *testing.T) {
 	for _, kind := range []storageKind{onDisk, onS3} {
@@ -481,6 +481,13 @@ func testBackupFlow(t *testing.T, kind storageKind) {
 	runTool(t, "qemu-img", "check", out)
 	runTool(t, "qemu-img", "compare", "-q", delta, out)
 	mustSucceed(t, "delexp", d.async(t, m, "/imagestore/delexp/", map[string]any{"installPath": ip2}))
+
+	// A template made from the backup (one standalone compressed layer,
+	// written into the store) holds the same guest data.
+	tpl := d.async(t, m, "/imagestore/template/create/", map[string]any{"installPath": ip2, "imageUuid": "tmpl-1", "compress": true, "format": "qcow2"})
+	mustSucceed(t, "template/create", tpl)
+	runTool(t, "qemu-img", "compare", "-q", delta, d.blobCopy(t, tpl["blobsum"].(string)))
+	mustSucceed(t, "delete template", d.async(t, m, "/imagestore/delete/", map[string]any{"installPath": tpl["installPath"]}))
 	if r := downloadStatus(t, url); r != 404 {
 		t.Fatalf("export still served after delexp: %d", r)
 	}
