@@ -296,10 +296,11 @@ func (b *Backend) getRange(ctx context.Context, key string, off int64, p []byte)
 			return err
 		}
 		defer out.Body.Close()
+		// Every caller asks for bytes inside the object: a body that
+		// ends early (io.ErrUnexpectedEOF, a connection closed before
+		// Content-Length, as when RGW restarts) is a transient failure,
+		// retried whole, not the end of the blob.
 		n, err = io.ReadFull(out.Body, p)
-		if err == io.ErrUnexpectedEOF {
-			err = nil // a short object: the caller checks n
-		}
 		return err
 	})
 	if err != nil {
