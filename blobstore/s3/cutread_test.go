@@ -106,9 +106,7 @@ func TestReadRetriesCutBody(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := startCutProxy(t, strings.TrimPrefix(c.Endpoint, "http://"), 1<<20)
-	cc := *c
-	cc.Endpoint = "http://" + p.ln.Addr().String()
-	pb := openBackend(t, &cc, bucket, func(o *Options) { o.CacheBytes = -1 })
+	pb := openBackend(t, c, bucket, func(o *Options) { o.Endpoint = "http://" + p.ln.Addr().String(); o.CacheBytes = -1 })
 	// Open (a HEAD) before arming the cut: only the GET's body is cut.
 	bl, err := pb.OpenBlob(ctx, res.Digest)
 	if err != nil {
