@@ -49,19 +49,25 @@ type layerHasher struct {
 	err    error            // a gap read that failed: Finish reports it
 }
 
+// hashPiece is the size of the hasher's own reads and the largest buffer
+// it recycles (the pull's range reads are 1 MiB).
+const hashPiece = 1 << 20
+
 // maxAhead bounds the bytes a layerHasher keeps ahead of its prefix.
-const maxAhead = 32 << 20
+const maxAhead = 16 << 20
 
 func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHasher {
 	l := &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{},
-		q: make(chan []byte, 8), free: make(chan []byte, 10), hdone: make(chan struct{})}
+		q: make(chan []byte, 8), free: make(chan []byte, 4), hdone: make(chan struct{})}
 	go func() {
 		defer close(l.hdone)
 		for b := range l.q {
 			l.h.Write(b)
-			select {
-			case l.free <- b[:cap(b)]:
-			default:
+			if cap(b) <= hashPiece {
+				select {
+				case l.free <- b[:cap(b)]:
+				default:
+				}
 			}
 		}
 	}()
@@ -205,7 +211,7 @@ func (l *layerHasher) drain() {
 // (kept ranges are used as the prefix reaches them).
 func (l *layerHasher) fill(to int64) error {
 	for l.hashed < to {
-		n := min(4<<20, to-l.hashed)
+		n := min(hashPiece, to-l.hashed)
 		for off := range l.ahead { // stop at the next kept range
 			if off > l.hashed && off < l.hashed+n {
 				n = off - l.hashed
