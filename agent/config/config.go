@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"imagestore/internal/redact"
 )
 
 // Config is the daemon configuration. Precedence: defaults, then the YAML
@@ -181,25 +183,9 @@ type Replication struct {
 	Retries               int      `yaml:"retries"`
 }
 
-// Secret is a string that never prints.
-type Secret string
-
-// String redacts the value.
-func (s Secret) String() string {
-	if s == "" {
-		return ""
-	}
-	return "<redacted>"
-}
-
-// GoString redacts the value for %#v.
-func (s Secret) GoString() string { return s.String() }
-
-// MarshalYAML redacts the value, so a dumped config never holds it.
-func (s Secret) MarshalYAML() (any, error) { return s.String(), nil }
-
-// MarshalJSON redacts the value.
-func (s Secret) MarshalJSON() ([]byte, error) { return []byte(strconv.Quote(s.String())), nil }
+// Secret is a string that never prints (redact.Secret: fmt, %#v, JSON,
+// YAML and slog all show "<redacted>").
+type Secret = redact.Secret
 
 // ByteSize is a byte count accepting suffixes: 10GiB, 512MB, 1048576.
 type ByteSize int64

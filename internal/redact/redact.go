@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"log/slog"
 	"net/url"
+	"strconv"
 )
 
 // URL strips what may be secret from a URL (userinfo, query, fragment)
@@ -36,8 +37,8 @@ func Token(tok string) string {
 	return "redacted-" + hex.EncodeToString(h[:4])
 }
 
-// Secret is a string that never prints: fmt, %#v, JSON and slog all show
-// "<redacted>" (or "" when empty). Call Reveal where the value is needed.
+// Secret is a string that never prints: fmt, %#v, JSON, YAML and slog all
+// show "<redacted>" (or "" when empty). Call Reveal where the value is needed.
 type Secret string
 
 // String redacts the value.
@@ -53,6 +54,12 @@ func (s Secret) GoString() string { return s.String() }
 
 // MarshalText redacts the value (JSON, YAML and other text encoders).
 func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// MarshalJSON redacts the value.
+func (s Secret) MarshalJSON() ([]byte, error) { return []byte(strconv.Quote(s.String())), nil }
+
+// MarshalYAML redacts the value, so a dumped config never holds it.
+func (s Secret) MarshalYAML() (any, error) { return s.String(), nil }
 
 // LogValue redacts the value in structured logs.
 func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
