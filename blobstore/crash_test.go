@@ -1,20 +1,19 @@
 package blobstore
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"imagestore/blobstore/blobstoretest/crashtest"
 )
 
 const (
@@ -96,39 +95,7 @@ func TestCrash(t *testing.T) {
 		if time.Now().After(budget) {
 			t.Fatalf("only %d kills in the time budget", k)
 		}
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), envCrashRoot+"="+root, envCrashStart+"="+strconv.Itoa(k*100_000))
-		cmd.Stderr = os.Stderr
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		ready := make(chan bool, 1)
-		go func() {
-			line, _ := bufio.NewReader(out).ReadString('\n')
-			ready <- strings.TrimSpace(line) == "ready"
-		}()
-		select {
-		case ok := <-ready:
-			if !ok {
-				cmd.Process.Kill()
-				cmd.Wait()
-				t.Fatal("child did not start")
-			}
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatal("child start timed out")
-		}
-		time.Sleep(time.Duration(rng.IntN(150_000)) * time.Microsecond)
-		cmd.Process.Signal(syscall.SIGKILL)
-		err = cmd.Wait()
-		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() {
-			t.Fatalf("child exited on its own: %v", err)
-		}
+		crashtest.KillChild(t, []string{envCrashRoot + "=" + root, envCrashStart + "=" + strconv.Itoa(k*100_000)}, 30*time.Second, time.Duration(rng.IntN(150_000))*time.Microsecond)
 		c, r := checkAfterCrash(t, ctx, root)
 		committedTotal += c
 		resumed += r

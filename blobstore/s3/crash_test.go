@@ -1,7 +1,6 @@
 package s3store
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,15 +10,14 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"imagestore/blobstore"
+	"imagestore/blobstore/blobstoretest/crashtest"
 	"imagestore/internal/redact"
 
 	"github.com/opencontainers/go-digest"
@@ -122,39 +120,7 @@ func TestCrash(t *testing.T) {
 	var committed, resumed, fresh int
 	var resent, kept int64
 	for k := range kills {
-		cmd := exec.Command(os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), envCrashChild+"="+string(spec), envCrashStart+"="+strconv.Itoa(k*100_000))
-		cmd.Stderr = os.Stderr
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		ready := make(chan bool, 1)
-		go func() {
-			line, _ := bufio.NewReader(out).ReadString('\n')
-			ready <- strings.TrimSpace(line) == "ready"
-		}()
-		select {
-		case ok := <-ready:
-			if !ok {
-				cmd.Process.Kill()
-				cmd.Wait()
-				t.Fatal("child did not start")
-			}
-		case <-time.After(2 * time.Minute):
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatal("child start timed out")
-		}
-		time.Sleep(time.Duration(rng.IntN(1500)) * time.Millisecond)
-		cmd.Process.Signal(syscall.SIGKILL)
-		err = cmd.Wait()
-		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() {
-			t.Fatalf("child exited on its own: %v", err)
-		}
+		crashtest.KillChild(t, []string{envCrashChild + "=" + string(spec), envCrashStart + "=" + strconv.Itoa(k*100_000)}, 2*time.Minute, time.Duration(rng.IntN(1500))*time.Millisecond)
 		cm, r, f, rs, kp := checkAfterCrash(t, ctx, b, logPath)
 		if k%8 == 7 { // deleted objects hold their space until RGW's GC
 			if err := c.GC(ctx); err != nil {
