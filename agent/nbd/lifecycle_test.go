@@ -304,3 +304,51 @@ func TestTargetsArePrivate(t *testing.T) {
 		t.Fatalf("served target swept: %v", err)
 	}
 }
+
+// TestReleaseSettlesTargets: a target is served with --cache=unsafe, so
+// its bytes are trusted only after a clean exit. Release fsyncs a cleanly
+// stopped target and keeps it for the import; a target whose qemu-nbd
+// died (SIGKILL: its qcow2 metadata may never have been written) is
+// removed, and Release says so, so no import can read a torn file.
+func TestReleaseSettlesTargets(t *testing.T) {
+	min, max := freeRange(t, 2)
+	dir := t.TempDir()
+	m, _ := newTestManager(t, dir, min, max)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		kill bool
+	}{{"clean stop", false}, {"qemu-nbd killed", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			desc, servers, err := m.CreateTargets(ctx, []int64{MiB}, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.kill {
+				pid := readPidFile(filepath.Join(dir, servers[0].ID+".pid"))
+				if pid <= 0 {
+					t.Fatalf("no pid for %s", servers[0].ID)
+				}
+				if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err = m.Release(ctx, desc)
+			_, ok := m.TargetPath(servers[0].Path)
+			_, statErr := os.Stat(servers[0].Path)
+			if tc.kill {
+				if err == nil || !strings.Contains(err.Error(), "removed") {
+					t.Fatalf("Release after a killed qemu-nbd: %v, want an error saying the target was removed", err)
+				}
+				if ok || !errors.Is(statErr, os.ErrNotExist) {
+					t.Fatalf("the killed server's target is still there (TargetPath %v, stat %v)", ok, statErr)
+				}
+				return
+			}
+			if err != nil || !ok || statErr != nil {
+				t.Fatalf("clean release: err %v, TargetPath %v, stat %v", err, ok, statErr)
+			}
+			run(t, "qemu-img", "check", "-q", servers[0].Path)
+		})
+	}
+}

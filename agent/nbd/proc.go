@@ -271,23 +271,52 @@ func (m *Manager) stopProc(ctx context.Context, p *proc) error {
 			<-p.done
 		}
 	}
+	m.mu.Lock()
+	unexpected := p.unexpected
+	m.mu.Unlock()
+	var err error
+	switch {
+	case killed:
+		err = fmt.Errorf("nbd: qemu-nbd on port %d killed before it finished flushing %s", p.srv.Port, p.srv.Path)
+	case unexpected:
+		err = fmt.Errorf("nbd: qemu-nbd on port %d had exited unexpectedly (%v): %s", p.srv.Port, p.waitErr, p.stderr.tail())
+	case p.waitErr != nil:
+		err = fmt.Errorf("nbd: qemu-nbd on port %d: %w: %s", p.srv.Port, p.waitErr, p.stderr.tail())
+	}
+	if p.target {
+		err = settleTarget(p.srv.Path, err)
+	}
+	// The record goes last: until a target is durable (or removed), a
+	// restart after a crash still finds it as stale and removes it.
 	removeQuiet(p.recFile)
 	removeQuiet(p.pidFile)
 	if p.overlay {
 		removeQuiet(p.srv.Path)
 	}
-	m.mu.Lock()
-	unexpected := p.unexpected
-	m.mu.Unlock()
-	switch {
-	case killed:
-		return fmt.Errorf("nbd: qemu-nbd on port %d killed before it finished flushing %s", p.srv.Port, p.srv.Path)
-	case unexpected:
-		return fmt.Errorf("nbd: qemu-nbd on port %d had exited unexpectedly (%v): %s", p.srv.Port, p.waitErr, p.stderr.tail())
-	case p.waitErr != nil:
-		return fmt.Errorf("nbd: qemu-nbd on port %d: %w: %s", p.srv.Port, p.waitErr, p.stderr.tail())
+	return err
+}
+
+// settleTarget makes a stopped backup target safe to import. A target is
+// served with --cache=unsafe, so only a clean exit writes its qcow2
+// metadata, and nothing of it is on disk yet: after a clean exit it is
+// fsynced, so a crash of this machine before or during the import cannot
+// leave a torn file a retried import would read; after an unclean exit
+// (killed, crashed) its metadata may be missing, so it is removed and the
+// import fails on the missing file instead of storing a torn backup.
+func settleTarget(path string, stopErr error) error {
+	if stopErr == nil {
+		f, err := os.Open(path)
+		if err == nil {
+			err = f.Sync()
+			f.Close()
+		}
+		if err == nil || errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		stopErr = fmt.Errorf("nbd: making backup target %s durable: %w", path, err)
 	}
-	return nil
+	removeQuiet(path)
+	return fmt.Errorf("%w; the target was removed (its bytes cannot be trusted)", stopErr)
 }
 
 // pskDirName is the folder of Options.Dir holding one tls-creds-psk dir
