@@ -31,6 +31,13 @@ func (b *Backend) OpenIngest(ctx context.Context, ref string) (blobstore.Ingest,
 	if err != nil {
 		return nil, 0, err
 	}
+	// The Store reserved every byte a Writer here accepted; one that
+	// failed for good (a part upload, a save) stored fewer than its
+	// Offset, and those bytes are dropped too.
+	b.mu.Lock()
+	claimed = max(claimed, b.ended[ref])
+	delete(b.ended, ref)
+	b.mu.Unlock()
 	return ingest{w}, max(0, claimed-w.Offset()), nil
 }
 

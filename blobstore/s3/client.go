@@ -116,6 +116,7 @@ type Backend struct {
 
 	mu      sync.Mutex
 	active  map[string]bool               // ingest refs with an open Writer in this process
+	ended   map[string]int64              // per ingest ref: the Offset its last Writer here reached (see OpenIngest)
 	commits map[digest.Digest]*commitLock // digests being committed in this process
 }
 
@@ -213,6 +214,7 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 		log:     logger,
 		now:     opts.Now,
 		active:  map[string]bool{},
+		ended:   map[string]int64{},
 		commits: map[digest.Digest]*commitLock{},
 
 		copyLimit: copyObjectLimit,

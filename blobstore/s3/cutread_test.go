@@ -19,6 +19,7 @@ type cutProxy struct {
 	target string
 	cutAt  int64
 	cut    atomic.Bool
+	down   atomic.Bool // drop every connection at once
 	wg     sync.WaitGroup
 	mu     sync.Mutex
 	conns  []net.Conn
@@ -55,8 +56,23 @@ func startCutProxy(t *testing.T, target string, cutAt int64) *cutProxy {
 	return p
 }
 
+// setDown drops every connection now and refuses new ones until up again.
+func (p *cutProxy) setDown(down bool) {
+	p.down.Store(down)
+	if down {
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+	}
+}
+
 func (p *cutProxy) serve(c net.Conn) {
 	defer c.Close()
+	if p.down.Load() {
+		return
+	}
 	s, err := net.Dial("tcp", p.target)
 	if err != nil {
 		return
@@ -120,5 +136,43 @@ func TestReadRetriesCutBody(t *testing.T) {
 	}
 	if err != nil || n != len(data) || !bytes.Equal(got, data) {
 		t.Fatalf("ReadAt of %d bytes through a cut: %d bytes, %v (equal %v)", len(data), n, err, bytes.Equal(got[:n], data[:n]))
+	}
+}
+
+// TestOpenIngestDropsLostBytes: bytes a Writer accepted but could not
+// store (a part upload failed for good) are not in the ingest its next
+// Writer resumes; OpenIngest reports them dropped, so the Store releases
+// what it reserved for them (else its quota accounting keeps them until
+// a restart).
+func TestOpenIngestDropsLostBytes(t *testing.T) {
+	_, c, bucket := newBackend(t)
+	ctx := context.Background()
+	p := startCutProxy(t, strings.TrimPrefix(c.Endpoint, "http://"), 1<<62)
+	b := openBackend(t, c, bucket, func(o *Options) {
+		o.Endpoint = "http://" + p.ln.Addr().String()
+		o.Retry.Attempts = 2
+	})
+	in, dropped, err := b.OpenIngest(ctx, "lost")
+	if err != nil || dropped != 0 {
+		t.Fatal(dropped, err)
+	}
+	if _, err := in.Write(randBytes(3, testPart+1000)); err != nil { // one part, 1000 bytes after it
+		t.Fatal(err)
+	}
+	p.setDown(true) // every request fails from here
+	n, werr := in.Write(randBytes(4, testPart))
+	if werr == nil {
+		t.Fatal("a part upload through a dead endpoint succeeded")
+	}
+	written := int64(testPart+1000) + int64(n)
+	_ = in.Close()
+	p.setDown(false)
+	in2, dropped, err := b.OpenIngest(ctx, "lost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in2.Cancel()
+	if got := in2.Offset() + dropped; got != written {
+		t.Fatalf("resumed at %d with %d dropped; the Writer had accepted %d bytes", in2.Offset(), dropped, written)
 	}
 }

@@ -369,6 +369,9 @@ func (w *Writer) Close() error {
 	}
 	w.closed = true
 	defer w.b.release(w.ref)
+	w.b.mu.Lock()
+	w.b.ended[w.ref] = w.Offset()
+	w.b.mu.Unlock()
 	if w.err != nil {
 		return nil
 	}
@@ -401,6 +404,9 @@ func (w *Writer) Cancel() error {
 	if w.done {
 		return nil
 	}
+	w.b.mu.Lock()
+	delete(w.b.ended, w.ref)
+	w.b.mu.Unlock()
 	if !w.closed {
 		defer w.b.release(w.ref)
 	}
@@ -537,6 +543,9 @@ func (w *Writer) commit(ctx context.Context, size int64, expected digest.Digest)
 	}
 	w.done = true
 	w.closed = true
+	b.mu.Lock()
+	delete(b.ended, w.ref)
+	b.mu.Unlock()
 	b.release(w.ref)
 	// The blob is visible; the ingest's objects are garbage from here on
 	// (a crash now leaves them to the next Writer or the sweeper).

@@ -91,6 +91,9 @@ func (b *Backend) SweepIngests(ctx context.Context, idleSince time.Time) (int, i
 			}
 			continue
 		}
+		b.mu.Lock()
+		delete(b.ended, ref)
+		b.mu.Unlock()
 		b.log.Info("removed abandoned ingest", "ref", ref, "last_activity", a.last, "uploads_aborted", len(a.uploads), "bytes", n)
 		removed++
 		freed += n
