@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"time"
 
 	"imagestore/agent/images"
 	"imagestore/agent/jobs"
@@ -74,6 +75,14 @@ func (s *Service) importFile(ctx context.Context, p jobs.Progress, path string, 
 	fi, err := f.Stat()
 	if err != nil {
 		return blobstore.Image{}, err
+	}
+	if boot := s.bootTime(); !boot.IsZero() && fi.ModTime().Before(boot) {
+		// Backup targets are written without flushes (host-side files
+		// and the store's NBD targets alike): bytes written before this
+		// machine last started may have been lost with its page cache,
+		// and a torn file would be stored as a valid backup.
+		return blobstore.Image{}, fmt.Errorf("%w: %s was last written at %s, before this machine started (%s); its bytes may not have reached the disk, take the backup again",
+			ErrWrittenBeforeBoot, path, fi.ModTime().UTC().Format(time.RFC3339), boot.UTC().Format(time.RFC3339))
 	}
 	size := fi.Size()
 	p.SetTotal(size)

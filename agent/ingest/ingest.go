@@ -8,9 +8,13 @@ package ingest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -59,8 +63,16 @@ type Options struct {
 	Resume retry.Policy
 	// Ingested counts the bytes imports read into the store; nil: not counted.
 	Ingested prometheus.Counter
+	// BootTime is when this machine started; import-backup refuses a
+	// file last written before it. Zero: read from /proc/stat (btime);
+	// if that cannot be read, nothing is refused.
+	BootTime time.Time
 	Logger   *slog.Logger
 }
+
+// ErrWrittenBeforeBoot: an import-backup file was last written before the
+// machine started, so its bytes may have been lost with the page cache.
+var ErrWrittenBeforeBoot = errors.New("backup file was written before this machine started")
 
 // Service imports into one store.
 type Service struct {
@@ -87,7 +99,35 @@ func New(opts Options) (*Service, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if opts.BootTime.IsZero() {
+		if bt, err := readBootTime(); err == nil {
+			opts.BootTime = bt
+		} else {
+			log.Warn("boot time unknown: import-backup will not refuse files written before a restart", "err", err)
+		}
+	}
 	return &Service{opts: opts, log: log}, nil
+}
+
+func (s *Service) bootTime() time.Time { return s.opts.BootTime }
+
+// readBootTime reads the kernel's boot time (btime, whole seconds) from
+// /proc/stat.
+func readBootTime() (time.Time, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return time.Time{}, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			sec, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil || sec <= 0 {
+				return time.Time{}, fmt.Errorf("/proc/stat: btime %q", v)
+			}
+			return time.Unix(sec, 0), nil
+		}
+	}
+	return time.Time{}, errors.New("/proc/stat has no btime")
 }
 
 // commit runs layer.Commit, telling apart the errors of the ingest
