@@ -3,6 +3,7 @@ package blobstore
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -14,6 +15,15 @@ type Blob interface {
 	ReadAt(p []byte, off int64) (int, error)
 	Close() error
 	Size() int64
+}
+
+// RangeReader is an optional interface of a Blob whose backend serves a
+// long sequential read better as one stream than as ReadAt calls (S3: one
+// GET instead of a request per ReadAt). ReadRange returns the n bytes at
+// off (clamped to the blob's size); a body that ends early is an error.
+// Callers check for it with a type assertion and fall back to ReadAt.
+type RangeReader interface {
+	ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error)
 }
 
 // BlobInfo describes a committed blob.

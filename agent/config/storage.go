@@ -73,7 +73,7 @@ type Storage struct {
 	// a crash can cost to send again (0 = 16 MiB; 5 MiB to 5 GiB).
 	PartSize ByteSize `yaml:"partSize"`
 	// CacheBytes caps the in-memory cache of blob ranges read from the
-	// bucket (0 = 256 MiB).
+	// bucket (0 = 64 MiB).
 	CacheBytes ByteSize `yaml:"cacheBytes"`
 
 	// AccessKey and SecretKey are resolved by ResolveStorageCredentials

@@ -71,5 +71,6 @@ func (b *Backend) Close() error {
 	if b.cache != nil {
 		b.cache.reset()
 	}
+	b.ra.chunks.reset()
 	return nil
 }

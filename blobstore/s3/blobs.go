@@ -154,6 +154,7 @@ func (b *Backend) DeleteBlob(ctx context.Context, d digest.Digest) error {
 	if b.cache != nil {
 		b.cache.drop(d)
 	}
+	b.ra.chunks.drop(d)
 	if err := b.deleteUnpinned(ctx, h); err != nil {
 		if errors.Is(err, blobstore.ErrNotFound) {
 			return fmt.Errorf("%w: blob %s", blobstore.ErrNotFound, d)
@@ -178,6 +179,7 @@ func (b *Backend) QuarantineBlob(ctx context.Context, d digest.Digest) (string, 
 	if b.cache != nil {
 		b.cache.drop(d)
 	}
+	b.ra.chunks.drop(d)
 	if err := b.deleteKey(ctx, b.blobKey(h)); err != nil {
 		return "", err
 	}

@@ -86,6 +86,15 @@ func (c *chunkCache) remove(e *list.Element) {
 	c.size -= int64(len(ce.data))
 }
 
+// has reports whether chunk k is held or being fetched.
+func (c *chunkCache) has(k chunkKey) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, held := c.entries[k]
+	_, loading := c.loading[k]
+	return held || loading
+}
+
 // drop forgets every chunk of d (deleted or quarantined).
 func (c *chunkCache) drop(d digest.Digest) {
 	c.mu.Lock()

@@ -55,7 +55,7 @@ type Options struct {
 	// to resend and the writer's one buffer (default 16 MiB; at least
 	// 5 MiB, S3's minimum; 10,000 parts of 16 MiB reach 156 GiB).
 	PartSize int64
-	// CacheBytes caps the in-memory read cache (default 256 MiB; < 0
+	// CacheBytes caps the in-memory read cache (default 64 MiB; < 0
 	// disables it). CacheChunk is its unit (default 1 MiB).
 	CacheBytes, CacheChunk int64
 	// IngestExpiry: an ingest whose objects and multipart upload saw no
@@ -77,7 +77,7 @@ type Options struct {
 const (
 	minPartSize         = 5 << 20
 	defaultPartSize     = 16 << 20
-	defaultCacheBytes   = 256 << 20
+	defaultCacheBytes   = 64 << 20
 	defaultCacheChunk   = 1 << 20
 	defaultIngestExpiry = 24 * time.Hour
 	maxParts            = 10000
@@ -102,6 +102,7 @@ type Backend struct {
 	log    *slog.Logger
 	retry  retry.Policy
 	cache  *chunkCache
+	ra     *readahead // sequential reads (stream.go)
 	now    func() time.Time
 
 	// copyLimit is the largest object one CopyObject copies and copyPart
@@ -228,6 +229,7 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	if opts.CacheBytes > 0 {
 		b.cache = newChunkCache(opts.CacheBytes)
 	}
+	b.ra = newReadahead()
 	if err := b.check(ctx); err != nil {
 		return nil, err
 	}

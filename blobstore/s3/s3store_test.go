@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -653,5 +654,110 @@ func TestTailSurvivesTornClose(t *testing.T) {
 	}
 	if ks := keys(t, b, "ingest/"); len(ks) != 0 {
 		t.Fatalf("ingest objects left: %v", ks)
+	}
+}
+
+// TestReadRange: a long range is one stream, shorter sequential ranges
+// (a client pulling by 1 MiB ranges, four at a time) come from readahead
+// chunks each fetched once; neither touches the read cache, and a
+// deleted blob's readahead chunks are dropped.
+func TestReadRange(t *testing.T) {
+	b, _, _ := newBackend(t)
+	ctx := t.Context()
+	data := randBytes(11, streamMin+4<<20+5)
+	w, err := b.Writer(ctx, "ranges")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(data)
+	d := digest.FromBytes(data)
+	if _, err := w.commit(ctx, -1, d); err != nil {
+		t.Fatal(err)
+	}
+	bl, err := b.OpenBlob(ctx, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bl.Close()
+	rr := bl.(blobstore.RangeReader)
+	read := func(off, n int64) []byte {
+		t.Helper()
+		body, err := rr.ReadRange(ctx, off, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer body.Close()
+		got, err := io.ReadAll(body)
+		if err != nil {
+			t.Fatalf("ReadRange(%d, %d): %v", off, n, err)
+		}
+		return got
+	}
+	size := int64(len(data))
+	for _, c := range []struct{ off, n int64 }{
+		{0, size},            // the whole blob: one stream
+		{3, size},            // clamped to the end
+		{size - 10, 100},     // clamped, readahead
+		{raChunk - 7, 20},    // across two readahead chunks
+		{size, 5},            // nothing
+		{1 << 20, streamMin}, // a long range inside
+	} {
+		got := read(c.off, c.n)
+		want := data[min(c.off, size):min(c.off+c.n, size)]
+		if !bytes.Equal(got, want) {
+			t.Fatalf("ReadRange(%d, %d): %d bytes, not the blob's %d", c.off, c.n, len(got), len(want))
+		}
+	}
+	for len(b.ra.prefetch) > 0 { // let the prefetches above land before the reset
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.ra.chunks.reset()
+	_, _, raMisses := b.ra.chunks.stats()
+
+	const rng = 1 << 20
+	got := make([]byte, size)
+	for off := int64(0); off < size; off += 4 * rng {
+		var wg sync.WaitGroup
+		errs := make([]error, 4)
+		for i := range int64(4) {
+			o := off + i*rng
+			if o >= size {
+				break
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				body, err := rr.ReadRange(ctx, o, rng)
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				defer body.Close()
+				_, errs[i] = io.ReadFull(body, got[o:min(o+rng, size)])
+			}()
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("1 MiB ranges read back differ from the blob")
+	}
+	held, _, misses := b.ra.chunks.stats()
+	if chunks := (size + raChunk - 1) / raChunk; misses-raMisses != chunks {
+		t.Fatalf("readahead fetched %d chunks for a blob of %d", misses-raMisses, chunks)
+	}
+	if held > raCap {
+		t.Fatalf("readahead holds %d bytes over its cap %d", held, raCap)
+	}
+	if _, _, m := b.cache.stats(); m != 0 {
+		t.Fatalf("ranged reads went through the read cache (%d misses)", m)
+	}
+	if err := b.DeleteBlob(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	if held, _, _ := b.ra.chunks.stats(); held != 0 {
+		t.Fatalf("a deleted blob's readahead chunks are kept (%d bytes)", held)
 	}
 }

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -74,7 +75,18 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 			storeError(w, err, oci.CodeBlobUnknown)
 			return
 		}
-		n, err := io.CopyBuffer(zw, io.NewSectionReader(b, 0, size), make([]byte, 1<<20))
+		var src io.Reader = io.NewSectionReader(b, 0, size)
+		if rr, ok := b.(blobstore.RangeReader); ok {
+			body, err := rr.ReadRange(r.Context(), 0, size)
+			if err != nil {
+				zw.Close()
+				storeError(w, err, oci.CodeBlobUnknown)
+				return
+			}
+			defer body.Close()
+			src = body
+		}
+		n, err := io.CopyBuffer(zw, src, make([]byte, 1<<20))
 		if err == nil {
 			err = zw.Close()
 		} else {
@@ -97,9 +109,116 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 		s.m.SentBytes.Add(float64(cw.n))
 		return
 	}
-	cr := &countingReader{r: io.NewSectionReader(b, 0, size)}
+	var content io.ReadSeeker = io.NewSectionReader(b, 0, size)
+	if rr, ok := b.(blobstore.RangeReader); ok && r.Method == http.MethodGet {
+		// A backend that streams a range better than it answers ReadAt
+		// calls (S3: one GET, or readahead, instead of a GET per read)
+		// serves a sequential range as a stream. Small ranges (a
+		// client's qcow2 header and table reads) keep ReadAt and its
+		// cache.
+		if start, end, ok := wantedRange(r.Header.Get("Range"), size); ok && end-start >= streamRangeMin {
+			rs := &rangeSeeker{ctx: r.Context(), rr: rr, size: size, end: end}
+			defer rs.Close()
+			content = rs
+		}
+	}
+	cr := &countingReader{r: content}
 	http.ServeContent(w, r, "", time.Time{}, cr)
 	s.m.SentBytes.Add(float64(cr.n))
+}
+
+// streamRangeMin is the smallest range served through a RangeReader.
+const streamRangeMin = 256 << 10
+
+// wantedRange is the byte range [start, end) a GET asks for: the whole
+// blob without a Range header, a single "bytes=a-b" or "bytes=a-" range;
+// ok is false for anything else (suffix or several ranges, malformed),
+// which http.ServeContent then answers by itself.
+func wantedRange(h string, size int64) (start, end int64, ok bool) {
+	if h == "" {
+		return 0, size, true
+	}
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found || strings.Contains(spec, ",") {
+		return 0, 0, false
+	}
+	a, b, found := strings.Cut(strings.TrimSpace(spec), "-")
+	if !found || a == "" {
+		return 0, 0, false
+	}
+	start, err := strconv.ParseInt(a, 10, 64)
+	if err != nil || start < 0 || start >= size {
+		return 0, 0, false
+	}
+	if b == "" {
+		return start, size, true
+	}
+	last, err := strconv.ParseInt(b, 10, 64)
+	if err != nil || last < start {
+		return 0, 0, false
+	}
+	return start, min(last, size-1) + 1, true
+}
+
+// rangeSeeker is the io.ReadSeeker http.ServeContent reads a range from:
+// the first Read after a Seek opens one ReadRange from there to end.
+type rangeSeeker struct {
+	ctx       context.Context
+	rr        blobstore.RangeReader
+	size, end int64
+	pos       int64
+	body      io.ReadCloser
+}
+
+func (s *rangeSeeker) Seek(off int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		off += s.pos
+	case io.SeekEnd:
+		off += s.size
+	default:
+		return s.pos, fmt.Errorf("registry: seek whence %d", whence)
+	}
+	if off < 0 {
+		return s.pos, fmt.Errorf("registry: seek to %d", off)
+	}
+	if off != s.pos {
+		s.Close()
+		s.pos = off
+	}
+	return off, nil
+}
+
+func (s *rangeSeeker) Read(p []byte) (int, error) {
+	if s.body == nil {
+		end := s.end
+		if s.pos >= end {
+			// A read outside the range asked for (ServeContent does not):
+			// to the blob's end.
+			end = s.size
+		}
+		if s.pos >= end {
+			return 0, io.EOF
+		}
+		body, err := s.rr.ReadRange(s.ctx, s.pos, end-s.pos)
+		if err != nil {
+			return 0, err
+		}
+		s.body = body
+	}
+	n, err := s.body.Read(p)
+	s.pos += int64(n)
+	return n, err
+}
+
+func (s *rangeSeeker) Close() error {
+	if s.body == nil {
+		return nil
+	}
+	err := s.body.Close()
+	s.body = nil
+	return err
 }
 
 // blobFile opens blob d's file when the store keeps it as one (the
