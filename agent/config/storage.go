@@ -69,8 +69,9 @@ type Storage struct {
 	// CAFile is a PEM file of the CAs trusted for an https endpoint
 	// ("" = the system roots).
 	CAFile string `yaml:"caFile"`
-	// PartSize is the multipart part size: an ingest's one buffer and what
-	// a crash can cost to send again (0 = 16 MiB; 5 MiB to 5 GiB).
+	// PartSize is the multipart part size: an ingest holds 4 part buffers
+	// (3 uploading, 1 filling), which is also what a crash can cost to
+	// send again (0 = 16 MiB; 5 MiB to 5 GiB).
 	PartSize ByteSize `yaml:"partSize"`
 	// CacheBytes caps the in-memory cache of blob ranges read from the
 	// bucket (0 = 64 MiB).

@@ -51,10 +51,14 @@ type Options struct {
 	// CAFile is a PEM file of the CAs trusted for an https endpoint ("":
 	// the system roots).
 	CAFile string
-	// PartSize is the multipart part size and thus what a crash can cost
-	// to resend and the writer's one buffer (default 16 MiB; at least
-	// 5 MiB, S3's minimum; 10,000 parts of 16 MiB reach 156 GiB).
+	// PartSize is the multipart part size, the unit of the writer's
+	// buffers and of what a crash can cost to resend (default 16 MiB; at
+	// least 5 MiB, S3's minimum; 10,000 parts of 16 MiB reach 156 GiB).
 	PartSize int64
+	// PartsInFlight is how many parts of one ingest upload at once while
+	// the next is filled (default 3): an ingest holds PartsInFlight+1
+	// part buffers.
+	PartsInFlight int
 	// CacheBytes caps the in-memory read cache (default 64 MiB; < 0
 	// disables it). CacheChunk is its unit (default 1 MiB).
 	CacheBytes, CacheChunk int64
@@ -75,12 +79,13 @@ type Options struct {
 }
 
 const (
-	minPartSize         = 5 << 20
-	defaultPartSize     = 16 << 20
-	defaultCacheBytes   = 64 << 20
-	defaultCacheChunk   = 1 << 20
-	defaultIngestExpiry = 24 * time.Hour
-	maxParts            = 10000
+	minPartSize          = 5 << 20
+	defaultPartSize      = 16 << 20
+	defaultPartsInFlight = 3
+	defaultCacheBytes    = 64 << 20
+	defaultCacheChunk    = 1 << 20
+	defaultIngestExpiry  = 24 * time.Hour
+	maxParts             = 10000
 )
 
 // Errors New returns when the bucket cannot be used; each is wrapped with
@@ -146,6 +151,9 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	}
 	if opts.PartSize == 0 {
 		opts.PartSize = defaultPartSize
+	}
+	if opts.PartsInFlight <= 0 {
+		opts.PartsInFlight = defaultPartsInFlight
 	}
 	if opts.PartSize < minPartSize {
 		return nil, fmt.Errorf("%w: part size %d is under S3's minimum of 5 MiB", ErrConfig, opts.PartSize)

@@ -95,10 +95,13 @@ func parseState(b []byte) (ingestStateV1, hash.Hash, error) {
 	return st, h, nil
 }
 
-// Writer is one ingest: bytes go to a part buffer, each full buffer
-// becomes a multipart part, and the state object follows each part.
-// Memory is one part buffer whatever the blob's size. A Writer is not safe
-// for concurrent use.
+// Writer is one ingest: bytes go to a part buffer and are hashed there,
+// in order; each full buffer becomes a multipart part uploaded in the
+// background (at most PartsInFlight at once, so memory is PartsInFlight+1
+// part buffers whatever the blob's size), and the state object follows
+// the parts in order: it only ever lists parts 1..N all acknowledged, so a
+// part finishing before the one ahead of it is claimed only once that one
+// is too. A Writer is not safe for concurrent use.
 type Writer struct {
 	b   *Backend
 	ctx context.Context
@@ -106,14 +109,17 @@ type Writer struct {
 
 	uploadID    string
 	parts       []partInfo
-	durable     int64     // bytes in parts
-	durableHash []byte    // marshalled sha256 of those bytes
-	h           hash.Hash // over durable + buf
-	buf         []byte    // bytes after the last part (< PartSize)
-	tailSaved   int64     // leading bytes of buf stored in the tail object
-	tailEnd     int64     // the offset naming that tail object (0: none)
-	resumed     int64     // offset the Writer started from
-	stateSaved  bool      // the ref's state object exists (read at resume, or written since)
+	durable     int64      // bytes in parts
+	durableHash []byte     // marshalled sha256 of those bytes
+	h           hash.Hash  // over durable + buf
+	buf         []byte     // bytes after the last part (< PartSize)
+	tailSaved   int64      // leading bytes of buf stored in the tail object
+	tailEnd     int64      // the offset naming that tail object (0: none)
+	resumed     int64      // offset the Writer started from
+	stateSaved  bool       // the ref's state object exists (read at resume, or written since)
+	pending     []*partJob // parts uploading, in part order, after parts
+	pendingSize int64      // bytes in pending
+	spare       [][]byte   // part buffers back from finished uploads
 
 	err    error // sticky: after a failed part nothing more is accepted
 	closed bool
@@ -230,7 +236,7 @@ func (w *Writer) fresh(ctx context.Context, uploadID string) error {
 }
 
 // Offset is the number of bytes the ingest holds (resumed + written).
-func (w *Writer) Offset() int64 { return w.durable + int64(len(w.buf)) }
+func (w *Writer) Offset() int64 { return w.durable + w.pendingSize + int64(len(w.buf)) }
 
 // Digest is the sha256 of the Offset bytes.
 func (w *Writer) Digest() digest.Digest { return digest.NewDigest(digest.SHA256, w.h) }
@@ -249,11 +255,11 @@ func (w *Writer) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	ps := int(w.b.opts.PartSize)
-	if w.buf == nil {
-		w.buf = make([]byte, 0, ps)
-	}
 	n := 0
 	for len(p) > 0 {
+		if w.buf == nil {
+			w.buf = w.newBuf()
+		}
 		k := min(len(p), ps-len(w.buf))
 		w.buf = append(w.buf, p[:k]...)
 		w.h.Write(p[:k])
@@ -268,17 +274,106 @@ func (w *Writer) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// flushPart uploads the buffer as the next part, then saves the state.
+// partJob is one part uploading in the background.
+type partJob struct {
+	num  int32
+	buf  []byte
+	hash []byte        // marshalled sha256 of the ingest through this part
+	done chan struct{} // closed when etag or err is set
+	etag string
+	err  error
+}
+
+func (w *Writer) newBuf() []byte {
+	if k := len(w.spare); k > 0 {
+		buf := w.spare[k-1]
+		w.spare = w.spare[:k-1]
+		return buf[:0]
+	}
+	return make([]byte, 0, w.b.opts.PartSize)
+}
+
+// flushPart hands the full buffer to a background upload as the next
+// part and settles the parts that have finished; it waits when
+// PartsInFlight are uploading. The first part after a resume that had a
+// tail is waited for: the state names that tail until the part holding
+// its bytes is durable.
 func (w *Writer) flushPart(ctx context.Context) error {
-	if err := w.uploadPart(ctx); err != nil {
+	if err := w.startUpload(ctx); err != nil {
 		return err
+	}
+	num := int32(len(w.parts) + len(w.pending) + 1)
+	if num > maxParts {
+		return fmt.Errorf("s3store: ingest %s needs more than %d parts of %d bytes", w.ref, maxParts, w.b.opts.PartSize)
 	}
 	hb, err := blobstore.MarshalHashState(w.h)
 	if err != nil {
 		return err
 	}
-	w.durableHash = hb
-	w.buf = w.buf[:0]
+	job := &partJob{num: num, buf: w.buf, hash: hb, done: make(chan struct{})}
+	w.pending = append(w.pending, job)
+	w.pendingSize += int64(len(job.buf))
+	w.buf = nil
+	key, id := w.b.ingestKey(w.ref, ingestData), w.uploadID
+	go func() {
+		defer close(job.done)
+		job.etag, job.err = w.b.putPart(ctx, w.ref, key, id, job.num, job.buf)
+	}()
+	keep := w.b.opts.PartsInFlight - 1
+	if w.tailEnd > 0 {
+		keep = 0
+	}
+	return w.settle(ctx, keep)
+}
+
+// settle makes the finished parts at the head of pending durable (then
+// saves the state once), waiting until at most keep are left. A failed
+// part fails the Writer once every upload has ended; the state keeps
+// what was durable before it.
+func (w *Writer) settle(ctx context.Context, keep int) error {
+	moved := false
+	for len(w.pending) > 0 {
+		job := w.pending[0]
+		if len(w.pending) > keep {
+			<-job.done
+		} else {
+			select {
+			case <-job.done:
+			default:
+			}
+		}
+		select {
+		case <-job.done:
+		default:
+			return w.saveSettled(ctx, moved)
+		}
+		if job.err != nil {
+			for _, j := range w.pending[1:] {
+				<-j.done
+			}
+			w.pending, w.pendingSize = nil, 0
+			if err := w.saveSettled(ctx, moved); err != nil {
+				return errors.Join(job.err, err)
+			}
+			return job.err
+		}
+		w.parts = append(w.parts, partInfo{Number: job.num, Size: int64(len(job.buf)), ETag: job.etag})
+		w.durable += int64(len(job.buf))
+		w.durableHash = job.hash
+		w.pendingSize -= int64(len(job.buf))
+		w.pending = w.pending[1:]
+		w.spare = append(w.spare, job.buf)
+		moved = true
+	}
+	return w.saveSettled(ctx, moved)
+}
+
+// saveSettled saves the state after parts became durable (moved); a tail
+// the state named is then deleted: its bytes are in a part.
+func (w *Writer) saveSettled(ctx context.Context, moved bool) error {
+	if !moved {
+		return nil
+	}
 	oldTail := w.tailEnd
 	w.tailSaved, w.tailEnd = 0, 0
 	if err := w.saveState(ctx); err != nil {
@@ -291,33 +386,43 @@ func (w *Writer) flushPart(ctx context.Context) error {
 	return nil
 }
 
-// uploadPart stores buf as part len(parts)+1 (creating the upload first)
-// and records it; durable moves only once the server acknowledged it.
-func (w *Writer) uploadPart(ctx context.Context) error {
+// drain waits for every part uploading, ignoring their outcome (the
+// ingest is being removed).
+func (w *Writer) drain() {
+	for _, j := range w.pending {
+		<-j.done
+	}
+	w.pending, w.pendingSize = nil, 0
+}
+
+// startUpload creates the multipart upload if there is none yet.
+func (w *Writer) startUpload(ctx context.Context) error {
+	if w.uploadID != "" {
+		return nil
+	}
 	b := w.b
 	key := b.ingestKey(w.ref, ingestData)
-	if w.uploadID == "" {
-		var out *s3.CreateMultipartUploadOutput
-		err := b.do(ctx, func(ctx context.Context) error {
-			var err error
-			out, err = b.cli.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &key})
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("s3store: start upload %s: %w", key, err)
-		}
-		w.uploadID = aws.ToString(out.UploadId)
+	var out *s3.CreateMultipartUploadOutput
+	err := b.do(ctx, func(ctx context.Context) error {
+		var err error
+		out, err = b.cli.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{Bucket: &b.bucket, Key: &key})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("s3store: start upload %s: %w", key, err)
 	}
-	num := int32(len(w.parts) + 1)
-	if num > maxParts {
-		return fmt.Errorf("s3store: ingest %s needs more than %d parts of %d bytes", w.ref, maxParts, b.opts.PartSize)
-	}
-	sum, hexsum := contentMD5(w.buf)
+	w.uploadID = aws.ToString(out.UploadId)
+	return nil
+}
+
+// putPart uploads p as part num and checks the server's ETag is its md5.
+func (b *Backend) putPart(ctx context.Context, ref, key, uploadID string, num int32, p []byte) (string, error) {
+	sum, hexsum := contentMD5(p)
 	var etag string
 	err := b.do(ctx, func(ctx context.Context) error {
 		out, err := b.cli.UploadPart(ctx, &s3.UploadPartInput{
-			Bucket: &b.bucket, Key: &key, UploadId: &w.uploadID, PartNumber: &num,
-			Body: bytes.NewReader(w.buf), ContentLength: aws.Int64(int64(len(w.buf))), ContentMD5: &sum,
+			Bucket: &b.bucket, Key: &key, UploadId: &uploadID, PartNumber: &num,
+			Body: bytes.NewReader(p), ContentLength: aws.Int64(int64(len(p))), ContentMD5: &sum,
 		})
 		if err != nil {
 			return err
@@ -326,10 +431,27 @@ func (w *Writer) uploadPart(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("s3store: upload part %d of %s: %w", num, w.ref, err)
+		return "", fmt.Errorf("s3store: upload part %d of %s: %w", num, ref, err)
 	}
 	if strings.Trim(etag, `"`) != hexsum {
-		return fmt.Errorf("s3store: part %d of %s: server ETag %s is not the md5 %s of what was sent", num, w.ref, etag, hexsum)
+		return "", fmt.Errorf("s3store: part %d of %s: server ETag %s is not the md5 %s of what was sent", num, ref, etag, hexsum)
+	}
+	return etag, nil
+}
+
+// uploadPart stores buf as the next part and waits for it (commit's
+// last part); every part before it has settled.
+func (w *Writer) uploadPart(ctx context.Context) error {
+	if err := w.startUpload(ctx); err != nil {
+		return err
+	}
+	num := int32(len(w.parts) + 1)
+	if num > maxParts {
+		return fmt.Errorf("s3store: ingest %s needs more than %d parts of %d bytes", w.ref, maxParts, w.b.opts.PartSize)
+	}
+	etag, err := w.b.putPart(ctx, w.ref, w.b.ingestKey(w.ref, ingestData), w.uploadID, num, w.buf)
+	if err != nil {
+		return err
 	}
 	w.parts = append(w.parts, partInfo{Number: num, Size: int64(len(w.buf)), ETag: etag})
 	w.durable += int64(len(w.buf))
@@ -373,7 +495,12 @@ func (w *Writer) Close() error {
 	w.b.ended[w.ref] = w.Offset()
 	w.b.mu.Unlock()
 	if w.err != nil {
+		w.drain()
 		return nil
+	}
+	if err := w.settle(w.ctx, 0); err != nil {
+		w.err = err
+		return err
 	}
 	if int64(len(w.buf)) == w.tailSaved {
 		if !w.stateSaved {
@@ -411,6 +538,7 @@ func (w *Writer) Cancel() error {
 		defer w.b.release(w.ref)
 	}
 	w.closed, w.done = true, true
+	w.drain()
 	w.buf = nil
 	return w.b.removeIngest(context.WithoutCancel(w.ctx), w.ref, w.uploadID)
 }
@@ -489,6 +617,11 @@ func (w *Writer) commit(ctx context.Context, size int64, expected digest.Digest)
 	}
 	if w.err != nil {
 		return Committed{}, w.err
+	}
+	if err := w.settle(ctx, 0); err != nil {
+		w.err = err
+		_ = w.Close()
+		return Committed{}, err
 	}
 	b := w.b
 	total := w.Offset()
