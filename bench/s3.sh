@@ -32,12 +32,29 @@ go build -o "$DIR/s3bench" ./bench/cmd/s3bench
 go build -o "$DIR/imagestore" ./cmd/imagestore
 go build -o "$DIR/imagestore-agent" ./cmd/imagestore-agent
 
-# timed NAME CMD...: runs CMD, sets T_NAME (seconds) and M_NAME (peak RSS, MiB).
+# timed NAME CMD...: runs CMD, sets T_NAME (seconds), M_NAME (peak RSS,
+# MiB), C_NAME (its CPU seconds) and A_NAME (the agent's CPU seconds meanwhile).
 timed() {
   local name=$1; shift
-  /usr/bin/time -f '%e %M' -o "$DIR/time.out" "$@" >/dev/null
-  read -r t m < "$DIR/time.out"
+  local a0; a0=$(agent_cpu)
+  /usr/bin/time -f '%e %M %U %S' -o "$DIR/time.out" "$@" >/dev/null
+  read -r t m u s < "$DIR/time.out"
   printf -v "T_$name" '%s' "$t"; printf -v "M_$name" '%s' "$((m / 1024))"
+  printf -v "C_$name" '%s' "$(awk -v u="$u" -v s="$s" 'BEGIN { printf "%.1f", u + s }')"
+  printf -v "A_$name" '%s' "$(awk -v a="$a0" -v b="$(agent_cpu)" 'BEGIN { printf "%.1f", b - a }')"
+}
+# agent_cpu: the agent's user+system CPU seconds so far.
+agent_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$AGENT_PID/stat"
+}
+# client NAME ARGS...: runs s3bench, sets T_NAME (its own timing) and C_NAME (CPU s).
+client() {
+  local name=$1; shift
+  /usr/bin/time -f '%U %S' -o "$DIR/ctime.out" "$DIR/s3bench" "$@" > "$DIR/client.out"
+  read -r _ t < "$DIR/client.out"
+  read -r u s < "$DIR/ctime.out"
+  printf -v "T_$name" '%s' "$t"
+  printf -v "C_$name" '%s' "$(awk -v u="$u" -v s="$s" 'BEGIN { printf "%.1f", u + s }')"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
@@ -93,9 +110,9 @@ cli=("$DIR/imagestore" -url "http://$url" -quiet)
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 # Interleaved, so both see the same machine: client put, agent push,
 # client get, agent pull.
-read -r _ T_cput < <("$DIR/s3bench" put -env "$DIR/s3.env" -file "$DIR/vol.qcow2" -key client-alone)
+client cput put -env "$DIR/s3.env" -file "$DIR/vol.qcow2" -key client-alone
 timed push "${cli[@]}" push -name vol -id base "$DIR/vol.qcow2"
-read -r _ T_cget < <("$DIR/s3bench" get -env "$DIR/s3.env" -key client-alone -o "$DIR/got.qcow2")
+client cget get -env "$DIR/s3.env" -key client-alone -o "$DIR/got.qcow2"
 cmp "$DIR/got.qcow2" "$DIR/vol.qcow2" || { echo "the client's download differs" >&2; exit 1; }
 rm -f "$DIR/got.qcow2"
 timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:base
@@ -112,3 +129,4 @@ echo "|---|---|---|---|"
 echo "| ingest | CLI push: **$(mbps "$BYTES" "$T_push") MB/s** | multipart upload: $(mbps "$BYTES" "$T_cput") MB/s | $(ratio "$T_cput" "$T_push")× |"
 echo "| restore | CLI pull -format raw: **$(mbps "$BYTES" "$T_pull") MB/s** | GET to a file + fsync: $(mbps "$BYTES" "$T_cget") MB/s | $(ratio "$T_cget" "$T_pull")× |"
 echo "| peak RSS (MiB) | agent $AGENT_RSS, CLI push $M_push / pull $M_pull | | |"
+echo "| CPU s (RGW's not counted) | push: agent $A_push + CLI $C_push; pull: agent $A_pull + CLI $C_pull | put $C_cput; get $C_cget | |"
