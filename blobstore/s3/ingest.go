@@ -351,7 +351,9 @@ func (w *Writer) settle(ctx context.Context, keep int) error {
 			for _, j := range w.pending[1:] {
 				<-j.done
 			}
-			w.pending, w.pendingSize = nil, 0
+			// pendingSize stays in Offset: the Writer accepted those
+			// bytes (OpenIngest reports them dropped).
+			w.pending = nil
 			if err := w.saveSettled(ctx, moved); err != nil {
 				return errors.Join(job.err, err)
 			}
@@ -387,12 +389,12 @@ func (w *Writer) saveSettled(ctx context.Context, moved bool) error {
 }
 
 // drain waits for every part uploading, ignoring their outcome (the
-// ingest is being removed).
+// Writer has failed or is being removed).
 func (w *Writer) drain() {
 	for _, j := range w.pending {
 		<-j.done
 	}
-	w.pending, w.pendingSize = nil, 0
+	w.pending = nil
 }
 
 // startUpload creates the multipart upload if there is none yet.
