@@ -293,17 +293,19 @@ func (b *Backend) getRange(ctx context.Context, key string, off int64, p []byte)
 	rng := fmt.Sprintf("bytes=%d-%d", off, off+int64(len(p))-1)
 	var n int
 	err := b.do(ctx, func(ctx context.Context) error {
-		out, err := b.cli.GetObject(ctx, &s3.GetObjectInput{Bucket: &b.bucket, Key: &key, Range: &rng})
+		g := newStallGuard(ctx, b.opts.ReadStall)
+		defer g.stop()
+		out, err := b.cli.GetObject(g.ctx, &s3.GetObjectInput{Bucket: &b.bucket, Key: &key, Range: &rng})
 		if err != nil {
-			return err
+			return g.err(err)
 		}
 		defer out.Body.Close()
 		// Every caller asks for bytes inside the object: a body that
 		// ends early (io.ErrUnexpectedEOF, a connection closed before
 		// Content-Length, as when RGW restarts) is a transient failure,
 		// retried whole, not the end of the blob.
-		n, err = io.ReadFull(out.Body, p)
-		return err
+		n, err = io.ReadFull(g.reader(out.Body), p)
+		return g.err(err)
 	})
 	if err != nil {
 		if isNotFound(err) {

@@ -69,6 +69,10 @@ type Options struct {
 	// blob against a GC on another agent that checked it just before
 	// (pins.go); default 10 min. A GC gives up a delete after PinTTL/2.
 	PinTTL time.Duration
+	// ReadStall: a ranged GET that delivers no byte for this long (no
+	// response, or a body that stops while the connection stays up) is
+	// abandoned and retried (default 1 min).
+	ReadStall time.Duration
 	// Retry is the policy for transient failures (network errors, 5xx,
 	// 429, SlowDown). The zero value: 12 tries, 250 ms doubling to 15 s
 	// (≈ 2 min in all: enough for an RGW restart).
@@ -154,6 +158,9 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	}
 	if opts.PartsInFlight <= 0 {
 		opts.PartsInFlight = defaultPartsInFlight
+	}
+	if opts.ReadStall <= 0 {
+		opts.ReadStall = time.Minute
 	}
 	if opts.PartSize < minPartSize {
 		return nil, fmt.Errorf("%w: part size %d is under S3's minimum of 5 MiB", ErrConfig, opts.PartSize)

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // cutProxy forwards TCP to target; the first response that passes cutAt
@@ -19,6 +20,7 @@ type cutProxy struct {
 	target string
 	cutAt  int64
 	cut    atomic.Bool
+	stall  bool        // at the cut, keep the connection open and send nothing more
 	down   atomic.Bool // drop every connection at once
 	wg     sync.WaitGroup
 	mu     sync.Mutex
@@ -90,6 +92,10 @@ func (p *cutProxy) serve(c net.Conn) {
 		if k > 0 {
 			if n+int64(k) > p.cutAt && p.cut.CompareAndSwap(false, true) {
 				_, _ = c.Write(buf[:p.cutAt-n])
+				if p.stall {
+					// Hung, not closed: wait for the client to give up.
+					_, _ = io.Copy(io.Discard, c)
+				}
 				return // closes both: the body ends early
 			}
 			if _, werr := c.Write(buf[:k]); werr != nil {
@@ -174,5 +180,53 @@ func TestOpenIngestDropsLostBytes(t *testing.T) {
 	defer in2.Cancel()
 	if got := in2.Offset() + dropped; got != written {
 		t.Fatalf("resumed at %d with %d dropped; the Writer had accepted %d bytes", in2.Offset(), dropped, written)
+	}
+}
+
+// TestReadRetriesStalledBody: a ranged GET whose body stops while the
+// connection stays up is abandoned after ReadStall and retried, instead
+// of hanging until the Blob is closed (an instant-restore export's reads
+// would hang with it).
+func TestReadRetriesStalledBody(t *testing.T) {
+	b, c, bucket := newBackend(t)
+	ctx := context.Background()
+	data := randBytes(10, 3<<20)
+	w, err := b.Writer(ctx, "stall")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	res, err := w.commit(ctx, -1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startCutProxy(t, strings.TrimPrefix(c.Endpoint, "http://"), 1<<20)
+	p.stall = true
+	pb := openBackend(t, c, bucket, func(o *Options) {
+		o.Endpoint = "http://" + p.ln.Addr().String()
+		o.CacheBytes = -1
+		o.ReadStall = time.Second
+	})
+	bl, err := pb.OpenBlob(ctx, res.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bl.Close()
+	got := make([]byte, len(data))
+	done := make(chan struct{})
+	var n int
+	go func() { defer close(done); n, err = bl.ReadAt(got, 0) }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("ReadAt through a stalled body did not return: no stall deadline")
+	}
+	if !p.cut.Load() {
+		t.Fatal("the proxy stalled nothing")
+	}
+	if err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("ReadAt of %d bytes through a stall: %d bytes, %v", len(data), n, err)
 	}
 }
