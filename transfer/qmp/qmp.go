@@ -18,13 +18,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Error is a QMP error reply: {"error":{"class":…,"desc":…}}.
@@ -113,6 +109,8 @@ type Client struct {
 	pending map[string]chan message
 	err     error // set once the reader stops
 	done    chan struct{}
+
+	openedTicks uint64 // boot-time clock, in /proc's ticks, when New began
 }
 
 // Dial connects to a QMP unix socket, reads the greeting and negotiates
@@ -131,48 +129,6 @@ func Dial(ctx context.Context, path string, o Options) (*Client, error) {
 	return c, nil
 }
 
-// PeerCred is the user and group the process at the other end of a
-// unix-socket connection (QEMU, for a client from Dial) runs as now: its
-// pid from SO_PEERCRED, then its effective ids from /proc (SO_PEERCRED's
-// own ids are those of when QEMU listened, before a -runas dropped them).
-func (c *Client) PeerCred() (uid, gid int, err error) {
-	uc, ok := c.rwc.(*net.UnixConn)
-	if !ok {
-		return 0, 0, errors.New("qmp: not a unix socket connection")
-	}
-	rc, err := uc.SyscallConn()
-	if err != nil {
-		return 0, 0, err
-	}
-	var cred *unix.Ucred
-	var serr error
-	if err := rc.Control(func(fd uintptr) { cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return 0, 0, err
-	}
-	if serr != nil {
-		return 0, 0, fmt.Errorf("qmp: SO_PEERCRED: %w", serr)
-	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(int(cred.Pid)) + "/status")
-	if err != nil {
-		return 0, 0, fmt.Errorf("qmp: the monitor's process: %w", err)
-	}
-	ids := map[string]int{}
-	for _, line := range strings.Split(string(b), "\n") {
-		k, v, _ := strings.Cut(line, ":")
-		if f := strings.Fields(v); (k == "Uid" || k == "Gid") && len(f) >= 2 {
-			if n, err := strconv.Atoi(f[1]); err == nil { // effective id
-				ids[k] = n
-			}
-		}
-	}
-	u, uok := ids["Uid"]
-	g, gok := ids["Gid"]
-	if !uok || !gok {
-		return 0, 0, fmt.Errorf("qmp: no Uid/Gid in /proc/%d/status", cred.Pid)
-	}
-	return u, g, nil
-}
-
 // New runs the protocol over an open connection: greeting, then
 // qmp_capabilities.
 func New(ctx context.Context, rwc io.ReadWriteCloser, o Options) (*Client, error) {
@@ -180,7 +136,7 @@ func New(ctx context.Context, rwc io.ReadWriteCloser, o Options) (*Client, error
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{rwc: rwc, log: o.Logger, events: newEventLog(o.EventLog), pending: map[string]chan message{},
-		done: make(chan struct{})}
+		done: make(chan struct{}), openedTicks: bootTicks()}
 	br := bufio.NewReaderSize(rwc, 64<<10)
 	greet := make(chan error, 1)
 	go func() {
