@@ -20,6 +20,7 @@ import (
 	"imagestore/qcow2"
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/faultproxy"
+	"imagestore/transfer/oci"
 )
 
 const vsize = 64 << 20
@@ -231,9 +232,51 @@ func TestPushResume(t *testing.T) {
 	if got := s.received(t); got < res.Size || got > res.Size+3*(3<<20) {
 		t.Fatalf("store received %d bytes for a %d-byte layer", got, res.Size)
 	}
+	// The store named the layer (a checked upload): its digest is the one
+	// our encoder's bytes have, computed here on the host as add does.
+	if m, err := measureFile(t.Context(), raw); err != nil || m.digest.String() != res.Blobsum || m.size != res.Size {
+		t.Fatalf("pushed %s (%d bytes), the file encodes to %s (%d) (%v)", res.Blobsum, res.Size, m.digest, m.size, err)
+	}
 	dst := filepath.Join(dir, "out.qcow2")
 	cliOK(t, "-url", s.url, "-quiet", "pull", "-installpath", dst, res.Name+":"+res.ID)
 	qemutest.Compare(t, dst, raw)
+}
+
+// TestPushCorruptedInTransit: a byte flipped between the CLI and the store
+// fails the push with an error that says so (the frame's crc32c), and the
+// store records nothing; the same push without the fault succeeds.
+func TestPushCorruptedInTransit(t *testing.T) {
+	s := startStore(t, "")
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "noise.raw")
+	b := make([]byte, 8<<20)
+	x := uint64(0x2545f4914f6cdd1d)
+	for i := range b {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		b[i] = byte(x)
+	}
+	if err := os.WriteFile(raw, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := faultproxy.New(t, s.addr)
+	p.FlipAt(5 << 20)
+	out, errs, code := cli(t, "-url", "http://"+p.Addr(), "-quiet", "push", "-name", "vol", "-id", "a", raw)
+	if code == 0 || !strings.Contains(errs, "corrupted in transit") || !strings.Contains(errs, oci.CodeChecksumInvalid) {
+		t.Fatalf("push through a corrupting proxy: exit %d\nstdout: %s\nstderr: %s", code, out, errs)
+	}
+	if _, errs, code := cli(t, "-url", s.url, "info", "vol:a"); code == 0 {
+		t.Fatalf("the failed push recorded vol:a (%s)", errs)
+	}
+	p.FlipAt(-1)
+	var res pushResult
+	cliJSON(t, &res, "-url", "http://"+p.Addr(), "-quiet", "push", "-json", "-name", "vol", "-id", "a", raw)
+	dst := filepath.Join(dir, "out.raw")
+	cliOK(t, "-url", s.url, "-quiet", "pull", "-format", "raw", "-installpath", dst, "vol:a")
+	if got, err := os.ReadFile(dst); err != nil || !bytes.Equal(got, b) {
+		t.Fatalf("pull after the clean push differs (%v)", err)
+	}
 }
 
 // TestPullCut: a pull through a cutting proxy resumes (Range) and writes

@@ -1,5 +1,6 @@
 // Package faultproxy is a TCP proxy for tests that cuts connections after a
-// number of forwarded bytes, to exercise resume and clean-failure paths.
+// number of forwarded bytes, to exercise resume and clean-failure paths,
+// and can corrupt a byte on the way (FlipAt).
 package faultproxy
 
 import (
@@ -23,6 +24,7 @@ type Proxy struct {
 
 	mu       sync.Mutex
 	cutAfter int64 // 0 = never cut
+	flipAt   int64 // <0 = never corrupt
 	cutsLeft int   // <0 = unlimited
 	cuts     int
 	conns    int
@@ -41,7 +43,7 @@ func New(t testing.TB, target string) *Proxy {
 	if err != nil {
 		t.Fatalf("faultproxy: listen: %v", err)
 	}
-	p := &Proxy{target: target, ln: ln, cutsLeft: -1, live: map[*link]struct{}{}}
+	p := &Proxy{target: target, ln: ln, cutsLeft: -1, flipAt: -1, live: map[*link]struct{}{}}
 	p.wg.Add(1)
 	go p.accept()
 	t.Cleanup(func() { _ = p.Close() })
@@ -60,6 +62,16 @@ func (p *Proxy) CutAfter(n int64) {
 		n = 0
 	}
 	p.cutAfter = n
+}
+
+// FlipAt makes connections accepted from now on corrupt one byte: the one
+// at offset n of what the client sends (counted from the connection's
+// first byte) reaches the server with its lowest bit flipped. n < 0 turns
+// it off.
+func (p *Proxy) FlipAt(n int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.flipAt = max(n, -1)
 }
 
 // CutNext limits cutting to the next k cuts; after that connections pass
@@ -142,10 +154,10 @@ func (p *Proxy) accept() {
 		l := &link{client: c}
 		p.live[l] = struct{}{}
 		p.links = append(p.links, l)
-		limit := p.cutAfter
+		limit, flip := p.cutAfter, p.flipAt
 		p.wg.Add(1)
 		p.mu.Unlock()
-		go p.serve(l, limit)
+		go p.serve(l, limit, flip)
 	}
 }
 
@@ -205,7 +217,7 @@ func (p *Proxy) take(b *budget, n int) (int, bool) {
 	return allowed, true
 }
 
-func (p *Proxy) serve(l *link, limit int64) {
+func (p *Proxy) serve(l *link, limit, flip int64) {
 	defer p.wg.Done()
 	defer func() {
 		l.close()
@@ -228,20 +240,26 @@ func (p *Proxy) serve(l *link, limit int64) {
 	b := &budget{limit: limit}
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(server, l.client, b, l) }()
-	go func() { defer wg.Done(); p.pipe(l.client, server, b, l) }()
+	go func() { defer wg.Done(); p.pipe(server, l.client, b, l, flip) }()
+	go func() { defer wg.Done(); p.pipe(l.client, server, b, l, -1) }()
 	wg.Wait()
 }
 
 // pipe copies src to dst under the connection budget. On EOF it half-closes
 // dst so protocols that rely on shutdown still work; on any error or cut it
-// closes both sides.
-func (p *Proxy) pipe(dst, src net.Conn, b *budget, l *link) {
+// closes both sides. The byte at offset flip of src (if >= 0) goes out
+// with its lowest bit flipped.
+func (p *Proxy) pipe(dst, src net.Conn, b *budget, l *link, flip int64) {
 	closeBoth := l.close
 	buf := make([]byte, 32<<10)
+	var pos int64
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
+			if flip >= pos && flip < pos+int64(n) {
+				buf[flip-pos] ^= 1
+			}
+			pos += int64(n)
 			allowed, cut := p.take(b, n)
 			if allowed > 0 {
 				l.bytes.Add(int64(allowed))

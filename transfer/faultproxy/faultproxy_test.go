@@ -200,3 +200,37 @@ func TestConnBytes(t *testing.T) {
 		t.Fatalf("ConnBytes = %v, want [100000 5000]", got)
 	}
 }
+
+// FlipAt corrupts exactly the one byte at its offset of what the client
+// sends, on every connection accepted after it, and nothing once off.
+func TestFlipAt(t *testing.T) {
+	const size = 100 << 10
+	p := New(t, serve(t, "echo", 0))
+	send := func() []byte {
+		c, err := net.Dial("tcp", p.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		go func() { _, _ = c.Write(pattern(size)); _ = c.(*net.TCPConn).CloseWrite() }()
+		b, err := io.ReadAll(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for _, at := range []int64{0, 40000, size - 1} {
+		p.FlipAt(at)
+		got := send()
+		want := pattern(size)
+		want[at] ^= 1
+		if !bytes.Equal(got, want) {
+			t.Fatalf("flip at %d: the echo differs elsewhere too (or not at all)", at)
+		}
+	}
+	p.FlipAt(-1)
+	if !bytes.Equal(send(), pattern(size)) {
+		t.Fatal("FlipAt(-1) still corrupts")
+	}
+}

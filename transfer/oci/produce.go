@@ -8,11 +8,13 @@ import (
 	"hash"
 	"io"
 	"net/http"
+	"strconv"
 	"sync"
 
 	"github.com/opencontainers/go-digest"
 
 	"imagestore/internal/retry"
+	"imagestore/transfer/crcframe"
 )
 
 // Producer writes a blob's bytes to w and returns how many it wrote. It
@@ -28,14 +30,24 @@ var ErrProducer = errors.New("oci: blob producer failed")
 
 // PushProduced uploads the blob produce writes, with its size and digest
 // learnt on the way: the bytes go out as one streaming PATCH while they
-// are produced (memory: a pipe, no copy of the blob), are hashed as they
-// pass, and the completing PUT names the digest. After a broken connection
-// a status GET learns the server's durable offset; produce runs again from
-// the start, its bytes are hashed again, the first offset of them are
-// dropped and the rest sent as a new PATCH. If produce fails, the upload
-// is cancelled and the error (wrapped in ErrProducer) returned. If the
-// bytes of a rerun differ from the first run's (the source changed), the
-// server's digest check at the PUT refuses the blob.
+// are produced (handed to the connection from the producer's own buffers,
+// no copy of the blob), and the completing PUT names the blob.
+//
+// When the upload session offers the checked upload (ExtCRC32CFrames, our
+// store), the bytes go out as crc32c frames the store checks before it
+// accepts them, the PUT names the size, and the digest is the one the
+// store computed from what it accepted (it answers it); the client spends
+// no SHA-256 on the blob. Otherwise the bytes are hashed as they pass and
+// the PUT names that digest, which the store checks (the distribution
+// protocol, for any registry).
+//
+// After a broken connection a status GET learns the server's durable
+// offset; produce runs again from the start, the first offset of its
+// bytes are dropped and the rest sent as a new PATCH. Every rerun must
+// write what the runs before it wrote: its CRC-32C is compared with theirs
+// over the bytes they produced, and a difference (the source changed)
+// cancels the upload with ErrSourceChanged, as does a failing produce
+// (its error wrapped in ErrProducer). Nothing is committed then.
 //
 // opts.ChunkSize is ignored; opts.Progress is told the bytes sent (negative
 // after a resume rewinds to the server's durable offset).
@@ -44,7 +56,7 @@ func (c *Client) PushProduced(ctx context.Context, name string, produce Producer
 	if progress == nil {
 		progress = func(int64) {}
 	}
-	loc, err := c.startUpload(ctx, name)
+	up, err := c.startSession(ctx, name)
 	if err != nil {
 		return "", 0, err
 	}
@@ -52,47 +64,124 @@ func (c *Client) PushProduced(ctx context.Context, name string, produce Producer
 		sent, offset, size int64
 		d                  digest.Digest
 		tries              int
+		seen               producedSum
 	)
 	err = c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
 		tries++
 		if attempt > 0 {
-			nloc, off, serr := c.resync(ctx, name, loc)
+			nup, off, serr := c.resyncSession(ctx, name, up)
 			if serr != nil {
 				return serr
 			}
-			loc = nloc
+			up = nup
 			progress(off - sent)
 			sent, offset = off, off
 		}
 		var perr error
-		d, size, perr = c.patchProduced(ctx, loc, produce, offset, func(n int64) { sent += n; progress(n) })
+		d, size, perr = c.patchProduced(ctx, up, produce, offset, &seen, func(n int64) { sent += n; progress(n) })
 		return perr
 	})
 	if err != nil {
-		c.cancelUpload(context.WithoutCancel(ctx), loc)
-		if errors.Is(err, ErrProducer) {
+		c.cancelUpload(context.WithoutCancel(ctx), up.loc)
+		if errors.Is(err, ErrProducer) || errors.Is(err, ErrSourceChanged) {
 			return "", size, err
 		}
 		return "", size, c.resumeErr(ctx, "oci: streamed upload", tries, err)
 	}
-	if err := c.finishUpload(ctx, loc, d); err != nil {
+	if up.checked {
+		if d, err = c.finishChecked(ctx, up.loc, size); err != nil {
+			return "", size, err
+		}
+		return d, size, nil
+	}
+	if err := c.finishUpload(ctx, up.loc, d); err != nil {
 		return "", size, err
 	}
 	return d, size, nil
 }
 
-// patchProduced runs produce once, hashing everything it writes and sending
-// what comes after skip as one PATCH; it returns the digest and size of
-// the whole blob once the server acknowledged all of it.
-func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer, skip int64, progress func(int64)) (digest.Digest, int64, error) {
+// session is an upload session: its location, and whether it offers the
+// checked upload (ExtCRC32CFrames).
+type session struct {
+	loc     string
+	checked bool
+}
+
+func (c *Client) startSession(ctx context.Context, name string) (session, error) {
+	loc, hdr, err := c.startUploadHeader(ctx, name)
+	if err != nil {
+		return session{}, err
+	}
+	return session{loc: loc, checked: hasToken(hdr.Get(HeaderUploadExtensions), ExtCRC32CFrames)}, nil
+}
+
+// resyncSession is resync keeping the session's mode, or that of the new
+// session the server opened when it lost the old one (a rerun starts from
+// byte 0 then, so the mode may change with it).
+func (c *Client) resyncSession(ctx context.Context, name string, up session) (session, int64, error) {
+	off, nloc, err := c.uploadStatus(ctx, up.loc)
+	if errors.Is(err, ErrNotFound) {
+		nup, err := c.startSession(ctx, name)
+		return nup, 0, err
+	}
+	if err != nil {
+		return up, 0, err
+	}
+	up.loc = nloc
+	return up, off, nil
+}
+
+// finishChecked completes a checked upload by its size: the store commits
+// the bytes under the digest it computed and answers it.
+func (c *Client) finishChecked(ctx context.Context, loc string, size int64) (digest.Digest, error) {
 	u, err := c.resolve(loc)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.do(ctx, http.MethodPut, addQuery(u, "size", strconv.FormatInt(size, 10)), http.NoBody, nil)
+	if err != nil {
+		return "", err
+	}
+	if err := expect(resp, http.StatusCreated); err != nil {
+		return "", err
+	}
+	drain(resp)
+	d, err := digest.Parse(resp.Header.Get(HeaderContentDigest))
+	if err != nil || d.Algorithm() != digest.SHA256 {
+		return "", fmt.Errorf("oci: the store committed a checked upload but answered no sha256 %s (%q)", HeaderContentDigest, resp.Header.Get(HeaderContentDigest))
+	}
+	return d, nil
+}
+
+// producedSum is what the longest run of a producer so far wrote: how
+// many bytes, and their CRC-32C. A rerun must write the same.
+type producedSum struct {
+	n   int64
+	crc uint32
+}
+
+// patchProduced runs produce once, sending what comes after skip as one
+// PATCH (crc32c frames in a checked session); it returns the size of the
+// whole blob and, outside a checked session, its digest, once the server
+// acknowledged all of it.
+func (c *Client) patchProduced(ctx context.Context, up session, produce Producer, skip int64, seen *producedSum, progress func(int64)) (digest.Digest, int64, error) {
+	u, err := c.resolve(up.loc)
 	if err != nil {
 		return "", 0, err
 	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	pr, pw := io.Pipe()
-	sw := &skipWriter{w: pw, skip: skip, h: sha256.New(), progress: progress}
+	body := newHandoff()
+	var out io.Writer = body
+	hdr := http.Header{"Content-Type": {"application/octet-stream"}}
+	if up.checked {
+		out = crcframe.NewWriter(body, frameSize)
+		hdr.Set("Content-Encoding", crcframe.Encoding)
+	}
+	sw := &skipWriter{w: out, skip: skip, progress: progress, want: *seen, verified: seen.n == 0}
+	if !up.checked {
+		sw.h = sha256.New()
+	}
 	var (
 		wg   sync.WaitGroup
 		n    int64
@@ -102,22 +191,34 @@ func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer
 	go func() {
 		defer wg.Done()
 		n, perr = produce(pctx, sw)
-		if perr != nil {
-			pw.CloseWithError(fmt.Errorf("%w: %w", ErrProducer, perr))
-			return
+		switch {
+		case perr == nil && !sw.verified:
+			perr = fmt.Errorf("%w: it wrote %d bytes, an earlier run %d", ErrSourceChanged, sw.n, seen.n)
+			body.CloseWrite(perr)
+		case perr != nil:
+			body.CloseWrite(fmt.Errorf("%w: %w", ErrProducer, perr))
+		default:
+			body.CloseWrite(nil)
 		}
-		pw.Close()
 	}()
-	hdr := http.Header{"Content-Type": {"application/octet-stream"}}
-	resp, err := c.do(ctx, http.MethodPatch, u, pipeBody{pr}, hdr)
+	resp, err := c.do(ctx, http.MethodPatch, u, body, hdr)
 	// The request is over either way: stop the producer (a Write into the
-	// closed pipe fails) and wait, so its state is ours again.
-	pr.CloseWithError(errBodyStopped)
+	// closed body fails) and wait, so its state is ours again.
+	body.Close()
 	cancel()
 	wg.Wait()
-	// A write into a pipe the transport closed (a cut) or we closed is not
+	if sw.n > seen.n {
+		*seen = producedSum{n: sw.n, crc: sw.crc}
+	}
+	if errors.Is(perr, ErrSourceChanged) {
+		if resp != nil {
+			drain(resp)
+		}
+		return "", n, retry.Permanent(perr)
+	}
+	// A write into a body the transport closed (a cut) or we closed is not
 	// the producer's failure.
-	if perr != nil && !errors.Is(perr, errBodyStopped) && !errors.Is(perr, io.ErrClosedPipe) && !errors.Is(perr, context.Canceled) {
+	if perr != nil && !errors.Is(perr, errBodyStopped) && !errors.Is(perr, context.Canceled) {
 		if resp != nil {
 			drain(resp)
 		}
@@ -141,37 +242,63 @@ func (c *Client) patchProduced(ctx context.Context, loc string, produce Producer
 		return "", n, &Error{Method: http.MethodPatch, URL: u, Status: http.StatusRequestedRangeNotSatisfiable,
 			Errors: []ErrorInfo{{Code: CodeRangeInvalid, Message: fmt.Sprintf("server holds %d of %d bytes", end, n)}}}
 	}
+	if sw.h == nil {
+		return "", n, nil
+	}
 	return digest.NewDigest(digest.SHA256, sw.h), n, nil
 }
 
-// skipWriter hashes every byte, drops the first skip of them and passes
-// the rest on. A large write is hashed on a goroutine of its own while it
-// is passed on (the pipe's reader sends it meanwhile), so the hash and the
-// send of the same bytes overlap instead of taking turns.
+// frameSize is the data of one crc32c frame of a checked upload: what the
+// store buffers, checks and then writes as one piece.
+const frameSize = 1 << 20
+
+// skipWriter counts and checksums every byte, hashes it too when h is set,
+// drops the first skip of them and passes the rest on. The CRC-32C is the
+// rerun check: once the bytes written reach want.n, their CRC-32C must be
+// want.crc, else Write fails with ErrSourceChanged. A large write is
+// hashed on a goroutine of its own while it is passed on (the connection
+// sends it meanwhile), so the hash and the send of the same bytes overlap
+// instead of taking turns.
 type skipWriter struct {
 	w        io.Writer
 	skip     int64
-	h        hash.Hash
-	n        int64 // bytes written to the skipWriter
+	h        hash.Hash // nil: no digest (a checked upload)
+	n        int64     // bytes written to the skipWriter
+	crc      uint32    // of those bytes
+	want     producedSum
+	verified bool // the bytes reached want.n and matched
 	progress func(int64)
 }
 
 func (s *skipWriter) Write(p []byte) (int, error) {
+	if !s.verified && s.n+int64(len(p)) >= s.want.n {
+		k := s.want.n - s.n
+		c := crcframe.Update(s.crc, p[:k])
+		if c != s.want.crc {
+			return 0, fmt.Errorf("%w: its first %d bytes differ from an earlier run's (crc32c %08x, was %08x)", ErrSourceChanged, s.want.n, c, s.want.crc)
+		}
+		s.verified = true
+		s.crc = crcframe.Update(c, p[k:])
+	} else {
+		s.crc = crcframe.Update(s.crc, p)
+	}
 	s.n += int64(len(p))
 	q := p
 	if s.skip > 0 {
 		k := min(s.skip, int64(len(q)))
 		q, s.skip = q[k:], s.skip-k
 	}
-	if len(q) < overlapHash {
-		s.h.Write(p)
-	} else {
-		hashed := make(chan struct{})
-		go func() {
+	if s.h != nil {
+		if len(q) < overlapHash {
 			s.h.Write(p)
-			close(hashed)
-		}()
-		defer func() { <-hashed }() // p is the caller's again only once hashed
+		} else {
+			hashed := make(chan struct{})
+			go func() {
+				s.h.Write(p)
+				close(hashed)
+			}()
+			defer func() { <-hashed }() // p is the caller's again only once hashed
+		}
 	}
 	if len(q) == 0 {
 		return len(p), nil
@@ -186,33 +313,3 @@ func (s *skipWriter) Write(p []byte) (int, error) {
 
 // overlapHash is the smallest write skipWriter hashes beside the send.
 const overlapHash = 256 << 10
-
-// pipeBody is the produced body as the HTTP transport reads it: the pipe,
-// copied out in up to 1 MiB pieces (WriterTo) rather than the transport's
-// 32 KiB, so each of the producer's 1 MiB writes goes out as one chunk and
-// one write to the connection (and the store reads it in few reads).
-type pipeBody struct{ r *io.PipeReader }
-
-func (b pipeBody) Read(p []byte) (int, error) { return b.r.Read(p) }
-func (b pipeBody) Close() error               { return b.r.Close() }
-
-func (b pipeBody) WriteTo(w io.Writer) (int64, error) {
-	buf := make([]byte, 1<<20)
-	var n int64
-	for {
-		k, err := b.r.Read(buf)
-		if k > 0 {
-			m, werr := w.Write(buf[:k])
-			n += int64(m)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if err == io.EOF {
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
-	}
-}

@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"github.com/opencontainers/go-digest"
+
+	"imagestore/transfer/crcframe"
 )
 
 // Media types.
@@ -37,7 +39,19 @@ const (
 	// spec's Range (whose "0-0" is ambiguous for 0 and 1 bytes).
 	HeaderUploadOffset = "Imagestore-Upload-Offset"
 	HeaderAPIVersion   = "Docker-Distribution-API-Version"
+	// HeaderUploadExtensions, on the 202 that starts an upload session,
+	// lists the upload extensions the session takes (ExtCRC32CFrames).
+	HeaderUploadExtensions = "Imagestore-Upload-Extensions"
 )
+
+// ExtCRC32CFrames is the checked upload (docs/replication.md): PATCH and
+// PUT bodies may be crc32c frames (Content-Encoding: crc32c-frames, each
+// frame checked before its bytes are accepted), and the completing PUT
+// may name the size instead of the digest (?size=<bytes>): the store then
+// commits under the digest it computed itself and answers it in
+// Docker-Content-Digest. Our client uses it only when a session offers it;
+// the standard protocol is unchanged beside it.
+const ExtCRC32CFrames = crcframe.Encoding
 
 // MaxManifestSize bounds a manifest or config blob read into memory.
 const MaxManifestSize = 8 << 20
@@ -111,6 +125,9 @@ const (
 	CodeUnsupported         = "UNSUPPORTED"
 	CodeQuotaExceeded       = "QUOTA_EXCEEDED"
 	CodeRangeInvalid        = "RANGE_INVALID"
+	// CodeChecksumInvalid (ours): a crc32c frame of a checked upload did
+	// not match its bytes; nothing of that frame was accepted.
+	CodeChecksumInvalid = "CHECKSUM_INVALID"
 )
 
 // Sentinels matched with errors.Is against an *Error or a wrapped one.
@@ -123,6 +140,13 @@ var (
 	// ErrSourceDigest: the bytes read from the local source do not hash to
 	// the digest being pushed; the upload was cancelled, nothing committed.
 	ErrSourceDigest = errors.New("source blob does not match its digest")
+	// ErrChecksum: the store refused bytes of a checked upload that did
+	// not match their crc32c: they were corrupted on the way.
+	ErrChecksum = errors.New("upload bytes corrupted in transit (crc32c mismatch)")
+	// ErrSourceChanged: a produced blob's bytes differ from what an
+	// earlier run of its producer wrote (the source changed during the
+	// upload); the upload was cancelled, nothing committed.
+	ErrSourceChanged = errors.New("the source changed while it was uploaded")
 	// ErrTooLarge: a response decoded to more bytes than declared (zstd bomb guard).
 	ErrTooLarge = errors.New("response larger than declared")
 )
@@ -180,6 +204,8 @@ func (e *Error) Is(target error) bool {
 		return c == CodeManifestInvalid || c == CodeManifestBlobUnknown
 	case ErrQuota:
 		return c == CodeQuotaExceeded || e.Status == http.StatusInsufficientStorage
+	case ErrChecksum:
+		return c == CodeChecksumInvalid
 	}
 	return false
 }

@@ -167,19 +167,26 @@ func (c *Client) MountBlob(ctx context.Context, name string, d digest.Digest) (b
 }
 
 func (c *Client) startUpload(ctx context.Context, name string) (string, error) {
+	loc, _, err := c.startUploadHeader(ctx, name)
+	return loc, err
+}
+
+// startUploadHeader starts an upload session: its location and the
+// answer's headers (the extensions it offers).
+func (c *Client) startUploadHeader(ctx context.Context, name string) (string, http.Header, error) {
 	resp, err := c.do(ctx, http.MethodPost, c.url("/v2/"+name+"/blobs/uploads/"), http.NoBody, nil)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if err := expect(resp, http.StatusAccepted); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	drain(resp)
 	loc := resp.Header.Get("Location")
 	if loc == "" {
-		return "", errors.New("oci: upload started without Location")
+		return "", nil, errors.New("oci: upload started without Location")
 	}
-	return loc, nil
+	return loc, resp.Header, nil
 }
 
 func (c *Client) cancelUpload(ctx context.Context, loc string) {

@@ -18,6 +18,7 @@ import (
 
 	"imagestore/blobstore"
 	"imagestore/layer"
+	"imagestore/transfer/crcframe"
 	"imagestore/transfer/oci"
 )
 
@@ -395,14 +396,25 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, name string
 		return
 	}
 	s.uploadHeaders(w, name, id, 0)
+	// The checked upload (oci.ExtCRC32CFrames): crc32c-framed bodies
+	// (requestBody) and a completing PUT by size (finishUpload).
+	w.Header().Set(oci.HeaderUploadExtensions, oci.ExtCRC32CFrames)
 	w.WriteHeader(http.StatusAccepted)
 }
 
-// requestBody decodes Content-Encoding (identity or zstd). limit >= 0
-// bounds the decoded bytes, so a zstd bomb cannot write more than the
-// client declared.
+// requestBody decodes Content-Encoding (identity, zstd or crc32c frames).
+// limit >= 0 bounds the decoded bytes, so a zstd bomb cannot write more
+// than the client declared.
 func (s *Server) requestBody(r *http.Request, limit int64) (io.ReadCloser, error) {
 	switch enc := strings.ToLower(r.Header.Get("Content-Encoding")); enc {
+	case crcframe.Encoding:
+		// Each frame is checked before any of its bytes is handed on, so
+		// the ingest only ever takes bytes that arrived as they were sent.
+		fr := crcframe.NewReader(r.Body)
+		if limit >= 0 {
+			return &strictBody{r: io.LimitReader(fr, limit+1), left: limit}, nil
+		}
+		return framedBody{fr}, nil
 	case "", "identity":
 		if limit >= 0 {
 			// More than declared fails (oci.ErrTooLarge), never truncated.
@@ -421,6 +433,30 @@ func (s *Server) requestBody(r *http.Request, limit int64) (io.ReadCloser, error
 	default:
 		return nil, fmt.Errorf("unsupported Content-Encoding %q", enc)
 	}
+}
+
+// framedBody is an unbounded crc32c-framed body; it keeps the Reader's
+// WriteTo, which reads the next frame while the ingest takes the last.
+type framedBody struct{ *crcframe.Reader }
+
+func (framedBody) Close() error { return nil }
+
+// bodyError answers a chunk whose body failed, at upload offset before,
+// when the failure is the body's encoding (a frame that failed its
+// crc32c, a malformed frame); false for any other error.
+func bodyError(w http.ResponseWriter, err error, before int64) bool {
+	var ce *crcframe.ChecksumError
+	switch {
+	case errors.As(err, &ce):
+		writeError(w, http.StatusBadRequest, oci.CodeChecksumInvalid,
+			fmt.Sprintf("upload bytes %d-%d: %v; none of them was accepted, the upload holds the %d bytes before them",
+				before+ce.Offset, before+ce.Offset+int64(ce.Length)-1, err, before+ce.Offset), nil)
+	case errors.Is(err, crcframe.ErrMalformed):
+		writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
+	default:
+		return false
+	}
+	return true
 }
 
 type boundedBody struct {
@@ -547,6 +583,9 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 	if err != nil {
 		// What arrived stays in the ingest; Close checkpoints it so the
 		// client resumes from the durable offset (GET on the upload).
+		if bodyError(w, err, before) {
+			return
+		}
 		if errors.Is(err, oci.ErrTooLarge) {
 			wr.Cancel()
 			s.dropZeros(id)
@@ -565,11 +604,28 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 	w.WriteHeader(http.StatusAccepted)
 }
 
+// finishUpload completes an upload: PUT ?digest=<d> (the distribution
+// protocol: the store checks the digest), or, in the checked upload,
+// PUT ?size=<bytes> without a digest: the store checks the size and
+// commits under the digest it computed from the bytes it accepted. Either
+// way the blob appears only after the store's own hash and size checks.
 func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id string) {
-	d, err := parseDigest(r.URL.Query().Get("digest"))
-	if err != nil {
-		writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, "PUT needs ?digest=: "+err.Error(), nil)
-		return
+	q := r.URL.Query()
+	var d digest.Digest
+	size := int64(-1)
+	if ds, ss := q.Get("digest"), q.Get("size"); ds == "" && ss != "" {
+		n, err := strconv.ParseInt(ss, 10, 64)
+		if err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, oci.CodeSizeInvalid, "PUT ?size= needs a byte count", ss)
+			return
+		}
+		size = n
+	} else {
+		var err error
+		if d, err = parseDigest(ds); err != nil {
+			writeError(w, http.StatusBadRequest, oci.CodeDigestInvalid, "PUT needs ?digest= (or, in a checked upload, ?size=): "+err.Error(), nil)
+			return
+		}
 	}
 	wr, err := s.st.Writer(r.Context(), ingestRef(id))
 	if err != nil {
@@ -596,6 +652,9 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 	}
 	if err != nil {
 		wr.Close()
+		if bodyError(w, err, before) {
+			return
+		}
 		if errors.Is(err, errShortBody) || errors.Is(err, oci.ErrTooLarge) {
 			writeError(w, http.StatusBadRequest, oci.CodeBlobUploadInvalid, err.Error(), nil)
 			return
@@ -603,17 +662,18 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
 	}
-	// Commit verifies the digest; on a mismatch the ingest is removed, so
-	// nothing of it is stored and the client must upload again.
-	size := wr.Offset()
-	got, err := wr.Commit(r.Context(), -1, d)
+	// Commit checks the size and digest asked for ("" = the digest it
+	// computed); on a mismatch the ingest is removed, so nothing of it is
+	// stored and the client must upload again.
+	n := wr.Offset()
+	got, err := wr.Commit(r.Context(), size, d)
 	if err != nil {
 		wr.Close()
 		s.dropZeros(id)
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
 	}
-	s.committedZeros(id, got, size)
+	s.committedZeros(id, got, n)
 	w.Header().Set("Location", "/v2/"+name+"/blobs/"+got.String())
 	w.Header().Set(oci.HeaderContentDigest, got.String())
 	w.Header().Set("Content-Length", "0")

@@ -2,6 +2,14 @@
 // distribution API under /v2 (blobs, resumable uploads, manifests, tags)
 // and the replication API under /v1 (push, pull, tasks). See
 // docs/replication.md.
+//
+// Beside the standard uploads, every upload session offers the checked
+// upload (oci.ExtCRC32CFrames), which our CLI uses to leave the SHA-256 of
+// a layer to the store: bodies in crc32c frames, each checked before any
+// of its bytes reaches the ingest (requestBody, bodyError), and a
+// completing PUT by size, committed under the digest the ingest computed
+// (finishUpload). The store hashes every byte it stores either way; it
+// never takes a digest on a client's word.
 package registry
 
 import (
