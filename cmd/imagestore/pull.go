@@ -204,13 +204,16 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 	var data io.ReaderAt = pf
 	sw.r.Store(&data)
 	return fsutil.WriteFunc(dst, 0o600, func(w io.Writer) (int64, error) {
+		// WriteFunc's writer is its temp *os.File. The disk takes the
+		// output as it is written, not all at the final fsync.
+		wb := fsutil.NewWriteBehind(w.(*os.File), 0)
+		defer wb.Close()
 		var n int64
 		var err error
 		if format == "raw" {
-			// WriteFunc's writer is its temp *os.File.
-			n, err = qcow2.FlattenRawSparse(ctx, w.(io.WriterAt), chain)
+			n, err = qcow2.FlattenRawSparse(ctx, wb, chain)
 		} else {
-			n, err = qcow2.Flatten(ctx, w, chain, format, opts)
+			n, err = qcow2.Flatten(ctx, wb, chain, format, opts)
 		}
 		if err == nil {
 			err = check()
