@@ -183,14 +183,16 @@ func (p *wrPlan) scan(ctx context.Context, data io.ReaderAt) error {
 				}
 				defer enc.Close()
 			}
-			buf := make([]byte, p.chunkClusters()*p.cs)
-			var out []byte
-			if p.compress {
-				out = make([]byte, 0, p.outCap())
-			}
+			var buf, out []byte // made at the worker's first chunk
 			for c := range jobs {
 				if err := gctx.Err(); err != nil {
 					return err
+				}
+				if buf == nil {
+					buf = make([]byte, p.chunkClusters()*p.cs)
+					if p.compress {
+						out = make([]byte, 0, p.outCap())
+					}
 				}
 				c.in, c.out = buf, out
 				if err := p.process(&c, data, enc, false); err != nil {
@@ -246,13 +248,18 @@ func (p *wrPlan) pad(w io.Writer, pos *int64, to int64) error {
 // workers, and writes them strictly in guest order from one goroutine.
 func (p *wrPlan) writePhase(ctx context.Context, w *bufio.Writer, data io.ReaderAt, keep func(uint32) bool, pos *int64) error {
 	workers := wrWorkers()
+	// Chunk buffers (4 MiB each) are made as chunks need them, up to
+	// cap(free): an image with few or no stored clusters (an empty
+	// backup target) does not pay for the whole pipeline's memory.
 	free := make(chan *wrChunk, workers+2)
-	for range cap(free) {
+	made := 0
+	newChunk := func() *wrChunk {
+		made++
 		c := &wrChunk{in: make([]byte, p.chunkClusters()*p.cs)}
 		if p.compress {
 			c.out = make([]byte, 0, p.outCap())
 		}
-		free <- c
+		return c
 	}
 	jobs := make(chan *wrChunk)
 	order := make(chan *wrChunk, cap(free))
@@ -265,9 +272,17 @@ func (p *wrPlan) writePhase(ctx context.Context, w *bufio.Writer, data io.Reader
 			var c *wrChunk
 			select {
 			case c = <-free:
-			case <-gctx.Done():
-				err = gctx.Err()
-				return false
+			default:
+				if made < cap(free) {
+					c = newChunk()
+					break
+				}
+				select {
+				case c = <-free:
+				case <-gctx.Done():
+					err = gctx.Err()
+					return false
+				}
 			}
 			c.first, c.n, c.dataIdx, c.err = first, n, idx, nil
 			c.done = make(chan struct{})

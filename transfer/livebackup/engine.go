@@ -23,6 +23,7 @@ package livebackup
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -153,9 +154,10 @@ type plan struct {
 	node     nodeInfo
 	mode     Mode
 	fellBack string
-	base     string // incremental: checkpoint copied from
-	newCP    string // checkpoint the transaction adds ("" for Shallow)
-	tmp      string // temporary bitmap ("" unless incremental)
+	base     string   // incremental: checkpoint copied from
+	newCP    string   // checkpoint the transaction adds ("" for Shallow)
+	tmp      string   // temporary bitmap ("" unless incremental)
+	drop     []string // checkpoints between the base and newCP, pruned on success
 	tgtNode  string
 	jobID    string
 	created  bool // the target file was created by us
@@ -173,8 +175,12 @@ func (e *Engine) Backup(ctx context.Context, drives []Drive) ([]Result, error) {
 	m := e.o.Monitor
 	plans := make([]*plan, len(drives))
 	seen := map[string]bool{}
+	st, err := readBlockState(ctx, m)
+	if err != nil {
+		return nil, err
+	}
 	for i, d := range drives {
-		p, err := e.resolve(ctx, i, d)
+		p, err := e.resolve(ctx, st, i, d)
 		if err != nil {
 			return nil, err
 		}
@@ -222,18 +228,24 @@ func (e *Engine) Backup(ctx context.Context, drives []Drive) ([]Result, error) {
 		res = append(res, Result{Node: p.Node, Mode: p.mode, FellBack: p.fellBack, Target: p.Target})
 	}
 	ok = true
+	// Prune: keep the base and the new checkpoint. The ones in between
+	// are known since resolve, so this asks QEMU nothing when there is
+	// nothing to prune (the common case: each backup is confirmed). Only
+	// a Confirm through another monitor can change them meanwhile, and a
+	// checkpoint it removed only fails a removal here (logged).
 	for _, p := range plans {
-		if p.Bitmap != "" {
-			if err := e.prune(ctx, p.node.NodeName, p.Bitmap, false); err != nil {
-				e.log.Warn("pruning old checkpoints", "node", p.node.NodeName, "err", err)
+		for _, b := range p.drop {
+			if err := removeBitmap(ctx, m, p.node.NodeName, b); err != nil {
+				e.log.Warn("pruning old checkpoints", "node", p.node.NodeName, "bitmap", b, "err", err)
+				break
 			}
 		}
 	}
 	return res, nil
 }
 
-func (e *Engine) resolve(ctx context.Context, i int, d Drive) (*plan, error) {
-	n, err := resolveNode(ctx, e.o.Monitor, d.Node)
+func (e *Engine) resolve(ctx context.Context, st *blockState, i int, d Drive) (*plan, error) {
+	n, err := st.resolve(ctx, d.Node)
 	if err != nil {
 		return nil, err
 	}
@@ -314,6 +326,9 @@ func (e *Engine) resolve(ctx context.Context, i int, d Drive) (*plan, error) {
 	p.tmp = tempBitmap(d.Bitmap)
 	if p.mode == Incremental {
 		p.base = cps[0].Name
+	}
+	for i := 1; i < len(cps); i++ {
+		p.drop = append(p.drop, cps[i].Name)
 	}
 	return p, nil
 }
@@ -420,38 +435,52 @@ func (p *plan) actions() []map[string]any {
 	return append(acts, map[string]any{"type": "blockdev-backup", "data": backup})
 }
 
-// wait polls the jobs (and wakes on their events) until all concluded;
-// the first failure or ctx's end is returned.
+// wait waits until every job has concluded and returns the first
+// failure or ctx's end. It follows the jobs' JOB_STATUS_CHANGE events
+// and asks query-jobs only when Poll has passed since it last asked (for
+// progress, and in case an event is lost) and once at the end (each
+// job's outcome): a short job costs one query, not one per event.
 func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
 	m := e.o.Monitor
-	mine := map[string]bool{}
+	status := map[string]string{}
 	for _, p := range plans {
-		mine[p.jobID] = true
+		status[p.jobID] = ""
+	}
+	concluded := func() bool {
+		for _, s := range status {
+			if s != "concluded" && s != "null" {
+				return false
+			}
+		}
+		return true
 	}
 	last := -1
-	for {
+	// query reads the jobs' state, reports progress and says whether all
+	// have concluded; a job that failed is an error.
+	query := func() (bool, error) {
 		jobs, err := queryJobs(ctx, m)
 		if err != nil {
-			return fmt.Errorf("watching the backup: %w", err)
+			return false, fmt.Errorf("watching the backup: %w", err)
 		}
 		var cur, tot int64
 		done, found := 0, 0
 		for _, j := range jobs {
-			if !mine[j.ID] {
+			if _, ok := status[j.ID]; !ok {
 				continue
 			}
 			found++
+			status[j.ID] = j.Status
 			cur += j.CurrentProgress
 			tot += j.TotalProgress
 			if j.Status == "concluded" || j.Status == "null" {
 				if j.Error != "" {
-					return fmt.Errorf("%w: %s: %s", ErrJobFailed, j.ID, j.Error)
+					return false, fmt.Errorf("%w: %s: %s", ErrJobFailed, j.ID, j.Error)
 				}
 				done++
 			}
 		}
 		if found < len(plans) {
-			return fmt.Errorf("%w: %d of %d jobs vanished", ErrJobFailed, len(plans)-found, len(plans))
+			return false, fmt.Errorf("%w: %d of %d jobs vanished", ErrJobFailed, len(plans)-found, len(plans))
 		}
 		pct := 100
 		if tot > 0 {
@@ -464,20 +493,36 @@ func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
 			e.o.Progress(pct)
 			last = pct
 		}
-		if done == len(plans) {
-			return nil
+		return done == len(plans), nil
+	}
+	next := time.Now().Add(e.o.Poll)
+	for {
+		if concluded() {
+			// The events say so; query-jobs has each job's outcome.
+			if done, err := query(); err != nil || done {
+				return err
+			}
 		}
-		wctx, cancel := context.WithTimeout(ctx, e.o.Poll)
-		ev, werr := m.WaitEvent(wctx, after, func(ev qmp.Event) bool {
-			return ev.Name == "JOB_STATUS_CHANGE" || ev.Name == "BLOCK_JOB_COMPLETED" || ev.Name == "BLOCK_JOB_CANCELLED"
-		})
+		wctx, cancel := context.WithDeadline(ctx, next)
+		ev, werr := m.WaitEvent(wctx, after, func(ev qmp.Event) bool { return ev.Name == "JOB_STATUS_CHANGE" })
 		cancel()
-		if werr == nil {
-			after = ev.Seq
-		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if werr == nil {
+			after = ev.Seq
+			var d struct{ ID, Status string }
+			if json.Unmarshal(ev.Data, &d) == nil {
+				if _, ok := status[d.ID]; ok {
+					status[d.ID] = d.Status
+				}
+			}
+			continue
+		}
+		if done, err := query(); err != nil || done {
+			return err
+		}
+		next = time.Now().Add(e.o.Poll)
 	}
 }
 

@@ -436,3 +436,102 @@ func TestSpeedLimitHolds(t *testing.T) {
 	}
 	t.Logf("rate over the middle 80%%: %.2f MiB/s (limit %.0f MiB/s, %d samples)", rate/float64(mib), speed/float64(mib), len(samples))
 }
+
+// logMonitor passes every call to QEMU and records the commands; deaf
+// makes it lose every event (WaitEvent only ever times out), as a
+// monitor whose events do not arrive.
+type logMonitor struct {
+	qmp.Monitor
+	deaf     bool
+	commands []string // Backup runs on the test's goroutine
+}
+
+func (l *logMonitor) Execute(ctx context.Context, command string, args, out any) error {
+	l.commands = append(l.commands, command)
+	return l.Monitor.Execute(ctx, command, args, out)
+}
+
+func (l *logMonitor) WaitEvent(ctx context.Context, after uint64, match func(qmp.Event) bool) (qmp.Event, error) {
+	if l.deaf {
+		<-ctx.Done()
+		return qmp.Event{}, ctx.Err()
+	}
+	return l.Monitor.WaitEvent(ctx, after, match)
+}
+
+// A confirmed incremental asks QEMU only what it must: one reading of
+// the block nodes for all drives, one query-jobs (for the outcome) however
+// many events the jobs send, and no query after them when there is no
+// checkpoint to prune. Without events it still finishes, by polling.
+func TestBackupRoundTrips(t *testing.T) {
+	t.Parallel()
+	v := twoDisks(t)
+	ctx := context.Background()
+	out := t.TempDir()
+	_, mon := newEngine(t, v, Options{})
+	lm := &logMonitor{Monitor: mon}
+	var pcts []int
+	// A poll interval no backup here reaches: only events can end the wait.
+	e, err := New(Options{Monitor: lm, Poll: time.Hour, Progress: func(p int) { pcts = append(pcts, p) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := drives(out, "full", Full, Full)
+	if _, err := e.Backup(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range ds {
+		if err := e.Confirm(ctx, d.Node, d.Bitmap); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v.Write(0, 3*mib, 2*mib, 0x91)
+	v.Write(1, 7*mib, 64<<10, 0x92)
+	lm.commands, pcts = nil, nil
+	res, err := e.Backup(ctx, drives(out, "inc", Auto, Auto))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Mode != Incremental || res[1].Mode != Incremental {
+		t.Fatalf("modes %+v", res)
+	}
+	// One reading of the nodes for both drives (query-block: the drives
+	// are named by their libvirt alias).
+	want := "query-named-block-nodes query-block blockdev-add blockdev-add transaction query-jobs " +
+		"job-dismiss blockdev-del block-dirty-bitmap-remove job-dismiss blockdev-del block-dirty-bitmap-remove"
+	if got := strings.Join(lm.commands, " "); got != want {
+		t.Fatalf("commands:\n got %s\nwant %s", got, want)
+	}
+	if len(pcts) != 1 || pcts[0] != 100 {
+		t.Fatalf("progress %v, want [100]", pcts)
+	}
+	wantExtents(t, filepath.Join(out, "inc-d0.qcow2"), [2]int64{3 * mib, 5 * mib})
+	compareChain(t, filepath.Join(out, "inc-d1.qcow2"), filepath.Join(out, "full-d1.qcow2"), v.Snapshot(1, "i1"))
+
+	// Unconfirmed: the next backup prunes the checkpoint in between,
+	// by name, without asking QEMU which there are.
+	v.Write(0, 9*mib, 64<<10, 0x93)
+	lm.commands = nil
+	if _, err := e.Backup(ctx, drives(out, "inc2", Auto)); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(strings.Join(lm.commands, " "), "query-named-block-nodes"); n != 1 {
+		t.Fatalf("%d node queries: %v", n, lm.commands)
+	}
+	if cps, _ := e.Checkpoints(ctx, "drive-virtio-disk0", "zsbitmap0"); names(cps) != "zsbitmap0.1,zsbitmap0.3" {
+		t.Fatalf("checkpoints after pruning: %+v", cps)
+	}
+	wantExtents(t, filepath.Join(out, "inc2-d0.qcow2"), [2]int64{3 * mib, 5 * mib}, [2]int64{9 * mib, 9*mib + 64<<10})
+
+	// Events lost: polling finds the end.
+	lm.deaf = true
+	e, err = New(Options{Monitor: lm, Poll: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.Write(1, 20*mib, 1*mib, 0x94)
+	if _, err := e.Backup(ctx, drives(out, "inc3", Auto, Auto)); err != nil {
+		t.Fatal(err)
+	}
+	compareChain(t, filepath.Join(out, "inc3-d1.qcow2"), filepath.Join(out, "inc-d1.qcow2"), v.Snapshot(1, "i3"))
+}

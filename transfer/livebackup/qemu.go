@@ -75,12 +75,35 @@ var ErrNoNode = errors.New("no such drive")
 // alias names the guest device (libvirt names nodes libvirt-N-format and
 // devices <alias>).
 func resolveNode(ctx context.Context, m qmp.Monitor, name string) (nodeInfo, error) {
-	nodes, err := namedNodes(ctx, m)
+	s, err := readBlockState(ctx, m)
 	if err != nil {
 		return nodeInfo{}, err
 	}
+	return s.resolve(ctx, name)
+}
+
+// blockState is one reading of the VM's block nodes, shared by the drives
+// of a call so that resolving N drives asks QEMU once (twice when a name
+// needs query-block), not N times.
+type blockState struct {
+	m      qmp.Monitor
+	nodes  []nodeInfo
+	blocks []blockInfo // read at the first name that is no node name
+	read   bool
+}
+
+func readBlockState(ctx context.Context, m qmp.Monitor) (*blockState, error) {
+	nodes, err := namedNodes(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	return &blockState{m: m, nodes: nodes}, nil
+}
+
+// resolve is resolveNode on this reading.
+func (s *blockState) resolve(ctx context.Context, name string) (nodeInfo, error) {
 	find := func(n string) (nodeInfo, bool) {
-		for _, x := range nodes {
+		for _, x := range s.nodes {
 			if x.NodeName == n {
 				return x, true
 			}
@@ -90,9 +113,11 @@ func resolveNode(ctx context.Context, m qmp.Monitor, name string) (nodeInfo, err
 	if n, ok := find(name); ok {
 		return n, nil
 	}
-	var blocks []blockInfo
-	if err := m.Execute(ctx, "query-block", nil, &blocks); err != nil {
-		return nodeInfo{}, err
+	if !s.read {
+		if err := s.m.Execute(ctx, "query-block", nil, &s.blocks); err != nil {
+			return nodeInfo{}, err
+		}
+		s.read = true
 	}
 	alias := strings.TrimPrefix(name, "drive-")
 	for _, want := range []func(b blockInfo) bool{
@@ -100,7 +125,7 @@ func resolveNode(ctx context.Context, m qmp.Monitor, name string) (nodeInfo, err
 		func(b blockInfo) bool { return b.QDev == alias || strings.HasSuffix(b.QDev, "/"+alias) },
 		func(b blockInfo) bool { return strings.HasPrefix(b.QDev, "/machine/peripheral/"+alias+"/") },
 	} {
-		for _, b := range blocks {
+		for _, b := range s.blocks {
 			if b.Inserted != nil && want(b) {
 				if n, ok := find(b.Inserted.NodeName); ok {
 					return n, nil
