@@ -33,7 +33,7 @@ type pushResult struct {
 
 func cmdPush(ctx context.Context, g *globals, args []string) error {
 	fs := g.subFlags("push")
-	conc := fs.Int("concurrency", 4, "parallel readers of a qcow2 FILE's data clusters while normalizing (the upload is one ordered stream)")
+	conc := fs.Int("concurrency", 0, "parallel readers ahead of the encoder of a qcow2 FILE's data clusters (0 = 4 on a network file system such as NFS, SMB, Ceph or FUSE, else 1: none; the upload is one ordered stream)")
 	parent := fs.String("parent", "", "parent image name:id (the file is a delta on top of it)")
 	var bw byteFlag
 	fs.Var(&bw, "bwlimit", "upload limit in bytes/s (suffixes K, M, G; 0 = none)")
@@ -51,8 +51,8 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 	if len(pos) != 1 {
 		return usageErr("push [flags] FILE")
 	}
-	if *conc < 1 {
-		return usageErr("-concurrency must be at least 1")
+	if *conc < 0 {
+		return usageErr("-concurrency must be 0 (by the file system) or more")
 	}
 	// The zstcli face: the identity add gave this file, else -imageUuid.
 	var added *indexEntry
@@ -119,7 +119,11 @@ func cmdPush(ctx context.Context, g *globals, args []string) error {
 		}
 	}
 	if layer.digest == "" {
-		if layer, err = pushLayer(ctx, g, c, ref.Name, src, opts, *conc, ratelimit.New(bw.v)); err != nil {
+		readers := *conc
+		if readers == 0 {
+			readers = defaultReaders(src.f)
+		}
+		if layer, err = pushLayer(ctx, g, c, ref.Name, src, opts, readers, ratelimit.New(bw.v)); err != nil {
 			return err
 		}
 		if cacheable {

@@ -679,3 +679,17 @@ func TestAddedMountSeesCtime(t *testing.T) {
 		t.Fatalf("zstcli push of a changed file recorded the layer add measured (%s)", info.Blobsum)
 	}
 }
+
+// TestDefaultReaders: a FILE on a local file system gets no read-ahead
+// (-concurrency 0 means 1 there); the network file systems are listed in
+// defaultReaders.
+func TestDefaultReaders(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if n := defaultReaders(f); n != 1 {
+		t.Fatalf("a file under %s gets %d readers, want 1", t.TempDir(), n)
+	}
+}

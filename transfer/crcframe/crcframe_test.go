@@ -183,3 +183,21 @@ func FuzzReader(f *testing.F) {
 		}
 	})
 }
+
+// TestCombine: the CRC-32C of two pieces combined is that of the whole,
+// for every split, and WriteSum answers the CRC-32C of what it wrote.
+func TestCombine(t *testing.T) {
+	data := randBytes(200000, 5)
+	for _, split := range []int{0, 1, 7, 4096, 65536, 100001, 199999, 200000} {
+		a, b := data[:split], data[split:]
+		if got, want := crcframe.Combine(crcframe.Checksum(a), crcframe.Checksum(b), int64(len(b))), crcframe.Checksum(data); got != want {
+			t.Fatalf("split at %d: combined %08x, whole %08x", split, got, want)
+		}
+	}
+	w := crcframe.NewWriter(io.Discard, 3000)
+	for _, n := range []int{1, 2999, 3000, 3001, 100000} {
+		if sum, err := w.WriteSum(data[:n]); err != nil || sum != crcframe.Checksum(data[:n]) {
+			t.Fatalf("WriteSum of %d bytes: %08x (%v), their CRC-32C %08x", n, sum, err, crcframe.Checksum(data[:n]))
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package oci
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"hash"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 
@@ -64,7 +66,7 @@ func (c *Client) PushProduced(ctx context.Context, name string, produce Producer
 		sent, offset, size int64
 		d                  digest.Digest
 		tries              int
-		seen               producedSum
+		seen               []producedSum
 	)
 	err = c.resumePolicy().Do(ctx, func(ctx context.Context, attempt int) error {
 		tries++
@@ -153,8 +155,9 @@ func (c *Client) finishChecked(ctx context.Context, loc string, size int64) (dig
 	return d, nil
 }
 
-// producedSum is what the longest run of a producer so far wrote: how
-// many bytes, and their CRC-32C. A rerun must write the same.
+// producedSum is what one run of a producer wrote: how many bytes, and
+// their CRC-32C. A rerun must write the same: the store may hold bytes of
+// any earlier run, each below that run's n.
 type producedSum struct {
 	n   int64
 	crc uint32
@@ -164,7 +167,7 @@ type producedSum struct {
 // PATCH (crc32c frames in a checked session); it returns the size of the
 // whole blob and, outside a checked session, its digest, once the server
 // acknowledged all of it.
-func (c *Client) patchProduced(ctx context.Context, up session, produce Producer, skip int64, seen *producedSum, progress func(int64)) (digest.Digest, int64, error) {
+func (c *Client) patchProduced(ctx context.Context, up session, produce Producer, skip int64, seen *[]producedSum, progress func(int64)) (digest.Digest, int64, error) {
 	u, err := c.resolve(up.loc)
 	if err != nil {
 		return "", 0, err
@@ -172,14 +175,12 @@ func (c *Client) patchProduced(ctx context.Context, up session, produce Producer
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	body := newHandoff()
-	var out io.Writer = body
 	hdr := http.Header{"Content-Type": {"application/octet-stream"}}
+	sw := &skipWriter{w: body, skip: skip, progress: progress, want: *seen}
 	if up.checked {
-		out = crcframe.NewWriter(body, frameSize)
+		sw.framed = crcframe.NewWriter(body, frameSize)
 		hdr.Set("Content-Encoding", crcframe.Encoding)
-	}
-	sw := &skipWriter{w: out, skip: skip, progress: progress, want: *seen, verified: seen.n == 0}
-	if !up.checked {
+	} else {
 		sw.h = sha256.New()
 	}
 	var (
@@ -192,8 +193,8 @@ func (c *Client) patchProduced(ctx context.Context, up session, produce Producer
 		defer wg.Done()
 		n, perr = produce(pctx, sw)
 		switch {
-		case perr == nil && !sw.verified:
-			perr = fmt.Errorf("%w: it wrote %d bytes, an earlier run %d", ErrSourceChanged, sw.n, seen.n)
+		case perr == nil && len(sw.want) > 0:
+			perr = fmt.Errorf("%w: it wrote %d bytes, an earlier run %d", ErrSourceChanged, sw.n, sw.want[len(sw.want)-1].n)
 			body.CloseWrite(perr)
 		case perr != nil:
 			body.CloseWrite(fmt.Errorf("%w: %w", ErrProducer, perr))
@@ -207,8 +208,12 @@ func (c *Client) patchProduced(ctx context.Context, up session, produce Producer
 	body.Close()
 	cancel()
 	wg.Wait()
-	if sw.n > seen.n {
-		*seen = producedSum{n: sw.n, crc: sw.crc}
+	// Every run's sum is kept (a run whose write was cut was not checked
+	// past the cut, yet the store may hold its bytes); two runs that wrote
+	// as many bytes but others fail every later run.
+	if run := (producedSum{n: sw.n, crc: sw.crc}); run.n > 0 && !slices.Contains(*seen, run) {
+		*seen = append(*seen, run)
+		slices.SortFunc(*seen, func(a, b producedSum) int { return cmp.Compare(a.n, b.n) })
 	}
 	if errors.Is(perr, ErrSourceChanged) {
 		if resp != nil {
@@ -252,40 +257,55 @@ func (c *Client) patchProduced(ctx context.Context, up session, produce Producer
 // store buffers, checks and then writes as one piece.
 const frameSize = 1 << 20
 
-// skipWriter counts and checksums every byte, hashes it too when h is set,
-// drops the first skip of them and passes the rest on. The CRC-32C is the
-// rerun check: once the bytes written reach want.n, their CRC-32C must be
-// want.crc, else Write fails with ErrSourceChanged. A large write is
-// hashed on a goroutine of its own while it is passed on (the connection
-// sends it meanwhile), so the hash and the send of the same bytes overlap
-// instead of taking turns.
+// skipWriter counts and checksums every byte (CRC-32C), hashes it too
+// when h is set, drops the first skip of them and passes the rest on,
+// framed when framed is set. The CRC-32C is the rerun check: when the
+// bytes written reach an earlier run's n, their CRC-32C must be that
+// run's, else Write fails with ErrSourceChanged. A framed write's
+// CRC-32C comes from its frames' own, so the bytes are checksummed once.
+// A large write is hashed on a goroutine of its own while it is passed
+// on (the connection sends it meanwhile), so the hash and the send of the
+// same bytes overlap instead of taking turns.
 type skipWriter struct {
 	w        io.Writer
+	framed   *crcframe.Writer // nil: w takes the bytes as they are
 	skip     int64
-	h        hash.Hash // nil: no digest (a checked upload)
-	n        int64     // bytes written to the skipWriter
-	crc      uint32    // of those bytes
-	want     producedSum
-	verified bool // the bytes reached want.n and matched
+	h        hash.Hash     // nil: no digest (a checked upload)
+	n        int64         // bytes written to the skipWriter
+	crc      uint32        // their CRC-32C
+	want     []producedSum // the earlier runs not yet checked, by n
 	progress func(int64)
 }
 
 func (s *skipWriter) Write(p []byte) (int, error) {
-	if !s.verified && s.n+int64(len(p)) >= s.want.n {
-		k := s.want.n - s.n
-		c := crcframe.Update(s.crc, p[:k])
-		if c != s.want.crc {
-			return 0, fmt.Errorf("%w: its first %d bytes differ from an earlier run's (crc32c %08x, was %08x)", ErrSourceChanged, s.want.n, c, s.want.crc)
+	var done int
+	for len(s.want) > 0 && s.n+int64(len(p)) >= s.want[0].n {
+		k := s.want[0].n - s.n
+		n, err := s.write(p[:k])
+		done += n
+		if err != nil {
+			return done, err
 		}
-		s.verified = true
-		s.crc = crcframe.Update(c, p[k:])
-	} else {
-		s.crc = crcframe.Update(s.crc, p)
+		if s.crc != s.want[0].crc {
+			return done, fmt.Errorf("%w: its first %d bytes differ from an earlier run's (crc32c %08x, was %08x)", ErrSourceChanged, s.n, s.crc, s.want[0].crc)
+		}
+		s.want, p = s.want[1:], p[k:]
+	}
+	n, err := s.write(p)
+	return done + n, err
+}
+
+// write takes p whole into the count and the CRC-32C, whatever becomes of
+// sending it: they describe what the producer wrote.
+func (s *skipWriter) write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
 	}
 	s.n += int64(len(p))
 	q := p
 	if s.skip > 0 {
 		k := min(s.skip, int64(len(q)))
+		s.crc = crcframe.Update(s.crc, q[:k])
 		q, s.skip = q[k:], s.skip-k
 	}
 	if s.h != nil {
@@ -303,11 +323,23 @@ func (s *skipWriter) Write(p []byte) (int, error) {
 	if len(q) == 0 {
 		return len(p), nil
 	}
-	m, err := s.w.Write(q)
-	s.progress(int64(m))
-	if err != nil {
-		return len(p) - len(q) + m, err
+	var err error
+	if s.framed != nil {
+		var sum uint32
+		if sum, err = s.framed.WriteSum(q); err == nil {
+			s.crc = crcframe.Combine(s.crc, sum, int64(len(q)))
+		}
+	} else {
+		_, err = s.w.Write(q)
 	}
+	if err != nil {
+		s.crc = crcframe.Update(s.crc, q)
+		return len(p) - len(q), err
+	}
+	if s.framed == nil {
+		s.crc = crcframe.Update(s.crc, q)
+	}
+	s.progress(int64(len(q)))
 	return len(p), nil
 }
 

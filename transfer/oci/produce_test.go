@@ -125,6 +125,17 @@ func TestPushProduced(t *testing.T) {
 			n, err := w.Write(b)
 			return int64(n), err
 		}, 4 << 20, 1, 0, map[bool]error{false: oci.ErrSourceChanged, true: oci.ErrSourceChanged}},
+		{"only the second run differs", func(ctx context.Context, w io.Writer) (int64, error) {
+			b := data
+			if runs.Add(1) == 2 {
+				// Past what the first run reached, sent by the second
+				// (the third resumes after it): its bytes must match too.
+				b = bytes.Clone(data)
+				b[3<<20] ^= 1
+			}
+			n, err := w.Write(b)
+			return int64(n), err
+		}, 2 << 20, 2, 0, map[bool]error{false: oci.ErrSourceChanged, true: oci.ErrSourceChanged}},
 		{"a byte flipped on the wire", same, 0, 0, 5 << 20, map[bool]error{false: oci.ErrChecksum, true: oci.ErrDigestInvalid}},
 	}
 	for _, standard := range []bool{false, true} {

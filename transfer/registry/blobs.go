@@ -436,7 +436,8 @@ func (s *Server) requestBody(r *http.Request, limit int64) (io.ReadCloser, error
 }
 
 // framedBody is an unbounded crc32c-framed body; it keeps the Reader's
-// WriteTo, which reads the next frame while the ingest takes the last.
+// WriteTo, which hands each verified frame to the ingest from its own
+// buffer.
 type framedBody struct{ *crcframe.Reader }
 
 func (framedBody) Close() error { return nil }
