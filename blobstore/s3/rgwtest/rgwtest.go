@@ -61,8 +61,9 @@ const KeepEnv = "IMAGESTORE_TEST_RGW_KEEP"
 const Region = "us-east-1"
 
 // errPortTaken marks a daemon that exited because its port was taken
-// (EADDRINUSE, exit status 98).
-var errPortTaken = errors.New("port taken")
+// (EADDRINUSE, exit status 98). Its text says so itself: a daemon that
+// exits at once may not have flushed its log's bind error.
+var errPortTaken = errors.New("port taken (bind: address already in use)")
 
 // Options configure Start. The zero value is what tests want.
 type Options struct {

@@ -144,7 +144,8 @@ func TestUnknownStore(t *testing.T) {
 }
 
 // TestRGWFailsClearly: a radosgw that cannot start (its port taken) must
-// fail StartRGW at once with radosgw's own words, not after a time-out; the
+// fail StartRGW at once, saying why (from its exit status 98 or its log)
+// and where its log is, not after a time-out; the
 // cluster serves again once the port is free.
 func TestRGWFailsClearly(t *testing.T) {
 	c := rgw.Get(t)
