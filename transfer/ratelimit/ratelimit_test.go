@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"slices"
 	"sort"
 	"sync"
 	"testing"
@@ -437,4 +438,69 @@ func TestRealClock(t *testing.T) {
 	if err := l.WaitN(context.Background(), 64*KiB); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// sizesWriter records the length of every Write, and runs after (if set)
+// after the first.
+type sizesWriter struct {
+	sizes []int
+	after func()
+}
+
+func (w *sizesWriter) Write(p []byte) (int, error) {
+	w.sizes = append(w.sizes, len(p))
+	if len(w.sizes) == 1 && w.after != nil {
+		w.after()
+	}
+	return len(p), nil
+}
+
+// Writer passes a write on whole while nothing limits, and in pieces of
+// at most maxChunk while something does (checked piece by piece, so a
+// limit lifted mid-write lets the rest through at once).
+func TestWriterPieces(t *testing.T) {
+	data := make([]byte, 1*MiB)
+	for _, tc := range []struct {
+		name  string
+		rates []int64 // one limiter per rate
+		lift  bool    // SetLimit(0) on every limiter after the first piece
+		want  []int
+	}{
+		{"unlimited", []int64{0}, false, []int{MiB}},
+		{"unlimited, stacked", []int64{0, 0}, false, []int{MiB}},
+		{"limited", []int64{100 * MiB}, false, repeatInt(maxChunk, MiB/maxChunk)},
+		{"one of two limits", []int64{0, 100 * MiB}, false, repeatInt(maxChunk, MiB/maxChunk)},
+		{"limit lifted after the first piece", []int64{100 * MiB}, true, []int{maxChunk, MiB - maxChunk}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newSimClock(1)
+			var ls []*Limiter
+			for _, r := range tc.rates {
+				ls = append(ls, NewWithClock(r, c))
+			}
+			w := &sizesWriter{}
+			if tc.lift {
+				w.after = func() {
+					for _, l := range ls {
+						l.SetLimit(0)
+					}
+				}
+			}
+			n, err := Writer(context.Background(), w, ls...).Write(data)
+			if err != nil || n != len(data) {
+				t.Fatalf("Write = %d, %v", n, err)
+			}
+			if !slices.Equal(w.sizes, tc.want) {
+				t.Errorf("writes of %v, want %v", w.sizes, tc.want)
+			}
+		})
+	}
+}
+
+func repeatInt(v, n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = v
+	}
+	return out
 }
