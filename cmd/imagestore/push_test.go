@@ -202,6 +202,24 @@ func TestErrors(t *testing.T) {
 	}
 }
 
+// writeNoise writes n incompressible bytes (xorshift from seed) to path
+// and returns them.
+func writeNoise(t *testing.T, path string, n int, seed uint64) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	x := seed
+	for i := range b {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		b[i] = byte(x)
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // TestPushResume cuts the upload connection several times: the push
 // resumes from the store's durable offset and the stored blob verifies.
 func TestPushResume(t *testing.T) {
@@ -209,17 +227,7 @@ func TestPushResume(t *testing.T) {
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "noise.raw")
 	// Incompressible data, so the upload is long enough to be cut.
-	b := make([]byte, 12<<20)
-	x := uint64(0x9e3779b97f4a7c15)
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	if err := os.WriteFile(raw, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeNoise(t, raw, 12<<20, 0x9e3779b97f4a7c15)
 	p := faultproxy.New(t, s.addr)
 	p.CutAfter(3 << 20)
 	p.CutNext(3)
@@ -249,17 +257,7 @@ func TestPushCorruptedInTransit(t *testing.T) {
 	s := startStore(t, "")
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "noise.raw")
-	b := make([]byte, 8<<20)
-	x := uint64(0x2545f4914f6cdd1d)
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	if err := os.WriteFile(raw, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	b := writeNoise(t, raw, 8<<20, 0x2545f4914f6cdd1d)
 	p := faultproxy.New(t, s.addr)
 	p.FlipAt(5 << 20)
 	out, errs, code := cli(t, "-url", "http://"+p.Addr(), "-quiet", "push", "-name", "vol", "-id", "a", raw)
@@ -286,15 +284,7 @@ func TestPullCut(t *testing.T) {
 	s := startStore(t, "")
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "noise.raw")
-	b := make([]byte, 8<<20)
-	x := uint64(12345)
-	for i := range b {
-		x = x*6364136223846793005 + 1442695040888963407
-		b[i] = byte(x >> 56)
-	}
-	if err := os.WriteFile(raw, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeNoise(t, raw, 8<<20, 12345)
 	var res pushResult
 	cliJSON(t, &res, "-url", s.url, "-quiet", "push", "-json", raw)
 	ref := res.Name + ":" + res.ID
