@@ -66,11 +66,12 @@ func (b *Backend) Capacity(context.Context) (blobstore.BackendCapacity, error) {
 	return blobstore.BackendCapacity{Known: false}, nil
 }
 
-// Close drops the read cache.
+// Close drops the read cache and ends the readahead streams.
 func (b *Backend) Close() error {
 	if b.cache != nil {
 		b.cache.reset()
 	}
+	b.ra.halt("", true)
 	b.ra.chunks.reset()
 	return nil
 }

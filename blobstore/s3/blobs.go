@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 
 	"imagestore/blobstore"
 
@@ -154,7 +155,8 @@ func (b *Backend) DeleteBlob(ctx context.Context, d digest.Digest) error {
 	if b.cache != nil {
 		b.cache.drop(d)
 	}
-	b.ra.chunks.drop(d)
+	b.ra.forget(d)
+	b.stats.drop(b.blobKey(h))
 	if err := b.deleteUnpinned(ctx, h); err != nil {
 		if errors.Is(err, blobstore.ErrNotFound) {
 			return fmt.Errorf("%w: blob %s", blobstore.ErrNotFound, d)
@@ -179,7 +181,8 @@ func (b *Backend) QuarantineBlob(ctx context.Context, d digest.Digest) (string, 
 	if b.cache != nil {
 		b.cache.drop(d)
 	}
-	b.ra.chunks.drop(d)
+	b.ra.forget(d)
+	b.stats.drop(b.blobKey(h))
 	if err := b.deleteKey(ctx, b.blobKey(h)); err != nil {
 		return "", err
 	}
@@ -187,25 +190,46 @@ func (b *Backend) QuarantineBlob(ctx context.Context, d digest.Digest) (string, 
 }
 
 // OpenBlob opens a committed blob for ranged reads through the cache.
+// The blob's size and ETag come from a HEAD, or from one made in the last
+// statTTL (statcache.go): a blob deleted since then opens, and its reads
+// fail with blobstore.ErrNotFound.
 func (b *Backend) OpenBlob(ctx context.Context, d digest.Digest) (blobstore.Blob, error) {
 	h, err := blobHex(d)
 	if err != nil {
 		return nil, err
 	}
 	key := b.blobKey(h)
-	o, err := b.head(ctx, key)
-	if err != nil {
-		if errors.Is(err, blobstore.ErrNotFound) {
-			return nil, fmt.Errorf("%w: blob %s", blobstore.ErrNotFound, d)
+	o, reused := b.stats.get(key)
+	if !reused {
+		if o, err = b.headBlob(ctx, d, key); err != nil {
+			return nil, err
 		}
-		return nil, err
 	}
 	// A Blob outlives the call that opened it (an instant-restore export
 	// lives as long as the export, not the request), as an open file
 	// does: its reads keep ctx's values but not its cancellation, and end
 	// with Close.
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	return &blob{b: b, ctx: rctx, cancel: cancel, d: d, etag: o.ETag, key: key, size: o.Size}, nil
+	bl := &blob{b: b, ctx: rctx, cancel: cancel, d: d, etag: o.ETag, key: key, size: o.Size}
+	if !reused {
+		bl.cacheTag = o.ETag
+		bl.tagged.Do(func() {})
+	}
+	return bl, nil
+}
+
+// headBlob is a HEAD of blob d, remembered in the stat cache.
+func (b *Backend) headBlob(ctx context.Context, d digest.Digest, key string) (object, error) {
+	o, err := b.head(ctx, key)
+	if err != nil {
+		if errors.Is(err, blobstore.ErrNotFound) {
+			b.stats.drop(key)
+			return object{}, fmt.Errorf("%w: blob %s", blobstore.ErrNotFound, d)
+		}
+		return object{}, err
+	}
+	b.stats.put(key, o)
+	return o, nil
 }
 
 // blob reads ranges of one object. ReadAt goes through the chunk cache.
@@ -214,9 +238,19 @@ type blob struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	d      digest.Digest
-	etag   string // the object's version when opened: cached chunks are per version
+	etag   string // the object's version when opened (perhaps a few seconds before): readahead chunks are per version
 	key    string
 	size   int64
+
+	// The read cache's chunks are per version too, and it serves
+	// repeated reads without asking the bucket, so its version is
+	// checked by a HEAD when the blob was opened from the stat cache:
+	// once, before the first cached read. Thus an object rewritten behind
+	// the store's back (corrupted, repaired) is never served from the
+	// read cache's older copy, and a verify sees the stored bytes.
+	tagged   sync.Once
+	cacheTag string
+	tagErr   error
 }
 
 func (o *blob) Size() int64 { return o.size }
@@ -260,12 +294,20 @@ func (o *blob) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (o *blob) readCached(p []byte, off int64) (int, error) {
+	o.tagged.Do(func() {
+		var obj object
+		obj, o.tagErr = o.b.headBlob(o.ctx, o.d, o.key)
+		o.cacheTag = obj.ETag
+	})
+	if o.tagErr != nil {
+		return 0, o.tagErr
+	}
 	cs := o.b.opts.CacheChunk
 	n := 0
 	for n < len(p) {
 		pos := off + int64(n)
 		idx := pos / cs
-		chunk, err := o.b.cache.get(chunkKey{o.d, o.etag, idx}, func() ([]byte, error) {
+		chunk, err := o.b.cache.get(o.ctx, chunkKey{o.d, o.cacheTag, idx}, func() ([]byte, error) {
 			start := idx * cs
 			buf := make([]byte, min(cs, o.size-start))
 			k, err := o.b.getRange(o.ctx, o.key, start, buf)
@@ -309,11 +351,18 @@ func (b *Backend) getRange(ctx context.Context, key string, off int64, p []byte)
 	})
 	if err != nil {
 		if isNotFound(err) {
-			return 0, fmt.Errorf("%w: %s", blobstore.ErrNotFound, key)
+			return 0, b.gone(key)
 		}
 		return n, fmt.Errorf("s3store: read %s %s: %w", key, rng, err)
 	}
 	return n, nil
+}
+
+// gone is the error of a read of a blob that is not in the bucket (any
+// more): its remembered size and ETag go too.
+func (b *Backend) gone(key string) error {
+	b.stats.drop(key)
+	return fmt.Errorf("%w: %s is not in the bucket (deleted after it was opened?)", blobstore.ErrNotFound, key)
 }
 
 // ReadBlob streams a whole blob without the cache (verify, export): one

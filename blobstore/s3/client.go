@@ -112,6 +112,7 @@ type Backend struct {
 	retry  retry.Policy
 	cache  *chunkCache
 	ra     *readahead // sequential reads (stream.go)
+	stats  *statCache // opened blobs' size and ETag, briefly (statcache.go)
 	now    func() time.Time
 
 	// copyLimit is the largest object one CopyObject copies and copyPart
@@ -245,6 +246,7 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 		b.cache = newChunkCache(opts.CacheBytes)
 	}
 	b.ra = newReadahead()
+	b.stats = newStatCache(statTTL, statMax, b.now)
 	if err := b.check(ctx); err != nil {
 		return nil, err
 	}

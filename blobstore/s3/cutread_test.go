@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"imagestore/blobstore"
 )
 
 // cutProxy forwards TCP to target; the first response that passes cutAt
@@ -109,16 +111,19 @@ func (p *cutProxy) serve(c net.Conn) {
 	}
 }
 
-// TestReadRetriesBrokenBody: a ranged GET whose body breaks is retried,
-// not taken for the end of the blob: cut short (the connection closed
-// cleanly before Content-Length, as when RGW restarts), or stalled (no
-// byte while the connection stays up: abandoned after ReadStall instead
-// of hanging until the Blob is closed, with an instant-restore export's
-// reads hanging with it).
+// TestReadRetriesBrokenBody: a GET whose body breaks is retried or
+// reopened, not taken for the end of the blob: cut short (the connection
+// closed cleanly before Content-Length, as when RGW restarts), or stalled
+// (no byte while the connection stays up: abandoned after ReadStall
+// instead of hanging until the Blob is closed, or for ever). Each way of
+// reading goes through a GET of its own: a ranged GET (ReadAt), the one
+// streaming GET of a range of streamMin or more, and a readahead stream
+// serving 1 MiB ranges read in order (its chunks then come from their
+// readers' own GETs).
 func TestReadRetriesBrokenBody(t *testing.T) {
 	b, c, bucket := newBackend(t)
 	ctx := context.Background()
-	data := randBytes(9, 3<<20)
+	data := randBytes(9, streamMin+(1<<20)+5)
 	w, err := b.Writer(ctx, "cut")
 	if err != nil {
 		t.Fatal(err)
@@ -130,40 +135,68 @@ func TestReadRetriesBrokenBody(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	readRange := func(bl blobstore.Blob, p []byte, off int64) (int, error) {
+		body, err := bl.(blobstore.RangeReader).ReadRange(ctx, off, int64(len(p)))
+		if err != nil {
+			return 0, err
+		}
+		defer body.Close()
+		return io.ReadFull(body, p)
+	}
+	reads := []struct {
+		name string
+		read func(bl blobstore.Blob, p []byte) (int, error)
+	}{
+		{"ReadAt", func(bl blobstore.Blob, p []byte) (int, error) { return bl.ReadAt(p, 0) }},
+		{"stream", func(bl blobstore.Blob, p []byte) (int, error) { return readRange(bl, p, 0) }},
+		{"readahead", func(bl blobstore.Blob, p []byte) (int, error) {
+			n := 0
+			for n < len(p) {
+				k, err := readRange(bl, p[n:min(n+1<<20, len(p))], int64(n))
+				n += k
+				if err != nil {
+					return n, err
+				}
+			}
+			return n, nil
+		}},
+	}
 	for _, tc := range []struct {
 		name  string
 		stall bool
 	}{{"cut", false}, {"stalled", true}} {
-		t.Run(tc.name, func(t *testing.T) {
-			p := startCutProxy(t, strings.TrimPrefix(c.Endpoint, "http://"), 1<<20)
-			p.stall = tc.stall
-			pb := openBackend(t, c, bucket, func(o *Options) {
-				o.Endpoint = "http://" + p.ln.Addr().String()
-				o.CacheBytes = -1
-				o.ReadStall = time.Second
+		for _, rd := range reads {
+			t.Run(tc.name+"/"+rd.name, func(t *testing.T) {
+				p := startCutProxy(t, strings.TrimPrefix(c.Endpoint, "http://"), 1<<20)
+				p.stall = tc.stall
+				pb := openBackend(t, c, bucket, func(o *Options) {
+					o.Endpoint = "http://" + p.ln.Addr().String()
+					o.CacheBytes = -1
+					o.ReadStall = time.Second
+				})
+				// Open (a HEAD) before arming the cut: only a GET's body is cut.
+				bl, err := pb.OpenBlob(ctx, res.Digest)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer bl.Close()
+				got := make([]byte, len(data))
+				done := make(chan struct{})
+				var n int
+				go func() { defer close(done); n, err = rd.read(bl, got) }()
+				select {
+				case <-done:
+				case <-time.After(2 * time.Minute):
+					t.Fatal("a read through a broken body did not return: no stall deadline")
+				}
+				if !p.cut.Load() {
+					t.Fatal("the proxy cut nothing")
+				}
+				if err != nil || n != len(data) || !bytes.Equal(got, data) {
+					t.Fatalf("read of %d bytes through a broken body: %d bytes, %v (equal %v)", len(data), n, err, bytes.Equal(got[:n], data[:n]))
+				}
 			})
-			// Open (a HEAD) before arming the cut: only the GET's body is cut.
-			bl, err := pb.OpenBlob(ctx, res.Digest)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer bl.Close()
-			got := make([]byte, len(data))
-			done := make(chan struct{})
-			var n int
-			go func() { defer close(done); n, err = bl.ReadAt(got, 0) }()
-			select {
-			case <-done:
-			case <-time.After(2 * time.Minute):
-				t.Fatal("ReadAt through a broken body did not return: no stall deadline")
-			}
-			if !p.cut.Load() {
-				t.Fatal("the proxy cut nothing")
-			}
-			if err != nil || n != len(data) || !bytes.Equal(got, data) {
-				t.Fatalf("ReadAt of %d bytes through a broken body: %d bytes, %v (equal %v)", len(data), n, err, bytes.Equal(got[:n], data[:n]))
-			}
-		})
+		}
 	}
 }
 

@@ -660,8 +660,9 @@ func TestTailSurvivesTornClose(t *testing.T) {
 
 // TestReadRange: a long range is one stream, shorter sequential ranges
 // (a client pulling by 1 MiB ranges, four at a time) come from readahead
-// chunks each fetched once; neither touches the read cache, and a
-// deleted blob's readahead chunks are dropped.
+// chunks each fetched once, by one readahead stream (one GET); neither
+// touches the read cache, and a deleted blob's readahead chunks are
+// dropped.
 func TestReadRange(t *testing.T) {
 	b, _, _ := newBackend(t)
 	ctx := t.Context()
@@ -709,11 +710,10 @@ func TestReadRange(t *testing.T) {
 			t.Fatalf("ReadRange(%d, %d): %d bytes, not the blob's %d", c.off, c.n, len(got), len(want))
 		}
 	}
-	for len(b.ra.prefetch) > 0 { // let the prefetches above land before the reset
-		time.Sleep(10 * time.Millisecond)
-	}
+	b.ra.halt("", false) // the streams of the reads above end
 	b.ra.chunks.reset()
 	_, _, raMisses := b.ra.chunks.stats()
+	streams, _ := b.ra.streamStats()
 
 	const rng = 1 << 20
 	got := make([]byte, size)
@@ -752,6 +752,9 @@ func TestReadRange(t *testing.T) {
 	if held > raCap {
 		t.Fatalf("readahead holds %d bytes over its cap %d", held, raCap)
 	}
+	if opened, _ := b.ra.streamStats(); opened-streams != 1 {
+		t.Fatalf("%d readahead streams (GETs) for one sequential read, want 1", opened-streams)
+	}
 	if _, _, m := b.cache.stats(); m != 0 {
 		t.Fatalf("ranged reads went through the read cache (%d misses)", m)
 	}
@@ -761,6 +764,93 @@ func TestReadRange(t *testing.T) {
 	if held, _, _ := b.ra.chunks.stats(); held != 0 {
 		t.Fatalf("a deleted blob's readahead chunks are kept (%d bytes)", held)
 	}
+}
+
+// TestOpenReusesStat: OpenBlob reuses a blob's size and ETag for
+// statTTL, so a client's range requests cost one HEAD. A blob another
+// agent deleted meanwhile still opens, but every read of it fails with
+// ErrNotFound, never other bytes, and the next open says it is gone;
+// StatBlob always asks the bucket, and the entry expires after statTTL.
+func TestOpenReusesStat(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	b, c, bucket := newBackend(t, func(o *Options) { o.Now = clock })
+	other := openBackend(t, c, bucket) // another agent on the bucket
+	ctx := t.Context()
+	put := func(seed uint64) digest.Digest {
+		data := randBytes(seed, 3<<20)
+		w, err := b.Writer(ctx, fmt.Sprint("stat", seed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Write(data)
+		res, err := w.commit(ctx, -1, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Digest
+	}
+	reads := []struct {
+		name string
+		read func(bl blobstore.Blob) error
+	}{
+		{"readahead", func(bl blobstore.Blob) error {
+			body, err := bl.(blobstore.RangeReader).ReadRange(ctx, 0, 1<<20)
+			if err != nil {
+				return err
+			}
+			defer body.Close()
+			_, err = io.ReadAll(body)
+			return err
+		}},
+		{"ReadAt large", func(bl blobstore.Blob) error { _, err := bl.ReadAt(make([]byte, 2<<20), 0); return err }},
+		{"ReadAt cached", func(bl blobstore.Blob) error { _, err := bl.ReadAt(make([]byte, 512), 4096); return err }},
+	}
+	for i, rd := range reads {
+		t.Run(rd.name, func(t *testing.T) {
+			d := put(uint64(30 + i))
+			bl, err := b.OpenBlob(ctx, d) // a HEAD, remembered
+			if err != nil {
+				t.Fatal(err)
+			}
+			bl.Close()
+			if err := other.DeleteBlob(ctx, d); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := b.StatBlob(ctx, d); !errors.Is(err, blobstore.ErrNotFound) {
+				t.Fatalf("StatBlob of a deleted blob: %v", err)
+			}
+			bl, err = b.OpenBlob(ctx, d)
+			if err != nil {
+				t.Fatalf("OpenBlob within statTTL of the last did not reuse its stat: %v", err)
+			}
+			defer bl.Close()
+			if err := rd.read(bl); !errors.Is(err, blobstore.ErrNotFound) {
+				t.Fatalf("read of a blob deleted after it was opened: %v, want ErrNotFound", err)
+			}
+			if _, err := b.OpenBlob(ctx, d); !errors.Is(err, blobstore.ErrNotFound) {
+				t.Fatalf("OpenBlob after a read found the blob gone: %v", err)
+			}
+		})
+	}
+	t.Run("expiry", func(t *testing.T) {
+		d := put(40)
+		bl, err := b.OpenBlob(ctx, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bl.Close()
+		if err := other.DeleteBlob(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		now = now.Add(statTTL)
+		mu.Unlock()
+		if _, err := b.OpenBlob(ctx, d); !errors.Is(err, blobstore.ErrNotFound) {
+			t.Fatalf("OpenBlob %s after the last: %v, want ErrNotFound", statTTL, err)
+		}
+	})
 }
 
 // TestStateClaimsPartsInOrder: parts upload concurrently, but the state

@@ -15,7 +15,10 @@ var errStalled = errors.New("s3store: the read stalled")
 // stallGuard cancels one attempt of a read when it makes no progress for
 // a while: no response, or a body that stops while its connection stays
 // up (the server or a middlebox hung). Without it such a read would wait
-// until its context ends, which for an open Blob is when it is closed.
+// until its context ends, which for an open Blob is when it is closed,
+// and for a readahead stream never. Every GET of a blob's bytes runs under
+// one: ranged reads (getRange), long-range streams and readahead streams
+// (openRange).
 type stallGuard struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -30,7 +33,10 @@ func newStallGuard(ctx context.Context, d time.Duration) *stallGuard {
 	return g
 }
 
-// reader restarts the timer each time r delivers bytes.
+// reader guards each Read of r: the Read must deliver within the stall
+// time. The watchdog runs only while a Read waits, so a reader that
+// pauses between Reads (a readahead stream that is far enough ahead, a
+// stream whose client is slow) is not taken for a stalled server.
 func (g *stallGuard) reader(r io.Reader) io.Reader { return stallReader{g, r} }
 
 type stallReader struct {
@@ -39,11 +45,10 @@ type stallReader struct {
 }
 
 func (s stallReader) Read(p []byte) (int, error) {
+	s.g.timer.Reset(s.g.d)
 	n, err := s.r.Read(p)
-	if n > 0 {
-		s.g.timer.Reset(s.g.d)
-	}
-	return n, err
+	s.g.timer.Stop()
+	return n, s.g.err(err)
 }
 
 // err turns the cancellation the guard caused into errStalled (transient);

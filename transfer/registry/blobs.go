@@ -56,6 +56,23 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 	w.Header().Set(oci.HeaderContentDigest, d.String())
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("ETag", `"`+d.String()+`"`)
+	if r.Method == http.MethodHead {
+		// A HEAD asks whether the store holds the blob now (a client
+		// skips uploading what it holds): the store's own answer, not an
+		// open, which may reuse a recently opened blob's size (S3).
+		info, err := s.st.Stat(r.Context(), d)
+		if err != nil {
+			if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
+				http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(cfg))
+				return
+			}
+			storeError(w, err, oci.CodeBlobUnknown)
+			return
+		}
+		// ServeContent answers a HEAD from the size alone; it never reads.
+		http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(noBytes{}, 0, info.Size))
+		return
+	}
 	b, err := s.st.OpenBlob(r.Context(), d)
 	if err != nil {
 		if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
@@ -126,6 +143,13 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 	cr := &countingReader{r: content}
 	http.ServeContent(w, r, "", time.Time{}, cr)
 	s.m.SentBytes.Add(float64(cr.n))
+}
+
+// noBytes is the content of a HEAD answer: never read.
+type noBytes struct{}
+
+func (noBytes) ReadAt([]byte, int64) (int, error) {
+	return 0, errors.New("registry: a HEAD answer has no body")
 }
 
 // streamRangeMin is the smallest range served through a RangeReader.
