@@ -8,6 +8,7 @@ package s3store
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -99,6 +100,10 @@ var (
 	ErrCredentials = errors.New("s3store: credentials rejected")
 	ErrNoBucket    = errors.New("s3store: bucket does not exist")
 	ErrConfig      = errors.New("s3store: bad configuration")
+	// ErrCertificate: the https endpoint's certificate is not trusted (not
+	// issued by a CA of CAFile, or of the system when CAFile is unset) or
+	// does not name the endpoint's host.
+	ErrCertificate = errors.New("s3store: endpoint certificate not trusted")
 )
 
 // Backend is a blob store's storage in one bucket under one prefix. It is
@@ -132,8 +137,8 @@ type Backend struct {
 }
 
 // New configures the client and checks that the bucket answers: a bad
-// endpoint is ErrUnreachable, bad keys ErrCredentials, a missing bucket
-// ErrNoBucket.
+// endpoint is ErrUnreachable, an untrusted certificate ErrCertificate, bad
+// keys ErrCredentials, a missing bucket ErrNoBucket.
 func New(ctx context.Context, opts Options) (*Backend, error) {
 	u, err := url.Parse(opts.Endpoint)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -266,6 +271,14 @@ func (b *Backend) check(ctx context.Context) error {
 		return nil
 	}
 	ep := redact.URL(b.opts.Endpoint)
+	if badCertificate(err) {
+		// Say which CAs judged it: the usual fix is the CA file.
+		trust := "the system's CAs: no CA file given"
+		if b.opts.CAFile != "" {
+			trust = "the CAs in " + b.opts.CAFile
+		}
+		return fmt.Errorf("%w: %s (checked against %s): %w", ErrCertificate, ep, trust, err)
+	}
 	switch code := errCode(err); {
 	case code == "NoSuchBucket" || (code == "" && httpStatus(err) == http.StatusNotFound):
 		return fmt.Errorf("%w: %q at %s: %w", ErrNoBucket, b.bucket, ep, err)
@@ -302,9 +315,10 @@ func httpStatus(err error) int {
 }
 
 // transient: worth another try. Network errors (no response), 5xx, 429,
-// and the codes S3 servers use for overload and timeouts.
+// and the codes S3 servers use for overload and timeouts; not a
+// certificate we do not trust.
 func transient(err error) bool {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || badCertificate(err) {
 		return false
 	}
 	switch errCode(err) {
@@ -319,6 +333,13 @@ func transient(err error) bool {
 		return !errors.As(err, &ae) || errCode(err) == ""
 	}
 	return st >= 500 || st == http.StatusTooManyRequests
+}
+
+// badCertificate: the TLS handshake failed verifying the server's
+// certificate.
+func badCertificate(err error) bool {
+	var ve *tls.CertificateVerificationError
+	return errors.As(err, &ve)
 }
 
 func isNotFound(err error) bool {

@@ -165,8 +165,9 @@ func run(args []string, stderr io.Writer) int {
 }
 
 // storageError: the configured storage cannot be used (an S3 endpoint that
-// does not answer, keys it refuses, a bucket that does not exist): a
-// configuration problem, exit 2 like the others.
+// does not answer, a certificate its CAs do not vouch for, keys it refuses,
+// a bucket that does not exist): a configuration problem, exit 2 like the
+// others.
 type storageError struct{ err error }
 
 func (e *storageError) Error() string { return e.err.Error() }

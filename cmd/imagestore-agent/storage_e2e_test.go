@@ -17,6 +17,7 @@ import (
 
 	"imagestore/agent/config"
 	"imagestore/blobstore/s3/rgwtest"
+	"imagestore/internal/testcert"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
@@ -199,16 +200,26 @@ func (d *daemon) corruptBlob(t *testing.T, sum string, off int) {
 func TestE2ES3Start(t *testing.T) {
 	bs := newBucketStore(t)
 	closed := freePortClosed(t)
+	// An https gateway whose certificate the configured CA file did not issue.
+	srv := testcert.NewCA(t).Issue(t, "127.0.0.1")
+	tlsEndpoint, err := bs.c.StartTLS(t.Context(), srv.ChainPEM(), srv.KeyPEM())
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCA := filepath.Join(t.TempDir(), "other-ca.pem")
+	testcert.Write(t, otherCA, testcert.NewCA(t).CertPEM())
 	for _, tc := range []struct {
 		name string
 		yaml string
 		env  []string
-		want string
+		want []string
 	}{
-		{"wrong secret", bs.yaml(), []string{config.EnvS3AccessKey + "=" + bs.c.AccessKey, config.EnvS3SecretKey + "=" + "wrong-" + bs.c.SecretKey}, "credentials rejected"},
-		{"unknown access key", bs.yaml(), []string{config.EnvS3AccessKey + "=NOSUCHKEY0000", config.EnvS3SecretKey + "=" + bs.c.SecretKey}, "credentials rejected"},
-		{"missing bucket", strings.Replace(bs.yaml(), "bucket: "+bs.bucket, "bucket: no-such-bucket-"+hex32(t)[:8], 1), bs.env(), "bucket does not exist"},
-		{"unreachable endpoint", strings.Replace(bs.yaml(), bs.c.Endpoint, "http://"+closed, 1), bs.env(), "endpoint unreachable"},
+		{"wrong secret", bs.yaml(), []string{config.EnvS3AccessKey + "=" + bs.c.AccessKey, config.EnvS3SecretKey + "=" + "wrong-" + bs.c.SecretKey}, []string{"credentials rejected"}},
+		{"unknown access key", bs.yaml(), []string{config.EnvS3AccessKey + "=NOSUCHKEY0000", config.EnvS3SecretKey + "=" + bs.c.SecretKey}, []string{"credentials rejected"}},
+		{"missing bucket", strings.Replace(bs.yaml(), "bucket: "+bs.bucket, "bucket: no-such-bucket-"+hex32(t)[:8], 1), bs.env(), []string{"bucket does not exist"}},
+		{"unreachable endpoint", strings.Replace(bs.yaml(), bs.c.Endpoint, "http://"+closed, 1), bs.env(), []string{"endpoint unreachable"}},
+		{"untrusted certificate", strings.Replace(bs.yaml(), bs.c.Endpoint, tlsEndpoint, 1) + "  caFile: " + otherCA + "\n", bs.env(),
+			[]string{"certificate not trusted", "checked against the CAs in " + otherCA}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -226,8 +237,10 @@ func TestE2ES3Start(t *testing.T) {
 			if !errors.As(err, &ee) || ee.ExitCode() != 2 {
 				t.Fatalf("exit %v, want 2:\n%s", err, out)
 			}
-			if !strings.Contains(string(out), tc.want) || !strings.Contains(string(out), "storage") {
-				t.Fatalf("output lacks %q:\n%s", tc.want, out)
+			for _, w := range append(tc.want, "storage") {
+				if !strings.Contains(string(out), w) {
+					t.Fatalf("output lacks %q:\n%s", w, out)
+				}
 			}
 			if strings.Contains(string(out), bs.c.SecretKey) {
 				t.Fatalf("the secret key is printed:\n%s", out)

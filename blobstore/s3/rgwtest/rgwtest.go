@@ -96,10 +96,11 @@ type Cluster struct {
 	rgwAddr string // 127.0.0.1:port
 	osdID   string
 
-	mu      sync.Mutex
-	daemons map[string]*daemon // by Ceph name: mon.a, mgr.x, osd.0, client.rgw.a
-	spawn   chan spawnReq      // to the thread that starts daemons
-	closed  bool
+	mu          sync.Mutex
+	daemons     map[string]*daemon // by Ceph name: mon.a, mgr.x, osd.0, client.rgw.a
+	tlsEndpoint string             // the HTTPS gateway's, once StartTLS ran
+	spawn       chan spawnReq      // to the thread that starts daemons
+	closed      bool
 }
 
 // The Ceph names of the daemons.
