@@ -344,6 +344,14 @@ func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request, name, id st
 	}
 	switch r.Method {
 	case http.MethodGet:
+		if s.uploadBusy(id) {
+			// A request still writing it (one whose client was cut
+			// and has not noticed) will add its bytes: the checkpoint
+			// is not where a resumed PATCH, which has no Content-Range,
+			// would land. Answer as a PATCH would find it: retry.
+			storeError(w, fmt.Errorf("%w: upload %s is being written; its offset is not final", blobstore.ErrLocked, id), oci.CodeBlobUploadUnknown)
+			return
+		}
 		s.uploadHeaders(w, name, id, off)
 		w.WriteHeader(http.StatusNoContent)
 	case http.MethodPatch:
@@ -572,7 +580,30 @@ func (s *Server) chunkLimit(w http.ResponseWriter, r *http.Request, name, id str
 	return n, true
 }
 
+// writingUpload marks upload id as being written by this request until
+// the returned func is called (after the request's Writer is closed).
+func (s *Server) writingUpload(id string) (done func()) {
+	s.wmu.Lock()
+	s.writing[id]++
+	s.wmu.Unlock()
+	return func() {
+		s.wmu.Lock()
+		if s.writing[id]--; s.writing[id] <= 0 {
+			delete(s.writing, id)
+		}
+		s.wmu.Unlock()
+	}
+}
+
+// uploadBusy reports whether a request is writing upload id.
+func (s *Server) uploadBusy(id string) bool {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	return s.writing[id] > 0
+}
+
 func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id string) {
+	defer s.writingUpload(id)() // runs after wr.Close
 	wr, err := s.st.Writer(r.Context(), ingestRef(id))
 	if err != nil {
 		storeError(w, err, oci.CodeBlobUploadUnknown)
@@ -635,6 +666,7 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 // commits under the digest it computed from the bytes it accepted. Either
 // way the blob appears only after the store's own hash and size checks.
 func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id string) {
+	defer s.writingUpload(id)()
 	q := r.URL.Query()
 	var d digest.Digest
 	size := int64(-1)

@@ -3,9 +3,14 @@ package registry_test
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net/http"
+	"os"
+	"path"
+	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -147,5 +152,85 @@ func TestCheckedUploadQuota(t *testing.T) {
 	}
 	if got := uploadOffset(t, u); got > 1<<20 {
 		t.Fatalf("the upload holds %d bytes, past the quota", got)
+	}
+}
+
+// TestUploadStatusWhileWritten: the status GET of an upload that a
+// request is still writing (a PATCH whose client is gone but whose
+// handler has not yet seen the cut) must not answer the last checkpoint:
+// that request is about to add its bytes, and a client that resumed from
+// the stale offset with a PATCH (which has no Content-Range) would have
+// its bytes appended after them. In a checked upload nothing would catch
+// the shifted bytes: the PUT names only the size, which a second cut can
+// make right. It answers 503 with Retry-After instead, and the offset
+// once the request is over.
+func TestUploadStatusWhileWritten(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		hdr  map[string]string
+		body func([]byte) []byte
+	}{
+		{"identity", nil, func(b []byte) []byte { return b }},
+		{"crc32c frames", map[string]string{"Content-Encoding": crcframe.Encoding}, func(b []byte) []byte { return frames(t, b, 64<<10) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newNode(t, "")
+			u := startUpload(t, n.HTTP.URL)
+			data := randBytes(t, 1<<20)
+			if resp, b := do(t, http.MethodPatch, u, tc.body(data[:256<<10]), tc.hdr); resp.StatusCode != http.StatusAccepted {
+				t.Fatalf("first PATCH: %d %s", resp.StatusCode, b)
+			}
+
+			// A PATCH whose body is still arriving holds the upload.
+			pr, pw := io.Pipe()
+			req, err := http.NewRequest(http.MethodPatch, u, pr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range tc.hdr {
+				req.Header.Set(k, v)
+			}
+			answered := make(chan error, 1)
+			go func() {
+				resp, err := http.DefaultClient.Do(req)
+				if err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusAccepted {
+						err = fmt.Errorf("held PATCH: %d", resp.StatusCode)
+					}
+				}
+				answered <- err
+			}()
+			rest := tc.body(data[256<<10:])
+			if _, err := pw.Write(rest[:len(rest)/2]); err != nil {
+				t.Fatal(err)
+			}
+			// The handler runs once the ingest grows past the first PATCH.
+			data0 := filepath.Join(n.Root, "ingest", "upload-"+path.Base(u), "data")
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+				if fi, err := os.Stat(data0); err == nil && fi.Size() > 256<<10 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the held PATCH wrote nothing")
+				}
+			}
+			resp, b := do(t, http.MethodGet, u, nil, nil)
+			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+				t.Fatalf("status of an upload being written: %d (offset %s) %s, want 503 with Retry-After",
+					resp.StatusCode, resp.Header.Get(oci.HeaderUploadOffset), b)
+			}
+			if _, err := pw.Write(rest[len(rest)/2:]); err != nil {
+				t.Fatal(err)
+			}
+			pw.Close()
+			if err := <-answered; err != nil {
+				t.Fatal(err)
+			}
+			if got := uploadOffset(t, u); got != int64(len(data)) {
+				t.Fatalf("after the PATCH the upload holds %d bytes, want %d", got, len(data))
+			}
+		})
 	}
 }

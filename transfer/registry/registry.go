@@ -64,6 +64,9 @@ type Server struct {
 	zmu         sync.Mutex
 	uploadZeros map[string]*uploadZeros             // upload id → its zero-block record (zeros.go)
 	blobZeros   map[digest.Digest]*layer.ZeroBlocks // committed blob → its record, until its manifest
+
+	wmu     sync.Mutex
+	writing map[string]int // upload id → requests writing it now (writingUpload)
 }
 
 // New builds a Server.
@@ -81,7 +84,7 @@ func New(o Options) (*Server, error) {
 		o.MaxBodyBytes = 1 << 20
 	}
 	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{},
-		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}}, nil
+		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}, writing: map[string]int{}}, nil
 }
 
 // maxDigests bounds the manifest digest hints (a miss costs one scan of
