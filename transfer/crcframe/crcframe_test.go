@@ -2,7 +2,9 @@ package crcframe_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"io"
 	"math/rand/v2"
 	"testing"
@@ -165,6 +167,16 @@ func FuzzReader(f *testing.F) {
 		if len(got) > len(body) {
 			t.Fatalf("decoded %d bytes from %d", len(got), len(body))
 		}
+		// What comes out is exactly the data of the whole, checked frames
+		// before the first bad one (by a decoder written from the format
+		// alone), and a body with a bad one is an error.
+		want, clean := referenceDecode(body)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("handed out %d bytes, the frames before the first bad one hold %d", len(got), len(want))
+		}
+		if clean != (err == nil) {
+			t.Fatalf("err %v, but the body is clean: %v", err, clean)
+		}
 		if err == nil {
 			// A body that decodes cleanly is frames of the bytes it gave:
 			// re-encoding them frame by frame gives it back.
@@ -182,6 +194,28 @@ func FuzzReader(f *testing.F) {
 			}
 		}
 	})
+}
+
+// referenceDecode is the data of body's frames up to the first that is
+// not whole and valid, and whether every frame was.
+func referenceDecode(body []byte) (data []byte, clean bool) {
+	tab := crc32.MakeTable(crc32.Castagnoli)
+	for len(body) > 0 {
+		if len(body) < crcframe.HeaderSize {
+			return data, false
+		}
+		n := binary.BigEndian.Uint32(body[:4])
+		if n == 0 || n > crcframe.MaxFrame || int64(len(body)-crcframe.HeaderSize) < int64(n) {
+			return data, false
+		}
+		frame := body[crcframe.HeaderSize : crcframe.HeaderSize+int(n)]
+		if crc32.Checksum(frame, tab) != binary.BigEndian.Uint32(body[4:8]) {
+			return data, false
+		}
+		data = append(data, frame...)
+		body = body[crcframe.HeaderSize+int(n):]
+	}
+	return data, true
 }
 
 // TestCombine: the CRC-32C of two pieces combined is that of the whole,
