@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
 )
 
 // Encoding is the Content-Encoding token of a framed body.
@@ -163,15 +164,24 @@ func (r *Reader) next(buf []byte) ([]byte, error) {
 	if n == 0 || n > MaxFrame {
 		return buf[:0], fmt.Errorf("%w: frame length %d at offset %d (1..%d)", ErrMalformed, n, r.off, MaxFrame)
 	}
-	if cap(buf) < int(n) {
-		buf = make([]byte, n, max(int(n), 1<<20))
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r.r, buf); err != nil {
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			err = fmt.Errorf("%w: the body ends inside the frame at offset %d: %w", ErrMalformed, r.off, io.ErrUnexpectedEOF)
+	// The buffer grows with the data that arrives, not to the length the
+	// header claims: a sender of large headers and little data after them
+	// holds no more of our memory than it sent (a store serves many
+	// uploads). Once grown it is kept, so frames of a steady size cost
+	// no allocation after the first.
+	buf = buf[:0]
+	for len(buf) < int(n) {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, min(int(n)-len(buf), max(cap(buf), 64<<10)))
 		}
-		return buf[:0], err
+		k, err := r.r.Read(buf[len(buf):min(cap(buf), int(n))])
+		buf = buf[:len(buf)+k]
+		if err != nil && len(buf) < int(n) {
+			if err == io.EOF || err == io.ErrUnexpectedEOF {
+				err = fmt.Errorf("%w: the body ends inside the frame at offset %d: %w", ErrMalformed, r.off, io.ErrUnexpectedEOF)
+			}
+			return buf[:0], err
+		}
 	}
 	if got, sent := Checksum(buf), binary.BigEndian.Uint32(h[4:]); got != sent {
 		return buf[:0], &ChecksumError{Offset: r.off, Length: int(n), Sent: sent, Got: got}

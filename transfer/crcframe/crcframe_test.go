@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
+	"runtime"
 	"testing"
 	"testing/iotest"
 
@@ -233,5 +234,36 @@ func TestCombine(t *testing.T) {
 		if sum, err := w.WriteSum(data[:n]); err != nil || sum != crcframe.Checksum(data[:n]) {
 			t.Fatalf("WriteSum of %d bytes: %08x (%v), their CRC-32C %08x", n, sum, err, crcframe.Checksum(data[:n]))
 		}
+	}
+}
+
+// TestClaimCostsNoMemory: a frame header claims its length before any of
+// the data arrives; the Reader's buffer grows with the data that does
+// arrive, so a client that sends large headers and little or nothing
+// after them holds no more of the receiver's memory than it sent.
+func TestClaimCostsNoMemory(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		claim    uint32
+		sent     int
+		maxAlloc uint64
+	}{
+		{"MaxFrame claimed, 100 bytes sent", crcframe.MaxFrame, 100, 256 << 10},
+		{"1 MiB claimed, 1000 bytes sent", 1 << 20, 1000, 256 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body := make([]byte, crcframe.HeaderSize+tc.sent)
+			binary.BigEndian.PutUint32(body, tc.claim)
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err := crcframe.NewReader(bytes.NewReader(body)).WriteTo(io.Discard)
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, crcframe.ErrMalformed) {
+				t.Fatalf("err %v, want ErrMalformed", err)
+			}
+			if got := after.TotalAlloc - before.TotalAlloc; got > tc.maxAlloc {
+				t.Fatalf("a claim of %d bytes with %d sent allocated %d bytes, want at most %d", tc.claim, tc.sent, got, tc.maxAlloc)
+			}
+		})
 	}
 }
