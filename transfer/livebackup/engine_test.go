@@ -466,7 +466,10 @@ func (l *logMonitor) WaitEvent(ctx context.Context, after uint64, match func(qmp
 func TestBackupRoundTrips(t *testing.T) {
 	t.Parallel()
 	v := twoDisks(t)
-	ctx := context.Background()
+	// Bounded: a wait that missed its events would otherwise sit out the
+	// hour-long poll interval below.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
 	out := t.TempDir()
 	_, mon := newEngine(t, v, Options{})
 	lm := &logMonitor{Monitor: mon}
@@ -522,6 +525,24 @@ func TestBackupRoundTrips(t *testing.T) {
 		t.Fatalf("checkpoints after pruning: %+v", cps)
 	}
 	wantExtents(t, filepath.Join(out, "inc2-d0.qcow2"), [2]int64{3 * mib, 5 * mib}, [2]int64{9 * mib, 9*mib + 64<<10})
+
+	// A job that runs for a while sends its events (created, running,
+	// paused, running, waiting, pending, concluded) over a second or so:
+	// still one query-jobs, after the last of them.
+	v.Write(1, 30*mib, 4*mib, 0x96)
+	lm.commands, pcts = nil, nil
+	ds = drives(out, "slow", Auto, Auto)
+	ds[1].Speed = 4 * mib
+	if _, err := e.Backup(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(strings.Join(lm.commands, " "), "query-jobs"); n != 1 {
+		t.Fatalf("%d job queries for a one-second job: %v", n, lm.commands)
+	}
+	if len(pcts) != 1 || pcts[0] != 100 {
+		t.Fatalf("progress %v, want [100]", pcts)
+	}
+	compareChain(t, filepath.Join(out, "slow-d1.qcow2"), filepath.Join(out, "inc-d1.qcow2"), v.Snapshot(1, "s1"))
 
 	// Events lost: polling finds the end.
 	lm.deaf = true
