@@ -169,7 +169,9 @@ func Write(ctx context.Context, w io.Writer, virtualSize int64, extents []Extent
 		return 0, err
 	}
 	cw := &countio.Writer{W: w}
-	bw := bufio.NewWriterSize(cw, wrBufBytes)
+	// The buffer need not exceed the image: an empty one is a few
+	// clusters, and faulting in 1 MiB for it is most of its cost.
+	bw := bufio.NewWriterSize(cw, int(min(wrBufBytes, p.hostClusters*p.cs)))
 	if err := p.writeMetadata(ctx, bw); err != nil {
 		return cw.N + int64(bw.Buffered()), err
 	}

@@ -221,6 +221,11 @@ func (p *wrPlan) writeData(ctx context.Context, w *bufio.Writer, data io.ReaderA
 	plain := func(n uint32) bool { return int64(n) == p.cs }
 	compressed := func(n uint32) bool { return n != 0 && int64(n) < p.cs }
 	for _, keep := range []func(uint32) bool{plain, compressed} {
+		if p.nData == 0 {
+			// No data clusters (an empty backup target): no phase
+			// pipeline to start and wait for.
+			break
+		}
 		if err := p.writePhase(ctx, w, data, keep, &pos); err != nil {
 			return err
 		}

@@ -335,7 +335,9 @@ func TestWriteMemoryFollowsData(t *testing.T) {
 		extents []Extent
 		max     uint64
 	}{
-		{"empty-4g", nil, 3 << 20},
+		// Metadata (header, refcounts, L1: four 64 KiB clusters), a
+		// buffer no larger and the zero cluster: not the 1 MiB buffer.
+		{"empty-4g", nil, 1 << 20},
 		// One chunk buffer for the scan, one for the write, the 1 MiB
 		// write buffer and the metadata; not one per worker.
 		{"one-cluster", []Extent{{1 << 30, 64 << 10, Data}}, 11 << 20},
