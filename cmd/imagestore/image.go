@@ -14,8 +14,8 @@ import (
 
 	"imagestore/agent/api"
 	"imagestore/blobstore"
+	"imagestore/transfer/imageconfig"
 	"imagestore/transfer/oci"
-	"imagestore/transfer/replicate"
 )
 
 // remoteImage is an image as the store's registry describes it: its
@@ -63,11 +63,11 @@ func fetchImage(ctx context.Context, c *oci.Client, ref blobstore.Ref) (*remoteI
 	if err != nil {
 		return nil, fmt.Errorf("image %s: config: %w", ref, err)
 	}
-	cfg, err := replicate.ParseConfig(cb)
+	cfg, err := imageconfig.ParseConfig(cb)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", ref, err)
 	}
-	if _, err := replicate.Validate(m, cfg, ref.Name, ref.ID); err != nil {
+	if _, err := imageconfig.Validate(m, cfg, ref.Name, ref.ID); err != nil {
 		return nil, fmt.Errorf("image %s: %w", ref, err)
 	}
 	return &remoteImage{Ref: ref, Manifest: m, Chain: cfg.Chain}, nil
@@ -84,7 +84,7 @@ func layerMediaType(img blobstore.Image) string {
 // uploading its config blob and its manifest under the top's name:id.
 func putImage(ctx context.Context, c *oci.Client, chain []blobstore.Image) error {
 	top := chain[len(chain)-1]
-	cfg, err := json.Marshal(replicate.Config{Imagestore: replicate.ConfigVersion, Chain: chain})
+	cfg, err := json.Marshal(imageconfig.Config{Imagestore: imageconfig.ConfigVersion, Chain: chain})
 	if err != nil {
 		return err
 	}
