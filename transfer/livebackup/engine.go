@@ -436,13 +436,17 @@ func (p *plan) actions() []map[string]any {
 }
 
 // wait waits until every job has concluded and returns the first
-// failure or ctx's end. It follows the jobs' JOB_STATUS_CHANGE events
-// and asks query-jobs only when Poll has passed since it last asked (for
-// progress, and in case an event is lost) and once at the end (each
-// job's outcome): a short job costs one query, not one per event.
+// failure or ctx's end. It follows the jobs' events: JOB_STATUS_CHANGE
+// for their state, and BLOCK_JOB_COMPLETED (with "error" when the job
+// failed) or BLOCK_JOB_CANCELLED for their outcome, which QEMU sends
+// before the job concludes. So a job whose events all arrived costs no
+// query at all. query-jobs is asked when Poll has passed since it was
+// last asked (progress, and in case an event is lost) and, at the end,
+// for the outcome of any job whose completion event did not arrive.
 func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
 	m := e.o.Monitor
 	status := map[string]string{}
+	outcome := map[string]*string{} // job id -> its error ("" = success), once known from an event
 	for _, p := range plans {
 		status[p.jobID] = ""
 	}
@@ -455,6 +459,12 @@ func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
 		return true
 	}
 	last := -1
+	report := func(pct int) {
+		if e.o.Progress != nil && pct != last {
+			e.o.Progress(pct)
+			last = pct
+		}
+	}
 	// query reads the jobs' state, reports progress and says whether all
 	// have concluded; a job that failed is an error.
 	query := func() (bool, error) {
@@ -489,32 +499,77 @@ func (e *Engine) wait(ctx context.Context, plans []*plan, after uint64) error {
 		if done < len(plans) && pct == 100 {
 			pct = 99
 		}
-		if e.o.Progress != nil && pct != last {
-			e.o.Progress(pct)
-			last = pct
-		}
+		report(pct)
 		return done == len(plans), nil
+	}
+	// fromEvents says, once all jobs have concluded, whether their
+	// completion events told every outcome, and returns the first failure.
+	fromEvents := func() (bool, error) {
+		for _, p := range plans {
+			if outcome[p.jobID] == nil {
+				return false, nil
+			}
+		}
+		for _, p := range plans {
+			if msg := *outcome[p.jobID]; msg != "" {
+				return true, fmt.Errorf("%w: %s: %s", ErrJobFailed, p.jobID, msg)
+			}
+		}
+		report(100)
+		return true, nil
 	}
 	next := time.Now().Add(e.o.Poll)
 	for {
 		if concluded() {
-			// The events say so; query-jobs has each job's outcome.
+			if known, err := fromEvents(); known {
+				return err
+			}
+			// A completion event is missing: query-jobs has the outcome.
 			if done, err := query(); err != nil || done {
 				return err
 			}
 		}
 		wctx, cancel := context.WithDeadline(ctx, next)
-		ev, werr := m.WaitEvent(wctx, after, func(ev qmp.Event) bool { return ev.Name == "JOB_STATUS_CHANGE" })
+		ev, werr := m.WaitEvent(wctx, after, func(ev qmp.Event) bool {
+			switch ev.Name {
+			case "JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED":
+				return true
+			}
+			return false
+		})
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		if werr == nil {
 			after = ev.Seq
-			var d struct{ ID, Status string }
-			if json.Unmarshal(ev.Data, &d) == nil {
+			var d struct {
+				ID, Status, Device string
+				Error              *string
+			}
+			if json.Unmarshal(ev.Data, &d) != nil {
+				continue
+			}
+			switch ev.Name {
+			case "JOB_STATUS_CHANGE":
 				if _, ok := status[d.ID]; ok {
 					status[d.ID] = d.Status
+				}
+			case "BLOCK_JOB_COMPLETED": // device is the job id
+				if _, ok := status[d.Device]; ok {
+					msg := ""
+					if d.Error != nil {
+						msg = *d.Error
+						if msg == "" {
+							msg = "failed"
+						}
+					}
+					outcome[d.Device] = &msg
+				}
+			case "BLOCK_JOB_CANCELLED":
+				if _, ok := status[d.Device]; ok {
+					msg := "cancelled"
+					outcome[d.Device] = &msg
 				}
 			}
 			continue

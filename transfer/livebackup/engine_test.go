@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -460,9 +461,10 @@ func (l *logMonitor) WaitEvent(ctx context.Context, after uint64, match func(qmp
 }
 
 // A confirmed incremental asks QEMU only what it must: one reading of
-// the block nodes for all drives, one query-jobs (for the outcome) however
-// many events the jobs send, and no query after them when there is no
-// checkpoint to prune. Without events it still finishes, by polling.
+// the block nodes for all drives, no query-jobs (the jobs' events give
+// their state and outcome) however many events they send, and no query
+// after them when there is no checkpoint to prune. A job another client
+// cancels fails the call. Without events it still finishes, by polling.
 func TestBackupRoundTrips(t *testing.T) {
 	t.Parallel()
 	v := twoDisks(t)
@@ -500,7 +502,7 @@ func TestBackupRoundTrips(t *testing.T) {
 	}
 	// One reading of the nodes for both drives (query-block: the drives
 	// are named by their libvirt alias).
-	want := "query-named-block-nodes query-block blockdev-add blockdev-add transaction query-jobs " +
+	want := "query-named-block-nodes query-block blockdev-add blockdev-add transaction " +
 		"job-dismiss blockdev-del block-dirty-bitmap-remove job-dismiss blockdev-del block-dirty-bitmap-remove"
 	if got := strings.Join(lm.commands, " "); got != want {
 		t.Fatalf("commands:\n got %s\nwant %s", got, want)
@@ -528,7 +530,7 @@ func TestBackupRoundTrips(t *testing.T) {
 
 	// A job that runs for a while sends its events (created, running,
 	// paused, running, waiting, pending, concluded) over a second or so:
-	// still one query-jobs, after the last of them.
+	// still no query-jobs.
 	v.Write(1, 30*mib, 4*mib, 0x96)
 	lm.commands, pcts = nil, nil
 	ds = drives(out, "slow", Auto, Auto)
@@ -536,13 +538,35 @@ func TestBackupRoundTrips(t *testing.T) {
 	if _, err := e.Backup(ctx, ds); err != nil {
 		t.Fatal(err)
 	}
-	if n := strings.Count(strings.Join(lm.commands, " "), "query-jobs"); n != 1 {
+	if n := strings.Count(strings.Join(lm.commands, " "), "query-jobs"); n != 0 {
 		t.Fatalf("%d job queries for a one-second job: %v", n, lm.commands)
 	}
 	if len(pcts) != 1 || pcts[0] != 100 {
 		t.Fatalf("progress %v, want [100]", pcts)
 	}
 	compareChain(t, filepath.Join(out, "slow-d1.qcow2"), filepath.Join(out, "inc-d1.qcow2"), v.Snapshot(1, "s1"))
+
+	// Cancelled by another client (its BLOCK_JOB_CANCELLED is the
+	// outcome): the call fails and leaves the checkpoints as they were.
+	before := v.Bitmaps(1)
+	v.Write(1, 40*mib, 4*mib, 0x97)
+	ds = drives(out, "gone", Auto, Auto)[1:]
+	ds[0].Speed = 1 * mib
+	e.o.OnStart = func() {
+		if err := v.Monitor().Execute(ctx, "block-job-cancel", map[string]any{"device": JobPrefix + "libvirt-1-format"}, nil); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := e.Backup(ctx, ds); !errors.Is(err, ErrJobFailed) {
+		t.Fatalf("a backup whose job another client cancelled: %v", err)
+	}
+	e.o.OnStart = nil
+	if got, want := bitmapNameSet(v.Bitmaps(1)), bitmapNameSet(before); got != want {
+		t.Fatalf("bitmaps before the failed backup %s, after it %s", want, got)
+	}
+	if _, err := os.Stat(filepath.Join(out, "gone-d1.qcow2")); !os.IsNotExist(err) {
+		t.Fatalf("the failed backup's target is left: %v", err)
+	}
 
 	// Events lost: polling finds the end.
 	lm.deaf = true
@@ -555,4 +579,14 @@ func TestBackupRoundTrips(t *testing.T) {
 		t.Fatal(err)
 	}
 	compareChain(t, filepath.Join(out, "inc3-d1.qcow2"), filepath.Join(out, "inc-d1.qcow2"), v.Snapshot(1, "i3"))
+}
+
+// bitmapNameSet is the sorted names of bms.
+func bitmapNameSet(bms []vmtest.Bitmap) string {
+	var n []string
+	for _, b := range bms {
+		n = append(n, b.Name)
+	}
+	sort.Strings(n)
+	return strings.Join(n, ",")
 }
