@@ -139,15 +139,34 @@ func (lf *liveFlags) qemuOwner(ctx context.Context, mon qmp.Monitor, log *slog.L
 func (g *globals) runLive(ctx context.Context, lf *liveFlags, drives []livebackup.Drive) ([]livebackup.Result, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
+	// The monitor's greeting and capabilities round trip overlap with
+	// taking the lock and the control socket (a few ms of a small
+	// incremental's fixed cost). Connecting changes nothing in QEMU, and
+	// the engine starts only once both are done; a call that loses the
+	// lock drops its connection at once.
+	type dialed struct {
+		mon qmp.Monitor
+		err error
+	}
+	dc := make(chan dialed, 1)
+	go func() {
+		m, err := lf.dialMonitor(ctx, 30*time.Second)
+		dc <- dialed{m, err}
+	}()
 	stop, err := listenControl(ctx, lf.ctlPath(), drives, cancel)
 	if err != nil {
+		cancel(err) // a dial still waiting for the greeting gives up
+		if d := <-dc; d.err == nil {
+			d.mon.Close()
+		}
 		return nil, err
 	}
 	defer stop()
-	mon, err := lf.dialMonitor(ctx, 30*time.Second)
-	if err != nil {
-		return nil, err
+	d := <-dc
+	if d.err != nil {
+		return nil, d.err
 	}
+	mon := d.mon
 	defer mon.Close()
 	log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	eng, err := livebackup.New(livebackup.Options{Monitor: mon, Progress: func(p int) {
