@@ -497,6 +497,15 @@ func framed(r *http.Request) bool {
 	return strings.ToLower(r.Header.Get("Content-Encoding")) == crcframe.Encoding
 }
 
+// ingestContext is the context of a chunk's ingest writer: the request's
+// values without its cancellation. net/http cancels a request's context
+// when a read of its body fails (a cut or stalled client), and the bytes
+// the body delivered before, some of them still gathered (copyBody), must
+// reach the upload all the same; the handler ends with its body anyway.
+func ingestContext(r *http.Request) context.Context {
+	return context.WithoutCancel(r.Context())
+}
+
 // copyBody copies a chunk's decoded body into the ingest. A framed body's
 // small frames are gathered into writes of up to 1 MiB: each ingest write
 // costs a syscall and a hash call, so writing frame by frame let a client
@@ -676,7 +685,8 @@ func (s *Server) uploadBusy(id string) bool {
 
 func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id string) {
 	defer s.writingUpload(id)() // runs after wr.Close
-	wr, err := s.st.Writer(r.Context(), ingestRef(id))
+	defer s.guardBody(w, r)()
+	wr, err := s.st.Writer(ingestContext(r), ingestRef(id))
 	if err != nil {
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return
@@ -739,6 +749,7 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, name, id st
 // way the blob appears only after the store's own hash and size checks.
 func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id string) {
 	defer s.writingUpload(id)()
+	defer s.guardBody(w, r)()
 	q := r.URL.Query()
 	var d digest.Digest
 	size := int64(-1)
@@ -756,7 +767,7 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, name, id s
 			return
 		}
 	}
-	wr, err := s.st.Writer(r.Context(), ingestRef(id))
+	wr, err := s.st.Writer(ingestContext(r), ingestRef(id))
 	if err != nil {
 		storeError(w, err, oci.CodeBlobUploadUnknown)
 		return

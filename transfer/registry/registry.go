@@ -26,6 +26,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
@@ -48,6 +49,12 @@ type Options struct {
 	Logger  *slog.Logger
 	// MaxBodyBytes bounds a /v1 request body (default 1 MiB).
 	MaxBodyBytes int64
+	// BodyReadIdle bounds how long an upload's body (PATCH, PUT) may
+	// deliver no byte before the request fails (default 2 min): a client
+	// that stalls mid-body, alive or not, neither holds its upload busy
+	// nor keeps a connection and its goroutine forever. What arrived stays
+	// in the upload; the client resumes from the upload's offset.
+	BodyReadIdle time.Duration
 }
 
 // Server is the :8000 handler.
@@ -82,6 +89,9 @@ func New(o Options) (*Server, error) {
 	}
 	if o.MaxBodyBytes <= 0 {
 		o.MaxBodyBytes = 1 << 20
+	}
+	if o.BodyReadIdle <= 0 {
+		o.BodyReadIdle = 2 * time.Minute
 	}
 	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{},
 		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}, writing: map[string]int{}}, nil

@@ -40,6 +40,8 @@ type Options struct {
 	Cert *tls.Certificate
 	// Wrap, if set, wraps the registry's handler (fault injection).
 	Wrap func(http.Handler) http.Handler
+	// BodyReadIdle is the registry's (0: its default).
+	BodyReadIdle time.Duration
 }
 
 // Node is one running registry and what it serves.
@@ -72,7 +74,7 @@ func Start(t testing.TB, opts Options) *Node {
 		}
 		t.Cleanup(func() { n.Engine.Close() })
 	}
-	n.Server, err = registry.New(registry.Options{Store: st, Engine: n.Engine, Token: opts.Token, Metrics: n.Metrics})
+	n.Server, err = registry.New(registry.Options{Store: st, Engine: n.Engine, Token: opts.Token, Metrics: n.Metrics, BodyReadIdle: opts.BodyReadIdle})
 	if err != nil {
 		t.Fatal(err)
 	}
