@@ -511,7 +511,7 @@ func ingestContext(r *http.Request) context.Context {
 // costs a syscall and a hash call, so writing frame by frame let a client
 // of 1-byte frames (which the encoding allows) keep a core of the store
 // busy for ~2 MB/s of wire. Frames of gatherDirect or more (our client
-// sends 1 MiB) go through one write each, uncopied. Every frame read
+// sends 4 MiB) go through one write each, uncopied. Every frame read
 // before an error is written before copyBody returns.
 func copyBody(dst io.Writer, body io.Reader, framed bool) error {
 	if !framed {
