@@ -22,7 +22,7 @@ import (
 type LocalOptions struct {
 	Root string
 	// CheckpointEvery is how many bytes an ingest writes between durable
-	// checkpoints (default 32 MiB): what a crash can cost to resend.
+	// checkpoints (default 128 MiB): what a crash can cost to resend.
 	CheckpointEvery int64
 	Logger          *slog.Logger
 }
@@ -43,7 +43,12 @@ type Local struct {
 }
 
 const (
-	defaultCheckpoint = 32 << 20
+	// defaultCheckpoint: a checkpoint is three fsyncs (data, the state's
+	// temp file, the directory) and a drop of the pages written since; at
+	// 32 MiB a push spent a checkpoint every ~50 ms, and 128 MiB measured
+	// 12 % faster (bench, commit message). A cut costs at most this much
+	// resent, a fraction of a second on a LAN.
+	defaultCheckpoint = 128 << 20
 	dirBlobs          = "blobs"
 	dirIngest         = "ingest"
 	dirImages         = "images"
