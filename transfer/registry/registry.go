@@ -68,6 +68,8 @@ type Server struct {
 	configs map[digest.Digest][]byte        // rendered config blobs, served as blobs
 	digests map[digest.Digest]blobstore.Ref // rendered manifest → its image (a hint, checked on use)
 
+	copyBufs sync.Pool // *[]byte of streamCopyBuf bytes (blobs.go)
+
 	zmu         sync.Mutex
 	uploadZeros map[string]*uploadZeros             // upload id → its zero-block record (zeros.go)
 	blobZeros   map[digest.Digest]*layer.ZeroBlocks // committed blob → its record, until its manifest
@@ -93,8 +95,10 @@ func New(o Options) (*Server, error) {
 	if o.BodyReadIdle <= 0 {
 		o.BodyReadIdle = 2 * time.Minute
 	}
-	return &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{},
-		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}, writing: map[string]int{}}, nil
+	s := &Server{o: o, st: o.Store, log: o.Logger, m: o.Metrics, configs: map[digest.Digest][]byte{}, digests: map[digest.Digest]blobstore.Ref{},
+		uploadZeros: map[string]*uploadZeros{}, blobZeros: map[digest.Digest]*layer.ZeroBlocks{}, writing: map[string]int{}}
+	s.copyBufs.New = func() any { b := make([]byte, streamCopyBuf); return &b }
+	return s, nil
 }
 
 // maxDigests bounds the manifest digest hints (a miss costs one scan of
