@@ -75,12 +75,6 @@ func rawFileExtents(f *os.File, size int64) ([]Extent, error) {
 	return ext, nil
 }
 
-// FlattenReadSpread is how far apart, in guest bytes, the reads that
-// Flatten and FlattenRawSparse have in flight can lie: their parallel
-// readers plus the chunks waiting to be written in order. A source that
-// fetches ahead for them (a prefetcher) must tolerate this much disorder.
-func FlattenReadSpread() int64 { return int64(wrWorkers()+2) * wrChunkBytes }
-
 // FlattenRawSparse writes the chain's guest view to w as a raw image without
 // sending zeros: only Data extents are written, in ascending offset order
 // (so a caller can hash or count in stream order, filling the gaps with

@@ -105,21 +105,20 @@ func cmdPull(ctx context.Context, g *globals, args []string) error {
 	})
 }
 
-// Pull's range reads: 4 MiB pieces (few requests per GiB, which a store
-// that streams from S3 prefers too).
-const pullPiece = 4 << 20
-
-// pullLag is the prefetcher's lag in pieces: the flatten's reads in flight
-// lie up to qcow2.FlattenReadSpread apart, and a guest chunk's bytes may
-// start mid-piece, so each may touch one piece more.
-func pullLag() int { return max(2, 2*int(qcow2.FlattenReadSpread()/pullPiece)) }
+// Pull's range reads: 1 MiB pieces, and a lag that covers how far apart
+// the flatten's parallel readers can be (its workers + 2 guest chunks of
+// 4 MiB, each up to 4 MiB of pieces plus range boundaries).
+const (
+	pullPiece = 1 << 20
+	pullLag   = 24
+)
 
 // flattenRemote flattens the stored chain into dst while it arrives: the
 // layers are opened over range reads of their blobs (the reader fetches
 // only the tables), in the records' order (never by the backing names
 // inside them); the chain's read plan (qcow2.Chain.ReadPlan: the bytes of
 // each layer the flatten will read, in the order it reads them) is fetched
-// ahead by conc workers in 4 MiB pieces through one
+// ahead by conc workers in 1 MiB pieces through one
 // parallel.Prefetcher, so memory is bounded by the window whatever the
 // chain's size or depth, and nothing is staged on disk. The output goes
 // through fsutil.WriteFunc: DST is untouched or complete. raw is written
@@ -128,7 +127,7 @@ func pullLag() int { return max(2, 2*int(qcow2.FlattenReadSpread()/pullPiece)) }
 // A range cannot be checked against the layer's digest. With verify, each
 // layer's bytes are hashed in order as the flatten reads them, and what it
 // does not read (a base's clusters a delta overrides) is read for the hash
-// when the hashed prefix reaches it (layerHasher); DST is replaced only once every layer hashed
+// afterwards (layerHasher); DST is replaced only once every layer hashed
 // to its digest: a blob damaged at rest on the store fails the pull.
 // Without, the store is trusted for the bytes as for the records (each
 // layer is still parsed by our hardened reader, which bounds everything).
@@ -200,7 +199,7 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 	for i, h := range hashers {
 		h.setPlan(perLayer[i])
 	}
-	pf := parallel.NewPrefetcherLag(ctx, src, ranges, conc, pullPiece, pullLag())
+	pf := parallel.NewPrefetcherLag(ctx, src, ranges, conc, pullPiece, pullLag)
 	defer pf.Close()
 	var data io.ReaderAt = pf
 	sw.r.Store(&data)
