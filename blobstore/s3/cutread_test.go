@@ -124,17 +124,7 @@ func TestReadRetriesBrokenBody(t *testing.T) {
 	b, c, bucket := newBackend(t)
 	ctx := context.Background()
 	data := randBytes(9, streamMin+(1<<20)+5)
-	w, err := b.Writer(ctx, "cut")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := w.Write(data); err != nil {
-		t.Fatal(err)
-	}
-	res, err := w.commit(ctx, -1, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := ingestCommit(t, b, "cut", data)
 	readRange := func(bl blobstore.Blob, p []byte, off int64) (int, error) {
 		body, err := bl.(blobstore.RangeReader).ReadRange(ctx, off, int64(len(p)))
 		if err != nil {

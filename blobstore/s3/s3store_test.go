@@ -80,6 +80,24 @@ func randBytes(seed uint64, n int) []byte {
 	return p
 }
 
+// ingestCommit ingests data under ref and commits it under the digest
+// the ingest computed.
+func ingestCommit(t testing.TB, b *Backend, ref string, data []byte) Committed {
+	t.Helper()
+	w, err := b.Writer(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	res, err := w.commit(t.Context(), -1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
 // uploads lists the multipart uploads left in the bucket.
 func uploads(t testing.TB, b *Backend) []string {
 	t.Helper()
@@ -779,17 +797,7 @@ func TestOpenReusesStat(t *testing.T) {
 	other := openBackend(t, c, bucket) // another agent on the bucket
 	ctx := t.Context()
 	put := func(seed uint64) digest.Digest {
-		data := randBytes(seed, 3<<20)
-		w, err := b.Writer(ctx, fmt.Sprint("stat", seed))
-		if err != nil {
-			t.Fatal(err)
-		}
-		w.Write(data)
-		res, err := w.commit(ctx, -1, "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return res.Digest
+		return ingestCommit(t, b, fmt.Sprint("stat", seed), randBytes(seed, 3<<20)).Digest
 	}
 	reads := []struct {
 		name string

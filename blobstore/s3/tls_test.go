@@ -40,17 +40,7 @@ func TestTLS(t *testing.T) {
 		b := openBackend(t, c, bucket, func(o *Options) { o.Endpoint, o.CAFile = ep, caFile })
 		ctx := t.Context()
 		data := randBytes(50, 2*testPart+777) // three parts
-		w, err := b.Writer(ctx, "tls")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w.Write(data); err != nil {
-			t.Fatal(err)
-		}
-		res, err := w.commit(ctx, -1, "")
-		if err != nil {
-			t.Fatal(err)
-		}
+		res := ingestCommit(t, b, "tls", data)
 		var whole bytes.Buffer
 		if _, err := b.ReadBlob(ctx, res.Digest, &whole); err != nil || !bytes.Equal(whole.Bytes(), data) {
 			t.Fatalf("ReadBlob over https: %v (equal %v)", err, bytes.Equal(whole.Bytes(), data))

@@ -35,6 +35,17 @@ func (c *countingReader) Read(p []byte) (int, error) {
 
 func (c *countingReader) Seek(off int64, whence int) (int64, error) { return c.r.Seek(off, whence) }
 
+// serveMissingBlob answers for a blob the store could not stat or open
+// (err): a rendered image config is served from memory, any other miss
+// is the store's error.
+func (s *Server) serveMissingBlob(w http.ResponseWriter, r *http.Request, d digest.Digest, err error) {
+	if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(cfg))
+		return
+	}
+	storeError(w, err, oci.CodeBlobUnknown)
+}
+
 func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref string) {
 	if r.Method == http.MethodDelete {
 		// A blob is stored once per store and shared by every image (in any
@@ -62,11 +73,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 		// open, which may reuse a recently opened blob's size (S3).
 		info, err := s.st.Stat(r.Context(), d)
 		if err != nil {
-			if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
-				http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(cfg))
-				return
-			}
-			storeError(w, err, oci.CodeBlobUnknown)
+			s.serveMissingBlob(w, r, d, err)
 			return
 		}
 		// ServeContent answers a HEAD from the size alone; it never reads.
@@ -75,11 +82,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 	}
 	b, err := s.st.OpenBlob(r.Context(), d)
 	if err != nil {
-		if cfg, ok := s.config(d); ok && errors.Is(err, blobstore.ErrNotFound) {
-			http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(cfg))
-			return
-		}
-		storeError(w, err, oci.CodeBlobUnknown)
+		s.serveMissingBlob(w, r, d, err)
 		return
 	}
 	defer b.Close()

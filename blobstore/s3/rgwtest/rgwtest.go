@@ -540,8 +540,13 @@ func (c *Cluster) startRGW(ctx context.Context) error {
 		return err
 	}
 	hc := &http.Client{Timeout: 10 * time.Second}
-	return c.waitFor(ctx, "radosgw to answer HTTP on "+c.rgwAddr, rgwName, func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.Endpoint+"/", nil)
+	return c.waitFor(ctx, "radosgw to answer HTTP on "+c.rgwAddr, rgwName, answers(hc, c.Endpoint+"/"))
+}
+
+// answers is a waitFor check: a GET of url gets an HTTP answer, any status.
+func answers(hc *http.Client, url string) func(context.Context) error {
+	return func(ctx context.Context) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {
 			return err
 		}
@@ -551,7 +556,7 @@ func (c *Cluster) startRGW(ctx context.Context) error {
 		}
 		resp.Body.Close()
 		return nil
-	})
+	}
 }
 
 // ceph runs the ceph CLI as client.admin, bounded so that a mon that does not

@@ -66,18 +66,7 @@ func (c *Cluster) StartTLS(ctx context.Context, certPEM, keyPEM []byte) (string,
 	ep = "https://" + addr
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
 	defer hc.CloseIdleConnections()
-	err = c.waitFor(ctx, "radosgw to answer HTTPS on "+addr, tlsName, func(ctx context.Context) error {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, ep+"/", nil)
-		if err != nil {
-			return err
-		}
-		resp, err := hc.Do(req)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		return nil
-	})
+	err = c.waitFor(ctx, "radosgw to answer HTTPS on "+addr, tlsName, answers(hc, ep+"/"))
 	if err != nil {
 		_ = c.stop(tlsName, syscall.SIGTERM, 3*time.Second)
 		return "", fmt.Errorf("rgwtest: %w", err)
