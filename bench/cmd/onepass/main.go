@@ -6,7 +6,7 @@
 //
 // It writes as the store's ingest does: 4 MiB pieces (three in flight),
 // each in 256 KiB write(2)s with its write-back started at once
-// (sync_file_range), and every 32 MiB an fsync and a drop of the synced
+// (sync_file_range), and every 128 MiB (the ingest's checkpoint) an fsync and a drop of the synced
 // pages from the cache on a goroutine of its own (on a VM, writing into
 // pages the cache keeps reusing is much cheaper than into fresh ones:
 // without it this measured slower than our push). It fsyncs the output at
@@ -29,7 +29,7 @@ const (
 	inFlight = 3
 	writeMax = 256 << 10
 	// checkpoint is the ingest's default checkpoint interval.
-	checkpoint = 32 << 20
+	checkpoint = 128 << 20
 )
 
 func main() {
