@@ -56,9 +56,29 @@ const hashPiece = 1 << 20
 // maxAhead bounds the bytes a layerHasher keeps ahead of its prefix.
 const maxAhead = 16 << 20
 
+// freeBufs is how many hashed buffers a layerHasher keeps for reuse: as
+// many as can be queued or kept ahead, so a steady pull copies into memory
+// it already has. Fresh pages cost a fault each, which on a virtualized
+// host is tens of times a copy of the page.
+const freeBufs = 8 + maxAhead/hashPiece
+
+// buffer returns a buffer of n bytes, one the hashing goroutine is done
+// with when there is one.
+func (l *layerHasher) buffer(n int) []byte {
+	var buf []byte
+	select {
+	case buf = <-l.free:
+	default:
+	}
+	if cap(buf) < n {
+		return make([]byte, n)
+	}
+	return buf[:n]
+}
+
 func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHasher {
 	l := &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{},
-		q: make(chan []byte, 8), free: make(chan []byte, 4), hdone: make(chan struct{})}
+		q: make(chan []byte, 8), free: make(chan []byte, freeBufs), hdone: make(chan struct{})}
 	go func() {
 		defer close(l.hdone)
 		for b := range l.q {
@@ -82,15 +102,9 @@ func (l *layerHasher) emit(b []byte, owned bool) {
 		return
 	}
 	if !owned {
-		var buf []byte
-		select {
-		case buf = <-l.free:
-		default:
-		}
-		if cap(buf) < len(b) {
-			buf = make([]byte, len(b))
-		}
-		b = append(buf[:0], b...)
+		buf := l.buffer(len(b))
+		copy(buf, b)
+		b = buf
 	}
 	l.q <- b
 }
@@ -148,7 +162,9 @@ func (l *layerHasher) observe(b []byte, off int64) {
 	if have, ok := l.ahead[off]; ok {
 		l.nAhead -= int64(len(have))
 	}
-	l.ahead[off] = append([]byte(nil), b...)
+	keep := l.buffer(len(b))
+	copy(keep, b)
+	l.ahead[off] = keep
 	l.nAhead += int64(len(b))
 	l.skipUnplanned()
 }
@@ -217,7 +233,7 @@ func (l *layerHasher) fill(to int64) error {
 				n = off - l.hashed
 			}
 		}
-		buf := make([]byte, n)
+		buf := l.buffer(int(n))
 		k, err := l.gaps.ReadAt(buf, l.hashed)
 		if int64(k) < n {
 			if err == nil || errors.Is(err, io.EOF) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"runtime"
 	"sync"
 	"testing"
 
@@ -133,5 +134,39 @@ func TestLayerHasher(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestLayerHasherReusesBuffers: a long pull whose reads arrive in swapped
+// pairs (a range kept ahead, then the prefix) copies into buffers the
+// hasher already has, not into fresh memory per range: on a virtualized
+// host every fresh page costs a fault.
+func TestLayerHasherReusesBuffers(t *testing.T) {
+	const piece = 1 << 20
+	blob := make([]byte, 128*piece)
+	for i := range blob {
+		blob[i] = byte(i * 7)
+	}
+	d := digest.FromBytes(blob)
+	src := bytes.NewReader(blob)
+	h := newLayerHasher(src, src, d, int64(len(blob)))
+	buf := make([]byte, piece)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 128; i += 2 {
+		for _, j := range []int{i + 1, i} {
+			if _, err := h.ReadAt(buf, int64(j)*piece); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := h.Finish(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	// The pool is 8 + 16 one-MiB buffers; without reuse every range read
+	// ahead is a fresh MiB (64 MiB here).
+	if got, limit := after.TotalAlloc-before.TotalAlloc, uint64(freeBufs+4)*piece; got > limit {
+		t.Errorf("hashing 128 MiB allocated %d MiB, want ≤ %d MiB", got>>20, limit>>20)
 	}
 }
