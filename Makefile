@@ -6,9 +6,10 @@ export PATH := /usr/sbin:/usr/local/bin:$(PATH)
 
 all: build
 
+# Static, as the packages build them (packaging/deb/build.sh).
 build:
-	$(GO) build -o $(BIN)/imagestore-agent ./cmd/imagestore-agent
-	$(GO) build -o $(BIN)/imagestore ./cmd/imagestore
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/imagestore-agent ./cmd/imagestore-agent
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/imagestore ./cmd/imagestore
 
 # deps installs, idempotently, the Debian packages the tests talk to.
 deps:

@@ -5,6 +5,7 @@
 # DIR=/path picks the filesystem to test (default: a temp dir under ./bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 SIZE_MB=${SIZE_MB:-2048}
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/ingest-bench.XXXXXX")}
 trap 'rm -rf "$DIR"' EXIT
@@ -16,8 +17,6 @@ head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom > "$SRC"
 sync
 BYTES=$(stat -c %s "$SRC")
 
-now() { date +%s.%N; }
-mbps() { awk -v b="$BYTES" -v s="$1" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
 
 # Source stays in the page cache for all three runs (it was just written),
 # so each measures its own limit, not the read of SRC.
@@ -33,7 +32,7 @@ SHA_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 t0=$(now); OUT=$("$DIR/ingest" -root "$DIR/store" -file "$SRC"); t1=$(now)
 ING_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 
-CAT=$(mbps "$CAT_S"); SHA=$(mbps "$SHA_S"); ING=$(mbps "$ING_S")
+CAT=$(mbps "$BYTES" "$CAT_S"); SHA=$(mbps "$BYTES" "$SHA_S"); ING=$(mbps "$BYTES" "$ING_S")
 SLOWER=$(awk -v a="$CAT" -v b="$SHA" 'BEGIN { print (a < b) ? a : b }')
 printf '%-26s %10s MB/s\n' "cat > DEST && sync" "$CAT" "sha256sum" "$SHA" "blobstore ingest" "$ING"
 echo "ingest detail: $OUT"

@@ -11,6 +11,7 @@
 #        SIZE_MB=1024 DATA_MB=512 CHANGE=1 bench/livebackup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 command -v qemu-system-x86_64 >/dev/null || { echo "needs qemu-system-x86 (make deps)" >&2; exit 1; }
 mkdir -p bin
 go build -o bin/imagestore ./cmd/imagestore

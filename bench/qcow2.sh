@@ -14,6 +14,7 @@ SIZE_MB=${SIZE_MB:-2048}
 LAYERS=${LAYERS:-10}
 DELTA_MB=${DELTA_MB:-$((SIZE_MB / 2))}
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 # tmpfs by default: the VM's disk, not the tools, would otherwise dominate.
 BENCH_DIR=${BENCH_DIR:-$( [ -w /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")}
 work=$(mktemp -d "$BENCH_DIR/qcow2bench.XXXXXX")

@@ -11,6 +11,7 @@
 # measure the scheduler; the load average is printed for that reason.
 set -eu
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 go build -o "$tmp/ratebench" ./bench/cmd/ratebench
