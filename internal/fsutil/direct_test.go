@@ -1,0 +1,91 @@
+package fsutil
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestDirectWriter: aligned pieces go around the page cache, the others
+// through it, and the file holds every piece where it was written, also
+// when the O_DIRECT descriptor could not be opened.
+func TestDirectWriter(t *testing.T) {
+	const A = DirectAlign
+	// buf's first byte is aligned: large allocations start on a page.
+	buf := make([]byte, 64*A)
+	for i := range buf {
+		buf[i] = byte(i*31 + i/A)
+	}
+	type piece struct {
+		off    int64
+		lo, hi int // buf[lo:hi]
+		direct bool
+	}
+	pieces := []piece{
+		{0, 0, 16 * A, true},                    // aligned
+		{16 * A, 16 * A, 17*A + 100, false},     // length not aligned
+		{17*A + 100, 17*A + 100, 20 * A, false}, // offset not aligned
+		{20 * A, 20*A + 1, 24*A + 1, false},     // buffer not aligned
+		{24 * A, 24 * A, 64 * A, true},          // aligned again after the others
+	}
+	for _, tc := range []struct {
+		name     string
+		unlinked bool // the file's name is gone: no O_DIRECT descriptor
+	}{{"direct", false}, {"no O_DIRECT descriptor", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "out")
+			f, err := os.Create(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if tc.unlinked {
+				if err := os.Remove(path); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w := NewDirectWriter(f)
+			opened := w.d != nil
+			if tc.unlinked && opened {
+				t.Fatal("opened an O_DIRECT descriptor of a removed name")
+			}
+			if !tc.unlinked && !opened {
+				t.Logf("the test's file system refuses O_DIRECT: every piece goes through the page cache")
+			}
+			var want int64
+			for _, p := range pieces {
+				before := w.Direct()
+				n, err := w.WriteAt(buf[p.lo:p.hi], p.off)
+				if err != nil || n != p.hi-p.lo {
+					t.Fatalf("WriteAt(%d bytes at %d) = %d, %v", p.hi-p.lo, p.off, n, err)
+				}
+				wentDirect := w.Direct() > before
+				if wentDirect && !p.direct {
+					t.Errorf("the unaligned piece at %d went direct", p.off)
+				}
+				if opened && p.direct && !wentDirect {
+					t.Errorf("the aligned piece at %d went through the page cache", p.off)
+				}
+				if wentDirect {
+					want += int64(n)
+				}
+			}
+			if got := w.Direct(); got != want {
+				t.Errorf("Direct() = %d, want %d", got, want)
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 64*A)
+			if _, err := f.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			exp := bytes.Clone(buf)
+			copy(exp[20*A:24*A], buf[20*A+1:24*A+1])
+			if !bytes.Equal(got, exp) {
+				t.Error("the file does not hold the pieces written")
+			}
+		})
+	}
+}
