@@ -205,20 +205,28 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 	sw.r.Store(&data)
 	return fsutil.WriteFunc(dst, 0o600, func(w io.Writer) (int64, error) {
 		// WriteFunc's writer is its temp *os.File. The disk takes the
-		// output as it is written, not all at the final fsync: raw in
-		// aligned 4 MiB pieces with O_DIRECT (no page-cache copy, no
-		// write-back later), other formats through write-behind.
+		// output as it is written, not all at the final fsync: raw on a
+		// local file system in aligned 4 MiB pieces with O_DIRECT (no
+		// page-cache copy, no write-back later), the rest through
+		// write-behind.
 		f := w.(*os.File)
 		var n int64
 		var err error
+		var dw *fsutil.DirectWriter
 		if format == "raw" {
-			dw := fsutil.NewDirectWriter(f)
+			dw = fsutil.NewDirectWriter(f)
+		}
+		if dw != nil {
 			defer dw.Close()
 			n, err = qcow2.FlattenRawSparse(ctx, dw, chain)
 		} else {
 			wb := fsutil.NewWriteBehind(f, 0)
 			defer wb.Close()
-			n, err = qcow2.Flatten(ctx, wb, chain, format, opts)
+			if format == "raw" {
+				n, err = qcow2.FlattenRawSparse(ctx, wb, chain)
+			} else {
+				n, err = qcow2.Flatten(ctx, wb, chain, format, opts)
+			}
 		}
 		if err == nil {
 			err = check()

@@ -16,10 +16,10 @@ import (
 // 2-core host that copy and write-back cost about as much CPU as the
 // restore's own work on the bytes. Pieces that are not aligned (offset,
 // length or buffer address not a multiple of DirectAlign) go through the
-// file as usual; where the file system refuses O_DIRECT (at open or at
-// the first write: EINVAL), every piece does. Durability is unchanged:
-// O_DIRECT does not flush the device's cache, the caller's fsync still
-// does. Close must be called before the file is closed.
+// file as usual, and so does every piece once the file system refused one
+// (EINVAL). Durability is unchanged: O_DIRECT does not flush the device's
+// cache, the caller's fsync still does. Close must be called after the
+// last WriteAt and before the file is closed.
 type DirectWriter struct {
 	f *os.File
 
@@ -33,19 +33,40 @@ type DirectWriter struct {
 // length and buffer: the page size, which every block size divides.
 const DirectAlign = 4096
 
-// NewDirectWriter wraps f, a regular file open for writing.
+// NewDirectWriter wraps f, a regular file open for writing, or returns
+// nil where f's writes should stay in the page cache: file systems other
+// than the local block ones named in directFS, or one that refuses
+// O_DIRECT at open. Over a network file system (NFS, CephFS, FUSE) a
+// direct write waits for the server, one piece at a time, where the page
+// cache would let the kernel send several at once.
 func NewDirectWriter(f *os.File) *DirectWriter {
-	w := &DirectWriter{f: f}
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil || !directFS(int64(st.Type)) {
+		return nil
+	}
 	// A descriptor of its own: O_DIRECT set with fcntl on a dup would
 	// also change f's (they share one open file description).
-	if d, err := os.OpenFile(f.Name(), os.O_WRONLY|unix.O_DIRECT, 0); err == nil {
-		if same(f, d) {
-			w.d = d
-		} else {
-			_ = d.Close()
-		}
+	d, err := os.OpenFile(f.Name(), os.O_WRONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return nil
 	}
-	return w
+	if !same(f, d) {
+		_ = d.Close()
+		return nil
+	}
+	return &DirectWriter{f: f, d: d}
+}
+
+// directFS reports whether DirectWriter writes to a file system (statfs
+// f_type) with O_DIRECT: the local ones on a block device.
+func directFS(fsType int64) bool {
+	switch fsType {
+	case unix.EXT4_SUPER_MAGIC, // also ext2 and ext3
+		unix.XFS_SUPER_MAGIC,
+		unix.BTRFS_SUPER_MAGIC:
+		return true
+	}
+	return false
 }
 
 // same reports whether a and b are the same file (f's name could have been

@@ -5,11 +5,13 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
-// TestDirectWriter: aligned pieces go around the page cache, the others
-// through it, and the file holds every piece where it was written, also
-// when the O_DIRECT descriptor could not be opened.
+// TestDirectWriter: on a local file system aligned pieces go around the
+// page cache, the others through it, and the file holds every piece where
+// it was written; a file whose name is gone gets no O_DIRECT descriptor.
 func TestDirectWriter(t *testing.T) {
 	const A = DirectAlign
 	// buf's first byte is aligned: large allocations start on a page.
@@ -32,7 +34,7 @@ func TestDirectWriter(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		unlinked bool // the file's name is gone: no O_DIRECT descriptor
-	}{{"direct", false}, {"no O_DIRECT descriptor", true}} {
+	}{{"direct", false}, {"name removed", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "out")
 			f, err := os.Create(path)
@@ -46,13 +48,21 @@ func TestDirectWriter(t *testing.T) {
 				}
 			}
 			w := NewDirectWriter(f)
-			opened := w.d != nil
-			if tc.unlinked && opened {
-				t.Fatal("opened an O_DIRECT descriptor of a removed name")
+			if tc.unlinked {
+				if w != nil {
+					t.Fatal("opened an O_DIRECT descriptor of a removed name")
+				}
+				return
 			}
-			if !tc.unlinked && !opened {
-				t.Logf("the test's file system refuses O_DIRECT: every piece goes through the page cache")
+			if w == nil {
+				var st unix.Statfs_t
+				_ = unix.Fstatfs(int(f.Fd()), &st)
+				if directFS(int64(st.Type)) {
+					t.Fatalf("no O_DIRECT on a file system (type %#x) that takes it", st.Type)
+				}
+				t.Skipf("the test's temp dir is on a file system (type %#x) DirectWriter leaves to the page cache", st.Type)
 			}
+			opened := true
 			var want int64
 			for _, p := range pieces {
 				before := w.Direct()
@@ -87,5 +97,23 @@ func TestDirectWriter(t *testing.T) {
 				t.Error("the file does not hold the pieces written")
 			}
 		})
+	}
+}
+
+// TestDirectWriterNotOnTmpfs: memory-backed files stay with the page cache.
+func TestDirectWriterNotOnTmpfs(t *testing.T) {
+	var st unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Skipf("no tmpfs at /dev/shm (%v)", err)
+	}
+	f, err := os.CreateTemp("/dev/shm", "directwriter-*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if w := NewDirectWriter(f); w != nil {
+		w.Close()
+		t.Fatal("NewDirectWriter took a tmpfs file")
 	}
 }
