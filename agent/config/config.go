@@ -31,6 +31,13 @@ type Config struct {
 	Root           string `yaml:"root"`
 	Listen         string `yaml:"listen"`
 	RegistryListen string `yaml:"registryListen"`
+	// MaxConnections and RegistryMaxConnections cap the connections open
+	// at once on the agent port (listen) and the registry port: beyond
+	// them, new clients wait in the kernel's accept backlog until one
+	// closes. Each connection costs a goroutine, buffers and a file
+	// descriptor, which the blobs need too.
+	MaxConnections         int `yaml:"maxConnections"`
+	RegistryMaxConnections int `yaml:"registryMaxConnections"`
 	// TLS is the certificate of both ports, unless a port's own block
 	// (AgentTLS, RegistryTLS) says otherwise.
 	TLS         TLS         `yaml:"tls"`
@@ -110,6 +117,9 @@ type ListenerTLS struct {
 	Key   string `yaml:"key"`
 	Plain bool   `yaml:"plain"`
 }
+
+// DefaultMaxConnections is each port's default cap on open connections.
+const DefaultMaxConnections = 1024
 
 // Profiles.
 const (
@@ -272,6 +282,11 @@ func Defaults(profile string) (Config, error) {
 		ShutdownTimeout:   30 * time.Second,
 		Connect:           Connect{StorageInfo: "sshfs"},
 		MaxLargeBodyBytes: 64 << 20,
+
+		// A cloud's hosts, its management node and peer stores, with room;
+		// two ports' worth stays far below LimitNOFILE (65536).
+		MaxConnections:         DefaultMaxConnections,
+		RegistryMaxConnections: DefaultMaxConnections,
 	}
 	switch profile {
 	case ProfileZStack:
@@ -392,6 +407,8 @@ func (c *Config) envVars() map[string]func(string) error {
 		"IMAGESTORE_PROFILE":                  func(string) error { return nil },
 		"IMAGESTORE_TOKEN":                    func(v string) error { c.Token = Secret(v); return nil },
 		"IMAGESTORE_TOKEN_FILE":               str(&c.TokenFile),
+		"IMAGESTORE_MAX_CONNECTIONS":          num(&c.MaxConnections),
+		"IMAGESTORE_REGISTRY_MAX_CONNECTIONS": num(&c.RegistryMaxConnections),
 		"IMAGESTORE_QUOTA":                    size(&c.Quota),
 		"IMAGESTORE_PARALLELISM_DEGREE":       num(&c.ParallelismDegree),
 		"IMAGESTORE_UPLOAD_DIR_EXPIRY":        dur(&c.UploadDirExpiry),
@@ -472,6 +489,12 @@ func (c *Config) Validate() error {
 	var errs []error
 	if c.Root == "" {
 		errs = append(errs, errors.New("root: empty"))
+	}
+	if c.MaxConnections < 1 {
+		errs = append(errs, fmt.Errorf("maxConnections: %d, must be positive", c.MaxConnections))
+	}
+	if c.RegistryMaxConnections < 1 {
+		errs = append(errs, fmt.Errorf("registryMaxConnections: %d, must be positive", c.RegistryMaxConnections))
 	}
 	if c.ParallelismDegree < 1 {
 		errs = append(errs, fmt.Errorf("parallelismDegree: %d, must be at least 1", c.ParallelismDegree))

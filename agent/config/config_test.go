@@ -23,6 +23,8 @@ func TestDefaultConfigIsValid(t *testing.T) {
 	}{
 		{"listen", cfg.Listen, ":8001"},
 		{"registryListen", cfg.RegistryListen, ":8000"},
+		{"maxConnections", cfg.MaxConnections, 1024},
+		{"registryMaxConnections", cfg.RegistryMaxConnections, 1024},
 		{"parallelismDegree", cfg.ParallelismDegree, 10},
 		{"logLevel", cfg.LogLevel, "info"},
 		{"logFormat", cfg.LogFormat, "text"},
@@ -66,6 +68,8 @@ func TestLoadConfigPrecedence(t *testing.T) {
 	path := writeConfigFile(t, `
 root: /from/file
 listen: 127.0.0.1:9001
+maxConnections: 64
+registryMaxConnections: 32
 parallelismDegree: 3
 quota: 10GiB
 logLevel: warn
@@ -81,7 +85,8 @@ nbd:
 	}
 	if cfg.Root != "/from/file" || cfg.Listen != "127.0.0.1:9001" || cfg.ParallelismDegree != 3 ||
 		cfg.Quota != 10<<30 || cfg.LogLevel != "warn" || cfg.UploadDirExpiry != 2*time.Hour ||
-		cfg.Token != "file-token" || cfg.NBD.PortRange != "20000-20010" {
+		cfg.Token != "file-token" || cfg.NBD.PortRange != "20000-20010" ||
+		cfg.MaxConnections != 64 || cfg.RegistryMaxConnections != 32 {
 		t.Fatalf("file values not applied: %+v", cfg)
 	}
 	if cfg.RegistryListen != ":8000" || cfg.JobRetention != 24*time.Hour || cfg.NBD.Bind != "0.0.0.0" {
@@ -94,17 +99,18 @@ nbd:
 	t.Setenv("IMAGESTORE_QUOTA", "512MB")
 	t.Setenv("IMAGESTORE_TOKEN", "env-token")
 	t.Setenv("IMAGESTORE_UPLOAD_DIR_EXPIRY", "90m")
+	t.Setenv("IMAGESTORE_MAX_CONNECTIONS", "100")
 	t.Setenv("IMAGESTORE_ALLOWED_IMPORT_ROOTS", "/a"+string(os.PathListSeparator)+"/b")
 	cfg, err = Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.Root != "/from/env" || cfg.ParallelismDegree != 7 || cfg.Quota != 512e6 ||
-		cfg.Token != "env-token" || cfg.UploadDirExpiry != 90*time.Minute ||
+		cfg.Token != "env-token" || cfg.UploadDirExpiry != 90*time.Minute || cfg.MaxConnections != 100 ||
 		!reflect.DeepEqual(cfg.AllowedImportRoots, []string{"/a", "/b"}) {
 		t.Fatalf("environment not applied over the file: %+v", cfg)
 	}
-	if cfg.Listen != "127.0.0.1:9001" || cfg.LogLevel != "warn" {
+	if cfg.Listen != "127.0.0.1:9001" || cfg.LogLevel != "warn" || cfg.RegistryMaxConnections != 32 {
 		t.Fatalf("file values the environment does not set were lost: %+v", cfg)
 	}
 }
@@ -120,6 +126,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"bad byte size", "quota: 10 furlongs\n", nil, `unknown unit "furlongs"`},
 		{"bad duration", "uploadDirExpiry: soon\n", nil, "line 1: cannot unmarshal !!str `soon` into time.Duration"},
 		{"env bad int", "", map[string]string{"IMAGESTORE_PARALLELISM_DEGREE": "many"}, "IMAGESTORE_PARALLELISM_DEGREE"},
+		{"env bad connection cap", "", map[string]string{"IMAGESTORE_REGISTRY_MAX_CONNECTIONS": "1k"}, "IMAGESTORE_REGISTRY_MAX_CONNECTIONS"},
 		{"env bad duration", "", map[string]string{"IMAGESTORE_JOB_RETENTION": "1 day"}, "IMAGESTORE_JOB_RETENTION"},
 		{"env bad size", "", map[string]string{"IMAGESTORE_QUOTA": "-1G"}, "IMAGESTORE_QUOTA"},
 	} {
@@ -144,17 +151,19 @@ func TestLoadConfigErrors(t *testing.T) {
 
 func TestApplyEnvLookup(t *testing.T) {
 	env := map[string]string{
-		"IMAGESTORE_LISTEN":           "127.0.0.1:1",
-		"IMAGESTORE_LOG_FORMAT":       "json",
-		"IMAGESTORE_NBD_PORT_RANGE":   "1-2",
-		"IMAGESTORE_CALLBACK_RETRIES": "0",
-		"UNRELATED":                   "x",
+		"IMAGESTORE_LISTEN":                   "127.0.0.1:1",
+		"IMAGESTORE_LOG_FORMAT":               "json",
+		"IMAGESTORE_NBD_PORT_RANGE":           "1-2",
+		"IMAGESTORE_CALLBACK_RETRIES":         "0",
+		"IMAGESTORE_REGISTRY_MAX_CONNECTIONS": "2",
+		"UNRELATED":                           "x",
 	}
 	cfg := Default()
 	if err := cfg.ApplyEnv(func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Listen != "127.0.0.1:1" || cfg.LogFormat != "json" || cfg.NBD.PortRange != "1-2" || cfg.CallbackRetries != 0 {
+	if cfg.Listen != "127.0.0.1:1" || cfg.LogFormat != "json" || cfg.NBD.PortRange != "1-2" || cfg.CallbackRetries != 0 ||
+		cfg.RegistryMaxConnections != 2 || cfg.MaxConnections != DefaultMaxConnections {
 		t.Fatalf("env not applied: %+v", cfg)
 	}
 	for _, n := range cfg.EnvNames() {
@@ -176,6 +185,9 @@ func TestValidate(t *testing.T) {
 		{"single nbd port", func(c *Config) { c.NBD.PortRange = "10809" }, ""},
 		{"nbd disabled", func(c *Config) { c.NBD.PortRange = "" }, ""},
 		{"empty root", func(c *Config) { c.Root = "" }, "root: empty"},
+		{"zero maxConnections", func(c *Config) { c.MaxConnections = 0 }, "maxConnections: 0, must be positive"},
+		{"negative registryMaxConnections", func(c *Config) { c.RegistryMaxConnections = -1 }, "registryMaxConnections: -1, must be positive"},
+		{"one connection each", func(c *Config) { c.MaxConnections, c.RegistryMaxConnections = 1, 1 }, ""},
 		{"zero parallelism", func(c *Config) { c.ParallelismDegree = 0 }, "parallelismDegree: 0, must be at least 1"},
 		{"negative parallelism", func(c *Config) { c.ParallelismDegree = -2 }, "parallelismDegree: -2, must be at least 1"},
 		{"tls cert without key", func(c *Config) { c.TLS.Cert = "c.pem" }, "tls: cert and key must be set together"},

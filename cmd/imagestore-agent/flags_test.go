@@ -52,6 +52,9 @@ func TestParseFlagsPrecedence(t *testing.T) {
 		{"flags win", []string{"-config", cfgPath, "-listen", ":3333", "-parallelism", "4", "-log-level", "debug", "-quota", "2GB"}, func(c config.Config) bool {
 			return c.Root == "/file" && c.Listen == ":3333" && c.ParallelismDegree == 4 && c.LogLevel == "debug" && c.Quota == 2e9
 		}},
+		{"connection caps", []string{"-config", cfgPath, "-max-connections", "8", "-registry-max-connections", "9"}, func(c config.Config) bool {
+			return c.MaxConnections == 8 && c.RegistryMaxConnections == 9
+		}},
 		{"token file", []string{"-config", cfgPath, "-token-file", tokFile}, func(c config.Config) bool { return c.Token == "from-file" }},
 		{"token flag beats file", []string{"-config", cfgPath, "-token", "direct", "-token-file", tokFile}, func(c config.Config) bool { return c.Token == "direct" }},
 		{"no file: defaults and env", nil, func(c config.Config) bool {
@@ -89,6 +92,7 @@ func TestParseFlagsErrors(t *testing.T) {
 		want string
 	}{
 		{"negative parallelism", []string{"-parallelism", "-1"}, "parallelismDegree: -1, must be at least 1"},
+		{"zero connection cap", []string{"-registry-max-connections", "0"}, "registryMaxConnections: 0, must be positive"},
 		{"unknown log level", []string{"-log-level", "chatty"}, `logLevel: "chatty"`},
 		{"tls cert without key", []string{"-tls-cert", "/c.pem"}, "tls: cert and key must be set together"},
 		{"bad quota", []string{"-quota", "lots"}, "-quota: byte size"},

@@ -21,10 +21,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"imagestore/agent"
 	"imagestore/agent/config"
 	"imagestore/blobstore"
 	s3store "imagestore/blobstore/s3"
+	"imagestore/internal/connlimit"
 	"imagestore/internal/redact"
 	"imagestore/internal/version"
 )
@@ -54,6 +57,8 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 	root := fs.String("root", "", "store root directory (default ./data)")
 	listen := fs.String("listen", "", "management protocol address (default :8001)")
 	regListen := fs.String("registry-listen", "", "registry address (default :8000)")
+	maxConns := fs.Int("max-connections", 0, "connections open at once on the management port; more wait (default 1024)")
+	regMaxConns := fs.Int("registry-max-connections", 0, "connections open at once on the registry port; more wait (default 1024)")
 	token := fs.String("token", "", "bearer token required on every endpoint but /health (prefer -token-file)")
 	tokenFile := fs.String("token-file", "", "file holding the bearer token")
 	tlsCert := fs.String("tls-cert", "", "TLS certificate (PEM); enables HTTPS with -tls-key")
@@ -84,6 +89,10 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, options, error)
 			cfg.Listen = *listen
 		case "registry-listen":
 			cfg.RegistryListen = *regListen
+		case "max-connections":
+			cfg.MaxConnections = *maxConns
+		case "registry-max-connections":
+			cfg.RegistryMaxConnections = *regMaxConns
 		case "token":
 			cfg.Token = config.Secret(*token)
 		case "token-file":
@@ -215,7 +224,8 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 
 	logger.Info("starting", "profile", cfg.Profile, "root", cfg.Root, "listen", cfg.Listen, "registryListen", cfg.RegistryListen,
 		"auth", cfg.Token != "", "agentTLS", cfg.AgentListenerTLS().Enabled(), "registryTLS", cfg.RegistryListenerTLS().Enabled(),
-		"serverName", cfg.ServerName, "parallelismDegree", cfg.ParallelismDegree, "gcGrace", cfg.GCGrace)
+		"serverName", cfg.ServerName, "parallelismDegree", cfg.ParallelismDegree, "gcGrace", cfg.GCGrace,
+		"maxConnections", cfg.MaxConnections, "registryMaxConnections", cfg.RegistryMaxConnections)
 	if st := cfg.Storage; st.IsS3() {
 		logger.Info("storage", "type", st.Type, "endpoint", redact.URL(st.Endpoint), "bucket", st.Bucket, "prefix", st.Prefix,
 			"pathStyle", st.PathStyle, "keys", st.CredentialSource(), "caFile", st.CAFile)
@@ -240,7 +250,7 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	srv, ln, err := managementServer(cfg, a.Handler(), logger)
+	srv, ln, err := managementServer(cfg, a.Handler(), a.Registry(), logger)
 	if err != nil {
 		return err
 	}
@@ -301,11 +311,11 @@ func serve(cfg config.Config, logger *slog.Logger) error {
 	return nil
 }
 
-// managementServer listens on cfg.Listen, with TLS when the agent port has
-// a certificate (cfg.AgentListenerTLS), and returns the server for h and
-// its listener.
-func managementServer(cfg config.Config, h http.Handler, logger *slog.Logger) (*http.Server, net.Listener, error) {
-	ln, err := net.Listen("tcp", cfg.Listen)
+// managementServer listens on cfg.Listen, with at most cfg.MaxConnections
+// open, with TLS when the agent port has a certificate
+// (cfg.AgentListenerTLS), and returns the server for h and its listener.
+func managementServer(cfg config.Config, h http.Handler, reg prometheus.Registerer, logger *slog.Logger) (*http.Server, net.Listener, error) {
+	ln, err := listenCapped(cfg.Listen, cfg.MaxConnections, "agent", reg)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -324,6 +334,37 @@ func managementServer(cfg config.Config, h http.Handler, logger *slog.Logger) (*
 		ln = tls.NewListener(ln, srv.TLSConfig)
 	}
 	return srv, ln, nil
+}
+
+// listenCapped listens on addr with at most limit connections open
+// (internal/connlimit) and registers the port's connection gauges. TLS, if
+// any, goes on top: net/http serves TLS only on a *tls.Conn it gets itself.
+func listenCapped(addr string, limit int, port string, reg prometheus.Registerer) (net.Listener, error) {
+	tcp, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := connlimit.New(tcp, limit)
+	if err != nil {
+		tcp.Close()
+		return nil, err
+	}
+	labels := prometheus.Labels{"port": port}
+	open := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "imagestore_open_connections",
+		Help:        "Connections open on the port (agent: listen, registry: registryListen).",
+		ConstLabels: labels,
+	}, func() float64 { return float64(ln.Open()) })
+	limitGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "imagestore_max_connections",
+		Help:        "The port's cap on open connections (maxConnections, registryMaxConnections); clients beyond it wait.",
+		ConstLabels: labels,
+	}, func() float64 { return float64(ln.Limit()) })
+	if err := errors.Join(reg.Register(open), reg.Register(limitGauge)); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("%s port metrics: %w", port, err)
+	}
+	return ln, nil
 }
 
 // serverTLS loads one port's certificate.

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"path/filepath"
 	"time"
@@ -20,7 +19,8 @@ import (
 
 // startRegistry serves the registry port (transfer/registry): the OCI
 // distribution API under /v2 and replication under /v1, with the registry
-// port's certificate (cfg.RegistryListenerTLS) and the agent's token.
+// port's certificate (cfg.RegistryListenerTLS) and the agent's token, and
+// at most cfg.RegistryMaxConnections connections open.
 func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Store, reg *prometheus.Registry, logger *slog.Logger) (shutdown func(context.Context) error, err error) {
 	log := logger.With("component", "registry")
 	m := replicate.NewMetrics(reg)
@@ -46,7 +46,7 @@ func startRegistry(ctx context.Context, cfg config.Config, store *blobstore.Stor
 		eng.Close()
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", cfg.RegistryListen)
+	ln, err := listenCapped(cfg.RegistryListen, cfg.RegistryMaxConnections, "registry", reg)
 	if err != nil {
 		eng.Close()
 		return nil, err
