@@ -21,7 +21,9 @@ type Blob interface {
 // long sequential read better as one stream than as ReadAt calls (S3: one
 // GET instead of a request per ReadAt). ReadRange returns the n bytes at
 // off (clamped to the blob's size); a body that ends early is an error.
-// Callers check for it with a type assertion and fall back to ReadAt.
+// Callers check for it with a type assertion and fall back to ReadAt. A
+// body that holds the bytes in memory may implement io.WriterTo, writing
+// them from its own buffers (the registry then copies nothing itself).
 type RangeReader interface {
 	ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error)
 }

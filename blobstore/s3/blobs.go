@@ -307,7 +307,7 @@ func (o *blob) readCached(p []byte, off int64) (int, error) {
 	for n < len(p) {
 		pos := off + int64(n)
 		idx := pos / cs
-		chunk, err := o.b.cache.get(o.ctx, chunkKey{o.d, o.cacheTag, idx}, func() ([]byte, error) {
+		chunk, err := o.b.cache.get(o.ctx, chunkKey{o.d, o.cacheTag, idx}, func() (*chunkBuf, error) {
 			start := idx * cs
 			buf := make([]byte, min(cs, o.size-start))
 			k, err := o.b.getRange(o.ctx, o.key, start, buf)
@@ -317,12 +317,13 @@ func (o *blob) readCached(p []byte, off int64) (int, error) {
 			if k != len(buf) {
 				return nil, fmt.Errorf("s3store: %s: short read %d of %d at %d", o.key, k, len(buf), start)
 			}
-			return buf, nil
+			return newChunkBuf(buf), nil
 		})
 		if err != nil {
 			return n, err
 		}
-		n += copy(p[n:], chunk[pos-idx*cs:])
+		n += copy(p[n:], chunk.b[pos-idx*cs:])
+		chunk.release()
 	}
 	return n, nil
 }

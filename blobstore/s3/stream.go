@@ -33,6 +33,10 @@ const (
 	raStreams = 4 // readahead streams at once, across all blobs
 	raLoads   = 4 // readers' own chunk fetches in flight
 	raCap     = 8 * raChunk
+	// raFree is how many released chunk buffers are kept for reuse: a
+	// sequential read frees about one as each new chunk comes (the
+	// oldest read one is evicted), so a few cover several streams.
+	raFree = 4
 	// raIdle ends a readahead stream nobody asked anything of for this
 	// long (its reader went away, or jumped elsewhere).
 	raIdle = 10 * time.Second
@@ -48,6 +52,7 @@ var errStreamEnded = errors.New("s3store: readahead stream ended")
 // readahead is the Backend's state for sequential reads.
 type readahead struct {
 	chunks *chunkCache
+	bufs   *bufPool // the chunks' buffers
 	loads  chan struct{}
 
 	mu      sync.Mutex
@@ -65,6 +70,7 @@ type blobID struct {
 func newReadahead() *readahead {
 	return &readahead{
 		chunks:  newChunkCache(raCap),
+		bufs:    newBufPool(raChunk, raFree),
 		loads:   make(chan struct{}, raLoads),
 		streams: map[blobID]*raStream{},
 	}
@@ -236,24 +242,56 @@ func (r *raReader) Read(p []byte) (int, error) {
 		p = p[:r.end-r.pos]
 	}
 	idx := r.pos / raChunk
-	data, err := r.o.raChunk(r.ctx, idx)
+	c, err := r.o.raChunk(r.ctx, idx)
 	if err != nil {
 		return 0, err
 	}
-	n := copy(p, data[r.pos-idx*raChunk:])
+	n := copy(p, c.b[r.pos-idx*raChunk:])
+	c.release()
 	r.pos += int64(n)
 	return n, nil
+}
+
+// WriteTo writes the rest of the range to w straight from the chunks,
+// one Write per chunk it spans, with no copy into a buffer of the
+// caller's (io.Copy's, the registry's response copy).
+func (r *raReader) WriteTo(w io.Writer) (int64, error) {
+	var done int64
+	for r.pos < r.end {
+		idx := r.pos / raChunk
+		c, err := r.o.raChunk(r.ctx, idx)
+		if err != nil {
+			return done, err
+		}
+		p := c.b[r.pos-idx*raChunk:]
+		if int64(len(p)) > r.end-r.pos {
+			p = p[:r.end-r.pos]
+		}
+		// The Writer must not keep p (io.Writer's contract): the
+		// buffer may be reused once released.
+		n, err := w.Write(p)
+		c.release()
+		r.pos += int64(n)
+		done += int64(n)
+		if err != nil {
+			return done, err
+		}
+		if n < len(p) {
+			return done, io.ErrShortWrite
+		}
+	}
+	return done, nil
 }
 
 func (r *raReader) Close() error { return nil }
 
 // raChunk returns readahead chunk idx: from the LRU, from the blob's
 // readahead stream (started or moved ahead by this read), or fetched by
-// this reader with one ranged GET.
-func (o *blob) raChunk(ctx context.Context, idx int64) ([]byte, error) {
+// this reader with one ranged GET. The caller releases it.
+func (o *blob) raChunk(ctx context.Context, idx int64) (*chunkBuf, error) {
 	ra := o.b.ra
 	ra.follow(o, idx)
-	load := func() ([]byte, error) {
+	load := func() (*chunkBuf, error) {
 		select {
 		case ra.loads <- struct{}{}:
 		case <-ctx.Done():
@@ -274,17 +312,18 @@ func (o *blob) raChunk(ctx context.Context, idx int64) ([]byte, error) {
 
 func (o *blob) raKey(idx int64) chunkKey { return chunkKey{o.d, o.etag, idx} }
 
-func (o *blob) fetchChunk(ctx context.Context, idx int64) ([]byte, error) {
+func (o *blob) fetchChunk(ctx context.Context, idx int64) (*chunkBuf, error) {
 	start := idx * raChunk
-	buf := make([]byte, min(raChunk, o.size-start))
-	k, err := o.b.getRange(ctx, o.key, start, buf)
+	c := o.b.ra.bufs.get(int(min(raChunk, o.size-start)))
+	k, err := o.b.getRange(ctx, o.key, start, c.b)
+	if err == nil && k != len(c.b) {
+		err = fmt.Errorf("s3store: %s: short read %d of %d at %d", o.key, k, len(c.b), start)
+	}
 	if err != nil {
+		c.release()
 		return nil, err
 	}
-	if k != len(buf) {
-		return nil, fmt.Errorf("s3store: %s: short read %d of %d at %d", o.key, k, len(buf), start)
-	}
-	return buf, nil
+	return c, nil
 }
 
 // follow keeps blob o's readahead stream raDepth chunks ahead of a read
@@ -429,8 +468,9 @@ func (s *raStream) read() error {
 				return nil
 			}
 		}
-		buf := make([]byte, min(raChunk, s.size-idx*raChunk))
-		if _, err := io.ReadFull(body, buf); err != nil {
+		buf := ra.bufs.get(int(min(raChunk, s.size-idx*raChunk)))
+		if _, err := io.ReadFull(body, buf.b); err != nil {
+			buf.release()
 			if s.ctx.Err() == nil {
 				s.b.log.Debug("s3 readahead stream broke", "key", s.key, "chunk", idx, "err", err)
 			}
@@ -444,6 +484,7 @@ func (s *raStream) read() error {
 		if f != nil {
 			ra.chunks.complete(chunkKey{s.id.d, s.id.etag, idx}, f, buf, nil, true)
 		} // else a reader held or fetched it meanwhile: these bytes are not needed
+		buf.release()
 		if (idx+1)*raChunk >= s.size {
 			return nil
 		}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -130,7 +131,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 		s.m.SentBytes.Add(float64(cw.n))
 		return
 	}
-	var content io.ReadSeeker = io.NewSectionReader(b, 0, size)
+	cr := &countingReader{r: io.NewSectionReader(b, 0, size)}
 	if rr, ok := b.(blobstore.RangeReader); ok && r.Method == http.MethodGet {
 		// A backend that streams a range better than it answers ReadAt
 		// calls (S3: one GET, or readahead, instead of a GET per read)
@@ -140,13 +141,12 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, name, ref str
 		if start, end, ok := wantedRange(r.Header.Get("Range"), size); ok && end-start >= streamRangeMin {
 			rs := &rangeSeeker{ctx: r.Context(), rr: rr, size: size, end: end}
 			defer rs.Close()
-			content = rs
-			buf := s.copyBufs.Get().(*[]byte)
-			defer s.copyBufs.Put(buf)
-			w = &bulkResponse{ResponseWriter: w, buf: *buf}
+			cr.r = rs
+			bw := &bulkResponse{ResponseWriter: w, src: cr, rs: rs, bufs: &s.copyBufs}
+			defer bw.done()
+			w = bw
 		}
 	}
-	cr := &countingReader{r: content}
 	http.ServeContent(w, r, "", time.Time{}, cr)
 	s.m.SentBytes.Add(float64(cr.n))
 }
@@ -243,6 +243,37 @@ func (s *rangeSeeker) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// writeN writes the n bytes at pos to w from one ReadRange of exactly
+// them: a body that writes itself (io.WriterTo) does, else they are
+// copied through buf(). Fewer than n bytes is an error.
+func (s *rangeSeeker) writeN(w io.Writer, n int64, buf func() []byte) (int64, error) {
+	if n <= 0 {
+		return 0, nil
+	}
+	if s.body != nil || s.pos+n > s.size {
+		// Not the fresh range writeN opens (ServeContent never does
+		// this): read on as Read does.
+		return io.CopyBuffer(w, io.LimitReader(s, n), buf())
+	}
+	body, err := s.rr.ReadRange(s.ctx, s.pos, n)
+	if err != nil {
+		return 0, err
+	}
+	s.body = body
+	var written int64
+	if wt, ok := body.(io.WriterTo); ok {
+		written, err = wt.WriteTo(w)
+	} else {
+		written, err = io.CopyBuffer(w, body, buf())
+	}
+	s.pos += written
+	s.Close()
+	if err == nil && written != n {
+		err = fmt.Errorf("registry: range of %d bytes at %d ended after %d: %w", n, s.pos-written, written, io.ErrUnexpectedEOF)
+	}
+	return written, err
+}
+
 func (s *rangeSeeker) Close() error {
 	if s.body == nil {
 		return nil
@@ -275,16 +306,48 @@ func (s *Server) blobFile(d digest.Digest, size int64) *os.File {
 // (32 write system calls, each waking the client's reader).
 const streamCopyBuf = 1 << 20
 
-// bulkResponse gives http.ServeContent's copy (which ends in the
-// writer's ReadFrom) a buffer of streamCopyBuf bytes.
+// bulkResponse is the response writer of a streamed range: it takes over
+// http.ServeContent's copy of the range (which ends in the writer's
+// ReadFrom), so that a range the backend holds in memory (S3's readahead
+// chunks) goes from the backend's buffers to the socket in large writes,
+// with no copy of ours, and any other in writes of streamCopyBuf bytes.
 type bulkResponse struct {
 	http.ResponseWriter
-	buf []byte
+	src  *countingReader // ServeContent's content, reading rs
+	rs   *rangeSeeker
+	bufs *sync.Pool // *[]byte of streamCopyBuf bytes
+	buf  *[]byte    // from bufs, once needed
 }
 
 func (b *bulkResponse) ReadFrom(r io.Reader) (int64, error) {
 	// The bare Writer hides the response's own ReadFrom (32 KiB copies).
-	return io.CopyBuffer(struct{ io.Writer }{b.ResponseWriter}, r, b.buf)
+	w := struct{ io.Writer }{b.ResponseWriter}
+	// ServeContent copies the range as io.CopyN(w, content, length),
+	// which hands us our content under an io.LimitedReader: the range is
+	// then opened for exactly those bytes, and the backend's body writes
+	// them itself (io.WriterTo) if it can. Any other reader is copied.
+	if lr, ok := r.(*io.LimitedReader); ok && lr.R == io.Reader(b.src) {
+		n, err := b.rs.writeN(w, lr.N, b.buffer)
+		lr.N -= n
+		b.src.n += n
+		return n, err
+	}
+	return io.CopyBuffer(w, r, b.buffer())
+}
+
+func (b *bulkResponse) buffer() []byte {
+	if b.buf == nil {
+		b.buf = b.bufs.Get().(*[]byte)
+	}
+	return *b.buf
+}
+
+// done returns the copy buffer, if one was taken.
+func (b *bulkResponse) done() {
+	if b.buf != nil {
+		b.bufs.Put(b.buf)
+		b.buf = nil
+	}
 }
 
 // countingResponse counts the body bytes written, keeping the response's

@@ -19,11 +19,14 @@ import (
 
 // rangeBackend gives its blobs a RangeReader (as S3's have) over the
 // wrapped backend's ReadAt, and records the size of every Read of a range
-// body.
+// body; with writerTo its bodies are also io.WriterTo (as S3's readahead
+// ones are), and record the size of each Write they make.
 type rangeBackend struct {
 	blobstore.Backend
-	mu    sync.Mutex
-	reads []int
+	mu       sync.Mutex
+	writerTo bool
+	reads    []int
+	writes   []int
 }
 
 func (b *rangeBackend) OpenBlob(ctx context.Context, d digest.Digest) (blobstore.Blob, error) {
@@ -41,8 +44,44 @@ type rangeBlob struct {
 
 func (r rangeBlob) ReadRange(_ context.Context, off, n int64) (io.ReadCloser, error) {
 	n = min(n, r.Size()-off)
-	return io.NopCloser(readSizes{io.NewSectionReader(r.Blob, off, n), r.b}), nil
+	body := readSizes{io.NewSectionReader(r.Blob, off, n), r.b}
+	r.b.mu.Lock()
+	defer r.b.mu.Unlock()
+	if r.b.writerTo {
+		return writerToBody{body}, nil
+	}
+	return io.NopCloser(body), nil
 }
+
+// writerToBody writes its range to w in writes of up to 4 MiB from its
+// own buffer.
+type writerToBody struct{ readSizes }
+
+func (b writerToBody) WriteTo(w io.Writer) (int64, error) {
+	buf := make([]byte, 4<<20)
+	var done int64
+	for {
+		n, err := b.r.Read(buf)
+		if n > 0 {
+			b.b.mu.Lock()
+			b.b.writes = append(b.b.writes, n)
+			b.b.mu.Unlock()
+			k, werr := w.Write(buf[:n])
+			done += int64(k)
+			if werr != nil {
+				return done, werr
+			}
+		}
+		if err == io.EOF {
+			return done, nil
+		}
+		if err != nil {
+			return done, err
+		}
+	}
+}
+
+func (writerToBody) Close() error { return nil }
 
 type readSizes struct {
 	r io.Reader
@@ -59,7 +98,9 @@ func (s readSizes) Read(p []byte) (int, error) {
 // TestStreamedRanges: on a backend whose blobs stream ranges, a range GET
 // of 256 KiB or more is served from ReadRange with the right bytes and
 // headers, and the registry reads a client's 1 MiB range in one piece (a
-// buffer of 1 MiB, not io.Copy's 32 KiB), so it goes out in one write.
+// buffer of 1 MiB, not io.Copy's 32 KiB), so it goes out in one write; a
+// body that writes itself (io.WriterTo) is opened for exactly the range
+// and writes it all, never read through the registry's buffer.
 func TestStreamedRanges(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -87,16 +128,20 @@ func TestStreamedRanges(t *testing.T) {
 		name       string
 		start, end int64 // [start, end)
 		streamed   bool
-		maxRead    int // the largest Read of the range body
+		maxRead    int  // the largest Read of the range body (not a WriterTo's)
+		writerTo   bool // the body is an io.WriterTo
 	}{
-		{"1 MiB", 1 << 20, 2 << 20, true, 1 << 20},
-		{"1 MiB unaligned", 3<<20 + 77, 4<<20 + 77, true, 1 << 20},
-		{"to the end", 4 << 20, int64(len(data)), true, 1 << 20},
-		{"small: ReadAt", 100, 100 + 4096, false, 0},
+		{"1 MiB", 1 << 20, 2 << 20, true, 1 << 20, false},
+		{"1 MiB unaligned", 3<<20 + 77, 4<<20 + 77, true, 1 << 20, false},
+		{"to the end", 4 << 20, int64(len(data)), true, 1 << 20, false},
+		{"small: ReadAt", 100, 100 + 4096, false, 0, false},
+		{"WriterTo: 1 MiB", 1 << 20, 2 << 20, true, 0, true},
+		{"WriterTo: 3 MiB unaligned", 77, 3<<20 + 77, true, 0, true},
+		{"WriterTo: to the end", 1<<20 + 5, int64(len(data)), true, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			be.mu.Lock()
-			be.reads = nil
+			be.reads, be.writes, be.writerTo = nil, nil, tc.writerTo
 			be.mu.Unlock()
 			req, _ := http.NewRequest(http.MethodGet, hs.URL+"/v2/vol/blobs/"+d.String(), nil)
 			req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", tc.start, tc.end-1))
@@ -116,8 +161,20 @@ func TestStreamedRanges(t *testing.T) {
 				t.Fatalf("range %d-%d: wrong bytes (%d of them)", tc.start, tc.end, len(got))
 			}
 			be.mu.Lock()
-			reads := be.reads
+			reads, writes := be.reads, be.writes
 			be.mu.Unlock()
+			if tc.writerTo {
+				// The body wrote the whole range itself (from its 4 MiB
+				// buffer); the registry never read it.
+				sum := 0
+				for _, n := range writes {
+					sum += n
+				}
+				if len(writes) == 0 || int64(sum) != tc.end-tc.start || len(reads) != 0 {
+					t.Fatalf("range %d-%d: body writes %v, reads %v; want it written whole by its WriteTo, never read", tc.start, tc.end, writes, reads)
+				}
+				return
+			}
 			largest := 0
 			for _, n := range reads {
 				largest = max(largest, n)
