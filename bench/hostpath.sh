@@ -19,6 +19,12 @@
 #        SIZE_MB=8192 PEERS=0 bench/hostpath.sh   (our rows only: RSS at 8 GiB)
 #        COMPRESS=true bench/hostpath.sh   (our push with -compress)
 #        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
+#        RESTORES=5 bench/hostpath.sh      (more restore rounds)
+#
+# The restore is measured RESTORES times (default 3), each round qemu-img
+# convert -t writeback, then our verified and unverified pulls, and the
+# table gives the medians (every round is printed below it): on this shared
+# machine qemu-img's own rate swings by 2x between runs a minute apart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -26,6 +32,7 @@ SIZE_MB=${SIZE_MB:-2048}
 PEERS=${PEERS:-1}
 COMPRESS=${COMPRESS:-false}   # the CLI default
 BOTH=${BOTH:-}
+RESTORES=${RESTORES:-3}
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hostpath-bench.XXXXXX")}
 AGENT_PID=
 export IMAGESTORE_STATE_DIR=$DIR/state   # the CLI's push cache: never the machine's own
@@ -56,6 +63,9 @@ cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' 
 per_gib() { awk -v s="$1" -v b="$BYTES" 'BEGIN { printf "%.2f", s / (b / 1073741824) }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
+# median FILE COLUMN: the median of that column (the lower middle one for an
+# even count).
+median() { awk -v k="$2" '{ print $k }' "$1" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 echo "volume: $SIZE_MB MiB in $DIR"
 "$DIR/mkvol" -o "$DIR/vol.raw" -size "$SIZE_MB"
@@ -96,7 +106,6 @@ timed qconv qemu-img convert -f qcow2 -O qcow2 "$DIR/vol.qcow2" "$DIR/conv.qcow2
 # pull fsyncs DST before the rename, so the ratio is against -t writeback
 # (flushed at the end), the same durability; the unflushed rate is shown too.
 timed qraw qemu-img convert -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
-timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
 
 # --- ours: a fresh store per mode.
 # ours MODE: full push, delta push, pull -format raw; sets P_*, stored bytes.
@@ -126,21 +135,36 @@ CFG
   a1=$(cpu_of "$AGENT_PID")
   timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
   sync
-  a2=$(cpu_of "$AGENT_PID")
-  timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
-  a3=$(cpu_of "$AGENT_PID")
-  cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
-  rm -f "$DIR/pulled.raw"; sync
-  timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
-  a4=$(cpu_of "$AGENT_PID")
-  cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
-  rm -f "$DIR/pulled.raw"
+  local d0; d0=$(cpu_of "$AGENT_PID")
+  # Restores: RESTORES rounds of qemu-img convert -t writeback, our
+  # verified pull and our unverified pull, one after the other; the table
+  # takes the medians (the pairs are printed below it).
+  local i pairs=$DIR/pairs.$mode
+  : > "$pairs"
+  for i in $(seq "$RESTORES"); do
+    timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; sync
+    a2=$(cpu_of "$AGENT_PID")
+    timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
+    a3=$(cpu_of "$AGENT_PID")
+    cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+    rm -f "$DIR/pulled.raw"; sync
+    timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
+    a4=$(cpu_of "$AGENT_PID")
+    cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+    rm -f "$DIR/pulled.raw"; sync
+    echo "$T_qrawf $T_pull $T_pulln $C_pull $(sub "$a2" "$a3") $C_pulln $(sub "$a3" "$a4") $M_pull $C_qrawf" >> "$pairs"
+  done
+  T_qrawf=$(median "$pairs" 1) T_pull=$(median "$pairs" 2) T_pulln=$(median "$pairs" 3)
+  C_pull=$(median "$pairs" 4) C_pulln=$(median "$pairs" 6) C_qrawf=$(median "$pairs" 9)
+  M_pull=$(awk '$8 > m { m = $8 } END { print m }' "$pairs")
+  local ap_pull apn_pull
+  ap_pull=$(median "$pairs" 5) apn_pull=$(median "$pairs" 7)
   AGENT_RSS=$(( $(awk '/VmHWM/ { print $2 }' "/proc/$AGENT_PID/status") / 1024 ))
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=
   STORED=$(du -sb "$store/blobs" | cut -f1)
   rm -rf "$store"
-  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)" "$T_pulln"
-  printf -v "CPU_$mode" '%s %s %s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$a2")" "$C_pull" "$(sub "$a2" "$a3")" "$C_pulln" "$(sub "$a3" "$a4")"
+  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)" "$T_pulln" "$T_qrawf"
+  printf -v "CPU_$mode" '%s %s %s %s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$d0")" "$C_pull" "$ap_pull" "$C_pulln" "$apn_pull" "$C_qrawf"
 }
 MODES=("$COMPRESS")
 if [ -n "$BOTH" ]; then
@@ -174,7 +198,7 @@ echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limi
 echo "one SHA-256 pass: alone $(mbps "$BYTES" "$T_sha") MB/s; beside the durable write (bench/cmd/onepass) $(mbps "$BYTES" "$T_shaw") MB/s ($(ratio "$T_disk" "$T_shaw")× disk limit)"
 echo
 for m in "${MODES[@]}"; do
-  v=R_$m; read -r tp td tr st mp md mr ar la trn <<<"${!v}"
+  v=R_$m; read -r tp td tr st mp md mr ar la trn qf <<<"${!v}"
   echo "### ours with push -compress=$m (load ${la} at the end)"
   echo
   echo "| step | ours | peers in the same run |"
@@ -183,12 +207,12 @@ for m in "${MODES[@]}"; do
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
   echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit, $(ratio "$T_shaw" "$tp")× one SHA-256 pass beside the write$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$T_qrawf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$T_qrawf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
-  echo "| the same restore with pull -verify=false | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$T_qrawf" "$trn")× qemu-img convert -t writeback) | |"
+  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$qf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$qf" "$trn")× qemu-img convert -t writeback) | |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
-  v=CPU_$m; read -r cp ap cd ad cr ar2 crn arn <<<"${!v}"
+  v=CPU_$m; read -r cp ap cd ad cr ar2 crn arn cqf <<<"${!v}"
   echo "CPU seconds per GiB of the qcow2 (user + sys), CLI + agent:"
   echo
   echo "| step | CLI | agent | total |"
@@ -197,6 +221,16 @@ for m in "${MODES[@]}"; do
   echo "| delta push (s, not per GiB) | $cd | $ad | $(awk -v a="$cd" -v b="$ad" 'BEGIN { printf "%.2f", a + b }') |"
   echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
   echo "| pull -format raw -verify=false | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
-  echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed) | $(per_gib "$C_qconv") / $(per_gib "$C_qrawf") | | |"
+  echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed) | $(per_gib "$C_qconv") / $(per_gib "$cqf") | | |"
+  echo
+  echo "restore rounds, in the order run (MB/s; ratio to the convert of the same round):"
+  echo
+  echo "| round | qemu-img convert -t writeback | pull (-verify) | pull -verify=false |"
+  echo "|---|---|---|---|"
+  i=0
+  while read -r q p pn _; do
+    i=$((i + 1))
+    echo "| $i | $(mbps "$BYTES" "$q") | $(mbps "$BYTES" "$p") ($(ratio "$q" "$p")×) | $(mbps "$BYTES" "$pn") ($(ratio "$q" "$pn")×) |"
+  done < "$DIR/pairs.$m"
   echo
 done
