@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"imagestore/qcow2/qemutest"
 	"imagestore/transfer/livebackup/vmtest"
 	"imagestore/transfer/qmp"
@@ -589,4 +591,107 @@ func bitmapNameSet(bms []vmtest.Bitmap) string {
 	}
 	sort.Strings(n)
 	return strings.Join(n, ",")
+}
+
+// A target on a local block file system (the test's temp dir) is written
+// by QEMU with O_DIRECT into space reserved for it, and trimmed to the
+// image's end afterwards; one on tmpfs is written through the page cache
+// with nothing reserved. Both hold exactly the disk at the instant.
+func TestTargetDirectReservedTrimmed(t *testing.T) {
+	t.Parallel()
+	var st unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("needs a tmpfs at /dev/shm (%v)", err)
+	}
+	shm, err := os.MkdirTemp("/dev/shm", "lbtarget")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	v := twoDisks(t)
+	ctx := context.Background()
+	out := t.TempDir()
+	v.Write(0, 4*mib, 8*mib, 0x51)
+	v.Write(1, 0, 8*mib, 0x52)
+
+	// During the job: how QEMU opened each target file, and its size.
+	type seen struct {
+		direct bool
+		size   int64
+	}
+	var during map[string]seen
+	var mon qmp.Monitor
+	var refs []string
+	e, mon0 := newEngine(t, v, Options{OnStart: func() {
+		refs = []string{v.Snapshot(0, "r0"), v.Snapshot(1, "r1")}
+		var nodes []struct {
+			Drv   string `json:"drv"`
+			File  string `json:"file"`
+			Cache struct {
+				Direct bool `json:"direct"`
+			} `json:"cache"`
+		}
+		if err := mon.Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+			t.Error(err)
+			return
+		}
+		during = map[string]seen{}
+		for _, n := range nodes {
+			if n.Drv != "file" {
+				continue
+			}
+			if fi, err := os.Stat(n.File); err == nil {
+				during[n.File] = seen{n.Cache.Direct, fi.Size()}
+			}
+		}
+	}})
+	mon = mon0
+	check := func(ds []Drive, parents ...string) {
+		t.Helper()
+		for i, d := range ds {
+			f := d.Target.File
+			s, ok := during[f]
+			if !ok {
+				t.Fatalf("QEMU had no node for %s during the job: %v", f, during)
+			}
+			onTmpfs := strings.HasPrefix(f, shm)
+			if s.direct == onTmpfs {
+				t.Errorf("%s: QEMU's O_DIRECT is %v", f, s.direct)
+			}
+			fi, err := os.Stat(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var chk struct {
+				End int64 `json:"image-end-offset"`
+			}
+			qout, _ := exec.Command("qemu-img", "check", "--output=json", "-f", "qcow2", f).Output()
+			if err := json.Unmarshal(qout, &chk); err != nil || chk.End == 0 {
+				t.Fatalf("qemu-img check %s: %v %s", f, err, qout)
+			}
+			if fi.Size() != chk.End {
+				t.Errorf("%s: %d bytes, its image ends at %d", f, fi.Size(), chk.End)
+			}
+			// Reserved on ext4: the file was larger than it ended up.
+			if reserved := s.size > fi.Size(); reserved == onTmpfs {
+				t.Errorf("%s: %d bytes during the job, %d after", f, s.size, fi.Size())
+			}
+			compareChain(t, f, parents[i], refs[i])
+		}
+	}
+	ds := drives(out, "full", Full, Full)
+	ds[1].Target.File = filepath.Join(shm, "full-d1.qcow2")
+	if _, err := e.Backup(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	check(ds, "", "")
+	v.Write(0, 20*mib, 3*mib, 0x53)
+	v.Write(1, 30*mib, 3*mib, 0x54)
+	inc := drives(out, "inc", Auto, Auto)
+	inc[1].Target.File = filepath.Join(shm, "inc-d1.qcow2")
+	if _, err := e.Backup(ctx, inc); err != nil {
+		t.Fatal(err)
+	}
+	check(inc, ds[0].Target.File, ds[1].Target.File)
+	wantExtents(t, inc[0].Target.File, [2]int64{20 * mib, 23 * mib})
 }

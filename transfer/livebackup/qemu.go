@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -29,8 +30,10 @@ type nodeInfo struct {
 	Drv         string       `json:"drv"`
 	BackingFile string       `json:"backing_file"`
 	Bitmaps     []bitmapInfo `json:"dirty-bitmaps"`
+	File        string       `json:"file"`
 	Image       struct {
 		VirtualSize int64 `json:"virtual-size"`
+		ActualSize  int64 `json:"actual-size"` // bytes the node's file occupies
 	} `json:"image"`
 }
 
@@ -98,6 +101,21 @@ func readBlockState(ctx context.Context, m qmp.Monitor) (*blockState, error) {
 		return nil, err
 	}
 	return &blockState{m: m, nodes: nodes}, nil
+}
+
+// chainBytes is the bytes n's image and its backing files occupy, as
+// far as the chain's nodes are found by file name.
+func (s *blockState) chainBytes(n nodeInfo) int64 {
+	total := n.Image.ActualSize
+	for depth := 0; n.BackingFile != "" && depth < 64; depth++ {
+		i := slices.IndexFunc(s.nodes, func(x nodeInfo) bool { return x.Drv != "file" && x.File == n.BackingFile })
+		if i < 0 {
+			break
+		}
+		n = s.nodes[i]
+		total += n.Image.ActualSize
+	}
+	return total
 }
 
 // resolve is resolveNode on this reading.
