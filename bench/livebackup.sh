@@ -8,7 +8,7 @@
 # targets' allocated bytes) and MB/s, and the ratios the targets name.
 #
 # Usage: bench/livebackup.sh
-#        SIZE_MB=1024 DATA_MB=512 CHANGE=1 bench/livebackup.sh
+#        SIZE_MB=1024 DATA_MB=512 CHANGE=1 ROUNDS=3 bench/livebackup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -16,4 +16,4 @@ command -v qemu-system-x86_64 >/dev/null || { echo "needs qemu-system-x86 (make 
 mkdir -p bin
 go build -o bin/imagestore ./cmd/imagestore
 go build -o bin/livebench ./bench/cmd/livebench
-exec bin/livebench -cli bin/imagestore -size "${SIZE_MB:-4096}" -data "${DATA_MB:-2048}" -change "${CHANGE:-1}"
+exec bin/livebench -cli bin/imagestore -size "${SIZE_MB:-4096}" -data "${DATA_MB:-2048}" -change "${CHANGE:-1}" -rounds "${ROUNDS:-3}"
