@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -12,21 +13,47 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestFullDisk ingests more than fits into an 8 MiB tmpfs.
+// TestFullDisk ingests more than fits into an 8 MiB tmpfs (writes through
+// the page cache) and a 16 MiB ext4 (aligned writes with O_DIRECT).
 func TestFullDisk(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("skipping: mounting a small tmpfs needs root (running as uid", os.Geteuid(), ")")
+		t.Skip("skipping: mounting a small file system needs root (running as uid", os.Geteuid(), ")")
 	}
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	os.Mkdir(mnt, 0o755)
-	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=8m"); err != nil {
-		t.Skipf("skipping: mount tmpfs: %v", err)
+	for _, fs := range []string{"tmpfs", "ext4"} {
+		t.Run(fs, func(t *testing.T) {
+			mnt := filepath.Join(t.TempDir(), "mnt")
+			os.Mkdir(mnt, 0o755)
+			switch fs {
+			case "tmpfs":
+				if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, "size=8m"); err != nil {
+					t.Fatalf("mount tmpfs: %v", err)
+				}
+			case "ext4":
+				img := filepath.Join(t.TempDir(), "ext4.img")
+				if err := os.WriteFile(img, nil, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Truncate(img, 16<<20); err != nil {
+					t.Fatal(err)
+				}
+				if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
+					t.Fatalf("mkfs.ext4: %v %s", err, out)
+				}
+				if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+					t.Fatalf("mount -o loop: %v %s", err, out)
+				}
+			}
+			t.Cleanup(func() {
+				if err := unix.Unmount(mnt, 0); err != nil {
+					t.Errorf("unmount %s: %v", mnt, err)
+				}
+			})
+			testFullDisk(t, mnt, fs == "ext4")
+		})
 	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount %s: %v", mnt, err)
-		}
-	})
+}
+
+func testFullDisk(t *testing.T, mnt string, direct bool) {
 	ctx := context.Background()
 	s := openStore(t, mnt)
 	localOf(s).checkpointEvery = 1 << 20
@@ -51,6 +78,29 @@ func TestFullDisk(t *testing.T) {
 					fi, serr := os.Stat(filepath.Join(mnt, dirIngest, "small", ingestData))
 					if serr != nil || fi.Size() != w.Offset() {
 						t.Errorf("after ENOSPC: offset %d, data file %v %v", w.Offset(), fi.Size(), serr)
+					}
+					return err
+				}
+			}
+			return nil
+		}},
+		{"writer 4 MiB writes", func() error {
+			w, err := s.Writer(ctx, "large")
+			if err != nil {
+				return err
+			}
+			defer w.Cancel()
+			data := content(64, 16<<20) // page-aligned: a large allocation
+			for off := 0; off < len(data); off += 4 << 20 {
+				if _, err := w.Write(data[off : off+4<<20]); err != nil {
+					fi, serr := os.Stat(filepath.Join(mnt, dirIngest, "large", ingestData))
+					if serr != nil || fi.Size() != w.Offset() {
+						t.Errorf("after ENOSPC: offset %d, data file %v %v", w.Offset(), fi.Size(), serr)
+					}
+					if li := w.in.(*localIngest); direct && (li.direct == nil || li.direct.Direct() == 0) {
+						t.Errorf("no write went with O_DIRECT (%d bytes ingested)", w.Offset())
+					} else if !direct && li.direct != nil {
+						t.Errorf("O_DIRECT on a tmpfs")
 					}
 					return err
 				}

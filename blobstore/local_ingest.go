@@ -30,6 +30,7 @@ type localIngest struct {
 	ref      string
 	dir      string
 	f        *os.File
+	direct   *fsutil.DirectWriter // nil where the file system wants the page cache
 	h        hash.Hash
 	off      int64 // bytes written and hashed
 	durable  int64 // offset of the last checkpoint
@@ -97,6 +98,7 @@ func (l *Local) OpenIngest(ctx context.Context, ref string) (Ingest, int64, erro
 		f.Close()
 		return nil, 0, err
 	}
+	w.direct = fsutil.NewDirectWriter(f)
 	return w, dropped, nil
 }
 
@@ -223,8 +225,9 @@ func (w *localIngest) sync() error {
 	return nil
 }
 
-// writeHash writes p and hashes what was written. Large writes hash in
-// parallel with the write syscall; on a short write the hash is rewound.
+// writeHash writes p at w.off (f's position) and hashes what was
+// written. Large writes hash in parallel with the write syscall; on a
+// short write the hash is rewound.
 func (w *localIngest) writeHash(p []byte) (int, error) {
 	if len(p) < 256<<10 {
 		n, err := w.f.Write(p)
@@ -250,6 +253,25 @@ func (w *localIngest) writeHash(p []byte) (int, error) {
 	// more to fill than the copy itself.
 	var n int
 	var werr error
+	if w.direct != nil && fsutil.DirectAligned(p, w.off) {
+		// A whole frame of our client (4 MiB at a 4 MiB offset) from
+		// its own buffer to the disk: no copy into the page cache, no
+		// write-back and dropped pages later, no fresh page to fault in
+		// per 4 KiB (fsutil.DirectFS). About a third of the store's
+		// system CPU per ingested byte.
+		if n, werr = w.direct.WriteAt(p, w.off); werr != nil {
+			// WriteAt does not count a partial write: none counts, and
+			// the file is cut back to what does (the ingest's bytes on
+			// disk are exactly Offset's).
+			n = 0
+			if err := w.f.Truncate(w.off); err != nil {
+				werr = errors.Join(werr, err)
+			}
+		}
+		if _, err := w.f.Seek(w.off+int64(n), io.SeekStart); err != nil && werr == nil {
+			werr = err
+		}
+	}
 	for n < len(p) && werr == nil {
 		var k int
 		k, werr = w.f.Write(p[n:min(len(p), n+writeSyscallMax)])
@@ -329,6 +351,14 @@ func (w *localIngest) Err() error {
 	return nil
 }
 
+// closeDirect closes the O_DIRECT descriptor, if any.
+func (w *localIngest) closeDirect() {
+	if w.direct != nil {
+		_ = w.direct.Close()
+		w.direct = nil
+	}
+}
+
 // Close implements Ingest: checkpoint, then release the file and its lock.
 func (w *localIngest) Close() error {
 	if w.done {
@@ -336,6 +366,7 @@ func (w *localIngest) Close() error {
 	}
 	w.done = true
 	err := w.checkpoint()
+	w.closeDirect()
 	if cerr := w.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("blobstore: close ingest: %w", cerr)
 	}
@@ -350,6 +381,7 @@ func (w *localIngest) Cancel() error {
 	w.done = true
 	_ = w.waitCheckpoint() // its file is about to go anyway
 	err := os.RemoveAll(w.dir)
+	w.closeDirect()
 	w.f.Close()
 	if err != nil {
 		return fmt.Errorf("blobstore: cancel ingest %s: %w", w.ref, err)
@@ -384,6 +416,7 @@ func (w *localIngest) Commit(ctx context.Context, d digest.Digest) (bool, error)
 	// failed); the ingest directory is garbage from here on, and
 	// NewLocal/SweepIngests would clean it after a crash.
 	os.RemoveAll(w.dir)
+	w.closeDirect()
 	w.f.Close()
 	_ = fsutil.SyncDir(filepath.Join(w.l.root, dirIngest))
 	return created, err
