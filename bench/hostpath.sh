@@ -87,9 +87,15 @@ sync; cat "$DIR"/vol.raw "$DIR"/vol2.raw "$DIR"/vol.qcow2 "$DIR"/delta.qcow2 >/d
 
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 
-# --- disk limit: write the qcow2's bytes durably.
+# --- disk limit: write the qcow2's bytes durably, through the page cache
+# (cat, then sync) and around it (dd with O_DIRECT, then fsync); the faster
+# of the two is the limit. Every timed step below starts after settle.
+settle
 t0=$(now); cat "$DIR/vol.qcow2" > "$DIR/disk.out" && sync; t1=$(now)
-T_disk=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; sync
+T_diskc=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; settle
+t0=$(now); dd if="$DIR/vol.qcow2" of="$DIR/disk.out" bs=4M oflag=direct conv=fsync status=none; t1=$(now)
+T_diskd=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"
+T_disk=$(awk -v a="$T_diskc" -v b="$T_diskd" 'BEGIN { print (a < b ? a : b) }')
 # --- the bound of one SHA-256 pass (the store hashes every byte it keeps):
 # openssl's SHA-256 alone over the cached qcow2, and beside the durable
 # write of the same bytes (bench/cmd/onepass: the hash on one goroutine,
@@ -97,15 +103,16 @@ T_disk=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; sync
 # that hashes each byte once does on this machine, before any network,
 # framing or qcow2 work. (tee into openssl is no bound: its 64 KiB pipe
 # writes measured slower than our push.)
-t0=$(now); openssl dgst -sha256 "$DIR/vol.qcow2" >/dev/null; t1=$(now); T_sha=$(sub "$t0" "$t1")
-t0=$(now); "$DIR/onepass" -i "$DIR/vol.qcow2" -o "$DIR/disk.out" >/dev/null; t1=$(now)
+settle; t0=$(now); openssl dgst -sha256 "$DIR/vol.qcow2" >/dev/null; t1=$(now); T_sha=$(sub "$t0" "$t1")
+settle; t0=$(now); "$DIR/onepass" -i "$DIR/vol.qcow2" -o "$DIR/disk.out" >/dev/null; t1=$(now)
 T_shaw=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; sync
 # --- qemu-img convert: a full copy, and the chain to raw.
-timed qconv qemu-img convert -f qcow2 -O qcow2 "$DIR/vol.qcow2" "$DIR/conv.qcow2"; rm -f "$DIR/conv.qcow2"
+settle; timed qconv qemu-img convert -f qcow2 -O qcow2 "$DIR/vol.qcow2" "$DIR/conv.qcow2"; rm -f "$DIR/conv.qcow2"
 # qemu-img convert's default cache mode for its output is unsafe (no flush);
-# pull fsyncs DST before the rename, so the ratio is against -t writeback
-# (flushed at the end), the same durability; the unflushed rate is shown too.
-timed qraw qemu-img convert -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
+# pull fsyncs DST before the rename, so the ratio is against the faster of
+# -t writeback and -t none (O_DIRECT), both flushed at the end: the same
+# durability; the unflushed rate is shown too.
+settle; timed qraw qemu-img convert -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
 
 # --- ours: a fresh store per mode.
 # ours MODE: full push, delta push, pull -format raw; sets P_*, stored bytes.
@@ -130,29 +137,35 @@ CFG
   done
   [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
   local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3 a4
+  settle
   a0=$(cpu_of "$AGENT_PID")
   timed push "${cli[@]}" push -compress="$mode" -name vol -id base "$DIR/vol.qcow2"
   a1=$(cpu_of "$AGENT_PID")
+  settle
   timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
   sync
   local d0; d0=$(cpu_of "$AGENT_PID")
-  # Restores: RESTORES rounds of qemu-img convert -t writeback, our
-  # verified pull and our unverified pull, one after the other; the table
-  # takes the medians (the pairs are printed below it).
+  # Restores: RESTORES rounds of qemu-img convert -t writeback and -t
+  # none, our verified pull and our unverified pull, one after the other;
+  # the table takes the medians (the rounds are printed below it).
   local i pairs=$DIR/pairs.$mode
   : > "$pairs"
   for i in $(seq "$RESTORES"); do
-    timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; sync
+    settle
+    timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; settle
+    timed qrawd qemu-img convert -t none -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; settle
+    # The round's copy limit: the faster convert.
+    if awk -v a="$T_qrawd" -v b="$T_qrawf" 'BEGIN { exit !(a < b) }'; then T_qrawf=$T_qrawd C_qrawf=$C_qrawd; fi
     a2=$(cpu_of "$AGENT_PID")
     timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
     a3=$(cpu_of "$AGENT_PID")
     cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
-    rm -f "$DIR/pulled.raw"; sync
+    rm -f "$DIR/pulled.raw"; settle
     timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
     a4=$(cpu_of "$AGENT_PID")
     cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
     rm -f "$DIR/pulled.raw"; sync
-    echo "$T_qrawf $T_pull $T_pulln $C_pull $(sub "$a2" "$a3") $C_pulln $(sub "$a3" "$a4") $M_pull $C_qrawf" >> "$pairs"
+    echo "$T_qrawf $T_pull $T_pulln $C_pull $(sub "$a2" "$a3") $C_pulln $(sub "$a3" "$a4") $M_pull $C_qrawf $T_qrawd" >> "$pairs"
   done
   T_qrawf=$(median "$pairs" 1) T_pull=$(median "$pairs" 2) T_pulln=$(median "$pairs" 3)
   C_pull=$(median "$pairs" 4) C_pulln=$(median "$pairs" 6) C_qrawf=$(median "$pairs" 9)
@@ -177,24 +190,24 @@ if [ "$PEERS" = 1 ]; then
   export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$DIR/restic BORG_REPO=$DIR/borg BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
   restic init -q
   cp --sparse=always "$DIR/vol.raw" "$DIR/vol.img"   # one path for both snapshots
-  timed rfull restic backup -q "$DIR/vol.img"
+  settle; timed rfull restic backup -q "$DIR/vol.img"
   cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
-  timed rdelta restic backup -q "$DIR/vol.img"
-  timed rrest restic restore -q latest --target "$DIR/rrestore"
+  settle; timed rdelta restic backup -q "$DIR/vol.img"
+  settle; timed rrest restic restore -q latest --target "$DIR/rrestore"
   RESTIC_STORED=$(du -sb "$DIR/restic" | cut -f1); rm -rf "$DIR/rrestore" "$DIR/restic"
   borg init --encryption=none >/dev/null
   cp --sparse=always "$DIR/vol.raw" "$DIR/vol.img"
-  timed bfull borg create "::a" "$DIR/vol.img"
+  settle; timed bfull borg create "::a" "$DIR/vol.img"
   cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
-  timed bdelta borg create "::b" "$DIR/vol.img"
+  settle; timed bdelta borg create "::b" "$DIR/vol.img"
   mkdir -p "$DIR/brestore"
-  timed brest sh -c "cd '$DIR/brestore' && borg extract '::b'"
+  settle; timed brest sh -c "cd '$DIR/brestore' && borg extract '::b'"
   BORG_STORED=$(du -sb "$DIR/borg" | cut -f1); rm -rf "$DIR/brestore" "$DIR/borg" "$DIR/vol.img"
 fi
 
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 echo
-echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit $(mbps "$BYTES" "$T_disk") MB/s"
+echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit $(mbps "$BYTES" "$T_disk") MB/s (the faster of: cat + sync $(mbps "$BYTES" "$T_diskc"), dd O_DIRECT + fsync $(mbps "$BYTES" "$T_diskd"))"
 echo "one SHA-256 pass: alone $(mbps "$BYTES" "$T_sha") MB/s; beside the durable write (bench/cmd/onepass) $(mbps "$BYTES" "$T_shaw") MB/s ($(ratio "$T_disk" "$T_shaw")× disk limit)"
 echo
 for m in "${MODES[@]}"; do
@@ -207,8 +220,8 @@ for m in "${MODES[@]}"; do
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
   echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit, $(ratio "$T_shaw" "$tp")× one SHA-256 pass beside the write$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$qf" "$tr")× qemu-img convert -t writeback, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
-  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$qf" "$trn")× qemu-img convert -t writeback) | |"
+  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$qf" "$tr")× qemu-img convert flushed, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (the faster of -t writeback and -t none per round, median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$qf" "$trn")× qemu-img convert flushed) | |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
@@ -221,16 +234,16 @@ for m in "${MODES[@]}"; do
   echo "| delta push (s, not per GiB) | $cd | $ad | $(awk -v a="$cd" -v b="$ad" 'BEGIN { printf "%.2f", a + b }') |"
   echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
   echo "| pull -format raw -verify=false | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
-  echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed) | $(per_gib "$C_qconv") / $(per_gib "$cqf") | | |"
+  echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed, the faster mode) | $(per_gib "$C_qconv") / $(per_gib "$cqf") | | |"
   echo
-  echo "restore rounds, in the order run (MB/s; ratio to the convert of the same round):"
+  echo "restore rounds, in the order run (MB/s; ratio to the faster convert of the same round):"
   echo
-  echo "| round | qemu-img convert -t writeback | pull (-verify) | pull -verify=false |"
-  echo "|---|---|---|---|"
+  echo "| round | qemu-img convert, faster of -t writeback / -t none | -t none | pull (-verify) | pull -verify=false |"
+  echo "|---|---|---|---|---|"
   i=0
-  while read -r q p pn _; do
+  while read -r q p pn _ _ _ _ _ _ qd; do
     i=$((i + 1))
-    echo "| $i | $(mbps "$BYTES" "$q") | $(mbps "$BYTES" "$p") ($(ratio "$q" "$p")×) | $(mbps "$BYTES" "$pn") ($(ratio "$q" "$pn")×) |"
+    echo "| $i | $(mbps "$BYTES" "$q") | $(mbps "$BYTES" "$qd") | $(mbps "$BYTES" "$p") ($(ratio "$q" "$p")×) | $(mbps "$BYTES" "$pn") ($(ratio "$q" "$pn")×) |"
   done < "$DIR/pairs.$m"
   echo
 done

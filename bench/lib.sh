@@ -8,6 +8,14 @@
 export CGO_ENABLED=0
 
 now() { date +%s.%N; }
+# settle: call before each timed step, so that every step starts from the
+# same state: no earlier step's dirty pages left to write back, and the
+# memory freed by deleting an earlier step's output handed back to the host
+# (a VM with balloon free-page reporting does that about 2 s after a free;
+# the next use of such a page costs a host fault, ~11 us per 4 KiB, so
+# whichever step came first after a delete wrote into warm memory and ran
+# up to 3x faster than one that came later).
+settle() { sync; sleep "${SETTLE:-3}"; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
 
