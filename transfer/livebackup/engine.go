@@ -421,6 +421,11 @@ func createTarget(ctx context.Context, path string, virtualSize, estimate int64,
 	}
 	if err == nil && direct && estimate > 0 {
 		reserved = unix.Fallocate(int(f.Fd()), 0, end, estimate) == nil
+		if !reserved {
+			// A reservation that ran out of room may have kept part of
+			// what it took: give it back now, nothing trims it later.
+			err = f.Truncate(end)
+		}
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
