@@ -2,10 +2,12 @@
 # Backups and restores from the host, in one run, beside the peers on the
 # same files: our CLI's push (full, then a 1 % delta) and pull -format raw
 # of the 2-layer chain against a local agent on loopback; the disk limit
-# (cat > f && sync); one SHA-256 pass beside that write (the bound of a push
-# whose store hashes every byte); qemu-img convert; restic and borg from
-# Debian (installed if missing). Prints MB/s, ratios, stored bytes and peak
-# RSS.
+# (the faster of cat > f && sync and dd with O_DIRECT and fsync); one SHA-256
+# pass beside a durable write (the bound of a push whose store hashes every
+# byte); qemu-img convert; restic and borg from Debian (installed if
+# missing). Prints MB/s, ratios, stored bytes and peak RSS. Every timed step
+# starts after bench/lib.sh's settle (sync, then a pause), so that none
+# inherits another's dirty pages or warm memory.
 #
 # The volume is shaped like a used VM disk (bench/cmd/mkvol): per 4 MiB,
 # 2 MiB random, 1 MiB log text, 1 MiB zeros; the delta rewrites 1 % of it
@@ -20,11 +22,13 @@
 #        COMPRESS=true bench/hostpath.sh   (our push with -compress)
 #        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
 #        RESTORES=5 bench/hostpath.sh      (more restore rounds)
+#        SETTLE=5 bench/hostpath.sh        (the pause before each step, s)
 #
 # The restore is measured RESTORES times (default 3), each round qemu-img
-# convert -t writeback, then our verified and unverified pulls, and the
-# table gives the medians (every round is printed below it): on this shared
-# machine qemu-img's own rate swings by 2x between runs a minute apart.
+# convert -t writeback and -t none (the faster is the round's limit), then
+# our verified and unverified pulls, and the table gives the medians (every
+# round is printed below it): on this shared machine qemu-img's own rate
+# swings by 2x between runs a minute apart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
