@@ -194,9 +194,16 @@ func (r *Reader) next(buf []byte) ([]byte, error) {
 // from the frame buffer (no copy into the caller's buffer). It returns the
 // bytes w took and the first error, w's or the body's.
 //
-// (Reading the next frame on a goroutine of its own while w takes this
-// one measured no faster on the 2-core reference machine, with more CPU:
-// the socket keeps receiving meanwhile anyway.)
+// The next frame is read while w takes the current one: w's Write runs on
+// a goroutine of its own, from one of two frame buffers, and the other
+// fills meanwhile. A buffer is filled again only after the Write it was
+// given has returned, and Writes never overlap, so w sees an ordinary
+// sequence of Writes. The store's ingest spends most of a frame waiting
+// for its disk (a direct write) and its hash; reading the next frame in
+// that time took a 1.6 GB push from 1.76-1.92 s to 1.68-1.78 s (6 pairs,
+// medians 1.87 and 1.74 s). The cost is a second frame buffer per upload
+// (each grows only with the data that arrives). After w fails, no further
+// frame is read; after the body fails, the Write in flight is waited for.
 func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 	var n int64
 	if r.pos < len(r.buf) { // left over from Read
@@ -208,18 +215,47 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 			return n, err
 		}
 	}
+	type result struct {
+		n   int
+		err error
+	}
+	var (
+		spare   []byte      // the buffer not being written
+		pending chan result // the Write in flight, if any
+		done    = make(chan result, 1)
+	)
+	// wait collects the Write in flight.
+	wait := func() error {
+		if pending == nil {
+			return nil
+		}
+		res := <-pending
+		pending = nil
+		n += int64(res.n)
+		return res.err
+	}
 	for r.err == nil {
-		b, err := r.next(r.buf)
-		r.buf, r.pos = b, len(b)
+		b, err := r.next(spare)
 		if err != nil {
 			r.err = err
+			if werr := wait(); werr != nil && err == io.EOF {
+				r.err = werr
+			}
+			r.buf, r.pos = b, len(b)
 			break
 		}
-		k, err := w.Write(b)
-		n += int64(k)
-		if err != nil {
-			r.err = err
+		if werr := wait(); werr != nil {
+			r.err = werr
+			r.buf, r.pos = b, len(b) // w failed: nothing more is handed out
+			break
 		}
+		spare = r.buf[:0]
+		r.buf, r.pos = b, len(b)
+		pending = done
+		go func(b []byte) {
+			k, err := w.Write(b)
+			done <- result{k, err}
+		}(b)
 	}
 	if r.err == io.EOF {
 		return n, nil

@@ -8,8 +8,10 @@ import (
 	"io"
 	"math/rand/v2"
 	"runtime"
+	"sync"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"imagestore/transfer/crcframe"
 )
@@ -265,5 +267,64 @@ func TestClaimCostsNoMemory(t *testing.T) {
 				t.Fatalf("a claim of %d bytes with %d sent allocated %d bytes, want at most %d", tc.claim, tc.sent, got, tc.maxAlloc)
 			}
 		})
+	}
+}
+
+// signalReader closes reached once a Read has gone past at bytes.
+type signalReader struct {
+	r       io.Reader
+	pos, at int64
+	reached chan struct{}
+	once    sync.Once
+}
+
+func (s *signalReader) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if s.pos += int64(n); s.pos > s.at {
+		s.once.Do(func() { close(s.reached) })
+	}
+	return n, err
+}
+
+// holdingWriter holds its first Write until reached is closed (or a
+// timeout), and checks that the bytes it was given did not change
+// meanwhile.
+type holdingWriter struct {
+	t       *testing.T
+	reached chan struct{}
+	out     bytes.Buffer
+	writes  int
+}
+
+func (h *holdingWriter) Write(p []byte) (int, error) {
+	h.writes++
+	if h.writes == 1 {
+		before := bytes.Clone(p)
+		select {
+		case <-h.reached:
+		case <-time.After(10 * time.Second):
+			h.t.Error("the next frame was not read while the first was being written")
+		}
+		if !bytes.Equal(before, p) {
+			h.t.Error("the frame changed while its Write ran")
+		}
+	}
+	return h.out.Write(p)
+}
+
+// TestWriteToReadsAhead: WriteTo reads the next frame while w takes the
+// current one, never into the buffer w holds, and w gets every byte in
+// order.
+func TestWriteToReadsAhead(t *testing.T) {
+	data := randBytes(4<<20, 5)
+	// Past the first frame's data and into the second's.
+	src := &signalReader{r: bytes.NewReader(encode(t, data, 1<<20, 1<<20)), at: 2*crcframe.HeaderSize + 1<<20, reached: make(chan struct{})}
+	w := &holdingWriter{t: t, reached: src.reached}
+	n, err := crcframe.NewReader(src).WriteTo(w)
+	if err != nil || n != int64(len(data)) || !bytes.Equal(w.out.Bytes(), data) {
+		t.Fatalf("WriteTo = %d, %v; %d bytes out, equal %v", n, err, w.out.Len(), bytes.Equal(w.out.Bytes(), data))
+	}
+	if w.writes != 4 {
+		t.Fatalf("%d writes, want one per frame (4)", w.writes)
 	}
 }
