@@ -220,17 +220,17 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 		err error
 	}
 	var (
-		spare   []byte      // the buffer not being written
-		pending chan result // the Write in flight, if any
+		spare   []byte // the buffer not being written
+		writing bool   // a Write is in flight; done brings its result
 		done    = make(chan result, 1)
 	)
 	// wait collects the Write in flight.
 	wait := func() error {
-		if pending == nil {
+		if !writing {
 			return nil
 		}
-		res := <-pending
-		pending = nil
+		res := <-done
+		writing = false
 		n += int64(res.n)
 		return res.err
 	}
@@ -251,7 +251,7 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 		}
 		spare = r.buf[:0]
 		r.buf, r.pos = b, len(b)
-		pending = done
+		writing = true
 		go func(b []byte) {
 			k, err := w.Write(b)
 			done <- result{k, err}
