@@ -139,3 +139,56 @@ func BenchmarkNormalize(b *testing.B) {
 		}
 	}
 }
+
+// cnSource alternates random clusters with log-like text that compresses
+// about 4:1 (wbSource's text compresses past the reader's ratio budget).
+type cnSource [2][]byte
+
+func newCNSource() cnSource {
+	r := rand.New(rand.NewPCG(3, 4))
+	rnd := make([]byte, 65536)
+	for i := range rnd {
+		rnd[i] = byte(r.Uint32())
+	}
+	var text []byte
+	for len(text) < 65536 {
+		text = fmt.Appendf(text, "2026-12-07T20:%02d:%02d.%06d host%d kernel: [%d] eth0: rx %x drops %d\n",
+			r.IntN(60), r.IntN(60), r.IntN(1e6), r.IntN(9), r.IntN(1e7), r.Uint64(), r.IntN(1e4))
+	}
+	return cnSource{rnd, text[:65536]}
+}
+
+func (s cnSource) ReadAt(p []byte, off int64) (int, error) {
+	for i := 0; i < len(p); {
+		pos := off + int64(i)
+		i += copy(p[i:], s[(pos>>16)%2][pos&65535:])
+	}
+	return len(p), nil
+}
+
+// BenchmarkCheckNormalized: the store's check of a pushed layer, plain and
+// zstd, on alternating random and text clusters.
+func BenchmarkCheckNormalized(b *testing.B) {
+	size := wbSize(b)
+	src := newCNSource()
+	for _, compress := range []bool{false, true} {
+		b.Run(fmt.Sprintf("zstd=%v", compress), func(b *testing.B) {
+			opts := WriteOptions{Compress: compress}
+			var buf bytes.Buffer
+			if _, err := Write(context.Background(), &buf, size, []Extent{{0, size, Data}}, src, opts); err != nil {
+				b.Fatal(err)
+			}
+			r := bytes.NewReader(buf.Bytes())
+			im, err := Open(r, r.Size())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(size)
+			for b.Loop() {
+				if err := CheckNormalized(context.Background(), im, r, r.Size(), opts, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

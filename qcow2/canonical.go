@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 )
 
 // ErrNotNormalized: the bytes of an image are not what Normalize writes
@@ -44,7 +45,11 @@ type ZeroMap interface {
 //
 // With compression every cluster's stored form depends on its bytes (is
 // zstd's frame of it short enough, and which frame), so the layer is
-// re-encoded and compared with r, byte for byte.
+// re-encoded and compared with r, byte for byte. The encoding is done
+// once: the scan pass, which encodes every cluster to learn its size,
+// also compares each frame with the one src stores for that cluster, and
+// the write pass takes the stored frames found equal instead of decoding
+// and encoding them again (wrFrames).
 func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64, opts WriteOptions, zeros ZeroMap) error {
 	if src == nil {
 		return fmt.Errorf("qcow2: check: nil image")
@@ -58,7 +63,12 @@ func CheckNormalized(ctx context.Context, src *Image, r io.ReaderAt, size int64,
 	opts.AssumeNoZeroData = false
 	cw := &compareWriter{r: r, size: size}
 	if opts.Compress {
-		n, err := Write(ctx, cw, vsize, ext, src, opts)
+		p, err := wrNewPlan(vsize, ext, opts)
+		if err != nil {
+			return err
+		}
+		p.frames = newWrFrames(src, r, p.nData)
+		n, err := p.write(ctx, cw, src, false)
 		if err != nil {
 			return err
 		}
@@ -223,4 +233,78 @@ func (c *compareWriter) Write(p []byte) (int, error) {
 		done += n
 	}
 	return len(p), nil
+}
+
+// wrFrames holds, for a re-encoding that checks an image (CheckNormalized),
+// which data clusters the image stores as exactly the frame our encoder
+// makes of their content: the scan pass, which encodes every cluster,
+// compares (match); the write pass then reads those frames from the image
+// (read) instead of encoding the clusters again. The verdict is the
+// re-encoding's: a frame is reused only where it equals the encoding, and
+// the write pass's output is still compared with the image byte for byte.
+// A nil *wrFrames (a plain Write) matches nothing.
+type wrFrames struct {
+	src *Image
+	r   io.ReaderAt
+	at  []int64 // per data cluster (wrPlan.sizes' index): host offset of the equal frame, or -1
+}
+
+func newWrFrames(src *Image, r io.ReaderAt, nData int64) *wrFrames {
+	at := make([]int64, nData)
+	for i := range at {
+		at[i] = -1
+	}
+	return &wrFrames{src: src, r: r, at: at}
+}
+
+// match compares frame, the encoding of guest cluster gc (data cluster
+// idx), with the frame the image stores for gc, if it stores one.
+// scratch is the caller's buffer for the read. Safe for concurrent use on
+// distinct clusters.
+func (f *wrFrames) match(gc, idx int64, frame []byte, scratch *[]byte) error {
+	if f == nil {
+		return nil
+	}
+	e := f.src.entry(gc)
+	if e&entryCompressed == 0 {
+		return nil
+	}
+	off, n := f.src.compressedRange(e)
+	if uint64(len(frame)) > n {
+		return nil
+	}
+	if cap(*scratch) < len(frame) {
+		*scratch = make([]byte, len(frame), max(len(frame), int(f.src.cs)))
+	}
+	b := (*scratch)[:len(frame)]
+	if err := wrReadFull(f.r, b, int64(off)); err != nil {
+		return fmt.Errorf("qcow2: check: %w", err)
+	}
+	if bytes.Equal(b, frame) {
+		f.at[idx] = int64(off)
+	}
+	return nil
+}
+
+// cover reports whether every cluster of c has an equal stored frame.
+func (f *wrFrames) cover(c *wrChunk) bool {
+	if f == nil {
+		return false
+	}
+	for _, at := range f.at[c.dataIdx : c.dataIdx+c.n] {
+		if at < 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// read appends data cluster idx's stored frame, n bytes, to out.
+func (f *wrFrames) read(out []byte, idx int64, n uint32) ([]byte, error) {
+	start := len(out)
+	out = slices.Grow(out, int(n))[:start+int(n)]
+	if err := wrReadFull(f.r, out[start:], f.at[idx]); err != nil {
+		return out[:start], fmt.Errorf("qcow2: check: %w", err)
+	}
+	return out, nil
 }

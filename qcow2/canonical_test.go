@@ -6,6 +6,8 @@ import (
 	"errors"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // ccOpts are the options a layer's header implies (what the store checks
@@ -72,7 +74,7 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 		{9, WriteOptions{}},
 		{12, WriteOptions{BackingFile: "p"}},
 	}
-	accepted, refused := 0, 0
+	accepted, refused, otherFrames := 0, 0, 0
 	for vi, v := range variants {
 		for seed := uint64(1); seed <= 3; seed++ {
 			vsize := int64(512<<10) + 512*int64(seed%2) // a partial last cluster in some bases
@@ -134,6 +136,34 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 				muts = append(muts, m)
 				break
 			}
+			// A compressed cluster whose frame is another valid zstd frame of
+			// the same content (another level), padded with zeros to the
+			// length of ours: it decodes to the same guest bytes, but it is
+			// not the frame our writer makes.
+			for _, e := range ext {
+				en := im.entry(e.Offset >> v.cb)
+				if e.Kind != Data || en&entryCompressed == 0 {
+					continue
+				}
+				off, n := im.compressedRange(en)
+				content := make([]byte, cs)
+				if _, err := im.ReadAt(content, e.Offset); err != nil {
+					t.Fatal(err)
+				}
+				ours := ccEncodeAt(t, zstd.SpeedFastest).EncodeAll(content, nil)
+				other := ccEncodeAt(t, zstd.SpeedBetterCompression).EncodeAll(content, nil)
+				if bytes.Equal(ours, other) || uint64(len(other)) > n || len(other) > len(ours) {
+					continue
+				}
+				m := bytes.Clone(c)
+				copy(m[off:], other)
+				clear(m[off+uint64(len(other)) : off+uint64(len(ours))])
+				if got, want, ok := ccVerdicts(t, m); !ok || got || want {
+					t.Fatalf("variant %d seed %d: another frame of the same content: opens %v, check %v, re-encode %v; want refused", vi, seed, ok, got, want)
+				}
+				otherFrames++
+				break
+			}
 			muts = append(muts, append(bytes.Clone(c), make([]byte, cs)...), c[:len(c)-int(cs)])
 			for i, m := range muts {
 				got, want, ok := ccVerdicts(t, m)
@@ -156,6 +186,9 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 	if accepted == 0 || refused == 0 {
 		t.Fatalf("mutations accepted %d, refused %d: want some of each", accepted, refused)
 	}
+	if otherFrames == 0 {
+		t.Fatal("no compressed layer got another frame of a cluster's content: the reuse of stored frames went untested")
+	}
 	t.Logf("mutations: %d still canonical, %d refused", accepted, refused)
 }
 
@@ -176,4 +209,14 @@ func FuzzCheckNormalized(f *testing.F) {
 			t.Fatalf("CheckNormalized accepts=%v, re-encoding reproduces=%v", got, want)
 		}
 	})
+}
+
+// ccEncodeAt is a zstd encoder at level l, as our writer's but for the level.
+func ccEncodeAt(t testing.TB, l zstd.EncoderLevel) *zstd.Encoder {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(l),
+		zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return enc
 }

@@ -89,6 +89,9 @@ type wrPlan struct {
 	nData   int64
 	nPlain  int64 // data clusters stored plain (size == cs)
 	assumed bool  // sizes come from assumePlain, not a scan
+	// frames is set when the plan re-encodes an image to check it
+	// (CheckNormalized): the frames that image stores, by data cluster.
+	frames *wrFrames
 
 	l1Size                 int64
 	l1Clusters, rtClusters int64
@@ -157,7 +160,14 @@ func Write(ctx context.Context, w io.Writer, virtualSize int64, extents []Extent
 	if err != nil {
 		return 0, err
 	}
-	if opts.AssumeNoZeroData {
+	return p.write(ctx, w, data, opts.AssumeNoZeroData)
+}
+
+// write lays the image out (from a scan of data, or assuming no zero
+// data) and writes it to w.
+func (p *wrPlan) write(ctx context.Context, w io.Writer, data io.ReaderAt, assumeNoZeroData bool) (int64, error) {
+	var err error
+	if assumeNoZeroData {
 		err = p.assumePlain()
 	} else {
 		err = p.scan(ctx, data)

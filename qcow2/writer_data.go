@@ -21,6 +21,7 @@ type wrChunk struct {
 	dataIdx int64
 	in      []byte
 	out     []byte
+	scratch []byte // the scan pass's read of a stored frame (CheckNormalized)
 	// spans[i] is cluster i's stored bytes within in or out (nil = left out).
 	spans [][]byte
 	done  chan struct{}
@@ -115,11 +116,24 @@ func wrReadFull(r io.ReaderAt, p []byte, off int64) error {
 // source still agrees and fills spans.
 func (p *wrPlan) process(c *wrChunk, data io.ReaderAt, enc *zstd.Encoder, verify bool) error {
 	in := c.in[:c.n*p.cs]
+	c.out = c.out[:0]
+	c.spans = c.spans[:0]
+	if verify && p.frames.cover(c) {
+		// Every cluster's frame was found equal to its encoding by the
+		// scan pass: the stored frames are the encodings.
+		for i := int64(0); i < c.n; i++ {
+			start := len(c.out)
+			var err error
+			if c.out, err = p.frames.read(c.out, c.dataIdx+i, p.sizes[c.dataIdx+i]); err != nil {
+				return err
+			}
+			c.spans = append(c.spans, c.out[start:])
+		}
+		return nil
+	}
 	if err := p.fill(in, c.first*p.cs, data); err != nil {
 		return err
 	}
-	c.out = c.out[:0]
-	c.spans = c.spans[:0]
 	for i := int64(0); i < c.n; i++ {
 		clus := in[i*p.cs : (i+1)*p.cs]
 		size := &p.sizes[c.dataIdx+i]
@@ -136,6 +150,11 @@ func (p *wrPlan) process(c *wrChunk, data io.ReaderAt, enc *zstd.Encoder, verify
 			// would cost decompression on every read for little gain.
 			if n := int64(len(c.out) - start); n <= p.cs-p.cs/16 {
 				got, span = uint32(n), c.out[start:]
+				if !verify {
+					if err := p.frames.match(c.first+i, c.dataIdx+i, span, &c.scratch); err != nil {
+						return err
+					}
+				}
 			} else {
 				c.out = c.out[:start]
 				got, span = uint32(p.cs), clus
@@ -183,7 +202,7 @@ func (p *wrPlan) scan(ctx context.Context, data io.ReaderAt) error {
 				}
 				defer enc.Close()
 			}
-			var buf, out []byte // made at the worker's first chunk
+			var buf, out, scratch []byte // made at the worker's first chunk
 			for c := range jobs {
 				if err := gctx.Err(); err != nil {
 					return err
@@ -194,11 +213,11 @@ func (p *wrPlan) scan(ctx context.Context, data io.ReaderAt) error {
 						out = make([]byte, 0, p.outCap())
 					}
 				}
-				c.in, c.out = buf, out
+				c.in, c.out, c.scratch = buf, out, scratch
 				if err := p.process(&c, data, enc, false); err != nil {
 					return err
 				}
-				out = c.out[:0] // keep a buffer that had to grow
+				out, scratch = c.out[:0], c.scratch // keep buffers that had to grow
 			}
 			return nil
 		})
