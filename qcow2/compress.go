@@ -9,12 +9,14 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
-// decompressor holds one decoder of each kind for an Image, reused (under
-// the Image's cacheMu) for every cluster: a compressed image is read cluster
-// by cluster and each fresh decoder would cost more than the cluster it decodes.
+// decompressor holds one decoder of each kind, and the buffer for the
+// compressed bytes, reused by one read at a time (Image.inflate) for cluster
+// after cluster: a compressed image is read cluster by cluster and each
+// fresh decoder would cost more than the cluster it decodes.
 type decompressor struct {
 	flate io.ReadCloser // implements flate.Resetter
 	zstd  *zstd.Decoder
+	src   []byte
 }
 
 // cluster inflates one compressed cluster into dst (exactly one

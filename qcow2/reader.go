@@ -31,7 +31,11 @@ type Image struct {
 	cacheMu  sync.Mutex
 	cacheIdx int64 // guest cluster held in cache, -1 if none
 	cache    []byte
-	decomp   decompressor // guarded by cacheMu
+
+	// Decompressors not in use: whole-cluster reads inflate in parallel,
+	// each with one of these (see inflate).
+	decompMu sync.Mutex
+	decomps  []*decompressor
 }
 
 // L1/L2 entry bits.
@@ -327,6 +331,42 @@ func (im *Image) checkL2(gc uint64, e uint64) error {
 
 func l2Field(gc uint64) string { return fmt.Sprintf("L2 entry for guest cluster %d", gc) }
 
+// maxIdleDecomps bounds the decompressors an Image keeps between reads.
+const maxIdleDecomps = 8
+
+// inflate decompresses guest cluster gc (compressed L2 entry e) into dst,
+// one cluster long, with a decompressor no other read is using.
+func (im *Image) inflate(dst []byte, gc int64, e uint64) error {
+	im.decompMu.Lock()
+	var dc *decompressor
+	if k := len(im.decomps); k > 0 {
+		dc, im.decomps = im.decomps[k-1], im.decomps[:k-1]
+	} else {
+		dc = &decompressor{}
+	}
+	im.decompMu.Unlock()
+	defer func() {
+		im.decompMu.Lock()
+		if len(im.decomps) < maxIdleDecomps {
+			im.decomps = append(im.decomps, dc)
+		}
+		im.decompMu.Unlock()
+	}()
+	off, n := im.compressedRange(e)
+	n = min(n, uint64(im.size)-off)
+	if uint64(cap(dc.src)) < n {
+		dc.src = make([]byte, n)
+	}
+	src := dc.src[:n]
+	if err := readFull(im.r, src, int64(off)); err != nil {
+		return err
+	}
+	if err := dc.cluster(dst, src, im.h.compressionType); err != nil {
+		return formatErr(fmt.Sprintf("compressed cluster for guest cluster %d", gc), "%v", err)
+	}
+	return nil
+}
+
 // compressedRange decodes a compressed L2 entry: host offset and the length
 // of the sector-rounded run holding the compressed stream.
 func (im *Image) compressedRange(e uint64) (off, n uint64) {
@@ -523,6 +563,10 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 func (im *Image) readCluster(p []byte, gc, within int64) error {
 	e := im.entry(gc)
 	if e&entryCompressed != 0 {
+		if within == 0 && int64(len(p)) == im.cs {
+			// The whole cluster (a flatten's reads): straight into p.
+			return im.inflate(p, gc, e)
+		}
 		im.cacheMu.Lock()
 		defer im.cacheMu.Unlock()
 		if im.cacheIdx != gc {
@@ -530,14 +574,8 @@ func (im *Image) readCluster(p []byte, gc, within int64) error {
 				im.cache = make([]byte, im.cs)
 			}
 			im.cacheIdx = -1
-			off, n := im.compressedRange(e)
-			n = min(n, uint64(im.size)-off)
-			src := make([]byte, n)
-			if err := readFull(im.r, src, int64(off)); err != nil {
+			if err := im.inflate(im.cache, gc, e); err != nil {
 				return err
-			}
-			if err := im.decomp.cluster(im.cache, src, im.h.compressionType); err != nil {
-				return formatErr(fmt.Sprintf("compressed cluster for guest cluster %d", gc), "%v", err)
 			}
 			im.cacheIdx = gc
 		}
