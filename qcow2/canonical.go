@@ -270,8 +270,8 @@ func (f *wrFrames) match(gc, idx int64, frame []byte, scratch *[]byte) error {
 		return nil
 	}
 	off, n := f.src.compressedRange(e)
-	if uint64(len(frame)) > n {
-		return nil
+	if end := off + uint64(len(frame)); uint64(len(frame)) > n || end > uint64(f.src.size) {
+		return nil // a stored frame that short (or cut by the end of the file) is not this one
 	}
 	if cap(*scratch) < len(frame) {
 		*scratch = make([]byte, len(frame), max(len(frame), int(f.src.cs)))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"testing"
 
@@ -74,7 +75,7 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 		{9, WriteOptions{}},
 		{12, WriteOptions{BackingFile: "p"}},
 	}
-	accepted, refused, otherFrames := 0, 0, 0
+	accepted, refused, otherFrames, cutFrames := 0, 0, 0, 0
 	for vi, v := range variants {
 		for seed := uint64(1); seed <= 3; seed++ {
 			vsize := int64(512<<10) + 512*int64(seed%2) // a partial last cluster in some bases
@@ -164,6 +165,37 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 				otherFrames++
 				break
 			}
+			// The same for the frame stored last, with the file cut right
+			// after the shorter frame: reading as many bytes as our frame
+			// has would run past the end of the file.
+			var lastOff, lastN uint64
+			var lastGuest int64 = -1
+			for _, e := range ext {
+				for g := e.Offset; e.Kind == Data && g < e.End(); g += cs {
+					if en := im.entry(g >> v.cb); en&entryCompressed != 0 {
+						if off, n := im.compressedRange(en); lastGuest < 0 || off > lastOff {
+							lastOff, lastN, lastGuest = off, n, g
+						}
+					}
+				}
+			}
+			if lastGuest >= 0 {
+				content := make([]byte, cs)
+				// A last cluster past the virtual size reads short (io.EOF):
+				// the writer encodes it padded with zeros.
+				if _, err := im.ReadAt(content, lastGuest); err != nil && !errors.Is(err, io.EOF) {
+					t.Fatal(err)
+				}
+				ours := ccEncodeAt(t, zstd.SpeedFastest).EncodeAll(content, nil)
+				other := ccEncodeAt(t, zstd.SpeedBestCompression).EncodeAll(content, nil)
+				if len(other) < len(ours) && uint64(len(ours)) <= lastN && lastOff+uint64(len(ours)) <= uint64(len(c)) {
+					m := append(bytes.Clone(c[:lastOff]), other...)
+					if got, _, ok := ccVerdicts(t, m); ok && got {
+						t.Fatalf("variant %d seed %d: a shorter last frame, file cut after it: accepted", vi, seed)
+					}
+					cutFrames++
+				}
+			}
 			muts = append(muts, append(bytes.Clone(c), make([]byte, cs)...), c[:len(c)-int(cs)])
 			for i, m := range muts {
 				got, want, ok := ccVerdicts(t, m)
@@ -186,8 +218,8 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 	if accepted == 0 || refused == 0 {
 		t.Fatalf("mutations accepted %d, refused %d: want some of each", accepted, refused)
 	}
-	if otherFrames == 0 {
-		t.Fatal("no compressed layer got another frame of a cluster's content: the reuse of stored frames went untested")
+	if otherFrames == 0 || cutFrames == 0 {
+		t.Fatalf("compressed layers given another frame of a cluster's content: %d, with the file cut after it: %d; want some of each (the reuse of stored frames went untested)", otherFrames, cutFrames)
 	}
 	t.Logf("mutations: %d still canonical, %d refused", accepted, refused)
 }
