@@ -27,9 +27,11 @@ import (
 // range that no planned read covers (a base's clusters a delta overrides,
 // tables our reader skips) are read for the hash at once instead of
 // waiting. Finish reads what is left and checks the digest. Safe for
-// concurrent ReadAt. The hashing itself runs on a goroutine of its own,
-// fed copies in order, so the readers (the prefetcher's workers) do not
-// wait for it; Close ends it when Finish is not called.
+// concurrent ReadAt. The hashing itself runs on a goroutine of its own, fed
+// in blob order. A read that extends the hashed prefix hands it its own
+// buffer and returns once those bytes are hashed (no copy: the caller may
+// reuse the buffer after that); only ranges kept ahead, and the hasher's
+// own reads, are copies. Close ends the goroutine when Finish is not called.
 type layerHasher struct {
 	r    io.ReaderAt // the blob, by ranges
 	gaps io.ReaderAt // the same, for the hasher's own reads (rate-limited)
@@ -38,7 +40,7 @@ type layerHasher struct {
 
 	mu     sync.Mutex
 	h      hash.Hash        // written by the hashing goroutine only
-	q      chan []byte      // to the hashing goroutine, in blob order
+	q      chan hashItem    // to the hashing goroutine, in blob order
 	free   chan []byte      // buffers it is done with, for emit's copies
 	hdone  chan struct{}    // closed when it has hashed all q held
 	closed bool             // q is closed
@@ -47,6 +49,15 @@ type layerHasher struct {
 	nAhead int64
 	plan   []parallel.Range // the reads to come, by offset (nil: not known yet)
 	err    error            // a gap read that failed: Finish reports it
+	copied int64            // bytes copied to be hashed later (tests)
+}
+
+// hashItem is the next bytes of the blob for the hashing goroutine: a
+// buffer of the hasher's own, recycled once hashed, or a reader's buffer
+// (done != nil), handed back by closing done.
+type hashItem struct {
+	b    []byte
+	done chan struct{}
 }
 
 // hashPiece is the size of the hasher's own reads and the largest buffer
@@ -78,14 +89,18 @@ func (l *layerHasher) buffer(n int) []byte {
 
 func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHasher {
 	l := &layerHasher{r: r, gaps: gaps, d: d, size: size, h: sha256.New(), ahead: map[int64][]byte{},
-		q: make(chan []byte, 8), free: make(chan []byte, freeBufs), hdone: make(chan struct{})}
+		q: make(chan hashItem, 8), free: make(chan []byte, freeBufs), hdone: make(chan struct{})}
 	go func() {
 		defer close(l.hdone)
-		for b := range l.q {
-			l.h.Write(b)
-			if cap(b) <= hashPiece {
+		for it := range l.q {
+			l.h.Write(it.b)
+			if it.done != nil {
+				close(it.done)
+				continue
+			}
+			if cap(it.b) <= hashPiece {
 				select {
-				case l.free <- b[:cap(b)]:
+				case l.free <- it.b[:cap(it.b)]:
 				default:
 				}
 			}
@@ -94,19 +109,25 @@ func newLayerHasher(r, gaps io.ReaderAt, d digest.Digest, size int64) *layerHash
 	return l
 }
 
-// emit hands the next bytes of the blob to the hashing goroutine; b is
-// copied (into a buffer the goroutine is done with, when one is free)
-// unless owned (a buffer nobody else holds).
-func (l *layerHasher) emit(b []byte, owned bool) {
+// emit hands the next bytes of the blob to the hashing goroutine; b must be
+// a buffer of the hasher's own (from buffer), which nobody else holds.
+func (l *layerHasher) emit(b []byte) {
 	if l.closed || len(b) == 0 {
 		return
 	}
-	if !owned {
-		buf := l.buffer(len(b))
-		copy(buf, b)
-		b = buf
+	l.q <- hashItem{b: b}
+}
+
+// emitBorrowed hands the goroutine the caller's bytes b: the caller must
+// not touch them until the returned channel is closed (nil: nothing to
+// wait for).
+func (l *layerHasher) emitBorrowed(b []byte) chan struct{} {
+	if l.closed || len(b) == 0 {
+		return nil
 	}
-	l.q <- b
+	done := make(chan struct{})
+	l.q <- hashItem{b: b, done: done}
+	return done
 }
 
 // Close ends the hashing goroutine (after Finish, or instead of it).
@@ -123,50 +144,56 @@ func (l *layerHasher) Close() {
 func (l *layerHasher) ReadAt(p []byte, off int64) (int, error) {
 	n, err := l.r.ReadAt(p, off)
 	if n > 0 {
-		l.observe(p[:n], off)
+		if done := l.observe(p[:n], off); done != nil {
+			<-done // p is the caller's again once it is hashed
+		}
 	}
 	return n, err
 }
 
-// observe takes bytes b of the blob at off.
-func (l *layerHasher) observe(b []byte, off int64) {
+// observe takes bytes b of the blob at off. If it hands b itself to the
+// hashing goroutine, it returns the channel closed once b is hashed.
+func (l *layerHasher) observe(b []byte, off int64) chan struct{} {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	end := off + int64(len(b))
 	if end <= l.hashed || l.err != nil {
-		return
+		return nil
 	}
 	if off <= l.hashed {
-		l.emit(b[l.hashed-off:], false)
+		done := l.emitBorrowed(b[l.hashed-off:])
 		l.hashed = end
 		l.drain()
 		l.skipUnplanned()
-		return
+		return done
 	}
 	if have, ok := l.ahead[off]; ok && len(have) >= len(b) {
-		return
+		return nil
 	}
 	if l.nAhead+int64(len(b)) > maxAhead {
 		// Too far ahead: read the gap now and go on from b.
 		if err := l.fill(off); err != nil {
 			l.err = err
-			return
+			return nil
 		}
+		var done chan struct{}
 		if end > l.hashed {
-			l.emit(b[l.hashed-off:], false)
+			done = l.emitBorrowed(b[l.hashed-off:])
 			l.hashed = end
 		}
 		l.drain()
-		return
+		return done
 	}
 	if have, ok := l.ahead[off]; ok {
 		l.nAhead -= int64(len(have))
 	}
 	keep := l.buffer(len(b))
 	copy(keep, b)
+	l.copied += int64(len(b))
 	l.ahead[off] = keep
 	l.nAhead += int64(len(b))
 	l.skipUnplanned()
+	return nil
 }
 
 // setPlan tells the hasher which ranges of the blob will be read through
@@ -213,7 +240,7 @@ func (l *layerHasher) drain() {
 				continue
 			}
 			if end > l.hashed {
-				l.emit(b[l.hashed-off:], true)
+				l.emit(b[l.hashed-off:])
 				l.hashed = end
 			}
 			delete(l.ahead, off)
@@ -241,7 +268,7 @@ func (l *layerHasher) fill(to int64) error {
 			}
 			return err
 		}
-		l.emit(buf, true)
+		l.emit(buf)
 		l.hashed += n
 		l.drain()
 	}

@@ -50,15 +50,16 @@ func TestLayerHasher(t *testing.T) {
 		workers int
 		extra   int64 // bound on the hasher's own reads beyond the skipped bytes
 		plan    bool  // the hasher is told the reads to come
+		copies  bool  // ranges arrive ahead of the prefix, so some are copied
 	}
 	for _, pl := range []plan{
-		{"in order", func(int) bool { return false }, 1, 1, 0, false},
+		{"in order", func(int) bool { return false }, 1, 1, 0, false, false},
 		// Concurrent readers: any interleaving is hashed right (how far
 		// ahead they get depends on the scheduler, so no bound on reads).
-		{"parallel workers", func(int) bool { return false }, 8, 4, int64(len(blob)), false},
-		{"gaps", func(i int) bool { return i%7 == 3 }, 8, 1, 0, false},
-		{"gaps, planned", func(i int) bool { return i%7 == 3 }, 8, 1, 0, true},
-		{"reversed", func(int) bool { return false }, 1 << 20, 1, int64(len(blob)), false},
+		{"parallel workers", func(int) bool { return false }, 8, 4, int64(len(blob)), false, true},
+		{"gaps", func(i int) bool { return i%7 == 3 }, 8, 1, 0, false, true},
+		{"gaps, planned", func(i int) bool { return i%7 == 3 }, 8, 1, 0, true, true},
+		{"reversed", func(int) bool { return false }, 1 << 20, 1, int64(len(blob)), false, true},
 	} {
 		t.Run(pl.name, func(t *testing.T) {
 			for _, damage := range []bool{false, true} {
@@ -107,6 +108,11 @@ func TestLayerHasher(t *testing.T) {
 							if _, err := h.ReadAt(buf[:n], off); err != nil {
 								t.Error(err)
 							}
+							// The buffer is the reader's again: bytes the
+							// hasher still needed would hash wrong now.
+							for i := range buf {
+								buf[i] = 0xff
+							}
 							h.mu.Lock()
 							peak = max(peak, h.nAhead)
 							h.mu.Unlock()
@@ -123,6 +129,17 @@ func TestLayerHasher(t *testing.T) {
 				// (within a window) do.
 				if pl.plan && peak > int64(pl.shuffle)*piece {
 					t.Errorf("%d bytes kept ahead with the plan known", peak)
+				}
+				// Bytes that extend the hashed prefix are hashed from the
+				// reader's own buffer; only ranges kept ahead are copied.
+				h.mu.Lock()
+				copied := h.copied
+				h.mu.Unlock()
+				if !pl.copies && copied != 0 {
+					t.Errorf("in-order reads copied %d bytes to hash them", copied)
+				}
+				if pl.name == "reversed" && copied == 0 {
+					t.Error("reads in reverse copied nothing: nothing was kept ahead")
 				}
 				read := src.n
 				err := h.Finish(context.Background())
