@@ -41,7 +41,7 @@ type layerHasher struct {
 	mu     sync.Mutex
 	h      hash.Hash        // written by the hashing goroutine only
 	q      chan hashItem    // to the hashing goroutine, in blob order
-	free   chan []byte      // buffers it is done with, for emit's copies
+	free   chan []byte      // buffers it is done with, for the copies kept ahead and the gap reads
 	hdone  chan struct{}    // closed when it has hashed all q held
 	closed bool             // q is closed
 	hashed int64            // bytes sent to q
