@@ -147,12 +147,7 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 					continue
 				}
 				off, n := im.compressedRange(en)
-				content := make([]byte, cs)
-				if _, err := im.ReadAt(content, e.Offset); err != nil {
-					t.Fatal(err)
-				}
-				ours := ccEncodeAt(t, zstd.SpeedFastest).EncodeAll(content, nil)
-				other := ccEncodeAt(t, zstd.SpeedBetterCompression).EncodeAll(content, nil)
+				ours, other := ccFrames(t, im, e.Offset, zstd.SpeedBetterCompression)
 				if bytes.Equal(ours, other) || uint64(len(other)) > n || len(other) > len(ours) {
 					continue
 				}
@@ -180,14 +175,7 @@ func TestCheckNormalizedAgreesWithReencode(t *testing.T) {
 				}
 			}
 			if lastGuest >= 0 {
-				content := make([]byte, cs)
-				// A last cluster past the virtual size reads short (io.EOF):
-				// the writer encodes it padded with zeros.
-				if _, err := im.ReadAt(content, lastGuest); err != nil && !errors.Is(err, io.EOF) {
-					t.Fatal(err)
-				}
-				ours := ccEncodeAt(t, zstd.SpeedFastest).EncodeAll(content, nil)
-				other := ccEncodeAt(t, zstd.SpeedBestCompression).EncodeAll(content, nil)
+				ours, other := ccFrames(t, im, lastGuest, zstd.SpeedBestCompression)
 				if len(other) < len(ours) && uint64(len(ours)) <= lastN && lastOff+uint64(len(ours)) <= uint64(len(c)) {
 					m := append(bytes.Clone(c[:lastOff]), other...)
 					if got, _, ok := ccVerdicts(t, m); ok && got {
@@ -251,4 +239,16 @@ func ccEncodeAt(t testing.TB, l zstd.EncoderLevel) *zstd.Encoder {
 		t.Fatal(err)
 	}
 	return enc
+}
+
+// ccFrames returns our writer's zstd frame of the guest cluster at off and
+// the frame zstd makes of the same content at level l.
+func ccFrames(t testing.TB, im *Image, off int64, l zstd.EncoderLevel) (ours, other []byte) {
+	content := make([]byte, im.ClusterSize())
+	// A last cluster past the virtual size reads short (io.EOF): the
+	// writer encodes it padded with zeros.
+	if _, err := im.ReadAt(content, off); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	return ccEncodeAt(t, zstd.SpeedFastest).EncodeAll(content, nil), ccEncodeAt(t, l).EncodeAll(content, nil)
 }
