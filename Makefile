@@ -35,6 +35,11 @@ run: build
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
+# fuzz runs every fuzz target for FUZZTIME (default 10s) each; FUZZ picks
+# targets by regexp (.ci/fuzz). The normal suite runs their seeds only.
+fuzz:
+	GO=$(GO) ./.ci/fuzz
+
 # deb builds dist/imagestore-agent_*.deb and dist/imagestore-client_*.deb
 # with plain dpkg-deb (see packaging/deb/build.sh).
 deb:
