@@ -13,8 +13,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestFullDisk ingests more than fits into an 8 MiB tmpfs (writes through
-// the page cache) and a 16 MiB ext4 (aligned writes with O_DIRECT).
+// TestFullDisk ingests more than fits into an 8 MiB tmpfs and a 16 MiB
+// ext4 (a disk's file system: delayed allocation, ENOSPC at write or at
+// fsync).
 func TestFullDisk(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: mounting a small file system needs root (running as uid", os.Geteuid(), ")")
@@ -48,12 +49,12 @@ func TestFullDisk(t *testing.T) {
 					t.Errorf("unmount %s: %v", mnt, err)
 				}
 			})
-			testFullDisk(t, mnt, fs == "ext4")
+			testFullDisk(t, mnt)
 		})
 	}
 }
 
-func testFullDisk(t *testing.T, mnt string, direct bool) {
+func testFullDisk(t *testing.T, mnt string) {
 	ctx := context.Background()
 	s := openStore(t, mnt)
 	localOf(s).checkpointEvery = 1 << 20
@@ -96,11 +97,6 @@ func testFullDisk(t *testing.T, mnt string, direct bool) {
 					fi, serr := os.Stat(filepath.Join(mnt, dirIngest, "large", ingestData))
 					if serr != nil || fi.Size() != w.Offset() {
 						t.Errorf("after ENOSPC: offset %d, data file %v %v", w.Offset(), fi.Size(), serr)
-					}
-					if li := w.in.(*localIngest); direct && (li.direct == nil || li.direct.Direct() == 0) {
-						t.Errorf("no write went with O_DIRECT (%d bytes ingested)", w.Offset())
-					} else if !direct && li.direct != nil {
-						t.Errorf("O_DIRECT on a tmpfs")
 					}
 					return err
 				}

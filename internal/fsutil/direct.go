@@ -110,15 +110,15 @@ func (w *DirectWriter) WriteAt(p []byte, off int64) (int, error) {
 	return w.f.WriteAt(p, off)
 }
 
-// DirectAligned reports whether p at off meets DirectAlign: offset,
+// directAligned reports whether p at off meets DirectAlign: offset,
 // length and buffer address.
-func DirectAligned(p []byte, off int64) bool {
+func directAligned(p []byte, off int64) bool {
 	return len(p) > 0 && off%DirectAlign == 0 && len(p)%DirectAlign == 0 &&
 		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%DirectAlign == 0
 }
 
 func (w *DirectWriter) directFor(p []byte, off int64) *os.File {
-	if !DirectAligned(p, off) {
+	if !directAligned(p, off) {
 		return nil
 	}
 	w.mu.Lock()

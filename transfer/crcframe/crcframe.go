@@ -198,10 +198,10 @@ func (r *Reader) next(buf []byte) ([]byte, error) {
 // a goroutine of its own, from one of two frame buffers, and the other
 // fills meanwhile. A buffer is filled again only after the Write it was
 // given has returned, and Writes never overlap, so w sees an ordinary
-// sequence of Writes. The store's ingest spends most of a frame waiting
-// for its disk (a direct write) and its hash; reading the next frame in
-// that time took a 1.6 GB push from 1.76-1.92 s to 1.68-1.78 s (6 pairs,
-// medians 1.87 and 1.74 s). The cost is a second frame buffer per upload
+// sequence of Writes. The store's ingest spends most of a frame on its
+// write and its hash; reading the next frame in that time took a 1.6 GB
+// push from 1.76-1.92 s to 1.68-1.78 s (6 pairs, medians 1.87 and
+// 1.74 s). The cost is a second frame buffer per upload
 // (each grows only with the data that arrives). After w fails, no further
 // frame is read; after the body fails, the Write in flight is waited for.
 func (r *Reader) WriteTo(w io.Writer) (int64, error) {
