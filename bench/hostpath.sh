@@ -22,13 +22,16 @@
 #        COMPRESS=true bench/hostpath.sh   (our push with -compress)
 #        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
 #        RESTORES=5 bench/hostpath.sh      (more restore rounds)
+#        PUSHES=5 bench/hostpath.sh        (more full-push rounds)
 #        SETTLE=5 bench/hostpath.sh        (the pause before each step, s)
 #
 # The restore is measured RESTORES times (default 3), each round qemu-img
 # convert -t writeback and -t none (the faster is the round's limit), then
-# our verified and unverified pulls, and the table gives the medians (every
-# round is printed below it): on this shared machine qemu-img's own rate
-# swings by 2x between runs a minute apart.
+# our verified and unverified pulls, and the table gives the medians of the
+# rates and of the rounds' ratios (every round is printed below it): on
+# this shared machine qemu-img's own rate swings by 2x between runs a
+# minute apart. The full push likewise runs PUSHES times (default 3), each
+# round right after a disk-limit measurement of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -37,6 +40,7 @@ PEERS=${PEERS:-1}
 COMPRESS=${COMPRESS:-false}   # the CLI default
 BOTH=${BOTH:-}
 RESTORES=${RESTORES:-3}
+PUSHES=${PUSHES:-3}
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hostpath-bench.XXXXXX")}
 AGENT_PID=
 export IMAGESTORE_STATE_DIR=$DIR/state   # the CLI's push cache: never the machine's own
@@ -70,6 +74,12 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1e6 }'; }
 # median FILE COLUMN: the median of that column (the lower middle one for an
 # even count).
 median() { awk -v k="$2" '{ print $k }' "$1" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# median_ratio FILE A B: the median over the rounds (rows) of column A /
+# column B, as a rate ratio (A and B are times: A's rate is the limit).
+# The summaries take it rather than the ratio of the medians: a round's
+# two steps run a few seconds apart, on the same state of this machine's
+# disk, whose rate swings between rounds.
+median_ratio() { awk -v a="$2" -v b="$3" '{ printf "%.4f\n", $a / $b }' "$1" | sort -g | awk '{ v[NR] = $1 } END { printf "%.2f", v[int((NR + 1) / 2)] }'; }
 
 echo "volume: $SIZE_MB MiB in $DIR"
 "$DIR/mkvol" -o "$DIR/vol.raw" -size "$SIZE_MB"
@@ -94,12 +104,20 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 # --- disk limit: write the qcow2's bytes durably, through the page cache
 # (cat, then sync) and around it (dd with O_DIRECT, then fsync); the faster
 # of the two is the limit. Every timed step below starts after settle.
-settle
-t0=$(now); cat "$DIR/vol.qcow2" > "$DIR/disk.out" && sync; t1=$(now)
-T_diskc=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; settle
-t0=$(now); dd if="$DIR/vol.qcow2" of="$DIR/disk.out" bs=4M oflag=direct conv=fsync status=none; t1=$(now)
-T_diskd=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"
-T_disk=$(awk -v a="$T_diskc" -v b="$T_diskd" 'BEGIN { print (a < b ? a : b) }')
+# disk_limit sets T_diskc, T_diskd and T_disk (the faster); it is measured
+# here, and again before each of our full pushes (the push's ratio is per
+# round: this disk's rate swings by 1.5x between runs a minute apart).
+disk_limit() {
+  settle
+  local t0 t1
+  t0=$(now); cat "$DIR/vol.qcow2" > "$DIR/disk.out" && sync; t1=$(now)
+  T_diskc=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"; settle
+  t0=$(now); dd if="$DIR/vol.qcow2" of="$DIR/disk.out" bs=4M oflag=direct conv=fsync status=none; t1=$(now)
+  T_diskd=$(sub "$t0" "$t1"); rm -f "$DIR/disk.out"
+  T_disk=$(awk -v a="$T_diskc" -v b="$T_diskd" 'BEGIN { print (a < b ? a : b) }')
+}
+disk_limit
+T_disk0=$T_disk T_diskc0=$T_diskc T_diskd0=$T_diskd
 # --- the bound of one SHA-256 pass (the store hashes every byte it keeps):
 # openssl's SHA-256 alone over the cached qcow2, and beside the durable
 # write of the same bytes (bench/cmd/onepass: the hash on one goroutine,
@@ -141,10 +159,27 @@ CFG
   done
   [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
   local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3 a4
-  settle
-  a0=$(cpu_of "$AGENT_PID")
-  timed push "${cli[@]}" push -compress="$mode" -name vol -id base "$DIR/vol.qcow2"
-  a1=$(cpu_of "$AGENT_PID")
+  # Full pushes: PUSHES rounds, each after a disk-limit measurement of
+  # its own; the table takes the medians (every round is printed below
+  # it). Rounds after the first send the same layer again under another
+  # id (-mount=false: the CLI would otherwise ask the store first and send
+  # nothing): the store ingests, hashes and fsyncs every byte as before,
+  # then finds the blob it already has and drops the copy.
+  local j id pushes=$DIR/pushes.$mode
+  : > "$pushes"
+  for j in $(seq "$PUSHES"); do
+    disk_limit
+    settle
+    id=base; [ "$j" = 1 ] || id=base-r$j
+    a0=$(cpu_of "$AGENT_PID")
+    timed push "${cli[@]}" push -mount=false -compress="$mode" -name vol -id "$id" "$DIR/vol.qcow2"
+    a1=$(cpu_of "$AGENT_PID")
+    echo "$T_disk $T_push $C_push $(sub "$a0" "$a1") $M_push $T_diskc $T_diskd" >> "$pushes"
+  done
+  T_push=$(median "$pushes" 2) C_push=$(median "$pushes" 3)
+  M_push=$(awk '$5 > m { m = $5 } END { print m }' "$pushes")
+  local ap_push dl_push
+  ap_push=$(median "$pushes" 4) dl_push=$(median "$pushes" 1)
   settle
   timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
   sync
@@ -180,8 +215,8 @@ CFG
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=
   STORED=$(du -sb "$store/blobs" | cut -f1)
   rm -rf "$store"
-  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)" "$T_pulln" "$T_qrawf"
-  printf -v "CPU_$mode" '%s %s %s %s %s %s %s %s %s' "$C_push" "$(sub "$a0" "$a1")" "$C_dpush" "$(sub "$a1" "$d0")" "$C_pull" "$ap_pull" "$C_pulln" "$apn_pull" "$C_qrawf"
+  printf -v "R_$mode" '%s %s %s %s %s %s %s %s %s %s %s %s' "$T_push" "$T_dpush" "$T_pull" "$STORED" "$M_push" "$M_dpush" "$M_pull" "$AGENT_RSS" "$(cut -d' ' -f1 /proc/loadavg)" "$T_pulln" "$T_qrawf" "$dl_push"
+  printf -v "CPU_$mode" '%s %s %s %s %s %s %s %s %s' "$C_push" "$ap_push" "$C_dpush" "$(sub "$a1" "$d0")" "$C_pull" "$ap_pull" "$C_pulln" "$apn_pull" "$C_qrawf"
 }
 MODES=("$COMPRESS")
 if [ -n "$BOTH" ]; then
@@ -211,21 +246,21 @@ fi
 
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 echo
-echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit $(mbps "$BYTES" "$T_disk") MB/s (the faster of: cat + sync $(mbps "$BYTES" "$T_diskc"), dd O_DIRECT + fsync $(mbps "$BYTES" "$T_diskd"))"
-echo "one SHA-256 pass: alone $(mbps "$BYTES" "$T_sha") MB/s; beside the durable write (bench/cmd/onepass) $(mbps "$BYTES" "$T_shaw") MB/s ($(ratio "$T_disk" "$T_shaw")× disk limit)"
+echo "volume ${SIZE_MB} MiB; rates over the qcow2's $(mb "$BYTES") MB; disk limit, measured first: $(mbps "$BYTES" "$T_disk0") MB/s (the faster of: cat + sync $(mbps "$BYTES" "$T_diskc0"), dd O_DIRECT + fsync $(mbps "$BYTES" "$T_diskd0")); again before each full push (below)"
+echo "one SHA-256 pass: alone $(mbps "$BYTES" "$T_sha") MB/s; beside the durable write (bench/cmd/onepass) $(mbps "$BYTES" "$T_shaw") MB/s ($(ratio "$T_disk0" "$T_shaw")× the disk limit measured first)"
 echo
 for m in "${MODES[@]}"; do
-  v=R_$m; read -r tp td tr st mp md mr ar la trn qf <<<"${!v}"
+  v=R_$m; read -r tp td tr st mp md mr ar la trn qf dl <<<"${!v}"
   echo "### ours with push -compress=$m (load ${la} at the end)"
   echo
   echo "| step | ours | peers in the same run |"
   echo "|---|---|---|"
   peers=""
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
-  echo "| full backup from the host | push **$(mbps "$BYTES" "$tp") MB/s** ($(ratio "$T_disk" "$tp")× disk limit, $(ratio "$T_shaw" "$tp")× one SHA-256 pass beside the write$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$T_disk")$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
+  echo "| full backup from the host (median of $PUSHES) | push **$(mbps "$BYTES" "$tp") MB/s** ($(median_ratio "$DIR/pushes.$m" 1 2)× the disk limit of the same round, median, $(ratio "$T_shaw" "$tp")× one SHA-256 pass beside the write$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$dl") (median of the $PUSHES measured before each push)$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(ratio "$qf" "$tr")× qemu-img convert flushed, $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (the faster of -t writeback and -t none per round, median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
-  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(ratio "$qf" "$trn")× qemu-img convert flushed) | |"
+  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(median_ratio "$DIR/pairs.$m" 1 2)× qemu-img convert flushed of the same round, median; $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (the faster of -t writeback and -t none per round, median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(median_ratio "$DIR/pairs.$m" 1 3)× qemu-img convert flushed of the same round, median) | |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
@@ -239,6 +274,16 @@ for m in "${MODES[@]}"; do
   echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
   echo "| pull -format raw -verify=false | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
   echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed, the faster mode) | $(per_gib "$C_qconv") / $(per_gib "$cqf") | | |"
+  echo
+  echo "full push rounds, in the order run (MB/s; ratio to the disk limit measured just before):"
+  echo
+  echo "| round | disk limit (faster of cat + sync / dd O_DIRECT) | push | CPU-s CLI + agent |"
+  echo "|---|---|---|---|"
+  i=0
+  while read -r dlr tpr cpr apr _ dcr ddr; do
+    i=$((i + 1))
+    echo "| $i | $(mbps "$BYTES" "$dlr") ($(mbps "$BYTES" "$dcr") / $(mbps "$BYTES" "$ddr")) | $(mbps "$BYTES" "$tpr") ($(ratio "$dlr" "$tpr")×) | $cpr + $apr |"
+  done < "$DIR/pushes.$m"
   echo
   echo "restore rounds, in the order run (MB/s; ratio to the faster convert of the same round):"
   echo
