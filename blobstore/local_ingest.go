@@ -248,7 +248,7 @@ func (w *localIngest) writeHash(p []byte) (int, error) {
 	// holds the ingest until the disk has the piece, so the disk idles
 	// while the next frame is handed over and hashed. Measured on a VM
 	// whose disk takes ~700 MB/s: pushes of the 1.6 GB bench layer took
-	// 2.32-2.39 s this way, 2.97-3.10 s direct (5 alternated pairs), for
+	// 2.26-2.39 s this way, 2.97-3.10 s direct (5 alternated pairs), for
 	// 0.15-0.3 s more store CPU. The pages are dropped after each
 	// checkpoint (dropCache), so the cache the ingest writes into is
 	// reused, not grown.
