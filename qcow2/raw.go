@@ -9,6 +9,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
+
+	"imagestore/internal/fsutil"
 )
 
 // ErrRawSize means a raw image's size is not a whole number of 512-byte
@@ -108,7 +110,11 @@ func FlattenRawSparse(ctx context.Context, w io.WriterAt, c *Chain) (int64, erro
 	workers := wrWorkers()
 	free := make(chan []byte, workers+2)
 	for range cap(free) {
-		free <- make([]byte, wrChunkBytes)
+		// Pieces go to w as they were read: in huge pages, a direct
+		// write (fsutil.DirectWriter) takes each in one or two requests.
+		hb := fsutil.NewHugeBuffer(wrChunkBytes)
+		defer hb.Free() // after g.Wait: nothing holds a piece any more
+		free <- hb.Bytes()
 	}
 	jobs := make(chan *piece)
 	order := make(chan *piece, cap(free))
