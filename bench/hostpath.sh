@@ -25,13 +25,17 @@
 #        PUSHES=5 bench/hostpath.sh        (more full-push rounds)
 #        SETTLE=5 bench/hostpath.sh        (the pause before each step, s)
 #
-# The restore is measured RESTORES times (default 3), each round qemu-img
-# convert -t writeback and -t none (the faster is the round's limit), then
-# our verified and unverified pulls, and the table gives the medians of the
-# rates and of the rounds' ratios (every round is printed below it): on
-# this shared machine qemu-img's own rate swings by 2x between runs a
-# minute apart. The full push likewise runs PUSHES times (default 3), each
-# round right after a disk-limit measurement of its own.
+# The restore is measured RESTORES times (default 3). Each round runs the
+# same four steps twice, qemu-img convert -t writeback and -t none (the
+# faster is the round's limit), then our verified and unverified pulls:
+# first from the disk (every step's inputs, the chain's qcow2 files and the
+# store's blobs, evicted from the page cache before its settle, as a restore
+# of an older backup finds them), then from the page cache (the inputs read
+# into it first). restic and borg restore from the disk too. The table
+# gives the medians of the rates and of the rounds' ratios (every round is
+# printed below it): on this shared machine qemu-img's own rate swings by
+# 2x between runs a minute apart. The full push likewise runs PUSHES times
+# (default 3), each round right after a disk-limit measurement of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -158,7 +162,7 @@ CFG
     [ -n "$url" ] && break; sleep 0.1
   done
   [ -n "$url" ] || { echo "agent did not start: $(cat "$DIR/agent.log")" >&2; exit 1; }
-  local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3 a4
+  local cli=("$DIR/imagestore" -url "http://$url" -quiet) a0 a1 a2 a3 a4 a5
   # Full pushes: PUSHES rounds, each after a disk-limit measurement of
   # its own; the table takes the medians (every round is printed below
   # it). Rounds after the first send the same layer again under another
@@ -184,33 +188,46 @@ CFG
   timed dpush "${cli[@]}" push -compress="$mode" -name vol -id delta -parent vol:base "$DIR/delta.qcow2"
   sync
   local d0; d0=$(cpu_of "$AGENT_PID")
-  # Restores: RESTORES rounds of qemu-img convert -t writeback and -t
-  # none, our verified pull and our unverified pull, one after the other;
-  # the table takes the medians (the rounds are printed below it).
-  local i pairs=$DIR/pairs.$mode
-  : > "$pairs"
+  # Restores: RESTORES rounds, each of two passes over the same four
+  # steps (qemu-img convert -t writeback and -t none, our verified and
+  # our unverified pull): first from the disk, every step's inputs (the
+  # chain's qcow2 files, the store's blobs) evicted from the page cache
+  # before it starts, as a restore of an older backup finds them; then
+  # from the page cache, every step's inputs read into it first. The
+  # convert and the pull read the same state in each pass. The table
+  # takes the medians (the rounds are printed below it).
+  local i cache inputs=("$DIR/vol.qcow2" "$DIR/delta.qcow2" "$store/blobs")
+  : > "$DIR/pairs.$mode.disk"; : > "$DIR/pairs.$mode.cache"
+  # settle after the eviction: the pages it frees are handed back to the
+  # host in the pause, not reused warm by the step's output (lib.sh).
+  prep() { if [ "$cache" = disk ]; then evict "${inputs[@]}"; else warm "${inputs[@]}"; fi; settle; }
   for i in $(seq "$RESTORES"); do
-    settle
-    timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; settle
-    timed qrawd qemu-img convert -t none -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"; settle
-    # The round's copy limit: the faster convert.
-    if awk -v a="$T_qrawd" -v b="$T_qrawf" 'BEGIN { exit !(a < b) }'; then T_qrawf=$T_qrawd C_qrawf=$C_qrawd; fi
-    a2=$(cpu_of "$AGENT_PID")
-    timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
-    a3=$(cpu_of "$AGENT_PID")
-    cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
-    rm -f "$DIR/pulled.raw"; settle
-    timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
-    a4=$(cpu_of "$AGENT_PID")
-    cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
-    rm -f "$DIR/pulled.raw"; sync
-    echo "$T_qrawf $T_pull $T_pulln $C_pull $(sub "$a2" "$a3") $C_pulln $(sub "$a3" "$a4") $M_pull $C_qrawf $T_qrawd" >> "$pairs"
+    for cache in disk cache; do
+      prep; timed qrawf qemu-img convert -t writeback -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
+      prep; timed qrawd qemu-img convert -t none -f qcow2 -O raw "$DIR/delta.qcow2" "$DIR/conv.raw"; rm -f "$DIR/conv.raw"
+      # The round's copy limit: the faster convert.
+      if awk -v a="$T_qrawd" -v b="$T_qrawf" 'BEGIN { exit !(a < b) }'; then T_qrawf=$T_qrawd C_qrawf=$C_qrawd; fi
+      prep; a2=$(cpu_of "$AGENT_PID")
+      timed pull "${cli[@]}" pull -format raw -installpath "$DIR/pulled.raw" vol:delta
+      a3=$(cpu_of "$AGENT_PID")
+      cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+      rm -f "$DIR/pulled.raw"
+      prep; a4=$(cpu_of "$AGENT_PID")
+      timed pulln "${cli[@]}" pull -verify=false -format raw -installpath "$DIR/pulled.raw" vol:delta
+      a5=$(cpu_of "$AGENT_PID")
+      cmp "$DIR/pulled.raw" "$DIR/vol2.raw" || { echo "pulled chain differs from the changed volume" >&2; exit 1; }
+      rm -f "$DIR/pulled.raw"; sync
+      echo "$T_qrawf $T_pull $T_pulln $C_pull $(sub "$a2" "$a3") $C_pulln $(sub "$a4" "$a5") $M_pull $C_qrawf $T_qrawd" >> "$DIR/pairs.$mode.$cache"
+    done
   done
+  local pairs=$DIR/pairs.$mode.disk
   T_qrawf=$(median "$pairs" 1) T_pull=$(median "$pairs" 2) T_pulln=$(median "$pairs" 3)
   C_pull=$(median "$pairs" 4) C_pulln=$(median "$pairs" 6) C_qrawf=$(median "$pairs" 9)
-  M_pull=$(awk '$8 > m { m = $8 } END { print m }' "$pairs")
+  M_pull=$(cat "$DIR"/pairs."$mode".* | awk '$8 > m { m = $8 } END { print m }')
   local ap_pull apn_pull
   ap_pull=$(median "$pairs" 5) apn_pull=$(median "$pairs" 7)
+  pairs=$DIR/pairs.$mode.cache
+  printf -v "W_$mode" '%s %s %s' "$(median "$pairs" 1)" "$(median "$pairs" 2)" "$(median "$pairs" 3)"
   AGENT_RSS=$(( $(awk '/VmHWM/ { print $2 }' "/proc/$AGENT_PID/status") / 1024 ))
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; AGENT_PID=
   STORED=$(du -sb "$store/blobs" | cut -f1)
@@ -232,7 +249,7 @@ if [ "$PEERS" = 1 ]; then
   settle; timed rfull restic backup -q "$DIR/vol.img"
   cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
   settle; timed rdelta restic backup -q "$DIR/vol.img"
-  settle; timed rrest restic restore -q latest --target "$DIR/rrestore"
+  evict "$DIR/restic"; settle; timed rrest restic restore -q latest --target "$DIR/rrestore"
   RESTIC_STORED=$(du -sb "$DIR/restic" | cut -f1); rm -rf "$DIR/rrestore" "$DIR/restic"
   borg init --encryption=none >/dev/null
   cp --sparse=always "$DIR/vol.raw" "$DIR/vol.img"
@@ -240,7 +257,7 @@ if [ "$PEERS" = 1 ]; then
   cp --sparse=always "$DIR/vol2.raw" "$DIR/vol.img"
   settle; timed bdelta borg create "::b" "$DIR/vol.img"
   mkdir -p "$DIR/brestore"
-  settle; timed brest sh -c "cd '$DIR/brestore' && borg extract '::b'"
+  evict "$DIR/borg"; settle; timed brest sh -c "cd '$DIR/brestore' && borg extract '::b'"
   BORG_STORED=$(du -sb "$DIR/borg" | cut -f1); rm -rf "$DIR/brestore" "$DIR/borg" "$DIR/vol.img"
 fi
 
@@ -259,8 +276,10 @@ for m in "${MODES[@]}"; do
   [ "$PEERS" = 1 ] && peers=" · borg $(mbps "$BYTES" "$T_bfull") · restic $(mbps "$BYTES" "$T_rfull")"
   echo "| full backup from the host (median of $PUSHES) | push **$(mbps "$BYTES" "$tp") MB/s** ($(median_ratio "$DIR/pushes.$m" 1 2)× the disk limit of the same round, median, $(ratio "$T_shaw" "$tp")× one SHA-256 pass beside the write$([ "$PEERS" = 1 ] && echo ", $(ratio "$T_rfull" "$tp")× restic, $(ratio "$T_bfull" "$tp")× borg")) | disk limit $(mbps "$BYTES" "$dl") (median of the $PUSHES measured before each push)$peers · qemu-img convert $(mbps "$BYTES" "$T_qconv") |"
   echo "| 1 % changed ($CHG MiB) | push of the delta: ${td} s | $([ "$PEERS" = 1 ] && echo "restic ${T_rdelta} s · borg ${T_bdelta} s") |"
-  echo "| restore the newest backup as raw (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(median_ratio "$DIR/pairs.$m" 1 2)× qemu-img convert flushed of the same round, median; $(ratio "$T_qraw" "$tr")× unflushed) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (the faster of -t writeback and -t none per round, median of $RESTORES), $(mbps "$BYTES" "$T_qraw") unflushed$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
-  echo "| the same restore with pull -verify=false (median of $RESTORES) | **$(mbps "$BYTES" "$trn") MB/s** ($(median_ratio "$DIR/pairs.$m" 1 3)× qemu-img convert flushed of the same round, median) | |"
+  v=W_$m; read -r wqf wtr wtrn <<<"${!v}"
+  echo "| restore the newest backup as raw, from the disk (median of $RESTORES) | pull -format raw (-verify, the default) of the 2-layer chain: **$(mbps "$BYTES" "$tr") MB/s** ($(median_ratio "$DIR/pairs.$m.disk" 1 2)× qemu-img convert flushed of the same round, median) | qemu-img convert of the same chain $(mbps "$BYTES" "$qf") flushed (the faster of -t writeback and -t none per round, median of $RESTORES)$([ "$PEERS" = 1 ] && echo " · restic $(mbps "$BYTES" "$T_rrest") · borg $(mbps "$BYTES" "$T_brest")") |"
+  echo "| the same restore with pull -verify=false | **$(mbps "$BYTES" "$trn") MB/s** ($(median_ratio "$DIR/pairs.$m.disk" 1 3)× qemu-img convert flushed of the same round, median) | |"
+  echo "| the same restore from the page cache (median of $RESTORES) | pull (-verify) **$(mbps "$BYTES" "$wtr") MB/s** ($(median_ratio "$DIR/pairs.$m.cache" 1 2)×), -verify=false **$(mbps "$BYTES" "$wtrn") MB/s** ($(median_ratio "$DIR/pairs.$m.cache" 1 3)×); ratios to qemu-img convert flushed of the same round, median | qemu-img convert $(mbps "$BYTES" "$wqf") flushed, $(mbps "$BYTES" "$T_qraw") unflushed |"
   echo "| bytes stored after both backups | **$(mb "$st") MB**$([ "$PEERS" = 1 ] && echo " ($(ratio "$st" "$RESTIC_STORED")× restic)") | $([ "$PEERS" = 1 ] && echo "restic $(mb "$RESTIC_STORED") · borg $(mb "$BORG_STORED")") |"
   echo "| peak RSS (MiB) | agent $ar, CLI push $mp / delta $md / pull $mr | $([ "$PEERS" = 1 ] && echo "restic $M_rfull / $M_rrest · borg $M_bfull / $M_brest (backup / restore)") |"
   echo
@@ -271,8 +290,8 @@ for m in "${MODES[@]}"; do
   echo "|---|---|---|---|"
   echo "| full push | $(per_gib "$cp") | $(per_gib "$ap") | $(per_gib "$(awk -v a="$cp" -v b="$ap" 'BEGIN { print a + b }')") |"
   echo "| delta push (s, not per GiB) | $cd | $ad | $(awk -v a="$cd" -v b="$ad" 'BEGIN { printf "%.2f", a + b }') |"
-  echo "| pull -format raw | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
-  echo "| pull -format raw -verify=false | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
+  echo "| pull -format raw (from the disk) | $(per_gib "$cr") | $(per_gib "$ar2") | $(per_gib "$(awk -v a="$cr" -v b="$ar2" 'BEGIN { print a + b }')") |"
+  echo "| pull -format raw -verify=false (from the disk) | $(per_gib "$crn") | $(per_gib "$arn") | $(per_gib "$(awk -v a="$crn" -v b="$arn" 'BEGIN { print a + b }')") |"
   echo "| qemu-img convert (qcow2 full copy / chain to raw, flushed, the faster mode) | $(per_gib "$C_qconv") / $(per_gib "$cqf") | | |"
   echo
   echo "full push rounds, in the order run (MB/s; ratio to the disk limit measured just before):"
@@ -285,14 +304,15 @@ for m in "${MODES[@]}"; do
     echo "| $i | $(mbps "$BYTES" "$dlr") ($(mbps "$BYTES" "$dcr") / $(mbps "$BYTES" "$ddr")) | $(mbps "$BYTES" "$tpr") ($(ratio "$dlr" "$tpr")×) | $cpr + $apr |"
   done < "$DIR/pushes.$m"
   echo
-  echo "restore rounds, in the order run (MB/s; ratio to the faster convert of the same round):"
+  echo "restore rounds, in the order run (MB/s; ratio to the faster convert of the same round and pass):"
   echo
-  echo "| round | qemu-img convert, faster of -t writeback / -t none | -t none | pull (-verify) | pull -verify=false |"
-  echo "|---|---|---|---|---|"
+  echo "| round | inputs | qemu-img convert, faster of -t writeback / -t none | -t none | pull (-verify) | pull -verify=false |"
+  echo "|---|---|---|---|---|---|"
   i=0
-  while read -r q p pn _ _ _ _ _ _ qd; do
+  while read -r q p pn _ _ _ _ _ _ qd && read -r wq wp wpn _ _ _ _ _ _ wqd <&3; do
     i=$((i + 1))
-    echo "| $i | $(mbps "$BYTES" "$q") | $(mbps "$BYTES" "$qd") | $(mbps "$BYTES" "$p") ($(ratio "$q" "$p")×) | $(mbps "$BYTES" "$pn") ($(ratio "$q" "$pn")×) |"
-  done < "$DIR/pairs.$m"
+    echo "| $i | disk | $(mbps "$BYTES" "$q") | $(mbps "$BYTES" "$qd") | $(mbps "$BYTES" "$p") ($(ratio "$q" "$p")×) | $(mbps "$BYTES" "$pn") ($(ratio "$q" "$pn")×) |"
+    echo "| $i | page cache | $(mbps "$BYTES" "$wq") | $(mbps "$BYTES" "$wqd") | $(mbps "$BYTES" "$wp") ($(ratio "$wq" "$wp")×) | $(mbps "$BYTES" "$wpn") ($(ratio "$wq" "$wpn")×) |"
+  done < "$DIR/pairs.$m.disk" 3< "$DIR/pairs.$m.cache"
   echo
 done

@@ -16,6 +16,13 @@ now() { date +%s.%N; }
 # whichever step came first after a delete wrote into warm memory and ran
 # up to 3x faster than one that came later).
 settle() { sync; sleep "${SETTLE:-3}"; }
+# evict PATH...: drop the page cache of every file under PATHs (clean pages:
+# call it after a sync), so that the next step reads them from the disk, as
+# a restore of last week's backup does. posix_fadvise(DONTNEED) through
+# dd's nocache flag: no root needed, and only these files are touched.
+evict() { find "$@" -type f -exec sh -c 'for f; do dd if="$f" iflag=nocache count=0 status=none; done' sh {} +; }
+# warm PATH...: read every file under PATHs into the page cache.
+warm() { find "$@" -type f -exec cat {} + >/dev/null; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / 1e6 / s }'; }
 
