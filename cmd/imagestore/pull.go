@@ -219,6 +219,11 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 		if dw != nil {
 			defer dw.Close()
 			n, err = qcow2.FlattenRawSparse(ctx, dw, chain)
+			// A background flush's failure (the device refused to make
+			// the file durable) fails the pull as the fsync would.
+			if cerr := dw.Close(); err == nil {
+				err = cerr
+			}
 		} else {
 			wb := fsutil.NewWriteBehind(f, 0)
 			defer wb.Close()

@@ -2,8 +2,11 @@ package fsutil
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -115,5 +118,96 @@ func TestDirectWriterNotOnTmpfs(t *testing.T) {
 	if w := NewDirectWriter(f); w != nil {
 		w.Close()
 		t.Fatal("NewDirectWriter took a tmpfs file")
+	}
+}
+
+// TestDirectWriterFlushes: every directFlushEvery bytes written directly
+// start a background flush of the file (never two at once); a flush that
+// fails fails the next WriteAt and Close, and says what it was flushing.
+func TestDirectWriterFlushes(t *testing.T) {
+	hb := NewHugeBuffer(4 << 20)
+	defer hb.Free()
+	piece := hb.Bytes()
+	const pieces = 3 * directFlushEvery / (4 << 20) // 3 flush intervals
+	for _, tc := range []struct {
+		name    string
+		fail    bool
+		blocked bool // the first flush does not return until the end
+	}{
+		{"real fdatasync", false, false},
+		{"a flush still running", false, true},
+		{"a flush fails", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := os.Create(filepath.Join(t.TempDir(), "out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			w := NewDirectWriter(f)
+			if w == nil {
+				t.Fatalf("the test's temp dir takes no O_DIRECT writes")
+			}
+			var mu sync.Mutex
+			calls := 0
+			release := make(chan struct{})
+			synced := make(chan struct{}, pieces)
+			w.sync = func(fd int) error {
+				mu.Lock()
+				calls++
+				first := calls == 1
+				mu.Unlock()
+				defer func() { synced <- struct{}{} }()
+				if tc.blocked && first {
+					<-release
+				}
+				if tc.fail {
+					return unix.EIO
+				}
+				return unix.Fdatasync(fd)
+			}
+			var werr error
+			for i := range pieces {
+				if _, werr = w.WriteAt(piece, int64(i)*int64(len(piece))); werr != nil {
+					break
+				}
+				if tc.fail && i == directFlushEvery/len(piece)-1 {
+					<-synced // the first flush has failed: the next write must say so
+				}
+			}
+			close(release)
+			cerr := w.Close()
+			mu.Lock()
+			n := calls
+			mu.Unlock()
+			switch {
+			case tc.fail:
+				if !errors.Is(werr, unix.EIO) || !strings.Contains(werr.Error(), "flushing") {
+					t.Fatalf("WriteAt after a failed flush: %v, want the flush's EIO", werr)
+				}
+				if !errors.Is(cerr, unix.EIO) {
+					t.Fatalf("Close after a failed flush: %v", cerr)
+				}
+				if n != 1 {
+					t.Fatalf("%d flushes, want 1 (the writes stop at its failure)", n)
+				}
+			case tc.blocked:
+				if werr != nil || cerr != nil {
+					t.Fatalf("WriteAt %v, Close %v", werr, cerr)
+				}
+				if n != 1 {
+					t.Fatalf("%d flushes started while the first still ran, want 1", n)
+				}
+			default:
+				if werr != nil || cerr != nil {
+					t.Fatalf("WriteAt %v, Close %v", werr, cerr)
+				}
+				// At most one per interval, and the first interval's
+				// always starts.
+				if n < 1 || n > 3 {
+					t.Fatalf("%d flushes for 3 intervals of directFlushEvery", n)
+				}
+			}
+		})
 	}
 }
