@@ -139,15 +139,7 @@ func TestDirectWriterFlushes(t *testing.T) {
 		{"a flush fails", true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := os.Create(filepath.Join(t.TempDir(), "out"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			w := NewDirectWriter(f)
-			if w == nil {
-				t.Fatalf("the test's temp dir takes no O_DIRECT writes")
-			}
+			_, w := newDirectTemp(t)
 			var mu sync.Mutex
 			calls := 0
 			release := make(chan struct{})
@@ -210,4 +202,21 @@ func TestDirectWriterFlushes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// newDirectTemp creates a file in the test's temp dir and its
+// DirectWriter; the temp dir must take O_DIRECT writes. The file is
+// closed when the test ends.
+func newDirectTemp(t *testing.T) (*os.File, *DirectWriter) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	w := NewDirectWriter(f)
+	if w == nil {
+		t.Fatalf("the test's temp dir takes no O_DIRECT writes")
+	}
+	return f, w
 }

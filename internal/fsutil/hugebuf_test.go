@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"unsafe"
@@ -44,16 +43,7 @@ func TestHugeBuffer(t *testing.T) {
 	for i := range b {
 		b[i] = byte(i*7 + i/4096)
 	}
-	path := filepath.Join(t.TempDir(), "out")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w := NewDirectWriter(f)
-	if w == nil {
-		t.Fatalf("the test's temp dir takes no O_DIRECT writes")
-	}
+	f, w := newDirectTemp(t)
 	if k, err := w.WriteAt(b, 0); err != nil || k != n {
 		t.Fatalf("WriteAt: %d, %v", k, err)
 	}
@@ -63,7 +53,7 @@ func TestHugeBuffer(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	got, err := os.ReadFile(path)
+	got, err := os.ReadFile(f.Name())
 	if err != nil {
 		t.Fatal(err)
 	}
