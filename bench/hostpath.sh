@@ -23,7 +23,7 @@
 #        BOTH=1 bench/hostpath.sh          (also our rows in the other mode: the trade-off)
 #        RESTORES=5 bench/hostpath.sh      (more restore rounds)
 #        PUSHES=5 bench/hostpath.sh        (more full-push rounds)
-#        SETTLE=5 bench/hostpath.sh        (the pause before each step, s)
+#        SETTLE=5 bench/hostpath.sh        (the pause before each step, s; default 20)
 #
 # The restore is measured RESTORES times (default 3). Each round runs the
 # same four steps twice, qemu-img convert -t writeback and -t none (the
@@ -39,6 +39,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+# A 20 s pause before each step, not lib.sh's 3 s: this script frees
+# 1.5-2 GB before most steps (a deleted output, evicted inputs), and the
+# host takes back freed memory over tens of seconds. Filling 1.6 GB of page
+# cache here took 0.6-1.8 s when 3-5 s had passed since such a free, 2.2-3.6
+# s after 10-45 s: with 3 s, a step that writes through the page cache
+# (qemu-img convert -t writeback, cat + sync) ran up to 1.5x faster or not,
+# depending on what the step before it freed.
+export SETTLE=${SETTLE:-20}
 SIZE_MB=${SIZE_MB:-2048}
 PEERS=${PEERS:-1}
 COMPRESS=${COMPRESS:-false}   # the CLI default

@@ -11,10 +11,12 @@ now() { date +%s.%N; }
 # settle: call before each timed step, so that every step starts from the
 # same state: no earlier step's dirty pages left to write back, and the
 # memory freed by deleting an earlier step's output handed back to the host
-# (a VM with balloon free-page reporting does that about 2 s after a free;
-# the next use of such a page costs a host fault, ~11 us per 4 KiB, so
-# whichever step came first after a delete wrote into warm memory and ran
-# up to 3x faster than one that came later).
+# (a VM with balloon free-page reporting starts that about 2 s after a
+# free, and a free of some GB takes tens of seconds to hand back; the next
+# use of such a page costs a host fault, ~11 us per 4 KiB, so whichever
+# step came first after a delete wrote into warm memory and ran up to 3x
+# faster than one that came later). Scripts that free GBs between steps
+# set SETTLE longer (bench/hostpath.sh: 20 s).
 settle() { sync; sleep "${SETTLE:-3}"; }
 # evict PATH...: drop the page cache of every file under PATHs (clean pages:
 # call it after a sync), so that the next step reads them from the disk, as
