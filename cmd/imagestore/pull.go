@@ -217,7 +217,6 @@ func flattenOnce(ctx context.Context, c *oci.Client, ri *remoteImage, dst, forma
 			dw = fsutil.NewDirectWriter(f)
 		}
 		if dw != nil {
-			defer dw.Close()
 			n, err = qcow2.FlattenRawSparse(ctx, dw, chain)
 			// A background flush's failure (the device refused to make
 			// the file durable) fails the pull as the fsync would.
